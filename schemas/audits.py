@@ -1,0 +1,91 @@
+"""Audit requests, their status and their listing."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import AnyHttpUrl, BaseModel, Field
+
+from schemas.checks import Baseline, Check
+from schemas.common import FileArray, StrictModel
+from schemas.datasets import DatasetRef, FileDataset
+from schemas.operators import Operator
+from schemas.problem import Problem
+
+AuditState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+TERMINAL_STATES: tuple[AuditState, ...] = ("succeeded", "failed", "cancelled")
+Verdict = Literal["pass", "fail", "info", "error"]
+
+
+class Budget(StrictModel):
+    wall_seconds: float | None = Field(
+        default=None, gt=0.0, le=7 * 24 * 3600, description="Time limit for the whole audit"
+    )
+    images_per_shard: int = Field(
+        default=16, ge=1, le=4096, description="Images per unit of work stored as it finishes"
+    )
+
+
+class AuditConfig(StrictModel):
+    """Everything an audit needs besides the model: the local CLI's `audit.json`."""
+
+    dataset: DatasetRef
+    operator: Operator
+    noise_level: float = Field(
+        default=0.0, ge=0.0, le=10.0, description="Relative Gaussian noise on the clean measurements"
+    )
+    checks: list[Check] = Field(min_length=1, max_length=32)
+    baseline: Baseline | None = None
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    budget: Budget = Field(default_factory=Budget)
+    callback_url: AnyHttpUrl | None = None
+
+    def file_references(self) -> list[str]:
+        """Local paths named anywhere in the config (the service refuses them)."""
+        found: list[str] = []
+        if isinstance(self.dataset, FileDataset):
+            found.append(self.dataset.file)
+        for value in self.operator.__dict__.values():
+            if isinstance(value, FileArray):
+                found.append(value.file)
+        return found
+
+
+class AuditRequest(AuditConfig):
+    """Body of `POST /v1/audits`."""
+
+    model_id: str = Field(min_length=1, max_length=64)
+
+
+class Progress(BaseModel):
+    fraction: float = Field(ge=0.0, le=1.0)
+    current_check: str | None = None
+    message: str | None = None
+
+
+class AuditLinks(BaseModel):
+    self: str
+    report: str | None = None
+    cancel: str | None = None
+
+
+class AuditStatus(BaseModel):
+    id: str
+    model_id: str
+    status: AuditState
+    progress: Progress
+    verdict: Verdict | None = None
+    error: Problem | None = None
+    attempts: int = 0
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    updated_at: datetime
+    links: AuditLinks
+
+
+class AuditList(BaseModel):
+    items: list[AuditStatus]
+    next_page_token: str | None = None

@@ -1,0 +1,121 @@
+"""Audit checks: a discriminated union on `kind`.
+
+Each check splits the threat model (levels, space, norm) from the search's hyper-parameters
+(steps, restarts, step size). The engine keeps a registry keyed by the same `kind` values.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from schemas.common import StrictModel
+
+Levels = Annotated[list[float], Field(min_length=1, max_length=32)]
+
+
+def _check_levels(levels: list[float]) -> list[float]:
+    if any(not (0.0 < lv <= 10.0) for lv in levels):
+        raise ValueError("every level is a relative size in (0, 10]")
+    if sorted(levels) != levels or len(set(levels)) != len(levels):
+        raise ValueError("levels must be strictly increasing")
+    return levels
+
+
+class WorstCaseThreshold(StrictModel):
+    max_relative_error: float | None = Field(default=None, gt=0.0)
+    at_level: float | None = Field(
+        default=None, gt=0.0, description="Level the error bound applies to; default the largest"
+    )
+    max_lipschitz: float | None = Field(default=None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> WorstCaseThreshold:
+        if self.max_relative_error is None and self.max_lipschitz is None:
+            raise ValueError("give max_relative_error and/or max_lipschitz")
+        if self.at_level is not None and self.max_relative_error is None:
+            raise ValueError("at_level only qualifies max_relative_error")
+        return self
+
+
+class WorstCaseCheck(StrictModel):
+    kind: Literal["worst_case"] = "worst_case"
+    levels: Levels = Field(default_factory=lambda: [0.01, 0.02, 0.05])
+    space: Literal["measurement", "image"] = "measurement"
+    target: Literal["ground_truth", "reconstruction"] = "ground_truth"
+    formulation: Literal["ball", "penalized"] = "ball"
+    lambda_: float = Field(default=1.0, gt=0.0, alias="lambda", description="Penalty weight")
+    optimizer: Literal["adam", "momentum"] = "adam"
+    steps: int = Field(default=50, ge=1, le=10_000)
+    restarts: int = Field(default=2, ge=1, le=256)
+    step_size: float = Field(default=0.1, gt=0.0, le=10.0, description="Relative to the radius")
+    early_stop_tolerance: float = Field(
+        default=1e-3, ge=0.0, description="Stop a level when the objective gains less (relative)"
+    )
+    seed: int | None = Field(default=None, ge=0, description="Default: the audit's seed")
+    threshold: WorstCaseThreshold | None = None
+
+    _levels = field_validator("levels")(_check_levels)
+
+    @model_validator(mode="after")
+    def _at_level_known(self) -> WorstCaseCheck:
+        t = self.threshold
+        if t is not None and t.at_level is not None and t.at_level not in self.levels:
+            raise ValueError("threshold.at_level must be one of levels")
+        return self
+
+
+class RandomNoiseThreshold(StrictModel):
+    max_failure_probability: float = Field(
+        gt=0.0, le=1.0, description="Bound on the upper end of the 95 % interval"
+    )
+    at_level: float | None = Field(default=None, gt=0.0, description="Default: the largest level")
+
+
+class RandomNoiseCheck(StrictModel):
+    kind: Literal["random_noise"] = "random_noise"
+    levels: Levels = Field(default_factory=lambda: [0.01, 0.02, 0.05])
+    samples: int = Field(default=20, ge=1, le=100_000)
+    failure_error: float = Field(
+        default=0.2, gt=0.0, description="τ: a sample fails when its relative error exceeds it"
+    )
+    seed: int | None = Field(default=None, ge=0)
+    threshold: RandomNoiseThreshold | None = None
+
+    _levels = field_validator("levels")(_check_levels)
+
+    @model_validator(mode="after")
+    def _at_level_known(self) -> RandomNoiseCheck:
+        t = self.threshold
+        if t is not None and t.at_level is not None and t.at_level not in self.levels:
+            raise ValueError("threshold.at_level must be one of levels")
+        return self
+
+
+class LipschitzThreshold(StrictModel):
+    max_jacobian_norm: float = Field(gt=0.0)
+
+
+class LipschitzCheck(StrictModel):
+    kind: Literal["lipschitz"] = "lipschitz"
+    iterations: int = Field(default=50, ge=1, le=10_000)
+    tolerance: float = Field(default=1e-4, ge=0.0)
+    seed: int | None = Field(default=None, ge=0)
+    threshold: LipschitzThreshold | None = None
+
+
+Check = Annotated[
+    WorstCaseCheck | RandomNoiseCheck | LipschitzCheck,
+    Field(discriminator="kind"),
+]
+
+CHECK_KINDS = ("worst_case", "random_noise", "lipschitz")
+
+
+class Baseline(StrictModel):
+    """A stable reference reconstruction of the same operator, attacked with the same budget."""
+
+    kind: Literal["tv", "wavelet"] = "tv"
+    lambda_: float = Field(default=0.01, gt=0.0, alias="lambda")
+    iterations: int = Field(default=50, ge=1, le=5000)

@@ -1,0 +1,40 @@
+"""Datasets: built-in phantoms generated on the fly, uploads, and local files (CLI only)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from schemas.common import StrictModel
+
+DatasetFormat = Literal["npy", "npz", "png_zip"]
+
+
+class BuiltinDataset(StrictModel):
+    builtin: Literal["ellipses", "shepp_logan"]
+    count: int = Field(default=4, ge=1, le=4096)
+    size: int = Field(default=64, ge=8, le=1024)
+    seed: int = Field(default=0, ge=0)
+
+
+class UploadedDataset(StrictModel):
+    dataset_id: str = Field(min_length=1, max_length=64)
+
+
+class FileDataset(StrictModel):
+    """Local `.npy`/`.npz` ([N, C, H, W]); the local CLI only."""
+
+    file: str = Field(min_length=1, max_length=4096)
+    key: str | None = None
+
+
+DatasetRef = BuiltinDataset | UploadedDataset | FileDataset
+
+
+class DatasetUploadSpec(StrictModel):
+    """`spec` of `POST /v1/datasets`."""
+
+    name: str = Field(min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=2000)
+    key: str | None = Field(default=None, description="Array of images inside an .npz")

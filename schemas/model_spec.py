@@ -1,0 +1,61 @@
+"""What an uploaded model is: `spec` of `POST /v1/models`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from schemas.common import StrictModel
+
+ModelFormat = Literal["torchscript", "export", "safetensors"]
+ModelStatus = Literal["validating", "ready", "rejected"]
+
+# Architectures the engine can build from `.safetensors` weights without running uploaded code.
+REGISTERED_ARCHITECTURES = ("unet", "dncnn")
+
+MAX_IMAGE_SIDE = 1024
+
+
+class Architecture(StrictModel):
+    name: Literal["unet", "dncnn"] = Field(description="A registered architecture (deepinv models)")
+    params: dict[str, int | float | bool | str] = Field(
+        default_factory=dict, description="Keyword arguments of the architecture's constructor"
+    )
+
+
+class ModelSpec(StrictModel):
+    name: str = Field(min_length=1, max_length=200)
+    description: str | None = Field(default=None, max_length=2000)
+    task: Literal["reconstruction", "classification"]
+    input: Literal["measurement", "adjoint", "image"] = Field(
+        description="What the network takes: measurements y, the adjoint A*y, or an image"
+    )
+    image_shape: tuple[int, int, int] = Field(
+        description="[C, H, W] of one image (the network's output for reconstruction)"
+    )
+    complex: bool = Field(
+        default=False, description="Complex images stored as 2 channels (real, imaginary)"
+    )
+    value_range: tuple[float, float] = (0.0, 1.0)
+    num_classes: int | None = Field(default=None, ge=2, le=100_000)
+    architecture: Architecture | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelSpec:
+        c, h, w = self.image_shape
+        if not (1 <= c <= 16):
+            raise ValueError("image_shape: channels must be between 1 and 16")
+        if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+            raise ValueError(f"image_shape: height and width must be between 1 and {MAX_IMAGE_SIDE}")
+        if self.complex and c != 2:
+            raise ValueError("complex models carry (real, imaginary) as 2 channels: image_shape[0] must be 2")
+        lo, hi = self.value_range
+        if not lo < hi:
+            raise ValueError("value_range: the lower bound must be below the upper bound")
+        if self.task == "classification":
+            if self.num_classes is None:
+                raise ValueError("num_classes is required for task 'classification'")
+            if self.input != "image":
+                raise ValueError("a classifier takes input 'image'")
+        return self

@@ -1,0 +1,44 @@
+"""API views of stored models and datasets."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from pydantic import BaseModel
+
+from schemas.datasets import DatasetFormat
+from schemas.model_spec import ModelFormat, ModelSpec, ModelStatus
+
+
+class ModelResource(BaseModel):
+    id: str
+    name: str
+    status: ModelStatus
+    reason: str | None = None
+    format: ModelFormat
+    sha256: str
+    size_bytes: int
+    spec: ModelSpec
+    created_at: datetime
+    updated_at: datetime
+
+
+class ModelList(BaseModel):
+    items: list[ModelResource]
+    next_page_token: str | None = None
+
+
+class DatasetResource(BaseModel):
+    id: str
+    name: str
+    format: DatasetFormat
+    sha256: str
+    size_bytes: int
+    shape: list[int]
+    arrays: dict[str, list[int]]
+    created_at: datetime
+
+
+class DatasetList(BaseModel):
+    items: list[DatasetResource]
+    next_page_token: str | None = None

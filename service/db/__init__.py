@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy models and sessions. Shared with the workers (no FastAPI here)."""

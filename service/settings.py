@@ -1,0 +1,66 @@
+"""Configuration from `TIGHTROPE_*` environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="TIGHTROPE_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("./.tightrope"), description="Database, blobs, artifacts")
+    database_url: str | None = Field(default=None, description="Default: SQLite file in data_dir")
+    broker_url: str = "redis://127.0.0.1:6379/0"
+
+    max_upload_bytes: int = 256 * 1024 * 1024
+    max_archive_entries: int = 10_000
+    max_archive_uncompressed_bytes: int = 2 * 1024 * 1024 * 1024
+    max_compression_ratio: float = 200.0
+
+    # Execution
+    sandbox: Literal["bwrap", "off"] = "bwrap"
+    audit_soft_time_limit: int = 3600
+    audit_hard_time_limit: int = 3900
+    admission_time_limit: int = 120
+    runner_memory_bytes: int = 16 * 1024 * 1024 * 1024
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 5.0
+    max_attempts: int = 3
+    requeue_after_seconds: float = 60.0
+    reconcile_interval_seconds: float = 10.0
+    worker_stale_seconds: float = 30.0
+
+    signing_key_path: Path | None = None
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'tightrope.db').resolve()}"
+
+    @property
+    def blob_dir(self) -> Path:
+        return self.data_dir / "blobs"
+
+    @property
+    def artifact_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def visibility_timeout(self) -> int:
+        # Above the hard limit so that Redis never redelivers a task that is still running.
+        return self.audit_hard_time_limit + 600
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
