@@ -17,6 +17,23 @@ TASK_RECONCILE = "tightrope.reconcile"
 QUEUE = "tightrope"
 
 
+def broker_transport_options(settings: Settings) -> dict[str, object]:
+    """Redis needs a visibility timeout above the hard limit; the embedded filesystem transport
+    (one host, no Redis: see docs/architecture.md) needs its folders."""
+    if settings.broker_url.startswith("filesystem://"):
+        folder = (settings.data_dir / "broker").resolve()
+        for sub in ("queue", "processed"):
+            (folder / sub).mkdir(parents=True, exist_ok=True)
+        return {
+            "data_folder_in": str(folder / "queue"),
+            "data_folder_out": str(folder / "queue"),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+            "polling_interval": 0.2,
+        }
+    return {"visibility_timeout": settings.visibility_timeout}
+
+
 def make_celery(settings: Settings) -> Celery:
     app = Celery("tightrope", broker=settings.broker_url)
     app.conf.update(
@@ -31,7 +48,7 @@ def make_celery(settings: Settings) -> Celery:
         task_default_queue=QUEUE,
         task_soft_time_limit=settings.audit_soft_time_limit,
         task_time_limit=settings.audit_hard_time_limit,
-        broker_transport_options={"visibility_timeout": settings.visibility_timeout},
+        broker_transport_options=broker_transport_options(settings),
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,
         enable_utc=True,

@@ -1,0 +1,162 @@
+"""End-to-end fixtures: the real gateway (uvicorn), real supervised Celery workers, the real
+Redis broker, SQLite and PostgreSQL, and the sandboxed runner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+import torch
+
+from workers.client import TightropeClient
+from workers.stack import LocalStack
+
+REDIS_DB = 13  # the integration tests' own database on the shared Redis
+REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
+PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
+
+# Short leases and reconciliation so that fault recovery happens within seconds.
+FAST_RECOVERY = {
+    "TIGHTROPE_LEASE_SECONDS": "4",
+    "TIGHTROPE_HEARTBEAT_SECONDS": "0.5",
+    "TIGHTROPE_RECONCILE_INTERVAL_SECONDS": "1",
+    "TIGHTROPE_REQUEUE_AFTER_SECONDS": "3",
+    "TIGHTROPE_WORKER_STALE_SECONDS": "10",
+}
+
+
+@pytest.fixture
+def redis_client() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def _postgres_database() -> Iterator[str]:
+    name = f"tightrope_it_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'tightrope.db'}"
+    else:
+        yield from _postgres_database()
+
+
+@pytest.fixture
+def make_stack(tmp_path: Path, redis_client: redis.Redis) -> Iterator:
+    stacks: list[LocalStack] = []
+
+    def make(database_url: str, workers: int = 1, **env: str) -> LocalStack:
+        stack = LocalStack(
+            data_dir=tmp_path / f"data{len(stacks)}",
+            broker_url=REDIS_URL,
+            database_url=database_url,
+            workers=workers,
+            extra_env={**FAST_RECOVERY, **env},
+        )
+        stacks.append(stack)
+        if workers:
+            stack.start()
+        else:
+            stack.start_without_ready()
+        return stack
+
+    yield make
+    for stack in stacks:
+        logs = stack.log_dir
+        stack.stop()
+        for log in sorted(logs.glob("*.log")) if logs.exists() else []:
+            # shown by pytest only when the test failed
+            print(f"===== {log.name} =====\n{log.read_text(errors='replace')[-6000:]}")
+
+
+def create_key(stack: LocalStack, tenant: str = "acme") -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", tenant],
+        env=stack.env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.strip().splitlines()[-1]
+
+
+def client_for(stack: LocalStack, tenant: str = "acme") -> TightropeClient:
+    return TightropeClient(stack.api_url, create_key(stack, tenant))
+
+
+class ResidualCNN(torch.nn.Module):
+    """A small post-processing network: x + conv(relu(conv(x))), input the adjoint A*y."""
+
+    def __init__(self, channels: int = 2, gain: float = 0.3) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, channels, 3, padding=1)
+        with torch.no_grad():
+            self.conv2.weight.mul_(gain)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(torch.relu(self.conv1(x)))
+
+
+SIZE = 16
+MODEL_SPEC = {
+    "name": "residual-cnn",
+    "task": "reconstruction",
+    "input": "adjoint",
+    "image_shape": [2, SIZE, SIZE],
+    "complex": True,
+    "value_range": [0.0, 1.0],
+}
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("models") / "residual_cnn.pt"
+    torch.jit.save(torch.jit.script(ResidualCNN().eval()), str(path))
+    return path
+
+
+def audit_request(model_id: str, **overrides: object) -> dict:
+    request: dict = {
+        "model_id": model_id,
+        "dataset": {"builtin": "ellipses", "count": 3, "size": SIZE, "seed": 1},
+        "operator": {"kind": "mri", "acceleration": 4, "center_fraction": 0.1, "seed": 0},
+        "checks": [
+            {"kind": "random_noise", "levels": [0.01, 0.05], "samples": 4, "failure_error": 0.5},
+        ],
+        "seed": 7,
+        "device": "cpu",
+    }
+    request.update(overrides)
+    return request
+
+
+def upload_ready_model(client: TightropeClient, model_file: Path) -> str:
+    uploaded = client.upload_model(model_file, MODEL_SPEC)
+    model = client.wait_model(uploaded["id"], timeout=120)
+    assert model["status"] == "ready", model
+    return str(model["id"])
+
+
+def canonical(obj: object) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"))

@@ -1,0 +1,252 @@
+"""`tightrope`: the command line.
+
+serve / worker / keys run the service; audit runs the engine in process (no server);
+submit is a client of a running service; demo runs the whole service once, end to end.
+Heavy imports (uvicorn, the engine, torch) happen inside the commands that need them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+keys_app = typer.Typer(no_args_is_help=True, help="API keys.")
+app.add_typer(keys_app, name="keys")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise _fail(f"{what} file not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise _fail(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def _validation_message(exc: ValidationError, what: str) -> str:
+    lines = [f"{what} is invalid:"]
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+        lines.append(f"  {loc}: {e['msg']}")
+    return "\n".join(lines)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port")] = 8000,
+) -> None:
+    """Run the HTTP gateway (uvicorn)."""
+    import uvicorn
+
+    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, log_level="info")
+
+
+@app.command()
+def worker(
+    loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info",
+) -> None:
+    """Run a supervised Celery worker (restarted whenever it exits)."""
+    from workers.supervisor import supervise
+
+    raise typer.Exit(supervise(["--loglevel", loglevel]))
+
+
+@app.command("worker-health")
+def worker_health() -> None:
+    """Exit 0 when a worker on this host wrote a fresh heartbeat (container health checks)."""
+    import socket
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import select
+
+    from service.db.models import WorkerHeartbeat
+    from service.db.session import session_scope
+    from service.settings import get_settings
+
+    fresh_after = datetime.now(UTC) - timedelta(seconds=get_settings().worker_stale_seconds)
+    with session_scope() as session:
+        row = session.scalars(
+            select(WorkerHeartbeat)
+            .where(WorkerHeartbeat.hostname == socket.gethostname())
+            .where(WorkerHeartbeat.last_seen >= fresh_after)
+        ).first()
+    if row is None:
+        raise _fail("no fresh worker heartbeat on this host", 1)
+    out.print(f"worker {row.name} alive, last heartbeat {row.last_seen.isoformat()}")
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="Tenant the key belongs to (created if new)")],
+) -> None:
+    """Create an API key and print it once (only its hash is stored)."""
+    from service.auth import create_api_key
+    from service.db.migrate import upgrade_to_head
+    from service.db.session import session_scope
+    from service.settings import get_settings
+
+    upgrade_to_head(get_settings().resolved_database_url)
+    with session_scope() as session:
+        key = create_api_key(session, tenant)
+    out.print(key, highlight=False, soft_wrap=True)
+
+
+@app.command()
+def audit(
+    model: Annotated[Path, typer.Option(help="Model file (.pt, .pt2, .safetensors)")],
+    spec: Annotated[Path, typer.Option(help="Model spec JSON")],
+    config: Annotated[Path, typer.Option(help="Audit config JSON (an AuditRequest without model_id)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.json and artifacts")],
+    quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+) -> None:
+    """Run an audit in this process, without a server. `{"file": PATH}` references are
+    resolved relative to the config file."""
+    from schemas.audits import AuditConfig
+    from schemas.model_spec import ModelSpec
+    from service.inspect_upload import UploadRejected, detect_model_format
+    from workers.progress import progress_display
+
+    try:
+        model_spec = ModelSpec.model_validate(_read_json(spec, "spec"))
+    except ValidationError as exc:
+        raise _fail(_validation_message(exc, "spec")) from None
+    raw = _read_json(config, "config")
+    if isinstance(raw, dict):
+        raw.pop("model_id", None)
+    try:
+        audit_config = AuditConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise _fail(_validation_message(exc, "config")) from None
+    if not model.is_file():
+        raise _fail(f"model file not found: {model}")
+    try:
+        fmt = detect_model_format(model)
+    except UploadRejected as exc:
+        raise _fail(f"model {model}: {exc}") from None
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+
+    from workers.engine.api import run_audit
+    from workers.engine.errors import EngineInputError
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with progress_display(err, quiet=quiet) as bar:
+
+        def on_progress(fraction: float, check: str | None, message: str | None) -> None:
+            bar.update(fraction, " · ".join(p for p in (check, message) if p) or "running")
+
+        try:
+            report = run_audit(
+                model,
+                fmt,
+                model_spec,
+                audit_config,
+                out_dir=out_dir,
+                model_sha256=sha,
+                base_dir=config.resolve().parent,
+                on_progress=on_progress,
+            )
+        except EngineInputError as exc:
+            raise _fail(str(exc)) from None
+    out.print(f"verdict: [bold]{report['verdict']}[/bold]")
+    out.print(f"report: {out_dir / 'report.json'}", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def submit(
+    model: Annotated[Path, typer.Option(help="Model file")],
+    spec: Annotated[Path, typer.Option(help="Model spec JSON")],
+    config: Annotated[Path, typer.Option(help="Audit config JSON (model_id is filled in)")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where report.json is written")],
+    server: Annotated[str, typer.Option(envvar="TIGHTROPE_SERVER")] = "http://127.0.0.1:8000",
+    key: Annotated[str, typer.Option(envvar="TIGHTROPE_API_KEY", help="API key")] = "",
+    quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+) -> None:
+    """Upload a model, submit an audit, follow it, and save its report."""
+    from workers.client import ApiError, TightropeClient
+
+    if not key:
+        raise _fail("an API key is needed: --key or TIGHTROPE_API_KEY")
+    try:
+        with TightropeClient(server, key) as client:
+            verdict = run_remote_audit(
+                client, model, _read_json(spec, "spec"), _read_json(config, "config"), out_dir, quiet
+            )
+    except ApiError as exc:
+        raise _fail(str(exc)) from None
+    except TimeoutError as exc:
+        raise _fail(str(exc)) from None
+    raise typer.Exit(0 if verdict in ("pass", "info") else 1)
+
+
+def run_remote_audit(
+    client: Any,
+    model: Path,
+    spec: dict[str, Any],
+    config: dict[str, Any],
+    out_dir: Path,
+    quiet: bool = False,
+) -> str:
+    """Upload, wait for admission, submit, poll with progress, save report.json; the verdict."""
+    from workers.progress import describe, progress_display
+
+    uploaded = client.upload_model(model, spec)
+    err.print(f"model {uploaded['id']} uploaded ({uploaded['format']}), validating…")
+    admitted = client.wait_model(uploaded["id"])
+    if admitted["status"] != "ready":
+        raise _fail(f"model rejected: {admitted.get('reason')}", 1)
+    request = dict(config, model_id=admitted["id"])
+    status = client.submit_audit(request)
+    err.print(f"audit {status['id']} submitted")
+    with progress_display(err, quiet=quiet) as bar:
+        final = client.wait_audit(
+            status["id"],
+            on_progress=lambda s: bar.update(s["progress"]["fraction"], describe(s)),
+        )
+    if final["status"] != "succeeded":
+        problem = final.get("error") or {}
+        raise _fail(f"audit {final['status']}: {problem.get('detail', '')}", 2)
+    report = client.get_report(final["id"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / "report.json"
+    report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    out.print(f"verdict: [bold]{report['verdict']}[/bold]")
+    out.print(f"report: {report_path.resolve()}", highlight=False, soft_wrap=True)
+    return str(report["verdict"])
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where the report is written")] = Path(
+        "demo-out"
+    ),
+) -> None:
+    """Start the service on its embedded defaults, audit the bundled model through the HTTP
+    API, print the verdict and the report's path, and stop everything it started."""
+    from workers.demo import run_demo
+
+    raise typer.Exit(run_demo(out_dir))
+
+
+def main() -> None:  # pragma: no cover - console entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())
