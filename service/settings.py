@@ -34,8 +34,14 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = 60.0
     reconcile_interval_seconds: float = 10.0
     worker_stale_seconds: float = 30.0
+    # The module the sandboxed child runs (`python -m <module> <jobdir>`); tests swap in faults.
+    runner_module: str = "workers.runner"
 
     signing_key_path: Path | None = None
+
+    # The gateway brings the schema to Alembic's head at start-up; turn off where a deployment
+    # runs migrations as a separate step (several gateway replicas on one PostgreSQL).
+    auto_migrate: bool = True
 
     @property
     def resolved_database_url(self) -> str:

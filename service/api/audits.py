@@ -1,0 +1,336 @@
+"""`/v1/audits`: submit (202, committed before it is enqueued), poll with ETags, list, cancel,
+and fetch the report and artifacts once done.
+
+Decisions: an unknown or deleted `model_id` in a request body is a 422 naming `model_id` (the
+body is what is wrong, as with an unknown dataset id); a model still `validating` or
+`rejected` is a 409. An `Idempotency-Key` replay answers 202 with the original audit and the
+header `Idempotent-Replayed: true`; the same key with another body is a 422.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, Query, Response
+from fastapi.responses import FileResponse
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from schemas.audits import TERMINAL_STATES, AuditList, AuditRequest, AuditState, AuditStatus
+from schemas.common import FileArray, UploadedArray
+from schemas.datasets import FileDataset, UploadedDataset
+from schemas.problem import FieldError
+from service.api.audit_views import etag_of, if_none_match_hits, to_status
+from service.api.datasets import get_owned_dataset
+from service.api.deps import ArtifactsDep, DispatcherDep, SessionDep, SettingsDep, TenantDep
+from service.db.models import Artifact, Audit, Model, Tenant, utcnow
+from service.errors import (
+    AuditFinished,
+    IdempotencyKeyReused,
+    ModelNotReady,
+    NotFound,
+    ReportNotReady,
+    ValidationFailed,
+    problem_responses,
+)
+from service.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
+from service.storage import SAFE_NAME
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/audits", tags=["audits"])
+
+RETRY_AFTER_SECONDS = "2"
+FILE_REFERENCE_REFUSED = (
+    "file references are only accepted by the local CLI; upload the array with POST /v1/datasets"
+)
+REPORT_FILES = {"report": "application/json", "report.html": "text/html; charset=utf-8"}
+
+
+def canonical_request(request: AuditRequest) -> tuple[dict[str, Any], str]:
+    """The request with every default filled in, and its sha256 (keys sorted, no spaces)."""
+    canonical = request.model_dump(mode="json", by_alias=True)
+    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    return canonical, hashlib.sha256(encoded).hexdigest()
+
+
+def _array_references(request: AuditRequest) -> list[tuple[list[str | int], Any]]:
+    """(location, reference) of the dataset and of every array the operator names."""
+    refs: list[tuple[list[str | int], Any]] = [(["body", "dataset"], request.dataset)]
+    for name, value in request.operator.__dict__.items():
+        if isinstance(value, UploadedArray | FileArray):
+            refs.append((["body", "operator", name], value))
+    return refs
+
+
+def check_references(session: Session, tenant: Tenant, request: AuditRequest) -> None:
+    """Refuse local files; every uploaded dataset (and array key) must be the tenant's."""
+    errors: list[FieldError] = []
+    for loc, ref in _array_references(request):
+        if isinstance(ref, FileDataset | FileArray):
+            errors.append(
+                FieldError(loc=[*loc, "file"], msg=FILE_REFERENCE_REFUSED, type="value_error")
+            )
+        elif isinstance(ref, UploadedDataset | UploadedArray):
+            dataset = get_owned_dataset(session, tenant, ref.dataset_id)
+            if dataset is None:
+                msg = f"no dataset {ref.dataset_id!r}; upload it with POST /v1/datasets"
+                errors.append(FieldError(loc=[*loc, "dataset_id"], msg=msg, type="not_found"))
+                continue
+            key = getattr(ref, "key", None)
+            if key is not None and key not in dataset.shape["arrays"]:
+                msg = f"dataset {ref.dataset_id!r} has no array {key!r}"
+                errors.append(FieldError(loc=[*loc, "key"], msg=msg, type="not_found"))
+    if errors:
+        if any(e.msg == FILE_REFERENCE_REFUSED for e in errors):
+            detail = FILE_REFERENCE_REFUSED
+        else:
+            detail = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors)
+        raise ValidationFailed(detail, errors=errors)
+
+
+def check_model(session: Session, tenant: Tenant, model_id: str) -> Model:
+    model = session.get(Model, model_id)
+    if model is None or model.tenant_id != tenant.id or model.deleted_at is not None:
+        raise ValidationFailed(
+            f"model_id: no model {model_id!r}; upload one with POST /v1/models",
+            errors=[FieldError(loc=["body", "model_id"], msg="unknown model", type="not_found")],
+        )
+    if model.status == "validating":
+        raise ModelNotReady(
+            f"Model {model_id!r} is still being validated; retry when its status is 'ready'.",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    if model.status != "ready":
+        raise ModelNotReady(f"Model {model_id!r} was rejected: {model.reason or 'no reason given'}")
+    return model
+
+
+def get_owned_audit(session: Session, tenant: Tenant, audit_id: str) -> Audit:
+    audit = session.get(Audit, audit_id)
+    if audit is None or audit.tenant_id != tenant.id:
+        raise NotFound(f"No audit {audit_id!r}.")
+    return audit
+
+
+def _accepted(audit: Audit, replayed: bool = False) -> Response:
+    status = to_status(audit)
+    headers = {"Location": status.links.self, "Retry-After": RETRY_AFTER_SECONDS}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return Response(
+        status.model_dump_json(), status_code=202, media_type="application/json", headers=headers
+    )
+
+
+def _replay(session: Session, tenant: Tenant, key: str, request_hash: str) -> Audit | None:
+    audit = session.scalar(
+        select(Audit).where(Audit.tenant_id == tenant.id, Audit.idempotency_key == key)
+    )
+    if audit is not None and audit.request_hash != request_hash:
+        raise IdempotencyKeyReused(
+            "This Idempotency-Key was used with a different request body; use a new key."
+        )
+    return audit
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=AuditStatus,
+    responses=problem_responses(401, 409, 422),
+    summary="Submit an audit",
+)
+def submit_audit(
+    body: AuditRequest,
+    tenant: TenantDep,
+    session: SessionDep,
+    dispatcher: DispatcherDep,
+    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
+) -> Response:
+    canonical, request_hash = canonical_request(body)
+    if idempotency_key is not None:
+        earlier = _replay(session, tenant, idempotency_key, request_hash)
+        if earlier is not None:
+            return _accepted(earlier, replayed=True)
+    check_references(session, tenant, body)
+    check_model(session, tenant, body.model_id)
+    audit = Audit(
+        tenant_id=tenant.id,
+        model_id=body.model_id,
+        request=canonical,
+        request_hash=request_hash,
+        idempotency_key=idempotency_key,
+        status="queued",
+        enqueued_at=utcnow(),
+    )
+    session.add(audit)
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same Idempotency-Key won the race: answer with its audit.
+        session.rollback()
+        if idempotency_key is None:
+            raise
+        earlier = _replay(session, tenant, idempotency_key, request_hash)
+        if earlier is None:
+            raise
+        return _accepted(earlier, replayed=True)
+    # Only now, with the row safe: a lost message is re-sent by the reconciler.
+    dispatcher.audit(audit.id)
+    return _accepted(audit)
+
+
+@router.get(
+    "",
+    response_model=AuditList,
+    responses=problem_responses(401, 422),
+    summary="List audits, newest first",
+)
+def list_audits(
+    tenant: TenantDep,
+    session: SessionDep,
+    status: AuditState | None = None,
+    model_id: str | None = None,
+    page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
+    page_token: str | None = None,
+) -> AuditList:
+    query = select(Audit).where(Audit.tenant_id == tenant.id)
+    if status is not None:
+        query = query.where(Audit.status == status)
+    if model_id is not None:
+        query = query.where(Audit.model_id == model_id)
+    query = paginate(query, Audit.created_at, Audit.id, page_token, page_size)
+    rows, next_token = split_page(list(session.scalars(query)), page_size)
+    return AuditList(items=[to_status(a) for a in rows], next_page_token=next_token)
+
+
+@router.get(
+    "/{audit_id}",
+    response_model=AuditStatus,
+    responses={**problem_responses(401, 404), 304: {"description": "Not modified"}},
+    summary="Poll an audit (ETag / If-None-Match)",
+)
+def read_audit(
+    audit_id: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    body = to_status(get_owned_audit(session, tenant, audit_id)).model_dump_json().encode()
+    etag = etag_of(body)
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if if_none_match_hits(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+@router.post(
+    "/{audit_id}/cancel",
+    status_code=202,
+    response_model=AuditStatus,
+    responses=problem_responses(401, 404, 409),
+    summary="Cancel an audit (a running one stops at its next checkpoint)",
+)
+def cancel_audit(audit_id: str, tenant: TenantDep, session: SessionDep) -> AuditStatus:
+    audit = get_owned_audit(session, tenant, audit_id)
+    if audit.status in TERMINAL_STATES:
+        raise AuditFinished(f"Audit {audit_id!r} has already {audit.status}; nothing to cancel.")
+    now = utcnow()
+    # Conditional updates: a worker may take the audit between our read and our write.
+    cancelled_queued = session.execute(
+        update(Audit)
+        .where(Audit.id == audit_id, Audit.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
+    )
+    if cancelled_queued.rowcount == 0:  # type: ignore[attr-defined]
+        session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.status.not_in(TERMINAL_STATES))
+            .values(cancel_requested=True, updated_at=now)
+        )
+    session.commit()
+    session.refresh(audit)
+    return to_status(audit)
+
+
+def _inside(root: Path, relative: str) -> Path:
+    """root/relative, refusing anything that resolves outside root."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise NotFound("No such file.")
+    return path
+
+
+def _report_file(audit: Audit, artifact_root: Path, name: str) -> FileResponse:
+    if audit.status != "succeeded" or not audit.report_path:
+        raise ReportNotReady(
+            f"Audit {audit.id!r} is {audit.status}; the report exists once it has succeeded.",
+            headers={"Retry-After": RETRY_AFTER_SECONDS}
+            if audit.status not in TERMINAL_STATES
+            else {},
+        )
+    report = _inside(artifact_root, audit.report_path)
+    path = report if name == "report" else report.with_name(name)
+    if not path.is_file():
+        raise NotFound(f"Audit {audit.id!r} has no {name}.")
+    return FileResponse(path, media_type=REPORT_FILES[name])
+
+
+@router.get(
+    "/{audit_id}/report",
+    responses={
+        200: {"content": {"application/json": {}}, "description": "The JSON report"},
+        **problem_responses(401, 404, 409),
+    },
+    summary="The JSON report of a succeeded audit",
+)
+def read_report(
+    audit_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep
+) -> FileResponse:
+    return _report_file(get_owned_audit(session, tenant, audit_id), settings.artifact_dir, "report")
+
+
+@router.get(
+    "/{audit_id}/report.html",
+    responses={
+        200: {"content": {"text/html": {}}, "description": "The self-contained HTML report"},
+        **problem_responses(401, 404, 409),
+    },
+    summary="The HTML report of a succeeded audit",
+)
+def read_report_html(
+    audit_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep
+) -> FileResponse:
+    audit = get_owned_audit(session, tenant, audit_id)
+    return _report_file(audit, settings.artifact_dir, "report.html")
+
+
+@router.get(
+    "/{audit_id}/artifacts/{name}",
+    responses={
+        200: {"description": "The artifact (PNG figure, .npy perturbation, ...)"},
+        **problem_responses(401, 404),
+    },
+    summary="A file produced by the audit",
+)
+def read_artifact(
+    audit_id: str,
+    name: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    artifacts: ArtifactsDep,
+) -> FileResponse:
+    audit = get_owned_audit(session, tenant, audit_id)
+    row = session.get(Artifact, (audit.id, name)) if SAFE_NAME.match(name) else None
+    if row is None:
+        raise NotFound(f"Audit {audit_id!r} has no artifact {name!r}.")
+    path = _inside(artifacts.root, row.path)
+    if not path.is_file():
+        raise NotFound(f"Audit {audit_id!r} has no artifact {name!r}.")
+    return FileResponse(path, media_type=row.media_type, filename=name)

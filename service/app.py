@@ -1,0 +1,92 @@
+"""The FastAPI application: `create_app(settings)` (a factory for uvicorn: `--factory`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from sqlalchemy.orm import sessionmaker
+
+from schemas.problem import PROBLEM_MEDIA_TYPE
+from service.api import audits, datasets, health, models
+from service.db.migrate import upgrade_to_head
+from service.db.session import make_engine
+from service.dispatch import Dispatcher
+from service.errors import install_error_handlers
+from service.metrics import Metrics, MetricsMiddleware
+from service.settings import Settings, get_settings
+from service.storage import ArtifactStore, BlobStore
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Audits trained neural networks for instability: worst-case perturbations,
+random noise, false negatives and Lipschitz bounds. Errors are RFC 9457 problem documents
+(`application/problem+json`). Every route except /healthz, /readyz and /metrics needs
+`Authorization: Bearer <api key>`."""
+
+
+PROBLEM_REF = "#/components/schemas/Problem"
+
+
+def _openapi_with_problem_media_type(app: FastAPI) -> dict[str, Any]:
+    """FastAPI files a response `model` under application/json and documents its own 422 body;
+    this service answers every error as application/problem+json, so say so (built once)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    problem_content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": PROBLEM_REF}}}
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            for status, response in operation.get("responses", {}).items():
+                content = response.get("content", {})
+                is_problem = PROBLEM_MEDIA_TYPE in content
+                # FastAPI's own 422 entry describes its default error body, not ours.
+                if status == "422" or is_problem:
+                    response["content"] = dict(problem_content)
+                if status == "422":
+                    response["description"] = "The request is not valid"
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = make_engine(settings.resolved_database_url)
+    sessions = sessionmaker(bind=engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if settings.auto_migrate:
+            upgrade_to_head(settings.resolved_database_url)
+        app.state.blobs = BlobStore(settings.blob_dir)
+        app.state.artifacts = ArtifactStore(settings.artifact_dir)
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(
+        title="Tightrope",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = sessions
+    app.state.dispatcher = Dispatcher.from_settings(settings)
+    app.state.metrics = Metrics(sessions)
+
+    install_error_handlers(app)
+    app.openapi = lambda: _openapi_with_problem_media_type(app)  # type: ignore[method-assign]
+    app.add_middleware(MetricsMiddleware, metrics=lambda: app.state.metrics)
+    for router in (health.router, models.router, datasets.router, audits.router):
+        app.include_router(router)
+    return app

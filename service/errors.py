@@ -1,0 +1,218 @@
+"""Domain errors and their one rendering: RFC 9457 `application/problem+json`.
+
+Routes raise `TightropeError` subclasses; `install_error_handlers` turns them, FastAPI's
+validation errors, Starlette's HTTP errors and anything unexpected into problem documents, so a
+client always gets a stable `type`, a `title` and a `detail` it can act on, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from schemas.problem import PROBLEM_BASE, PROBLEM_MEDIA_TYPE, FieldError, Problem
+
+log = logging.getLogger(__name__)
+
+
+class TightropeError(Exception):
+    """A problem a client caused or can act on. `type` is a stable slug under PROBLEM_BASE."""
+
+    status: int = 400
+    type: str = "bad-request"
+    title: str = "Bad request"
+
+    def __init__(
+        self,
+        detail: str,
+        *,
+        errors: Sequence[FieldError] | None = None,
+        headers: Mapping[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.errors = list(errors) if errors is not None else None
+        self.headers = dict(headers or {})
+        self.extra = extra
+
+    def problem(self, instance: str | None = None) -> Problem:
+        return Problem(
+            type=PROBLEM_BASE + self.type,
+            title=self.title,
+            status=self.status,
+            detail=self.detail,
+            instance=instance,
+            errors=self.errors,
+            extra=self.extra,
+        )
+
+
+class MalformedRequest(TightropeError):
+    status, type, title = 400, "malformed-request", "The request could not be parsed"
+
+
+class Unauthorized(TightropeError):
+    status, type, title = 401, "unauthorized", "Missing or invalid API key"
+
+    def __init__(self, detail: str) -> None:
+        # RFC 6750: a 401 for bearer auth names the scheme the client must use.
+        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="tightrope"'})
+
+
+class NotFound(TightropeError):
+    status, type, title = 404, "not-found", "Not found"
+
+
+class Conflict(TightropeError):
+    status, type, title = 409, "conflict", "Conflict with the resource's state"
+
+
+class ModelNotReady(Conflict):
+    type, title = "model-not-ready", "The model is not ready for audits"
+
+
+class AuditFinished(Conflict):
+    type, title = "audit-finished", "The audit has already finished"
+
+
+class ReportNotReady(Conflict):
+    type, title = "report-not-ready", "The report is not ready"
+
+
+class PreconditionFailed(TightropeError):
+    status, type, title = 412, "precondition-failed", "Precondition failed"
+
+
+class PayloadTooLarge(TightropeError):
+    status, type, title = 413, "payload-too-large", "Upload too large"
+
+
+class UnsupportedMediaType(TightropeError):
+    status, type, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+class ValidationFailed(TightropeError):
+    status, type, title = 422, "validation-failed", "The request is not valid"
+
+
+class InvalidUpload(TightropeError):
+    status, type, title = 422, "invalid-upload", "The uploaded file was refused"
+
+
+class IdempotencyKeyReused(TightropeError):
+    status, type, title = 422, "idempotency-key-reused", "Idempotency-Key reused with another body"
+
+
+class NotReady(TightropeError):
+    status, type, title = 503, "not-ready", "The service is not ready"
+
+
+def problem_response(problem: Problem, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        problem.model_dump(mode="json", exclude_none=True),
+        status_code=problem.status,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=dict(headers or {}),
+    )
+
+
+def field_errors(raw: Sequence[Any], prefix: Sequence[str | int] = ()) -> list[FieldError]:
+    """Pydantic's error dicts as FieldErrors, locations prefixed (e.g. with the form field)."""
+    out: list[FieldError] = []
+    for err in raw:
+        loc = [*prefix, *(p if isinstance(p, int) else str(p) for p in err.get("loc", ()))]
+        out.append(FieldError(loc=loc, msg=str(err.get("msg", "")), type=str(err.get("type", ""))))
+    return out
+
+
+def describe(errors: Sequence[FieldError]) -> str:
+    """One line naming every offending field, for the problem's human-readable `detail`."""
+    parts = [f"{'.'.join(str(p) for p in e.loc) or '(body)'}: {e.msg}" for e in errors[:10]]
+    more = f" (and {len(errors) - 10} more)" if len(errors) > 10 else ""
+    return "; ".join(parts) + more
+
+
+_STATUS_SLUGS = {
+    400: ("bad-request", "Bad request"),
+    401: ("unauthorized", "Missing or invalid API key"),
+    404: ("not-found", "Not found"),
+    405: ("method-not-allowed", "Method not allowed"),
+    406: ("not-acceptable", "Not acceptable"),
+    409: ("conflict", "Conflict with the resource's state"),
+    413: ("payload-too-large", "Upload too large"),
+    415: ("unsupported-media-type", "Unsupported media type"),
+    422: ("validation-failed", "The request is not valid"),
+}
+
+
+_DESCRIPTIONS = {
+    **{status: title for status, (_, title) in _STATUS_SLUGS.items()},
+    412: "Precondition failed",
+    500: "Internal error",
+    503: "Not ready",
+}
+
+
+async def _on_tightrope_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TightropeError)
+    return problem_response(exc.problem(instance=request.url.path), exc.headers)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = field_errors(exc.errors())
+    problem = ValidationFailed(describe(errors), errors=errors).problem(instance=request.url.path)
+    return problem_response(problem)
+
+
+async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    slug, title = _STATUS_SLUGS.get(exc.status_code, ("http-error", "HTTP error"))
+    detail = exc.detail if isinstance(exc.detail, str) else title
+    problem = Problem(
+        type=PROBLEM_BASE + slug,
+        title=title,
+        status=exc.status_code,
+        detail=detail,
+        instance=request.url.path,
+    )
+    return problem_response(problem, exc.headers)
+
+
+async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+    # The traceback goes to the log only: internals (paths, SQL, secrets) never reach a client.
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    problem = Problem(
+        type=PROBLEM_BASE + "internal-error",
+        title="Internal error",
+        status=500,
+        detail="The server failed to handle the request; it has been logged. Retry later.",
+        instance=request.url.path,
+    )
+    return problem_response(problem)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(TightropeError, _on_tightrope_error)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(Exception, _on_unexpected)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting problem documents for the given statuses."""
+    return {
+        status: {
+            "model": Problem,
+            "description": _DESCRIPTIONS.get(status, "Problem"),
+            "content": {PROBLEM_MEDIA_TYPE: {}},
+        }
+        for status in statuses
+    }

@@ -1,0 +1,124 @@
+"""What an uploaded dataset holds, read without unpickling anything (numpy, no torch).
+
+`.npy` and `.npz` are read with `allow_pickle=False`; the array of images must be
+[N, C, H, W] (or [N, H, W], one channel) of finite numbers. Other arrays in an `.npz` (masks,
+matrices for operators) are recorded by name and shape.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from schemas.datasets import DatasetFormat
+from schemas.model_spec import MAX_IMAGE_SIDE
+from service.errors import InvalidUpload
+from service.inspect_upload import ZIP_MAGIC, ArchiveLimits, inspect_zip
+
+NPY_MAGIC = b"\x93NUMPY"
+MAX_CHANNELS = 16
+FINITE_CHECK_CHUNK = 64  # images per isfinite pass, to bound memory on large uploads
+
+
+@dataclass
+class DatasetInspection:
+    format: DatasetFormat
+    images_key: str | None  # None for .npy
+    shape: list[int]  # images as [N, C, H, W]
+    arrays: dict[str, list[int]]
+
+
+def _check_dtype(name: str, array: np.ndarray) -> None:
+    if array.dtype.hasobject:
+        raise InvalidUpload(f"array {name!r} holds Python objects; upload numeric arrays only")
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise InvalidUpload(f"array {name!r} has dtype {array.dtype}; upload numeric arrays")
+
+
+def images_shape(name: str, array: np.ndarray) -> list[int]:
+    """The images' shape as [N, C, H, W]; checks rank, sizes and that every value is finite."""
+    _check_dtype(name, array)
+    if array.ndim == 3:
+        n, h, w = array.shape
+        c = 1
+    elif array.ndim == 4:
+        n, c, h, w = array.shape
+    else:
+        raise InvalidUpload(
+            f"array {name!r} has shape {list(array.shape)}; "
+            "images must be [N, C, H, W] or [N, H, W]"
+        )
+    if n < 1:
+        raise InvalidUpload(f"array {name!r} holds no images")
+    if not 1 <= c <= MAX_CHANNELS:
+        raise InvalidUpload(f"array {name!r} has {c} channels; at most {MAX_CHANNELS}")
+    if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
+        raise InvalidUpload(f"array {name!r}: height and width must be 1..{MAX_IMAGE_SIDE}")
+    for start in range(0, n, FINITE_CHECK_CHUNK):
+        if not np.isfinite(array[start : start + FINITE_CHECK_CHUNK]).all():
+            raise InvalidUpload(f"array {name!r} contains NaN or infinite values")
+    return [int(n), int(c), int(h), int(w)]
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    try:
+        # Memory-mapped: the finite check reads the file in slices, not all at once.
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        # numpy refuses object arrays without allow_pickle with a ValueError.
+        raise InvalidUpload(f"the .npy file cannot be read without unpickling ({exc})") from None
+    except (OSError, EOFError) as exc:
+        raise InvalidUpload(f"the .npy file is damaged or truncated ({exc})") from None
+
+
+def _inspect_npz(path: Path, key: str | None, entries: list[zipfile.ZipInfo]) -> DatasetInspection:
+    for entry in entries:
+        if not entry.filename.endswith(".npy") or "/" in entry.filename:
+            raise InvalidUpload(f"entry {entry.filename!r} is not an array of an .npz file")
+    arrays: dict[str, list[int]] = {}
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            names = list(npz.files)
+            images_key = key if key is not None else names[0]
+            if images_key not in names:
+                raise InvalidUpload(
+                    f"the .npz has no array {images_key!r} (it has: {', '.join(names)})",
+                )
+            shape: list[int] = []
+            for name in names:
+                array = npz[name]
+                if name == images_key:
+                    shape = images_shape(name, array)
+                else:
+                    _check_dtype(name, array)
+                arrays[name] = [int(d) for d in array.shape]
+    except InvalidUpload:
+        raise
+    except ValueError as exc:
+        raise InvalidUpload(f"the .npz cannot be read without unpickling ({exc})") from None
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise InvalidUpload(f"the .npz is damaged or truncated ({exc})") from None
+    return DatasetInspection("npz", images_key, shape, arrays)
+
+
+def inspect_dataset(path: Path, key: str | None, limits: ArchiveLimits) -> DatasetInspection:
+    with open(path, "rb") as f:
+        head = f.read(6)
+    if head == NPY_MAGIC:
+        if key is not None:
+            raise InvalidUpload("spec.key names an array inside an .npz; this is an .npy file")
+        array = _load_npy(path)
+        shape = images_shape("images", array)
+        return DatasetInspection("npy", None, shape, {"images": [int(d) for d in array.shape]})
+    if head[:4] == ZIP_MAGIC:
+        entries = inspect_zip(path, limits)
+        if all(entry.filename.lower().endswith(".png") for entry in entries):
+            raise InvalidUpload(
+                "zips of PNG images are not accepted yet: convert them to an .npy array "
+                "of shape [N, C, H, W] (numpy.stack of the images) and upload that"
+            )
+        return _inspect_npz(path, key, entries)
+    raise InvalidUpload("not a dataset this service reads: upload an .npy or .npz file")

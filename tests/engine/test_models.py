@@ -1,0 +1,192 @@
+"""Loading every format, and admission's verdicts on good and bad models (workers.engine.models)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from schemas.model_spec import ModelSpec
+from tests.fixtures import model_factory as mf
+from workers.engine.models import ModelRejected, admit, load_model
+
+torch.set_num_threads(1)
+warnings.filterwarnings("ignore", message=".*TorchScript.*")
+# torch.jit.load warns that TorchScript is deprecated; loading it is what is under test
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+
+
+def spec_of(raw: dict[str, Any]) -> ModelSpec:
+    return ModelSpec.model_validate(raw)
+
+
+def probe_batch(channels: int = 1, size: int = mf.SIZE) -> torch.Tensor:
+    return torch.rand(3, channels, size, size, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+def test_torchscript_matches_its_eager_module(tmp_path: Path, channels: int) -> None:
+    path = mf.tiny_cnn_torchscript(tmp_path / "m.pt", channels=channels)
+    model = load_model(path, "torchscript", spec_of(mf.tiny_cnn_spec(channels)))
+    x = probe_batch(channels)
+    torch.testing.assert_close(model(x), mf.build_tiny_cnn(channels)(x))
+    assert not model.training
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+def test_export_matches_its_eager_module_at_another_size(tmp_path: Path) -> None:
+    path = mf.tiny_cnn_export(tmp_path / "m.pt2")
+    model = load_model(path, "export", spec_of(mf.tiny_cnn_spec()))
+    x = probe_batch(size=24)  # exported at 16×16 with dynamic height and width
+    torch.testing.assert_close(model(x), mf.build_tiny_cnn()(x))
+    assert all(not p.requires_grad for p in model.parameters())
+
+
+@pytest.mark.parametrize("architecture", ["unet", "dncnn"])
+def test_safetensors_matches_the_registered_architecture(tmp_path: Path, architecture: str) -> None:
+    writer = mf.unet_safetensors if architecture == "unet" else mf.dncnn_safetensors
+    path = writer(tmp_path / "w.safetensors")
+    model = load_model(path, "safetensors", spec_of(mf.registered_spec(architecture)))
+    eager = mf.build_registered(
+        architecture, mf.SMALL_UNET_PARAMS if architecture == "unet" else mf.SMALL_DNCNN_PARAMS
+    )
+    x = probe_batch()
+    torch.testing.assert_close(model(x), eager(x))
+
+
+def test_linear_model_is_exactly_its_matrix(tmp_path: Path) -> None:
+    matrix = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+    path = mf.linear_model_torchscript(tmp_path / "lin.pt", matrix, (1, 4, 4))
+    model = load_model(path, "torchscript", spec_of(mf.linear_spec((1, 4, 4))))
+    y = torch.randn(2, 8, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model(y), (y @ matrix.t()).reshape(2, 1, 4, 4))
+
+
+def test_benign_models_are_admitted_with_their_facts(tmp_path: Path) -> None:
+    admission = admit(
+        mf.tiny_cnn_torchscript(tmp_path / "m.pt"), "torchscript", spec_of(mf.tiny_cnn_spec())
+    )
+    assert admission.ok, admission.reason
+    info = admission.info
+    assert info["format"] == "torchscript"
+    assert info["parameter_count"] == (1 * 4 * 9 + 4) + (4 * 1 * 9 + 1)  # two 3×3 convolutions
+    assert info["output_shape"] == [2, 1, 16, 16]
+    assert info["graph_op_count"] > 0 and info["probe_seconds"] >= 0
+
+    classifier = admit(
+        mf.tiny_classifier_torchscript(tmp_path / "c.pt"),
+        "torchscript",
+        spec_of(mf.classifier_spec(num_classes=3)),
+    )
+    assert classifier.ok, classifier.reason
+    assert classifier.info["output_shape"] == [2, 3]
+
+
+def test_measurement_models_skip_the_probe_with_a_note(tmp_path: Path) -> None:
+    path = mf.linear_model_torchscript(tmp_path / "lin.pt", torch.eye(16), (1, 4, 4))
+    admission = admit(path, "torchscript", spec_of(mf.linear_spec((1, 4, 4))))
+    assert admission.ok
+    assert admission.info["probe"] == "skipped"
+    assert "operator" in admission.info["probe_note"]
+
+
+def test_wrong_output_shape_is_rejected_with_both_shapes(tmp_path: Path) -> None:
+    path = mf.wrong_output_shape_torchscript(tmp_path / "w.pt")
+    admission = admit(path, "torchscript", spec_of(mf.tiny_cnn_spec()))
+    assert not admission.ok
+    assert admission.reason is not None
+    assert "output shape [2, 3, 16, 16] does not match the spec's image_shape [1, 16, 16]" in (
+        admission.reason
+    )
+
+
+def test_classifier_with_wrong_class_count_is_rejected(tmp_path: Path) -> None:
+    path = mf.tiny_classifier_torchscript(tmp_path / "c.pt", num_classes=3)
+    admission = admit(path, "torchscript", spec_of(mf.classifier_spec(num_classes=5)))
+    assert not admission.ok
+    assert "num_classes 5" in str(admission.reason)
+
+
+def test_nan_output_is_rejected(tmp_path: Path) -> None:
+    admission = admit(
+        mf.nan_torchscript(tmp_path / "n.pt"), "torchscript", spec_of(mf.tiny_cnn_spec())
+    )
+    assert not admission.ok
+    assert "NaN" in str(admission.reason)
+
+
+def test_model_without_input_gradient_is_rejected(tmp_path: Path) -> None:
+    admission = admit(
+        mf.detached_torchscript(tmp_path / "d.pt"), "torchscript", spec_of(mf.tiny_cnn_spec())
+    )
+    assert not admission.ok
+    assert "gradient" in str(admission.reason)
+
+
+def test_safetensors_with_wrong_keys_names_them(tmp_path: Path) -> None:
+    good = mf.unet_safetensors(tmp_path / "u.safetensors")
+    bad = mf.edit_safetensors(
+        good,
+        tmp_path / "bad.safetensors",
+        drop=("Conv_1x1.weight",),
+        add={"surplus.weight": torch.zeros(2)},
+    )
+    spec = spec_of(mf.registered_spec("unet"))
+    with pytest.raises(ModelRejected) as raised:
+        load_model(bad, "safetensors", spec)
+    assert "missing keys [Conv_1x1.weight]" in raised.value.reason
+    assert "unexpected keys [surplus.weight]" in raised.value.reason
+    assert not admit(bad, "safetensors", spec).ok
+
+
+def test_safetensors_with_other_widths_names_the_shapes(tmp_path: Path) -> None:
+    path = mf.dncnn_safetensors(tmp_path / "n.safetensors", params={"depth": 3, "nf": 8})
+    admission = admit(path, "safetensors", spec_of(mf.registered_spec("dncnn")))  # nf 4
+    assert not admission.ok
+    assert "shape mismatch" in str(admission.reason)
+    assert "in_conv.weight: file [8, 1, 3, 3] vs model [4, 1, 3, 3]" in str(admission.reason)
+
+
+def test_safetensors_refuses_constructor_parameters_that_read_files(tmp_path: Path) -> None:
+    path = mf.dncnn_safetensors(tmp_path / "n.safetensors")
+    raw = mf.registered_spec("dncnn", params={"depth": 3, "nf": 4, "pretrained": "/etc/passwd"})
+    admission = admit(path, "safetensors", spec_of(raw))
+    assert not admission.ok
+    assert "pretrained" in str(admission.reason)
+
+
+def test_safetensors_needs_an_architecture(tmp_path: Path) -> None:
+    path = mf.unet_safetensors(tmp_path / "u.safetensors")
+    admission = admit(path, "safetensors", spec_of(mf.tiny_cnn_spec()))
+    assert not admission.ok
+    assert "spec.architecture" in str(admission.reason)
+
+
+@pytest.mark.parametrize(
+    ("make", "fmt", "expected"),
+    [
+        (lambda d: mf.make_garbage(d / "g.bin"), "torchscript", "no accepted model format"),
+        (lambda d: mf.make_garbage(d / "g.bin"), "safetensors", "no accepted model format"),
+        (
+            lambda d: mf.truncated_copy(mf.tiny_cnn_torchscript(d / "m.pt"), d / "t.pt"),
+            "torchscript",
+            "truncated or corrupt",
+        ),
+        (
+            lambda d: mf.truncated_copy(mf.unet_safetensors(d / "u.st"), d / "t.st"),
+            "safetensors",
+            "safetensors",
+        ),
+        (lambda d: mf.tiny_cnn_export(d / "m.pt2"), "torchscript", "torch.export .pt2 archive"),
+    ],
+)
+def test_broken_or_mislabelled_files_are_rejected_not_raised(
+    tmp_path: Path, make: Any, fmt: Any, expected: str
+) -> None:
+    spec = mf.registered_spec("unet") if fmt == "safetensors" else mf.tiny_cnn_spec()
+    admission = admit(make(tmp_path), fmt, spec_of(spec))
+    assert not admission.ok
+    assert expected in str(admission.reason)

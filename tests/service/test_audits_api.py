@@ -1,0 +1,322 @@
+"""`/v1/audits`: submission (row committed before the message), polling, listing, cancel,
+reports and artifacts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import redis
+from fastapi.testclient import TestClient
+from sqlalchemy import func, select
+
+from service.app import create_app
+from service.db.models import Artifact, Audit, utcnow
+from service.queue import QUEUE
+from service.settings import Settings
+from tests.service.conftest import (
+    UNREACHABLE_BROKER,
+    ModelFiles,
+    assert_problem,
+    new_key,
+    ready_model,
+    sessions_of,
+    set_model_status,
+    upload_model,
+)
+
+
+def audit_request(model_id: str, **overrides: Any) -> dict[str, Any]:
+    request: dict[str, Any] = {
+        "model_id": model_id,
+        "dataset": {"builtin": "shepp_logan", "count": 1, "size": 16},
+        "operator": {"kind": "mri", "acceleration": 4},
+        "checks": [{"kind": "lipschitz", "iterations": 3}],
+    }
+    request.update(overrides)
+    return request
+
+
+@pytest.fixture
+def model_id(client: TestClient, auth: dict[str, str], model_files: ModelFiles) -> str:
+    return ready_model(client, auth, model_files.torchscript)
+
+
+def submit(client: TestClient, auth: dict[str, str], body: dict[str, Any], **headers: str) -> Any:
+    return client.post("/v1/audits", headers={**auth, **headers}, json=body)
+
+
+def set_audit(client: TestClient, audit_id: str, **values: Any) -> None:
+    with sessions_of(client)() as session:
+        audit = session.get(Audit, audit_id)
+        assert audit is not None
+        for name, value in values.items():
+            setattr(audit, name, value)
+        session.commit()
+
+
+def count_audits(client: TestClient) -> int:
+    with sessions_of(client)() as session:
+        return int(session.scalar(select(func.count()).select_from(Audit)) or 0)
+
+
+def test_submit_commits_then_enqueues(
+    client: TestClient, auth: dict[str, str], model_id: str, broker: redis.Redis
+) -> None:
+    before = broker.llen(QUEUE)
+    response = submit(client, auth, audit_request(model_id))
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "queued" and body["model_id"] == model_id
+    assert response.headers["location"] == f"/v1/audits/{body['id']}"
+    assert response.headers["retry-after"] == "2"
+    assert body["links"]["cancel"] == f"/v1/audits/{body['id']}/cancel"
+    with sessions_of(client)() as session:
+        row = session.get(Audit, body["id"])
+        assert row is not None and row.enqueued_at is not None
+        # The stored request is canonical: defaults are filled in, aliases used.
+        assert row.request["seed"] == 0 and row.request["checks"][0]["tolerance"] == 1e-4
+        assert len(row.request_hash) == 64
+    assert broker.llen(QUEUE) == before + 1
+    message = json.loads(broker.lindex(QUEUE, 0) or b"{}")
+    assert message["headers"]["task"] == "tightrope.run_audit"
+
+
+def test_broker_down_still_accepts_and_keeps_the_row(
+    tmp_path: Path, settings: Settings, model_files: ModelFiles
+) -> None:
+    down = settings.model_copy(update={"broker_url": UNREACHABLE_BROKER})
+    with TestClient(create_app(down), raise_server_exceptions=False) as client:
+        auth = new_key(client)
+        upload = upload_model(client, auth, model_files.torchscript)
+        assert upload.status_code == 202  # the model row stays `validating` for the reconciler
+        set_model_status(client, upload.json()["id"], "ready")
+        response = submit(client, auth, audit_request(upload.json()["id"]))
+        assert response.status_code == 202, response.text
+        with sessions_of(client)() as session:
+            row = session.get(Audit, response.json()["id"])
+            assert row is not None and row.status == "queued"
+
+
+def test_model_must_be_known_and_ready(
+    client: TestClient, auth: dict[str, str], model_files: ModelFiles
+) -> None:
+    body = assert_problem(submit(client, auth, audit_request("mdl_unknown")), 422)
+    assert body["errors"][0]["loc"] == ["body", "model_id"]
+    pending = upload_model(client, auth, model_files.torchscript).json()["id"]
+    body = assert_problem(submit(client, auth, audit_request(pending)), 409, "model-not-ready")
+    assert "validated" in body["detail"]
+    set_model_status(client, pending, "rejected", "uses torch.from_file")
+    body = assert_problem(submit(client, auth, audit_request(pending)), 409, "model-not-ready")
+    assert "torch.from_file" in body["detail"]
+    other = new_key(client)
+    set_model_status(client, pending, "ready")
+    assert_problem(submit(client, other, audit_request(pending)), 422)  # another tenant's
+    assert client.get("/v1/audits", headers=auth).json()["items"] == []
+    assert client.get("/v1/audits", headers=other).json()["items"] == []
+
+
+def test_invalid_request_names_the_field(
+    client: TestClient, auth: dict[str, str], model_id: str
+) -> None:
+    body = assert_problem(submit(client, auth, audit_request(model_id, checks=[])), 422)
+    assert body["errors"][0]["loc"] == ["body", "checks"]
+    body = assert_problem(
+        submit(client, auth, audit_request(model_id, operator={"kind": "mri", "bogus": 1})), 422
+    )
+    assert any("bogus" in e["loc"] for e in body["errors"])
+    response = client.post(
+        "/v1/audits", headers={**auth, "content-type": "application/json"}, content=b"{not json"
+    )
+    assert_problem(response, 422)
+
+
+def test_file_references_are_refused(
+    client: TestClient, auth: dict[str, str], model_id: str
+) -> None:
+    body = assert_problem(
+        submit(client, auth, audit_request(model_id, dataset={"file": "/etc/passwd"})), 422
+    )
+    assert "only accepted by the local CLI" in body["detail"]
+    operator = {"kind": "inpainting", "mask": {"file": "mask.npy"}}
+    body = assert_problem(submit(client, auth, audit_request(model_id, operator=operator)), 422)
+    assert body["errors"][0]["loc"] == ["body", "operator", "mask", "file"]
+
+
+def test_dataset_references_must_exist_for_the_tenant(
+    client: TestClient,
+    auth: dict[str, str],
+    model_id: str,
+    model_files: ModelFiles,
+    tmp_path: Path,
+) -> None:
+    body = assert_problem(
+        submit(client, auth, audit_request(model_id, dataset={"dataset_id": "ds_nope"})), 422
+    )
+    assert body["errors"][0]["loc"] == ["body", "dataset", "dataset_id"]
+    path = tmp_path / "images.npz"
+    np.savez(path, images=np.zeros((2, 1, 16, 16), np.float32), mask=np.ones((16, 16)))
+    dataset = client.post(
+        "/v1/datasets",
+        headers=auth,
+        files={"file": ("images.npz", path.read_bytes())},
+        data={"spec": json.dumps({"name": "d", "key": "images"})},
+    ).json()
+    ok = audit_request(
+        model_id,
+        dataset={"dataset_id": dataset["id"]},
+        operator={"kind": "inpainting", "mask": {"dataset_id": dataset["id"], "key": "mask"}},
+    )
+    assert submit(client, auth, ok).status_code == 202
+    bad_key = audit_request(
+        model_id,
+        operator={"kind": "inpainting", "mask": {"dataset_id": dataset["id"], "key": "nope"}},
+    )
+    body = assert_problem(submit(client, auth, bad_key), 422)
+    assert body["errors"][0]["loc"] == ["body", "operator", "mask", "key"]
+    other = new_key(client)
+    other_model = ready_model(client, other, model_files.torchscript)
+    foreign = audit_request(other_model, dataset={"dataset_id": dataset["id"]})
+    assert_problem(submit(client, other, foreign), 422)
+
+
+def test_idempotency_key_replays_and_refuses_other_bodies(
+    client: TestClient,
+    auth: dict[str, str],
+    model_id: str,
+    model_files: ModelFiles,
+    broker: redis.Redis,
+) -> None:
+    body = audit_request(model_id)
+    first = submit(client, auth, body, **{"Idempotency-Key": "abc-1"})
+    queued = broker.llen(QUEUE)
+    rows = count_audits(client)
+    again = submit(client, auth, body, **{"Idempotency-Key": "abc-1"})
+    assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert broker.llen(QUEUE) == queued and count_audits(client) == rows
+    changed = submit(client, auth, audit_request(model_id, seed=7), **{"Idempotency-Key": "abc-1"})
+    assert_problem(changed, 422, "idempotency-key-reused")
+    # Keys are per tenant: another tenant's same key is a different audit.
+    other = new_key(client)
+    other_model = ready_model(client, other, model_files.torchscript)
+    response = submit(client, other, audit_request(other_model), **{"Idempotency-Key": "abc-1"})
+    assert response.status_code == 202 and response.json()["id"] != first.json()["id"]
+
+
+def test_etag_and_not_modified(client: TestClient, auth: dict[str, str], model_id: str) -> None:
+    audit_id = submit(client, auth, audit_request(model_id)).json()["id"]
+    first = client.get(f"/v1/audits/{audit_id}", headers=auth)
+    etag = first.headers["etag"]
+    assert etag.startswith('"') and first.json()["id"] == audit_id
+    cached = client.get(f"/v1/audits/{audit_id}", headers={**auth, "If-None-Match": etag})
+    assert cached.status_code == 304 and cached.content == b""
+    set_audit(client, audit_id, status="running", progress_fraction=0.5, started_at=utcnow())
+    changed = client.get(f"/v1/audits/{audit_id}", headers={**auth, "If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert changed.json()["progress"]["fraction"] == 0.5
+
+
+def test_list_filters_and_pagination(
+    client: TestClient, auth: dict[str, str], model_id: str
+) -> None:
+    ids = [submit(client, auth, audit_request(model_id, seed=i)).json()["id"] for i in range(3)]
+    set_audit(client, ids[1], status="failed", finished_at=utcnow())
+    page = client.get("/v1/audits", headers=auth, params={"page_size": 2}).json()
+    assert [a["id"] for a in page["items"]] == [ids[2], ids[1]]
+    rest = client.get(
+        "/v1/audits", headers=auth, params={"page_size": 2, "page_token": page["next_page_token"]}
+    ).json()
+    assert [a["id"] for a in rest["items"]] == [ids[0]] and rest["next_page_token"] is None
+    failed = client.get("/v1/audits", headers=auth, params={"status": "failed"}).json()
+    assert [a["id"] for a in failed["items"]] == [ids[1]]
+    by_model = client.get("/v1/audits", headers=auth, params={"model_id": "mdl_other"}).json()
+    assert by_model["items"] == []
+    assert_problem(client.get("/v1/audits", headers=auth, params={"page_token": "@@"}), 422)
+    assert_problem(client.get("/v1/audits", headers=auth, params={"status": "nope"}), 422)
+    assert client.get("/v1/audits", headers=new_key(client)).json()["items"] == []
+
+
+def test_cancel(client: TestClient, auth: dict[str, str], model_id: str) -> None:
+    queued = submit(client, auth, audit_request(model_id)).json()["id"]
+    response = client.post(f"/v1/audits/{queued}/cancel", headers=auth)
+    assert response.status_code == 202 and response.json()["status"] == "cancelled"
+    assert_problem(client.post(f"/v1/audits/{queued}/cancel", headers=auth), 409, "audit-finished")
+
+    running = submit(client, auth, audit_request(model_id, seed=1)).json()["id"]
+    set_audit(client, running, status="running", started_at=utcnow())
+    response = client.post(f"/v1/audits/{running}/cancel", headers=auth)
+    assert response.status_code == 202 and response.json()["status"] == "running"
+    with sessions_of(client)() as session:
+        row = session.get(Audit, running)
+        assert row is not None and row.cancel_requested
+
+    assert_problem(client.post(f"/v1/audits/{running}/cancel", headers=new_key(client)), 404)
+    assert_problem(client.post("/v1/audits/aud_nope/cancel", headers=auth), 404)
+
+
+def test_report_and_artifacts(
+    client: TestClient, auth: dict[str, str], model_id: str, settings: Settings
+) -> None:
+    audit_id = submit(client, auth, audit_request(model_id)).json()["id"]
+    assert_problem(
+        client.get(f"/v1/audits/{audit_id}/report", headers=auth), 409, "report-not-ready"
+    )
+
+    folder = settings.artifact_dir / audit_id
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps({"verdict": "pass"}))
+    (folder / "worst.npy").write_bytes(b"\x93NUMPY fake")
+    with sessions_of(client)() as session:
+        session.add(
+            Artifact(
+                audit_id=audit_id,
+                name="worst.npy",
+                media_type="application/x-npy",
+                sha256="0" * 64,
+                size_bytes=11,
+                path=f"{audit_id}/worst.npy",
+            )
+        )
+        session.commit()
+    set_audit(
+        client,
+        audit_id,
+        status="succeeded",
+        verdict="pass",
+        finished_at=utcnow(),
+        report_path=f"{audit_id}/report.json",
+    )
+    status = client.get(f"/v1/audits/{audit_id}", headers=auth).json()
+    assert status["links"]["report"] == f"/v1/audits/{audit_id}/report"
+    assert status["links"]["cancel"] is None and status["verdict"] == "pass"
+    report = client.get(f"/v1/audits/{audit_id}/report", headers=auth)
+    assert report.status_code == 200 and report.json() == {"verdict": "pass"}
+    artifact = client.get(f"/v1/audits/{audit_id}/artifacts/worst.npy", headers=auth)
+    assert artifact.status_code == 200 and artifact.content == b"\x93NUMPY fake"
+    assert artifact.headers["content-type"] == "application/x-npy"
+    assert_problem(client.get(f"/v1/audits/{audit_id}/artifacts/report.json", headers=auth), 404)
+    assert_problem(client.get(f"/v1/audits/{audit_id}/artifacts/..%2F..%2Fx", headers=auth), 404)
+    assert_problem(client.get(f"/v1/audits/{audit_id}/artifacts/.hidden", headers=auth), 404)
+    assert_problem(client.get(f"/v1/audits/{audit_id}/report.html", headers=auth), 404)
+    other = new_key(client)
+    assert_problem(client.get(f"/v1/audits/{audit_id}/report", headers=other), 404)
+    assert_problem(client.get(f"/v1/audits/{audit_id}/artifacts/worst.npy", headers=other), 404)
+
+
+def test_failed_audit_shows_its_problem(
+    client: TestClient, auth: dict[str, str], model_id: str
+) -> None:
+    audit_id = submit(client, auth, audit_request(model_id)).json()["id"]
+    error = {
+        "type": "https://tightrope.dev/problems/model-crashed",
+        "title": "The model crashed",
+        "status": 500,
+        "detail": "the runner exited with signal 9",
+    }
+    set_audit(client, audit_id, status="failed", error=error, attempts=3, finished_at=utcnow())
+    body = client.get(f"/v1/audits/{audit_id}", headers=auth).json()
+    assert body["error"]["detail"] == error["detail"] and body["attempts"] == 3

@@ -1,0 +1,71 @@
+"""Every failure is a problem document; after a barrage of bad input the service still serves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.settings import Settings
+from tests.fixtures import model_factory
+from tests.service.conftest import ModelFiles, assert_problem, upload_model
+
+
+def test_unknown_route_and_method_are_problems(client: TestClient, auth: dict[str, str]) -> None:
+    assert_problem(client.get("/v1/nothing", headers=auth), 404, "not-found")
+    assert_problem(client.put("/v1/models", headers=auth), 405, "method-not-allowed")
+
+
+def test_unexpected_errors_are_500_problems_without_internals(settings: Settings) -> None:
+    app = create_app(settings)
+
+    @app.get("/boom")
+    def boom() -> None:
+        raise RuntimeError("secret internal path /srv/db password=hunter2")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        body = assert_problem(client.get("/boom"), 500, "internal-error")
+    assert "hunter2" not in str(body) and "RuntimeError" not in str(body)
+
+
+def test_openapi_documents_problem_responses(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    for path, methods in schema["paths"].items():
+        for method, operation in methods.items():
+            if path.startswith("/v1/"):
+                assert "401" in operation["responses"], (method, path)
+            for status, response in operation["responses"].items():
+                if status.startswith(("4", "5")):
+                    content = response["content"]
+                    assert list(content) == ["application/problem+json"], (path, status)
+    assert "Problem" in schema["components"]["schemas"]
+    assert schema["paths"]["/v1/models"]["post"]["requestBody"]["content"]["multipart/form-data"]
+
+
+def test_service_keeps_serving_after_bad_input(
+    client: TestClient, auth: dict[str, str], model_files: ModelFiles, tmp_path: Path
+) -> None:
+    bad_files = [
+        model_factory.make_garbage(tmp_path / "g.pt"),
+        model_factory.truncated_copy(model_files.export, tmp_path / "t.pt2"),
+        model_factory.zip_with_entry(tmp_path / "z.pt", "../../x", base=model_files.torchscript),
+        model_factory.zip_bomb(tmp_path / "b.pt", 4 * 1024**2),
+    ]
+    statuses = [upload_model(client, auth, path).status_code for path in bad_files]
+    statuses.append(client.post("/v1/audits", headers=auth, content=b"\xff\xfe").status_code)
+    statuses.append(
+        client.post(
+            "/v1/models",
+            headers={**auth, "content-type": "multipart/form-data; boundary=x"},
+            content=b"--x\r\ngarbage without headers",
+        ).status_code
+    )
+    statuses.append(
+        client.post(
+            "/v1/models", headers={**auth, "content-type": "multipart/form-data"}, content=b"x"
+        ).status_code
+    )
+    assert all(400 <= s < 500 for s in statuses), statuses
+    assert client.get("/v1/models", headers=auth).status_code == 200
+    assert client.get("/healthz").status_code == 200

@@ -1,0 +1,452 @@
+"""Screening of uploaded models before and after loading: uploaded models are programs.
+
+Three layers, cheapest first:
+1. `detect_format` and `screen_archive`: the bytes are of the declared format; a zip archive has
+   sane entries (count, sizes, compression ratio, no `..`/absolute/symlink names, no native
+   libraries) and only the entries its format writes. The gateway does the same without torch;
+   it is repeated here because the sandbox must not trust what reached it (defence in depth).
+2. Before anything in an archive is deserialised: a TorchScript archive's source (`code/`) must
+   not name file operations (a `__setstate__` runs at load time); a `.pt2` archive must carry no
+   pickled payloads, so that `torch.export.load` never falls back to full unpickling.
+3. After loading: `screen_torchscript_module` inlines every method of every submodule and
+   checks every node against an allow-list; `screen_exported_program` does the same for the
+   exported graph's `call_function` targets.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import stat
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from schemas.model_spec import ModelFormat
+from workers.engine.rejection import ModelRejected
+
+# The gateway's defaults (service.settings); the engine may not import service.
+MAX_ARCHIVE_ENTRIES = 10_000
+MAX_ARCHIVE_UNCOMPRESSED_BYTES = 2 * 1024**3
+MAX_COMPRESSION_RATIO = 200.0
+# Small entries (JSON, code) can compress far better than weights without being a bomb.
+RATIO_CHECKED_FROM_BYTES = 1024**2
+MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024**2
+
+NATIVE_LIBRARY = re.compile(
+    r"\.(so(\.\d+)*|dll|dylib|pyd|exe|o|a|lib|cubin|fatbin|ptx|hsaco|spv)$", re.IGNORECASE
+)
+
+# ---------------------------------------------------------------------------------------------
+# Operation policy, shared by TorchScript and torch.export graphs
+# ---------------------------------------------------------------------------------------------
+
+# Operations rejected by name, with the reason a user sees.
+DENIED_OPERATIONS: dict[str, str] = {
+    "aten::from_file": "reads a file",
+    "aten::save": "writes a file",
+    "aten::_print": "writes to standard output, which carries the runner's protocol",
+    "prim::Print": "writes to standard output, which carries the runner's protocol",
+    "aten::manual_seed": "changes the process's random state, which the audit's seeds control",
+    "aten::seed": "changes the process's random state, which the audit's seeds control",
+}
+
+# TorchScript `prim::` node kinds that only build values, branch or read attributes.
+ALLOWED_PRIM_KINDS: frozenset[str] = frozenset(
+    {
+        "prim::Constant",
+        "prim::ListConstruct",
+        "prim::ListUnpack",
+        "prim::TupleConstruct",
+        "prim::TupleUnpack",
+        "prim::TupleIndex",
+        "prim::TupleSlice",
+        "prim::DictConstruct",
+        "prim::GetAttr",
+        "prim::SetAttr",
+        "prim::If",
+        "prim::Loop",
+        "prim::Return",
+        "prim::RaiseException",
+        "prim::Uninitialized",
+        "prim::unchecked_cast",
+        "prim::unchecked_unwrap_optional",
+        "prim::isinstance",
+        "prim::NumToTensor",
+        "prim::device",
+        "prim::dtype",
+        "prim::layout",
+        "prim::requires_grad",
+        "prim::data",
+        "prim::shape",
+        "prim::min",
+        "prim::max",
+        "prim::abs",
+        "prim::index",
+        "prim::StringIndex",
+        "prim::CreateObject",
+        "prim::EnumName",
+        "prim::EnumValue",
+        "prim::ModuleContainerIndex",
+        "prim::BroadcastSizes",
+        "prim::ConstantChunk",
+        "prim::AutogradZero",
+        "prim::AutogradAdd",
+        "prim::AutogradAnyNonZero",
+        "prim::AutogradAllZero",
+        "prim::AutogradAllNonZero",
+        "prim::tolist",
+        "prim::itemsize",
+        "prim::nbytes",
+        "prim::is_cpu",
+        "prim::is_cuda",
+        "prim::is_meta",
+        "prim::is_mkldnn",
+        "prim::is_quantized",
+        "prim::is_sparse",
+        "prim::is_sparse_csr",
+        "prim::is_nested",
+        "prim::is_xpu",
+        "prim::is_mps",
+    }
+)
+
+# Calls left after inlining go through an interface: their target is not known statically.
+DYNAMIC_CALL_KINDS = frozenset({"prim::CallMethod", "prim::CallFunction"})
+
+# Custom C++ classes (torch.classes) run native code outside the tensor operator set.
+CUSTOM_CLASS_MARK = "__torch__.torch.classes."
+
+# torch.export graphs: higher-order operators whose bodies are sub-graphs that are walked too.
+ALLOWED_HIGHER_ORDER = frozenset({"cond", "while_loop"})
+
+
+def operation_refusal(kind: str) -> str | None:
+    """Why the operation `kind` ("namespace::name") is not allowed, or None when it is."""
+    if kind in DENIED_OPERATIONS:
+        return f"uses {kind}, which {DENIED_OPERATIONS[kind]}"
+    namespace = kind.split("::", 1)[0]
+    if namespace == "aten":
+        return None
+    if namespace == "prim" and kind in ALLOWED_PRIM_KINDS:
+        return None
+    return f"uses {kind}, which is not in the allow-list of tensor operations"
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer 1: format and archive
+# ---------------------------------------------------------------------------------------------
+
+
+def detect_format(path: Path) -> ModelFormat | None:
+    """Recognise the format from the bytes (not the file name)."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    if head[:4] == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            return None
+        relative = {_relative(n) for n in names}
+        if "archive_format" in relative:
+            return "export"
+        if "constants.pkl" in relative and any(n.startswith("code/") for n in relative):
+            return "torchscript"
+        return None
+    if len(head) >= 9 and head[8:9] == b"{":
+        return "safetensors"
+    return None
+
+
+def _relative(name: str) -> str:
+    """Entry name below the archive's single root folder (`model/code/x.py` -> `code/x.py`)."""
+    return name.split("/", 1)[1] if "/" in name else name
+
+
+def _describe(fmt: ModelFormat | None) -> str:
+    return {
+        "torchscript": "a TorchScript archive",
+        "export": "a torch.export .pt2 archive",
+        "safetensors": "a safetensors file",
+        None: "no accepted model format",
+    }[fmt]
+
+
+def check_declared_format(path: Path, declared: ModelFormat) -> None:
+    actual = detect_format(path)
+    if actual == declared:
+        return
+    hint = ""
+    if actual is None and _is_zip(path):
+        try:
+            with zipfile.ZipFile(path):
+                pass
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ModelRejected(
+                f"the archive cannot be read as a zip file (truncated or corrupt): {exc}"
+            ) from exc
+        hint = " (a zip of another kind: a torch.save checkpoint is a pickle and is not accepted)"
+    raise ModelRejected(
+        f"the file was declared {declared!r} but its bytes are {_describe(actual)}{hint}"
+    )
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def inspect_zip(path: Path) -> list[zipfile.ZipInfo]:
+    """The archive's entries, after the checks that need no extraction."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise ModelRejected(f"the archive cannot be read as a zip file: {exc}") from exc
+    if len(entries) > MAX_ARCHIVE_ENTRIES:
+        raise ModelRejected(
+            f"the archive has {len(entries)} entries, more than the {MAX_ARCHIVE_ENTRIES} allowed"
+        )
+    roots = set()
+    total = 0
+    for entry in entries:
+        _check_entry_name(entry)
+        roots.add(entry.filename.split("/", 1)[0])
+        total += entry.file_size
+        if (
+            entry.file_size >= RATIO_CHECKED_FROM_BYTES
+            and entry.file_size > MAX_COMPRESSION_RATIO * max(entry.compress_size, 1)
+        ):
+            ratio = entry.file_size / max(entry.compress_size, 1)
+            raise ModelRejected(
+                f"archive entry {entry.filename!r} expands {ratio:.0f}-fold "
+                f"(more than {MAX_COMPRESSION_RATIO:.0f}): a compression bomb"
+            )
+    if total > MAX_ARCHIVE_UNCOMPRESSED_BYTES:
+        raise ModelRejected(
+            f"the archive expands to {total} bytes, more than {MAX_ARCHIVE_UNCOMPRESSED_BYTES}"
+        )
+    if len(roots) != 1:
+        raise ModelRejected("a model archive has exactly one top-level folder")
+    return entries
+
+
+def _check_entry_name(entry: zipfile.ZipInfo) -> None:
+    name = entry.filename
+    parts = name.split("/")
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\\" in name:
+        raise ModelRejected(f"archive entry {name!r} has an absolute or Windows path")
+    if ".." in parts or "\x00" in name:
+        raise ModelRejected(f"archive entry {name!r} leaves the archive's folder ('..')")
+    if stat.S_ISLNK(entry.external_attr >> 16):
+        raise ModelRejected(f"archive entry {name!r} is a symbolic link")
+    if NATIVE_LIBRARY.search(name):
+        raise ModelRejected(f"archive entry {name!r} is a native library or binary code")
+
+
+TORCHSCRIPT_ENTRIES = re.compile(
+    r"^(data\.pkl|constants\.pkl|version|byteorder|\.data/version|\.data/serialization_id"
+    r"|data/\d+|constants/\d+|code/[\w./-]+\.(py|debug_pkl)|extra/[\w.-]+)$"
+)
+EXPORT_ENTRIES = re.compile(
+    r"^(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
+    r"|models/[\w.-]+\.json|data/weights/[\w.-]+|data/constants/[\w.-]+"
+    r"|data/sample_inputs/[\w.-]+\.pt|extra/[\w.-]+)$"
+)
+
+
+def screen_archive(path: Path, fmt: ModelFormat) -> None:
+    """Layers 1 and 2 for an archive format: raises ModelRejected, loads nothing."""
+    check_declared_format(path, fmt)
+    if fmt == "safetensors":
+        _screen_safetensors_header(path)
+        return
+    entries = inspect_zip(path)
+    allowed = TORCHSCRIPT_ENTRIES if fmt == "torchscript" else EXPORT_ENTRIES
+    for entry in entries:
+        if entry.is_dir():
+            continue
+        relative = _relative(entry.filename)
+        if not allowed.match(relative):
+            raise ModelRejected(f"archive entry {entry.filename!r} is not part of {_describe(fmt)}")
+    with zipfile.ZipFile(path) as archive:
+        if fmt == "torchscript":
+            _screen_torchscript_source(archive, entries)
+        else:
+            _screen_export_payloads(archive, entries)
+
+
+def _screen_safetensors_header(path: Path) -> None:
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        header_length = int.from_bytes(f.read(8), "little")
+        if header_length > min(MAX_SAFETENSORS_HEADER_BYTES, size - 8):
+            raise ModelRejected(
+                f"the safetensors header claims {header_length} bytes; the file has {size}"
+            )
+        try:
+            header = json.loads(f.read(header_length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelRejected(f"the safetensors header is not valid JSON: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ModelRejected("the safetensors header is not a JSON object")
+
+
+# Calls in serialised TorchScript source that are refused before the archive is deserialised.
+FORBIDDEN_SOURCE = re.compile(
+    r"\b(torch\.(from_file|save|_print)|print)\s*\(|(?<![\w.])ops\.(\w+)\."
+)
+
+
+def _screen_torchscript_source(archive: zipfile.ZipFile, entries: list[zipfile.ZipInfo]) -> None:
+    for entry in entries:
+        if not entry.filename.endswith(".py"):
+            continue
+        source = archive.read(entry).decode("utf-8", errors="replace")
+        for match in FORBIDDEN_SOURCE.finditer(source):
+            if match.group(3) in {"aten", "prim"}:
+                continue
+            raise ModelRejected(
+                f"the TorchScript source {entry.filename!r} calls {match.group(0).rstrip('(. ')}, "
+                "which is not allowed (file, output or custom operations)"
+            )
+
+
+def _screen_export_payloads(archive: zipfile.ZipFile, entries: list[zipfile.ZipInfo]) -> None:
+    """Every payload `torch.export.load` would unpickle is refused or proven weights-only."""
+    by_relative = {_relative(e.filename): e for e in entries}
+    if archive.read(by_relative["archive_format"]).strip() != b"pt2":
+        raise ModelRejected("the .pt2 archive's archive_format is not 'pt2'")
+    if not any(r.startswith("models/") for r in by_relative):
+        raise ModelRejected("the .pt2 archive holds no exported program (models/*.json)")
+    for relative, entry in by_relative.items():
+        if relative.endswith("_config.json") and relative.startswith("data/"):
+            _check_payload_config(relative, archive.read(entry))
+        elif relative.startswith("data/sample_inputs/"):
+            try:
+                torch.load(io.BytesIO(archive.read(entry)), weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - any failure means "not weights-only"
+                raise ModelRejected(
+                    f"the .pt2 sample inputs {relative!r} need full unpickling: {exc}"
+                ) from exc
+
+
+def _check_payload_config(relative: str, raw: bytes) -> None:
+    try:
+        config = json.loads(raw)["config"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelRejected(f"the .pt2 payload configuration {relative!r} is malformed") from exc
+    for name, meta in config.items():
+        if not isinstance(meta, dict):
+            raise ModelRejected(f"the .pt2 payload configuration {relative!r} is malformed")
+        if meta.get("use_pickle"):
+            raise ModelRejected(f"the .pt2 payload {name!r} is pickled, which is not accepted")
+        path_name = str(meta.get("path_name", ""))
+        if relative.startswith("data/constants/") and not path_name.startswith("tensor_"):
+            raise ModelRejected(
+                f"the .pt2 constant {name!r} is a serialised object ({path_name}), not a tensor"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer 3: loaded graphs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class GraphSummary:
+    """What screening saw: nodes in the inlined `forward` graph, and methods screened."""
+
+    forward_op_count: int
+    methods_screened: int
+
+
+def _walk(block: torch._C.Block) -> Iterator[torch._C.Node]:
+    for node in block.nodes():
+        yield node
+        for sub in node.blocks():
+            yield from _walk(sub)
+
+
+def _screen_graph(graph: torch._C.Graph, where: str) -> int:
+    """Raise on the first refused node of the inlined graph; return its node count."""
+    inlined = graph.copy()
+    torch._C._jit_pass_inline(inlined)
+    count = 0
+    for node in _walk(inlined.block()):
+        count += 1
+        kind = node.kind()
+        if kind in DYNAMIC_CALL_KINDS:
+            raise ModelRejected(
+                f"{where} makes a dynamic call ({kind}) whose target cannot be screened"
+            )
+        refusal = operation_refusal(kind)
+        if refusal is not None:
+            raise ModelRejected(f"{where} {refusal}")
+        for value in [*node.inputs(), *node.outputs()]:
+            if CUSTOM_CLASS_MARK in str(value.type()):
+                raise ModelRejected(f"{where} uses a custom C++ class ({value.type()})")
+    return count
+
+
+def screen_torchscript_module(module: torch.jit.ScriptModule) -> GraphSummary:
+    """Screen every method and hook of the module and of all its submodules."""
+    forward_count = 0
+    screened = 0
+    for path, sub in module.named_modules():
+        owner = f"module {path!r}" if path else "the model"
+        graphs: list[tuple[str, torch._C.Graph]] = [
+            (name, sub._c._get_method(name).graph) for name in sub._c._method_names()
+        ]
+        graphs += [(f"forward hook {h.name}", h.graph) for h in sub._c._get_forward_hooks()]
+        graphs += [(f"forward pre-hook {h.name}", h.graph) for h in sub._c._get_forward_pre_hooks()]
+        for name, graph in graphs:
+            count = _screen_graph(graph, f"{owner}, method {name},")
+            screened += 1
+            if not path and name == "forward":
+                forward_count = count
+    return GraphSummary(forward_op_count=forward_count, methods_screened=screened)
+
+
+def screen_exported_program(program: torch.export.ExportedProgram) -> GraphSummary:
+    """Screen the exported graph and its sub-graphs: aten operators only (plus `operator.*`
+    on symbolic sizes and the allowed higher-order control flow)."""
+    count = 0
+    graphs = 0
+    for module in program.graph_module.modules():
+        if not isinstance(module, torch.fx.GraphModule):
+            continue
+        graphs += 1
+        for node in module.graph.nodes:
+            if node.op in ("placeholder", "output", "get_attr"):
+                continue
+            if node.op != "call_function":
+                raise ModelRejected(f"the exported graph has a {node.op} node ({node.target})")
+            count += 1
+            refusal = _exported_target_refusal(node.target)
+            if refusal is not None:
+                raise ModelRejected(f"the exported graph {refusal}")
+    return GraphSummary(forward_op_count=count, methods_screened=graphs)
+
+
+def _exported_target_refusal(target: object) -> str | None:
+    if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        namespace = target.namespace
+        name = target._schema.name if isinstance(target, torch._ops.OpOverload) else None
+        kind = name or f"{namespace}::{target.__name__}"
+        if namespace != "aten":
+            return f"uses {kind}, which is not in the allow-list of tensor operations"
+        return operation_refusal(kind)
+    if isinstance(target, torch._ops.HigherOrderOperator):
+        if target.name() in ALLOWED_HIGHER_ORDER:
+            return None
+        return f"uses the higher-order operator {target.name()}, which is not allowed"
+    # `operator.getitem`, `operator.mul`, ... on tuples and symbolic sizes
+    if getattr(target, "__module__", None) in ("_operator", "operator"):
+        return None
+    return f"calls {getattr(target, '__qualname__', target)!r}, which is not an aten operator"
