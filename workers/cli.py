@@ -112,7 +112,9 @@ def keys_create(
 def audit(
     model: Annotated[Path, typer.Option(help="Model file (.pt, .pt2, .safetensors)")],
     spec: Annotated[Path, typer.Option(help="Model spec JSON")],
-    config: Annotated[Path, typer.Option(help="Audit config JSON (an AuditRequest without model_id)")],
+    config: Annotated[
+        Path, typer.Option(help="Audit config JSON (an AuditRequest without model_id)")
+    ],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.json and artifacts")],
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
 ) -> None:
@@ -186,7 +188,12 @@ def submit(
     try:
         with TightropeClient(server, key) as client:
             verdict = run_remote_audit(
-                client, model, _read_json(spec, "spec"), _read_json(config, "config"), out_dir, quiet
+                client,
+                model,
+                _read_json(spec, "spec"),
+                _read_json(config, "config"),
+                out_dir,
+                quiet,
             )
     except ApiError as exc:
         raise _fail(str(exc)) from None

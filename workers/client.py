@@ -71,7 +71,9 @@ class TightropeClient:
     def get_model(self, model_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/models/{model_id}")
 
-    def wait_model(self, model_id: str, timeout: float = 600.0, poll: float = 0.5) -> dict[str, Any]:
+    def wait_model(
+        self, model_id: str, timeout: float = 600.0, poll: float = 0.5
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             model = self.get_model(model_id)
@@ -81,7 +83,9 @@ class TightropeClient:
                 raise TimeoutError(f"model {model_id} still validating after {timeout:.0f} s")
             time.sleep(poll)
 
-    def submit_audit(self, request: dict[str, Any], idempotency_key: str | None = None) -> dict[str, Any]:
+    def submit_audit(
+        self, request: dict[str, Any], idempotency_key: str | None = None
+    ) -> dict[str, Any]:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         return self._json("POST", "/v1/audits", json=request, headers=headers)
 

@@ -43,7 +43,9 @@ def run_demo(out_dir: Path) -> int:
         spec = json.loads((EXAMPLE_DIR / "spec.json").read_text())
         config = json.loads((EXAMPLE_DIR / "audit.json").read_text())
         with TightropeClient(stack.api_url, key) as client:
-            verdict = run_remote_audit(client, EXAMPLE_DIR / "model.safetensors", spec, config, out_dir)
+            verdict = run_remote_audit(
+                client, EXAMPLE_DIR / "model.safetensors", spec, config, out_dir
+            )
         console.print(f"logs: {stack.log_dir}")
         return 0 if verdict in ("pass", "fail", "info") else 1
     except (ApiError, RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:

@@ -91,8 +91,19 @@ class LocalStack:
             redis_dir.mkdir(parents=True, exist_ok=True)
             self._spawn(
                 "redis",
-                [redis_server, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(redis_dir),
-                 "--appendonly", "yes", "--save", ""],
+                [
+                    redis_server,
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--dir",
+                    str(redis_dir),
+                    "--appendonly",
+                    "yes",
+                    "--save",
+                    "",
+                ],
             )
             deadline = time.monotonic() + 20
             while not port_open("127.0.0.1", port):

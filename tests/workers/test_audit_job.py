@@ -1,0 +1,154 @@
+"""One attempt at an audit, in process, with real sandboxed children (fake runner modules that
+misbehave on purpose) and real databases."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, sessionmaker
+
+from service.db.models import Artifact, Audit, AuditShard, Model
+from service.settings import Settings
+from tests.workers.conftest import REQUEST, add_audit, add_model, wait_for
+from workers.admission import execute_admission
+from workers.audit_job import execute_audit
+
+
+def _with(settings: Settings, **changes: object) -> Settings:
+    return settings.model_copy(update=changes)
+
+
+def _reload(session: Session, audit_id: str) -> Audit:
+    audit = session.get(Audit, audit_id, populate_existing=True)
+    assert audit is not None
+    return audit
+
+
+def test_a_report_is_stored_with_its_shards_and_artifacts(
+    settings: Settings, session: Session
+) -> None:
+    settings = _with(settings, runner_module="tests.workers.fakes.report")
+    request = dict(REQUEST, checks=[{"kind": "random_noise"}, {"kind": "lipschitz"}])
+    audit = add_audit(session, add_model(session, settings), request=request)
+    session.add(AuditShard(audit_id=audit.id, shard_id="random_noise-0", result={"value": 0}))
+    session.commit()
+
+    assert execute_audit(audit.id, settings=settings, session=session) == "succeeded"
+
+    row = _reload(session, audit.id)
+    assert (row.status, row.verdict, row.progress_fraction, row.lease_owner) == (
+        "succeeded",
+        "pass",
+        1.0,
+        None,
+    )
+    assert row.report_path == f"{audit.id}/report.json" and row.finished_at is not None
+    report = json.loads((settings.artifact_dir / row.report_path).read_text())
+    assert report["resumed_shards"] == ["random_noise-0"]  # the stored shard was handed back
+    shards = session.scalars(select(AuditShard.shard_id).where(AuditShard.audit_id == audit.id))
+    assert sorted(shards) == ["lipschitz-1", "random_noise-0"]
+    artifacts = session.scalars(select(Artifact).where(Artifact.audit_id == audit.id)).all()
+    assert {(a.name, a.media_type) for a in artifacts} == {
+        ("report.json", "application/json"),
+        ("figure.png", "image/png"),
+    }
+    assert not any(settings.jobs_dir.iterdir())  # the job directory is gone
+
+
+def test_a_child_that_dies_is_retried_then_given_up(settings: Settings, session: Session) -> None:
+    settings = _with(settings, runner_module="tests.workers.fakes.crash", max_attempts=2)
+    audit = add_audit(session, add_model(session, settings))
+    enqueued: list[str] = []
+    assert execute_audit(audit.id, settings=settings, session=session, enqueue=enqueued.append) == (
+        "queued"
+    )
+    assert enqueued == [audit.id] and _reload(session, audit.id).lease_owner is None
+    assert execute_audit(audit.id, settings=settings, session=session, enqueue=enqueued.append) == (
+        "failed"
+    )
+    row = _reload(session, audit.id)
+    assert row.attempts == 2 and row.error is not None
+    assert "gave up after 2 attempts" in row.error["detail"]
+    assert enqueued == [audit.id]
+
+
+def test_the_budget_time_limit_fails_the_audit(settings: Settings, session: Session) -> None:
+    settings = _with(settings, runner_module="tests.workers.fakes.sleep")
+    request = dict(REQUEST, budget={"wall_seconds": 1.5})
+    audit = add_audit(session, add_model(session, settings), request=request)
+    started = time.monotonic()
+    assert execute_audit(audit.id, settings=settings, session=session) == "failed"
+    assert time.monotonic() - started < 20
+    row = _reload(session, audit.id)
+    assert row.error is not None and row.error["detail"] == "timed out after 1.5 s"
+    assert row.error["status"] == 422 and row.progress_message == "sleeping"
+
+
+def test_cancellation_kills_the_child(
+    settings: Settings, sessions: sessionmaker[Session], session: Session
+) -> None:
+    settings = _with(settings, runner_module="tests.workers.fakes.sleep")
+    audit = add_audit(session, add_model(session, settings))
+    outcome: list[str] = []
+
+    def work() -> None:
+        with sessions() as own:
+            outcome.append(execute_audit(audit.id, settings=settings, session=own))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    wait_for(lambda: _reload(session, audit.id).progress_message == "sleeping", timeout=30)
+    session.get(Audit, audit.id).cancel_requested = True  # type: ignore[union-attr]
+    session.commit()
+    worker.join(timeout=30)
+    assert outcome == ["cancelled"]
+    assert _reload(session, audit.id).status == "cancelled"
+
+
+def test_a_lost_lease_stops_the_attempt_without_writing(
+    settings: Settings, sessions: sessionmaker[Session], session: Session
+) -> None:
+    settings = _with(settings, runner_module="tests.workers.fakes.sleep")
+    audit = add_audit(session, add_model(session, settings))
+    outcome: list[str] = []
+
+    def work() -> None:
+        with sessions() as own:
+            outcome.append(execute_audit(audit.id, settings=settings, session=own))
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    wait_for(lambda: _reload(session, audit.id).progress_message == "sleeping", timeout=30)
+    session.get(Audit, audit.id).lease_owner = "another-worker"  # type: ignore[union-attr]
+    session.commit()
+    worker.join(timeout=30)
+    assert outcome == ["lease_lost"]
+    row = _reload(session, audit.id)
+    assert (row.status, row.lease_owner) == ("running", "another-worker")
+
+
+def test_admission_of_a_model_that_never_returns_is_rejected(
+    settings: Settings, session: Session
+) -> None:
+    settings = _with(settings, runner_module="tests.workers.fakes.sleep", admission_time_limit=2)
+    model = add_model(session, settings, status="validating")
+    assert execute_admission(model.id, settings=settings, session=session) == "rejected"
+    row = session.get(Model, model.id, populate_existing=True)
+    assert row is not None and row.reason is not None
+    assert row.reason.startswith("timed out after 2 s")
+
+
+def test_admission_of_a_model_that_blows_the_memory_is_rejected(
+    settings: Settings, session: Session
+) -> None:
+    settings = _with(settings, runner_module="tests.workers.fakes.hog", runner_memory_bytes=1 << 30)
+    model = add_model(session, settings, status="validating")
+    assert execute_admission(model.id, settings=settings, session=session) == "rejected"
+    row = session.get(Model, model.id, populate_existing=True)
+    assert row is not None and row.reason is not None
+    assert "exceeded the memory limit of 1024 MiB" in row.reason
+    # a model that is not validating any more is left alone
+    assert execute_admission(model.id, settings=settings, session=session) == "skipped"

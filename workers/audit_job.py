@@ -1,0 +1,295 @@
+"""One attempt at an audit: lease, job directory, sandboxed runner, results into the database.
+
+The task process never imports torch: all the numerical work happens in the runner child,
+whose JSON-line events this module turns into row updates. The lease is renewed on every
+heartbeat (the event loop wakes up at least every heartbeat_seconds, even while the child is
+silent), and cancellation and a lost lease are noticed at the same moments.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from schemas.runner import RunnerEvent
+from service import queue
+from service.db.models import Audit, AuditShard, Model, utcnow
+from service.settings import Settings
+from workers import jobs
+from workers.child import RunnerChild
+from workers.heartbeat import set_current_work
+from workers.leases import (
+    PROBLEM_BASE,
+    LeaseOutcome,
+    acquire_lease,
+    gave_up_problem,
+    new_owner,
+    release_lease,
+    renew_lease,
+    update_owned,
+)
+from workers.sandbox import Sandbox, SandboxUnavailable, has_gpu
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_SECONDS = 0.5  # at most ~2 progress writes per second
+
+
+def problem(kind: str, title: str, status: int, detail: str) -> dict[str, Any]:
+    return {"type": PROBLEM_BASE + kind, "title": title, "status": status, "detail": detail}
+
+
+def sandbox_for(settings: Settings) -> Sandbox:
+    return Sandbox(
+        mode=settings.sandbox,
+        hidden_dirs=(settings.data_dir,),
+        memory_bytes=settings.runner_memory_bytes,
+    )
+
+
+def audit_time_limit(settings: Settings, request: dict[str, Any]) -> float:
+    """The wall-clock limit of the child: the soft limit, or the audit's tighter budget."""
+    limit = float(settings.audit_soft_time_limit)
+    wall = (request.get("budget") or {}).get("wall_seconds")
+    return min(limit, float(wall)) if wall else limit
+
+
+def wants_gpu(request: dict[str, Any]) -> bool:
+    device = request.get("device", "auto")
+    return device == "cuda" or (device == "auto" and has_gpu())
+
+
+@dataclass
+class _Attempt:
+    audit_id: str
+    owner: str
+    settings: Settings
+    session: Session
+    job_dir: Path
+    enqueue: Callable[[str], None]
+    finished: bool = False  # a terminal status was written (or the lease was lost)
+    lease_lost: bool = False
+    cancelled: bool = False
+
+    def fail(self, kind: str, title: str, status: int, detail: str) -> None:
+        self.finish(status="failed", error=problem(kind, title, status, detail))
+
+    def finish(self, **values: Any) -> None:
+        values.setdefault("finished_at", utcnow())
+        if not release_lease(self.session, self.audit_id, self.owner, **values):
+            self.lease_lost = True
+        self.finished = True
+
+    def heartbeat(self, child: RunnerChild) -> None:
+        """Renew the lease; kill the child when the lease is lost or a cancel was asked."""
+        if not renew_lease(
+            self.session,
+            self.audit_id,
+            self.owner,
+            now=utcnow(),
+            lease_seconds=self.settings.lease_seconds,
+        ):
+            log.warning("audit %s: lease lost, stopping without writing", self.audit_id)
+            self.lease_lost = self.finished = True
+            child.kill()
+            return
+        if self.session.scalar(select(Audit.cancel_requested).where(Audit.id == self.audit_id)):
+            self.cancelled = True
+            child.kill()
+
+    def record_progress(self, event: RunnerEvent) -> None:
+        values: dict[str, Any] = {"progress_fraction": min(max(event.fraction or 0.0, 0.0), 1.0)}
+        if event.check is not None:
+            values["progress_check"] = event.check[:64]
+        if event.message is not None:
+            values["progress_message"] = event.message[:2000]
+        update_owned(self.session, self.audit_id, self.owner, **values)
+
+    def record_shard(self, event: RunnerEvent) -> None:
+        result = jobs.read_shard(self.job_dir, event.shard_id or "")
+        if result is None:
+            log.warning("audit %s: unreadable shard %r", self.audit_id, event.shard_id)
+            return
+        exists = self.session.get(AuditShard, (self.audit_id, event.shard_id))
+        if exists is not None:
+            return
+        self.session.add(AuditShard(audit_id=self.audit_id, shard_id=event.shard_id, result=result))
+        try:
+            self.session.commit()
+        except IntegrityError:  # stored meanwhile by a concurrent attempt: same result
+            self.session.rollback()
+
+    def record_report(self) -> None:
+        report_file = self.job_dir / "out" / "report.json"
+        try:
+            report = json.loads(report_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            self.fail(
+                "internal", "Internal error", 500, f"the runner's report is unreadable: {exc}"
+            )
+            return
+        verdict = report.get("verdict") if isinstance(report, dict) else None
+        jobs.import_outputs(self.session, self.settings, self.audit_id, self.job_dir)
+        self.finish(
+            status="succeeded",
+            verdict=verdict if verdict in ("pass", "fail", "info", "error") else "error",
+            report_path=f"{self.audit_id}/report.json",
+            progress_fraction=1.0,
+            error=None,
+        )
+
+    def record_error(self, event: RunnerEvent) -> None:
+        info = event.info or {}
+        status = 422 if info.get("status") == 422 else 500
+        if info.get("cause") == "memory":
+            detail = (
+                f"the audit exceeded the memory limit of {self.settings.runner_memory_bytes} "
+                "bytes: audit fewer or smaller images, or fewer restarts"
+            )
+            self.fail("memory-limit", "Memory limit exceeded", 422, detail)
+            return
+        kind = "invalid-audit-input" if status == 422 else "internal"
+        title = event.message or ("Invalid audit input" if status == 422 else "Internal error")
+        self.fail(kind, title, status, event.reason or "the runner failed without a reason")
+
+    def handle(self, event: RunnerEvent) -> None:
+        if event.event == "progress":
+            self.record_progress(event)
+        elif event.event == "shard":
+            self.record_shard(event)
+        elif event.event == "report":
+            self.record_report()
+        elif event.event == "error":
+            self.record_error(event)
+
+    def retry_or_give_up(self, returncode: int | None, stderr_tail: str, attempts: int) -> None:
+        """The child died without a verdict (killed, out of memory): retry while attempts last."""
+        if attempts < self.settings.max_attempts:
+            if release_lease(
+                self.session, self.audit_id, self.owner, status="queued", enqueued_at=utcnow()
+            ):
+                self.enqueue(self.audit_id)
+            self.finished = True
+            return
+        problem_dict = gave_up_problem(attempts)
+        problem_dict["detail"] += f"; the last runner exited with code {returncode}"
+        if stderr_tail:
+            problem_dict["detail"] += ": " + stderr_tail.splitlines()[-1][:500]
+        self.finish(status="failed", error=problem_dict)
+
+
+def execute_audit(
+    audit_id: str,
+    *,
+    settings: Settings,
+    session: Session,
+    owner: str | None = None,
+    enqueue: Callable[[str], None] = queue.enqueue_audit,
+) -> str:
+    """Run one attempt; returns what happened (a status, or "busy"/"gave_up"/"lease_lost")."""
+    owner = owner or new_owner()
+    outcome = acquire_lease(
+        session,
+        audit_id,
+        owner,
+        now=utcnow(),
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
+    )
+    if outcome is not LeaseOutcome.ACQUIRED:
+        return outcome.value
+    audit = session.get(Audit, audit_id, populate_existing=True)
+    assert audit is not None
+    attempt = _Attempt(audit_id, owner, settings, session, Path(), enqueue)
+    if audit.cancel_requested:
+        attempt.finish(status="cancelled")
+        return "cancelled"
+    model = session.get(Model, audit.model_id)
+    if model is None or model.status != "ready" or model.deleted_at is not None:
+        attempt.fail(
+            "model-not-ready", "Model not ready", 422, f"model {audit.model_id} is not ready"
+        )
+        return "failed"
+    set_current_work(audit_id)
+    try:
+        attempt.job_dir = jobs.materialise_audit_job(session, settings, audit, model)
+    except jobs.JobInputError as exc:
+        set_current_work(None)
+        attempt.fail("invalid-audit-input", "Invalid audit input", 422, str(exc))
+        return "failed"
+    try:
+        return _supervise_child(attempt, audit.request, audit.attempts)
+    finally:
+        set_current_work(None)
+        jobs.remove_job_dir(attempt.job_dir)
+
+
+def _supervise_child(attempt: _Attempt, request: dict[str, Any], attempts: int) -> str:
+    settings = attempt.settings
+    limit = audit_time_limit(settings, request)
+    try:
+        child = RunnerChild(
+            sandbox_for(settings),
+            settings.runner_module,
+            attempt.job_dir,
+            time_limit=limit,
+            use_gpu=wants_gpu(request),
+        )
+    except SandboxUnavailable as exc:
+        attempt.fail("sandbox-unavailable", "Sandbox unavailable", 500, str(exc))
+        return "failed"
+    last_beat = last_progress = time.monotonic()
+    pending_progress: RunnerEvent | None = None
+    try:
+        for event in child.events(tick_seconds=min(settings.heartbeat_seconds, 1.0)):
+            now = time.monotonic()
+            if event is not None and event.event == "progress":
+                pending_progress = event  # the newest wins; older ones are dropped
+            elif event is not None:
+                attempt.handle(event)
+            if pending_progress is not None and now - last_progress >= PROGRESS_INTERVAL_SECONDS:
+                attempt.record_progress(pending_progress)
+                pending_progress, last_progress = None, now
+            if attempt.finished:
+                break
+            if now - last_beat >= settings.heartbeat_seconds:
+                attempt.heartbeat(child)
+                last_beat = now
+                if attempt.lease_lost or attempt.cancelled:
+                    break
+    except SoftTimeLimitExceeded:
+        child.kill()
+        child.finish()
+        attempt.fail("time-limit", "Time limit exceeded", 422, f"timed out after {limit:g} s")
+        return "failed"
+    outcome = child.finish()
+    if attempt.lease_lost:
+        return "lease_lost"
+    if attempt.finished:
+        return _final_status(attempt)
+    if attempt.cancelled:
+        attempt.finish(status="cancelled")
+        return "cancelled"
+    if outcome.timed_out:
+        attempt.fail("time-limit", "Time limit exceeded", 422, f"timed out after {limit:g} s")
+        return "failed"
+    attempt.retry_or_give_up(outcome.returncode, outcome.stderr_tail, attempts)
+    return _final_status(attempt)
+
+
+def _final_status(attempt: _Attempt) -> str:
+    if attempt.lease_lost:
+        return "lease_lost"
+    status = attempt.session.scalar(select(Audit.status).where(Audit.id == attempt.audit_id))
+    attempt.session.commit()
+    return status or "missing"

@@ -1,0 +1,212 @@
+"""Build and start the sandbox that runs uploaded models (DESIGN.md §5).
+
+The runner child runs under bubblewrap: every namespace unshared (no network but a private
+loopback), only the installed software visible and read-only, a private /tmp, the job directory
+as the only writable place, the data directory (database, blobs, artifacts, other jobs) hidden,
+a clean environment, and rlimits. `sandbox="off"` runs the same command without bubblewrap: it
+is for development machines only and is unsafe with untrusted models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import glob
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import workers
+
+# The project root (the parent of the `workers` package): needed read-only in the sandbox so the
+# runner and the engine can be imported whether the project is installed editable or not.
+PROJECT_ROOT = Path(workers.__file__).resolve().parent.parent
+
+# System directories the interpreter and its libraries need; symlinks (merged /usr) are recreated
+# as symlinks, directories are bound read-only. /etc holds the dynamic linker's cache and
+# locale/timezone data.
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/opt")
+
+MAX_OPEN_FILES = 4096
+MAX_PROCESSES = 4096
+MAX_FILE_BYTES = 16 * 1024 * 1024 * 1024
+THREADS_PER_CHILD = "2"
+
+_PR_SET_PDEATHSIG = 1
+
+
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap is required but missing: refuse to run uploaded code unconfined."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    memory_bytes: int | None  # RLIMIT_AS; None where CUDA needs a huge virtual address space
+    max_file_bytes: int = MAX_FILE_BYTES
+    max_open_files: int = MAX_OPEN_FILES
+    max_processes: int = MAX_PROCESSES
+
+
+def gpu_device_nodes() -> list[str]:
+    """NVIDIA device nodes present on this machine (bound into the sandbox)."""
+    return sorted(glob.glob("/dev/nvidia*")) + sorted(glob.glob("/dev/dri/*"))
+
+
+def has_gpu() -> bool:
+    return any(Path(p).name.startswith("nvidia") for p in gpu_device_nodes())
+
+
+def child_environment(job_dir: Path) -> dict[str, str]:
+    """The whole environment of the child: no TIGHTROPE_* settings, no credentials."""
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(job_dir),
+        "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8",
+        "PYTHONPATH": str(PROJECT_ROOT),
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": THREADS_PER_CHILD,
+        "MKL_NUM_THREADS": THREADS_PER_CHILD,
+        "OPENBLAS_NUM_THREADS": THREADS_PER_CHILD,
+        "MPLCONFIGDIR": str(job_dir / ".matplotlib"),
+        "MPLBACKEND": "Agg",
+    }
+    # Which GPU this worker may use is deployment configuration, not a secret.
+    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def _read_only_paths() -> list[str]:
+    """Installed software: system directories, the interpreter, the venv and the project."""
+    paths = [p for p in SYSTEM_PATHS if os.path.lexists(p)]
+    for extra in (sys.base_prefix, sys.prefix, str(PROJECT_ROOT)):
+        real = os.path.realpath(extra)
+        if not any(real == p or real.startswith(p + "/") for p in paths):
+            paths.append(real)
+    return paths
+
+
+def bwrap_command(
+    argv: Sequence[str],
+    job_dir: Path,
+    hidden_dirs: Sequence[Path],
+    *,
+    gpu_nodes: Sequence[str] = (),
+    bwrap: str = "bwrap",
+) -> list[str]:
+    """The bubblewrap command line that runs `argv` with `job_dir` as its only writable place.
+
+    `hidden_dirs` (the data directory) are covered with an empty tmpfs *after* the read-only
+    binds, since they may sit inside a bound directory (the project); the job directory is bound
+    back last, so it is the only part of them that shows.
+    """
+    job = str(job_dir.resolve())
+    cmd = [
+        bwrap,
+        "--unshare-all",  # network, pid, ipc, uts, cgroup (and user where possible)
+        "--unshare-net",
+        "--unshare-pid",
+        "--die-with-parent",
+        "--new-session",  # no TIOCSTI into the worker's terminal
+        "--cap-drop",
+        "ALL",
+        "--hostname",
+        "sandbox",
+    ]
+    for path in _read_only_paths():
+        if os.path.islink(path):
+            cmd += ["--symlink", os.readlink(path), path]
+        else:
+            cmd += ["--ro-bind", path, path]
+    cmd += ["--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
+    for node in gpu_nodes:
+        cmd += ["--dev-bind", node, node]
+    for hidden in hidden_dirs:
+        cmd += ["--tmpfs", str(hidden.resolve())]
+    cmd += ["--bind", job, job, "--chdir", job, "--clearenv"]
+    for name, value in child_environment(job_dir).items():
+        cmd += ["--setenv", name, value]
+    cmd += ["--", *argv]
+    return cmd
+
+
+def set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to kill this process when its parent dies (Linux prctl)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+
+
+def limits_preexec(limits: SandboxLimits) -> Callable[[], None]:
+    """A preexec_fn: rlimits and the parent-death signal, applied between fork and exec."""
+
+    def apply() -> None:
+        set_parent_death_signal()
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limits.max_open_files, limits.max_open_files))
+        resource.setrlimit(resource.RLIMIT_NPROC, (limits.max_processes, limits.max_processes))
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limits.max_file_bytes, limits.max_file_bytes))
+        if limits.memory_bytes is not None:
+            resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
+
+    return apply
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """How children are started: `mode` "bwrap" (the default) or "off" (unsafe, development)."""
+
+    mode: Literal["bwrap", "off"]
+    hidden_dirs: tuple[Path, ...]
+    memory_bytes: int
+
+    def command(self, argv: Sequence[str], job_dir: Path, *, use_gpu: bool) -> list[str]:
+        if self.mode == "off":
+            return list(argv)
+        bwrap = shutil.which("bwrap")
+        if bwrap is None:
+            raise SandboxUnavailable(
+                "bubblewrap (bwrap) is not installed: install it, or set TIGHTROPE_SANDBOX=off "
+                "on a development machine (unsafe: uploaded models then run unconfined)"
+            )
+        nodes = gpu_device_nodes() if use_gpu else []
+        return bwrap_command(argv, job_dir, self.hidden_dirs, gpu_nodes=nodes, bwrap=bwrap)
+
+    def limits(self, *, use_gpu: bool) -> SandboxLimits:
+        # CUDA reserves tens of GiB of virtual address space: RLIMIT_AS would break it.
+        return SandboxLimits(memory_bytes=None if use_gpu else self.memory_bytes)
+
+    def start(
+        self, argv: Sequence[str], job_dir: Path, *, use_gpu: bool = False
+    ) -> subprocess.Popen[bytes]:
+        """Start `argv` confined to `job_dir`; stdout is a pipe (JSON lines), stderr too."""
+        command = self.command(argv, job_dir, use_gpu=use_gpu)
+        env = child_environment(job_dir) if self.mode == "off" else {"PATH": "/usr/bin:/bin"}
+        return subprocess.Popen(
+            command,
+            cwd=job_dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            preexec_fn=limits_preexec(self.limits(use_gpu=use_gpu)),
+            start_new_session=True,  # its own process group, killed as a whole
+            close_fds=True,
+        )
+
+
+def kill_process_group(proc: subprocess.Popen[bytes]) -> None:
+    """Kill the child and everything it started (bwrap's pid namespace dies with it)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):
+        proc.kill()
