@@ -47,4 +47,7 @@ class Report(BaseModel):
     seed: int
     cost: Cost
     checks: list[CheckResult]
+    warnings: list[str] = Field(
+        default_factory=list, description="Audit-wide warnings (e.g. a baseline skipped)"
+    )
     signature: dict[str, str] | None = None

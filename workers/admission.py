@@ -72,7 +72,7 @@ def execute_admission(model_id: str, *, settings: Settings, session: Session) ->
     set_current_work(model_id)
     job_dir = jobs.materialise_admission_job(settings, model, attempts + 1)
     try:
-        values = _run_admission(settings, job_dir)
+        values = _run_admission(settings, job_dir, model.format)
     finally:
         set_current_work(None)
         jobs.remove_job_dir(job_dir)
@@ -80,10 +80,10 @@ def execute_admission(model_id: str, *, settings: Settings, session: Session) ->
     return str(values["status"])
 
 
-def _run_admission(settings: Settings, job_dir: Any) -> dict[str, Any]:
+def _run_admission(settings: Settings, job_dir: Any, model_format: str) -> dict[str, Any]:
     try:
         child = RunnerChild(
-            sandbox_for(settings),
+            sandbox_for(settings, model_format),
             settings.runner_module,
             job_dir,
             time_limit=settings.admission_time_limit,

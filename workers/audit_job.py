@@ -49,11 +49,12 @@ def problem(kind: str, title: str, status: int, detail: str) -> dict[str, Any]:
     return {"type": PROBLEM_BASE + kind, "title": title, "status": status, "detail": detail}
 
 
-def sandbox_for(settings: Settings) -> Sandbox:
+def sandbox_for(settings: Settings, model_format: str) -> Sandbox:
     return Sandbox(
         mode=settings.sandbox,
         hidden_dirs=(settings.data_dir,),
         memory_bytes=settings.runner_memory_bytes,
+        runs_uploaded_code=model_format != "safetensors",
     )
 
 
@@ -228,18 +229,18 @@ def execute_audit(
         attempt.fail("invalid-audit-input", "Invalid audit input", 422, str(exc))
         return "failed"
     try:
-        return _supervise_child(attempt, audit.request, audit.attempts)
+        return _supervise_child(attempt, audit.request, model.format)
     finally:
         set_current_work(None)
         jobs.remove_job_dir(attempt.job_dir)
 
 
-def _supervise_child(attempt: _Attempt, request: dict[str, Any], attempts: int) -> str:
+def _supervise_child(attempt: _Attempt, request: dict[str, Any], model_format: str) -> str:
     settings = attempt.settings
     limit = audit_time_limit(settings, request)
     try:
         child = RunnerChild(
-            sandbox_for(settings),
+            sandbox_for(settings, model_format),
             settings.runner_module,
             attempt.job_dir,
             time_limit=limit,

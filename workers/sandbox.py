@@ -168,9 +168,18 @@ class Sandbox:
     mode: Literal["bwrap", "off"]
     hidden_dirs: tuple[Path, ...]
     memory_bytes: int
+    # False for `.safetensors` weights of a registered architecture: only our own code runs, so
+    # a machine without bubblewrap may still run them (clean environment and rlimits kept).
+    runs_uploaded_code: bool = True
+
+    def confined(self) -> bool:
+        """Whether children run inside bubblewrap."""
+        if self.mode == "off":
+            return False
+        return self.runs_uploaded_code or shutil.which("bwrap") is not None
 
     def command(self, argv: Sequence[str], job_dir: Path, *, use_gpu: bool) -> list[str]:
-        if self.mode == "off":
+        if not self.confined():
             return list(argv)
         bwrap = shutil.which("bwrap")
         if bwrap is None:
@@ -190,7 +199,7 @@ class Sandbox:
     ) -> subprocess.Popen[bytes]:
         """Start `argv` confined to `job_dir`; stdout is a pipe (JSON lines), stderr too."""
         command = self.command(argv, job_dir, use_gpu=use_gpu)
-        env = child_environment(job_dir) if self.mode == "off" else {"PATH": "/usr/bin:/bin"}
+        env = child_environment(job_dir) if not self.confined() else {"PATH": "/usr/bin:/bin"}
         return subprocess.Popen(
             command,
             cwd=job_dir,

@@ -154,3 +154,37 @@ def test_a_missing_bwrap_refuses_to_run(
     with pytest.raises(SandboxUnavailable, match="TIGHTROPE_SANDBOX=off"):
         sandbox.start([sys.executable, "-c", "pass"], layout["job"])
     assert os.listdir(layout["job"]) == ["input.txt"]
+
+
+def test_without_bwrap_safetensors_still_run_with_a_clean_environment(
+    layout: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`.safetensors` weights of a registered architecture run no uploaded code: a machine
+    without bubblewrap may run them, still with a clean environment and rlimits."""
+    monkeypatch.setattr("workers.sandbox.shutil.which", lambda name: None)
+    monkeypatch.setenv("TIGHTROPE_SECRET_FOR_TEST", "leak")
+    sandbox = Sandbox(
+        mode="bwrap",
+        hidden_dirs=(layout["data"],),
+        memory_bytes=1 << 30,
+        runs_uploaded_code=False,
+    )
+    assert not sandbox.confined()
+    proc = sandbox.start(
+        [sys.executable, "-c", "import os; print(sorted(k for k in os.environ if 'SECRET' in k))"],
+        layout["job"],
+    )
+    stdout, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    assert stdout.decode().strip() == "[]"
+
+
+def test_with_bwrap_safetensors_are_confined_too(layout: dict[str, Path]) -> None:
+    sandbox = Sandbox(
+        mode="bwrap",
+        hidden_dirs=(layout["data"],),
+        memory_bytes=1 << 30,
+        runs_uploaded_code=False,
+    )
+    assert sandbox.confined()
+    assert sandbox.command(["true"], layout["job"], use_gpu=False)[0].endswith("bwrap")

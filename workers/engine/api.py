@@ -23,7 +23,9 @@ class Admission:
 
 def admit_model(path: Path, fmt: ModelFormat, spec: ModelSpec, device: str = "cpu") -> Admission:
     """Screen, load and probe a model (in the sandbox). Never raises for a bad model."""
-    raise NotImplementedError
+    from workers.engine.models import admit  # torch-heavy; only the runner gets here
+
+    return admit(path, fmt, spec, device)
 
 
 def run_audit(
@@ -46,5 +48,26 @@ def run_audit(
 
     `base_dir` resolves relative `{"file": ...}` references. Shards already in
     `completed_shards` are not run again: a resumed audit gives the same report.
+    Raises EngineInputError (inputs that cannot work together) and AuditCancelled.
     """
-    raise NotImplementedError
+    from workers.engine.audit import resolve_device, run_audit_with_model
+    from workers.engine.models import load_model
+
+    device = resolve_device(config.device)
+    model = load_model(model_path, fmt, spec, str(device))
+    return run_audit_with_model(
+        model,
+        spec,
+        config,
+        out_dir=out_dir,
+        model_sha256=model_sha256,
+        model_name=spec.name,
+        format=fmt,
+        audit_id=audit_id,
+        model_id=model_id,
+        base_dir=base_dir,
+        completed_shards=completed_shards,
+        on_progress=on_progress,
+        on_shard=on_shard,
+        should_stop=should_stop,
+    )

@@ -92,6 +92,12 @@ class AuditContext:
         return y + noise * scale.view(-1, *([1] * (y.dim() - 1)))
 
 
+# A check's `merge` may return this key: {file name: numpy array (saved as .npy) or bytes}. The
+# audit writes the files next to report.json (prefixed with the check's index and subject), lists
+# them in the check's `artifacts`, and removes the key from the report.
+ARTIFACT_FILES_KEY = "_files"
+
+
 class CheckRunner(Protocol):
     """One check kind. `run` handles one shard (a slice of image indices) and returns a
     JSON-able dict of per-image raw values; `merge` turns all shards' dicts (in shard order)

@@ -1,0 +1,64 @@
+"""Reading `.npy`/`.npz` arrays named in an audit config, without ever unpickling."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from schemas.common import FileArray, UploadedArray
+from workers.engine.errors import EngineInputError
+
+
+def resolve_path(file: str, base_dir: Path | None) -> Path:
+    path = Path(file)
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    return path
+
+
+def load_array(file: str, key: str | None, base_dir: Path | None) -> np.ndarray:
+    """The array in an `.npy` file, or `key` (default: the first array) of an `.npz` file."""
+    path = resolve_path(file, base_dir)
+    if path.suffix not in (".npy", ".npz"):
+        raise EngineInputError(f"{file}: only .npy and .npz files are accepted")
+    if not path.is_file():
+        raise EngineInputError(f"{file}: no such file")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except ValueError as exc:  # pickled object arrays end up here
+        raise EngineInputError(f"{file}: not a plain numeric array ({exc})") from None
+    except OSError as exc:
+        raise EngineInputError(f"{file}: cannot be read as an array ({exc})") from None
+    if isinstance(loaded, np.ndarray):
+        array = loaded
+    else:
+        with loaded:
+            names = list(loaded.files)
+            if not names:
+                raise EngineInputError(f"{file}: the archive holds no array")
+            chosen = key if key is not None else names[0]
+            if chosen not in names:
+                raise EngineInputError(f"{file}: no array {chosen!r} (arrays: {', '.join(names)})")
+            try:
+                array = loaded[chosen]
+            except ValueError as exc:
+                raise EngineInputError(f"{file}: not a plain numeric array ({exc})") from None
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise EngineInputError(f"{file}: dtype {array.dtype} is not numeric")
+    if np.issubdtype(array.dtype, np.complexfloating):
+        raise EngineInputError(
+            f"{file}: complex arrays are not accepted; store (real, imag) channels"
+        )
+    if not np.all(np.isfinite(array)):
+        raise EngineInputError(f"{file}: the array holds NaN or infinite values")
+    return array
+
+
+def load_array_ref(ref: FileArray | UploadedArray, base_dir: Path | None) -> np.ndarray:
+    if isinstance(ref, UploadedArray):
+        # the task rewrites uploads to files in the job directory before the engine runs
+        raise EngineInputError(
+            f"uploaded array {ref.dataset_id!r} was not resolved to a file before the audit"
+        )
+    return load_array(ref.file, ref.key, base_dir)

@@ -1,0 +1,288 @@
+"""Running an audit on a model already in memory: shards, merge, report.
+
+`run_audit_with_model` is what the runner (through workers.engine.api.run_audit) and the tests
+call. Every shard's result is handed to `on_shard` as it finishes, in an envelope that also
+carries its cost, so a resumed audit (`completed_shards`) reproduces the same report."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+import time
+import warnings as pywarnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from schemas.audits import AuditConfig
+from schemas.checks import Baseline
+from schemas.datasets import BuiltinDataset
+from schemas.model_spec import ModelSpec
+from workers.engine.context import (
+    ARTIFACT_FILES_KEY,
+    AuditContext,
+    Operator,
+    PassCounter,
+    Reconstructor,
+    Subject,
+)
+from workers.engine.datasets import fit_images_to_spec, load_images, scale_to_range
+from workers.engine.errors import AuditCancelled, EngineInputError
+from workers.engine.operators import build_operator
+from workers.engine.registry import get_check
+from workers.engine.report import build_report, write_report
+from workers.engine.shards import Shard, plan_shards, shard_seed
+from workers.engine.subjects import model_subject
+
+ProgressFn = Callable[[float, str | None, str | None], None]
+ShardFn = Callable[[str, dict[str, Any]], None]
+BaselineBuilder = Callable[[Baseline, Operator], Reconstructor]
+
+# Artifact names the service accepts (service.storage.SAFE_NAME; the engine cannot import it).
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise EngineInputError("device 'cuda' was requested but this worker has no GPU")
+    return torch.device(requested)
+
+
+@contextlib.contextmanager
+def deterministic() -> Iterator[None]:
+    """Deterministic kernels for the audit (warn where torch has none), restored afterwards."""
+    # cuBLAS reads this when it starts; without it deterministic matmuls on the GPU raise.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    previous = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+    )
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.deterministic = previous[2]
+        torch.backends.cudnn.benchmark = previous[3]
+
+
+def run_audit_with_model(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    config: AuditConfig,
+    *,
+    out_dir: Path,
+    model_sha256: str,
+    model_name: str | None = None,
+    format: str = "eager",
+    audit_id: str | None = None,
+    model_id: str | None = None,
+    base_dir: Path | None = None,
+    baseline_builder: BaselineBuilder | None = None,
+    completed_shards: dict[str, dict[str, Any]] | None = None,
+    on_progress: ProgressFn | None = None,
+    on_shard: ShardFn | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, Any]:
+    """Run every shard not in `completed_shards`, merge, write out_dir/report.json and the
+    artifacts, and return the report. Raises EngineInputError for inputs that cannot work
+    together and AuditCancelled when `should_stop` says so between shards."""
+    started = time.perf_counter()
+    progress = on_progress or (lambda fraction, check, message: None)
+    stop = should_stop or (lambda: False)
+    device = resolve_device(config.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with deterministic():
+        progress(0.0, None, "preparing operator and images")
+        ctx = _context(spec, config, device, base_dir)
+        if isinstance(model, torch.nn.Module):
+            model = model.to(device)
+        subjects = {"model": model_subject(model, spec, ctx.operator, PassCounter())}
+        baseline = _baseline_subject(config, ctx, baseline_builder)
+        if baseline is not None:
+            subjects["baseline"] = baseline
+        shards = plan_shards(config, ctx.images.shape[0], list(subjects))
+        records = _run_shards(
+            config, ctx, subjects, shards, completed_shards or {}, progress, on_shard, stop, started
+        )
+        checks = _merge(config, shards, records, out_dir)
+        cost = {
+            "wall_seconds": round(time.perf_counter() - started, 3),
+            "forward_passes": sum(r["forward_passes"] for r in records.values()),
+            "backward_passes": sum(r["backward_passes"] for r in records.values()),
+        }
+        report = build_report(
+            audit_id=audit_id,
+            model={
+                "id": model_id,
+                "name": model_name or spec.name,
+                "sha256": model_sha256,
+                "format": format,
+                "spec": spec.model_dump(mode="json"),
+            },
+            config=config,
+            device=device,
+            checks=checks,
+            cost=cost,
+            warnings=ctx.warnings,
+        )
+    write_report(report, out_dir)
+    progress(1.0, None, "report written")
+    return report
+
+
+def _context(
+    spec: ModelSpec, config: AuditConfig, device: torch.device, base_dir: Path | None
+) -> AuditContext:
+    images = load_images(config.dataset, base_dir)
+    if isinstance(config.dataset, BuiltinDataset):  # phantoms are in [0, 1]; files are as given
+        images = scale_to_range(images, spec.value_range)
+    images = fit_images_to_spec(images, spec)
+    operator = build_operator(config.operator, spec.image_shape, device, base_dir)
+    return AuditContext(
+        operator=operator,
+        images=images.to(device),
+        device=device,
+        seed=config.seed,
+        noise_level=config.noise_level,
+        value_range=spec.value_range,
+        warnings=[],
+    )
+
+
+def _baseline_subject(
+    config: AuditConfig, ctx: AuditContext, builder: BaselineBuilder | None
+) -> Subject | None:
+    if config.baseline is None:
+        return None
+    if builder is None:
+        try:
+            builder = importlib.import_module("workers.engine.baselines").build_baseline
+        except ModuleNotFoundError as exc:
+            if exc.name != "workers.engine.baselines":
+                raise
+            ctx.warnings.append("baseline requested but this engine has no baselines; skipped")
+            return None
+    assert builder is not None
+    reconstruct = builder(config.baseline, ctx.operator)
+    counter = PassCounter()
+
+    def counted(y: torch.Tensor) -> torch.Tensor:
+        counter.forward += y.shape[0]
+        return reconstruct(y)
+
+    return Subject(name="baseline", reconstruct=counted, counter=counter)
+
+
+def _run_shards(
+    config: AuditConfig,
+    ctx: AuditContext,
+    subjects: dict[str, Subject],
+    shards: list[Shard],
+    completed: dict[str, dict[str, Any]],
+    progress: ProgressFn,
+    on_shard: ShardFn | None,
+    should_stop: Callable[[], bool],
+    started: float,
+) -> dict[str, dict[str, Any]]:
+    records: dict[str, dict[str, Any]] = {}
+    limit = config.budget.wall_seconds
+    for position, shard in enumerate(shards, start=1):
+        previous = completed.get(shard.shard_id)
+        if isinstance(previous, dict) and "result" in previous:
+            records[shard.shard_id] = previous
+            continue
+        if should_stop():
+            raise AuditCancelled(f"cancelled before shard {shard.shard_id}")
+        if limit is not None and time.perf_counter() - started > limit:
+            raise EngineInputError(f"the audit ran past its time budget of {limit} s")
+        check = config.checks[shard.check_index]
+        subject = subjects[shard.subject]
+        before = (subject.counter.forward, subject.counter.backward)
+        with pywarnings.catch_warnings():
+            pywarnings.simplefilter("ignore", UserWarning)  # deepinv / torch chatter per batch
+            result = get_check(shard.kind).run(
+                check,
+                ctx,
+                subject,
+                shard.indices,
+                shard_seed(config.seed, check.seed, shard.seed_key),
+            )
+        record = {
+            "shard_id": shard.shard_id,
+            "check_index": shard.check_index,
+            "kind": shard.kind,
+            "subject": shard.subject,
+            "start": shard.start,
+            "stop": shard.stop,
+            "forward_passes": subject.counter.forward - before[0],
+            "backward_passes": subject.counter.backward - before[1],
+            "result": result,
+        }
+        records[shard.shard_id] = record
+        if on_shard is not None:
+            on_shard(shard.shard_id, record)
+        progress(
+            position / len(shards),
+            shard.kind,
+            f"{shard.subject}: images {shard.start}–{shard.stop - 1} done",
+        )
+    return records
+
+
+def _merge(
+    config: AuditConfig, shards: list[Shard], records: dict[str, dict[str, Any]], out_dir: Path
+) -> list[dict[str, Any]]:
+    groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
+    for shard in shards:  # shard order: the merge sees images in order
+        groups.setdefault((shard.check_index, shard.subject), []).append(
+            records[shard.shard_id]["result"]
+        )
+    checks = []
+    for (index, subject), results in groups.items():
+        check = config.checks[index]
+        merged = get_check(check.kind).merge(check, results)
+        files = merged.pop(ARTIFACT_FILES_KEY, None) or {}
+        artifacts = list(merged.pop("artifacts", []))
+        for name, content in files.items():
+            artifacts.append(_write_artifact(out_dir, f"c{index:02d}-{subject}-{name}", content))
+        checks.append(
+            {
+                **merged,
+                "kind": check.kind,
+                "subject": subject,
+                "verdict": merged.get("verdict", "info"),
+                "warnings": list(merged.get("warnings", [])),
+                "artifacts": artifacts,
+            }
+        )
+    return checks
+
+
+def _write_artifact(out_dir: Path, name: str, content: Any) -> str:
+    is_array = isinstance(content, torch.Tensor | np.ndarray | list)
+    if is_array and not name.endswith(".npy"):
+        name += ".npy"
+    if not _SAFE_NAME.match(name):
+        raise ValueError(f"artifact name {name!r} is not a safe file name")
+    if is_array:
+        array = content.detach().cpu().numpy() if isinstance(content, torch.Tensor) else content
+        np.save(out_dir / name, np.asarray(array), allow_pickle=False)
+    elif isinstance(content, bytes):
+        (out_dir / name).write_bytes(content)
+    else:
+        raise TypeError(
+            f"artifact {name!r}: expected an array or bytes, not {type(content).__name__}"
+        )
+    return name

@@ -1,0 +1,204 @@
+"""`random_noise`: Gaussian measurement noise at relative levels δ; the distribution of the
+error and the probability that it exceeds τ (the universal instability theorem, part (b)).
+
+A shard returns, per image and level, running sums of every metric over the samples (so shards
+of any size merge exactly); `merge` turns them into the per-level table of docs/report.md."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from schemas.checks import RandomNoiseCheck
+from workers.engine import metrics
+from workers.engine.context import AuditContext, Subject
+from workers.engine.shards import derive_seed
+from workers.engine.stats import clopper_pearson
+
+# Noisy copies reconstructed in one batch.
+CHUNK = 32
+METRICS = ("relative_error", "psnr", "ssim", "amplification", "lipschitz_lower_bound")
+REPORTED = {
+    "relative_error": ("mean", "std", "max"),
+    "psnr": ("mean", "min"),
+    "ssim": ("mean", "min"),
+    "amplification": ("mean", "max"),
+    "lipschitz_lower_bound": ("mean", "max"),
+}
+
+
+def unit_noise(
+    ctx: AuditContext,
+    shape: Sequence[int],
+    seeds: Sequence[int],
+    y_norm: torch.Tensor,
+    level: float,
+) -> torch.Tensor:
+    """Gaussian noise on the measured entries, one sample per seed, each scaled to ‖e‖ = δ‖y‖.
+    Drawn on the CPU so every device sees the same numbers."""
+    noise = torch.stack(
+        [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
+    ).to(ctx.device)
+    noise = ctx.operator.project(noise)
+    scale = level * y_norm / ctx.operator.norm(noise).clamp_min(1e-12)
+    return noise * scale.view(-1, *([1] * len(shape)))
+
+
+class RandomNoiseRunner:
+    kind = "random_noise"
+
+    def run(
+        self,
+        config: RandomNoiseCheck,
+        ctx: AuditContext,
+        subject: Subject,
+        indices: Sequence[int],
+        seed: int,
+    ) -> dict[str, Any]:
+        operator = ctx.operator
+        complex_images = ctx.images.shape[1] == 2 and operator.kind == "mri"
+        per_image = []
+        with torch.no_grad():
+            y_all = ctx.measurements(indices)
+            clean_all = subject.reconstruct(y_all)
+            for row, index in enumerate(indices):
+                y, x, clean = (
+                    y_all[row : row + 1],
+                    ctx.images[index : index + 1],
+                    clean_all[row : row + 1],
+                )
+                y_norm = operator.norm(y)
+                clean_norm = clean.flatten(1).norm(dim=1).clamp_min(1e-12)
+                levels = []
+                for level in config.levels:
+                    values: dict[str, list[float]] = {name: [] for name in METRICS}
+                    for start in range(0, config.samples, CHUNK):
+                        samples = range(start, min(start + CHUNK, config.samples))
+                        seeds = [derive_seed(seed, index, level, s) for s in samples]
+                        e = unit_noise(ctx, y.shape[1:], seeds, y_norm, level)
+                        out = subject.reconstruct(y + e)
+                        target = x.expand_as(out)
+                        change = (out - clean).flatten(1).norm(dim=1)
+                        e_norm = operator.norm(e)
+                        batch = {
+                            "relative_error": metrics.relative_error(out, target),
+                            "psnr": metrics.psnr(out, target, ctx.value_range, complex_images),
+                            "ssim": metrics.ssim(out, target, ctx.value_range, complex_images),
+                            "amplification": (change / clean_norm) / (e_norm / y_norm),
+                            "lipschitz_lower_bound": change / e_norm,
+                        }
+                        for name, tensor in batch.items():
+                            values[name].extend(tensor.double().cpu().tolist())
+                    levels.append(_level_sums(level, values, config.failure_error))
+                per_image.append(
+                    {
+                        "index": int(index),
+                        "clean_relative_error": float(metrics.relative_error(clean, x)[0]),
+                        "levels": levels,
+                    }
+                )
+        return {"images": per_image}
+
+    def merge(self, config: RandomNoiseCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
+        images = [image for shard in shards for image in shard["images"]]
+        warnings: list[str] = []
+        table = []
+        for position, level in enumerate(config.levels):
+            rows = [(image["index"], image["levels"][position]) for image in images]
+            table.append(_merge_level(level, rows))
+            if any(row["non_finite"] for _, row in rows):
+                warnings.append(
+                    f"level {level}: the model returned NaN or infinite values; those samples "
+                    "count as failures and are left out of the statistics"
+                )
+        clean = [image["clean_relative_error"] for image in images]
+        result: dict[str, Any] = {
+            "failure_error": config.failure_error,
+            "samples_per_image": config.samples,
+            "images": len(images),
+            "clean_relative_error": {
+                "mean": math.fsum(clean) / len(clean),
+                "max": max(clean),
+            },
+            "levels": table,
+        }
+        result["verdict"], at_level = _verdict(config, table)
+        if at_level is not None:
+            result["verdict_level"] = at_level
+        result["warnings"] = warnings
+        return result
+
+
+def _level_sums(level: float, values: dict[str, list[float]], tau: float) -> dict[str, Any]:
+    """Sums that merge exactly across shards: n, Σv, Σv², min, max per metric (finite samples)."""
+    finite = [
+        all(math.isfinite(values[name][i]) for name in METRICS)
+        for i in range(len(values["relative_error"]))
+    ]
+    sums: dict[str, Any] = {"level": level, "non_finite": finite.count(False)}
+    sums["failures"] = sum(
+        1 for i, ok in enumerate(finite) if not ok or values["relative_error"][i] > tau
+    )
+    sums["trials"] = len(finite)
+    for name in METRICS:
+        kept = [v for v, ok in zip(values[name], finite, strict=True) if ok]
+        sums[name] = {
+            "n": len(kept),
+            "sum": math.fsum(kept),
+            "sumsq": math.fsum(v * v for v in kept),
+            "min": min(kept) if kept else None,
+            "max": max(kept) if kept else None,
+        }
+    return sums
+
+
+def _merge_level(level: float, rows: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    failures = sum(row["failures"] for _, row in rows)
+    trials = sum(row["trials"] for _, row in rows)
+    low, high = clopper_pearson(failures, trials)
+    merged: dict[str, Any] = {"level": level}
+    for name in METRICS:
+        parts = [row[name] for _, row in rows if row[name]["n"] > 0]
+        n = sum(p["n"] for p in parts)
+        stats: dict[str, float | None]
+        if n == 0:
+            stats = {field: None for field in REPORTED[name]}
+        else:
+            mean = math.fsum(p["sum"] for p in parts) / n
+            variance = max(0.0, math.fsum(p["sumsq"] for p in parts) / n - mean * mean)
+            every = {
+                "mean": mean,
+                "std": math.sqrt(variance),
+                "min": min(p["min"] for p in parts),
+                "max": max(p["max"] for p in parts),
+            }
+            stats = {field: every[field] for field in REPORTED[name]}
+        merged[name] = stats
+    merged["failure_probability"] = {"estimate": failures / trials, "ci_low": low, "ci_high": high}
+    merged["failures"] = failures
+    merged["trials"] = trials
+    worst = max(
+        (
+            (index, row["relative_error"]["max"])
+            for index, row in rows
+            if row["relative_error"]["n"]
+        ),
+        key=lambda pair: pair[1],
+        default=None,
+    )
+    merged["worst_image"] = (
+        None if worst is None else {"index": worst[0], "relative_error": worst[1]}
+    )
+    return merged
+
+
+def _verdict(config: RandomNoiseCheck, table: list[dict[str, Any]]) -> tuple[str, float | None]:
+    if config.threshold is None:
+        return "info", None
+    at_level = config.threshold.at_level or config.levels[-1]
+    row = next(row for row in table if row["level"] == at_level)
+    failed = row["failure_probability"]["ci_high"] > config.threshold.max_failure_probability
+    return ("fail" if failed else "pass"), at_level

@@ -1,0 +1,93 @@
+"""Assembling and writing the audit report (docs/report.md lists every field)."""
+
+from __future__ import annotations
+
+import json
+import platform
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import deepinv
+import numpy as np
+import torch
+
+from schemas.audits import AuditConfig
+from schemas.reports import SCHEMA_VERSION, Report
+from workers.engine.shards import check_seed
+
+REPORT_FILE = "report.json"
+
+
+def canonical_json(value: Any) -> str:
+    """The one serialisation the report is hashed and signed in: sorted keys, no spaces, UTF-8."""
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def canonical_config(config: AuditConfig) -> dict[str, Any]:
+    """The config as run: defaults filled in, aliases (`lambda`), every check's seed a number."""
+    data = config.model_dump(mode="json", by_alias=True)
+    for check, dumped in zip(config.checks, data["checks"], strict=True):
+        dumped["seed"] = check_seed(config.seed, check.seed)
+    return data
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepinv": deepinv.__version__,
+        "numpy": np.__version__,
+        "device": str(device),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+    }
+    if device.type == "cuda":
+        env["cuda"] = torch.version.cuda
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def overall_verdict(verdicts: Iterable[str]) -> str:
+    """`fail` if any check fails; `pass` if one passes and none fails; `info` otherwise."""
+    seen = set(verdicts)
+    if "fail" in seen:
+        return "fail"
+    if "pass" in seen:
+        return "pass"
+    return "info"
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> Path:
+    """Validate against schemas.reports.Report, then write report.json in canonical JSON."""
+    Report.model_validate(report)
+    path = out_dir / REPORT_FILE
+    path.write_text(canonical_json(report), encoding="utf-8")
+    return path
+
+
+def build_report(
+    *,
+    audit_id: str | None,
+    model: dict[str, Any],
+    config: AuditConfig,
+    device: torch.device,
+    checks: list[dict[str, Any]],
+    cost: dict[str, Any],
+    warnings: list[str],
+) -> dict[str, Any]:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "audit_id": audit_id,
+        "model": model,
+        "config": canonical_config(config),
+        "environment": environment(device),
+        "seed": config.seed,
+        "verdict": overall_verdict(check["verdict"] for check in checks),
+        "cost": cost,
+        "checks": checks,
+        "warnings": warnings,
+    }
