@@ -122,7 +122,6 @@ def audit(
     resolved relative to the config file."""
     from schemas.audits import AuditConfig
     from schemas.model_spec import ModelSpec
-    from service.inspect_upload import UploadRejected, detect_model_format
     from workers.progress import progress_display
 
     try:
@@ -138,14 +137,15 @@ def audit(
         raise _fail(_validation_message(exc, "config")) from None
     if not model.is_file():
         raise _fail(f"model file not found: {model}")
-    try:
-        fmt = detect_model_format(model)
-    except UploadRejected as exc:
-        raise _fail(f"model {model}: {exc}") from None
-    sha = hashlib.sha256(model.read_bytes()).hexdigest()
-
     from workers.engine.api import run_audit
     from workers.engine.errors import EngineInputError
+    from workers.engine.rejection import ModelRejected
+    from workers.engine.screening import detect_format
+
+    fmt = detect_format(model)
+    if fmt is None:
+        raise _fail(f"model {model}: not a TorchScript, torch.export or safetensors file")
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with progress_display(err, quiet=quiet) as bar:
@@ -164,7 +164,7 @@ def audit(
                 base_dir=config.resolve().parent,
                 on_progress=on_progress,
             )
-        except EngineInputError as exc:
+        except (EngineInputError, ModelRejected) as exc:
             raise _fail(str(exc)) from None
     out.print(f"verdict: [bold]{report['verdict']}[/bold]")
     out.print(f"report: {out_dir / 'report.json'}", highlight=False, soft_wrap=True)

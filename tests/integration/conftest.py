@@ -64,10 +64,12 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 def make_stack(tmp_path: Path, redis_client: redis.Redis) -> Iterator:
     stacks: list[LocalStack] = []
 
-    def make(database_url: str, workers: int = 1, **env: str) -> LocalStack:
+    def make(
+        database_url: str, workers: int = 1, broker: str = REDIS_URL, **env: str
+    ) -> LocalStack:
         stack = LocalStack(
             data_dir=tmp_path / f"data{len(stacks)}",
-            broker_url=REDIS_URL,
+            broker_url=broker,
             database_url=database_url,
             workers=workers,
             extra_env={**FAST_RECOVERY, **env},

@@ -65,3 +65,13 @@ def test_rejected_model_reason(make_stack, tmp_path: Path) -> None:
         model = client.wait_model(uploaded["id"], timeout=120)
         assert model["status"] == "rejected"
         assert "shape" in model["reason"]
+
+
+def test_embedded_filesystem_broker(make_stack, model_file: Path, tmp_path: Path) -> None:
+    """The single-host fallback `make demo` uses when no redis-server is installed."""
+    stack = make_stack(f"sqlite:///{tmp_path / 'db.sqlite'}", broker="filesystem://")
+    assert stack.broker_url == "filesystem://"
+    with client_for(stack) as client:
+        model_id = upload_ready_model(client, model_file)
+        final = client.wait_audit(client.submit_audit(audit_request(model_id))["id"], timeout=240)
+        assert final["status"] == "succeeded", final
