@@ -33,7 +33,10 @@ class AuditConfig(StrictModel):
     dataset: DatasetRef
     operator: Operator
     noise_level: float = Field(
-        default=0.0, ge=0.0, le=10.0, description="Relative Gaussian noise on the clean measurements"
+        default=0.0,
+        ge=0.0,
+        le=10.0,
+        description="Relative Gaussian noise on the clean measurements",
     )
     checks: list[Check] = Field(min_length=1, max_length=32)
     baseline: Baseline | None = None

@@ -15,14 +15,18 @@ class UploadedArray(StrictModel):
     """An array from a dataset uploaded through `POST /v1/datasets` (the service's form)."""
 
     dataset_id: str = Field(min_length=1, max_length=64)
-    key: str | None = Field(default=None, description="Array name inside an .npz; default: the first")
+    key: str | None = Field(
+        default=None, description="Array name inside an .npz; default: the first"
+    )
 
 
 class FileArray(StrictModel):
-    """An `.npy`/`.npz` file on the local disk: accepted by the local CLI only, never by the service."""
+    """A local `.npy`/`.npz` file: accepted by the local CLI only, never by the service."""
 
     file: str = Field(min_length=1, max_length=4096)
-    key: str | None = Field(default=None, description="Array name inside an .npz; default: the first")
+    key: str | None = Field(
+        default=None, description="Array name inside an .npz; default: the first"
+    )
 
 
 ArrayRef = UploadedArray | FileArray

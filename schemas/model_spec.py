@@ -47,9 +47,13 @@ class ModelSpec(StrictModel):
         if not (1 <= c <= 16):
             raise ValueError("image_shape: channels must be between 1 and 16")
         if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):
-            raise ValueError(f"image_shape: height and width must be between 1 and {MAX_IMAGE_SIDE}")
+            raise ValueError(
+                f"image_shape: height and width must be between 1 and {MAX_IMAGE_SIDE}"
+            )
         if self.complex and c != 2:
-            raise ValueError("complex models carry (real, imaginary) as 2 channels: image_shape[0] must be 2")
+            raise ValueError(
+                "complex models carry (real, imaginary) as 2 channels: image_shape[0] must be 2"
+            )
         lo, hi = self.value_range
         if not lo < hi:
             raise ValueError("value_range: the lower bound must be below the upper bound")

@@ -1,4 +1,4 @@
-"""Forward operators A of the inverse problem; `operator` of an audit request (discriminated on `kind`)."""
+"""Forward operators A of the inverse problem: an audit request's `operator`, keyed by `kind`."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from schemas.common import ArrayRef, StrictModel
 
 class MRIOperator(StrictModel):
     kind: Literal["mri"] = "mri"
-    mask: Literal["cartesian", "random_lines", "variable_density", "radial"] | ArrayRef = "cartesian"
+    mask: Literal["cartesian", "random_lines", "variable_density", "radial"] | ArrayRef = (
+        "cartesian"
+    )
     acceleration: float = Field(default=4.0, ge=1.0, le=64.0)
     center_fraction: float = Field(default=0.08, ge=0.0, le=1.0)
     seed: int = Field(default=0, ge=0)
@@ -19,7 +21,9 @@ class MRIOperator(StrictModel):
 
 class RadonOperator(StrictModel):
     kind: Literal["radon"] = "radon"
-    angles: int | list[float] = Field(default=60, description="A count (equispaced over 180°) or degrees")
+    angles: int | list[float] = Field(
+        default=60, description="A count (equispaced over 180°) or degrees"
+    )
 
     @model_validator(mode="after")
     def _angles(self) -> RadonOperator:
@@ -33,7 +37,9 @@ class GaussianOperator(StrictModel):
     kind: Literal["gaussian"] = "gaussian"
     m: int | None = Field(default=None, ge=1, le=65536, description="Number of measurements")
     seed: int = Field(default=0, ge=0)
-    matrix: ArrayRef | None = Field(default=None, description="An explicit [m, n] matrix instead of m")
+    matrix: ArrayRef | None = Field(
+        default=None, description="An explicit [m, n] matrix instead of m"
+    )
 
     @model_validator(mode="after")
     def _m_or_matrix(self) -> GaussianOperator:
@@ -61,6 +67,11 @@ class DenoisingOperator(StrictModel):
 
 
 Operator = Annotated[
-    MRIOperator | RadonOperator | GaussianOperator | InpaintingOperator | BlurOperator | DenoisingOperator,
+    MRIOperator
+    | RadonOperator
+    | GaussianOperator
+    | InpaintingOperator
+    | BlurOperator
+    | DenoisingOperator,
     Field(discriminator="kind"),
 ]

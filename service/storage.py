@@ -51,8 +51,10 @@ class BlobStore:
             os.replace(tmp, final)
         return final
 
-    async def put_stream(self, chunks: AsyncIterator[bytes], max_bytes: int) -> tuple[str, int, Path]:
-        """Store a stream; raises UploadTooLarge as soon as it passes max_bytes (nothing is kept)."""
+    async def put_stream(
+        self, chunks: AsyncIterator[bytes], max_bytes: int
+    ) -> tuple[str, int, Path]:
+        """Store a stream; UploadTooLarge as soon as it passes max_bytes (nothing kept)."""
         fd, tmp = self._temp()
         h = hashlib.sha256()
         size = 0

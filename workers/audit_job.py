@@ -229,13 +229,15 @@ def execute_audit(
         attempt.fail("invalid-audit-input", "Invalid audit input", 422, str(exc))
         return "failed"
     try:
-        return _supervise_child(attempt, audit.request, model.format)
+        return _supervise_child(attempt, audit.request, audit.attempts, model.format)
     finally:
         set_current_work(None)
         jobs.remove_job_dir(attempt.job_dir)
 
 
-def _supervise_child(attempt: _Attempt, request: dict[str, Any], model_format: str) -> str:
+def _supervise_child(
+    attempt: _Attempt, request: dict[str, Any], attempts: int, model_format: str
+) -> str:
     settings = attempt.settings
     limit = audit_time_limit(settings, request)
     try:

@@ -6,6 +6,7 @@ README and docker-compose run.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -40,10 +41,8 @@ def _terminate(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=grace)
     except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=10)
 
 
@@ -159,10 +158,8 @@ class LocalStack:
     def kill(self, name: str) -> None:
         """SIGKILL a process and everything in its process group (fault tests)."""
         proc = self.processes.pop(name)
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=10)
 
     def stop(self) -> None:

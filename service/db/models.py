@@ -101,7 +101,9 @@ class Dataset(Base):
 
 class Audit(Base):
     __tablename__ = "audits"
-    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_audit_idempotency"),)
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_audit_idempotency"),
+    )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("aud"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
@@ -136,7 +138,9 @@ class AuditShard(Base):
     """A finished unit of work (check × slice of images); a retry resumes from these."""
 
     __tablename__ = "audit_shards"
-    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), primary_key=True)
+    audit_id: Mapped[str] = mapped_column(
+        ForeignKey("audits.id", ondelete="CASCADE"), primary_key=True
+    )
     shard_id: Mapped[str] = mapped_column(String(128), primary_key=True)
     result: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -144,7 +148,9 @@ class AuditShard(Base):
 
 class Artifact(Base):
     __tablename__ = "artifacts"
-    audit_id: Mapped[str] = mapped_column(ForeignKey("audits.id", ondelete="CASCADE"), primary_key=True)
+    audit_id: Mapped[str] = mapped_column(
+        ForeignKey("audits.id", ondelete="CASCADE"), primary_key=True
+    )
     name: Mapped[str] = mapped_column(String(200), primary_key=True)
     media_type: Mapped[str] = mapped_column(String(100))
     sha256: Mapped[str] = mapped_column(String(64))

@@ -24,7 +24,14 @@ def _tool(name: str) -> str:
 
 def _compose() -> dict:
     result = subprocess.run(
-        [_tool("docker-compose"), "-f", str(ROOT / "docker-compose.yml"), "config", "--format", "json"],
+        [
+            _tool("docker-compose"),
+            "-f",
+            str(ROOT / "docker-compose.yml"),
+            "config",
+            "--format",
+            "json",
+        ],
         capture_output=True,
         text=True,
         check=True,

@@ -46,7 +46,9 @@ def test_worker_killed_mid_audit_is_finished_by_another(
         model_id = upload_ready_model(client, model_file)
 
         # the undisturbed run, for reference
-        reference = client.wait_audit(client.submit_audit(_slow_request(model_id))["id"], timeout=300)
+        reference = client.wait_audit(
+            client.submit_audit(_slow_request(model_id))["id"], timeout=300
+        )
         assert reference["status"] == "succeeded", reference
         expected = client.get_report(reference["id"])
 

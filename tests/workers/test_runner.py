@@ -72,7 +72,11 @@ def test_a_sandboxed_audit_streams_progress_shards_and_a_report(
     audit = add_audit(session, tiny_model, attempts=1)
     job_dir = jobs.materialise_audit_job(session, settings, audit, tiny_model)
     child = RunnerChild(
-        sandbox_for(settings, "torchscript"), "workers.runner", job_dir, time_limit=300, use_gpu=False
+        sandbox_for(settings, "torchscript"),
+        "workers.runner",
+        job_dir,
+        time_limit=300,
+        use_gpu=False,
     )
     events = [e for e in child.events(tick_seconds=1.0) if e is not None]
     outcome = child.finish()

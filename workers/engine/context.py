@@ -88,7 +88,9 @@ class AuditContext:
             ]
         ).to(y.device)
         noise = self.operator.project(noise)
-        scale = self.noise_level * self.operator.norm(y) / self.operator.norm(noise).clamp_min(1e-12)
+        scale = (
+            self.noise_level * self.operator.norm(y) / self.operator.norm(noise).clamp_min(1e-12)
+        )
         return y + noise * scale.view(-1, *([1] * (y.dim() - 1)))
 
 
