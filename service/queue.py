@@ -22,12 +22,13 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
     (one host, no Redis: see docs/architecture.md) needs its folders."""
     if settings.broker_url.startswith("filesystem://"):
         folder = (settings.data_dir / "broker").resolve()
-        for sub in ("queue", "processed"):
+        for sub in ("queue", "processed", "control"):
             (folder / sub).mkdir(parents=True, exist_ok=True)
         return {
             "data_folder_in": str(folder / "queue"),
             "data_folder_out": str(folder / "queue"),
             "processed_folder": str(folder / "processed"),
+            "control_folder": str(folder / "control"),  # default: the working directory
             "store_processed": False,
             "polling_interval": 0.2,
         }
