@@ -1,0 +1,231 @@
+"""`worst_case`: the adversarial perturbation search over a sweep of levels δ (robust-nets'
+`find_adversarial.py`, Invfool's `pertub_SGA`), reported per level.
+
+A shard returns, per image and level, the raw values of every metric, and for each level the
+shard's worst image's perturbation e and perturbed reconstruction Ψ(y+e) (base64 float32, so
+shard results stay JSON); `merge` builds the per-level table of docs/report.md, the verdict and
+the artifacts (one pair of .npy files per level: the worst image over all shards)."""
+
+from __future__ import annotations
+
+import base64
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from schemas.checks import WorstCaseCheck
+from workers.engine import metrics
+from workers.engine.attacks import SearchSettings, per_sample_norm, worst_case_search
+from workers.engine.batching import run_in_batches
+from workers.engine.checks.random_noise import unit_noise
+from workers.engine.context import ARTIFACT_FILES_KEY, AuditContext, Subject
+from workers.engine.registry import CHECKS, register
+from workers.engine.shards import derive_seed
+
+REPORTED = {
+    "relative_error": ("mean", "std", "max"),
+    "psnr": ("mean", "min"),
+    "ssim": ("mean", "min"),
+    "amplification": ("mean", "max"),
+    "lipschitz_lower_bound": ("mean", "max"),
+    "gaussian_relative_error": ("mean", "max"),
+}
+RAW = (*REPORTED, "relative_perturbation")
+
+
+class WorstCaseRunner:
+    kind = "worst_case"
+
+    def run(
+        self,
+        config: WorstCaseCheck,
+        ctx: AuditContext,
+        subject: Subject,
+        indices: Sequence[int],
+        seed: int,
+    ) -> dict[str, Any]:
+        warnings: list[str] = []
+        batches = run_in_batches(
+            lambda start, stop: _attack_images(config, ctx, subject, indices[start:stop], seed),
+            total=len(indices),
+            batch_size=len(indices),
+            warnings=warnings,
+            label="worst_case",
+        )
+        images = [image for batch in batches for image in batch["images"]]
+        levels_done = min(len(batch["worst"]) for batch in batches)  # fewer when cancelled
+        worst = [
+            max((batch["worst"][k] for batch in batches), key=lambda w: w["relative_error"])
+            for k in range(levels_done)
+        ]
+        return {"images": images, "worst": worst, "warnings": warnings}
+
+    def merge(self, config: WorstCaseCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
+        images = [image for shard in shards for image in shard["images"]]
+        warnings = [w for shard in shards for w in shard.get("warnings", [])]
+        table = []
+        files: dict[str, np.ndarray] = {}
+        for k, level in enumerate(config.levels):
+            rows = [
+                (image["index"], image["levels"][k]) for image in images if k < len(image["levels"])
+            ]
+            if len(rows) < len(images):
+                warnings.append(f"level {level}: stopped before every image was searched")
+            table.append(_merge_level(level, rows))
+            candidates = [shard["worst"][k] for shard in shards if k < len(shard["worst"])]
+            if candidates:
+                worst = max(candidates, key=lambda w: w["relative_error"])
+                files[f"worst_case-level{k}-perturbation.npy"] = _decode(worst["perturbation"])
+                files[f"worst_case-level{k}-reconstruction.npy"] = _decode(worst["reconstruction"])
+        if any(row.get("non_finite", 0) for row in table):
+            warnings.append("the model returned NaN or infinite values under attack")
+        clean = [image["clean_relative_error"] for image in images]
+        result: dict[str, Any] = {
+            "space": config.space,
+            "target": config.target,
+            "formulation": config.formulation,
+            "images": len(images),
+            "clean_relative_error": {"mean": math.fsum(clean) / len(clean), "max": max(clean)},
+            "levels": table,
+        }
+        result["verdict"] = _verdict(config, table)
+        result["warnings"] = warnings
+        result[ARTIFACT_FILES_KEY] = files
+        return result
+
+
+def _attack_images(
+    config: WorstCaseCheck,
+    ctx: AuditContext,
+    subject: Subject,
+    indices: Sequence[int],
+    seed: int,
+) -> dict[str, Any]:
+    """Search, then measure every level's worst perturbation for a batch of images."""
+    operator = ctx.operator
+    complex_images = ctx.images.shape[1] == 2 and operator.kind == "mri"
+    y = ctx.measurements(indices)
+    x = ctx.images[list(indices)]
+    outcomes = worst_case_search(
+        subject,
+        operator,
+        y,
+        x,
+        config.levels,
+        SearchSettings.from_check(config),
+        seeds=[derive_seed(seed, index, "worst_case") for index in indices],
+        should_stop=ctx.should_stop,
+    )
+    per_level: list[dict[str, torch.Tensor]] = []
+    worst: list[dict[str, Any]] = []
+    with torch.no_grad():
+        clean = subject.reconstruct(y)
+        clean_norm = per_sample_norm(clean).clamp_min(1e-12)
+        y_norm = operator.norm(y)
+        for outcome in outcomes:
+            e = outcome.perturbation
+            e_norm = operator.norm(e).clamp_min(1e-30)
+            attacked = subject.reconstruct(y + e)
+            # a Gaussian perturbation of the same norm: how much worse than chance is the attack
+            gaussian_seeds = [derive_seed(seed, i, outcome.level, "gaussian") for i in indices]
+            noise = unit_noise(ctx, y.shape[1:], gaussian_seeds, e_norm, 1.0)
+            change = per_sample_norm(attacked - clean)
+            values = {
+                "relative_error": metrics.relative_error(attacked, x),
+                "psnr": metrics.psnr(attacked, x, ctx.value_range, complex_images),
+                "ssim": metrics.ssim(attacked, x, ctx.value_range, complex_images),
+                "amplification": (change / clean_norm) / (e_norm / y_norm),
+                "lipschitz_lower_bound": change / e_norm,
+                "gaussian_relative_error": metrics.relative_error(
+                    subject.reconstruct(y + noise), x
+                ),
+                "relative_perturbation": e_norm / y_norm,
+            }
+            per_level.append(values)
+            position = int(torch.nan_to_num(values["relative_error"], nan=math.inf).argmax())
+            worst.append(
+                {
+                    "index": int(indices[position]),
+                    "relative_error": float(values["relative_error"][position]),
+                    "perturbation": _encode(e[position]),
+                    "reconstruction": _encode(attacked[position]),
+                }
+            )
+        clean_error = metrics.relative_error(clean, x).double().cpu().tolist()
+    images = []
+    for row, index in enumerate(indices):
+        levels = [
+            {
+                "level": outcome.level,
+                "steps": outcome.steps,
+                **{name: float(values[name][row]) for name in RAW},
+            }
+            for outcome, values in zip(outcomes, per_level, strict=True)
+        ]
+        images.append(
+            {"index": int(index), "clean_relative_error": clean_error[row], "levels": levels}
+        )
+    return {"images": images, "worst": worst}
+
+
+def _merge_level(level: float, rows: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    finite = [(i, r) for i, r in rows if all(math.isfinite(r[name]) for name in RAW)]
+    merged: dict[str, Any] = {"level": level, "non_finite": len(rows) - len(finite)}
+    for name, fields in REPORTED.items():
+        values = [r[name] for _, r in finite]
+        merged[name] = {field: _statistic(field, values) for field in fields}
+    merged["relative_perturbation"] = {
+        "max": _statistic("max", [r["relative_perturbation"] for _, r in finite])
+    }
+    merged["steps"] = {"mean": _statistic("mean", [float(r["steps"]) for _, r in rows])}
+    worst = max(finite, key=lambda pair: pair[1]["relative_error"], default=None)
+    merged["worst_image"] = (
+        None if worst is None else {"index": worst[0], "relative_error": worst[1]["relative_error"]}
+    )
+    return merged
+
+
+def _statistic(field: str, values: list[float]) -> float | None:
+    if not values:
+        return None
+    mean = math.fsum(values) / len(values)
+    if field == "mean":
+        return mean
+    if field == "std":
+        return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / len(values))
+    return max(values) if field == "max" else min(values)
+
+
+def _verdict(config: WorstCaseCheck, table: list[dict[str, Any]]) -> str:
+    threshold = config.threshold
+    if threshold is None:
+        return "info"
+    if any(row["non_finite"] for row in table):
+        return "fail"  # a NaN under a bounded perturbation is as unstable as it gets
+    failed = False
+    if threshold.max_relative_error is not None:
+        at_level = threshold.at_level or config.levels[-1]
+        row = next((row for row in table if row["level"] == at_level), None)
+        worst = None if row is None else row["relative_error"]["max"]
+        failed |= worst is not None and worst > threshold.max_relative_error
+    if threshold.max_lipschitz is not None:
+        bounds = [row["lipschitz_lower_bound"]["max"] for row in table]
+        failed |= any(b is not None and b > threshold.max_lipschitz for b in bounds)
+    return "fail" if failed else "pass"
+
+
+def _encode(array: torch.Tensor) -> dict[str, Any]:
+    data = array.detach().to(torch.float32).cpu().contiguous().numpy()
+    return {"shape": list(data.shape), "float32": base64.b64encode(data.tobytes()).decode("ascii")}
+
+
+def _decode(encoded: dict[str, Any]) -> np.ndarray:
+    raw = base64.b64decode(encoded["float32"])
+    return np.frombuffer(raw, dtype=np.float32).reshape(encoded["shape"]).copy()
+
+
+if WorstCaseRunner.kind not in CHECKS:
+    register(WorstCaseRunner())
