@@ -6,21 +6,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 import redis
 import torch
 
+from tests.fixtures.databases import postgres_database
 from workers.client import TightropeClient
 from workers.stack import LocalStack
 
 REDIS_DB = 13  # the integration tests' own database on the shared Redis
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 
 # Short leases and reconciliation so that fault recovery happens within seconds.
 FAST_RECOVERY = {
@@ -41,23 +39,13 @@ def redis_client() -> Iterator[redis.Redis]:
     client.close()
 
 
-def _postgres_database() -> Iterator[str]:
-    name = f"tightrope_it_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'tightrope.db'}"
     else:
-        yield from _postgres_database()
+        with postgres_database("it") as url:
+            yield url
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import psycopg
 import pytest
 import redis
 import torch
@@ -23,12 +22,12 @@ from service.auth import create_api_key
 from service.db.models import Model
 from service.settings import Settings
 from tests.fixtures import model_factory
+from tests.fixtures.databases import postgres_database
 
 torch.set_num_threads(1)
 
 REDIS_URL = "redis://127.0.0.1:6379/15"  # the gateway tests' own database on the shared Redis
 UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 MAX_UPLOAD = 256 * 1024
 SPEC = model_factory.tiny_cnn_spec()
 
@@ -36,14 +35,8 @@ SPEC = model_factory.tiny_cnn_spec()
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh database for this test session, dropped at the end."""
-    name = f"tightrope_svc_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with postgres_database("svc") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 import redis
 from sqlalchemy.orm import Session, sessionmaker
@@ -23,9 +22,9 @@ from service.db.models import Audit, Base, Model, Tenant, utcnow
 from service.db.session import make_engine
 from service.settings import Settings
 from service.storage import BlobStore
+from tests.fixtures.databases import postgres_database
 
 REDIS_URL = "redis://127.0.0.1:6379/12"  # the worker tests' own database on the shared Redis
-PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 SPEC = {
@@ -47,23 +46,13 @@ REQUEST = {
 }
 
 
-def _postgres_database() -> Iterator[str]:
-    name = f"tightrope_wk_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'data' / 'tightrope.db'}"
     else:
-        yield from _postgres_database()
+        with postgres_database("wk") as url:
+            yield url
 
 
 @pytest.fixture
