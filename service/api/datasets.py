@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from schemas.datasets import DatasetUploadSpec
 from schemas.resources import DatasetList, DatasetResource
 from service.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
-from service.api.forms import archive_limits, parse_spec
+from service.api.forms import archive_limits, multipart_upload_body, parse_spec
 from service.db.models import Dataset, Tenant
 from service.errors import NotFound, problem_responses
 from service.inspect_dataset import inspect_dataset
@@ -21,27 +21,9 @@ from service.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "spec"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": ".npy or .npz of images [N, C, H, W] (no pickles)",
-                        },
-                        "spec": {"type": "string", "description": "DatasetUploadSpec as JSON"},
-                    },
-                }
-            }
-        },
-    }
-}
+UPLOAD_BODY = multipart_upload_body(
+    ".npy or .npz of images [N, C, H, W] (no pickles)", "DatasetUploadSpec as JSON"
+)
 
 
 def to_resource(dataset: Dataset) -> DatasetResource:

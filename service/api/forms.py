@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -33,3 +33,29 @@ def parse_spec(model: type[SpecT], raw: str | None) -> SpecT:
     except ValidationError as exc:
         errors = field_errors(exc.errors(), prefix=["spec"])
         raise ValidationFailed(describe(errors), errors=errors) from None
+
+
+def multipart_upload_body(file_description: str, spec_description: str) -> dict[str, Any]:
+    """OpenAPI for a `file` + `spec` multipart upload (FastAPI cannot infer it: the routes
+    stream the body themselves)."""
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["file", "spec"],
+                        "properties": {
+                            "file": {
+                                "type": "string",
+                                "format": "binary",
+                                "description": file_description,
+                            },
+                            "spec": {"type": "string", "description": spec_description},
+                        },
+                    }
+                }
+            },
+        }
+    }

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 from schemas.model_spec import ModelSpec
 from schemas.resources import ModelList, ModelResource
 from service.api.deps import BlobsDep, DispatcherDep, SessionDep, SettingsDep, TenantDep
-from service.api.forms import archive_limits, parse_spec
+from service.api.forms import archive_limits, multipart_upload_body, parse_spec
 from service.db.models import Model, Tenant, utcnow
 from service.errors import NotFound, problem_responses
 from service.inspect_upload import inspect_model
@@ -21,27 +21,9 @@ from service.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
-UPLOAD_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["file", "spec"],
-                    "properties": {
-                        "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "TorchScript .pt, torch.export .pt2 or .safetensors",
-                        },
-                        "spec": {"type": "string", "description": "ModelSpec as JSON"},
-                    },
-                }
-            }
-        },
-    }
-}
+UPLOAD_BODY = multipart_upload_body(
+    "TorchScript .pt, torch.export .pt2 or .safetensors", "ModelSpec as JSON"
+)
 
 
 def to_resource(model: Model) -> ModelResource:
