@@ -25,13 +25,15 @@ RUN if [ "$VARIANT" = "cpu" ]; then \
         pip install torch==2.14.1 torchvision==0.29.1; \
     fi
 
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md alembic.ini build-constraints.txt ./
 COPY schemas ./schemas
 COPY service ./service
 COPY workers ./workers
 COPY alembic ./alembic
 COPY examples ./examples
-RUN pip install .
+# visdom (adv-lib) builds only with setuptools<81: PIP_BUILD_CONSTRAINT for pip >= 25.3,
+# PIP_CONSTRAINT for older pips, which apply it to build environments too
+RUN PIP_BUILD_CONSTRAINT=build-constraints.txt PIP_CONSTRAINT=build-constraints.txt pip install .
 
 RUN useradd --create-home --uid 10001 tightrope \
     && mkdir -p /data \

@@ -7,13 +7,14 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint typecheck unit services install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml build-constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch would pull another build over the network
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	# build-constraints.txt: visdom (adv-lib) builds only with setuptools<81
+	PIP_BUILD_CONSTRAINT=build-constraints.txt $(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -31,7 +31,11 @@ class AuditConfig(StrictModel):
     """Everything an audit needs besides the model: the local CLI's `audit.json`."""
 
     dataset: DatasetRef
-    operator: Operator
+    operator: Operator | None = Field(
+        default=None,
+        description="The forward operator A; required for reconstruction models, left out for "
+        "classifiers (which see images: the engine uses the identity)",
+    )
     noise_level: float = Field(
         default=0.0,
         ge=0.0,
@@ -50,7 +54,7 @@ class AuditConfig(StrictModel):
         found: list[str] = []
         if isinstance(self.dataset, FileDataset):
             found.append(self.dataset.file)
-        for value in self.operator.__dict__.values():
+        for value in (self.operator.__dict__ if self.operator is not None else {}).values():
             if isinstance(value, FileArray):
                 found.append(value.file)
         return found

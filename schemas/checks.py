@@ -10,6 +10,18 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from schemas.checks_classifier import (
+    AdversarialCheck,
+    MinimalPerturbationCheck,
+    UniversalCheck,
+)
+from schemas.checks_theorem import (
+    THEOREM_CHECK_KINDS,
+    FalseNegativeCheck,
+    FalsePositiveCheck,
+    KernelCheck,
+    MoreSamplesCheck,
+)
 from schemas.common import StrictModel
 
 Levels = Annotated[list[float], Field(min_length=1, max_length=32)]
@@ -106,11 +118,28 @@ class LipschitzCheck(StrictModel):
 
 
 Check = Annotated[
-    WorstCaseCheck | RandomNoiseCheck | LipschitzCheck,
+    WorstCaseCheck
+    | RandomNoiseCheck
+    | LipschitzCheck
+    | FalseNegativeCheck
+    | FalsePositiveCheck
+    | KernelCheck
+    | MoreSamplesCheck
+    | AdversarialCheck
+    | MinimalPerturbationCheck
+    | UniversalCheck,
     Field(discriminator="kind"),
 ]
 
-CHECK_KINDS = ("worst_case", "random_noise", "lipschitz")
+CHECK_KINDS = (
+    "worst_case",
+    "random_noise",
+    "lipschitz",
+    *THEOREM_CHECK_KINDS,
+    "adversarial",
+    "minimal_perturbation",
+    "universal",
+)
 
 
 class Baseline(StrictModel):

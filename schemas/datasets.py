@@ -9,10 +9,13 @@ from pydantic import Field
 from schemas.common import StrictModel
 
 DatasetFormat = Literal["npy", "npz", "png_zip"]
+DIGIT_CLASSES = 10  # the built-in `digits`: classes 0-9
 
 
 class BuiltinDataset(StrictModel):
-    builtin: Literal["ellipses", "shepp_logan"]
+    builtin: Literal["ellipses", "shepp_logan", "digits"] = Field(
+        description="digits: labelled digits 0-9 rendered from the DejaVu font (classifiers)"
+    )
     count: int = Field(default=4, ge=1, le=4096)
     size: int = Field(default=64, ge=8, le=1024)
     seed: int = Field(default=0, ge=0)
@@ -27,6 +30,9 @@ class FileDataset(StrictModel):
 
     file: str = Field(min_length=1, max_length=4096)
     key: str | None = None
+    labels_key: str | None = Field(
+        default=None, description="Integer class labels [N] in the .npz; default: `labels`"
+    )
 
 
 DatasetRef = BuiltinDataset | UploadedDataset | FileDataset
@@ -38,3 +44,8 @@ class DatasetUploadSpec(StrictModel):
     name: str = Field(min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=2000)
     key: str | None = Field(default=None, description="Array of images inside an .npz")
+    labels_key: str | None = Field(
+        default=None,
+        description="Integer class labels [N] inside an .npz (classifier audits); "
+        "default: the array `labels` when there is one",
+    )

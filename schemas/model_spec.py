@@ -12,13 +12,15 @@ ModelFormat = Literal["torchscript", "export", "safetensors"]
 ModelStatus = Literal["validating", "ready", "rejected"]
 
 # Architectures the engine can build from `.safetensors` weights without running uploaded code.
-REGISTERED_ARCHITECTURES = ("unet", "dncnn")
+REGISTERED_ARCHITECTURES = ("unet", "dncnn", "small_cnn")
 
 MAX_IMAGE_SIDE = 1024
 
 
 class Architecture(StrictModel):
-    name: Literal["unet", "dncnn"] = Field(description="A registered architecture (deepinv models)")
+    name: Literal["unet", "dncnn", "small_cnn"] = Field(
+        description="A registered architecture (deepinv models; small_cnn: a classifier)"
+    )
     params: dict[str, int | float | bool | str] = Field(
         default_factory=dict, description="Keyword arguments of the architecture's constructor"
     )

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from schemas.datasets import DatasetFormat
 from schemas.model_spec import ModelFormat, ModelSpec, ModelStatus
@@ -36,6 +37,9 @@ class DatasetResource(BaseModel):
     size_bytes: int
     shape: list[int]
     arrays: dict[str, list[int]]
+    labels: dict[str, Any] | None = Field(
+        default=None, description="Class labels found: {key, count, min, max} (classifiers)"
+    )
     created_at: datetime
 
 

@@ -12,7 +12,9 @@ from fastapi.openapi.utils import get_openapi
 from sqlalchemy.orm import sessionmaker
 
 from schemas.problem import PROBLEM_MEDIA_TYPE
+from service import signing
 from service.api import audits, datasets, health, models
+from service.api import signing as signing_routes
 from service.db.migrate import upgrade_to_head
 from service.db.session import make_engine
 from service.dispatch import Dispatcher
@@ -25,8 +27,8 @@ log = logging.getLogger(__name__)
 
 DESCRIPTION = """Audits trained neural networks for instability: worst-case perturbations,
 random noise, false negatives and Lipschitz bounds. Errors are RFC 9457 problem documents
-(`application/problem+json`). Every route except /healthz, /readyz and /metrics needs
-`Authorization: Bearer <api key>`."""
+(`application/problem+json`). Every route except /healthz, /readyz, /metrics and /v1/signing-key
+needs `Authorization: Bearer <api key>`."""
 
 
 PROBLEM_REF = "#/components/schemas/Problem"
@@ -67,6 +69,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             upgrade_to_head(settings.resolved_database_url)
         app.state.blobs = BlobStore(settings.blob_dir)
         app.state.artifacts = ArtifactStore(settings.artifact_dir)
+        # Generated on the first start; the workers sign with the same file (shared data dir).
+        app.state.signing_key = signing.load_or_create_private_key(signing.key_path(settings))
         try:
             yield
         finally:
@@ -87,6 +91,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     app.openapi = lambda: _openapi_with_problem_media_type(app)  # type: ignore[method-assign]
     app.add_middleware(MetricsMiddleware, metrics=lambda: app.state.metrics)
-    for router in (health.router, models.router, datasets.router, audits.router):
+    for router in (
+        health.router,
+        models.router,
+        datasets.router,
+        audits.router,
+        signing_routes.router,
+    ):
         app.include_router(router)
     return app

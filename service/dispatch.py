@@ -12,7 +12,13 @@ import logging
 
 from celery import Celery
 
-from service.queue import QUEUE, TASK_ADMIT_MODEL, TASK_RUN_AUDIT, make_celery
+from service.queue import (
+    QUEUE,
+    TASK_ADMIT_MODEL,
+    TASK_RUN_AUDIT,
+    TASK_SEND_CALLBACK,
+    make_celery,
+)
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -51,3 +57,7 @@ class Dispatcher:
 
     def audit(self, audit_id: str) -> bool:
         return self._send(TASK_RUN_AUDIT, audit_id)
+
+    def callback(self, audit_id: str) -> bool:
+        """Announce a finished audit to its callback_url (an audit cancelled while queued)."""
+        return self._send(TASK_SEND_CALLBACK, audit_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from service.errors import InvalidUpload
 from service.inspect_upload import ZIP_MAGIC, ArchiveLimits, inspect_zip
 
 NPY_MAGIC = b"\x93NUMPY"
+DEFAULT_LABELS = "labels"  # the array of class labels in an .npz, unless spec.labels_key says
 MAX_CHANNELS = 16
 FINITE_CHECK_CHUNK = 64  # images per isfinite pass, to bound memory on large uploads
 
@@ -29,6 +31,8 @@ class DatasetInspection:
     images_key: str | None  # None for .npy
     shape: list[int]  # images as [N, C, H, W]
     arrays: dict[str, list[int]]
+    # class labels of a classifier dataset: {"key", "count", "min", "max"}; None without labels
+    labels: dict[str, Any] | None = None
 
 
 def _check_dtype(name: str, array: np.ndarray) -> None:
@@ -74,7 +78,24 @@ def _load_npy(path: Path) -> np.ndarray:
         raise InvalidUpload(f"the .npy file is damaged or truncated ({exc})") from None
 
 
-def _inspect_npz(path: Path, key: str | None, entries: list[zipfile.ZipInfo]) -> DatasetInspection:
+def labels_summary(name: str, array: np.ndarray, count: int) -> dict[str, Any]:
+    """Class labels: integers >= 0, one per image (their upper bound is checked against the
+    model's num_classes when an audit is submitted)."""
+    if array.dtype.hasobject or not np.issubdtype(array.dtype, np.integer):
+        raise InvalidUpload(f"labels {name!r} have dtype {array.dtype}; use integer class indices")
+    if array.ndim != 1 or array.shape[0] != count:
+        raise InvalidUpload(
+            f"labels {name!r} have shape {list(array.shape)}; expected [{count}], one per image"
+        )
+    low, high = int(array.min()), int(array.max())
+    if low < 0:
+        raise InvalidUpload(f"labels {name!r} must be class indices >= 0 (found {low})")
+    return {"key": name, "count": count, "min": low, "max": high}
+
+
+def _inspect_npz(
+    path: Path, key: str | None, entries: list[zipfile.ZipInfo], labels_key: str | None = None
+) -> DatasetInspection:
     for entry in entries:
         if not entry.filename.endswith(".npy") or "/" in entry.filename:
             raise InvalidUpload(f"entry {entry.filename!r} is not an array of an .npz file")
@@ -87,6 +108,11 @@ def _inspect_npz(path: Path, key: str | None, entries: list[zipfile.ZipInfo]) ->
                 raise InvalidUpload(
                     f"the .npz has no array {images_key!r} (it has: {', '.join(names)})",
                 )
+            if labels_key is not None and labels_key not in names:
+                raise InvalidUpload(
+                    f"the .npz has no labels array {labels_key!r} (it has: {', '.join(names)})"
+                )
+            label_name = labels_key or (DEFAULT_LABELS if DEFAULT_LABELS in names else None)
             shape: list[int] = []
             for name in names:
                 array = npz[name]
@@ -95,16 +121,21 @@ def _inspect_npz(path: Path, key: str | None, entries: list[zipfile.ZipInfo]) ->
                 else:
                     _check_dtype(name, array)
                 arrays[name] = [int(d) for d in array.shape]
+            labels = None
+            if label_name is not None and label_name != images_key:
+                labels = labels_summary(label_name, npz[label_name], shape[0])
     except InvalidUpload:
         raise
     except ValueError as exc:
         raise InvalidUpload(f"the .npz cannot be read without unpickling ({exc})") from None
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise InvalidUpload(f"the .npz is damaged or truncated ({exc})") from None
-    return DatasetInspection("npz", images_key, shape, arrays)
+    return DatasetInspection("npz", images_key, shape, arrays, labels)
 
 
-def inspect_dataset(path: Path, key: str | None, limits: ArchiveLimits) -> DatasetInspection:
+def inspect_dataset(
+    path: Path, key: str | None, limits: ArchiveLimits, labels_key: str | None = None
+) -> DatasetInspection:
     with open(path, "rb") as f:
         head = f.read(6)
     if head == NPY_MAGIC:
@@ -120,5 +151,5 @@ def inspect_dataset(path: Path, key: str | None, limits: ArchiveLimits) -> Datas
                 "zips of PNG images are not accepted yet: convert them to an .npy array "
                 "of shape [N, C, H, W] (numpy.stack of the images) and upload that"
             )
-        return _inspect_npz(path, key, entries)
+        return _inspect_npz(path, key, entries, labels_key)
     raise InvalidUpload("not a dataset this service reads: upload an .npy or .npz file")

@@ -14,6 +14,7 @@ from service.settings import Settings, get_settings
 TASK_ADMIT_MODEL = "tightrope.admit_model"
 TASK_RUN_AUDIT = "tightrope.run_audit"
 TASK_RECONCILE = "tightrope.reconcile"
+TASK_SEND_CALLBACK = "tightrope.send_callback"
 QUEUE = "tightrope"
 
 
@@ -68,3 +69,7 @@ def enqueue_audit(audit_id: str) -> None:
 
 def enqueue_admission(model_id: str) -> None:
     get_celery().send_task(TASK_ADMIT_MODEL, args=[model_id], queue=QUEUE)
+
+
+def enqueue_callback(audit_id: str) -> None:
+    get_celery().send_task(TASK_SEND_CALLBACK, args=[audit_id], queue=QUEUE)

@@ -37,7 +37,16 @@ class Settings(BaseSettings):
     # The module the sandboxed child runs (`python -m <module> <jobdir>`); tests swap in faults.
     runner_module: str = "workers.runner"
 
+    # Ed25519 key that signs reports; default <data_dir>/signing/ed25519.pem (service.signing).
     signing_key_path: Path | None = None
+
+    # callback_url deliveries (workers.callbacks, docs/reports.md): the master secret the
+    # per-tenant HMAC secrets derive from (default: generated in <data_dir>/signing/), the time
+    # one POST may take, how often a failed delivery is tried, the first retry's delay.
+    callback_secret: str | None = None
+    callback_timeout_seconds: float = 10.0
+    callback_max_attempts: int = 6
+    callback_backoff_seconds: float = 2.0
 
     # The gateway brings the schema to Alembic's head at start-up; turn off where a deployment
     # runs migrations as a separate step (several gateway replicas on one PostgreSQL).

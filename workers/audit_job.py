@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from schemas.audits import TERMINAL_STATES
 from schemas.runner import RunnerEvent
 from service import queue
 from service.db.models import Audit, AuditShard, Model, utcnow
@@ -38,6 +39,7 @@ from workers.leases import (
     renew_lease,
     update_owned,
 )
+from workers.reporting.finalise import finalise_report
 from workers.sandbox import Sandbox, SandboxUnavailable, has_gpu
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,8 @@ class _Attempt:
     session: Session
     job_dir: Path
     enqueue: Callable[[str], None]
+    notify: Callable[[str], None] = queue.enqueue_callback
+    callback_url: str | None = None
     finished: bool = False  # a terminal status was written (or the lease was lost)
     lease_lost: bool = False
     cancelled: bool = False
@@ -89,6 +93,8 @@ class _Attempt:
         values.setdefault("finished_at", utcnow())
         if not release_lease(self.session, self.audit_id, self.owner, **values):
             self.lease_lost = True
+        elif values.get("status") in TERMINAL_STATES and self.callback_url:
+            notify_completion(self.audit_id, self.notify)
         self.finished = True
 
     def heartbeat(self, child: RunnerChild) -> None:
@@ -140,6 +146,8 @@ class _Attempt:
             )
             return
         verdict = report.get("verdict") if isinstance(report, dict) else None
+        if isinstance(report, dict):
+            finalise_report(report, self.job_dir / "out", self.settings)
         jobs.import_outputs(self.session, self.settings, self.audit_id, self.job_dir)
         self.finish(
             status="succeeded",
@@ -189,6 +197,14 @@ class _Attempt:
         self.finish(status="failed", error=problem_dict)
 
 
+def notify_completion(audit_id: str, notify: Callable[[str], None]) -> None:
+    """Enqueue the callback of a finished audit; a broker failure only costs the callback."""
+    try:
+        notify(audit_id)
+    except Exception:
+        log.warning("audit %s: could not enqueue its callback", audit_id, exc_info=True)
+
+
 def execute_audit(
     audit_id: str,
     *,
@@ -196,6 +212,7 @@ def execute_audit(
     session: Session,
     owner: str | None = None,
     enqueue: Callable[[str], None] = queue.enqueue_audit,
+    notify: Callable[[str], None] = queue.enqueue_callback,
 ) -> str:
     """Run one attempt; returns what happened (a status, or "busy"/"gave_up"/"lease_lost")."""
     owner = owner or new_owner()
@@ -207,11 +224,14 @@ def execute_audit(
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
     )
+    if outcome is LeaseOutcome.GAVE_UP and _callback_url(session, audit_id):
+        notify_completion(audit_id, notify)
     if outcome is not LeaseOutcome.ACQUIRED:
         return outcome.value
     audit = session.get(Audit, audit_id, populate_existing=True)
     assert audit is not None
-    attempt = _Attempt(audit_id, owner, settings, session, Path(), enqueue)
+    attempt = _Attempt(audit_id, owner, settings, session, Path(), enqueue, notify)
+    attempt.callback_url = (audit.request or {}).get("callback_url")
     if audit.cancel_requested:
         attempt.finish(status="cancelled")
         return "cancelled"
@@ -233,6 +253,11 @@ def execute_audit(
     finally:
         set_current_work(None)
         jobs.remove_job_dir(attempt.job_dir)
+
+
+def _callback_url(session: Session, audit_id: str) -> str | None:
+    request = session.scalar(select(Audit.request).where(Audit.id == audit_id))
+    return (request or {}).get("callback_url")
 
 
 def _supervise_child(

@@ -1,7 +1,8 @@
 """`tightrope`: the command line.
 
 serve / worker / keys run the service; audit runs the engine in process (no server);
-submit is a client of a running service; demo runs the whole service once, end to end.
+submit is a client of a running service; gate is the CI gate (in process or on a service);
+verify checks a report's signature; demo runs the whole service once, end to end.
 Heavy imports (uvicorn, the engine, torch) happen inside the commands that need them.
 """
 
@@ -117,9 +118,22 @@ def audit(
     ],
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for report.json and artifacts")],
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+    sign_key: Annotated[
+        Path | None,
+        typer.Option(help="Sign report.json with this Ed25519 private key (PEM; created if new)"),
+    ] = None,
 ) -> None:
-    """Run an audit in this process, without a server. `{"file": PATH}` references are
-    resolved relative to the config file."""
+    """Run an audit in this process, without a server; writes report.json, report.html and the
+    artifacts. `{"file": PATH}` references are resolved relative to the config file."""
+    report = _run_local_audit(model, spec, config, out_dir, quiet, sign_key)
+    out.print(f"verdict: [bold]{report['verdict']}[/bold]")
+    out.print(f"report: {out_dir / 'report.json'}", highlight=False, soft_wrap=True)
+
+
+def _run_local_audit(
+    model: Path, spec: Path, config: Path, out_dir: Path, quiet: bool, sign_key: Path | None
+) -> dict[str, Any]:
+    """The engine in process: report.json (signed when a key is given) and report.html."""
     from schemas.audits import AuditConfig
     from schemas.model_spec import ModelSpec
     from workers.progress import progress_display
@@ -137,6 +151,7 @@ def audit(
         raise _fail(_validation_message(exc, "config")) from None
     if not model.is_file():
         raise _fail(f"model file not found: {model}")
+    private_key = _load_sign_key(sign_key) if sign_key is not None else None
     from workers.engine.api import run_audit
     from workers.engine.errors import EngineInputError
     from workers.engine.rejection import ModelRejected
@@ -154,7 +169,7 @@ def audit(
             bar.update(fraction, " · ".join(p for p in (check, message) if p) or "running")
 
         try:
-            report = run_audit(
+            report: dict[str, Any] = run_audit(
                 model,
                 fmt,
                 model_spec,
@@ -166,8 +181,25 @@ def audit(
             )
         except (EngineInputError, ModelRejected) as exc:
             raise _fail(str(exc)) from None
-    out.print(f"verdict: [bold]{report['verdict']}[/bold]")
-    out.print(f"report: {out_dir / 'report.json'}", highlight=False, soft_wrap=True)
+    if private_key is not None:
+        from schemas.canonical import canonical_json
+        from service.signing import sign_report
+
+        report = sign_report(report, private_key)
+        (out_dir / "report.json").write_text(canonical_json(report), encoding="utf-8")
+    from workers.reporting.html import write_report_html
+
+    write_report_html(out_dir, report)
+    return report
+
+
+def _load_sign_key(path: Path) -> Any:
+    from service.signing import KeyFormatError, load_or_create_private_key
+
+    try:
+        return load_or_create_private_key(path)
+    except (OSError, KeyFormatError, ValueError) as exc:
+        raise _fail(f"signing key {path}: {exc}") from None
 
 
 @app.command()
@@ -209,16 +241,27 @@ def run_remote_audit(
     config: dict[str, Any],
     out_dir: Path,
     quiet: bool = False,
+    *,
+    reuse_model: bool = False,
+    junit: bool = False,
+    rejected_code: int = 1,
 ) -> str:
-    """Upload, wait for admission, submit, poll with progress, save report.json; the verdict."""
+    """Upload (or reuse a ready model with the same file and spec), wait for admission,
+    submit, poll with progress, and save report.json and report.html (and junit.xml when
+    asked); the verdict."""
     from workers.progress import describe, progress_display
 
-    uploaded = client.upload_model(model, spec)
-    err.print(f"model {uploaded['id']} uploaded ({uploaded['format']}), validating…")
-    admitted = client.wait_model(uploaded["id"])
-    if admitted["status"] != "ready":
-        raise _fail(f"model rejected: {admitted.get('reason')}", 1)
-    request = dict(config, model_id=admitted["id"])
+    model_id = _reusable_model(client, model, spec) if reuse_model else None
+    if model_id is not None:
+        err.print(f"model {model_id} already uploaded (same sha256 and spec), reusing it")
+    else:
+        uploaded = client.upload_model(model, spec)
+        err.print(f"model {uploaded['id']} uploaded ({uploaded['format']}), validating…")
+        admitted = client.wait_model(uploaded["id"])
+        if admitted["status"] != "ready":
+            raise _fail(f"model rejected: {admitted.get('reason')}", rejected_code)
+        model_id = admitted["id"]
+    request = dict(config, model_id=model_id)
     status = client.submit_audit(request)
     err.print(f"audit {status['id']} submitted")
     with progress_display(err, quiet=quiet) as bar:
@@ -233,9 +276,129 @@ def run_remote_audit(
     out_dir.mkdir(parents=True, exist_ok=True)
     report_path = out_dir / "report.json"
     report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    html = client.get_report_file(final["id"], "report.html")
+    if html is not None:
+        (out_dir / "report.html").write_bytes(html)
+    if junit:
+        junit_xml = client.get_report_file(final["id"], "report.junit.xml")
+        if junit_xml is not None:
+            (out_dir / "junit.xml").write_bytes(junit_xml)
     out.print(f"verdict: [bold]{report['verdict']}[/bold]")
     out.print(f"report: {report_path.resolve()}", highlight=False, soft_wrap=True)
     return str(report["verdict"])
+
+
+def _reusable_model(client: Any, model: Path, spec: dict[str, Any]) -> str | None:
+    """A ready model of this tenant with the same file and the same spec (a different spec
+    audits differently, so it does not count), or None."""
+    from schemas.model_spec import ModelSpec
+
+    wanted = ModelSpec.model_validate(spec).model_dump(mode="json")
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    for candidate in client.find_models(sha):
+        if candidate["status"] == "ready" and candidate["spec"] == wanted:
+            return str(candidate["id"])
+    return None
+
+
+@app.command()
+def verify(
+    report: Annotated[Path, typer.Argument(help="report.json to check")],
+    key: Annotated[
+        Path,
+        typer.Option(help="Public key: a PEM file, or the JSON of GET /v1/signing-key saved"),
+    ],
+) -> None:
+    """Check a report's Ed25519 signature: exit 0 when valid, 1 when not (any changed byte of
+    its content fails), 2 when a file cannot be read."""
+    from service.signing import KeyFormatError, load_public_key
+    from service.signing import verify as verify_signature
+
+    document = _read_json(report, "report")
+    try:
+        public_key = load_public_key(key.read_bytes())
+    except FileNotFoundError:
+        raise _fail(f"key file not found: {key}") from None
+    except KeyFormatError as exc:
+        raise _fail(f"key {key}: {exc}") from None
+    if not isinstance(document, dict) or not verify_signature(document, public_key):
+        err.print(f"[red]invalid:[/red] {report} is not signed by this key", highlight=False)
+        raise typer.Exit(1)
+    out.print(f"valid: {report} signed by key {document['signature']['key_id']}", highlight=False)
+
+
+GATE_CODES = {"pass": 0, "info": 0, "fail": 1}
+
+
+@app.command()
+def gate(
+    model: Annotated[Path, typer.Option(help="Model file")],
+    spec: Annotated[Path, typer.Option(help="Model spec JSON")],
+    config: Annotated[Path, typer.Option(help="Audit config JSON")],
+    out_dir: Annotated[
+        Path, typer.Option("--out", help="Where report.json, report.html, junit.xml go")
+    ] = Path("tightrope-report"),
+    server: Annotated[
+        str | None,
+        typer.Option(envvar="TIGHTROPE_SERVER", help="Audit on this service; default in process"),
+    ] = None,
+    key: Annotated[str, typer.Option(envvar="TIGHTROPE_API_KEY", help="API key (--server)")] = "",
+    sign_key: Annotated[
+        Path | None, typer.Option(help="In process: sign with this Ed25519 private key (PEM)")
+    ] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+) -> None:
+    """A CI gate: audit the model (on --server, or in process), write report.json, report.html
+    and junit.xml, and exit 0 on pass or info, 1 on fail, 2 on an error."""
+    try:
+        verdict = _gate(model, spec, config, out_dir, server, key, sign_key, quiet)
+    except typer.Exit as exc:
+        raise typer.Exit(2 if exc.exit_code else 0) from None  # every early exit is an error
+    except Exception as exc:  # a crash must not read as a failed verdict (1)
+        raise _fail(f"{type(exc).__name__}: {exc}") from None
+    if not (out_dir / "junit.xml").is_file():
+        err.print("warning: the service returned no junit.xml")
+    raise typer.Exit(GATE_CODES.get(verdict, 2))
+
+
+def _gate(
+    model: Path,
+    spec: Path,
+    config: Path,
+    out_dir: Path,
+    server: str | None,
+    key: str,
+    sign_key: Path | None,
+    quiet: bool,
+) -> str:
+    from service.junit import render_junit
+
+    if server is None:
+        report = _run_local_audit(model, spec, config, out_dir, quiet, sign_key)
+        (out_dir / "junit.xml").write_text(render_junit(report), encoding="utf-8")
+        out.print(f"verdict: [bold]{report['verdict']}[/bold]")
+        return str(report["verdict"])
+    from workers.client import ApiError, TightropeClient
+
+    if not key:
+        raise _fail("an API key is needed with --server: --key or TIGHTROPE_API_KEY")
+    if not model.is_file():
+        raise _fail(f"model file not found: {model}")
+    try:
+        with TightropeClient(server, key) as client:
+            return run_remote_audit(
+                client,
+                model,
+                _read_json(spec, "spec"),
+                _read_json(config, "config"),
+                out_dir,
+                quiet,
+                reuse_model=True,
+                junit=True,
+                rejected_code=2,
+            )
+    except (ApiError, TimeoutError, OSError) as exc:
+        raise _fail(str(exc)) from None
 
 
 @app.command()

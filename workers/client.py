@@ -1,4 +1,4 @@
-"""A small HTTP client of the Tightrope API (used by `tightrope submit` and `tightrope demo`).
+"""A small HTTP client of the Tightrope API (`tightrope submit`, `gate` and `demo`).
 
 Torch-free: it only moves files and JSON.
 """
@@ -121,3 +121,15 @@ class TightropeClient:
 
     def get_report(self, audit_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/audits/{audit_id}/report")
+
+    def get_report_file(self, audit_id: str, name: str) -> bytes | None:
+        """`report.html` or `report.junit.xml` of a succeeded audit; None when not there."""
+        response = self._http.get(f"/v1/audits/{audit_id}/{name}")
+        if response.status_code == 404:
+            return None
+        _raise_for_problem(response)
+        return response.content
+
+    def find_models(self, sha256: str) -> list[dict[str, Any]]:
+        """The tenant's live models whose file has this sha256, newest first."""
+        return list(self._json("GET", "/v1/models", params={"sha256": sha256})["items"])

@@ -71,6 +71,13 @@ def _copy_dataset(
     return relative
 
 
+def _labels_key(session: Session, dataset_id: str) -> str | None:
+    """The labels array recorded at upload (classifier datasets), if any."""
+    dataset = session.get(Dataset, dataset_id)
+    labels = (dataset.shape or {}).get("labels") if dataset is not None else None
+    return labels["key"] if isinstance(labels, dict) else None
+
+
 def localise_config(
     session: Session, settings: Settings, audit: Audit, job_dir: Path
 ) -> AuditConfig:
@@ -82,7 +89,11 @@ def localise_config(
         path = _copy_dataset(
             session, settings, audit.tenant_id, dataset["dataset_id"], job_dir, "dataset"
         )
-        request["dataset"] = {"file": path, "key": dataset.get("key")}
+        request["dataset"] = {
+            "file": path,
+            "key": dataset.get("key"),
+            "labels_key": _labels_key(session, dataset["dataset_id"]),
+        }
     operator = request.get("operator")
     if isinstance(operator, dict):
         operator = dict(operator)

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from service.db.models import utcnow
 from service.db.session import get_sessionmaker
-from service.queue import TASK_ADMIT_MODEL, TASK_RECONCILE, TASK_RUN_AUDIT
+from service.queue import TASK_ADMIT_MODEL, TASK_RECONCILE, TASK_RUN_AUDIT, TASK_SEND_CALLBACK
 from service.settings import get_settings
 from workers.admission import execute_admission
 from workers.audit_job import execute_audit
+from workers.callbacks import Delivery, backoff_seconds, deliver_callback
 from workers.celery_app import app
 from workers.reconciler import reconcile_once
+
+log = logging.getLogger(__name__)
 
 
 @app.task(name=TASK_RUN_AUDIT, acks_late=True, reject_on_worker_lost=True)
@@ -33,3 +39,21 @@ def reconcile() -> dict[str, list[str]]:
         "lost_messages": result.lost_messages,
         "models": result.models,
     }
+
+
+@app.task(name=TASK_SEND_CALLBACK, bind=True, acks_late=True, max_retries=None)
+def send_callback(self: Any, audit_id: str) -> str:
+    """POST a finished audit's status to its callback_url; retried with exponential backoff
+    while the receiver fails transiently, up to callback_max_attempts deliveries."""
+    settings = get_settings()
+    with get_sessionmaker()() as session:
+        outcome = deliver_callback(
+            session, settings, audit_id, delivery_id=str(self.request.id or audit_id)
+        )
+    retries = int(self.request.retries or 0)
+    if outcome.delivery is Delivery.RETRY and retries + 1 < settings.callback_max_attempts:
+        log.info("callback of %s: %s; retrying", audit_id, outcome.detail)
+        raise self.retry(countdown=backoff_seconds(settings, retries))
+    if outcome.delivery in (Delivery.RETRY, Delivery.REFUSED):
+        log.warning("callback of %s not delivered: %s", audit_id, outcome.detail)
+    return outcome.delivery.value

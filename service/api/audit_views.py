@@ -4,36 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-from schemas.audits import TERMINAL_STATES, AuditLinks, AuditStatus, Progress
-from schemas.problem import Problem
-from service.db.models import Audit
+# to_status lives outside the HTTP layer: the workers' callbacks send the same view.
+from service.audit_status import to_status
 
-
-def to_status(audit: Audit) -> AuditStatus:
-    base = f"/v1/audits/{audit.id}"
-    terminal = audit.status in TERMINAL_STATES
-    return AuditStatus(
-        id=audit.id,
-        model_id=audit.model_id,
-        status=audit.status,
-        progress=Progress(
-            fraction=min(max(audit.progress_fraction, 0.0), 1.0),
-            current_check=audit.progress_check,
-            message=audit.progress_message,
-        ),
-        verdict=audit.verdict,
-        error=Problem.model_validate(audit.error) if audit.error else None,
-        attempts=audit.attempts,
-        created_at=audit.created_at,
-        started_at=audit.started_at,
-        finished_at=audit.finished_at,
-        updated_at=audit.updated_at,
-        links=AuditLinks(
-            self=base,
-            report=f"{base}/report" if audit.status == "succeeded" else None,
-            cancel=None if terminal else f"{base}/cancel",
-        ),
-    )
+__all__ = ["etag_of", "if_none_match_hits", "to_status"]
 
 
 def etag_of(body: bytes) -> str:

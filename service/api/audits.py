@@ -22,8 +22,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from schemas.audits import TERMINAL_STATES, AuditList, AuditRequest, AuditState, AuditStatus
+from schemas.checks_classifier import task_problems
 from schemas.common import FileArray, UploadedArray
-from schemas.datasets import FileDataset, UploadedDataset
+from schemas.datasets import DIGIT_CLASSES, BuiltinDataset, FileDataset, UploadedDataset
+from schemas.model_spec import ModelSpec
 from schemas.problem import FieldError
 from service.api.audit_views import etag_of, if_none_match_hits, to_status
 from service.api.datasets import get_owned_dataset
@@ -38,6 +40,8 @@ from service.errors import (
     ValidationFailed,
     problem_responses,
 )
+from service.junit import MEDIA_TYPE as JUNIT_MEDIA_TYPE
+from service.junit import render_junit
 from service.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
 from service.storage import SAFE_NAME
 
@@ -50,6 +54,8 @@ FILE_REFERENCE_REFUSED = (
     "file references are only accepted by the local CLI; upload the array with POST /v1/datasets"
 )
 REPORT_FILES = {"report": "application/json", "report.html": "text/html; charset=utf-8"}
+# The report page needs no script and no request (figures are data URIs): forbid both.
+REPORT_HTML_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 
 
 def canonical_request(request: AuditRequest) -> tuple[dict[str, Any], str]:
@@ -62,7 +68,8 @@ def canonical_request(request: AuditRequest) -> tuple[dict[str, Any], str]:
 def _array_references(request: AuditRequest) -> list[tuple[list[str | int], Any]]:
     """(location, reference) of the dataset and of every array the operator names."""
     refs: list[tuple[list[str | int], Any]] = [(["body", "dataset"], request.dataset)]
-    for name, value in request.operator.__dict__.items():
+    operator_fields = request.operator.__dict__ if request.operator is not None else {}
+    for name, value in operator_fields.items():
         if isinstance(value, UploadedArray | FileArray):
             refs.append((["body", "operator", name], value))
     return refs
@@ -109,6 +116,53 @@ def check_model(session: Session, tenant: Tenant, model_id: str) -> Model:
     if model.status != "ready":
         raise ModelNotReady(f"Model {model_id!r} was rejected: {model.reason or 'no reason given'}")
     return model
+
+
+def check_fits_model(session: Session, tenant: Tenant, request: AuditRequest, model: Model) -> None:
+    """The checks, operator and dataset must fit the model's task (docs/classifiers.md)."""
+    spec = ModelSpec.model_validate(model.spec)
+    problems = task_problems(
+        spec.task,
+        [check.kind for check in request.checks],
+        has_operator=request.operator is not None,
+        has_baseline=request.baseline is not None,
+    )
+    if spec.task == "classification":
+        assert spec.num_classes is not None  # the spec's validator requires it
+        problems.extend(_label_problems(session, tenant, request, spec.num_classes))
+    if problems:
+        detail = "; ".join(problems)
+        raise ValidationFailed(
+            f"the audit does not fit model {model.id!r} (task {spec.task!r}): {detail}",
+            errors=[FieldError(loc=["body"], msg=p, type="value_error") for p in problems],
+        )
+
+
+def _label_problems(
+    session: Session, tenant: Tenant, request: AuditRequest, num_classes: int
+) -> list[str]:
+    """A classifier audit needs labelled images: built-in digits or an .npz with labels."""
+    dataset = request.dataset
+    if isinstance(dataset, BuiltinDataset):
+        if dataset.builtin != "digits":
+            return [f"built-in dataset {dataset.builtin!r} has no labels; use 'digits'"]
+        if num_classes < DIGIT_CLASSES:
+            return [f"built-in digits have {DIGIT_CLASSES} classes; the model has {num_classes}"]
+        return []
+    if isinstance(dataset, UploadedDataset):
+        row = get_owned_dataset(session, tenant, dataset.dataset_id)
+        labels = (row.shape or {}).get("labels") if row is not None else None
+        if row is not None and labels is None:
+            return [
+                f"dataset {dataset.dataset_id!r} has no labels; upload an .npz with arrays "
+                "`images` and `labels`"
+            ]
+        if labels is not None and labels["max"] >= num_classes:
+            return [
+                f"dataset {dataset.dataset_id!r} has labels up to {labels['max']}; the model "
+                f"has {num_classes} classes"
+            ]
+    return []
 
 
 def get_owned_audit(session: Session, tenant: Tenant, audit_id: str) -> Audit:
@@ -159,7 +213,8 @@ def submit_audit(
         if earlier is not None:
             return _accepted(earlier, replayed=True)
     check_references(session, tenant, body)
-    check_model(session, tenant, body.model_id)
+    model = check_model(session, tenant, body.model_id)
+    check_fits_model(session, tenant, body, model)
     audit = Audit(
         tenant_id=tenant.id,
         model_id=body.model_id,
@@ -237,7 +292,9 @@ def read_audit(
     responses=problem_responses(401, 404, 409),
     summary="Cancel an audit (a running one stops at its next checkpoint)",
 )
-def cancel_audit(audit_id: str, tenant: TenantDep, session: SessionDep) -> AuditStatus:
+def cancel_audit(
+    audit_id: str, tenant: TenantDep, session: SessionDep, dispatcher: DispatcherDep
+) -> AuditStatus:
     audit = get_owned_audit(session, tenant, audit_id)
     if audit.status in TERMINAL_STATES:
         raise AuditFinished(f"Audit {audit_id!r} has already {audit.status}; nothing to cancel.")
@@ -256,6 +313,9 @@ def cancel_audit(audit_id: str, tenant: TenantDep, session: SessionDep) -> Audit
         )
     session.commit()
     session.refresh(audit)
+    if cancelled_queued.rowcount == 1 and audit.request.get("callback_url"):  # type: ignore[attr-defined]
+        # No worker will touch this audit again: announce it from here (after the commit).
+        dispatcher.callback(audit.id)
     return to_status(audit)
 
 
@@ -279,7 +339,8 @@ def _report_file(audit: Audit, artifact_root: Path, name: str) -> FileResponse:
     path = report if name == "report" else report.with_name(name)
     if not path.is_file():
         raise NotFound(f"Audit {audit.id!r} has no {name}.")
-    return FileResponse(path, media_type=REPORT_FILES[name])
+    headers = {"Content-Security-Policy": REPORT_HTML_CSP} if name == "report.html" else None
+    return FileResponse(path, media_type=REPORT_FILES[name], headers=headers)
 
 
 @router.get(
@@ -309,6 +370,27 @@ def read_report_html(
 ) -> FileResponse:
     audit = get_owned_audit(session, tenant, audit_id)
     return _report_file(audit, settings.artifact_dir, "report.html")
+
+
+@router.get(
+    "/{audit_id}/report.junit.xml",
+    responses={
+        200: {"content": {JUNIT_MEDIA_TYPE: {}}, "description": "JUnit XML, one case per check"},
+        **problem_responses(401, 404, 409),
+    },
+    summary="The report as JUnit XML, for CI systems",
+)
+def read_report_junit(
+    audit_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep
+) -> Response:
+    audit = get_owned_audit(session, tenant, audit_id)
+    report_file = _report_file(audit, settings.artifact_dir, "report")
+    try:
+        report = json.loads(Path(report_file.path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.error("audit %s: unreadable report: %s", audit_id, exc)
+        raise NotFound(f"Audit {audit_id!r} has no readable report.") from None
+    return Response(render_junit(report), media_type=JUNIT_MEDIA_TYPE)
 
 
 @router.get(

@@ -35,6 +35,7 @@ def to_resource(dataset: Dataset) -> DatasetResource:
         size_bytes=dataset.size_bytes,
         shape=dataset.shape["images"],
         arrays=dataset.shape["arrays"],
+        labels=dataset.shape.get("labels"),
         created_at=dataset.created_at,
     )
 
@@ -65,7 +66,7 @@ async def upload_dataset(
     with await receive_upload(request, blobs, settings.max_upload_bytes) as staged:
         spec = parse_spec(DatasetUploadSpec, staged.fields.get("spec"))
         inspection = await run_in_threadpool(
-            inspect_dataset, staged.path, spec.key, archive_limits(settings)
+            inspect_dataset, staged.path, spec.key, archive_limits(settings), spec.labels_key
         )
         staged.commit(blobs)
 
@@ -80,7 +81,11 @@ async def upload_dataset(
             format=inspection.format,
             sha256=staged.sha256,
             size_bytes=staged.size,
-            shape={"images": inspection.shape, "arrays": inspection.arrays},
+            shape={
+                "images": inspection.shape,
+                "arrays": inspection.arrays,
+                "labels": inspection.labels,
+            },
         )
         session.add(dataset)
         session.commit()

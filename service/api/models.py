@@ -101,8 +101,17 @@ def list_models(
     session: SessionDep,
     page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     page_token: str | None = None,
+    sha256: Annotated[
+        str | None,
+        Query(
+            pattern="^[0-9a-f]{64}$",
+            description="Only models whose file has this sha256 (lower-case hex)",
+        ),
+    ] = None,
 ) -> ModelList:
     query = select(Model).where(Model.tenant_id == tenant.id, Model.deleted_at.is_(None))
+    if sha256 is not None:
+        query = query.where(Model.sha256 == sha256)
     query = paginate(query, Model.created_at, Model.id, page_token, page_size)
     rows, next_token = split_page(list(session.scalars(query)), page_size)
     return ModelList(items=[to_resource(m) for m in rows], next_page_token=next_token)

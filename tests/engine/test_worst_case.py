@@ -92,7 +92,7 @@ def test_artifacts_hold_the_worst_perturbation_on_measured_entries(
     assert sorted(files) == [
         f"worst_case-level{k}-{part}.npy"
         for k in (0, 1)
-        for part in ("perturbation", "reconstruction")
+        for part in ("clean", "original", "perturbation", "reconstruction")
     ]
     operator = mri_context.operator
     for k, row in enumerate(report["levels"]):
@@ -103,6 +103,10 @@ def test_artifacts_hold_the_worst_perturbation_on_measured_entries(
         assert float(operator.norm(e[None])) <= row["level"] * float(operator.norm(y)) * (1 + 1e-6)
         attacked = files[f"worst_case-level{k}-reconstruction.npy"]
         np.testing.assert_allclose(attacked, subject.reconstruct(y + e[None])[0].numpy(), atol=1e-5)
+        clean = files[f"worst_case-level{k}-clean.npy"]
+        np.testing.assert_allclose(clean, subject.reconstruct(y)[0].numpy(), atol=1e-5)
+        original = files[f"worst_case-level{k}-original.npy"]
+        np.testing.assert_array_equal(original, mri_context.images[row["worst_image"]["index"]])
 
 
 def test_out_of_memory_halves_the_batch_and_warns() -> None:

@@ -16,6 +16,7 @@ import torch
 
 from schemas.model_spec import Architecture, ModelSpec
 from workers.engine.rejection import ModelRejected
+from workers.engine.small_cnn import SmallCNN
 
 ParamValue = int | float | bool | str
 
@@ -40,6 +41,10 @@ def _build_unet(*, base_channels: int | None = None, **params: Any) -> torch.nn.
 
 def _build_dncnn(**params: Any) -> torch.nn.Module:
     return deepinv.models.DnCNN(**params)
+
+
+def _build_small_cnn(**params: Any) -> torch.nn.Module:
+    return SmallCNN(**params)
 
 
 ARCHITECTURES: dict[str, RegisteredArchitecture] = {
@@ -67,6 +72,12 @@ ARCHITECTURES: dict[str, RegisteredArchitecture] = {
         allowed_params=frozenset({"in_channels", "out_channels", "depth", "bias", "nf"}),
         fixed_params={"pretrained": None, "device": "cpu", "dim": 2},
     ),
+    "small_cnn": RegisteredArchitecture(
+        name="small_cnn",
+        build=_build_small_cnn,
+        allowed_params=frozenset({"in_channels", "width"}),
+        fixed_params={},
+    ),
 }
 
 
@@ -93,6 +104,8 @@ def constructor_arguments(architecture: Architecture | None, spec: ModelSpec) ->
         )
     channels = spec.image_shape[0]
     kwargs: dict[str, Any] = {"in_channels": channels, "out_channels": channels}
+    if spec.task == "classification":  # a classifier's output is num_classes logits
+        kwargs = {"in_channels": channels, "num_classes": spec.num_classes}
     kwargs.update(given)
     kwargs.update(arch.fixed_params)
     return kwargs

@@ -21,8 +21,11 @@ import torch
 
 from schemas.audits import AuditConfig
 from schemas.checks import Baseline
+from schemas.checks_classifier import task_problems
 from schemas.datasets import BuiltinDataset
 from schemas.model_spec import ModelSpec
+from schemas.operators import DenoisingOperator
+from workers.engine.classifiers import classifier_subject
 from workers.engine.context import (
     ARTIFACT_FILES_KEY,
     AuditContext,
@@ -33,6 +36,7 @@ from workers.engine.context import (
 )
 from workers.engine.datasets import fit_images_to_spec, load_images, scale_to_range
 from workers.engine.errors import AuditCancelled, EngineInputError
+from workers.engine.labelled import load_labelled
 from workers.engine.operators import build_operator
 from workers.engine.registry import get_check
 from workers.engine.report import build_report, write_report
@@ -108,10 +112,12 @@ def run_audit_with_model(
         ctx = _context(spec, config, device, base_dir)
         if isinstance(model, torch.nn.Module):
             model = model.to(device)
-        subjects = {"model": model_subject(model, spec, ctx.operator, PassCounter())}
+        subjects = {"model": _model_subject(model, spec, ctx)}
         baseline = _baseline_subject(config, ctx, baseline_builder)
         if baseline is not None:
             subjects["baseline"] = baseline
+        if spec.task == "reconstruction":
+            _enable_rebuilding(ctx, config, base_dir, model, spec, subjects, baseline_builder)
         shards = plan_shards(config, ctx.images.shape[0], list(subjects))
         records = _run_shards(
             config, ctx, subjects, shards, completed_shards or {}, progress, on_shard, stop, started
@@ -145,11 +151,26 @@ def run_audit_with_model(
 def _context(
     spec: ModelSpec, config: AuditConfig, device: torch.device, base_dir: Path | None
 ) -> AuditContext:
-    images = load_images(config.dataset, base_dir)
+    problems = task_problems(
+        spec.task,
+        [check.kind for check in config.checks],
+        has_operator=config.operator is not None,
+        has_baseline=config.baseline is not None,
+    )
+    if problems:
+        raise EngineInputError("; ".join(problems))
+    labels: torch.Tensor | None = None
+    if spec.task == "classification":
+        assert spec.num_classes is not None  # the spec's validator requires it
+        images, labels = load_labelled(config.dataset, base_dir, spec.num_classes)
+    else:
+        images = load_images(config.dataset, base_dir)
     if isinstance(config.dataset, BuiltinDataset):  # phantoms are in [0, 1]; files are as given
         images = scale_to_range(images, spec.value_range)
     images = fit_images_to_spec(images, spec)
-    operator = build_operator(config.operator, spec.image_shape, device, base_dir)
+    # A classifier sees images: its checks perturb them through the identity operator.
+    operator_config = config.operator if config.operator is not None else DenoisingOperator()
+    operator = build_operator(operator_config, spec.image_shape, device, base_dir)
     return AuditContext(
         operator=operator,
         images=images.to(device),
@@ -158,7 +179,14 @@ def _context(
         noise_level=config.noise_level,
         value_range=spec.value_range,
         warnings=[],
+        labels=None if labels is None else labels.to(device),
     )
+
+
+def _model_subject(model: torch.nn.Module, spec: ModelSpec, ctx: AuditContext) -> Subject:
+    if spec.task == "classification":
+        return classifier_subject(model, spec, PassCounter())
+    return model_subject(model, spec, ctx.operator, PassCounter())
 
 
 def _baseline_subject(
@@ -183,6 +211,38 @@ def _baseline_subject(
         return reconstruct(y)
 
     return Subject(name="baseline", reconstruct=counted, counter=counter)
+
+
+def _enable_rebuilding(
+    ctx: AuditContext,
+    config: AuditConfig,
+    base_dir: Path | None,
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    subjects: dict[str, Subject],
+    builder: BaselineBuilder | None,
+) -> None:
+    """What checks that build other operators need (more_samples): the operator config, the
+    base directory, and each subject rebuilt for another operator, counting its passes on the
+    subject's own counter."""
+    ctx.operator_config = config.operator
+    ctx.base_dir = base_dir
+
+    def subject_for(name: str, operator: Operator) -> Subject:
+        current = subjects[name]
+        if name == "model":
+            return model_subject(model, spec, operator, current.counter)
+        assert config.baseline is not None  # a baseline subject exists only when configured
+        build = builder or importlib.import_module("workers.engine.baselines").build_baseline
+        reconstruct = build(config.baseline, operator)
+
+        def counted(y: torch.Tensor) -> torch.Tensor:
+            current.counter.forward += y.shape[0]
+            return reconstruct(y)
+
+        return Subject(name=name, reconstruct=counted, counter=current.counter)
+
+    ctx.subject_for = subject_for
 
 
 def _run_shards(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -68,8 +69,16 @@ class AuditContext:
     noise_level: float  # relative Gaussian noise of the clean measurements y = Ax + e
     value_range: tuple[float, float] = (0.0, 1.0)
     warnings: list[str] = field(default_factory=list)
+    # class labels [N] (int64, on device) of a classifier audit; None for reconstruction audits
+    labels: torch.Tensor | None = None
     progress: Callable[[float, str], None] = lambda fraction, message: None
     should_stop: Callable[[], bool] = lambda: False
+    # For checks that build other operators (more_samples): the audit's operator config, the
+    # directory its file references resolve against, and the subject ("model" | "baseline")
+    # rebuilt for another operator (None where the audit cannot rebuild it).
+    operator_config: Any = None
+    base_dir: Path | None = None
+    subject_for: Callable[[str, Operator], Subject] | None = None
 
     def measurements(self, indices: Sequence[int]) -> torch.Tensor:
         """y = A x + e for the given images, with e seeded per image (same y in every shard)."""

@@ -23,6 +23,10 @@ def load_images(ref: DatasetRef, base_dir: Path | None = None) -> torch.Tensor:
     if isinstance(ref, BuiltinDataset):
         if ref.builtin == "ellipses":
             return random_ellipses(ref.count, ref.size, ref.seed)
+        if ref.builtin == "digits":
+            from workers.engine.labelled import digits  # labelled.py imports arrays, not us
+
+            return digits(ref.count, ref.size, ref.seed)[0]
         return shepp_logan(ref.count, ref.size)
     if isinstance(ref, UploadedDataset):
         raise EngineInputError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,17 +12,11 @@ import numpy as np
 import torch
 
 from schemas.audits import AuditConfig
+from schemas.canonical import canonical_json  # the serialisation reports are signed in
 from schemas.reports import SCHEMA_VERSION, Report
 from workers.engine.shards import check_seed
 
 REPORT_FILE = "report.json"
-
-
-def canonical_json(value: Any) -> str:
-    """The one serialisation the report is hashed and signed in: sorted keys, no spaces, UTF-8."""
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
 
 
 def canonical_config(config: AuditConfig) -> dict[str, Any]:

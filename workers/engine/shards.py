@@ -7,6 +7,8 @@ import hashlib
 from dataclasses import dataclass
 
 from schemas.audits import AuditConfig
+from schemas.checks_classifier import WHOLE_DATASET_KINDS
+from schemas.checks_theorem import WHOLE_SET_THEOREM_KINDS
 
 
 @dataclass(frozen=True)
@@ -34,8 +36,8 @@ def shard_id(check_index: int, kind: str, subject: str, start: int, stop: int) -
 
 
 def plan_shards(config: AuditConfig, n_images: int, subjects: list[str]) -> list[Shard]:
-    """In order: check by check, subject by subject, slices of `budget.images_per_shard`."""
-    step = config.budget.images_per_shard
+    """In order: check by check, subject by subject, slices of `budget.images_per_shard`.
+    Kinds that split the images themselves (`universal`: train / held-out) get one shard."""
     return [
         Shard(
             shard_id(index, check.kind, subject, start, min(start + step, n_images)),
@@ -46,9 +48,16 @@ def plan_shards(config: AuditConfig, n_images: int, subjects: list[str]) -> list
             min(start + step, n_images),
         )
         for index, check in enumerate(config.checks)
+        for step in [_shard_size(config, check.kind, n_images)]
         for subject in subjects
         for start in range(0, n_images, step)
     ]
+
+
+def _shard_size(config: AuditConfig, kind: str, n_images: int) -> int:
+    if kind in WHOLE_DATASET_KINDS or kind in WHOLE_SET_THEOREM_KINDS:
+        return max(1, n_images)
+    return config.budget.images_per_shard
 
 
 def derive_seed(*parts: object) -> int:

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import importlib
 
+from workers.engine.checks import (  # noqa: F401 - importing registers their checks
+    classifier_checks,
+    theorem_checks,
+)
 from workers.engine.checks.lipschitz import LipschitzRunner
 from workers.engine.checks.random_noise import RandomNoiseRunner
 from workers.engine.registry import CHECKS, register

@@ -14,6 +14,8 @@ import torch
 
 from schemas.checks import RandomNoiseCheck
 from workers.engine import metrics
+from workers.engine.checks import classifier_noise
+from workers.engine.classifiers import ClassifierSubject
 from workers.engine.context import AuditContext, Subject
 from workers.engine.shards import derive_seed
 from workers.engine.stats import clopper_pearson
@@ -58,6 +60,8 @@ class RandomNoiseRunner:
         indices: Sequence[int],
         seed: int,
     ) -> dict[str, Any]:
+        if isinstance(subject, ClassifierSubject):  # accuracy per level instead of errors
+            return classifier_noise.run(config, ctx, subject, indices, seed, unit_noise)
         operator = ctx.operator
         complex_images = ctx.images.shape[1] == 2 and operator.kind == "mri"
         per_image = []
@@ -103,6 +107,8 @@ class RandomNoiseRunner:
         return {"images": per_image}
 
     def merge(self, config: RandomNoiseCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
+        if shards and shards[0].get("task") == classifier_noise.TASK:
+            return classifier_noise.merge(config, shards)
         images = [image for shard in shards for image in shard["images"]]
         warnings: list[str] = []
         table = []

@@ -79,7 +79,8 @@ class WorstCaseRunner:
             if candidates:
                 worst = max(candidates, key=lambda w: w["relative_error"])
                 files[f"worst_case-level{k}-perturbation.npy"] = _decode(worst["perturbation"])
-                files[f"worst_case-level{k}-reconstruction.npy"] = _decode(worst["reconstruction"])
+                for part in ("reconstruction", "original", "clean"):
+                    files[f"worst_case-level{k}-{part}.npy"] = _decode(worst[part])
         if any(row.get("non_finite", 0) for row in table):
             warnings.append("the model returned NaN or infinite values under attack")
         clean = [image["clean_relative_error"] for image in images]
@@ -152,6 +153,9 @@ def _attack_images(
                     "relative_error": float(values["relative_error"][position]),
                     "perturbation": _encode(e[position]),
                     "reconstruction": _encode(attacked[position]),
+                    # for the report's image panels: x, Ψ(y), Ψ(y+e) and their difference
+                    "original": _encode(x[position]),
+                    "clean": _encode(clean[position]),
                 }
             )
         clean_error = metrics.relative_error(clean, x).double().cpu().tolist()

@@ -1,0 +1,182 @@
+"""What each check result of a report found, in words and numbers: the short sentence the HTML
+report shows, and the threshold comparisons (measured value against bound) that JUnit turns
+into test cases. Reads the plain JSON of report.json (docs/report.md); torch-free.
+
+Results carry no config index, but the engine writes them in config order with the model's
+result first, so a `model` result starts the next config check (docs/report.md, `checks`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """One bound of a threshold: passes when `measured <= bound`."""
+
+    quantity: str
+    measured: float | None
+    bound: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Finding:
+    index: int  # position of the check in config.checks
+    kind: str
+    subject: str
+    verdict: str
+    sentence: str
+    config: dict[str, Any]
+    result: dict[str, Any]
+    comparisons: list[Comparison] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"c{self.index:02d} {self.kind} ({self.subject})"
+
+    @property
+    def has_threshold(self) -> bool:
+        return bool(self.config.get("threshold"))
+
+
+def fmt(value: float | None, digits: int = 4) -> str:
+    if value is None:
+        return "n/a"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def _compare(quantity: str, measured: float | None, bound: float | None) -> list[Comparison]:
+    if bound is None:
+        return []
+    passed = measured is not None and math.isfinite(measured) and measured <= bound
+    return [Comparison(quantity, measured, float(bound), passed)]
+
+
+def _level_row(result: dict[str, Any], level: float | None) -> dict[str, Any] | None:
+    rows = result.get("levels") or []
+    if not rows:
+        return None
+    if level is None:
+        return dict(rows[-1])
+    return next((dict(r) for r in rows if r.get("level") == level), None)
+
+
+def _get(row: dict[str, Any] | None, *path: str) -> float | None:
+    value: Any = row
+    for key in path:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(key)
+    return float(value) if isinstance(value, int | float) else None
+
+
+def _random_noise(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+    threshold = config.get("threshold") or {}
+    level = result.get("verdict_level") or threshold.get("at_level")
+    row = _level_row(result, level)
+    level = _get(row, "level")
+    estimate = _get(row, "failure_probability", "estimate")
+    high = _get(row, "failure_probability", "ci_high")
+    sentence = (
+        f"Under Gaussian noise of relative size {fmt(level)}, "
+        f"{int(_get(row, 'failures') or 0)} of {int(_get(row, 'trials') or 0)} samples had a "
+        f"relative error above τ = {fmt(_get(result, 'failure_error'))} (failure probability "
+        f"{fmt(estimate)}, 95 % interval up to {fmt(high)}); mean relative error "
+        f"{fmt(_get(row, 'relative_error', 'mean'))}."
+    )
+    comparisons = _compare(
+        f"failure probability (upper 95 % bound) at level {fmt(level)}",
+        high,
+        threshold.get("max_failure_probability"),
+    )
+    return sentence, comparisons
+
+
+def _worst_case(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+    threshold = config.get("threshold") or {}
+    row = _level_row(result, threshold.get("at_level"))
+    level = _get(row, "level")
+    worst = _get(row, "relative_error", "max")
+    gaussian = _get(row, "gaussian_relative_error", "max")
+    clean = _get(result, "clean_relative_error", "max")
+    sentence = (
+        f"A worst-case perturbation of relative size {fmt(level)} ({result.get('space', '?')} "
+        f"space) raised the relative error to {fmt(worst)}, against {fmt(clean)} without "
+        f"perturbation and {fmt(gaussian)} for Gaussian noise of the same size."
+    )
+    comparisons = _compare(
+        f"worst-case relative error at level {fmt(level)}",
+        worst,
+        threshold.get("max_relative_error"),
+    )
+    bounds = [_get(r, "lipschitz_lower_bound", "max") for r in result.get("levels") or []]
+    largest = max((b for b in bounds if b is not None), default=None)
+    if threshold.get("max_lipschitz") is not None:
+        comparisons += _compare(
+            "empirical Lipschitz lower bound", largest, threshold["max_lipschitz"]
+        )
+    non_finite = sum(int(_get(r, "non_finite") or 0) for r in result.get("levels") or [])
+    if non_finite and threshold:
+        comparisons.append(Comparison("outputs that were NaN or infinite", non_finite, 0, False))
+    return sentence, comparisons
+
+
+def _lipschitz(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+    threshold = config.get("threshold") or {}
+    largest = _get(result, "jacobian_norm", "max")
+    sentence = (
+        f"The spectral norm of the Jacobian, a lower bound of the local Lipschitz constant, is "
+        f"{fmt(_get(result, 'jacobian_norm', 'mean'))} on average and {fmt(largest)} at most."
+    )
+    return sentence, _compare(
+        "largest Jacobian spectral norm", largest, threshold.get("max_jacobian_norm")
+    )
+
+
+DESCRIBERS = {"random_noise": _random_noise, "worst_case": _worst_case, "lipschitz": _lipschitz}
+
+
+def check_indices(report: dict[str, Any]) -> list[int]:
+    """The config index of every result in report["checks"]."""
+    indices: list[int] = []
+    current = -1
+    for result in report.get("checks") or []:
+        if result.get("subject") == "model" or current < 0:
+            current += 1
+        indices.append(current)
+    return indices
+
+
+def findings(report: dict[str, Any]) -> list[Finding]:
+    configs = (report.get("config") or {}).get("checks") or []
+    found = []
+    for index, result in zip(check_indices(report), report.get("checks") or [], strict=True):
+        kind = str(result.get("kind", "?"))
+        config = configs[index] if index < len(configs) else {}
+        if config.get("kind") != kind:  # a report not written by this engine: no thresholds
+            config = {}
+        describe = DESCRIBERS.get(kind)
+        if describe is None:
+            sentence = f"{kind}: verdict {result.get('verdict', 'info')}; details in report.json."
+            comparisons: list[Comparison] = []
+        else:
+            sentence, comparisons = describe(config, result)
+        found.append(
+            Finding(
+                index=index,
+                kind=kind,
+                subject=str(result.get("subject", "model")),
+                verdict=str(result.get("verdict", "info")),
+                sentence=sentence,
+                config=config,
+                result=result,
+                comparisons=comparisons,
+            )
+        )
+    return found

@@ -1,0 +1,238 @@
+"""report.html: one self-contained page rendered from report.json and the artifacts next to it
+(docs/reports.md, "The HTML report").
+
+The verdict comes first, then per check what was found in one sentence (service.findings), the
+curves of error against the perturbation level (network, baseline, Gaussian noise), the image
+panels of the worst case, and the provenance. Figures are PNG data URIs, so the file can be
+mailed or archived alone. Jinja2 escapes every value (autoescape on), and a
+Content-Security-Policy allows no script and no request: a model name such as
+`<script>…</script>` is shown as text.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from service.findings import Finding, findings, fmt
+from workers.reporting.figures import Curve, Panel, curves_png, load_array, panels_png
+
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+REPORT_HTML = "report.html"
+REPORT_JSON = "report.json"
+SUBJECT_LABEL = {"model": "network", "baseline": "baseline"}
+
+
+@dataclass
+class Figure:
+    title: str
+    data_uri: str
+    caption: str = ""
+
+
+@dataclass
+class CheckSection:
+    index: int
+    kind: str
+    findings: list[Finding]
+    figures: list[Figure] = field(default_factory=list)
+    tables: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _data_uri(png: bytes | None) -> str | None:
+    return None if png is None else "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _levels(result: dict[str, Any]) -> list[dict[str, Any]]:
+    return [row for row in result.get("levels") or [] if isinstance(row, dict)]
+
+
+def _series(result: dict[str, Any], quantity: str, statistic: str) -> tuple[list, list]:
+    rows = _levels(result)
+    values = []
+    for row in rows:
+        cell = row.get(quantity)
+        value = cell.get(statistic) if isinstance(cell, dict) else None
+        values.append(float(value) if isinstance(value, int | float) else None)
+    return [float(row.get("level", 0.0)) for row in rows], values
+
+
+def _error_curves(kind: str, group: list[Finding]) -> Figure | None:
+    curves: list[Curve] = []
+    for finding in group:
+        who = SUBJECT_LABEL.get(finding.subject, finding.subject)
+        if kind == "worst_case":
+            levels, worst = _series(finding.result, "relative_error", "max")
+            curves.append(Curve(f"{who}: worst case", levels, worst))
+            levels, gaussian = _series(finding.result, "gaussian_relative_error", "max")
+            curves.append(Curve(f"{who}: Gaussian noise, same size", levels, gaussian, "--", "s"))
+        else:
+            levels, mean = _series(finding.result, "relative_error", "mean")
+            curves.append(Curve(f"{who}: mean", levels, mean))
+            levels, largest = _series(finding.result, "relative_error", "max")
+            curves.append(Curve(f"{who}: largest", levels, largest, "--", "s"))
+    title = "worst-case perturbation" if kind == "worst_case" else "Gaussian noise"
+    uri = _data_uri(curves_png(title, "relative error ‖Ψ(y+e) − x‖/‖x‖", curves))
+    if uri is None:
+        return None
+    caption = (
+        "Largest relative error over the audited images at each level, under the worst "
+        "perturbation found and under Gaussian noise of the same norm."
+        if kind == "worst_case"
+        else "Relative error under Gaussian noise of each relative size: mean and largest."
+    )
+    return Figure("Error against perturbation level", uri, caption)
+
+
+def _artifact(finding: Finding, directory: Path, suffix: str) -> Any:
+    for name in finding.result.get("artifacts") or []:
+        if isinstance(name, str) and name.endswith(suffix) and "/" not in name:
+            return load_array(directory / name)
+    return None
+
+
+def _panel_level(finding: Finding) -> tuple[int, float] | None:
+    """The level whose worst case is shown: the threshold's level, else the largest."""
+    rows = _levels(finding.result)
+    if not rows:
+        return None
+    wanted = (finding.config.get("threshold") or {}).get("at_level")
+    for position, row in enumerate(rows):
+        if row.get("level") == wanted:
+            return position, float(row["level"])
+    return len(rows) - 1, float(rows[-1].get("level", 0.0))
+
+
+def _worst_case_panels(finding: Finding, directory: Path) -> Figure | None:
+    chosen = _panel_level(finding)
+    if chosen is None:
+        return None
+    position, level = chosen
+    stem = f"worst_case-level{position}-"
+    original = _artifact(finding, directory, stem + "original.npy")
+    clean = _artifact(finding, directory, stem + "clean.npy")
+    perturbed = _artifact(finding, directory, stem + "reconstruction.npy")
+    perturbation = _artifact(finding, directory, stem + "perturbation.npy")
+    panels = []
+    if original is not None:
+        panels.append(Panel("original x", original))
+    if clean is not None:
+        panels.append(Panel("clean reconstruction Ψ(y)", clean))
+    if perturbed is not None:
+        panels.append(Panel("perturbed reconstruction Ψ(y+e)", perturbed))
+        reference = clean if clean is not None else original
+        if reference is not None and reference.shape == perturbed.shape:
+            label = "Ψ(y+e) − Ψ(y)" if clean is not None else "Ψ(y+e) − x"
+            panels.append(Panel(f"difference {label}", perturbed - reference, signed=True))
+    if perturbation is not None:
+        space = finding.result.get("space", "measurement")
+        panels.append(Panel(f"perturbation e ({space} space)", perturbation, signed=True))
+    uri = _data_uri(panels_png(panels))
+    if uri is None:
+        return None
+    who = SUBJECT_LABEL.get(finding.subject, finding.subject)
+    worst = (_levels(finding.result)[position].get("worst_image") or {}).get("index")
+    return Figure(
+        f"Worst case of the {who} at level {fmt(level)}",
+        uri,
+        f"Image {worst if worst is not None else '?'}: the audited image whose error grew most. "
+        "Images with several channels (real and imaginary parts) are shown as magnitudes.",
+    )
+
+
+def _table(kind: str, finding: Finding) -> dict[str, Any] | None:
+    columns = {
+        "worst_case": [
+            ("relative error (max)", "relative_error", "max"),
+            ("relative error (mean)", "relative_error", "mean"),
+            ("Gaussian, same size (max)", "gaussian_relative_error", "max"),
+            ("PSNR (min)", "psnr", "min"),
+            ("SSIM (min)", "ssim", "min"),
+            ("amplification (max)", "amplification", "max"),
+            ("Lipschitz lower bound (max)", "lipschitz_lower_bound", "max"),
+        ],
+        "random_noise": [
+            ("relative error (mean)", "relative_error", "mean"),
+            ("relative error (max)", "relative_error", "max"),
+            ("PSNR (mean)", "psnr", "mean"),
+            ("SSIM (mean)", "ssim", "mean"),
+            ("failure probability", "failure_probability", "estimate"),
+            ("95 % upper bound", "failure_probability", "ci_high"),
+        ],
+    }.get(kind)
+    if columns is None:
+        return None
+    rows = []
+    for row in _levels(finding.result):
+        cells = []
+        for _, quantity, statistic in columns:
+            cell = row.get(quantity)
+            value = cell.get(statistic) if isinstance(cell, dict) else None
+            cells.append(fmt(float(value)) if isinstance(value, int | float) else "n/a")
+        rows.append({"level": fmt(row.get("level")), "cells": cells})
+    who = SUBJECT_LABEL.get(finding.subject, finding.subject)
+    return {"title": who, "headers": [c[0] for c in columns], "rows": rows}
+
+
+def build_sections(report: dict[str, Any], directory: Path) -> list[CheckSection]:
+    sections: dict[int, CheckSection] = {}
+    for finding in findings(report):
+        section = sections.setdefault(finding.index, CheckSection(finding.index, finding.kind, []))
+        section.findings.append(finding)
+    for section in sections.values():
+        if section.kind in ("worst_case", "random_noise"):
+            curve = _error_curves(section.kind, section.findings)
+            if curve is not None:
+                section.figures.append(curve)
+        for finding in section.findings:
+            if section.kind == "worst_case":
+                panel = _worst_case_panels(finding, directory)
+                if panel is not None:
+                    section.figures.append(panel)
+            table = _table(section.kind, finding)
+            if table is not None:
+                section.tables.append(table)
+    return [sections[i] for i in sorted(sections)]
+
+
+def _environment() -> Environment:
+    env = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+    env.filters["fmt"] = fmt
+    env.filters["pretty_json"] = lambda value: json.dumps(
+        value, indent=2, sort_keys=True, ensure_ascii=False
+    )
+    return env
+
+
+def render_html(report: dict[str, Any], directory: Path) -> str:
+    """The page for `report`, with figures from the artifacts in `directory`."""
+    sections = build_sections(report, directory)
+    all_findings = [f for s in sections for f in s.findings]
+    counts = {
+        verdict: sum(f.verdict == verdict for f in all_findings)
+        for verdict in ("fail", "pass", "info")
+    }
+    return (
+        _environment()
+        .get_template("report.html.j2")
+        .render(report=report, sections=sections, counts=counts, model=report.get("model") or {})
+    )
+
+
+def write_report_html(directory: Path, report: dict[str, Any] | None = None) -> Path:
+    """Render directory/report.html from directory/report.json (or the report given)."""
+    if report is None:
+        report = json.loads((directory / REPORT_JSON).read_text(encoding="utf-8"))
+    path = directory / REPORT_HTML
+    path.write_text(render_html(report, directory), encoding="utf-8")
+    return path
