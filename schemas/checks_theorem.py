@@ -1,0 +1,179 @@
+"""The checks that turn the universal instability theorem into audit results (docs/theorem.md):
+false negatives, false positives, the kernel (hallucinations and certificates), more samples.
+
+Each is one member of the `Check` union of schemas/checks.py, keyed by `kind`."""
+
+from __future__ import annotations
+
+from itertools import pairwise
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from schemas.common import StrictModel
+
+LESION_SHAPES = ("disk", "square", "random_walk", "text")
+
+
+class Lesion(StrictModel):
+    """A small detail inserted into the image: `size` is the disk's radius, the square's side,
+    the random walk's pixel count, or the text's height, in pixels; `contrast` is the lesion's
+    value relative to the spec's value range (hi − lo), of either sign."""
+
+    shape: Literal["disk", "square", "random_walk", "text"] = "disk"
+    size: int = Field(default=2, ge=1, le=256)
+    contrast: float = Field(default=0.1, ge=-1.0, le=1.0)
+    text: str = Field(
+        default="A", min_length=1, max_length=8, description="The string of shape 'text'"
+    )
+
+    @model_validator(mode="after")
+    def _visible(self) -> Lesion:
+        if self.contrast == 0:
+            raise ValueError("contrast: a lesion of contrast 0 is not there")
+        if self.shape == "text" and not self.text.isprintable():
+            raise ValueError("text: printable characters only")
+        return self
+
+
+class Position(StrictModel):
+    """The lesion's top-left corner (row, column) in pixels."""
+
+    row: int = Field(ge=0, le=4096)
+    col: int = Field(ge=0, le=4096)
+
+
+class MissRateThreshold(StrictModel):
+    max_miss_rate: float = Field(ge=0.0, le=1.0)
+
+
+class FalseNegativeCheck(StrictModel):
+    """Is a small lesion recovered? ρ = ⟨Ψ(A(x+z)+e) − Ψ(Ax+e), z⟩ / ‖z‖²; missed when
+    ρ < recovery_threshold (FNAF, Cheng et al. 2020; the theorem's part (b))."""
+
+    kind: Literal["false_negative"] = "false_negative"
+    lesion: Lesion = Field(default_factory=Lesion)
+    search: Literal["random", "adversarial", "noise"] = "random"
+    placements: int = Field(default=8, ge=1, le=1024, description="Random placements per image")
+    positions: list[Position] | None = Field(
+        default=None, max_length=1024, description="Explicit placements instead of random ones"
+    )
+    recovery_threshold: float = Field(default=0.5, gt=0.0, le=1.0)
+    # search = "adversarial"
+    steps: int = Field(default=20, ge=1, le=10_000)
+    step_size: float = Field(default=0.1, gt=0.0, le=1.0, description="Relative to the bound")
+    measurement_delta: float = Field(
+        default=0.0, ge=0.0, le=10.0, description="δ of a joint perturbation ‖e‖ ≤ δ‖y‖; 0: none"
+    )
+    # search = "noise"
+    noise_samples: int = Field(default=20, ge=1, le=100_000)
+    noise_level: float = Field(default=0.02, gt=0.0, le=10.0, description="‖e‖ = level·‖y‖")
+    panels: int = Field(default=3, ge=0, le=32, description="Image panels of the worst misses")
+    seed: int | None = Field(default=None, ge=0)
+    threshold: MissRateThreshold | None = None
+
+
+class SpuriousContrastThreshold(StrictModel):
+    max_spurious_contrast: float = Field(gt=0.0)
+
+
+class FalsePositiveCheck(StrictModel):
+    """Can a small measurement perturbation ‖e‖ ≤ δ‖y‖ paint a detail into a window where the
+    image has none? Maximises ‖W(Ψ(y+e) − Ψ(y))‖² with the worst-case search."""
+
+    kind: Literal["false_positive"] = "false_positive"
+    delta: float = Field(default=0.02, gt=0.0, le=10.0)
+    window: int = Field(default=5, ge=1, le=256, description="Side of the square window")
+    steps: int = Field(default=30, ge=1, le=10_000)
+    restarts: int = Field(default=1, ge=1, le=64)
+    step_size: float = Field(default=0.1, gt=0.0, le=10.0)
+    panels: int = Field(default=3, ge=0, le=32)
+    seed: int | None = Field(default=None, ge=0)
+    threshold: SpuriousContrastThreshold | None = None
+
+
+class CertifiedLipschitzThreshold(StrictModel):
+    max_certified_lipschitz: float = Field(gt=0.0)
+
+
+class KernelCheck(StrictModel):
+    """(a) Hallucination: a detail's null-space component z = d − A⁺A d; x and x+z have the same
+    measurements. (b) Certificates: pairs meeting the theorem's conditions, each a proven lower
+    bound on the local Lipschitz constant, then confirmed by the worst-case search.
+
+    The pair search compares every image with every other, so the check runs as one shard over
+    the whole audit set (WHOLE_SET_THEOREM_KINDS)."""
+
+    kind: Literal["kernel"] = "kernel"
+    detail: Lesion = Field(default_factory=lambda: Lesion(shape="disk", size=2, contrast=0.2))
+    neighbours: int = Field(
+        default=4, ge=0, le=64, description="Nearest audit images per image, in measurement space"
+    )
+    directions: int = Field(
+        default=4, ge=0, le=64, description="Smallest singular directions of A for built pairs"
+    )
+    scales: list[float] = Field(
+        default_factory=lambda: [0.05, 0.2, 1.0],
+        min_length=1,
+        max_length=16,
+        description="‖v‖ of a built pair x' = x + v, relative to ‖x‖",
+    )
+    power_iterations: int = Field(
+        default=100, ge=1, le=100_000, description="Block power iterations (images over 1024 px)"
+    )
+    cg_iterations: int = Field(default=200, ge=1, le=100_000)
+    confirm: int = Field(
+        default=3, ge=0, le=64, description="Certificates checked by the worst-case search"
+    )
+    steps: int = Field(default=40, ge=1, le=10_000, description="Worst-case search steps")
+    restarts: int = Field(default=2, ge=1, le=64)
+    panels: int = Field(default=2, ge=0, le=32)
+    seed: int | None = Field(default=None, ge=0)
+    threshold: CertifiedLipschitzThreshold | None = None
+
+    @model_validator(mode="after")
+    def _positive_scales(self) -> KernelCheck:
+        if any(not (0.0 < s <= 100.0) for s in self.scales):
+            raise ValueError("scales: every scale is in (0, 100]")
+        return self
+
+
+class MoreSamplesThreshold(StrictModel):
+    max_psnr_drop: float = Field(
+        ge=0.0, description="dB the mean PSNR may fall between two levels as samples rise"
+    )
+
+
+class MoreSamplesCheck(StrictModel):
+    """Reconstruction quality as the sampling grows (Invfool's test 3): MRI accelerations in
+    decreasing order, or CT angle counts in increasing order."""
+
+    kind: Literal["more_samples"] = "more_samples"
+    accelerations: list[float] | None = Field(default=None, min_length=2, max_length=16)
+    angles: list[int] | None = Field(default=None, min_length=2, max_length=16)
+    tolerance: float = Field(
+        default=0.05, ge=0.0, description="dB of PSNR fall ignored by `monotone`"
+    )
+    seed: int | None = Field(default=None, ge=0)
+    threshold: MoreSamplesThreshold | None = None
+
+    @model_validator(mode="after")
+    def _one_sampling_list(self) -> MoreSamplesCheck:
+        if (self.accelerations is None) == (self.angles is None):
+            raise ValueError("give exactly one of accelerations (mri) and angles (radon)")
+        if self.accelerations is not None:
+            a = self.accelerations
+            if any(not (1.0 <= v <= 64.0) for v in a) or any(p <= q for p, q in pairwise(a)):
+                raise ValueError(
+                    "accelerations: strictly decreasing values in [1, 64] (samples rise)"
+                )
+        if self.angles is not None:
+            n = self.angles
+            if any(not (1 <= v <= 1024) for v in n) or any(p >= q for p, q in pairwise(n)):
+                raise ValueError("angles: strictly increasing counts in [1, 1024]")
+        return self
+
+
+THEOREM_CHECK_KINDS = ("false_negative", "false_positive", "kernel", "more_samples")
+# Kinds that run as one shard over all images (workers.engine.shards).
+WHOLE_SET_THEOREM_KINDS = ("kernel",)

@@ -1,0 +1,360 @@
+"""`false_negative`: is a small lesion z recovered? (FNAF, Cheng et al. 2020; the theorem's
+part (b): false negatives occur with positive probability under random noise.)
+
+Recovery at a placement: ρ = ⟨Ψ(A(x+z)+e) − Ψ(Ax+e), z⟩ / ‖z‖², 1 for a perfect recovery, 0 for
+a lesion washed out; missed when ρ < recovery_threshold. `y = Ax + e₀` are the audit's
+measurements, so A(x+z) + e₀ = y + Az. Searches (docs/theorem.md):
+
+- `random`: every placement is a trial (e = 0);
+- `adversarial`: per placement, projected sign-gradient descent on ρ over the lesion's pixel
+  values (each in [¼, 1] × contrast on its support) and, with measurement_delta > 0, a joint
+  measurement perturbation ‖e‖ ≤ δ‖y‖;
+- `noise`: noise_samples Gaussian e with ‖e‖ = noise_level·‖y‖ per placement, every draw a trial.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from schemas.checks_theorem import FalseNegativeCheck
+from workers.engine.checks.random_noise import unit_noise
+from workers.engine.checks.theorem_common import (
+    is_complex,
+    panel_record,
+    shown,
+    shown_difference,
+    value_span,
+    worst_panels,
+)
+from workers.engine.context import ARTIFACT_FILES_KEY, AuditContext, Subject
+from workers.engine.lesions import (
+    Placement,
+    explicit_placements,
+    lesion_image,
+    random_placements,
+    support,
+)
+from workers.engine.registry import CHECKS, register
+from workers.engine.shards import derive_seed
+from workers.engine.stats import clopper_pearson
+
+# The adversarial search keeps every lesion pixel at least this fraction of its contrast, so
+# that the optimised lesion is still a lesion (ρ is undefined as z → 0).
+MIN_LESION_FRACTION = 0.25
+# Pixels around the lesion's bounding box in FNAF's lesion-window NMSE.
+WINDOW_MARGIN = 2
+_TINY = 1e-12
+
+
+def recovery(out_z: torch.Tensor, out: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """ρ = ⟨Ψ(y + Az) − Ψ(y), z⟩ / ‖z‖² per sample, [B]."""
+    inner = ((out_z - out) * z).flatten(1).sum(1)
+    return inner / z.flatten(1).pow(2).sum(1).clamp_min(_TINY)
+
+
+def window_nmse(out_z: torch.Tensor, truth: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """FNAF's lesion-window NMSE: ‖W(Ψ(y+Az) − (x+z))‖² / ‖W(x+z)‖², [B]."""
+    error = ((out_z - truth) * window).flatten(1).pow(2).sum(1)
+    return error / (truth * window).flatten(1).pow(2).sum(1).clamp_min(_TINY)
+
+
+def _window(pattern: torch.Tensor, placement: Placement, shape: Sequence[int]) -> torch.Tensor:
+    _, height, width = shape
+    h, w = pattern.shape
+    window = torch.zeros(tuple(shape))
+    r0, c0 = max(0, placement.row - WINDOW_MARGIN), max(0, placement.col - WINDOW_MARGIN)
+    r1 = min(height, placement.row + h + WINDOW_MARGIN)
+    c1 = min(width, placement.col + w + WINDOW_MARGIN)
+    window[:, r0:r1, c0:c1] = 1.0
+    return window
+
+
+class FalseNegativeRunner:
+    kind = "false_negative"
+
+    def run(
+        self,
+        config: FalseNegativeCheck,
+        ctx: AuditContext,
+        subject: Subject,
+        indices: Sequence[int],
+        seed: int,
+    ) -> dict[str, Any]:
+        complex_image = is_complex(ctx)
+        shape = tuple(ctx.images.shape[1:])
+        amplitude = config.lesion.contrast * value_span(ctx)
+        pattern = support(config.lesion, derive_seed(seed, "lesion"))
+        warnings: list[str] = []
+        rows: list[dict[str, Any]] = []
+        panels: list[dict[str, Any]] = []
+        for index in indices:
+            x = ctx.images[index]
+            if config.positions is not None:
+                placements = explicit_placements(config.positions, pattern, shape)
+            else:
+                placements = random_placements(
+                    x.cpu(),
+                    pattern,
+                    config.placements,
+                    derive_seed(seed, index, "placements"),
+                    ctx.value_range,
+                    complex_image,
+                    warnings,
+                    index,
+                )
+            z = torch.stack(
+                [lesion_image(pattern, p, shape, amplitude, complex_image) for p in placements]
+            ).to(ctx.device)
+            windows = torch.stack([_window(pattern, p, shape) for p in placements]).to(ctx.device)
+            y = ctx.measurements([index])
+            found = _search(config, ctx, subject, index, x, y, z, windows, seed)
+            for k, placement in enumerate(placements):
+                rows.append(
+                    {
+                        "index": int(index),
+                        "row": placement.row,
+                        "col": placement.col,
+                        **{name: values[k] for name, values in found["rows"].items()},
+                    }
+                )
+            panels.extend(_panels(config, found, placements, x, index, complex_image))
+        panels.sort(key=lambda p: p["score"])
+        return {"rows": rows, "panels": panels[: config.panels], "warnings": warnings}
+
+    def merge(self, config: FalseNegativeCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
+        rows = [row for shard in shards for row in shard["rows"]]
+        warnings = [w for shard in shards for w in shard.get("warnings", [])]
+        misses = sum(row["misses"] for row in rows)
+        trials = sum(row["trials"] for row in rows)
+        low, high = clopper_pearson(misses, trials)
+        finite = [row for row in rows if row["recovery_min"] is not None]
+        if len(finite) < len(rows):
+            warnings.append("the model returned NaN or infinite values; those trials are misses")
+        recovery_sum = math.fsum(row["recovery_sum"] for row in finite)
+        recovery_count = sum(row["recovery_count"] for row in finite)
+        result: dict[str, Any] = {
+            "search": config.search,
+            "lesion": config.lesion.model_dump(mode="json"),
+            "recovery_threshold": config.recovery_threshold,
+            "images": len({row["index"] for row in rows}),
+            "placements": len(rows),
+            "trials": trials,
+            "misses": misses,
+            "miss_rate": {"estimate": misses / trials, "ci_low": low, "ci_high": high},
+            "recovery": {
+                "mean": recovery_sum / recovery_count if recovery_count else None,
+                "min": min((row["recovery_min"] for row in finite), default=None),
+            },
+            "per_placement": [
+                {k: v for k, v in row.items() if k not in ("recovery_sum", "recovery_count")}
+                for row in rows
+            ],
+        }
+        if config.threshold is not None:
+            # a search reports what it found; random noise is a probability: its upper bound
+            bound = high if config.search == "noise" else misses / trials
+            result["verdict"] = "fail" if bound > config.threshold.max_miss_rate else "pass"
+        result["warnings"] = warnings
+        result[ARTIFACT_FILES_KEY] = worst_panels(shards, config.panels, "false_negative")
+        return result
+
+
+def _search(
+    config: FalseNegativeCheck,
+    ctx: AuditContext,
+    subject: Subject,
+    index: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    z: torch.Tensor,
+    windows: torch.Tensor,
+    seed: int,
+) -> dict[str, Any]:
+    """Per-placement rows (lists over placements) plus the tensors of each placement's worst
+    trial for the panels: `lesion`, `out_z`, `out`."""
+    if config.search == "noise":
+        return _noise(config, ctx, subject, index, x, y, z, windows, seed)
+    if config.search == "adversarial":
+        z, e = _adversarial(config, ctx, subject, y, z)
+    else:
+        e = torch.zeros_like(y)
+    with torch.no_grad():
+        count = z.shape[0]
+        out = subject.reconstruct(y + e)
+        out_z = subject.reconstruct(y.expand(count, *y.shape[1:]) + ctx.operator.A(z) + e)
+        rho = recovery(out_z, out, z)
+        nmse = window_nmse(out_z, x + z, windows)
+    values = rho.double().cpu().tolist()
+    missed = [not (math.isfinite(v) and v >= config.recovery_threshold) for v in values]
+    rows = {
+        "recovery": [v if math.isfinite(v) else None for v in values],
+        "recovery_min": [v if math.isfinite(v) else None for v in values],
+        "recovery_sum": [v if math.isfinite(v) else 0.0 for v in values],
+        "recovery_count": [1 if math.isfinite(v) else 0 for v in values],
+        "window_nmse": [_finite(v) for v in nmse.double().cpu().tolist()],
+        "missed": missed,
+        "misses": [int(m) for m in missed],
+        "trials": [1] * count,
+    }
+    if config.search == "adversarial":
+        e_norm = ctx.operator.norm(e).expand(count) / ctx.operator.norm(y).clamp_min(_TINY)
+        rows["relative_perturbation"] = e_norm.double().cpu().tolist()
+    return {"rows": rows, "score": values, "lesion": z, "out_z": out_z, "out": out}
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def _noise(
+    config: FalseNegativeCheck,
+    ctx: AuditContext,
+    subject: Subject,
+    index: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    z: torch.Tensor,
+    windows: torch.Tensor,
+    seed: int,
+) -> dict[str, Any]:
+    count = z.shape[0]
+    seeds = [derive_seed(seed, index, "noise", s) for s in range(config.noise_samples)]
+    y_norm = ctx.operator.norm(y)
+    rhos = torch.empty(count, config.noise_samples, dtype=torch.float64)
+    nmses = torch.empty(count, config.noise_samples, dtype=torch.float64)
+    worst_out_z, worst_out = [], []
+    with torch.no_grad():
+        noise = unit_noise(ctx, y.shape[1:], seeds, y_norm.expand(len(seeds)), config.noise_level)
+        base = subject.reconstruct(y + noise)  # [S]
+        lesion_measurements = ctx.operator.A(z)
+        for k in range(count):
+            out_z = subject.reconstruct(y + lesion_measurements[k : k + 1] + noise)
+            lesion = z[k : k + 1].expand_as(out_z)
+            rho = recovery(out_z, base, lesion)
+            rhos[k] = rho.double().cpu()
+            nmses[k] = window_nmse(out_z, x + lesion, windows[k : k + 1]).double().cpu()
+            worst = int(torch.nan_to_num(rho, nan=-math.inf).argmin())
+            worst_out_z.append(out_z[worst])
+            worst_out.append(base[worst])
+    finite = torch.isfinite(rhos)
+    missed = ~(finite & (rhos >= config.recovery_threshold))
+    safe = torch.where(finite, rhos, torch.zeros_like(rhos))
+    rows = {
+        "miss_probability": (missed.sum(1).double() / config.noise_samples).tolist(),
+        "recovery_mean": [
+            float(safe[k].sum() / finite[k].sum()) if finite[k].any() else None
+            for k in range(count)
+        ],
+        "recovery_min": [
+            float(rhos[k][finite[k]].min()) if finite[k].any() else None for k in range(count)
+        ],
+        "recovery_sum": safe.sum(1).tolist(),
+        "recovery_count": finite.sum(1).tolist(),
+        "window_nmse_mean": [_finite(float(nmses[k].mean())) for k in range(count)],
+        "misses": missed.sum(1).tolist(),
+        "trials": [config.noise_samples] * count,
+    }
+    score = [v if v is not None else -math.inf for v in rows["recovery_min"]]
+    return {
+        "rows": rows,
+        "score": score,
+        "lesion": z,
+        "out_z": torch.stack(worst_out_z),
+        "out": torch.stack(worst_out),
+    }
+
+
+def _adversarial(
+    config: FalseNegativeCheck,
+    ctx: AuditContext,
+    subject: Subject,
+    y: torch.Tensor,
+    z: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Minimise ρ over the lesion's pixel values and (δ > 0) a measurement perturbation e;
+    returns the lesions and e of the lowest ρ found per placement."""
+    operator = ctx.operator
+    count = z.shape[0]
+    support_mask = (z != 0).to(z.dtype)
+    fractions = torch.ones_like(z) * support_mask
+    radius = config.measurement_delta * operator.norm(y)  # [1]
+    e = torch.zeros(count, *y.shape[1:], device=y.device, dtype=y.dtype)
+    best_rho = torch.full((count,), math.inf, device=y.device)
+    best_z, best_e = z.clone(), e.clone()
+    y_all = y.expand(count, *y.shape[1:])
+    for _ in range(config.steps):
+        fractions = fractions.detach().requires_grad_(True)
+        e = e.detach().requires_grad_(config.measurement_delta > 0)
+        lesion = z * fractions
+        with torch.enable_grad():
+            out_z = subject.reconstruct(y_all + operator.A(lesion) + e)
+            out = subject.reconstruct(y_all + e)
+            rho = recovery(out_z, out, lesion)
+            inputs = [fractions, e] if e.requires_grad else [fractions]
+            grads = torch.autograd.grad(rho.sum(), inputs)
+        subject.counter.backward += 2 * count
+        with torch.no_grad():
+            better = rho.detach() < best_rho
+            best_rho = torch.where(better, rho.detach(), best_rho)
+            best_z = torch.where(better.view(-1, 1, 1, 1), lesion.detach(), best_z)
+            best_e = torch.where(better.view(-1, *([1] * (e.dim() - 1))), e.detach(), best_e)
+            fractions = fractions - config.step_size * grads[0].sign() * support_mask
+            fractions = fractions.clamp(MIN_LESION_FRACTION, 1.0) * support_mask
+            if e.requires_grad:
+                step = operator.project(grads[1])
+                step = step / operator.norm(step).clamp_min(_TINY).view(-1, *([1] * (e.dim() - 1)))
+                e = operator.project(e - config.step_size * radius * step)
+                shrink = (radius / operator.norm(e).clamp_min(_TINY)).clamp(max=1.0)
+                e = e * shrink.view(-1, *([1] * (e.dim() - 1)))
+    return best_z, best_e
+
+
+def _panels(
+    config: FalseNegativeCheck,
+    found: dict[str, Any],
+    placements: Sequence[Placement],
+    x: torch.Tensor,
+    index: int,
+    complex_image: bool,
+) -> list[dict[str, Any]]:
+    """Panels of this image's `config.panels` worst placements that were missed."""
+    if config.panels == 0:
+        return []
+    missed = [k for k, m in enumerate(found["rows"]["misses"]) if m]
+    missed.sort(key=lambda k: found["score"][k])
+    records = []
+    for k in missed[: config.panels]:
+        lesion = found["lesion"][k]
+        outline = (lesion_support(lesion) > 0).numpy()
+        out_z = found["out_z"][k]
+        out = found["out"][k] if found["out"].shape[0] > 1 else found["out"][0]
+        score = found["score"][k]
+        p = placements[k]
+        records.append(
+            panel_record(
+                score,
+                f"image {index}, lesion at ({p.row}, {p.col}): ρ = {score:.3f}",
+                [
+                    ("x + z", shown(x + lesion, complex_image)),
+                    ("Ψ(A(x+z)+e)", shown(out_z, complex_image)),
+                    ("Ψ(A(x+z)+e) − Ψ(Ax+e)", shown_difference(out_z - out, complex_image)),
+                    ("lesion z", shown_difference(lesion, complex_image)),
+                ],
+                outline,
+                [False, False, True, True],
+            )
+        )
+    return records
+
+
+def lesion_support(lesion: torch.Tensor) -> torch.Tensor:
+    """[H, W]: where a lesion image is non-zero in any channel."""
+    return (lesion.detach().abs().sum(0) > 0).float().cpu()
+
+
+if FalseNegativeRunner.kind not in CHECKS:
+    register(FalseNegativeRunner())
