@@ -83,13 +83,22 @@ def _random_noise(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, 
     level = _get(row, "level")
     estimate = _get(row, "failure_probability", "estimate")
     high = _get(row, "failure_probability", "ci_high")
-    sentence = (
-        f"Under Gaussian noise of relative size {fmt(level)}, "
-        f"{int(_get(row, 'failures') or 0)} of {int(_get(row, 'trials') or 0)} samples had a "
-        f"relative error above τ = {fmt(_get(result, 'failure_error'))} (failure probability "
-        f"{fmt(estimate)}, 95 % interval up to {fmt(high)}); mean relative error "
-        f"{fmt(_get(row, 'relative_error', 'mean'))}."
-    )
+    if result.get("task") == "classification":  # docs/classifiers.md: failures are errors
+        sentence = (
+            f"Under Gaussian noise of relative size {fmt(level)}, "
+            f"{int(_get(row, 'failures') or 0)} of {int(_get(row, 'trials') or 0)} samples were "
+            f"misclassified (accuracy {fmt(_get(row, 'accuracy'))}, clean accuracy "
+            f"{fmt(_get(result, 'clean_accuracy'))}; 95 % interval of the failure probability "
+            f"up to {fmt(high)})."
+        )
+    else:
+        sentence = (
+            f"Under Gaussian noise of relative size {fmt(level)}, "
+            f"{int(_get(row, 'failures') or 0)} of {int(_get(row, 'trials') or 0)} samples had "
+            f"a relative error above τ = {fmt(_get(result, 'failure_error'))} (failure "
+            f"probability {fmt(estimate)}, 95 % interval up to {fmt(high)}); mean relative error "
+            f"{fmt(_get(row, 'relative_error', 'mean'))}."
+        )
     comparisons = _compare(
         f"failure probability (upper 95 % bound) at level {fmt(level)}",
         high,

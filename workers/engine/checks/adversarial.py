@@ -1,0 +1,178 @@
+"""`adversarial`: robust accuracy of a classifier against a norm-bounded attacker, per ε.
+
+An image counts as robust at ε when it is classified correctly and the attack finds no
+misclassified point within ‖δ‖ ≤ ε (inside the value range). The balls are nested, so an
+image broken at ε stays broken at every larger ε; the larger levels only attack the images
+still robust. Each shard returns per-image facts; `merge` builds the per-level table.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from schemas.checks_classifier import AdversarialCheck
+from workers.engine.checks.classifier_common import classifier_inputs
+from workers.engine.classifier_attacks import (
+    BATCH_IMAGES,
+    is_adversarial,
+    perturbation_norm,
+    run_autoattack,
+    run_ball_attack,
+    seeded,
+)
+from workers.engine.classifiers import ClassifierSubject
+from workers.engine.context import AuditContext, Subject
+from workers.engine.stats import clopper_pearson
+
+# Slack on the library's projection before a point counts as outside the ball (float32).
+_NORM_SLACK = 1e-5
+
+
+class AdversarialRunner:
+    kind = "adversarial"
+
+    def run(
+        self,
+        config: AdversarialCheck,
+        ctx: AuditContext,
+        subject: Subject,
+        indices: Sequence[int],
+        seed: int,
+    ) -> dict[str, Any]:
+        classifier, u, labels = classifier_inputs(ctx, subject, indices, self.kind)
+        correct = classifier.predict(classifier.from_unit(u)) == labels
+        broken_at: list[float | None] = [None] * len(indices)
+        broken_by: list[str | None] = [None] * len(indices)
+        levels = _autoattack_levels if config.attack == "autoattack" else _ball_levels
+        warnings = levels(config, classifier, u, labels, correct, seed, broken_at, broken_by)
+        images = [
+            {
+                "index": int(index),
+                "label": int(labels[row]),
+                "clean_correct": bool(correct[row]),
+                "broken_at": broken_at[row],
+                "broken_by": broken_by[row],
+            }
+            for row, index in enumerate(indices)
+        ]
+        return {"images": images, "warnings": warnings}
+
+    def merge(self, config: AdversarialCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
+        images = [image for shard in shards for image in shard["images"]]
+        total = len(images)
+        clean = sum(image["clean_correct"] for image in images)
+        levels = []
+        for eps in config.epsilons:
+            broken = [
+                image
+                for image in images
+                if image["broken_at"] is not None and image["broken_at"] <= eps
+            ]
+            robust = clean - len(broken)
+            low, high = clopper_pearson(robust, total)
+            levels.append(
+                {
+                    "epsilon": eps,
+                    "robust_accuracy": robust / total,
+                    "robust_accuracy_ci": {"low": low, "high": high},
+                    "robust": robust,
+                    "images": total,
+                    "broken_by": dict(sorted(Counter(i["broken_by"] for i in broken).items())),
+                }
+            )
+        warnings = list(dict.fromkeys(w for shard in shards for w in shard.get("warnings", [])))
+        result: dict[str, Any] = {
+            "norm": config.norm,
+            "attack": config.attack,
+            "clean_accuracy": clean / total,
+            "images": total,
+            "levels": levels,
+            "per_image": images,
+            "warnings": warnings,
+        }
+        result["verdict"] = _verdict(config, levels)
+        return result
+
+
+def _verdict(config: AdversarialCheck, levels: list[dict[str, Any]]) -> str:
+    if config.threshold is None:
+        return "info"
+    at = config.threshold.at_epsilon or config.epsilons[-1]
+    row = next(level for level in levels if level["epsilon"] == at)
+    return "pass" if row["robust_accuracy"] >= config.threshold.min_robust_accuracy else "fail"
+
+
+def _autoattack_levels(
+    config: AdversarialCheck,
+    classifier: ClassifierSubject,
+    u: torch.Tensor,
+    labels: torch.Tensor,
+    correct: torch.Tensor,
+    seed: int,
+    broken_at: list[float | None],
+    broken_by: list[str | None],
+) -> list[str]:
+    warnings: list[str] = []
+    for eps in config.epsilons:
+        rows = [row for row in range(len(u)) if bool(correct[row]) and broken_at[row] is None]
+        if not rows:
+            break
+        outcome = run_autoattack(
+            classifier.box_model, u[rows], labels[rows], config.norm, eps / classifier.scale, seed
+        )
+        warnings.extend(outcome.warnings)
+        for position, row in enumerate(rows):
+            if bool(outcome.broken[position]):
+                broken_at[row] = eps
+                broken_by[row] = outcome.broken_by.get(position, "autoattack")
+    return list(dict.fromkeys(warnings))
+
+
+def _ball_levels(
+    config: AdversarialCheck,
+    classifier: ClassifierSubject,
+    u: torch.Tensor,
+    labels: torch.Tensor,
+    correct: torch.Tensor,
+    seed: int,
+    broken_at: list[float | None],
+    broken_by: list[str | None],
+) -> list[str]:
+    """APGD / PGD: every (ε, restart, image) is one row of one batch."""
+    model = classifier.box_model
+    epsilons = config.epsilons
+    copies = len(epsilons) * config.restarts
+    attacked = [row for row in range(len(u)) if bool(correct[row])]
+    outside = 0
+    with seeded(seed, u.device):
+        for start in range(0, len(attacked), BATCH_IMAGES):
+            rows = attacked[start : start + BATCH_IMAGES]
+            x = u[rows].repeat(copies, *([1] * (u.dim() - 1)))
+            y = labels[rows].repeat(copies)
+            radius = torch.tensor(
+                [eps / classifier.scale for eps in epsilons for _ in range(config.restarts)],
+                device=u.device,
+                dtype=u.dtype,
+            ).repeat_interleave(len(rows))
+            adversarial = run_ball_attack(
+                model, x, y, config.norm, radius, config.attack, config.steps
+            )
+            inside = perturbation_norm(adversarial - x, config.norm) <= radius * (1 + _NORM_SLACK)
+            fooled = is_adversarial(model, adversarial, y)
+            outside += int((fooled & ~inside).sum())
+            fooled = (fooled & inside).view(len(epsilons), config.restarts, len(rows)).any(dim=1)
+            for position, row in enumerate(rows):
+                hits = [eps for eps, hit in zip(epsilons, fooled[:, position], strict=True) if hit]
+                if hits:  # nested balls: the smallest ε that broke it
+                    broken_at[row] = hits[0]
+                    broken_by[row] = config.attack
+    if outside:
+        return [
+            f"{outside} adversarial point(s) of the {config.attack} attack lay outside their "
+            "ε-ball and were not counted"
+        ]
+    return []
