@@ -143,6 +143,12 @@ def _lipschitz(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, lis
         f"The spectral norm of the Jacobian, a lower bound of the local Lipschitz constant, is "
         f"{fmt(_get(result, 'jacobian_norm', 'mean'))} on average and {fmt(largest)} at most."
     )
+    empirical = result.get("empirical_lower_bound")
+    if isinstance(empirical, dict):
+        sentence += (
+            f" The {empirical.get('check')} check found a ratio ‖Ψ(y+e) − Ψ(y)‖/‖e‖ of "
+            f"{fmt(empirical.get('value'))} (level {fmt(empirical.get('level'))})."
+        )
     return sentence, _compare(
         "largest Jacobian spectral norm", largest, threshold.get("max_jacobian_norm")
     )

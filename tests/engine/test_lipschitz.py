@@ -78,3 +78,51 @@ def test_mri_power_iteration_stays_on_measured_entries(tmp_path: Path) -> None:
         model_sha256="0" * 64,
     )
     assert report["checks"][0]["jacobian_norm"]["max"] == pytest.approx(1.0, rel=1e-4)
+
+
+class _NonFiniteGradient(torch.nn.Module):
+    """Ψ(y) = sqrt(|By|): its Jacobian is infinite where By = 0."""
+
+    def __init__(self, matrix: torch.Tensor) -> None:
+        super().__init__()
+        self.linear = Linear(matrix, (1, 8, 8))
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.linear(y * 0).abs().sqrt()
+
+
+def test_a_non_finite_jacobian_norm_is_null_and_fails_a_threshold(tmp_path: Path) -> None:
+    model = _NonFiniteGradient(torch.randn(64, 20, generator=torch.Generator().manual_seed(1)))
+    report = jacobian_norms(model, 20, tmp_path, threshold={"max_jacobian_norm": 10.0})
+    (result,) = report["checks"]
+    assert all(row["jacobian_norm"] is None for row in result["per_image"])
+    assert result["verdict"] == "fail"
+    assert any("not finite" in w for w in result["warnings"])
+    assert (tmp_path / "report.json").is_file()  # the report is still valid JSON
+
+
+def test_the_empirical_ratio_of_the_other_checks_stands_beside_the_jacobian(
+    tmp_path: Path,
+) -> None:
+    # Ψ(y) = 3·P y on a denoising operator: every ratio ‖Ψ(y+e) − Ψ(y)‖/‖e‖ is exactly 3
+    cfg = config(
+        operator={"kind": "denoising"},
+        dataset={"builtin": "ellipses", "count": 2, "size": 8, "seed": 0},
+        checks=[
+            {"kind": "random_noise", "levels": [0.01, 0.1], "samples": 2},
+            {**LIPSCHITZ, "iterations": 20},
+        ],
+    )
+
+    class Triple(torch.nn.Module):
+        def forward(self, y: torch.Tensor) -> torch.Tensor:
+            return 3.0 * y
+
+    report = run_audit_with_model(
+        Triple(), spec((1, 8, 8), "measurement"), cfg, out_dir=tmp_path, model_sha256="0" * 64
+    )
+    lipschitz = next(c for c in report["checks"] if c["kind"] == "lipschitz")
+    assert lipschitz["jacobian_norm"]["max"] == pytest.approx(3.0, rel=1e-5)
+    bound = lipschitz["empirical_lower_bound"]
+    assert bound["check"] == "random_noise"
+    assert bound["value"] == pytest.approx(3.0, rel=1e-5)

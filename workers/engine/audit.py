@@ -327,7 +327,28 @@ def _merge(
                 "artifacts": artifacts,
             }
         )
+    _add_empirical_lipschitz(checks)
     return checks
+
+
+def _add_empirical_lipschitz(checks: list[dict[str, Any]]) -> None:
+    """Next to the Jacobian norm, the best ratio ‖Ψ(y+e) − Ψ(y)‖/‖e‖ the perturbation checks
+    of the same subject found: both are lower bounds of the local Lipschitz constant."""
+    for result in checks:
+        if result["kind"] != "lipschitz":
+            continue
+        found = [
+            (level["lipschitz_lower_bound"]["max"], other["kind"], level["level"])
+            for other in checks
+            if other["subject"] == result["subject"]
+            for level in other.get("levels", [])
+            if isinstance(level.get("lipschitz_lower_bound"), dict)
+            and level["lipschitz_lower_bound"].get("max") is not None
+        ]
+        best = max(found, default=None)
+        result["empirical_lower_bound"] = (
+            None if best is None else {"value": best[0], "check": best[1], "level": best[2]}
+        )
 
 
 def _write_artifact(out_dir: Path, name: str, content: Any) -> str:

@@ -97,14 +97,20 @@ class LipschitzRunner:
         )
         return {
             "per_image": [
-                {"index": int(index), "jacobian_norm": float(s), "iterations": n}
+                # JSON has no NaN or infinity: a non-finite norm is recorded as null
+                {
+                    "index": int(index),
+                    "jacobian_norm": s if math.isfinite(s) else None,
+                    "iterations": n,
+                }
                 for index, s, n in zip(indices, sigma.tolist(), used, strict=True)
             ]
         }
 
     def merge(self, config: LipschitzCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
         per_image = [row for shard in shards for row in shard["per_image"]]
-        norms = [row["jacobian_norm"] for row in per_image]
+        norms = [row["jacobian_norm"] for row in per_image if row["jacobian_norm"] is not None]
+        non_finite = len(per_image) - len(norms)
         warnings = []
         unconverged = [row["index"] for row in per_image if row["iterations"] >= config.iterations]
         if unconverged and config.tolerance > 0:
@@ -113,14 +119,17 @@ class LipschitzRunner:
                 f"{config.iterations} iterations for {len(unconverged)} image(s); "
                 "the norms reported are lower bounds"
             )
-        if not all(math.isfinite(v) for v in norms):
-            warnings.append("the Jacobian norm is not finite for some images")
+        if non_finite:
+            warnings.append(f"the Jacobian norm is not finite for {non_finite} image(s)")
         verdict = "info"
         if config.threshold is not None:
-            worst = max(norms)
-            verdict = "pass" if worst <= config.threshold.max_jacobian_norm else "fail"
+            # a non-finite norm cannot be below any bound
+            within = not non_finite and max(norms) <= config.threshold.max_jacobian_norm
+            verdict = "pass" if within else "fail"
         return {
-            "jacobian_norm": summary(norms, ("mean", "max")),
+            "jacobian_norm": (
+                summary(norms, ("mean", "max")) if norms else {"mean": None, "max": None}
+            ),
             "per_image": per_image,
             "verdict": verdict,
             "warnings": warnings,
