@@ -123,12 +123,14 @@ def bwrap_command(
         "--hostname",
         "sandbox",
     ]
+    # the private /tmp first: the software binds below may live under /tmp (a checkout or a
+    # virtual environment there) and must not be covered by it
+    cmd += ["--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
     for path in _read_only_paths():
         if os.path.islink(path):
             cmd += ["--symlink", os.readlink(path), path]
         else:
             cmd += ["--ro-bind", path, path]
-    cmd += ["--tmpfs", "/tmp", "--proc", "/proc", "--dev", "/dev"]
     for node in gpu_nodes:
         cmd += ["--dev-bind", node, node]
     for hidden in hidden_dirs:

@@ -188,3 +188,15 @@ def test_with_bwrap_safetensors_are_confined_too(layout: dict[str, Path]) -> Non
     )
     assert sandbox.confined()
     assert sandbox.command(["true"], layout["job"], use_gpu=False)[0].endswith("bwrap")
+
+
+def test_software_under_tmp_is_not_hidden_by_the_private_tmp(tmp_path: Path) -> None:
+    """A checkout or virtual environment under /tmp (CI clones there) stays visible: the
+    private /tmp is mounted before the read-only software binds."""
+    from workers.sandbox import bwrap_command
+
+    cmd = bwrap_command(["true"], tmp_path, hidden_dirs=())
+    private_tmp = cmd.index("/tmp") - 1
+    assert cmd[private_tmp] == "--tmpfs"
+    first_software_bind = min(i for i, arg in enumerate(cmd) if arg in ("--ro-bind", "--symlink"))
+    assert private_tmp < first_software_bind
