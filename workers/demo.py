@@ -12,7 +12,8 @@ from rich.console import Console
 
 from workers.stack import LocalStack
 
-EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "demo"
+# The reference model of the case study (docs/case-study.md), with a short audit.
+EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "reference"
 
 console = Console(stderr=True)
 
