@@ -179,3 +179,18 @@ def test_safetensors_header_longer_than_the_file_is_rejected(tmp_path: Path) -> 
 def mf_root(archive: Path) -> str:
     with zipfile.ZipFile(archive) as z:
         return z.namelist()[0].split("/")[0]
+
+
+def test_a_traced_model_keeping_its_example_inputs_is_admitted(tmp_path: Path) -> None:
+    """torch.jit.trace stores its example inputs (`traced_inputs/`) unless told not to."""
+    eager = mf.build_tiny_cnn()
+    path = tmp_path / "traced.pt"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.jit.save(torch.jit.trace(eager.eval(), torch.zeros(1, 1, 16, 16)), str(path))
+    assert any("traced_inputs" in n for n in zipfile.ZipFile(path).namelist())
+    spec = ModelSpec.model_validate(
+        {"name": "traced", "task": "reconstruction", "input": "adjoint", "image_shape": [1, 16, 16]}
+    )
+    admission = admit(path, "torchscript", spec, "cpu")
+    assert admission.ok, admission.reason

@@ -251,7 +251,9 @@ def _check_entry_name(entry: zipfile.ZipInfo) -> None:
 
 TORCHSCRIPT_ENTRIES = re.compile(
     r"^(data\.pkl|constants\.pkl|version|byteorder|\.data/version|\.data/serialization_id"
-    r"|data/\d+|constants/\d+|code/[\w./-]+\.(py|debug_pkl)|extra/[\w.-]+)$"
+    r"|data/\d+|constants/\d+|code/[\w./-]+\.(py|debug_pkl)|extra/[\w.-]+"
+    # torch.jit.trace keeps its example inputs (tensors, read by the same restricted unpickler)
+    r"|traced_inputs\.pkl|traced_inputs/\d+)$"
 )
 EXPORT_ENTRIES = re.compile(
     r"^(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
