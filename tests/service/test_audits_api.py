@@ -320,3 +320,28 @@ def test_failed_audit_shows_its_problem(
     set_audit(client, audit_id, status="failed", error=error, attempts=3, finished_at=utcnow())
     body = client.get(f"/v1/audits/{audit_id}", headers=auth).json()
     assert body["error"]["detail"] == error["detail"] and body["attempts"] == 3
+
+
+@pytest.mark.parametrize(
+    "check",
+    [
+        {"kind": "worst_case", "levels": [0.01], "steps": 2},
+        {"kind": "random_noise", "levels": [0.01], "samples": 2},
+        {"kind": "false_negative", "lesion": {"shape": "disk", "size": 2, "contrast": 0.3}},
+        {"kind": "false_positive"},
+        {"kind": "kernel"},
+        {"kind": "more_samples", "accelerations": [8, 4]},
+    ],
+    ids=lambda check: check["kind"],
+)
+def test_every_reconstruction_check_is_accepted_with_its_defaults_filled_in(
+    client: TestClient, auth: dict[str, str], model_id: str, check: dict[str, Any]
+) -> None:
+    response = submit(client, auth, audit_request(model_id, checks=[check]))
+    assert response.status_code == 202, response.text
+    with sessions_of(client)() as session:
+        audit = session.get(Audit, response.json()["id"])
+        assert audit is not None
+        (stored,) = audit.request["checks"]
+    assert stored["kind"] == check["kind"]
+    assert set(check) <= set(stored)  # the canonical request keeps what was given, plus defaults
