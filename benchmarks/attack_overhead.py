@@ -18,19 +18,25 @@ Results are recorded in docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from skimage.data import shepp_logan_phantom
 from skimage.transform import resize
 
+from schemas.model_spec import ModelSpec
 from schemas.operators import MRIOperator
 from workers.engine.attacks import SearchSettings, per_sample_norm, worst_case_search
-from workers.engine.context import Operator, Subject
+from workers.engine.context import Operator, PassCounter, Subject
+from workers.engine.datasets import random_ellipses
+from workers.engine.models import load_model
 from workers.engine.operators import build_operator
+from workers.engine.subjects import model_subject
 
 
 def main() -> None:
@@ -41,20 +47,37 @@ def main() -> None:
     parser.add_argument("--restarts", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--levels", type=float, nargs="+", default=[0.01, 0.02, 0.05])
+    parser.add_argument(
+        "--our-steps",
+        type=int,
+        default=None,
+        help="step budget of our search in (b) (default: --steps, the reference loop's)",
+    )
     parser.add_argument("--timing-steps", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--model",
+        choices=["reference", "untrained"],
+        default="reference",
+        help="the trained reference U-Net of examples/reference (64×64, real images), or a "
+        "seeded untrained U-Net of any --size (complex images)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    operator, subject, images, parameters = _setup(args.size, args.images, device)
+    if args.model == "reference":
+        operator, subject, images, parameters = _reference_setup(args.images, device)
+        args.size = images.shape[-1]
+    else:
+        operator, subject, images, parameters = _setup(args.size, args.images, device)
     y = operator.A(images)
     print(
         f"torch {torch.__version__}, device {_describe(device)}, {torch.get_num_threads()} threads"
     )
     print(
-        f"U-Net {parameters:,} "
-        f"parameters, images {args.images}×2×{args.size}×{args.size}, restarts {args.restarts}"
+        f"U-Net ({args.model}) {parameters:,} parameters, images "
+        f"{'×'.join(str(n) for n in images.shape)}, restarts {args.restarts}"
     )
 
     bare, step, with_setup = _per_step_times(subject, operator, y, images, args, device)
@@ -74,7 +97,7 @@ def main() -> None:
     for level, ref, ours, steps in zip(
         args.levels, reference_errors, ours_errors, steps_run, strict=True
     ):
-        print(f"    {level:<6} {ref:17.4f} {ours:13.4f}  ({steps}/{args.steps})")
+        print(f"    {level:<6} {ref:17.4f} {ours:13.4f}  ({steps}/{args.our_steps or args.steps})")
     error_ratio = float(np.mean(np.array(ours_errors) / np.array(reference_errors)))
     print(
         f"    wall time: reference {reference_time:.1f} s, ours {ours_time:.1f} s, "
@@ -96,6 +119,24 @@ class _AdjointUNet(torch.nn.Module):
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         zero_filled = self.operator.A_adjoint(y)
         return zero_filled + self.gain * self.net(zero_filled)
+
+
+REFERENCE = Path(__file__).resolve().parent.parent / "examples" / "reference"
+
+
+def _reference_setup(
+    count: int, device: torch.device
+) -> tuple[Operator, Subject, torch.Tensor, int]:
+    """The shipped reference network on fresh ellipse phantoms, through the engine's own loader
+    and input convention: a trained network, so the errors the searches find differ."""
+    spec = ModelSpec.model_validate_json((REFERENCE / "spec.json").read_text())
+    audit = json.loads((REFERENCE / "audit.json").read_text())
+    mri = MRIOperator.model_validate(audit["operator"])
+    operator = build_operator(mri, spec.image_shape, device)
+    model = load_model(REFERENCE / "model.safetensors", "safetensors", spec, device)
+    subject = model_subject(model, spec, operator, PassCounter())
+    images = random_ellipses(count, spec.image_shape[1], seed=0).to(device)
+    return operator, subject, images, sum(p.numel() for p in model.parameters())
 
 
 def _setup(
@@ -216,11 +257,11 @@ def _our_search(
     args: argparse.Namespace,
 ) -> tuple[list[float], list[int]]:
     settings = SearchSettings(
-        steps=args.steps,
+        steps=args.our_steps or args.steps,
         restarts=args.restarts,
         step_size=0.1,
         early_stop_tolerance=1e-3,
-        check_every=max(1, min(10, args.steps // 5)),
+        check_every=max(1, min(10, (args.our_steps or args.steps) // 5)),
     )
     outcomes = worst_case_search(
         subject, operator, y, images, args.levels, settings, range(len(images))
