@@ -13,7 +13,6 @@ import pytest
 import redis
 import torch
 
-from tests.fixtures.databases import postgres_database
 from workers.client import TightropeClient
 from workers.stack import LocalStack
 
@@ -37,15 +36,6 @@ def redis_client() -> Iterator[redis.Redis]:
     yield client
     client.flushdb()
     client.close()
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'tightrope.db'}"
-    else:
-        with postgres_database("it") as url:
-            yield url
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import os
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from service.db.models import Audit, Base, Model, Tenant, utcnow
 from service.db.session import make_engine
 from service.settings import Settings
 from service.storage import BlobStore
-from tests.fixtures.databases import postgres_database
+from workers.supervisor import worker_command
 
 REDIS_URL = "redis://127.0.0.1:6379/12"  # the worker tests' own database on the shared Redis
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -44,15 +43,6 @@ REQUEST = {
     "seed": 0,
     "device": "cpu",
 }
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'data' / 'tightrope.db'}"
-    else:
-        with postgres_database("wk") as url:
-            yield url
 
 
 @pytest.fixture
@@ -202,23 +192,7 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.2
 
 
 def celery_worker_argv(name: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "celery",
-        "-A",
-        "workers.celery_app",
-        "worker",
-        "--pool",
-        "solo",
-        "--concurrency",
-        "1",
-        "-Q",
-        "tightrope",
-        "--hostname",
-        f"{name}@test",
-        "--loglevel",
-        "info",
-        "--without-mingle",
-        "--without-gossip",
-    ]
+    """The supervisor's own Celery command line, named for the test."""
+    return worker_command(
+        ["--hostname", f"{name}@test", "--loglevel", "info", "--without-mingle", "--without-gossip"]
+    )
