@@ -15,12 +15,20 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Comparison:
-    """One bound of a threshold: passes when `measured <= bound`."""
+    """One bound of a threshold: passes when `measured <= bound` (or `>=` for a lower bound)."""
 
     quantity: str
     measured: float | None
     bound: float
     passed: bool
+    at_least: bool = False  # a lower bound (robust accuracy, median norm)
+
+    @property
+    def relation(self) -> str:
+        """The sign between measured and bound as the result stands."""
+        if self.at_least:
+            return "≥" if self.passed else "<"
+        return "≤" if self.passed else ">"
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,15 @@ def _compare(quantity: str, measured: float | None, bound: float | None) -> list
         return []
     passed = measured is not None and math.isfinite(measured) and measured <= bound
     return [Comparison(quantity, measured, float(bound), passed)]
+
+
+def _compare_at_least(
+    quantity: str, measured: float | None, bound: float | None
+) -> list[Comparison]:
+    if bound is None:
+        return []
+    passed = measured is not None and math.isfinite(measured) and measured >= bound
+    return [Comparison(quantity, measured, float(bound), passed, at_least=True)]
 
 
 def _level_row(result: dict[str, Any], level: float | None) -> dict[str, Any] | None:
@@ -154,7 +171,136 @@ def _lipschitz(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, lis
     )
 
 
-DESCRIBERS = {"random_noise": _random_noise, "worst_case": _worst_case, "lipschitz": _lipschitz}
+def _false_negative(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+    threshold = config.get("threshold") or {}
+    lesion = result.get("lesion") or {}
+    rate = "ci_high" if result.get("search") == "noise" else "estimate"
+    sentence = (
+        f"A {lesion.get('shape', 'lesion')} of size {lesion.get('size', '?')} and contrast "
+        f"{fmt(_get(lesion, 'contrast'))} ({result.get('search', '?')} search) was missed in "
+        f"{int(_get(result, 'misses') or 0)} of {int(_get(result, 'trials') or 0)} trials "
+        f"(miss rate {fmt(_get(result, 'miss_rate', 'estimate'))}, 95 % interval up to "
+        f"{fmt(_get(result, 'miss_rate', 'ci_high'))}); lowest recovery ρ "
+        f"{fmt(_get(result, 'recovery', 'min'))}."
+    )
+    quantity = "miss rate" + (" (upper 95 % bound)" if rate == "ci_high" else "")
+    measured = _get(result, "miss_rate", rate)
+    return sentence, _compare(quantity, measured, threshold.get("max_miss_rate"))
+
+
+def _false_positive(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+    threshold = config.get("threshold") or {}
+    largest = _get(result, "spurious_contrast", "max")
+    sentence = (
+        f"A measurement perturbation of relative size {fmt(_get(result, 'delta'))} made a detail "
+        f"of contrast up to {fmt(largest)} (of the value range) appear where the image has none "
+        f"(mean {fmt(_get(result, 'spurious_contrast', 'mean'))})."
+    )
+    return sentence, _compare(
+        "largest spurious contrast", largest, threshold.get("max_spurious_contrast")
+    )
+
+
+def _kernel(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+    threshold = config.get("threshold") or {}
+    best = _get(result, "best_lower_bound")
+    returns = (result.get("hallucination") or {}).get("returns") or {}
+    count = int(_get(result, "certificate_count") or 0)
+    sentence = (
+        f"For details invisible to the operator, the reconstruction was nearer to x in "
+        f"{returns.get('x', 0)} image(s) and to x + z in {returns.get('x+z', 0)}. "
+        + (
+            f"{count} certificate(s) prove a local Lipschitz constant of at least {fmt(best)} "
+            f"({int(_get(result, 'confirmation', 'confirmed') or 0)} confirmed by the search)."
+            if count
+            else "No pair met the theorem's conditions: no certificate."
+        )
+    )
+    if best is None:  # no certificate: nothing is proven, so no bound can be exceeded
+        return sentence, []
+    return sentence, _compare(
+        "proven Lipschitz lower bound", best, threshold.get("max_certified_lipschitz")
+    )
+
+
+def _more_samples(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+    threshold = config.get("threshold") or {}
+    falls = result.get("falls") or []
+    drops = [_get(f, "psnr_drop") for f in falls]
+    largest = max((d for d in drops if d is not None), default=0.0)
+    monotone = result.get("monotone")
+    sentence = f"As the samples rise ({result.get('parameter', '?')}), the quality " + (
+        "never falls."
+        if monotone is True
+        else f"falls {len(falls)} time(s), by up to {fmt(largest)} dB of PSNR."
+        if monotone is False
+        else "could not be compared (fewer than two levels ran)."
+    )
+    return sentence, _compare("largest PSNR fall (dB)", largest, threshold.get("max_psnr_drop"))
+
+
+def _adversarial(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+    threshold = config.get("threshold") or {}
+    rows = result.get("levels") or []
+    at = threshold.get("at_epsilon")
+    row = next((r for r in rows if r.get("epsilon") == at), None) if at else None
+    row = row if row is not None else (rows[-1] if rows else None)
+    epsilon = _get(row, "epsilon")
+    accuracy = _get(row, "robust_accuracy")
+    sentence = (
+        f"Against {result.get('attack', '?')} ({result.get('norm', '?')}, ε = {fmt(epsilon)}) "
+        f"the robust accuracy is {fmt(accuracy)}, against a clean accuracy of "
+        f"{fmt(_get(result, 'clean_accuracy'))}."
+    )
+    return sentence, _compare_at_least(
+        f"robust accuracy at ε = {fmt(epsilon)}", accuracy, threshold.get("min_robust_accuracy")
+    )
+
+
+def _minimal_perturbation(
+    config: dict[str, Any], result: dict[str, Any]
+) -> tuple[str, list[Comparison]]:
+    threshold = config.get("threshold") or {}
+    median = _get(result, "norms", "median")
+    sentence = (
+        f"The smallest adversarial perturbations ({result.get('attack', '?')}, "
+        f"{result.get('norm', '?')}) have a median norm of {fmt(median)} (10 % below "
+        f"{fmt(_get(result, 'norms', 'q10'))}); none found for "
+        f"{int(_get(result, 'not_found') or 0)} input(s)."
+    )
+    if median is None:  # no adversarial found at all: nothing falls below the bound
+        return sentence, []
+    return sentence, _compare_at_least(
+        "median minimal perturbation norm", median, threshold.get("min_median_norm")
+    )
+
+
+def _universal(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+    threshold = config.get("threshold") or {}
+    high = _get(result, "fooling_rate", "ci_high")
+    sentence = (
+        f"One perturbation of norm {fmt(_get(result, 'perturbation_norm'))} fooled "
+        f"{int(_get(result, 'fooled') or 0)} of {int(_get(result, 'trials') or 0)} held-out "
+        f"inputs (fooling rate {fmt(_get(result, 'fooling_rate', 'estimate'))}, 95 % interval up "
+        f"to {fmt(high)})."
+    )
+    return sentence, _compare(
+        "fooling rate (upper 95 % bound)", high, threshold.get("max_fooling_rate")
+    )
+
+
+DESCRIBERS = {
+    "random_noise": _random_noise,
+    "worst_case": _worst_case,
+    "lipschitz": _lipschitz,
+    "false_negative": _false_negative,
+    "false_positive": _false_positive,
+    "kernel": _kernel,
+    "more_samples": _more_samples,
+    "adversarial": _adversarial,
+    "minimal_perturbation": _minimal_perturbation,
+    "universal": _universal,
+}
 
 
 def check_indices(report: dict[str, Any]) -> list[int]:

@@ -18,8 +18,7 @@ MEDIA_TYPE = "application/xml"
 
 
 def _comparison_text(c: Comparison) -> str:
-    relation = "≤" if c.passed else ">"
-    return f"{c.quantity}: measured {fmt(c.measured, 6)} {relation} bound {fmt(c.bound, 6)}"
+    return f"{c.quantity}: measured {fmt(c.measured, 6)} {c.relation} bound {fmt(c.bound, 6)}"
 
 
 def _testcase(suite: ET.Element, finding: Finding) -> bool:

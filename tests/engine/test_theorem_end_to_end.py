@@ -7,12 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from schemas.audits import AuditConfig, AuditRequest
 from schemas.model_spec import ModelSpec
 from schemas.reports import Report
+from service.findings import findings
 from workers.cli import app
 from workers.engine.api import run_audit
 
@@ -33,9 +35,21 @@ CONFIG: dict[str, Any] = {
             "panels": 1,
             "threshold": {"max_miss_rate": 0.5},
         },
-        {"kind": "false_positive", "steps": 3, "panels": 1},
-        {"kind": "kernel", "steps": 3, "directions": 1, "scales": [0.5], "panels": 1},
-        {"kind": "more_samples", "accelerations": [8, 4, 2]},
+        {
+            "kind": "false_positive",
+            "steps": 3,
+            "panels": 1,
+            "threshold": {"max_spurious_contrast": 0.9},
+        },
+        {
+            "kind": "kernel",
+            "steps": 3,
+            "directions": 1,
+            "scales": [0.5],
+            "panels": 1,
+            "threshold": {"max_certified_lipschitz": 1e6},
+        },
+        {"kind": "more_samples", "accelerations": [8, 4, 2], "threshold": {"max_psnr_drop": 50}},
     ],
 }
 KINDS = ["false_negative", "false_positive", "kernel", "more_samples"]
@@ -83,6 +97,23 @@ def test_engine_api_on_a_torchscript_file(tmp_path: Path) -> None:
     )
     _check_report(report, out)
     assert json.loads((out / "report.json").read_text()) == report
+    # every check with a threshold reads, in the HTML and JUnit, as measured value against bound
+    by_kind = {f.kind: f for f in findings(report)}
+    assert by_kind["false_negative"].comparisons[0].measured == pytest.approx(
+        by_kind["false_negative"].result["miss_rate"]["estimate"]
+    )
+    assert by_kind["false_positive"].comparisons[0].measured == pytest.approx(
+        by_kind["false_positive"].result["spurious_contrast"]["max"]
+    )
+    assert by_kind["more_samples"].comparisons[0].bound == 50
+    kernel = by_kind["kernel"]
+    if kernel.result["best_lower_bound"] is None:
+        assert kernel.comparisons == [] and "no certificate" in kernel.sentence
+    else:
+        assert kernel.comparisons[0].measured == kernel.result["best_lower_bound"]
+    for finding in by_kind.values():
+        assert "details in report.json" not in finding.sentence
+        assert all(c.passed == (finding.verdict == "pass") for c in finding.comparisons)
 
 
 def test_local_cli(tmp_path: Path) -> None:
