@@ -49,3 +49,64 @@ def test_user_text_is_escaped(tmp_path: Path) -> None:
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert "<script" not in html.lower()
     assert "default-src 'none'" in html  # and a CSP forbids scripts anyway
+
+
+def test_classifier_levels_are_tabled_by_accuracy_and_epsilon(tmp_path: Path) -> None:
+    from workers.reporting.html import build_sections
+
+    noise = {"kind": "random_noise", "levels": [0.1], "samples": 4}
+    attack = {"kind": "adversarial", "norm": "linf", "epsilons": [0.01, 0.05]}
+    report = {
+        "verdict": "info",
+        "model": {"name": "classifier", "sha256": "ab" * 32},
+        "config": {"checks": [attack, noise]},
+        "checks": [
+            {
+                "kind": "adversarial",
+                "subject": "model",
+                "verdict": "info",
+                "levels": [
+                    {
+                        "epsilon": 0.01,
+                        "robust_accuracy": 0.75,
+                        "robust": 3,
+                        "robust_accuracy_ci": {"low": 0.19, "high": 0.99},
+                    },
+                    {
+                        "epsilon": 0.05,
+                        "robust_accuracy": 0.25,
+                        "robust": 1,
+                        "robust_accuracy_ci": {"low": 0.006, "high": 0.81},
+                    },
+                ],
+            },
+            {
+                "kind": "random_noise",
+                "subject": "model",
+                "verdict": "info",
+                "task": "classification",
+                "levels": [
+                    {
+                        "level": 0.1,
+                        "accuracy": 0.5,
+                        "failures": 8,
+                        "trials": 16,
+                        "failure_probability": {"estimate": 0.5, "ci_low": 0.25, "ci_high": 0.75},
+                        "flip_probability": {"estimate": 0.25, "ci_low": 0.07, "ci_high": 0.52},
+                    },
+                ],
+            },
+        ],
+    }
+    adversarial, noisy = build_sections(report, tmp_path)
+    (table,) = adversarial.tables
+    assert table["level_header"] == "ε"
+    assert [row["level"] for row in table["rows"]] == ["0.01", "0.05"]
+    assert table["rows"][1]["cells"][:2] == ["0.25", "0.006"]
+    (table,) = noisy.tables
+    assert table["headers"][0] == "accuracy" and table["rows"][0]["cells"] == [
+        "0.5",
+        "0.5",
+        "0.75",
+        "0.25",
+    ]

@@ -145,8 +145,27 @@ def _worst_case_panels(finding: Finding, directory: Path) -> Figure | None:
     )
 
 
+# Columns of the per-level tables: (header, field of a level row, statistic or None for a number)
+CLASSIFIER_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
+    "random_noise": [
+        ("accuracy", "accuracy", None),
+        ("failure probability", "failure_probability", "estimate"),
+        ("95 % upper bound", "failure_probability", "ci_high"),
+        ("prediction flipped", "flip_probability", "estimate"),
+    ],
+    "adversarial": [
+        ("robust accuracy", "robust_accuracy", None),
+        ("95 % interval low", "robust_accuracy_ci", "low"),
+        ("95 % interval high", "robust_accuracy_ci", "high"),
+        ("robust images", "robust", None),
+    ],
+}
+
+
 def _table(kind: str, finding: Finding) -> dict[str, Any] | None:
-    columns = {
+    if finding.result.get("task") == "classification" or kind == "adversarial":
+        return _rows_table(CLASSIFIER_COLUMNS.get(kind), finding)
+    columns: list[tuple[str, str, str | None]] | None = {
         "worst_case": [
             ("relative error (max)", "relative_error", "max"),
             ("relative error (mean)", "relative_error", "mean"),
@@ -165,6 +184,12 @@ def _table(kind: str, finding: Finding) -> dict[str, Any] | None:
             ("95 % upper bound", "failure_probability", "ci_high"),
         ],
     }.get(kind)
+    return _rows_table(columns, finding)
+
+
+def _rows_table(
+    columns: list[tuple[str, str, str | None]] | None, finding: Finding
+) -> dict[str, Any] | None:
     if columns is None:
         return None
     rows = []
@@ -172,11 +197,23 @@ def _table(kind: str, finding: Finding) -> dict[str, Any] | None:
         cells = []
         for _, quantity, statistic in columns:
             cell = row.get(quantity)
-            value = cell.get(statistic) if isinstance(cell, dict) else None
+            value = (
+                cell
+                if statistic is None
+                else (cell.get(statistic) if isinstance(cell, dict) else None)
+            )
             cells.append(fmt(float(value)) if isinstance(value, int | float) else "n/a")
-        rows.append({"level": fmt(row.get("level")), "cells": cells})
+        # reconstruction and noise rows are per level δ; adversarial rows per ε
+        level = row.get("level", row.get("epsilon"))
+        rows.append({"level": fmt(level), "cells": cells})
     who = SUBJECT_LABEL.get(finding.subject, finding.subject)
-    return {"title": who, "headers": [c[0] for c in columns], "rows": rows}
+    level_header = "ε" if finding.kind == "adversarial" else "level δ"
+    return {
+        "title": who,
+        "headers": [c[0] for c in columns],
+        "rows": rows,
+        "level_header": level_header,
+    }
 
 
 def build_sections(report: dict[str, Any], directory: Path) -> list[CheckSection]:
