@@ -68,6 +68,11 @@ class TightropeClient:
             files = {"file": (path.name, f, "application/octet-stream")}
             return self._json("POST", "/v1/models", files=files, data={"spec": json.dumps(spec)})
 
+    def upload_dataset(self, path: Path, spec: dict[str, Any]) -> dict[str, Any]:
+        with open(path, "rb") as f:
+            files = {"file": (path.name, f, "application/octet-stream")}
+            return self._json("POST", "/v1/datasets", files=files, data={"spec": json.dumps(spec)})
+
     def get_model(self, model_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/models/{model_id}")
 
