@@ -87,9 +87,11 @@ def test_the_budget_time_limit_fails_the_audit(settings: Settings, session: Sess
     assert row.error["status"] == 422 and row.progress_message == "sleeping"
 
 
-def test_cancellation_kills_the_child(
+def _start_sleeping_audit(
     settings: Settings, sessions: sessionmaker[Session], session: Session
-) -> None:
+) -> tuple[Audit, threading.Thread, list[str]]:
+    """An attempt whose runner sleeps, in a thread of its own, once the runner is running;
+    `outcome` receives execute_audit's result when the thread ends."""
     settings = _with(settings, runner_module="tests.workers.fakes.sleep")
     audit = add_audit(session, add_model(session, settings))
     outcome: list[str] = []
@@ -101,6 +103,13 @@ def test_cancellation_kills_the_child(
     worker = threading.Thread(target=work)
     worker.start()
     wait_for(lambda: _reload(session, audit.id).progress_message == "sleeping", timeout=30)
+    return audit, worker, outcome
+
+
+def test_cancellation_kills_the_child(
+    settings: Settings, sessions: sessionmaker[Session], session: Session
+) -> None:
+    audit, worker, outcome = _start_sleeping_audit(settings, sessions, session)
     session.get(Audit, audit.id).cancel_requested = True  # type: ignore[union-attr]
     session.commit()
     worker.join(timeout=30)
@@ -111,17 +120,7 @@ def test_cancellation_kills_the_child(
 def test_a_lost_lease_stops_the_attempt_without_writing(
     settings: Settings, sessions: sessionmaker[Session], session: Session
 ) -> None:
-    settings = _with(settings, runner_module="tests.workers.fakes.sleep")
-    audit = add_audit(session, add_model(session, settings))
-    outcome: list[str] = []
-
-    def work() -> None:
-        with sessions() as own:
-            outcome.append(execute_audit(audit.id, settings=settings, session=own))
-
-    worker = threading.Thread(target=work)
-    worker.start()
-    wait_for(lambda: _reload(session, audit.id).progress_message == "sleeping", timeout=30)
+    audit, worker, outcome = _start_sleeping_audit(settings, sessions, session)
     session.get(Audit, audit.id).lease_owner = "another-worker"  # type: ignore[union-attr]
     session.commit()
     worker.join(timeout=30)
