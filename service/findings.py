@@ -59,20 +59,18 @@ def fmt(value: float | None, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _compare(quantity: str, measured: float | None, bound: float | None) -> list[Comparison]:
-    if bound is None:
-        return []
-    passed = measured is not None and math.isfinite(measured) and measured <= bound
-    return [Comparison(quantity, measured, float(bound), passed)]
-
-
-def _compare_at_least(
-    quantity: str, measured: float | None, bound: float | None
+def _compare(
+    quantity: str, measured: float | None, bound: float | None, at_least: bool = False
 ) -> list[Comparison]:
+    """The comparison of a threshold's bound, none when the threshold does not set it."""
     if bound is None:
         return []
-    passed = measured is not None and math.isfinite(measured) and measured >= bound
-    return [Comparison(quantity, measured, float(bound), passed, at_least=True)]
+    passed = (
+        measured is not None
+        and math.isfinite(measured)
+        and (measured >= bound if at_least else measured <= bound)
+    )
+    return [Comparison(quantity, measured, float(bound), passed, at_least=at_least)]
 
 
 def _level_row(result: dict[str, Any], level: float | None) -> dict[str, Any] | None:
@@ -252,8 +250,11 @@ def _adversarial(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, l
         f"the robust accuracy is {fmt(accuracy)}, against a clean accuracy of "
         f"{fmt(_get(result, 'clean_accuracy'))}."
     )
-    return sentence, _compare_at_least(
-        f"robust accuracy at ε = {fmt(epsilon)}", accuracy, threshold.get("min_robust_accuracy")
+    return sentence, _compare(
+        f"robust accuracy at ε = {fmt(epsilon)}",
+        accuracy,
+        threshold.get("min_robust_accuracy"),
+        at_least=True,
     )
 
 
@@ -270,8 +271,8 @@ def _minimal_perturbation(
     )
     if median is None:  # no adversarial found at all: nothing falls below the bound
         return sentence, []
-    return sentence, _compare_at_least(
-        "median minimal perturbation norm", median, threshold.get("min_median_norm")
+    return sentence, _compare(
+        "median minimal perturbation norm", median, threshold.get("min_median_norm"), at_least=True
     )
 
 

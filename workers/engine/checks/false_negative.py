@@ -191,8 +191,8 @@ def _search(
     values = rho.double().cpu().tolist()
     missed = [not (math.isfinite(v) and v >= config.recovery_threshold) for v in values]
     rows = {
-        "recovery": [v if math.isfinite(v) else None for v in values],
-        "recovery_min": [v if math.isfinite(v) else None for v in values],
+        "recovery": [_finite(v) for v in values],
+        "recovery_min": [_finite(v) for v in values],
         "recovery_sum": [v if math.isfinite(v) else 0.0 for v in values],
         "recovery_count": [1 if math.isfinite(v) else 0 for v in values],
         "window_nmse": [_finite(v) for v in nmse.double().cpu().tolist()],
