@@ -58,10 +58,20 @@ class WorstCaseCheck(StrictModel):
     target: Literal["ground_truth", "reconstruction"] = "ground_truth"
     formulation: Literal["ball", "penalized"] = "ball"
     lambda_: float = Field(default=1.0, gt=0.0, alias="lambda", description="Penalty weight")
-    optimizer: Literal["adam", "momentum"] = "adam"
-    steps: int = Field(default=50, ge=1, le=10_000)
-    restarts: int = Field(default=2, ge=1, le=256)
-    step_size: float = Field(default=0.1, gt=0.0, le=10.0, description="Relative to the radius")
+    optimizer: Literal["pgd", "adam", "momentum", "ensemble"] = Field(
+        default="pgd",
+        description="pgd: ℓ2 ascent with an adaptive step (exact on linear models); "
+        "ensemble: half the restarts pgd, half adam",
+    )
+    steps: int = Field(default=100, ge=1, le=10_000)
+    restarts: int = Field(default=4, ge=1, le=256)
+    step_size: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=10.0,
+        description="Relative to the radius; default 2.0 for pgd (its first step, then halved "
+        "adaptively), 0.1 for adam and momentum (fixed)",
+    )
     early_stop_tolerance: float = Field(
         default=1e-3, ge=0.0, description="Stop a level when the objective gains less (relative)"
     )

@@ -86,7 +86,12 @@ class FalsePositiveCheck(StrictModel):
     window: int = Field(default=5, ge=1, le=256, description="Side of the square window")
     steps: int = Field(default=30, ge=1, le=10_000)
     restarts: int = Field(default=1, ge=1, le=64)
-    step_size: float = Field(default=0.1, gt=0.0, le=10.0)
+    step_size: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=10.0,
+        description="First step of the pgd ascent, relative to the radius; default 2.0",
+    )
     panels: int = Field(default=3, ge=0, le=32)
     seed: int | None = Field(default=None, ge=0)
     threshold: SpuriousContrastThreshold | None = None

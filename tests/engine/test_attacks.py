@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from tests.engine.worst_case_fixtures import (
@@ -143,3 +144,142 @@ def test_passes_are_counted_and_early_stopping_saves_steps() -> None:
     # the clean reconstruction once per image, then restarts × images per step
     assert subject.counter.forward == 3 + steps * 2 * 3
     assert subject.counter.backward == steps * 2 * 3
+
+
+def _inverse_problem(
+    smallest: float, rotated: bool, value_range: tuple[float, float], seed: int = 0
+) -> tuple[DenseOperator, Subject, torch.Tensor]:
+    """Square A = U diag(s) Vᵀ with singular values from 1 down to `smallest`, Ψ = A⁻¹: the
+    worst ‖Ψ(y + e) − x‖ over ‖e‖ ≤ ρ is exactly ρ / σ_min, along A's last left singular
+    vector. Diagonal A (U a permutation, V = I) is where Adam's sign-like steps go wrong."""
+    gen = torch.Generator().manual_seed(seed)
+    n = 24
+    singular = torch.logspace(0, torch.log10(torch.tensor(smallest)).item(), n, dtype=torch.float64)
+    if rotated:
+        left, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+        right, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    else:
+        left = torch.eye(n, dtype=torch.float64)[torch.randperm(n, generator=gen)]
+        right = torch.eye(n, dtype=torch.float64)
+    forward = left @ torch.diag(singular) @ right.T
+    inverse = right @ torch.diag(1 / singular) @ left.T
+    operator = DenseOperator(forward.float(), IMAGE_SHAPE)
+    low, high = value_range
+    x = low + (high - low) * torch.rand(3, *IMAGE_SHAPE, generator=gen)
+    return operator, linear_subject(inverse.float(), IMAGE_SHAPE), x
+
+
+@pytest.mark.parametrize("value_range", [(0.0, 1.0), (-300.0, 300.0)])
+@pytest.mark.parametrize("rotated", [False, True], ids=["diagonal", "rotated"])
+@pytest.mark.parametrize("smallest", [1.0, 0.2, 0.05, 0.01])
+def test_default_search_is_exact_on_the_inverse_of_any_linear_operator(
+    smallest: float, rotated: bool, value_range: tuple[float, float]
+) -> None:
+    operator, subject, x = _inverse_problem(smallest, rotated, value_range)
+    y = operator.A(x)
+    levels = [0.01, 0.05]
+    outcomes = worst_case_search(subject, operator, y, x, levels, SearchSettings(), [1, 2, 3])
+    assert [o.level for o in outcomes] == levels
+    for outcome in outcomes:
+        e = outcome.perturbation
+        attacked = subject.reconstruct(y + e)
+        ratio = per_sample_norm(attacked - subject.reconstruct(y)) / per_sample_norm(e)
+        exact_error = outcome.level * per_sample_norm(y) / smallest
+        error = per_sample_norm(attacked - x)
+        assert torch.all(ratio * smallest >= 0.99), (outcome.level, ratio * smallest)
+        assert torch.all(ratio * smallest <= 1 + 1e-3)
+        assert torch.all(error >= 0.99 * exact_error), (outcome.level, error / exact_error)
+        assert outcome.found_by == ["pgd"] * 3
+
+
+def test_adam_stays_short_of_the_maximiser_where_the_default_reaches_it() -> None:
+    """Why pgd is the default: on a diagonal A, Adam's per-entry scaling has fixed points on
+    the sphere that are not the maximiser."""
+    operator, subject, x = _inverse_problem(0.05, rotated=False, value_range=(0.0, 1.0))
+    y = operator.A(x)
+    found = {}
+    for optimizer in ("adam", "pgd"):
+        settings = SearchSettings(optimizer=optimizer)
+        (outcome,) = worst_case_search(subject, operator, y, x, [0.05], settings, [1, 2, 3])
+        e = outcome.perturbation
+        found[optimizer] = per_sample_norm(subject.reconstruct(e) - subject.reconstruct(0 * e))
+        found[optimizer] = found[optimizer] / per_sample_norm(e) * 0.05
+    assert torch.all(found["pgd"] >= 0.99)
+    assert torch.all(found["adam"] < 0.9)
+
+
+def test_default_search_is_exact_in_image_space() -> None:
+    """Ψ(y) = B y, r in image space, target Ψ(y): max ‖B A r‖ over ‖r‖ ≤ δ‖x‖ is σ_max(BA)·δ‖x‖."""
+    operator, x, recon = _linear_problem(seed=4)
+    subject = linear_subject(recon, IMAGE_SHAPE)
+    settings = SearchSettings(space="image", target="reconstruction")
+    outcomes = worst_case_search(
+        subject, operator, operator.A(x), x, [0.05, 0.1], settings, [0, 1, 2]
+    )
+    sigma = torch.linalg.svdvals(recon @ operator.matrix)[0]
+    for outcome in outcomes:
+        r = outcome.image_perturbation
+        assert r is not None
+        gain = per_sample_norm(subject.reconstruct(operator.A(r))) / per_sample_norm(r)
+        assert torch.all(gain >= 0.99 * sigma) and torch.all(gain <= sigma * (1 + 1e-4))
+        assert torch.all(per_sample_norm(r) <= outcome.level * per_sample_norm(x) * (1 + 1e-6))
+
+
+@pytest.mark.parametrize("margin", [1.5, 4.0])
+def test_default_search_reaches_the_exact_penalised_maximiser(margin: float) -> None:
+    """½‖B(y + e) − x‖² − λ/2‖e‖² with λ > σ_max(B)² is a concave quadratic: its maximiser is
+    e* = (λI − BᵀB)⁻¹ Bᵀ c with c = B y − x (noisy y, so c ≠ 0)."""
+    gen = torch.Generator().manual_seed(8)
+    operator, x, recon = _linear_problem(seed=6)
+    recon = recon * 0.3
+    subject = linear_subject(recon, IMAGE_SHAPE)
+    y = operator.A(x) + 0.3 * torch.randn(3, 16, generator=gen)
+    penalty = float(torch.linalg.svdvals(recon)[0] ** 2) * margin
+
+    def objective(e: torch.Tensor) -> torch.Tensor:
+        misfit = per_sample_norm((y + e) @ recon.T - x.flatten(1)) ** 2
+        return 0.5 * misfit - 0.5 * penalty * per_sample_norm(e) ** 2
+
+    residual = (y @ recon.T - x.flatten(1)).double()
+    system = penalty * torch.eye(16, dtype=torch.float64) - (recon.T @ recon).double()
+    best = torch.linalg.solve(system, (residual @ recon.double()).T).T.float()
+    settings = SearchSettings(formulation="penalized", penalty=penalty)
+    (outcome,) = worst_case_search(subject, operator, y, x, [0.05], settings, [0, 1, 2])
+    reached = objective(outcome.perturbation) / objective(best)
+    assert torch.all(reached >= 0.99) and torch.all(reached <= 1 + 1e-5), reached
+
+
+def test_levels_run_largest_first_and_a_stopped_search_keeps_the_finished_ones() -> None:
+    operator, subject, x = _inverse_problem(0.2, rotated=True, value_range=(0.0, 1.0))
+    y = operator.A(x)
+    levels = [0.01, 0.1, 0.05]
+    settings = SearchSettings(steps=20, check_every=5)
+    everything = worst_case_search(subject, operator, y, x, levels, settings, [4, 5, 6])
+    assert [o.level for o in everything] == levels  # the caller's order
+    # a stop requested during the first level searched (the largest) keeps that level only
+    stopped = worst_case_search(subject, operator, y, x, levels, settings, [4, 5, 6], lambda: True)
+    assert [o.level for o in stopped] == [0.1]
+    assert stopped[0].steps == 5  # the first check
+
+
+def test_ensemble_splits_restarts_and_names_the_winner() -> None:
+    operator, x, _ = _linear_problem(seed=2)
+    y = operator.A(x)
+    settings = SearchSettings(optimizer="ensemble", restarts=4, steps=20)
+    assert settings.restart_optimizers() == ["pgd", "pgd", "adam", "adam"]
+    (outcome,) = worst_case_search(_tiny_network(7), operator, y, x, [0.2], settings, [1, 2, 3])
+    assert set(outcome.found_by) <= {"pgd", "adam"} and len(outcome.found_by) == 3
+    # the winner's objective is the best of all restarts of both optimisers
+    for optimizer in ("pgd", "adam"):
+        alone = SearchSettings(optimizer=optimizer, restarts=2, steps=20)
+        (single,) = worst_case_search(_tiny_network(7), operator, y, x, [0.2], alone, [1, 2, 3])
+        if optimizer == "pgd":  # the ensemble's pgd restarts are these very restarts
+            assert torch.all(outcome.objective >= single.objective - 1e-5 * single.objective.abs())
+
+
+def test_pgd_checkpoints_follow_apgd() -> None:
+    from workers.engine.attacks import pgd_checkpoints
+
+    windows = pgd_checkpoints(100)
+    assert list(windows) == [22, 41, 57, 70, 80, 87, 93, 99]
+    assert sum(windows.values()) == 99

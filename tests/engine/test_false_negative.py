@@ -1,14 +1,24 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
+from schemas.operators import GaussianOperator
 from tests.engine.tiny_models import Identity, config, spec
 from workers.engine.audit import run_audit_with_model
-from workers.engine.checks.false_negative import recovery
+from workers.engine.checks.false_negative import (
+    RECOVERY_TOLERANCE,
+    is_recovered,
+    recovery,
+    visible_fraction,
+)
+from workers.engine.nullspace import row_space_projector
+from workers.engine.operators import build_operator
 
 
 class LowPass(torch.nn.Module):
@@ -84,3 +94,208 @@ def test_text_lesion_and_explicit_positions(tmp_path: Path) -> None:
     )
     assert check["placements"] == 2 and check["per_placement"][0]["row"] == 5
     assert check["verdict"] == "pass"
+
+
+# --- recoverability: a lesion counts against the network only where the data carries it ---
+
+
+class Scaled(torch.nn.Module):
+    """Ψ = factor · A⁺ with input 'adjoint' under inpainting: recovers factor × the visible
+    share of every lesion."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.factor * x
+
+
+def _inpainting_check(
+    tmp_path: Path, model: torch.nn.Module, mask: np.ndarray | None, **fields: Any
+) -> dict[str, Any]:
+    """One false_negative result under inpainting: the mask file `mask` (1: measured) or, with
+    None, a seeded random half of the pixels. The model's input is A*y, so Identity is A⁺."""
+    check = {
+        "kind": "false_negative",
+        "lesion": {"shape": "square", "size": 3, "contrast": 0.2},
+        "placements": 8,
+        "noise_samples": 2,
+        "steps": 4,
+        "panels": 0,
+        **fields,
+    }
+    operator: dict[str, Any] = {"kind": "inpainting", "fraction": 0.5, "seed": 3}
+    if mask is not None:
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        np.save(tmp_path / "mask.npy", mask.astype(np.float32))
+        operator = {"kind": "inpainting", "mask": {"file": "mask.npy"}}
+    cfg = config(
+        checks=[check],
+        operator=operator,
+        dataset={"builtin": "ellipses", "count": 2, "size": 16, "seed": 1},
+    )
+    report = run_audit_with_model(
+        model,
+        spec((1, 16, 16), "adjoint"),
+        cfg,
+        out_dir=tmp_path / "out",
+        model_sha256="0" * 64,
+        base_dir=tmp_path,
+    )
+    return report["checks"][0]
+
+
+def _half_mask() -> np.ndarray:
+    """Columns 0–7 measured, 8–15 not."""
+    mask = np.zeros((16, 16))
+    mask[:, :8] = 1.0
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("search", "fields"),
+    [
+        ("random", {}),
+        ("adversarial", {}),
+        # the verdict compares the upper 95 % bound: 0 misses need ≥ 72 trials to bound 5 %
+        ("noise", {"noise_samples": 40}),
+    ],
+)
+def test_zero_filling_under_inpainting_misses_nothing_the_data_carries(
+    tmp_path: Path, search: str, fields: dict[str, Any]
+) -> None:
+    check = _inpainting_check(
+        tmp_path, Identity(), None, search=search, threshold={"max_miss_rate": 0.05}, **fields
+    )
+    assert check["verdict"] == "pass" and check["misses"] == 0
+    assert check["reference_method"] == "projection"
+    rows = check["per_placement"]
+    # A⁺ returns exactly the visible share of each lesion, so half-visible lesions are below
+    # the threshold: they are the unrecoverable placements, and they are no trials
+    unrecoverable = [row for row in rows if not row["recoverable"]]
+    assert 0 < len(unrecoverable) < len(rows)
+    assert check["unrecoverable"] == {
+        "count": len(unrecoverable),
+        "fraction": len(unrecoverable) / len(rows),
+    }
+    samples = 40 if search == "noise" else 1
+    assert check["trials"] == (len(rows) - len(unrecoverable)) * samples
+    for row in rows:
+        rho = row["recovery_mean"] if search == "noise" else row["recovery"]
+        assert rho == pytest.approx(row["visible_fraction"], abs=1e-5)
+        assert row["recoverable"] == (row["visible_fraction"] >= 0.5)
+        assert row["trials"] == (samples if row["recoverable"] else 0)
+    assert check["recovery"]["min"] >= 0.5 - 1e-5
+
+
+def test_a_blur_after_zero_filling_still_misses(tmp_path: Path) -> None:
+    zero_filling = _inpainting_check(tmp_path / "a", Identity(), None)
+    blurred = _inpainting_check(tmp_path / "b", LowPass(), None, threshold={"max_miss_rate": 0.05})
+    assert blurred["verdict"] == "fail"
+    # the same placements are recoverable: that depends on A and the lesion only
+    assert blurred["unrecoverable"] == zero_filling["unrecoverable"]
+    assert blurred["trials"] > 0 and blurred["misses"] == blurred["trials"]
+    assert blurred["miss_rate"]["estimate"] == 1.0
+
+
+@pytest.mark.parametrize("search", ["random", "noise", "adversarial"])
+def test_visible_fraction_is_the_measured_share_of_the_lesion_energy(
+    tmp_path: Path, search: str
+) -> None:
+    mask = (np.random.default_rng(7).random((16, 16)) < 0.6).astype(np.float64)
+    mask[9:14, 9:14] = 0.0  # a block the data does not see
+    corners = [(1, 1), (2, 6), (5, 3), (6, 10), (10, 10)]
+    check = _inpainting_check(
+        tmp_path,
+        LowPass(),
+        mask,
+        search=search,
+        positions=[{"row": r, "col": c} for r, c in corners],
+    )
+    rows = [row for row in check["per_placement"] if row["index"] == 0]
+    assert [(row["row"], row["col"]) for row in rows] == corners
+    # a lesion wholly in the unmeasured block: A⁺A z = 0 exactly, whatever the search did
+    inside = rows[-1]
+    assert inside["visible_fraction"] == 0.0
+    assert not inside["recoverable"] and inside["trials"] == 0 and inside["misses"] == 0
+    if search == "adversarial":
+        return  # the search reweights the lesion's pixels: its share is no longer the count's
+    for row, (r, c) in zip(rows, corners, strict=True):
+        # a square of equal pixels: the measured share of its energy is that of its pixels
+        share = mask[r : r + 3, c : c + 3].sum() / 9.0
+        assert row["visible_fraction"] == pytest.approx(share, rel=1e-12, abs=0.0)
+        assert row["recoverable"] == (share >= 0.5)
+
+
+def test_adversarial_search_records_the_lesion_it_ended_with(tmp_path: Path) -> None:
+    check = _inpainting_check(tmp_path, Identity(), None, search="adversarial", steps=6)
+    random = _inpainting_check(tmp_path / "r", Identity(), None)
+    amplitude = 0.2  # contrast × (hi − lo) with the default range [0, 1]
+    for a, r in zip(check["per_placement"], random["per_placement"], strict=True):
+        assert amplitude / 4 - 1e-6 <= a["lesion_amplitude"] <= amplitude + 1e-6
+        # 9 pixels, each in [¼, 1] × amplitude, with the recorded mean
+        assert a["lesion_norm"] >= 3.0 * abs(a["lesion_amplitude"]) - 1e-6
+        assert a["lesion_norm"] <= 3.0 * amplitude + 1e-6
+        # a lesion the data carries is never traded for one it hides
+        if r["recoverable"]:
+            assert a["recoverable"] and a["recovery"] <= r["recovery"] + 1e-6
+    assert any(a["lesion_amplitude"] < amplitude - 1e-3 for a in check["per_placement"])
+
+
+def test_ties_at_the_threshold_are_decided_by_the_tolerance(tmp_path: Path) -> None:
+    assert is_recovered(0.5 - 0.5 * RECOVERY_TOLERANCE, 0.5)
+    assert not is_recovered(0.5 - 2 * RECOVERY_TOLERANCE, 0.5)
+    assert not is_recovered(math.nan, 0.5)
+    # a 2×2 square across the mask's edge: exactly half its energy is measured
+    position = [{"row": 6, "col": 7}]
+    fields = {"positions": position, "lesion": {"shape": "square", "size": 2, "contrast": 0.5}}
+    found = {}
+    for factor in (1.0, 1.0 - 1e-5, 1.0 - 4e-5):
+        check = _inpainting_check(tmp_path / str(factor), Scaled(factor), _half_mask(), **fields)
+        assert all(row["visible_fraction"] == 0.5 for row in check["per_placement"])
+        assert check["trials"] == 2  # ρ_A⁺ = threshold: recoverable
+        found[factor] = check["misses"]
+    # ρ = 0.5·factor: 0.5 and 0.5 − 5e-6 are ties, 0.5 − 2e-5 is below
+    assert found == {1.0: 0, 1.0 - 1e-5: 0, 1.0 - 4e-5: 2}
+
+
+@pytest.mark.parametrize("threshold", [None, {"max_miss_rate": 0.05}])
+def test_no_recoverable_placement_is_said_and_judges_nothing(
+    tmp_path: Path, threshold: dict[str, float] | None
+) -> None:
+    check = _inpainting_check(
+        tmp_path, LowPass(), _half_mask(), positions=[{"row": 4, "col": 10}], threshold=threshold
+    )
+    assert check["unrecoverable"] == {"count": 2, "fraction": 1.0}
+    assert check["trials"] == 0 and check["misses"] == 0
+    assert check["miss_rate"] == {"estimate": None, "ci_low": None, "ci_high": None}
+    assert check["verdict"] == "info"
+    assert any("no placement is recoverable" in w for w in check["warnings"])
+
+
+@pytest.mark.parametrize("method", ["dense", "cg"])
+def test_visible_fraction_of_a_general_operator_is_the_row_space_share(
+    tmp_path: Path, method: str
+) -> None:
+    # A: a seeded 24 × 64 matrix (row space of dimension 24); the share ‖Pz‖²/‖z‖² computed
+    # here independently from numpy's pseudo-inverse
+    matrix = np.random.default_rng(5).standard_normal((24, 64))
+    np.save(tmp_path / "a.npy", matrix.astype(np.float32))
+    operator = build_operator(
+        GaussianOperator(kind="gaussian", matrix={"file": "a.npy"}),
+        (1, 8, 8),
+        "cpu",
+        tmp_path,
+    )
+    z = torch.zeros(3, 1, 8, 8)
+    z[0, 0, 2:5, 2:5] = 0.2
+    z[1, 0, 0, :] = -0.3
+    z[2, 0, 6, 6] = 0.1
+    flat = z.flatten(1).double().numpy()
+    a = matrix.astype(np.float32).astype(np.float64)
+    projected = flat @ (np.linalg.pinv(a) @ a).T
+    share = (projected * flat).sum(1) / (flat * flat).sum(1)
+    found = visible_fraction(row_space_projector(operator, torch.device("cpu"), method), z)
+    assert found.tolist() == pytest.approx(share.tolist(), abs=1e-5)
+    assert all(0.0 < s < 1.0 for s in share)

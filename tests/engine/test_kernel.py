@@ -18,17 +18,32 @@ SMALL = 0.01  # the smallest singular value of A
 
 def test_certify_uses_the_smallest_admissible_eta() -> None:
     # ‖Ax − Ax'‖ sets η: bound (‖x − x'‖ − 2η)/η
-    c = certify(distance=1.0, measurement_distance=0.1, r=0.02, r_other=0.04)
+    c = certify(distance=1.0, measurement_distance=0.1, r=0.02, r_other=0.04, output_distance=0.95)
     assert c is not None and c.eta == 0.1 and c.bound == pytest.approx(8.0)
     # the recovery errors set η: (r + r')/2, made strict by the margin
-    c = certify(distance=1.0, measurement_distance=0.01, r=0.1, r_other=0.3)
+    c = certify(distance=1.0, measurement_distance=0.01, r=0.1, r_other=0.3, output_distance=0.7)
     assert c is not None and c.eta == pytest.approx(0.2 * (1 + ETA_MARGIN))
     assert c.bound == pytest.approx((1.0 - 2 * c.eta) / c.eta)
     # condition (2) fails: ‖x − x'‖ ≤ 2η
-    assert certify(distance=0.2, measurement_distance=0.1, r=0.0, r_other=0.0) is None
+    assert certify(0.2, 0.1, 0.0, 0.0, 0.2) is None
     # identical measurements and perfect recovery of both cannot happen for x ≠ x'
-    assert certify(distance=1.0, measurement_distance=0.0, r=0.0, r_other=0.0) is None
-    assert certify(math.nan, 0.1, 0.0, 0.0) is None
+    assert certify(1.0, 0.0, 0.0, 0.0, 0.0) is None
+    assert certify(math.nan, 0.1, 0.0, 0.0, 1.0) is None
+
+
+def test_the_direct_ratio_and_the_best_of_the_two_bounds() -> None:
+    # ‖Ψ(Ax') − Ψ(Ax)‖/‖Ax' − Ax‖ = 0.95/0.1 beats the theorem's (1 − 0.2)/0.1
+    c = certify(distance=1.0, measurement_distance=0.1, r=0.02, r_other=0.04, output_distance=0.95)
+    assert c is not None and c.output_distance == 0.95
+    assert c.direct_ratio == pytest.approx(9.5) and c.bound == pytest.approx(8.0)
+    assert c.best_lower_bound == c.direct_ratio
+    # the recovery errors set η = 0.2: the direct ratio divides by ‖Ax − Ax'‖ = 0.01 instead
+    c = certify(distance=1.0, measurement_distance=0.01, r=0.1, r_other=0.3, output_distance=0.7)
+    assert c is not None and c.direct_ratio == pytest.approx(70.0)
+    assert c.best_lower_bound == pytest.approx(70.0) and c.bound < 4.0
+    # Ax = Ax': the ratio is 0/0, reported as None, and the best is the theorem's bound
+    c = certify(distance=1.0, measurement_distance=0.0, r=0.1, r_other=0.1, output_distance=0.0)
+    assert c is not None and c.direct_ratio is None and c.best_lower_bound == c.bound
 
 
 def test_nearest_neighbours_match_brute_force() -> None:
@@ -87,8 +102,14 @@ def test_a_model_that_recovers_a_near_kernel_pair_gets_a_proven_and_confirmed_bo
     )
     (check,) = report["checks"]
     best = check["certificates"][0]
-    assert best["source"] == "built" and check["best_lower_bound"] == best["bound"]
+    assert best["source"] == "built" and check["best_lower_bound"] == best["best_lower_bound"]
     assert best["singular_value"] == pytest.approx(SMALL, rel=1e-3)
+    assert check["best_lower_bound"] == max(c["best_lower_bound"] for c in check["certificates"])
+    assert check["best_theorem_bound"] == max(c["bound"] for c in check["certificates"])
+    for c in check["certificates"]:
+        assert c["best_lower_bound"] == max(c["bound"], c["direct_ratio"])
+        # the triangle inequality and (4): e* = Ax' − Ax moves Ψ by more than bound·‖e*‖
+        assert c["direct_ratio"] >= c["bound"] * (1 - 1e-5)
 
     # the same pair, computed here from the definitions
     x = random_ellipses(3, SIDE, 2)[best["index"]].double().flatten()
@@ -105,14 +126,22 @@ def test_a_model_that_recovers_a_near_kernel_pair_gets_a_proven_and_confirmed_bo
     assert best["distance"] == pytest.approx(distance, rel=1e-5)
     assert best["bound"] == pytest.approx((distance - 2 * eta) / eta, rel=1e-4)
     assert best["bound"] == pytest.approx(1 / SMALL - 2, rel=1e-3)  # A⁻¹ is 1/σ-Lipschitz
-    # the worst-case search at radius η reaches the proven bound
-    assert best["confirmed"] is True, (
+    # the direct ratio at e* = Ax' − Ax, from the definitions: for Ψ = A⁻¹ and x' − x along the
+    # smallest singular direction it is the Lipschitz constant 1/σ itself, above the theorem's
+    moved = float((psi(a(x_other)) - psi(a(x))).norm())
+    assert best["output_distance"] == pytest.approx(moved, rel=1e-4)
+    assert best["direct_ratio"] == pytest.approx(moved / measured, rel=1e-4)
+    assert best["direct_ratio"] == pytest.approx(1 / SMALL, rel=1e-3)
+    assert best["best_lower_bound"] == best["direct_ratio"] > best["bound"]
+    # the worst-case search at radius η reaches the theorem's bound (a test of the search)
+    assert best["search_reached_bound"] is True and best["confirmed"] is True, (
         best["empirical_lipschitz"],
         best["bound"],
         best["search_radius"],
         best["eta"],
     )
     assert best["empirical_lipschitz"] >= best["bound"]
+    assert check["confirmation"] == {"checked": 1, "search_reached_bound": 1, "confirmed": 1}
     assert check["verdict"] == "fail" and report["verdict"] == "fail"
     assert "c00-model-kernel-certificate-0.png" in check["artifacts"]
     pair = np.load(tmp_path / "out" / "c00-model-kernel-certificate-0-pair.npy")

@@ -81,6 +81,20 @@ def test_mri_is_an_isometry_on_sampled_entries() -> None:
     assert torch.allclose(op.A_adjoint(e).flatten(1).norm(dim=1), op.norm(e), rtol=1e-5)
 
 
+@pytest.mark.parametrize("mask", ["cartesian", "random_lines", "variable_density", "radial"])
+def test_mri_on_real_images_keeps_half_the_energy_of_random_perturbations(mask: str) -> None:
+    # A* e = Re(F* M e) for real 1-channel images. With w = F* M e, ‖w‖ = ‖e‖ and
+    # ‖Re w‖² = (‖w‖² + Re Σ wᵢ²)/2, where E[wᵢ²] = 0 for e with independent real and imaginary
+    # parts of equal variance: E‖A*e‖² = E‖e‖²/2 exactly, for any mask (docs/operators.md)
+    op = build({"kind": "mri", "mask": mask}, (1, 32, 32))
+    e = op.project(torch.randn((256, 2, 32, 32), generator=torch.Generator().manual_seed(4)))
+    kept = op.A_adjoint(e).flatten(1).norm(dim=1)
+    assert bool((kept <= op.norm(e) * (1 + 1e-5)).all())  # the real part never gains energy
+    energy = float(kept.square().sum() / op.norm(e).square().sum())
+    assert energy == pytest.approx(0.5, abs=0.01)
+    assert float((kept / op.norm(e)).mean()) == pytest.approx(2**-0.5, abs=0.01)
+
+
 def test_mri_explicit_mask_file(tmp_path: Path) -> None:
     mask = np.zeros((8, 8), dtype=np.uint8)
     mask[:, [0, 3, 4]] = 1

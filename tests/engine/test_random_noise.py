@@ -5,9 +5,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from schemas.operators import InpaintingOperator
 from tests.engine.tiny_models import GainAlong, Identity, config, spec
 from workers.engine.audit import run_audit_with_model
+from workers.engine.checks.random_noise import unit_noise
+from workers.engine.context import AuditContext
 from workers.engine.datasets import load_images
+from workers.engine.operators import build_operator
 from workers.engine.stats import clopper_pearson
 
 
@@ -55,6 +59,30 @@ def test_failure_probability_when_the_error_is_exactly_the_level(tmp_path: Path)
     # Lipschitz ratio of the identity is exactly 1
     assert low_level["lipschitz_lower_bound"]["max"] == pytest.approx(1.0, rel=1e-5)
     assert report["checks"][0]["verdict"] == "info"
+    # the report says what was drawn and what the interval is about
+    assert "uniform on the sphere of radius δ‖y‖" in report["checks"][0]["distribution"]
+    assert "not for a population" in report["checks"][0]["interval_scope"]
+
+
+def test_the_noise_is_uniform_on_the_sphere_over_the_measured_entries() -> None:
+    """What `distribution` says: ‖e‖ = δ‖y‖ exactly, nothing off the mask, and on the n measured
+    entries the direction u = e/‖e‖ has the moments of the uniform law on the sphere:
+    E[u_i²] = 1/n and E[u_i⁴] = 3/(n(n + 2)) (a normalised uniform-in-a-cube draw, say, would
+    give 1.8/(n(n + 2)) for the latter)."""
+    operator = build_operator(InpaintingOperator(fraction=0.5, seed=3), (1, 16, 16))
+    ctx = AuditContext(operator, torch.zeros(1, 1, 16, 16), torch.device("cpu"), 0, 0.0)
+    samples, level = 400, 0.05
+    y_norm = torch.full((samples,), 2.0)
+    e = unit_noise(ctx, operator.measurement_shape, range(samples), y_norm, level)
+    assert torch.allclose(operator.norm(e), torch.full((samples,), level * 2.0), rtol=1e-5)
+    assert torch.equal(operator.project(e), e)
+    measured = operator.mask.expand(1, 16, 16).flatten().bool()  # type: ignore[union-attr]
+    n = int(measured.sum())
+    assert n == 128
+    u = (e.flatten(1) / e.flatten(1).norm(dim=1, keepdim=True))[:, measured].double()
+    assert float((u**2).mean()) == pytest.approx(1 / n, rel=1e-6)  # exact: ‖u‖ = 1
+    assert float((u**4).mean()) * n * (n + 2) / 3 == pytest.approx(1.0, abs=0.06)
+    assert abs(float(u.mean())) < 3 / (n * samples) ** 0.5
 
 
 def _threshold_check(level: float) -> dict:

@@ -95,6 +95,58 @@ def test_reconstruction_universal_perturbation_finds_the_unstable_direction() ->
     assert counter.backward > 0
 
 
+def _gain_subject(model: torch.nn.Module) -> Subject:
+    return Subject("model", lambda y: model(y), PassCounter())
+
+
+def test_images_wrong_without_the_perturbation_are_not_counted_as_fooled() -> None:
+    """Same Ψ as above; three images get a component a·d along the unstable direction, so Ψ
+    multiplies it by 20: clean relative error 19a/‖x‖ > τ, wrong before any u. Every other
+    image is exact without u and fooled with it (error 20‖u‖/‖x‖ ≈ 1 > τ). So the held-out
+    images give fooled = trials = the correct ones, and the wrong ones are counted apart."""
+    gen = torch.Generator().manual_seed(0)
+    direction = torch.randn((1, 8, 8), generator=gen)
+    direction -= direction.mean()
+    unit = direction / direction.norm()
+    model = GainAlong(direction, gain=20.0)
+    images = (0.4 + 0.2 * torch.rand((8, 1, 1, 1), generator=gen)).expand(8, 1, 8, 8).clone()
+    seed, tau = 1, 0.5
+    train, held = split(range(8), 0.5, seed)
+    wrong = [held[0], held[1], train[0]]
+    images[wrong] += 0.5 * unit
+    clean_error = (19.0 * 0.5 / images.flatten(1).norm(dim=1))[wrong]
+    assert bool((clean_error > tau).all())  # the construction: wrong before any u
+
+    check = UniversalCheck.model_validate({"epsilon": 0.05, "steps": 20, "failure_error": tau})
+    ctx = context(images, None)  # type: ignore[arg-type]
+    shard = RUNNER.run(check, ctx, _gain_subject(model), range(8), seed)
+    assert (shard["train_images"], shard["held_out_images"]) == (train, held)
+    result = RUNNER.merge(check, [shard])
+    correct = [k for k in held if k not in wrong]
+    u = torch.tensor(result[ARTIFACT_FILES_KEY]["universal.npy"])
+    assert abs(float(u.flatten() @ unit.flatten())) / float(u.norm()) > 0.99
+    norms = images[correct].flatten(1).norm(dim=1)
+    assert bool((20.0 * u.norm() / norms > tau).all())  # every correct image is fooled
+    assert result["clean_failures"] == 2
+    assert result["trials"] == len(correct) == result["fooled"]
+    assert result["fooling_rate"]["estimate"] == 1.0
+    assert result["train_clean_failures"] == 1
+    assert result["train_fooling_rate"] == 1.0  # over the 3 correct training images
+    assert result["warnings"] == []
+
+    # every held-out image wrong: nothing can be fooled, the rate is undefined
+    images[held] += 0.5 * unit
+    ctx = context(images, None)  # type: ignore[arg-type]
+    shard = RUNNER.run(check, ctx, _gain_subject(model), range(8), seed)
+    limited = UniversalCheck.model_validate(
+        {**check.model_dump(), "threshold": {"max_fooling_rate": 0.5}}
+    )
+    result = RUNNER.merge(limited, [shard])
+    assert (result["fooled"], result["trials"], result["clean_failures"]) == (0, 0, len(held))
+    assert result["fooling_rate"] == {"estimate": None, "ci_low": 0.0, "ci_high": 1.0}
+    assert result["verdict"] == "fail" and "undefined" in result["warnings"][0]
+
+
 def test_universal_runs_as_one_shard_and_refuses_linf_on_reconstructions() -> None:
     config = AuditConfig.model_validate(
         {

@@ -35,14 +35,9 @@ def _dense_context(seed: int = 0) -> tuple[AuditContext, torch.Tensor]:
 
 def test_linear_model_lipschitz_bound_matches_top_singular_value() -> None:
     ctx, recon = _dense_context()
+    # default search settings: a pass must not depend on settings tuned to the case
     check = WorstCaseCheck(
-        levels=[0.05, 0.1],
-        target="reconstruction",
-        optimizer="momentum",
-        steps=60,
-        restarts=2,
-        step_size=1.0,
-        threshold={"max_lipschitz": 100.0},
+        levels=[0.05, 0.1], target="reconstruction", threshold={"max_lipschitz": 100.0}
     )
     report = _run(check, ctx, linear_subject(recon, IMAGE_SHAPE), [[0, 1], [2, 3]])
     sigma_max = float(torch.linalg.svdvals(recon)[0])
@@ -58,6 +53,63 @@ def test_linear_model_lipschitz_bound_matches_top_singular_value() -> None:
     assert (
         _run(strict, ctx, linear_subject(recon, IMAGE_SHAPE), [[0, 1, 2, 3]])["verdict"] == "fail"
     )
+
+
+@pytest.mark.parametrize("value_range", [(0.0, 1.0), (0.0, 255.0), (-300.0, 300.0)])
+@pytest.mark.parametrize("smallest", [0.2, 0.05, 0.01])
+def test_default_check_reports_the_exact_worst_case_of_an_inverse(
+    smallest: float, value_range: tuple[float, float]
+) -> None:
+    """Ψ = A⁻¹ for a rotated, ill-conditioned A: at level δ the worst relative error of image i
+    is exactly δ‖y_i‖ / (σ_min ‖x_i‖) and the Lipschitz ratio 1/σ_min, with DEFAULT settings."""
+    gen = torch.Generator().manual_seed(3)
+    n = 64
+    singular = torch.logspace(0, torch.log10(torch.tensor(smallest)).item(), n, dtype=torch.float64)
+    left, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))
+    forward = (left @ torch.diag(singular) @ right.T).float()
+    inverse = (right @ torch.diag(1 / singular) @ left.T).float()
+    low, high = value_range
+    images = low + (high - low) * torch.rand(4, *IMAGE_SHAPE, generator=gen)
+    ctx = AuditContext(
+        DenseOperator(forward, IMAGE_SHAPE), images, torch.device("cpu"), seed=3, noise_level=0.0
+    )
+    levels = [0.01, 0.05]
+    report = _run(
+        WorstCaseCheck(levels=levels), ctx, linear_subject(inverse, IMAGE_SHAPE), [[0, 1], [2, 3]]
+    )
+    y = ctx.measurements([0, 1, 2, 3])
+    ratio_y_x = torch.linalg.vector_norm(y.flatten(1), dim=1) / torch.linalg.vector_norm(
+        images.flatten(1), dim=1
+    )
+    assert report["optimizer"] == "pgd" and report["restarts"] == 4
+    for row, level in zip(report["levels"], levels, strict=True):
+        exact_error = float((level * ratio_y_x / smallest).max())
+        assert row["relative_error"]["max"] == pytest.approx(exact_error, rel=0.01)
+        assert row["relative_error"]["max"] <= exact_error * (1 + 1e-3)
+        bound = row["lipschitz_lower_bound"]["max"]
+        assert bound == pytest.approx(1 / smallest, rel=0.01) and bound <= (1 + 1e-3) / smallest
+        assert row["found_by"] == {"pgd": 4}
+        assert 1 <= row["steps"]["mean"] <= row["steps"]["max"] <= 100
+        assert row["worst_image"]["optimizer"] == "pgd"
+
+
+def test_a_search_stopped_early_reports_the_levels_it_finished() -> None:
+    """Levels are searched from the largest down: a cancelled shard lacks the smallest ones."""
+    ctx, recon = _dense_context()
+    check = WorstCaseCheck(levels=[0.01, 0.05, 0.1], steps=10)
+    runner = get_check("worst_case")
+    subject = linear_subject(recon, IMAGE_SHAPE)
+    finished = runner.run(check, ctx, subject, [0, 1], seed=11)
+    stop_requests = iter([False, True])
+    ctx.should_stop = lambda: next(stop_requests, True)
+    stopped = runner.run(check, ctx, subject, [2, 3], seed=11)
+    assert [w["level"] for w in stopped["worst"]] == [0.1]
+    report = runner.merge(check, [finished, stopped])
+    assert [row["level"] for row in report["levels"]] == [0.01, 0.05, 0.1]
+    assert report["levels"][2]["found_by"] == {"pgd": 4}
+    assert report["levels"][0]["found_by"] == {"pgd": 2}
+    assert any("level 0.01: stopped" in w for w in report["warnings"])
 
 
 @pytest.fixture

@@ -28,8 +28,10 @@ def _level(level: float, error_max: float, ci_high: float | None = None) -> dict
             gaussian_relative_error={"mean": 0.05, "max": 0.06},
             relative_perturbation={"max": level},
             non_finite=0,
-            steps={"mean": 5.0},
+            steps={"mean": 5.0, "max": 7.0},
+            found_by={"pgd": 2},
         )
+        row["worst_image"] = {**row["worst_image"], "optimizer": "pgd", "steps": 7}
     else:
         row.update(
             failure_probability={"estimate": ci_high / 2, "ci_low": 0.0, "ci_high": ci_high},

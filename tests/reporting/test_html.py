@@ -29,6 +29,8 @@ def test_sections_figures_and_provenance(tmp_path: Path) -> None:
     images = _images(html)
     assert len(images) == 3 and all(png.startswith(b"\x89PNG\r\n\x1a\n") for png in images)
     assert "Worst case of the network at level 0.05" in html  # the threshold's level
+    # the worst-case table names the search that found each level's worst case, and its steps
+    assert "worst found by" in html and '<td class="num">pgd</td>' in html and "steps (max)" in html
     widths = [int.from_bytes(png[16:20], "big") for png in images]  # PNG IHDR width
     # five panels (original, clean, perturbed, difference, perturbation) side by side
     assert widths[-1] > 1.6 * max(widths[:-1])

@@ -10,17 +10,29 @@ For a sweep of relative levels δ it looks for a perturbation that maximises
 where t is the ground truth x or the clean reconstruction Ψ(y). Measurement-space perturbations
 are kept on the measured entries (operator.project) and measured with operator.norm.
 
-Speed is the point of this module (robust-nets' `find_adversarial.py` runs restarts one after
-another with a fixed step count). Here restarts and images share ONE forward/backward per step
-(batch index = restart * B + image), each level is warm-started from the previous level's best
-perturbation, and a level stops early once the best objective stops improving. The loop never
-syncs with the device except at the early-stopping checks, every `check_every` steps.
+Optimisers (docs/report.md, "worst_case"):
+
+- `pgd` (default): ℓ2 projected gradient ascent in the manner of APGD (Croce & Hein, 2020):
+  steps along the ℓ2-normalised gradient, first of the ball's diameter (so the first steps land
+  on the boundary: on a linear Ψ this is a power iteration and reaches the top singular
+  direction), with momentum 0.75, and the step halved per sample at checkpoints where the
+  ascent oscillates or stalls, restarting from the best point. Its fixed points on the sphere
+  are the maximisers' (the gradient is parallel to the point), which Adam's are not.
+- `adam`, `momentum`: a fixed step length along Adam's or a heavy-ball direction.
+- `ensemble`: half the restarts `pgd`, half `adam`; the larger error per image wins.
+
+Speed: restarts and images share ONE forward/backward per step (batch index = restart * B +
+image); levels are searched from the largest down and the best restarts of a level seed the
+next one (scaled to its radius), the others start afresh on the sphere; a level stops early once
+the best objective stops improving. The loop never syncs with the device except at the
+early-stopping checks, every `check_every` steps.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -28,8 +40,14 @@ import torch
 from schemas.checks import WorstCaseCheck
 from workers.engine.context import Operator, Subject
 
+OPTIMIZERS = ("pgd", "adam", "momentum")
+# the step's default per optimiser, relative to the radius: pgd's is the initial step (then
+# halved adaptively), the others' is fixed
+DEFAULT_STEP_SIZE = {"pgd": 2.0, "adam": 0.1, "momentum": 0.1}
 _ADAM_BETAS = (0.9, 0.999)
 _MOMENTUM = 0.5  # larger values lag on the sphere: the buffer keeps stale radial parts
+_PGD_MOMENTUM = 0.75  # APGD's α
+_PGD_SUCCESS_FRACTION = 0.75  # APGD's ρ: fewer rising steps than this in a window halve the step
 _TINY = 1e-12
 
 
@@ -41,10 +59,10 @@ class SearchSettings:
     target: Literal["ground_truth", "reconstruction"] = "ground_truth"
     formulation: Literal["ball", "penalized"] = "ball"
     penalty: float = 1.0
-    optimizer: Literal["adam", "momentum"] = "adam"
-    steps: int = 50
-    restarts: int = 2
-    step_size: float = 0.1  # relative to the radius δ‖y‖ (or δ‖x‖)
+    optimizer: Literal["pgd", "adam", "momentum", "ensemble"] = "pgd"
+    steps: int = 100
+    restarts: int = 4
+    step_size: float | None = None  # relative to the radius δ‖y‖ (or δ‖x‖); None: per optimiser
     early_stop_tolerance: float = 1e-3  # 0 disables early stopping
     check_every: int = 10  # steps between early-stopping checks (the only device syncs)
 
@@ -63,6 +81,17 @@ class SearchSettings:
             check_every=max(1, min(10, config.steps // 5)),
         )
 
+    def restart_optimizers(self) -> list[str]:
+        """The optimiser of each restart; an ensemble gives the first half (the warm-started
+        restarts among them) to pgd and the rest to adam."""
+        if self.optimizer != "ensemble":
+            return [self.optimizer] * self.restarts
+        pgd = max(1, math.ceil(self.restarts / 2))
+        return ["pgd"] * pgd + ["adam"] * (self.restarts - pgd)
+
+    def step_for(self, optimizer: str) -> float:
+        return DEFAULT_STEP_SIZE[optimizer] if self.step_size is None else self.step_size
+
 
 @dataclass
 class LevelOutcome:
@@ -73,6 +102,7 @@ class LevelOutcome:
     image_perturbation: torch.Tensor | None  # r when the search ran in image space
     objective: torch.Tensor  # [B], the search objective at the returned perturbation
     steps: int  # steps run before the level stopped
+    found_by: list[str] = field(default_factory=list)  # per image: the optimiser of the winner
 
 
 def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -115,7 +145,30 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
     return t / _per_sample(per_sample_norm(t).clamp_min(_TINY), t)
 
 
-def _ascent_update(
+def _constrain(
+    v: torch.Tensor, radius: torch.Tensor, mask: torch.Tensor | None, penalized: bool
+) -> torch.Tensor:
+    """Onto the measured entries, and into the ball unless the formulation is penalised."""
+    if mask is not None:
+        v = v * mask
+    if penalized:
+        return v
+    return v * _per_sample((radius / per_sample_norm(v).clamp_min(_TINY)).clamp(max=1.0), v)
+
+
+def _keep_best(
+    v: torch.Tensor,
+    objective: torch.Tensor,
+    best_objective: torch.Tensor,
+    best_v: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    improved = objective > best_objective
+    best_objective = torch.where(improved, objective, best_objective)
+    best_v = torch.where(_per_sample(improved, v), v, best_v)
+    return improved, best_objective, best_v
+
+
+def _fixed_step_update(
     v: torch.Tensor,
     grad: torch.Tensor,
     objective: torch.Tensor,
@@ -130,17 +183,16 @@ def _ascent_update(
     optimizer: str,
     penalized: bool,
 ) -> tuple[torch.Tensor, ...]:
-    """One step after the gradient: keep the best point, move along a normalised Adam or
+    """One `adam` or `momentum` step: keep the best point, move along a normalised Adam or
     heavy-ball direction by a fixed length (step_size × radius), project back onto the ball.
 
-    A pure function of tensors, so that on a GPU it compiles into a few fused kernels instead
-    of ~20 launches that would cost as much as the network's pass at small batches. `mask`
-    (1 on measured entries) is None in image space; `corrections` holds Adam's bias
-    corrections as a tensor so that the compiled function is not specialised per step.
+    Pure functions of tensors (this one and `_pgd_update`), so that on a GPU each compiles
+    into a few fused kernels instead of ~20 launches that would cost as much as the network's
+    pass at small batches. `mask` (1 on measured entries) is None in image space;
+    `corrections` holds Adam's bias corrections as a tensor so that the compiled function is
+    not specialised per step.
     """
-    improved = objective > best_objective
-    best_objective = torch.where(improved, objective, best_objective)
-    best_v = torch.where(_per_sample(improved, v), v, best_v)
+    _, best_objective, best_v = _keep_best(v, objective, best_objective, best_v)
     if mask is not None:
         grad = grad * mask
     if optimizer == "momentum":
@@ -152,23 +204,102 @@ def _ascent_update(
         second = beta2 * second + (1 - beta2) * grad * grad
         # masked entries have zero moments, so the direction stays on the measured entries
         direction = _unit((first / corrections[0]) / ((second / corrections[1]).sqrt() + _TINY))
-    v = v + step_length * direction
-    if not penalized:
-        if mask is not None:
-            v = v * mask
-        v = v * _per_sample((radius / per_sample_norm(v).clamp_min(_TINY)).clamp(max=1.0), v)
+    v = _constrain(v + step_length * direction, radius, mask, penalized)
     return v, best_objective, best_v, first, second
 
 
-class _Updater:
-    """`_ascent_update`, compiled with torch.compile on CUDA (eager elsewhere, and as a
+def _pgd_update(
+    v: torch.Tensor,
+    grad: torch.Tensor,
+    objective: torch.Tensor,
+    best_objective: torch.Tensor,
+    best_v: torch.Tensor,
+    v_previous: torch.Tensor,
+    objective_previous: torch.Tensor,
+    best_grad: torch.Tensor,
+    step_length: torch.Tensor,
+    successes: torch.Tensor,
+    checkpoint_best: torch.Tensor,
+    reduced_last: torch.Tensor,
+    radius: torch.Tensor,
+    mask: torch.Tensor | None,
+    window: float,
+    first_step: bool,
+    penalized: bool,
+) -> tuple[torch.Tensor, ...]:
+    """One `pgd` step (APGD's update with ℓ2-normalised gradients, for a maximisation).
+
+    `window` > 0 marks a checkpoint: where fewer than ρ·window of the steps since the last
+    checkpoint raised the objective, or the best did not move and the step was not halved last
+    time, the step is halved and the sample restarts from its best point and gradient.
+    """
+    improved, best_objective, best_v = _keep_best(v, objective, best_objective, best_v)
+    best_grad = torch.where(_per_sample(improved, grad), grad, best_grad)
+    successes = successes + (objective > objective_previous).to(successes.dtype)
+    objective_previous = objective
+    if window > 0:
+        oscillating = successes < _PGD_SUCCESS_FRACTION * window
+        stalled = ~reduced_last & (best_objective <= checkpoint_best)
+        reduce = oscillating | stalled
+        step_length = torch.where(_per_sample(reduce, step_length), step_length / 2, step_length)
+        at_best = _per_sample(reduce, v)
+        v = torch.where(at_best, best_v, v)
+        grad = torch.where(at_best, best_grad, grad)
+        v_previous = torch.where(at_best, best_v, v_previous)
+        objective_previous = torch.where(reduce, best_objective, objective_previous)
+        reduced_last = reduce
+        checkpoint_best = best_objective
+        successes = torch.zeros_like(successes)
+    if mask is not None:
+        grad = grad * mask
+    z = _constrain(v + step_length * _unit(grad), radius, mask, penalized)
+    if first_step:
+        moved = z
+    else:
+        moved = v + _PGD_MOMENTUM * (z - v) + (1 - _PGD_MOMENTUM) * (v - v_previous)
+        moved = _constrain(moved, radius, mask, penalized)
+    return (
+        moved,
+        best_objective,
+        best_v,
+        v,
+        objective_previous,
+        best_grad,
+        step_length,
+        successes,
+        checkpoint_best,
+        reduced_last,
+    )
+
+
+def pgd_checkpoints(steps: int) -> dict[int, int]:
+    """APGD's checkpoints for a budget of `steps`: step index → steps since the previous one
+    (p₀ = 0, p₁ = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06))."""
+    fractions = [0.0, 0.22]
+    while fractions[-1] < 1.0:
+        fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
+    # rounded first: 0.22 + 0.19 + 0.16 must give 57 steps of 100, not 58
+    marks = sorted({math.ceil(round(p * steps, 6)) for p in fractions[1:]} - {steps})
+    marks = [mark for mark in marks if mark < steps]
+    windows: dict[int, int] = {}
+    previous = 0
+    for mark in marks:
+        if mark > previous:
+            windows[mark] = mark - previous
+            previous = mark
+    return windows
+
+
+class _Compiled:
+    """A pure update function, compiled with torch.compile on CUDA (eager elsewhere, and as a
     fallback wherever compilation is unavailable)."""
 
-    def __init__(self, device: torch.device) -> None:
-        self._fn: Callable[..., tuple[torch.Tensor, ...]] = _ascent_update
+    def __init__(self, fn: Callable[..., tuple[torch.Tensor, ...]], device: torch.device) -> None:
+        self._eager = fn
+        self._fn = fn
         self._compiled = device.type == "cuda"
         if self._compiled:
-            self._fn = torch.compile(_ascent_update, dynamic=False)
+            self._fn = torch.compile(fn, dynamic=False)
 
     def __call__(self, *args: object) -> tuple[torch.Tensor, ...]:
         try:
@@ -176,8 +307,102 @@ class _Updater:
         except Exception:  # no triton / compiler: the eager function gives the same result
             if not self._compiled:
                 raise
-            self._fn, self._compiled = _ascent_update, False
+            self._fn, self._compiled = self._eager, False
             return self._fn(*args)
+
+
+class _Group:
+    """The restarts of one optimiser: a contiguous slice of the batch and its state."""
+
+    def __init__(
+        self,
+        optimizer: str,
+        rows: slice,
+        v: torch.Tensor,
+        settings: SearchSettings,
+        radius: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> None:
+        self.optimizer = optimizer
+        self.rows = rows
+        self.penalized = settings.formulation == "penalized"
+        self.radius = radius
+        self.mask = mask
+        self.step_length = _per_sample(settings.step_for(optimizer) * radius, v)
+        self.best_objective = torch.full_like(radius, -torch.inf)
+        self.best_v = v.detach().clone()
+        if optimizer == "pgd":
+            self._update = _Compiled(_pgd_update, v.device)
+            self.checkpoints = pgd_checkpoints(settings.steps)
+            self.v_previous = v.detach().clone()
+            self.objective_previous = torch.full_like(radius, -torch.inf)
+            self.best_grad = torch.zeros_like(v)
+            self.successes = torch.zeros_like(radius)
+            self.checkpoint_best = torch.full_like(radius, -torch.inf)
+            self.reduced_last = torch.zeros_like(radius, dtype=torch.bool)
+        else:
+            self._update = _Compiled(_fixed_step_update, v.device)
+            self.first = torch.zeros_like(v)
+            self.second = torch.zeros_like(v) if optimizer == "adam" else self.first
+            beta1, beta2 = _ADAM_BETAS
+            # Adam's bias corrections for every step, on the device once (no copy per step)
+            self.corrections = torch.tensor(
+                [[1 - beta1**t, 1 - beta2**t] for t in range(1, settings.steps + 1)],
+                dtype=v.dtype,
+                device=v.device,
+            )
+
+    def step(
+        self, step: int, v: torch.Tensor, grad: torch.Tensor, objective: torch.Tensor
+    ) -> torch.Tensor:
+        if self.optimizer == "pgd":
+            (
+                v,
+                self.best_objective,
+                self.best_v,
+                self.v_previous,
+                self.objective_previous,
+                self.best_grad,
+                self.step_length,
+                self.successes,
+                self.checkpoint_best,
+                self.reduced_last,
+            ) = self._update(
+                v,
+                grad,
+                objective,
+                self.best_objective,
+                self.best_v,
+                self.v_previous,
+                self.objective_previous,
+                self.best_grad,
+                self.step_length,
+                self.successes,
+                self.checkpoint_best,
+                self.reduced_last,
+                self.radius,
+                self.mask,
+                float(self.checkpoints.get(step, 0)),
+                step == 0,
+                self.penalized,
+            )
+            return v
+        v, self.best_objective, self.best_v, self.first, self.second = self._update(
+            v,
+            grad,
+            objective,
+            self.best_objective,
+            self.best_v,
+            self.first,
+            self.second,
+            self.step_length,
+            self.radius,
+            self.mask,
+            self.corrections[step],
+            self.optimizer,
+            self.penalized,
+        )
+        return v
 
 
 def _random_starts(
@@ -188,30 +413,22 @@ def _random_starts(
     radius: torch.Tensor,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Random points inside each image's ball, drawn from the image's own generator.
+    """Random points on each image's sphere (the maximiser of an error that grows with the
+    perturbation lies on it), drawn from the image's own generator.
 
-    Each image draws its restarts in order, so restart 0 is the same whatever the number of
+    Each image draws its restarts in order, so restart k is the same whatever the number of
     restarts or the batch an image is in (results do not depend on sharding or OOM halving).
     Returns [len(restarts), B, *shape] on radius' device.
     """
-    draws = [
+    directions = torch.stack(
         [
-            (
-                torch.randn(shape, generator=gen, dtype=dtype),
-                torch.rand((), generator=gen, dtype=dtype),
-            )
-            for gen in generators
+            torch.stack([torch.randn(shape, generator=gen, dtype=dtype) for gen in generators])
+            for _ in restarts
         ]
-        for _ in restarts
-    ]
-    directions = torch.stack([torch.stack([d for d, _ in row]) for row in draws])
-    fractions = torch.stack([torch.stack([u for _, u in row]) for row in draws])
-    directions = directions.to(radius.device)
-    fractions = fractions.to(radius.device)
+    ).to(radius.device)
     b = len(generators)
     flat = space.normalised(space.keep_in_range(directions.flatten(0, 1)))
-    scale = fractions.flatten() * radius[: len(restarts) * b]
-    return (flat * _per_sample(scale, flat)).view(len(restarts), b, *shape)
+    return (flat * _per_sample(radius[: len(restarts) * b], flat)).view(len(restarts), b, *shape)
 
 
 def worst_case_search(
@@ -224,10 +441,12 @@ def worst_case_search(
     seeds: Sequence[int],
     should_stop: Callable[[], bool] = lambda: False,
 ) -> list[LevelOutcome]:
-    """Search each level in turn for the worst perturbation of each image.
+    """Search every level for the worst perturbation of each image.
 
     `y` are the measurements [B, ...] of the ground truth `x` [B, C, H, W]; `seeds` give one
-    random stream per image (initialisation of the restarts).
+    random stream per image (initialisation of the restarts). Levels are searched from the
+    largest down; the outcomes come back in the order of `levels` (only the levels finished
+    when `should_stop` ended the search).
     """
     if len(seeds) != y.shape[0]:
         raise ValueError("one seed per image")
@@ -248,35 +467,28 @@ def worst_case_search(
     base_norm_all = base_norm.repeat(restarts)
     variable_shape = tuple(scale_source.shape[1:])
 
-    outcomes: list[LevelOutcome] = []
-    previous: tuple[float, torch.Tensor] | None = None
-    for level in levels:
-        # enable_grad: callers (the audit) may run checks under no_grad
+    found: dict[float, LevelOutcome] = {}
+    previous: tuple[float, torch.Tensor, torch.Tensor] | None = None
+    for level in sorted(set(levels), reverse=True):
         radius = level * base_norm_all
+        start = _initial_points(
+            previous, level, variable_shape, generators, space, radius, restarts, y.dtype
+        )
+        # enable_grad: callers (the audit) may run checks under no_grad
         with torch.enable_grad():
-            outcome, best_v = _search_level(
-                subject,
-                space,
-                settings,
-                y_all,
-                target_all,
-                radius,
-                _initial_points(
-                    previous, level, variable_shape, generators, space, radius, restarts, y.dtype
-                ),
-                batch,
-                should_stop,
+            outcome, all_v, all_objective = _search_level(
+                subject, space, settings, y_all, target_all, radius, start, batch, should_stop
             )
         outcome.level = level
-        outcomes.append(outcome)
-        previous = (level, best_v)
+        found[level] = outcome
+        previous = (level, all_v, all_objective)
         if should_stop():
             break
-    return outcomes
+    return [found[level] for level in levels if level in found]
 
 
 def _initial_points(
-    previous: tuple[float, torch.Tensor] | None,
+    previous: tuple[float, torch.Tensor, torch.Tensor] | None,
     level: float,
     shape: tuple[int, ...],
     generators: Sequence[torch.Generator],
@@ -285,17 +497,25 @@ def _initial_points(
     restarts: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """[R * B, *shape]: restart 0 warm-starts from the previous level's best, rescaled."""
+    """[R * B, *shape]. After the first level, the best ⌈R/2⌉ restarts of the previous level
+    (ranked per image) seed restarts 0, 1, ..., rescaled to this level; the rest start afresh."""
+    b = len(generators)
     if previous is None:
         return _random_starts(shape, range(restarts), generators, space, radius, dtype).flatten(
             0, 1
         )
-    previous_level, best_v = previous
-    warm = (best_v * (level / previous_level)).unsqueeze(0)
-    if restarts == 1:
+    previous_level, best_v, best_objective = previous
+    keep = math.ceil(restarts / 2)
+    ranked = best_objective.view(restarts, b).argsort(dim=0, descending=True)[:keep]  # [keep, B]
+    per_restart = best_v.view(restarts, b, *shape)
+    images = torch.arange(b, device=ranked.device)
+    warm = torch.stack([per_restart[ranked[k], images] for k in range(keep)])
+    warm = warm * (level / previous_level)
+    if keep == restarts:
         return warm.flatten(0, 1)
-    b = len(generators)
-    fresh = _random_starts(shape, range(1, restarts), generators, space, radius[b:], dtype)
+    fresh = _random_starts(
+        shape, range(keep, restarts), generators, space, radius[keep * b :], dtype
+    )
     return torch.cat([warm, fresh]).flatten(0, 1)
 
 
@@ -309,24 +529,18 @@ def _search_level(
     start: torch.Tensor,
     batch: int,
     should_stop: Callable[[], bool],
-) -> tuple[LevelOutcome, torch.Tensor]:
+) -> tuple[LevelOutcome, torch.Tensor, torch.Tensor]:
+    """One level. Returns the outcome and every restart's best point and objective."""
     penalized = settings.formulation == "penalized"
     v = start if penalized else space.into_ball(start, radius)
-    step_length = _per_sample(settings.step_size * radius, v)
     # 1 on measured entries (the operator's projection is a mask), None in image space
     mask = None if space.in_image else space.keep_in_range(torch.ones_like(v[:1]))
-    update = _Updater(v.device)
-    first = torch.zeros_like(v)
-    second = torch.zeros_like(v) if settings.optimizer == "adam" else first
-    beta1, beta2 = _ADAM_BETAS
-    # Adam's bias corrections for every step, on the device once (no copy per step)
-    corrections = torch.tensor(
-        [[1 - beta1**t, 1 - beta2**t] for t in range(1, settings.steps + 1)],
-        dtype=v.dtype,
-        device=v.device,
-    )
-    best_objective = torch.full_like(radius, -torch.inf)
-    best_v = v.detach().clone()
+    optimizers = settings.restart_optimizers()
+    groups: list[_Group] = []
+    for name in dict.fromkeys(optimizers):
+        first = optimizers.index(name) * batch
+        rows = slice(first, first + optimizers.count(name) * batch)
+        groups.append(_Group(name, rows, v[rows], settings, radius[rows], mask))
     last_checked: torch.Tensor | None = None
     steps_run = 0
 
@@ -344,24 +558,15 @@ def _search_level(
         steps_run = step + 1
 
         with torch.no_grad():
-            v, best_objective, best_v, first, second = update(
-                v.detach(),
-                grad,
-                objective.detach(),
-                best_objective,
-                best_v,
-                first,
-                second,
-                step_length,
-                radius,
-                mask,
-                corrections[step],
-                settings.optimizer,
-                penalized,
-            )
+            v_detached, objective = v.detach(), objective.detach()
+            parts = [
+                group.step(step, v_detached[group.rows], grad[group.rows], objective[group.rows])
+                for group in groups
+            ]
+            v = parts[0] if len(parts) == 1 else torch.cat(parts)
 
         if steps_run % settings.check_every == 0:
-            per_image = best_objective.view(-1, batch).amax(0)
+            per_image = _best_objective(groups).view(-1, batch).amax(0)
             if last_checked is not None and settings.early_stop_tolerance > 0:
                 gain = (per_image - last_checked) / last_checked.abs().clamp_min(_TINY)
                 if bool((gain < settings.early_stop_tolerance).all()):
@@ -371,6 +576,8 @@ def _search_level(
                 break
 
     with torch.no_grad():
+        best_objective = _best_objective(groups)
+        best_v = torch.cat([group.best_v for group in groups])
         worst_restart = best_objective.view(-1, batch).argmax(0)  # [B]
         images = torch.arange(batch, device=worst_restart.device)
         chosen = best_v.view(-1, batch, *best_v.shape[1:])[worst_restart, images]
@@ -382,5 +589,10 @@ def _search_level(
         image_perturbation=chosen.detach() if space.in_image else None,
         objective=objective.detach(),
         steps=steps_run,
+        found_by=[optimizers[int(r)] for r in worst_restart.tolist()],
     )
-    return outcome, chosen.detach()
+    return outcome, best_v.detach(), best_objective.detach()
+
+
+def _best_objective(groups: Sequence[_Group]) -> torch.Tensor:
+    return torch.cat([group.best_objective for group in groups])

@@ -6,6 +6,9 @@
   images; otherwise conjugate gradients on A*A w = A*A d from w = 0, whose iterates stay in the
   range of A* and so converge to the minimum-norm solution w = A⁺A d. The residual ‖Az‖/‖z‖ is
   always reported: it says how far from exact the component is.
+- `row_space_projector(operator, device)`: d ↦ A⁺A d by the same methods, as a reusable map
+  (the SVD basis computed once): the part of a detail the data-consistent reconstruction A⁺
+  returns.
 - `smallest_directions(operator, k)`: unit images v with the smallest non-zero ‖Av‖: from the
   SVD for small images, otherwise by block power iteration on cI − G (c ≥ λ_max(G)), G the
   smaller of A*A and AA* (restricted to measured entries), so that a large exact null space does
@@ -70,14 +73,8 @@ def null_component(
     tolerance: float = 1e-7,
 ) -> NullComponent:
     """z = d − A⁺A d for a batch of details d [B, C, H, W]."""
-    unknowns = int(np.prod(operator.image_shape))
     if method == "auto":
-        if is_projection(operator):
-            method = "projection"
-        elif unknowns <= DENSE_MAX_UNKNOWNS:
-            method = "dense"
-        else:
-            method = "cg"
+        method = _auto_method(operator)
     used = 0
     if method == "projection":
         z = d - operator.A_adjoint(operator.A(d))
@@ -92,6 +89,56 @@ def null_component(
     residual = operator.norm(operator.A(z)) / z_norm.clamp_min(_TINY)
     residual = torch.where(z_norm > 0, residual, torch.zeros_like(residual))
     return NullComponent(z=z, residual=residual, method=method, iterations=used)
+
+
+def _auto_method(operator: Operator) -> str:
+    if is_projection(operator):
+        return "projection"
+    if int(np.prod(operator.image_shape)) <= DENSE_MAX_UNKNOWNS:
+        return "dense"
+    return "cg"
+
+
+@dataclass
+class RowSpaceProjector:
+    """d ↦ A⁺A d for a batch [B, C, H, W]: the minimum-norm solution of A w = A d, i.e. what
+    the data-consistent reconstruction A⁺ returns of a detail d. Build with
+    `row_space_projector`."""
+
+    operator: Operator
+    method: str  # "projection" | "dense" | "cg", chosen as in `null_component`
+    rows: torch.Tensor | None = None  # "dense": orthonormal basis of the row space, float64
+    iterations: int = 200
+    tolerance: float = 1e-7
+    used: int = 0  # "cg": the most iterations any call needed
+
+    def __call__(self, d: torch.Tensor) -> torch.Tensor:
+        if self.method == "projection":
+            return self.operator.A_adjoint(self.operator.A(d))
+        if self.method == "dense":
+            assert self.rows is not None
+            visible = (d.flatten(1).double() @ self.rows.T) @ self.rows
+            return visible.to(d.dtype).view_as(d)
+        visible, used = _cg_row_space_projection(self.operator, d, self.iterations, self.tolerance)
+        self.used = max(self.used, used)
+        return visible
+
+
+def row_space_projector(
+    operator: Operator,
+    device: torch.device,
+    method: str = "auto",
+    iterations: int = 200,
+    tolerance: float = 1e-7,
+) -> RowSpaceProjector:
+    """A⁺A as a map, by the method `null_component` would use (the SVD basis computed once, so
+    that callers applying it many times pay for it once)."""
+    if method == "auto":
+        method = _auto_method(operator)
+    if method not in ("projection", "dense", "cg"):
+        raise ValueError(f"unknown null-space method {method!r}")
+    rows = _row_space_basis(operator, device) if method == "dense" else None
+    return RowSpaceProjector(operator, method, rows, iterations, tolerance)
 
 
 def _measured_index(operator: Operator, device: torch.device) -> torch.Tensor:
@@ -117,11 +164,16 @@ def dense_matrix(operator: Operator, device: torch.device, batch: int = 256) -> 
     return torch.cat(columns).T
 
 
-def _dense_row_space_projection(operator: Operator, d: torch.Tensor) -> torch.Tensor:
-    matrix = dense_matrix(operator, d.device)
+def _row_space_basis(operator: Operator, device: torch.device) -> torch.Tensor:
+    """An orthonormal basis of the row space of A, float64 [rank, C·H·W], from the SVD."""
+    matrix = dense_matrix(operator, device)
     _, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     cutoff = s.max() * SINGULAR_RTOL
-    rows = vh[s > cutoff]  # orthonormal basis of the row space of A
+    return vh[s > cutoff]
+
+
+def _dense_row_space_projection(operator: Operator, d: torch.Tensor) -> torch.Tensor:
+    rows = _row_space_basis(operator, d.device)
     flat = d.flatten(1).double()
     visible = (flat @ rows.T) @ rows
     return visible.to(d.dtype).view_as(d)

@@ -174,6 +174,9 @@ def _table(kind: str, finding: Finding) -> dict[str, Any] | None:
             ("SSIM (min)", "ssim", "min"),
             ("amplification (max)", "amplification", "max"),
             ("Lipschitz lower bound (max)", "lipschitz_lower_bound", "max"),
+            # which search found the worst image, and how long the level ran
+            ("worst found by", "worst_image", "optimizer"),
+            ("steps (max)", "steps", "max"),
         ],
         "random_noise": [
             ("relative error (mean)", "relative_error", "mean"),
@@ -202,7 +205,10 @@ def _rows_table(
                 if statistic is None
                 else (cell.get(statistic) if isinstance(cell, dict) else None)
             )
-            cells.append(fmt(float(value)) if isinstance(value, int | float) else "n/a")
+            if isinstance(value, str):
+                cells.append(value)
+            else:
+                cells.append(fmt(float(value)) if isinstance(value, int | float) else "n/a")
         # reconstruction and noise rows are per level δ; adversarial rows per ε
         level = row.get("level", row.get("epsilon"))
         rows.append({"level": fmt(level), "cells": cells})

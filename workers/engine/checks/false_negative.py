@@ -10,6 +10,12 @@ measurements, so A(x+z) + e₀ = y + Az. Searches (docs/theorem.md):
   values (each in [¼, 1] × contrast on its support) and, with measurement_delta > 0, a joint
   measurement perturbation ‖e‖ ≤ δ‖y‖;
 - `noise`: noise_samples Gaussian e with ‖e‖ = noise_level·‖y‖ per placement, every draw a trial.
+
+Only lesions the data carries are held against the network: next to ρ, every placement gets the
+recovery of the data-consistent reference A⁺ (the minimum-norm solution), ρ_A⁺ = ⟨A⁺A z, z⟩ /
+‖z‖², its `visible_fraction` (A⁺ is linear, so x and e cancel). Where ρ_A⁺ < recovery_threshold
+the placement is `unrecoverable` and no trial: recovering more than the data holds would take
+the overperformance the theorem makes unstable.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from workers.engine.lesions import (
     random_placements,
     support,
 )
+from workers.engine.nullspace import RowSpaceProjector, row_space_projector
 from workers.engine.registry import CHECKS, register
 from workers.engine.shards import derive_seed
 from workers.engine.stats import clopper_pearson
@@ -47,6 +54,10 @@ from workers.engine.stats import clopper_pearson
 MIN_LESION_FRACTION = 0.25
 # Pixels around the lesion's bounding box in FNAF's lesion-window NMSE.
 WINDOW_MARGIN = 2
+# ρ ≥ threshold − RECOVERY_TOLERANCE counts as recovered (for ρ and ρ_A⁺ alike), so that a tie
+# is not decided by float rounding: ρ from float32 images errs by about 6e-8 / contrast, under
+# 1e-5 for lesions of 1 % contrast and more, and 1e-5 is far below any recovery that matters.
+RECOVERY_TOLERANCE = 1e-5
 _TINY = 1e-12
 
 
@@ -54,6 +65,23 @@ def recovery(out_z: torch.Tensor, out: torch.Tensor, z: torch.Tensor) -> torch.T
     """ρ = ⟨Ψ(y + Az) − Ψ(y), z⟩ / ‖z‖² per sample, [B]."""
     inner = ((out_z - out) * z).flatten(1).sum(1)
     return inner / z.flatten(1).pow(2).sum(1).clamp_min(_TINY)
+
+
+def is_recovered(rho: float, threshold: float) -> bool:
+    """ρ counts as recovered at `threshold`, ties within RECOVERY_TOLERANCE included; NaN and
+    infinite ρ never do."""
+    return math.isfinite(rho) and rho >= threshold - RECOVERY_TOLERANCE
+
+
+def visible_fraction(reference: RowSpaceProjector, z: torch.Tensor) -> torch.Tensor:
+    """ρ_A⁺ = ⟨A⁺A z, z⟩ / ‖z‖² per lesion, [B] float64: the share of the lesion's energy the
+    measurements carry (A⁺A is an orthogonal projection, so the value lies in [0, 1]; the
+    clamp only removes rounding)."""
+    with torch.no_grad():
+        visible = reference(z).double()
+    flat = z.double().flatten(1)
+    share = (visible.flatten(1) * flat).sum(1) / flat.pow(2).sum(1).clamp_min(_TINY)
+    return share.clamp(0.0, 1.0)
 
 
 def window_nmse(out_z: torch.Tensor, truth: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
@@ -91,6 +119,7 @@ class FalseNegativeRunner:
         warnings: list[str] = []
         rows: list[dict[str, Any]] = []
         panels: list[dict[str, Any]] = []
+        reference = row_space_projector(ctx.operator, ctx.device)
         for index in indices:
             x = ctx.images[index]
             if config.positions is not None:
@@ -111,7 +140,7 @@ class FalseNegativeRunner:
             ).to(ctx.device)
             windows = torch.stack([_window(pattern, p, shape) for p in placements]).to(ctx.device)
             y = ctx.measurements([index])
-            found = _search(config, ctx, subject, index, x, y, z, windows, seed)
+            found = _search(config, ctx, subject, reference, index, x, y, z, windows, seed)
             for k, placement in enumerate(placements):
                 rows.append(
                     {
@@ -123,50 +152,87 @@ class FalseNegativeRunner:
                 )
             panels.extend(_panels(config, found, placements, x, index, complex_image))
         panels.sort(key=lambda p: p["score"])
-        return {"rows": rows, "panels": panels[: config.panels], "warnings": warnings}
+        if reference.method == "cg" and reference.used >= reference.iterations:
+            warnings.append(
+                f"A⁺ by conjugate gradients stopped at {reference.iterations} iterations: "
+                "visible fractions may be underestimated"
+            )
+        return {
+            "rows": rows,
+            "panels": panels[: config.panels],
+            "warnings": warnings,
+            "reference_method": reference.method,
+        }
 
     def merge(self, config: FalseNegativeCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [row for shard in shards for row in shard["rows"]]
         warnings = [w for shard in shards for w in shard.get("warnings", [])]
+        # trials are the recoverable placements' (their draws under `noise`) only
         misses = sum(row["misses"] for row in rows)
         trials = sum(row["trials"] for row in rows)
-        low, high = clopper_pearson(misses, trials)
-        finite = [row for row in rows if row["recovery_min"] is not None]
-        if len(finite) < len(rows):
-            warnings.append("the model returned NaN or infinite values; those trials are misses")
-        recovery_sum = math.fsum(row["recovery_sum"] for row in finite)
-        recovery_count = sum(row["recovery_count"] for row in finite)
+        unrecoverable = sum(1 for row in rows if not row["recoverable"])
+        nonfinite = sum(row["nonfinite"] for row in rows)
+        if nonfinite:
+            warnings.append(
+                f"the model returned NaN or infinite values {nonfinite} times; at recoverable "
+                "placements those trials are misses"
+            )
+        counted = [row for row in rows if row["recoverable"] and row["recovery_min"] is not None]
+        recovery_sum = math.fsum(row["recovery_sum"] for row in counted)
+        recovery_count = sum(row["recovery_count"] for row in counted)
+        if trials:
+            low, high = clopper_pearson(misses, trials)
+            miss_rate = {"estimate": misses / trials, "ci_low": low, "ci_high": high}
+        else:
+            miss_rate = {"estimate": None, "ci_low": None, "ci_high": None}
+            warnings.append(
+                "no placement is recoverable: the measurements carry less than "
+                "recovery_threshold of every lesion, so no trial judges the network"
+            )
         result: dict[str, Any] = {
             "search": config.search,
             "lesion": config.lesion.model_dump(mode="json"),
             "recovery_threshold": config.recovery_threshold,
+            "recovery_tolerance": RECOVERY_TOLERANCE,
+            "reference_method": shards[0].get("reference_method") if shards else None,
             "images": len({row["index"] for row in rows}),
             "placements": len(rows),
+            "unrecoverable": {
+                "count": unrecoverable,
+                "fraction": unrecoverable / len(rows) if rows else None,
+            },
             "trials": trials,
             "misses": misses,
-            "miss_rate": {"estimate": misses / trials, "ci_low": low, "ci_high": high},
+            "miss_rate": miss_rate,
             "recovery": {
                 "mean": recovery_sum / recovery_count if recovery_count else None,
-                "min": min((row["recovery_min"] for row in finite), default=None),
+                "min": min((row["recovery_min"] for row in counted), default=None),
             },
             "per_placement": [
-                {k: v for k, v in row.items() if k not in ("recovery_sum", "recovery_count")}
-                for row in rows
+                {k: v for k, v in row.items() if k not in _INTERNAL_KEYS} for row in rows
             ],
         }
         if config.threshold is not None:
-            # a search reports what it found; random noise is a probability: its upper bound
-            bound = high if config.search == "noise" else misses / trials
-            result["verdict"] = "fail" if bound > config.threshold.max_miss_rate else "pass"
+            if not trials:
+                result["verdict"] = "info"  # nothing the data carries was tested
+            else:
+                # a search reports what it found; random noise is a probability: its upper bound
+                bound = high if config.search == "noise" else misses / trials
+                result["verdict"] = "fail" if bound > config.threshold.max_miss_rate else "pass"
         result["warnings"] = warnings
         result[ARTIFACT_FILES_KEY] = worst_panels(shards, config.panels, "false_negative")
         return result
+
+
+# per-placement values merge() sums and then drops
+_INTERNAL_KEYS = ("recovery_sum", "recovery_count", "nonfinite")
 
 
 def _search(
     config: FalseNegativeCheck,
     ctx: AuditContext,
     subject: Subject,
+    reference: RowSpaceProjector,
     index: int,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -175,11 +241,12 @@ def _search(
     seed: int,
 ) -> dict[str, Any]:
     """Per-placement rows (lists over placements) plus the tensors of each placement's worst
-    trial for the panels: `lesion`, `out_z`, `out`."""
+    trial for the panels: `lesion`, `out_z`, `out`. Misses count only where the placement is
+    recoverable (A⁺ recovers the lesion)."""
     if config.search == "noise":
-        return _noise(config, ctx, subject, index, x, y, z, windows, seed)
+        return _noise(config, ctx, subject, reference, index, x, y, z, windows, seed)
     if config.search == "adversarial":
-        z, e = _adversarial(config, ctx, subject, y, z)
+        z, e = _adversarial(config, ctx, subject, reference, y, z)
     else:
         e = torch.zeros_like(y)
     with torch.no_grad():
@@ -189,20 +256,33 @@ def _search(
         rho = recovery(out_z, out, z)
         nmse = window_nmse(out_z, x + z, windows)
     values = rho.double().cpu().tolist()
-    missed = [not (math.isfinite(v) and v >= config.recovery_threshold) for v in values]
+    visible = visible_fraction(reference, z).cpu().tolist()
+    recoverable = [is_recovered(v, config.recovery_threshold) for v in visible]
+    missed = [
+        r and not is_recovered(v, config.recovery_threshold)
+        for r, v in zip(recoverable, values, strict=True)
+    ]
+    counted = [r and math.isfinite(v) for r, v in zip(recoverable, values, strict=True)]
     rows = {
         "recovery": [_finite(v) for v in values],
         "recovery_min": [_finite(v) for v in values],
-        "recovery_sum": [v if math.isfinite(v) else 0.0 for v in values],
-        "recovery_count": [1 if math.isfinite(v) else 0 for v in values],
+        "visible_fraction": visible,
+        "recoverable": recoverable,
+        "recovery_sum": [v if c else 0.0 for v, c in zip(values, counted, strict=True)],
+        "recovery_count": [int(c) for c in counted],
+        "nonfinite": [0 if math.isfinite(v) else 1 for v in values],
         "window_nmse": [_finite(v) for v in nmse.double().cpu().tolist()],
         "missed": missed,
         "misses": [int(m) for m in missed],
-        "trials": [1] * count,
+        "trials": [int(r) for r in recoverable],
     }
     if config.search == "adversarial":
         e_norm = ctx.operator.norm(e).expand(count) / ctx.operator.norm(y).clamp_min(_TINY)
         rows["relative_perturbation"] = e_norm.double().cpu().tolist()
+        # the lesion the search ended with: its mean value on the support and its norm
+        on_support = (z != 0).flatten(1).sum(1).clamp_min(1)
+        rows["lesion_amplitude"] = (z.flatten(1).sum(1) / on_support).double().cpu().tolist()
+        rows["lesion_norm"] = z.flatten(1).norm(dim=1).double().cpu().tolist()
     return {"rows": rows, "score": values, "lesion": z, "out_z": out_z, "out": out}
 
 
@@ -214,6 +294,7 @@ def _noise(
     config: FalseNegativeCheck,
     ctx: AuditContext,
     subject: Subject,
+    reference: RowSpaceProjector,
     index: int,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -240,11 +321,18 @@ def _noise(
             worst = int(torch.nan_to_num(rho, nan=-math.inf).argmin())
             worst_out_z.append(out_z[worst])
             worst_out.append(base[worst])
+    # A⁺ is linear: its recovery of the lesion is the same under every noise draw
+    visible = visible_fraction(reference, z).cpu().tolist()
+    recoverable = [is_recovered(v, config.recovery_threshold) for v in visible]
+    carried = torch.tensor(recoverable, dtype=torch.bool).view(-1, 1)
     finite = torch.isfinite(rhos)
-    missed = ~(finite & (rhos >= config.recovery_threshold))
+    missed = ~(finite & (rhos >= config.recovery_threshold - RECOVERY_TOLERANCE)) & carried
     safe = torch.where(finite, rhos, torch.zeros_like(rhos))
+    trials = [config.noise_samples if r else 0 for r in recoverable]
     rows = {
-        "miss_probability": (missed.sum(1).double() / config.noise_samples).tolist(),
+        "miss_probability": [
+            int(missed[k].sum()) / trials[k] if trials[k] else None for k in range(count)
+        ],
         "recovery_mean": [
             float(safe[k].sum() / finite[k].sum()) if finite[k].any() else None
             for k in range(count)
@@ -252,11 +340,14 @@ def _noise(
         "recovery_min": [
             float(rhos[k][finite[k]].min()) if finite[k].any() else None for k in range(count)
         ],
-        "recovery_sum": safe.sum(1).tolist(),
-        "recovery_count": finite.sum(1).tolist(),
+        "visible_fraction": visible,
+        "recoverable": recoverable,
+        "recovery_sum": (safe.sum(1) * carried[:, 0]).tolist(),
+        "recovery_count": (finite.sum(1) * carried[:, 0]).tolist(),
+        "nonfinite": (~finite).sum(1).tolist(),
         "window_nmse_mean": [_finite(float(nmses[k].mean())) for k in range(count)],
         "misses": missed.sum(1).tolist(),
-        "trials": [config.noise_samples] * count,
+        "trials": trials,
     }
     score = [v if v is not None else -math.inf for v in rows["recovery_min"]]
     return {
@@ -272,11 +363,13 @@ def _adversarial(
     config: FalseNegativeCheck,
     ctx: AuditContext,
     subject: Subject,
+    reference: RowSpaceProjector,
     y: torch.Tensor,
     z: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Minimise ρ over the lesion's pixel values and (δ > 0) a measurement perturbation e;
-    returns the lesions and e of the lowest ρ found per placement."""
+    returns per placement the lesion and e of the lowest ρ found among the lesions A⁺ recovers
+    (the lowest ρ overall while none is)."""
     operator = ctx.operator
     count = z.shape[0]
     support_mask = (z != 0).to(z.dtype)
@@ -284,6 +377,7 @@ def _adversarial(
     radius = config.measurement_delta * operator.norm(y)  # [1]
     e = torch.zeros(count, *y.shape[1:], device=y.device, dtype=y.dtype)
     best_rho = torch.full((count,), math.inf, device=y.device)
+    best_carried = torch.zeros(count, dtype=torch.bool, device=y.device)
     best_z, best_e = z.clone(), e.clone()
     y_all = y.expand(count, *y.shape[1:])
     for _ in range(config.steps):
@@ -298,7 +392,13 @@ def _adversarial(
             grads = torch.autograd.grad(rho.sum(), inputs)
         subject.counter.backward += 2 * count
         with torch.no_grad():
-            better = rho.detach() < best_rho
+            # moving weight off the measured pixels lowers ρ by hiding the lesion from the
+            # data, which is no miss: a carried lesion beats any lesion that is not
+            visible = visible_fraction(reference, lesion.detach()).to(y.device)
+            carried = visible >= config.recovery_threshold - RECOVERY_TOLERANCE
+            lower = rho.detach() < best_rho
+            better = torch.where(best_carried, carried & lower, carried | lower)
+            best_carried = best_carried | carried
             best_rho = torch.where(better, rho.detach(), best_rho)
             best_z = torch.where(better.view(-1, 1, 1, 1), lesion.detach(), best_z)
             best_e = torch.where(better.view(-1, *([1] * (e.dim() - 1))), e.detach(), best_e)
@@ -334,10 +434,11 @@ def _panels(
         out = found["out"][k] if found["out"].shape[0] > 1 else found["out"][0]
         score = found["score"][k]
         p = placements[k]
+        caption = f"image {index}, lesion at ({p.row}, {p.col}): ρ = {score:.3f}"
         records.append(
             panel_record(
                 score,
-                f"image {index}, lesion at ({p.row}, {p.col}): ρ = {score:.3f}",
+                f"{caption} (A⁺: {found['rows']['visible_fraction'][k]:.3f})",
                 [
                     ("x + z", shown(x + lesion, complex_image)),
                     ("Ψ(A(x+z)+e)", shown(out_z, complex_image)),

@@ -76,13 +76,13 @@ class FalsePositiveRunner:
         for k, (row, col) in enumerate(corners):
             windows[k, :, row : row + side, col : col + side] = 1.0
         y = ctx.measurements(indices)
-        # normalised gradient ascent (heavy ball), as the kernel's confirmation: it follows the
-        # window's energy gradient rather than Adam's per-entry rescaling of it
+        # the ℓ2 ascent (pgd), as the kernel's confirmation: it follows the window's energy
+        # gradient rather than Adam's per-entry rescaling of it, and is exact on linear Ψ
         settings = SearchSettings(
             space="measurement",
             target="reconstruction",
             formulation="ball",
-            optimizer="momentum",
+            optimizer="pgd",
             steps=config.steps,
             restarts=config.restarts,
             step_size=config.step_size,

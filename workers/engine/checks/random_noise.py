@@ -1,5 +1,10 @@
-"""`random_noise`: Gaussian measurement noise at relative levels δ; the distribution of the
+"""`random_noise`: random measurement noise at relative levels δ; the distribution of the
 error and the probability that it exceeds τ (the universal instability theorem, part (b)).
+
+The noise is uniform on the sphere of radius δ‖y‖ over the measured entries: an isotropic
+Gaussian draw on those entries, normalised to norm exactly δ‖y‖ (unit_noise). The failure
+probability's Clopper–Pearson interval is over images × samples of the audited images: it
+describes the noise on these images, not a population of images.
 
 A shard returns, per image and level, running sums of every metric over the samples (so shards
 of any size merge exactly); `merge` turns them into the per-level table of docs/report.md."""
@@ -30,6 +35,24 @@ REPORTED = {
     "amplification": ("mean", "max"),
     "lipschitz_lower_bound": ("mean", "max"),
 }
+# What the report says was drawn and what its interval is about (fields `distribution`,
+# `interval_scope`): a reader of report.json alone must not have to read this code.
+DISTRIBUTION = (
+    "uniform on the sphere of radius δ‖y‖ over the measured entries (an isotropic Gaussian "
+    "on the measured entries, both parts of complex k-space alike, scaled to norm exactly δ‖y‖; "
+    "y the audited measurement, ‖·‖ over measured entries), one independent seeded draw per "
+    "image, level and sample"
+)
+CLASSIFIER_DISTRIBUTION = (
+    "uniform on the sphere of radius δ‖x‖ over every input entry (an isotropic Gaussian scaled "
+    "to norm exactly δ‖x‖, in the model's input units), then x + e clipped to the value range; "
+    "one independent seeded draw per image, level and sample"
+)
+INTERVAL_SCOPE = (
+    "The failure probability is counted over images × samples of the audited images, the "
+    "images fixed and the noise random: its Clopper–Pearson interval is for the mean failure "
+    "probability over these images, not for a population of images (those outside the audit)"
+)
 
 
 def unit_noise(
@@ -39,8 +62,9 @@ def unit_noise(
     y_norm: torch.Tensor,
     level: float,
 ) -> torch.Tensor:
-    """Gaussian noise on the measured entries, one sample per seed, each scaled to ‖e‖ = δ‖y‖.
-    Drawn on the CPU so every device sees the same numbers."""
+    """Noise uniform on the sphere ‖e‖ = δ‖y‖ over the measured entries, one sample per seed:
+    a standard Gaussian is isotropic, so projected and normalised it is uniform on the sphere
+    of the measured subspace. Drawn on the CPU so every device sees the same numbers."""
     noise = torch.stack(
         [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
     ).to(ctx.device)
@@ -108,7 +132,10 @@ class RandomNoiseRunner:
 
     def merge(self, config: RandomNoiseCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
         if shards and shards[0].get("task") == classifier_noise.TASK:
-            return classifier_noise.merge(config, shards)
+            merged = classifier_noise.merge(config, shards)
+            merged["distribution"] = CLASSIFIER_DISTRIBUTION
+            merged["interval_scope"] = INTERVAL_SCOPE
+            return merged
         images = [image for shard in shards for image in shard["images"]]
         warnings: list[str] = []
         table = []
@@ -123,6 +150,8 @@ class RandomNoiseRunner:
         clean = [image["clean_relative_error"] for image in images]
         result: dict[str, Any] = {
             "failure_error": config.failure_error,
+            "distribution": DISTRIBUTION,
+            "interval_scope": INTERVAL_SCOPE,
             "samples_per_image": config.samples,
             "images": len(images),
             "clean_relative_error": {

@@ -11,9 +11,13 @@ Clopper–Pearson interval.
   loss is the cross-entropy against the clean prediction (clamped, so inputs already fooled
   stop dominating); an input is fooled when its predicted class changes.
 - Reconstruction models: u lives in measurement space on the measured entries
-  (operator.project) with ‖u‖ ≤ ε · mean‖y‖ over the training part (operator.norm, ℓ2); the
-  loss is the mean squared relative error ‖Ψ(y + u) − x‖² / ‖x‖²; an input is fooled when its
-  relative error exceeds `failure_error`.
+  (operator.project) with ‖u‖ ≤ ε · mean‖y‖ over the training part (operator.norm, ℓ2). An
+  image is correct when its relative error ‖Ψ(y) − x‖/‖x‖ is at most `failure_error` τ, and
+  fooled when it is correct without u and not with it (error above τ, or not finite). Images
+  already wrong without u cannot be fooled: they are counted apart (`clean_failures`) and left
+  out of the fooling rate's denominator (a u that fools nothing then scores 0, whatever the
+  clean error). The loss is the mean squared relative error ‖Ψ(y + u) − x‖² / ‖x‖² over the
+  correct training images (all of them when none is correct).
 
 The check needs the whole dataset at once: it always runs as one shard (shards.py).
 """
@@ -73,8 +77,17 @@ class UniversalRunner:
         (shard,) = shards  # one shard by construction
         result = {key: value for key, value in shard.items() if key != "perturbation"}
         fooled, trials = result["fooled"], result["trials"]
-        low, high = clopper_pearson(fooled, trials)
-        result["fooling_rate"] = {"estimate": fooled / trials, "ci_low": low, "ci_high": high}
+        warnings: list[str] = []
+        if trials:
+            low, high = clopper_pearson(fooled, trials)
+            result["fooling_rate"] = {"estimate": fooled / trials, "ci_low": low, "ci_high": high}
+        else:  # every held-out image already wrong: no data, the vacuous interval
+            result["fooling_rate"] = {"estimate": None, "ci_low": 0.0, "ci_high": 1.0}
+            warnings.append(
+                "every held-out image is already wrong without the perturbation "
+                "(relative error above failure_error): the fooling rate is undefined"
+            )
+            high = 1.0
         result["train_images"] = len(shard["train_images"])
         result["held_out_images"] = len(shard["held_out_images"])
         perturbation = np.asarray(shard["perturbation"], dtype=np.float32)
@@ -83,7 +96,7 @@ class UniversalRunner:
             "universal.png": _png(shard.get("image_view", shard["perturbation"])),
         }
         result.pop("image_view", None)
-        result["warnings"] = []
+        result["warnings"] = warnings
         if config.threshold is None:
             result["verdict"] = "info"
         else:
@@ -189,8 +202,22 @@ def _reconstruction(
             "the operator's l2 norm: set norm 'l2' or leave it out"
         )
     operator = ctx.operator
+    tau = config.failure_error
     y_train, x_train = ctx.measurements(train), ctx.images[train]
     radius = config.epsilon * float(operator.norm(y_train).mean())
+    with torch.no_grad():
+        train_correct = torch.cat(
+            [
+                metrics.relative_error(
+                    subject.reconstruct(y_train[s : s + BATCH]), x_train[s : s + BATCH]
+                )
+                <= tau
+                for s in range(0, len(train), BATCH)
+            ]
+        )
+    # images already wrong cannot be fooled, and their large errors would dominate the gradient
+    weights = train_correct.float() if bool(train_correct.any()) else torch.ones(len(train))
+    weights = weights.to(ctx.device)
 
     def loss_and_fooled(u: torch.Tensor) -> tuple[torch.Tensor, int]:
         total, fooled = torch.zeros((), device=u.device), 0
@@ -199,9 +226,10 @@ def _reconstruction(
             out = subject.reconstruct(y_train[start : start + BATCH] + u)
             subject.counter.backward += x.shape[0] if u.requires_grad else 0
             squared = (out - x).flatten(1).square().sum(1) / x.flatten(1).square().sum(1)
-            total = total + squared.clamp_min(0).sum()
-            fooled += int((squared.detach().sqrt() > config.failure_error).sum())
-        return total / len(train), fooled
+            total = total + (weights[start : start + BATCH] * squared.clamp_min(0)).sum()
+            wrong = ~(squared.detach().sqrt() <= tau)  # NaN counts as wrong
+            fooled += int((wrong & train_correct[start : start + BATCH]).sum())
+        return total / weights.sum(), fooled
 
     def project(u: torch.Tensor) -> torch.Tensor:
         u = operator.project(u[None])[0]
@@ -222,17 +250,21 @@ def _reconstruction(
         clean_error = metrics.relative_error(subject.reconstruct(y_held), x_held)
         error = metrics.relative_error(subject.reconstruct(y_held + u), x_held)
         image_view = operator.A_adjoint(u[None])[0]
+    correct = clean_error <= tau  # a NaN clean output is already wrong
+    fooled = correct & ~(error <= tau)  # and a NaN perturbed one is fooled
+    train_correct_count = int(train_correct.sum())
     return {
         "task": "reconstruction",
         "norm": "l2",
         "epsilon": config.epsilon,
         "radius": radius,
         "perturbation_norm": float(operator.norm(u[None])[0]),
-        "failure_error": config.failure_error,
-        "train_fooling_rate": train_fooled / len(train),
-        "fooled": int((error > config.failure_error).sum()),
-        "trials": len(held_out),
-        "clean_failures": int((clean_error > config.failure_error).sum()),
+        "failure_error": tau,
+        "train_fooling_rate": (train_fooled / train_correct_count if train_correct_count else None),
+        "train_clean_failures": len(train) - train_correct_count,
+        "fooled": int(fooled.sum()),
+        "trials": int(correct.sum()),
+        "clean_failures": int((~correct).sum()),
         "held_out_relative_error": {
             "clean_mean": float(clean_error.mean()),
             "perturbed_mean": float(error.mean()),

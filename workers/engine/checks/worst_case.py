@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,10 +57,15 @@ class WorstCaseRunner:
             label="worst_case",
         )
         images = [image for batch in batches for image in batch["images"]]
-        levels_done = min(len(batch["worst"]) for batch in batches)  # fewer when cancelled
+        # levels every batch finished (fewer when cancelled), in the check's order
+        done = set.intersection(*({w["level"] for w in batch["worst"]} for batch in batches))
         worst = [
-            max((batch["worst"][k] for batch in batches), key=lambda w: w["relative_error"])
-            for k in range(levels_done)
+            max(
+                (w for batch in batches for w in batch["worst"] if w["level"] == level),
+                key=lambda w: w["relative_error"],
+            )
+            for level in config.levels
+            if level in done
         ]
         return {"images": images, "worst": worst, "warnings": warnings}
 
@@ -69,13 +75,17 @@ class WorstCaseRunner:
         table = []
         files: dict[str, np.ndarray] = {}
         for k, level in enumerate(config.levels):
+            # levels are searched from the largest down: a cancelled search lacks the smallest
             rows = [
-                (image["index"], image["levels"][k]) for image in images if k < len(image["levels"])
+                (image["index"], row)
+                for image in images
+                for row in image["levels"]
+                if row["level"] == level
             ]
             if len(rows) < len(images):
                 warnings.append(f"level {level}: stopped before every image was searched")
             table.append(_merge_level(level, rows))
-            candidates = [shard["worst"][k] for shard in shards if k < len(shard["worst"])]
+            candidates = [w for shard in shards for w in shard["worst"] if w["level"] == level]
             if candidates:
                 worst = max(candidates, key=lambda w: w["relative_error"])
                 files[f"worst_case-level{k}-perturbation.npy"] = _decode(worst["perturbation"])
@@ -88,6 +98,8 @@ class WorstCaseRunner:
             "space": config.space,
             "target": config.target,
             "formulation": config.formulation,
+            "optimizer": config.optimizer,
+            "restarts": config.restarts,
             "images": len(images),
             "clean_relative_error": {"mean": math.fsum(clean) / len(clean), "max": max(clean)},
             "levels": table,
@@ -149,6 +161,7 @@ def _attack_images(
             position = int(torch.nan_to_num(values["relative_error"], nan=math.inf).argmax())
             worst.append(
                 {
+                    "level": outcome.level,
                     "index": int(indices[position]),
                     "relative_error": float(values["relative_error"][position]),
                     "perturbation": _encode(e[position]),
@@ -165,6 +178,7 @@ def _attack_images(
             {
                 "level": outcome.level,
                 "steps": outcome.steps,
+                "optimizer": outcome.found_by[row],
                 **{name: float(values[name][row]) for name in RAW},
             }
             for outcome, values in zip(outcomes, per_level, strict=True)
@@ -184,10 +198,21 @@ def _merge_level(level: float, rows: list[tuple[int, dict[str, Any]]]) -> dict[s
     merged["relative_perturbation"] = {
         "max": _statistic("max", [r["relative_perturbation"] for _, r in finite])
     }
-    merged["steps"] = {"mean": _statistic("mean", [float(r["steps"]) for _, r in rows])}
+    steps = [float(r["steps"]) for _, r in rows]
+    merged["steps"] = {"mean": _statistic("mean", steps), "max": _statistic("max", steps)}
+    # which optimiser's restart gave each image's worst case (an ensemble mixes them)
+    found_by = Counter(str(r.get("optimizer", "unknown")) for _, r in rows)
+    merged["found_by"] = dict(sorted(found_by.items()))
     worst = max(finite, key=lambda pair: pair[1]["relative_error"], default=None)
     merged["worst_image"] = (
-        None if worst is None else {"index": worst[0], "relative_error": worst[1]["relative_error"]}
+        None
+        if worst is None
+        else {
+            "index": worst[0],
+            "relative_error": worst[1]["relative_error"],
+            "optimizer": worst[1].get("optimizer"),
+            "steps": worst[1]["steps"],
+        }
     )
     return merged
 
