@@ -100,7 +100,7 @@ def _random_noise(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, 
     high = _get(row, "failure_probability", "ci_high")
     if result.get("task") == "classification":  # docs/classifiers.md: failures are errors
         sentence = (
-            f"Under Gaussian noise of relative size {fmt(level)}, "
+            f"Under random noise of relative size {fmt(level)}, "
             f"{int(_get(row, 'failures') or 0)} of {int(_get(row, 'trials') or 0)} samples were "
             f"misclassified (accuracy {fmt(_get(row, 'accuracy'))}, clean accuracy "
             f"{fmt(_get(result, 'clean_accuracy'))}; 95 % interval of the failure probability "
@@ -108,7 +108,7 @@ def _random_noise(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, 
         )
     else:
         sentence = (
-            f"Under Gaussian noise of relative size {fmt(level)}, "
+            f"Under random noise of relative size {fmt(level)} (uniform on the sphere), "
             f"{int(_get(row, 'failures') or 0)} of {int(_get(row, 'trials') or 0)} samples had "
             f"a relative error above τ = {fmt(_get(result, 'failure_error'))} (failure "
             f"probability {fmt(estimate)}, 95 % interval up to {fmt(high)}); mean relative error "
@@ -129,10 +129,16 @@ def _worst_case(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, li
     worst = _get(row, "relative_error", "max")
     gaussian = _get(row, "gaussian_relative_error", "max")
     clean = _get(result, "clean_relative_error", "max")
+    found = row.get("worst_image") if isinstance(row, dict) else None
+    search = (
+        f" (found by {found['optimizer']} in {found.get('steps', '?')} steps)"
+        if isinstance(found, dict) and found.get("optimizer")
+        else ""
+    )
     sentence = (
         f"A worst-case perturbation of relative size {fmt(level)} ({result.get('space', '?')} "
-        f"space) raised the relative error to {fmt(worst)}, against {fmt(clean)} without "
-        f"perturbation and {fmt(gaussian)} for Gaussian noise of the same size."
+        f"space) raised the relative error to {fmt(worst)}{search}, against {fmt(clean)} without "
+        f"perturbation and {fmt(gaussian)} for random noise of the same size."
     )
     comparisons = _compare(
         f"worst-case relative error at level {fmt(level)}",
@@ -181,6 +187,12 @@ def _false_negative(config: dict[str, Any], result: dict[str, Any]) -> tuple[str
         f"{fmt(_get(result, 'miss_rate', 'ci_high'))}); lowest recovery ρ "
         f"{fmt(_get(result, 'recovery', 'min'))}."
     )
+    unrecoverable = int(_get(result, "unrecoverable", "count") or 0)
+    if unrecoverable:
+        sentence += (
+            f" {unrecoverable} placement(s) were left out: the measurements carry less than the "
+            f"recovery threshold of the lesion, so no stable reconstruction could return it."
+        )
     quantity = "miss rate" + (" (upper 95 % bound)" if rate == "ci_high" else "")
     measured = _get(result, "miss_rate", rate)
     return sentence, _compare(quantity, measured, threshold.get("max_miss_rate"))
@@ -209,7 +221,8 @@ def _kernel(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[C
         f"{returns.get('x', 0)} image(s) and to x + z in {returns.get('x+z', 0)}. "
         + (
             f"{count} certificate(s) prove a local Lipschitz constant of at least {fmt(best)} "
-            f"({int(_get(result, 'confirmation', 'confirmed') or 0)} confirmed by the search)."
+            f"(the worst-case search reached the theorem's bound at "
+            f"{int(_get(result, 'confirmation', 'confirmed') or 0)})."
             if count
             else "No pair met the theorem's conditions: no certificate."
         )
