@@ -1,16 +1,18 @@
-"""How much the worst-case search costs beyond the network itself, and what batching buys.
+"""How much the worst-case search costs beyond the network itself, and how strong it is next to
+robust-nets' own search.
 
-    .venv/bin/python benchmarks/attack_overhead.py [--device cpu|cuda] [--size 64] ...
+    .venv/bin/python benchmarks/attack_overhead.py [--device cpu|cuda] [--model reference] ...
 
-Subject: an untrained deepinv U-Net (~1.2 M parameters, residual) on the adjoint of single-coil
-MRI ×4 (random lines), Ψ(y) = UNet(A* y), on Shepp–Logan phantoms. Prints
+Subject (default): the trained reference U-Net of examples/reference on MRI ×4 and fresh
+ellipse phantoms; `--model untrained`: a seeded untrained U-Net after the adjoint. Prints
 
 (a) time(one search step) / time(one bare forward + backward w.r.t. the input), same batch
     (images × restarts): the search's own overhead per step (target ≤ 1.15);
-(b) a reference loop in the style of robust-nets' find_adversarial.py (restarts one after
-    another, every level from scratch, a fixed number of Adam steps, projection onto the ball)
-    against workers.engine.attacks (restarts and images in one batch, warm start across levels,
-    early stopping): ratio of wall times and of the worst relative errors found.
+(b) per level, robust-nets' search (benchmarks/robust_nets_reference.py: their projected Adam,
+    6 restarts of which 3 seed the next level, levels from the largest down, a fixed number
+    of iterations) against this project's DEFAULT search (WorstCaseCheck() defaults): both
+    relative errors ‖Ψ(y+e) − x‖/‖x‖ (mean and max over images), the ratio ours/theirs, the
+    forward and backward passes each used, and the wall times.
 
 Results are recorded in docs/benchmarks.md.
 """
@@ -29,6 +31,7 @@ import torch
 from skimage.data import shepp_logan_phantom
 from skimage.transform import resize
 
+from schemas.checks import WorstCaseCheck
 from schemas.model_spec import ModelSpec
 from schemas.operators import MRIOperator
 from workers.engine.attacks import SearchSettings, per_sample_norm, worst_case_search
@@ -38,22 +41,54 @@ from workers.engine.models import load_model
 from workers.engine.operators import build_operator
 from workers.engine.subjects import model_subject
 
+try:  # imported as benchmarks.attack_overhead (repository root on the path)
+    from benchmarks.robust_nets_reference import (
+        THEIR_ITERATIONS,
+        THEIR_LEVELS,
+        robust_nets_search,
+    )
+except ModuleNotFoundError:  # run as a script: benchmarks/ is the path's first entry
+    from robust_nets_reference import (  # type: ignore[no-redef]
+        THEIR_ITERATIONS,
+        THEIR_LEVELS,
+        robust_nets_search,
+    )
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--size", type=int, default=64, help="image height and width")
+    parser.add_argument("--size", type=int, default=64, help="image side (untrained only)")
     parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--restarts", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--levels", type=float, nargs="+", default=[0.01, 0.02, 0.05])
     parser.add_argument(
-        "--our-steps",
+        "--restarts",
         type=int,
         default=None,
-        help="step budget of our search in (b) (default: --steps, the reference loop's)",
+        help="(a): restarts in the timed batch (default: the default check's)",
     )
-    parser.add_argument("--timing-steps", type=int, default=10)
+    parser.add_argument("--timing-steps", type=int, default=10, help="(a): steps per timing")
+    parser.add_argument(
+        "--iterations",
+        type=int,
+        default=20,
+        help="(b): robust-nets' iterations per level (e.g. 20 or 200)",
+    )
+    parser.add_argument(
+        "--their-count",
+        action="store_true",
+        help=f"(b): robust-nets' real count, {THEIR_ITERATIONS} iterations (overrides "
+        "--iterations)",
+    )
+    parser.add_argument(
+        "--levels",
+        type=float,
+        nargs="+",
+        default=list(THEIR_LEVELS),
+        help="(b): relative levels δ (default: robust-nets' ellipses Fourier table)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="(b): robust-nets' random starts")
+    parser.add_argument("--skip-overhead", action="store_true", help="do not run (a)")
+    parser.add_argument("--skip-comparison", action="store_true", help="do not run (b)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--model",
@@ -63,6 +98,10 @@ def main() -> None:
         "seeded untrained U-Net of any --size (complex images)",
     )
     args = parser.parse_args()
+    if args.their_count:
+        args.iterations = THEIR_ITERATIONS
+    if args.restarts is None:
+        args.restarts = SearchSettings.from_check(WorstCaseCheck()).restarts
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -77,32 +116,97 @@ def main() -> None:
     )
     print(
         f"U-Net ({args.model}) {parameters:,} parameters, images "
-        f"{'×'.join(str(n) for n in images.shape)}, restarts {args.restarts}"
+        f"{'×'.join(str(n) for n in images.shape)}"
     )
 
-    bare, step, with_setup = _per_step_times(subject, operator, y, images, args, device)
-    print(
-        f"(a) per step: bare forward+backward {bare * 1e3:.1f} ms, "
-        f"search step {step * 1e3:.1f} ms, ratio {step / bare:.3f} (target ≤ 1.15); "
-        f"set-up included {with_setup * 1e3:.1f} ms, ratio {with_setup / bare:.3f}"
-    )
+    if not args.skip_overhead:
+        bare, step, with_setup = _per_step_times(subject, operator, y, images, args, device)
+        print(
+            f"(a) per step, batch {args.images}×{args.restarts} restarts: bare forward+backward "
+            f"{bare * 1e3:.1f} ms, search step {step * 1e3:.1f} ms, ratio {step / bare:.3f} "
+            f"(target ≤ 1.15); set-up included {with_setup * 1e3:.1f} ms, "
+            f"ratio {with_setup / bare:.3f}"
+        )
+    if not args.skip_comparison:
+        _compare(subject, operator, y, images, args, device)
 
-    reference_time, reference_errors = _timed(
-        device, lambda: _reference_search(subject, operator, y, images, args)
+
+def _compare(
+    subject: Subject,
+    operator: Operator,
+    y: torch.Tensor,
+    images: torch.Tensor,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> None:
+    """(b): robust-nets' search against the default search, level by level."""
+    levels = list(args.levels)
+    theirs_time, theirs = _timed(
+        device,
+        lambda: robust_nets_search(
+            subject, operator, y, images, levels, args.iterations, seed=args.seed
+        ),
     )
-    ours_time, (ours_errors, steps_run) = _timed(
-        device, lambda: _our_search(subject, operator, y, images, args)
+    check = WorstCaseCheck(levels=sorted(set(levels)))
+    settings = SearchSettings.from_check(check)
+    before = (subject.counter.forward, subject.counter.backward)
+    ours_time, outcomes = _timed(
+        device,
+        lambda: worst_case_search(
+            subject, operator, y, images, check.levels, settings, range(len(y))
+        ),
     )
-    print("(b) level  reference max err  ours max err  (ours steps run)")
-    for level, ref, ours, steps in zip(
-        args.levels, reference_errors, ours_errors, steps_run, strict=True
-    ):
-        print(f"    {level:<6} {ref:17.4f} {ours:13.4f}  ({steps}/{args.our_steps or args.steps})")
-    error_ratio = float(np.mean(np.array(ours_errors) / np.array(reference_errors)))
+    ours_forward = subject.counter.forward - before[0]
+    ours_backward = subject.counter.backward - before[1]
+    ours_errors = {}
+    ours_steps = {}
+    with torch.no_grad():
+        x_norm = per_sample_norm(images)
+        for outcome in outcomes:
+            attacked = subject.reconstruct(y + outcome.perturbation)
+            ours_errors[outcome.level] = (per_sample_norm(attacked - images) / x_norm).cpu()
+            ours_steps[outcome.level] = outcome.steps
+
+    b = len(images)
     print(
-        f"    wall time: reference {reference_time:.1f} s, ours {ours_time:.1f} s, "
-        f"ratio {ours_time / reference_time:.2f} (goal ≤ 0.5); "
-        f"error ratio ours/reference {error_ratio:.3f} (goal ≥ 1)"
+        f"(b) robust-nets: {args.iterations} iterations, 6 restarts (3 carried), "
+        f"lr {theirs.lr:.4g}; ours: default check (steps {settings.steps}, restarts "
+        f"{settings.restarts}, optimizer {settings.optimizer}); {b} images, seed {args.seed}"
+    )
+    print(
+        "    level   theirs mean/max    ours mean/max   ours/theirs (min per image)   "
+        "passes theirs fwd+bwd   ours fwd+bwd (steps)"
+    )
+    ratios = []
+    for k, level in enumerate(levels):
+        their = theirs.errors[k]
+        forward, backward = theirs.passes_per_level[k]
+        if level not in ours_errors:  # the search stopped before this level
+            print(f"    {level:<7} {their.mean():.4f}/{their.max():.4f}   (not searched)")
+            continue
+        ours = ours_errors[level]
+        per_image = ours / their.clamp_min(1e-12)
+        ratio = float(ours.mean() / their.mean())
+        ratios.append(ratio)
+        steps = ours_steps[level]
+        # the default search's passes at this level: each step is one forward and one backward
+        # of every restart of every image
+        our_passes = steps * settings.restarts * b
+        print(
+            f"    {level:<7} {their.mean():.4f}/{their.max():.4f}    "
+            f"{ours.mean():.4f}/{ours.max():.4f}    {ratio:6.3f} ({per_image.min():.3f})"
+            f"{'':16}{forward:>7}+{backward:<7}      {our_passes:>6}+{our_passes:<6} "
+            f"({steps}/{settings.steps})"
+        )
+    print(
+        f"    total passes: robust-nets {theirs.forward} forward + {theirs.backward} backward; "
+        f"ours {ours_forward} forward + {ours_backward} backward (subject.counter)"
+    )
+    print(
+        f"    wall time: robust-nets {theirs_time:.1f} s, ours {ours_time:.1f} s, "
+        f"ratio {ours_time / theirs_time:.2f}; error ratio ours/theirs, mean over levels "
+        f"{float(np.mean(ratios)) if ratios else float('nan'):.3f} (goal ≥ 1), "
+        f"min {min(ratios, default=float('nan')):.3f}"
     )
 
 
@@ -168,7 +272,13 @@ def _setup(
     real = torch.from_numpy(np.stack([v.copy() for v in variants]))[:, None]
     images = torch.cat([real, torch.zeros_like(real)], dim=1).to(device)  # complex, imaginary 0
     parameters = sum(p.numel() for p in net.parameters())
-    return operator, Subject("model", model.forward), images, parameters
+    counter = PassCounter()
+
+    def reconstruct(y: torch.Tensor) -> torch.Tensor:
+        counter.forward += y.shape[0]  # one forward per sample, as the engine's subjects count
+        return model(y)
+
+    return operator, Subject("model", reconstruct, counter), images, parameters
 
 
 def _per_step_times(
@@ -192,7 +302,10 @@ def _per_step_times(
             torch.autograd.grad(loss, point)
 
     def search(steps: int) -> Callable[[], None]:
-        settings = SearchSettings(steps=steps, restarts=args.restarts, early_stop_tolerance=0.0)
+        # the default search with a fixed step count (no early stopping), through the check
+        settings = SearchSettings.from_check(
+            WorstCaseCheck(steps=steps, restarts=args.restarts, early_stop_tolerance=0.0)
+        )
 
         def run() -> None:
             worst_case_search(subject, operator, y, images, [0.02], settings, range(len(images)))
@@ -209,70 +322,6 @@ def _per_step_times(
     marginal = (long - short) / args.timing_steps
     # on a busy CPU the difference is noisy: also give the upper bound with set-up included
     return bare_time / args.timing_steps, marginal, long / (2 * args.timing_steps)
-
-
-def _reference_search(
-    subject: Subject,
-    operator: Operator,
-    y: torch.Tensor,
-    images: torch.Tensor,
-    args: argparse.Namespace,
-) -> list[float]:
-    """robust-nets style: restarts one after another, fixed steps, no warm start, Adam."""
-    generator = torch.Generator().manual_seed(1)
-    y_norm = operator.norm(y)
-    measured = float(operator.project(torch.ones_like(y[:1])).sum())
-    worst_errors = []
-    for level in args.levels:
-        radius = (level * y_norm).view(-1, 1, 1, 1)
-        best_error = torch.zeros(len(images), device=y.device)
-        for _ in range(args.restarts):
-            start = operator.project(torch.randn(y.shape, generator=generator).to(y.device))
-            e = (start / operator.norm(start).view(-1, 1, 1, 1) * radius * 0.5).requires_grad_(True)
-            # Adam moves every entry by about lr: lr = step length / √(measured entries)
-            lr = 0.1 * float(radius.mean()) / measured**0.5
-            optimizer = torch.optim.Adam([e], lr=lr)
-            for _ in range(args.steps):
-                optimizer.zero_grad()
-                loss = -(subject.reconstruct(y + e) - images).pow(2).sum()
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    e.copy_(operator.project(e))
-                    e.mul_((radius.flatten() / operator.norm(e)).clamp(max=1).view(-1, 1, 1, 1))
-            with torch.no_grad():
-                error = per_sample_norm(subject.reconstruct(y + e) - images) / per_sample_norm(
-                    images
-                )
-                best_error = torch.maximum(best_error, error)
-        worst_errors.append(float(best_error.max()))
-    return worst_errors
-
-
-def _our_search(
-    subject: Subject,
-    operator: Operator,
-    y: torch.Tensor,
-    images: torch.Tensor,
-    args: argparse.Namespace,
-) -> tuple[list[float], list[int]]:
-    settings = SearchSettings(
-        steps=args.our_steps or args.steps,
-        restarts=args.restarts,
-        step_size=0.1,
-        early_stop_tolerance=1e-3,
-        check_every=max(1, min(10, (args.our_steps or args.steps) // 5)),
-    )
-    outcomes = worst_case_search(
-        subject, operator, y, images, args.levels, settings, range(len(images))
-    )
-    errors = []
-    with torch.no_grad():
-        for outcome in outcomes:
-            attacked = subject.reconstruct(y + outcome.perturbation)
-            error = per_sample_norm(attacked - images) / per_sample_norm(images)
-            errors.append(float(error.max()))
-    return errors, [outcome.steps for outcome in outcomes]
 
 
 def _timed(device: torch.device, work: Callable[[], object]) -> tuple[float, object]:

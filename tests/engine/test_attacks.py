@@ -225,7 +225,7 @@ def test_default_search_is_exact_in_image_space() -> None:
         assert torch.all(per_sample_norm(r) <= outcome.level * per_sample_norm(x) * (1 + 1e-6))
 
 
-@pytest.mark.parametrize("margin", [1.5, 4.0])
+@pytest.mark.parametrize("margin", [1.05, 1.5, 4.0])
 def test_default_search_reaches_the_exact_penalised_maximiser(margin: float) -> None:
     """½‖B(y + e) − x‖² − λ/2‖e‖² with λ > σ_max(B)² is a concave quadratic: its maximiser is
     e* = (λI − BᵀB)⁻¹ Bᵀ c with c = B y − x (noisy y, so c ≠ 0)."""

@@ -48,6 +48,9 @@ _ADAM_BETAS = (0.9, 0.999)
 _MOMENTUM = 0.5  # larger values lag on the sphere: the buffer keeps stale radial parts
 _PGD_MOMENTUM = 0.75  # APGD's α
 _PGD_SUCCESS_FRACTION = 0.75  # APGD's ρ: fewer rising steps than this in a window halve the step
+# the penalised search stays within this many radii: reaching it means the objective is unbounded
+# above (λ below the squared local gain), and keeps the numbers finite
+PENALIZED_REACH = 1e4
 _TINY = 1e-12
 
 
@@ -148,12 +151,12 @@ def _unit(t: torch.Tensor) -> torch.Tensor:
 def _constrain(
     v: torch.Tensor, radius: torch.Tensor, mask: torch.Tensor | None, penalized: bool
 ) -> torch.Tensor:
-    """Onto the measured entries, and into the ball unless the formulation is penalised."""
+    """Onto the measured entries, and into the ball (of PENALIZED_REACH radii when the
+    formulation is penalised)."""
     if mask is not None:
         v = v * mask
-    if penalized:
-        return v
-    return v * _per_sample((radius / per_sample_norm(v).clamp_min(_TINY)).clamp(max=1.0), v)
+    limit = radius * PENALIZED_REACH if penalized else radius
+    return v * _per_sample((limit / per_sample_norm(v).clamp_min(_TINY)).clamp(max=1.0), v)
 
 
 def _keep_best(
@@ -252,7 +255,10 @@ def _pgd_update(
         successes = torch.zeros_like(successes)
     if mask is not None:
         grad = grad * mask
-    z = _constrain(v + step_length * _unit(grad), radius, mask, penalized)
+    # penalised: the raw gradient, step_length already holds 1/λ (see _Group); the ball: the
+    # ℓ2-normalised gradient, step_length a fraction of the radius
+    direction = grad if penalized else _unit(grad)
+    z = _constrain(v + step_length * direction, radius, mask, penalized)
     if first_step:
         moved = z
     else:
@@ -329,6 +335,12 @@ class _Group:
         self.radius = radius
         self.mask = mask
         self.step_length = _per_sample(settings.step_for(optimizer) * radius, v)
+        if optimizer == "pgd" and self.penalized:
+            # the penalty sets the scale: a step of ∇/λ is the fixed-point iteration
+            # e ← Jᵀ(Ψ(y+e) − t)/λ, which contracts wherever the objective is concave, whatever
+            # δ is; the default step_size 2.0 gives that step, and halving tames the rest
+            unit = torch.full_like(radius, settings.step_for(optimizer) / (2 * settings.penalty))
+            self.step_length = _per_sample(unit, v)
         self.best_objective = torch.full_like(radius, -torch.inf)
         self.best_v = v.detach().clone()
         if optimizer == "pgd":
@@ -472,7 +484,15 @@ def worst_case_search(
     for level in sorted(set(levels), reverse=True):
         radius = level * base_norm_all
         start = _initial_points(
-            previous, level, variable_shape, generators, space, radius, restarts, y.dtype
+            previous,
+            settings.formulation == "penalized",
+            level,
+            variable_shape,
+            generators,
+            space,
+            radius,
+            restarts,
+            y.dtype,
         )
         # enable_grad: callers (the audit) may run checks under no_grad
         with torch.enable_grad():
@@ -489,6 +509,7 @@ def worst_case_search(
 
 def _initial_points(
     previous: tuple[float, torch.Tensor, torch.Tensor] | None,
+    penalized: bool,
     level: float,
     shape: tuple[int, ...],
     generators: Sequence[torch.Generator],
@@ -506,11 +527,13 @@ def _initial_points(
         )
     previous_level, best_v, best_objective = previous
     keep = math.ceil(restarts / 2)
+    # a ball's maximiser scales with its radius; the penalised maximiser does not depend on δ
+    scale = 1.0 if penalized else level / previous_level
     ranked = best_objective.view(restarts, b).argsort(dim=0, descending=True)[:keep]  # [keep, B]
     per_restart = best_v.view(restarts, b, *shape)
     images = torch.arange(b, device=ranked.device)
     warm = torch.stack([per_restart[ranked[k], images] for k in range(keep)])
-    warm = warm * (level / previous_level)
+    warm = warm * scale
     if keep == restarts:
         return warm.flatten(0, 1)
     fresh = _random_starts(
