@@ -68,7 +68,18 @@ class AdversarialCheck(StrictModel):
 
 
 class MinimalPerturbationThreshold(StrictModel):
-    min_median_norm: float = Field(gt=0.0, description="Fail when the median norm is below it")
+    min_median_norm: float = Field(
+        gt=0.0,
+        description="Fail when the median norm is below it (inputs without an adversarial "
+        "point found count as +∞)",
+    )
+    unmeasured_median: Literal["fail", "pass"] = Field(
+        default="fail",
+        description="The verdict when more than half of the inputs have no adversarial point "
+        "found, so that the median is +∞: 'fail' (default) treats a failed search as no "
+        "evidence of robustness; 'pass' accepts it (a model known to have no adversarial "
+        "point inside its value range)",
+    )
 
 
 class MinimalPerturbationCheck(StrictModel):
@@ -76,8 +87,12 @@ class MinimalPerturbationCheck(StrictModel):
 
     kind: Literal["minimal_perturbation"] = "minimal_perturbation"
     norm: Norm = "l2"
-    attack: Literal["fmn", "ddn", "deepfool"] = "fmn"
-    steps: int = Field(default=100, ge=1, le=10_000)
+    attack: Literal["fmn", "ddn", "deepfool"] = Field(
+        default="fmn",
+        description="The attack tried first; the inputs where it finds nothing go to the next "
+        "of FMN → DDN → DeepFool (cyclically; DDN for l2 only)",
+    )
+    steps: int = Field(default=100, ge=1, le=10_000, description="Iterations per attack")
     epsilons: Epsilons | None = Field(
         default=None,
         description="Where to evaluate the implied accuracy-vs-ε curve; default: at every "

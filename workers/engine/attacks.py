@@ -419,28 +419,33 @@ class _Group:
 
 def _random_starts(
     shape: tuple[int, ...],
-    restarts: Sequence[int],
+    count: int,
     generators: Sequence[torch.Generator],
     space: _SearchSpace,
     radius: torch.Tensor,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Random points on each image's sphere (the maximiser of an error that grows with the
-    perturbation lies on it), drawn from the image's own generator.
+    """`count` random points on each image's sphere (the maximiser of an error that grows with
+    the perturbation lies on it), drawn from the image's own generator, in antithetic pairs
+    d, −d: near a locally linear Ψ an ascent converges to ±(top direction) by the sign of its
+    start's component along it, and a network's error at +v and −v can differ several-fold, so
+    each pair reaches both.
 
-    Each image draws its restarts in order, so restart k is the same whatever the number of
-    restarts or the batch an image is in (results do not depend on sharding or OOM halving).
-    Returns [len(restarts), B, *shape] on radius' device.
+    Each image draws from its own stream, so the starts do not depend on sharding or OOM
+    halving, and the first draws are the same whatever `count`.
+    Returns [count, B, *shape] on radius' device.
     """
-    directions = torch.stack(
+    pairs = torch.stack(
         [
             torch.stack([torch.randn(shape, generator=gen, dtype=dtype) for gen in generators])
-            for _ in restarts
+            for _ in range((count + 1) // 2)
         ]
-    ).to(radius.device)
+    )
+    directions = torch.stack([pair * sign for pair in pairs for sign in (1.0, -1.0)])[:count]
+    directions = directions.to(radius.device)
     b = len(generators)
     flat = space.normalised(space.keep_in_range(directions.flatten(0, 1)))
-    return (flat * _per_sample(radius[: len(restarts) * b], flat)).view(len(restarts), b, *shape)
+    return (flat * _per_sample(radius[: count * b], flat)).view(count, b, *shape)
 
 
 def worst_case_search(
@@ -522,9 +527,7 @@ def _initial_points(
     (ranked per image) seed restarts 0, 1, ..., rescaled to this level; the rest start afresh."""
     b = len(generators)
     if previous is None:
-        return _random_starts(shape, range(restarts), generators, space, radius, dtype).flatten(
-            0, 1
-        )
+        return _random_starts(shape, restarts, generators, space, radius, dtype).flatten(0, 1)
     previous_level, best_v, best_objective = previous
     keep = math.ceil(restarts / 2)
     # a ball's maximiser scales with its radius; the penalised maximiser does not depend on δ
@@ -536,9 +539,7 @@ def _initial_points(
     warm = warm * scale
     if keep == restarts:
         return warm.flatten(0, 1)
-    fresh = _random_starts(
-        shape, range(keep, restarts), generators, space, radius[keep * b :], dtype
-    )
+    fresh = _random_starts(shape, restarts - keep, generators, space, radius[keep * b :], dtype)
     return torch.cat([warm, fresh]).flatten(0, 1)
 
 

@@ -1,28 +1,31 @@
 """`minimal_perturbation`: the smallest adversarial perturbation of every input (adv-lib's FMN,
-DDN or DeepFool), its distribution, and the accuracy-vs-ε curve it implies.
+DDN and DeepFool, scaled to each input and refined to the decision boundary), its distribution,
+and the accuracy-vs-ε curve it implies.
 
-A misclassified input has minimal norm 0. Where the attack finds no adversarial point the norm
-is null: the curve counts such inputs as robust at every ε, so it is an upper bound on the
-robust accuracy (an attack only ever over-estimates the minimal norm).
+A misclassified input has minimal norm 0. Where no attack of the chain finds an adversarial
+point the norm is null: it counts as +∞ in the quantiles and as robust at every ε in the curve,
+so both are upper bounds (an attack only ever over-estimates the minimal norm).
 """
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
-
-import numpy as np
 
 from schemas.checks_classifier import MinimalPerturbationCheck
 from workers.engine.checks.classifier_common import classifier_inputs
 from workers.engine.classifier_attacks import (
     BATCH_IMAGES,
-    is_adversarial,
     minimal_adversarial,
+    minimal_chain,
     perturbation_norm,
     seeded,
 )
 from workers.engine.context import AuditContext, Subject
+
+_SUMMARY = ("median", "q10", "q90", "min", "max")
 
 
 class MinimalPerturbationRunner:
@@ -40,20 +43,26 @@ class MinimalPerturbationRunner:
         model = classifier.box_model
         correct = classifier.predict(classifier.from_unit(u)) == labels
         norms: list[float | None] = [None if bool(c) else 0.0 for c in correct]
+        found_by: list[str | None] = [None] * len(u)
         attacked = [row for row in range(len(u)) if bool(correct[row])]
         with seeded(seed, u.device):
             for start in range(0, len(attacked), BATCH_IMAGES):
                 rows = attacked[start : start + BATCH_IMAGES]
-                found = minimal_adversarial(
+                outcome = minimal_adversarial(
                     model, u[rows], labels[rows], config.norm, config.attack, config.steps
                 )
-                fooled = is_adversarial(model, found, labels[rows])
-                sizes = perturbation_norm(found - u[rows], config.norm) * classifier.scale
+                sizes = perturbation_norm(outcome.points - u[rows], config.norm) * classifier.scale
                 for position, row in enumerate(rows):
-                    if bool(fooled[position]):
+                    if outcome.found_by[position] is not None:
                         norms[row] = float(sizes[position])
+                        found_by[row] = outcome.found_by[position]
         images = [
-            {"index": int(index), "label": int(labels[row]), "norm": norms[row]}
+            {
+                "index": int(index),
+                "label": int(labels[row]),
+                "norm": norms[row],
+                "found_by": found_by[row],
+            }
             for row, index in enumerate(indices)
         ]
         return {"images": images}
@@ -64,17 +73,9 @@ class MinimalPerturbationRunner:
         images = [image for shard in shards for image in shard["images"]]
         found = [image["norm"] for image in images if image["norm"] is not None]
         not_found = len(images) - len(found)
-        summary = (
-            {
-                "median": float(np.median(found)),
-                "q10": float(np.quantile(found, 0.1)),
-                "q90": float(np.quantile(found, 0.9)),
-                "min": min(found),
-                "max": max(found),
-            }
-            if found
-            else {"median": None, "q10": None, "q90": None, "min": None, "max": None}
-        )
+        # not found: +∞, an upper bound like every norm an attack finds
+        every = sorted([*found, *([math.inf] * not_found)])
+        summary = _summary(every)
         grid = config.epsilons or sorted({n for n in found if n > 0})
         curve = [
             {
@@ -85,30 +86,82 @@ class MinimalPerturbationRunner:
             }
             for eps in grid
         ]
+        chain = minimal_chain(config.attack, config.norm)
         warnings = []
         if not_found:
             warnings.append(
-                f"{not_found} input(s): no adversarial point found in {config.steps} steps; "
-                "their norm is null and the curve counts them as robust (an upper bound)"
+                f"{not_found} input(s): no adversarial point found by {', '.join(chain)} "
+                f"({config.steps} steps each); their norm is null, +∞ in the quantiles and "
+                "robust in the curve (upper bounds)"
             )
+        if images and summary["median"] is None:
+            verdict = (
+                f"; verdict {config.threshold.unmeasured_median} (threshold.unmeasured_median)"
+                if config.threshold is not None
+                else ""
+            )
+            warnings.append(
+                "more than half of the inputs have no adversarial point found: the median is "
+                "+∞, not a measurement; a failed search is no evidence of robustness (raise "
+                f"steps, look for gradient masking){verdict}"
+            )
+        counts = Counter(image.get("found_by") for image in images if image["norm"])
         result: dict[str, Any] = {
             "norm": config.norm,
             "attack": config.attack,
+            "attacks": chain,
             "images": len(images),
-            "clean_accuracy": sum(1 for i in images if i["norm"] != 0.0) / len(images),
+            "clean_accuracy": (
+                sum(1 for i in images if i["norm"] != 0.0) / len(images) if images else None
+            ),
             "norms": summary,
+            "norms_found": _summary(sorted(found)),
             "not_found": not_found,
-            "per_image": [{"index": i["index"], "norm": i["norm"]} for i in images],
+            "found_by": {name: counts[name] for name in chain if counts[name]},
+            "per_image": [
+                {"index": i["index"], "norm": i["norm"], "found_by": i.get("found_by")}
+                for i in images
+            ],
             "accuracy_curve": curve,
             "warnings": warnings,
         }
-        result["verdict"] = _verdict(config, summary["median"])
+        result["verdict"] = _verdict(config, summary["median"], bool(images))
         return result
 
 
-def _verdict(config: MinimalPerturbationCheck, median: float | None) -> str:
-    if config.threshold is None:
+def quantile(ascending: Sequence[float], q: float) -> float:
+    """numpy's default quantile (linear between order statistics) on values that may be +∞:
+    where the upper neighbour is +∞ the lower one is taken, so the q-quantile is +∞ only when
+    +∞ fills its lower position (the median: when more than half of the values are +∞)."""
+    position = q * (len(ascending) - 1)
+    low = math.floor(position)
+    high = min(low + 1, len(ascending) - 1)
+    fraction = position - low
+    a, b = ascending[low], ascending[high]
+    if fraction == 0 or math.isinf(b):
+        return a
+    return a + (b - a) * fraction
+
+
+def _summary(ascending: Sequence[float]) -> dict[str, float | None]:
+    """median, 10 % and 90 % quantiles, min and max; +∞ (and no values at all) as null."""
+    if not ascending:
+        return dict.fromkeys(_SUMMARY)
+    values = {
+        "median": quantile(ascending, 0.5),
+        "q10": quantile(ascending, 0.1),
+        "q90": quantile(ascending, 0.9),
+        "min": ascending[0],
+        "max": ascending[-1],
+    }
+    return {key: None if math.isinf(value) else float(value) for key, value in values.items()}
+
+
+def _verdict(config: MinimalPerturbationCheck, median: float | None, measured: bool) -> str:
+    """`fail` below the bound. A median of +∞ (more than half not found) is not a measurement:
+    it fails unless the threshold says `unmeasured_median: "pass"` (fail closed)."""
+    if config.threshold is None or not measured:
         return "info"
-    if median is None:  # nothing found: no evidence of instability within the steps run
-        return "pass"
+    if median is None:
+        return config.threshold.unmeasured_median
     return "pass" if median >= config.threshold.min_median_norm else "fail"
