@@ -124,8 +124,8 @@ class UniversalCheck(StrictModel):
 
     Classifiers: ε is an absolute norm of an image perturbation; an input is fooled when its
     predicted class changes. Reconstruction models: ε is relative, ‖u‖ ≤ ε·mean‖y‖ over the
-    training split, in measurement space (`l2` only); an input is fooled when its relative
-    error exceeds `failure_error`."""
+    training split, in measurement space (`l2` only); an input counts only when its relative
+    error without u is at most `failure_error`, and is fooled when u takes it above."""
 
     kind: Literal["universal"] = "universal"
     norm: Norm | None = Field(

@@ -276,17 +276,22 @@ def _minimal_perturbation(
 ) -> tuple[str, list[Comparison]]:
     threshold = config.get("threshold") or {}
     median = _get(result, "norms", "median")
+    # not-found inputs count as +∞ (docs/report.md): a null median means more than half of them
+    shown = "+∞ (more than half of the inputs without an adversarial point found)"
     sentence = (
         f"The smallest adversarial perturbations ({result.get('attack', '?')}, "
-        f"{result.get('norm', '?')}) have a median norm of {fmt(median)} (10 % below "
+        f"{result.get('norm', '?')}) have a median norm of "
+        f"{fmt(median) if median is not None else shown} (10 % below "
         f"{fmt(_get(result, 'norms', 'q10'))}); none found for "
         f"{int(_get(result, 'not_found') or 0)} input(s)."
     )
-    if median is None:  # no adversarial found at all: nothing falls below the bound
-        return sentence, []
-    return sentence, _compare(
-        "median minimal perturbation norm", median, threshold.get("min_median_norm"), at_least=True
-    )
+    bound = threshold.get("min_median_norm")
+    if median is None and bound is not None:
+        # the check's own verdict decides (unmeasured_median); the comparison says the same
+        passed = result.get("verdict") == "pass"
+        quantity = "median minimal perturbation norm (+∞: most inputs have none found)"
+        return sentence, [Comparison(quantity, None, float(bound), passed, at_least=True)]
+    return sentence, _compare("median minimal perturbation norm", median, bound, at_least=True)
 
 
 def _universal(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:

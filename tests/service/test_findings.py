@@ -48,3 +48,50 @@ def test_robust_accuracy_below_its_bound_fails_with_the_measured_value() -> None
     failure = ET.fromstring(render_junit(_report(check, result))).find(".//failure")
     assert failure is not None
     assert "< bound 0.99" in failure.get("message", "")
+
+
+def _finding(kind: str, config: dict[str, Any], result: dict[str, Any]) -> Any:
+    report = {
+        "verdict": result["verdict"],
+        "model": {"name": "m", "sha256": "ab" * 32},
+        "config": {"checks": [{"kind": kind, **config}]},
+        "checks": [{**result, "kind": kind, "subject": "model"}],
+    }
+    (finding,) = findings(report)
+    return finding
+
+
+def test_an_infinite_median_norm_is_said_and_follows_the_verdict() -> None:
+    """More than half the inputs without an adversarial point: the median is +∞ (null in JSON)
+    and the comparison takes the check's verdict (fail closed by default)."""
+    config = {"threshold": {"min_median_norm": 0.5}}
+    for verdict in ("fail", "pass"):
+        result = {
+            "verdict": verdict,
+            "attack": "fmn",
+            "norm": "l2",
+            "norms": {"median": None, "q10": 0.3},
+            "not_found": 3,
+        }
+        finding = _finding("minimal_perturbation", config, result)
+        assert "+∞" in finding.sentence
+        (comparison,) = finding.comparisons
+        assert comparison.passed is (verdict == "pass") and comparison.measured is None
+
+
+def test_the_worst_case_sentence_names_its_optimiser_and_steps() -> None:
+    row = {
+        "level": 0.05,
+        "relative_error": {"max": 0.3},
+        "gaussian_relative_error": {"max": 0.06},
+        "worst_image": {"index": 2, "relative_error": 0.3, "optimizer": "pgd", "steps": 70},
+    }
+    result = {
+        "verdict": "info",
+        "space": "measurement",
+        "clean_relative_error": {"max": 0.05},
+        "levels": [row],
+    }
+    finding = _finding("worst_case", {}, result)
+    assert "found by pgd in 70 steps" in finding.sentence
+    assert "random noise of the same size" in finding.sentence
