@@ -226,8 +226,8 @@ def _pgd_update(
     reduced_last: torch.Tensor,
     radius: torch.Tensor,
     mask: torch.Tensor | None,
-    window: float,
-    first_step: bool,
+    window: torch.Tensor,
+    first_step: torch.Tensor,
     penalized: bool,
 ) -> tuple[torch.Tensor, ...]:
     """One `pgd` step (APGD's update with ℓ2-normalised gradients, for a maximisation).
@@ -235,35 +235,34 @@ def _pgd_update(
     `window` > 0 marks a checkpoint: where fewer than ρ·window of the steps since the last
     checkpoint raised the objective, or the best did not move and the step was not halved last
     time, the step is halved and the sample restarts from its best point and gradient.
+    `window` and `first_step` are 0-d tensors and the checkpoint logic has no branch, so that
+    the compiled function is the same graph at every step.
     """
     improved, best_objective, best_v = _keep_best(v, objective, best_objective, best_v)
     best_grad = torch.where(_per_sample(improved, grad), grad, best_grad)
     successes = successes + (objective > objective_previous).to(successes.dtype)
     objective_previous = objective
-    if window > 0:
-        oscillating = successes < _PGD_SUCCESS_FRACTION * window
-        stalled = ~reduced_last & (best_objective <= checkpoint_best)
-        reduce = oscillating | stalled
-        step_length = torch.where(_per_sample(reduce, step_length), step_length / 2, step_length)
-        at_best = _per_sample(reduce, v)
-        v = torch.where(at_best, best_v, v)
-        grad = torch.where(at_best, best_grad, grad)
-        v_previous = torch.where(at_best, best_v, v_previous)
-        objective_previous = torch.where(reduce, best_objective, objective_previous)
-        reduced_last = reduce
-        checkpoint_best = best_objective
-        successes = torch.zeros_like(successes)
+    checkpoint = window > 0
+    oscillating = successes < _PGD_SUCCESS_FRACTION * window
+    stalled = ~reduced_last & (best_objective <= checkpoint_best)
+    reduce = (oscillating | stalled) & checkpoint
+    step_length = torch.where(_per_sample(reduce, step_length), step_length / 2, step_length)
+    at_best = _per_sample(reduce, v)
+    v = torch.where(at_best, best_v, v)
+    grad = torch.where(at_best, best_grad, grad)
+    v_previous = torch.where(at_best, best_v, v_previous)
+    objective_previous = torch.where(reduce, best_objective, objective_previous)
+    reduced_last = torch.where(checkpoint, reduce, reduced_last)
+    checkpoint_best = torch.where(checkpoint, best_objective, checkpoint_best)
+    successes = torch.where(checkpoint, torch.zeros_like(successes), successes)
     if mask is not None:
         grad = grad * mask
     # penalised: the raw gradient, step_length already holds 1/λ (see _Group); the ball: the
     # ℓ2-normalised gradient, step_length a fraction of the radius
     direction = grad if penalized else _unit(grad)
     z = _constrain(v + step_length * direction, radius, mask, penalized)
-    if first_step:
-        moved = z
-    else:
-        moved = v + _PGD_MOMENTUM * (z - v) + (1 - _PGD_MOMENTUM) * (v - v_previous)
-        moved = _constrain(moved, radius, mask, penalized)
+    moved = v + _PGD_MOMENTUM * (z - v) + (1 - _PGD_MOMENTUM) * (v - v_previous)
+    moved = torch.where(first_step, z, _constrain(moved, radius, mask, penalized))
     return (
         moved,
         best_objective,
@@ -345,7 +344,12 @@ class _Group:
         self.best_v = v.detach().clone()
         if optimizer == "pgd":
             self._update = _Compiled(_pgd_update, v.device)
-            self.checkpoints = pgd_checkpoints(settings.steps)
+            # per step: the window at a checkpoint (0 elsewhere) and whether it is the first
+            windows = [0.0] * settings.steps
+            for step, window in pgd_checkpoints(settings.steps).items():
+                windows[step] = float(window)
+            self.windows = torch.tensor(windows, dtype=v.dtype, device=v.device)
+            self.firsts = torch.arange(settings.steps, device=v.device) == 0
             self.v_previous = v.detach().clone()
             self.objective_previous = torch.full_like(radius, -torch.inf)
             self.best_grad = torch.zeros_like(v)
@@ -394,8 +398,8 @@ class _Group:
                 self.reduced_last,
                 self.radius,
                 self.mask,
-                float(self.checkpoints.get(step, 0)),
-                step == 0,
+                self.windows[step],
+                self.firsts[step],
                 self.penalized,
             )
             return v
