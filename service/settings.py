@@ -6,8 +6,10 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from schemas.callback_targets import AllowList, parse_allow_list
 
 
 class Settings(BaseSettings):
@@ -47,10 +49,24 @@ class Settings(BaseSettings):
     callback_timeout_seconds: float = 10.0
     callback_max_attempts: int = 6
     callback_backoff_seconds: float = 2.0
+    # Destinations a callback may reach although they are internal (loopback, private,
+    # link-local…; schemas.callback_targets, docs/security.md): comma-separated `host[:port]`,
+    # `[v6]:port`, IP addresses or CIDR networks. Empty: only public addresses.
+    callback_allow: str = Field(default="", description="Internal callback destinations allowed")
 
     # The gateway brings the schema to Alembic's head at start-up; turn off where a deployment
     # runs migrations as a separate step (several gateway replicas on one PostgreSQL).
     auto_migrate: bool = True
+
+    @field_validator("callback_allow")
+    @classmethod
+    def _parse_callback_allow(cls, value: str) -> str:
+        parse_allow_list(value)  # a bad entry stops the start, rather than a refused callback
+        return value
+
+    @property
+    def callback_allow_list(self) -> AllowList:
+        return parse_allow_list(self.callback_allow)
 
     @property
     def resolved_database_url(self) -> str:

@@ -22,6 +22,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from schemas.audits import TERMINAL_STATES, AuditList, AuditRequest, AuditState, AuditStatus
+from schemas.callback_targets import CallbackTargetRefused, check_target
 from schemas.checks_classifier import task_problems
 from schemas.common import FileArray, UploadedArray
 from schemas.datasets import DIGIT_CLASSES, BuiltinDataset, FileDataset, UploadedDataset
@@ -43,6 +44,7 @@ from service.errors import (
 from service.junit import MEDIA_TYPE as JUNIT_MEDIA_TYPE
 from service.junit import render_junit
 from service.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
+from service.settings import Settings
 from service.storage import SAFE_NAME
 
 log = logging.getLogger(__name__)
@@ -53,6 +55,7 @@ RETRY_AFTER_SECONDS = "2"
 FILE_REFERENCE_REFUSED = (
     "file references are only accepted by the local CLI; upload the array with POST /v1/datasets"
 )
+CALLBACK_RESOLVE_SECONDS = 3.0
 REPORT_FILES = {"report": "application/json", "report.html": "text/html; charset=utf-8"}
 # The report page needs no script and no request (figures are data URIs): forbid both.
 REPORT_HTML_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
@@ -99,6 +102,25 @@ def check_references(session: Session, tenant: Tenant, request: AuditRequest) ->
         else:
             detail = "; ".join(f"{'.'.join(map(str, e.loc))}: {e.msg}" for e in errors)
         raise ValidationFailed(detail, errors=errors)
+
+
+def check_callback_url(settings: Settings, request: AuditRequest) -> None:
+    """The callback may not reach inside (docs/security.md, "Callbacks"): the host is resolved
+    (within CALLBACK_RESOLVE_SECONDS; this route runs in the thread pool, not on the event loop)
+    and every address must be public unless TIGHTROPE_CALLBACK_ALLOW names the destination."""
+    if request.callback_url is None:
+        return
+    try:
+        check_target(
+            str(request.callback_url),
+            settings.callback_allow_list,
+            timeout=CALLBACK_RESOLVE_SECONDS,
+        )
+    except CallbackTargetRefused as exc:
+        raise ValidationFailed(
+            f"callback_url: {exc}",
+            errors=[FieldError(loc=["body", "callback_url"], msg=str(exc), type="value_error")],
+        ) from None
 
 
 def check_model(session: Session, tenant: Tenant, model_id: str) -> Model:
@@ -205,6 +227,7 @@ def submit_audit(
     tenant: TenantDep,
     session: SessionDep,
     dispatcher: DispatcherDep,
+    settings: SettingsDep,
     idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
 ) -> Response:
     canonical, request_hash = canonical_request(body)
@@ -213,6 +236,7 @@ def submit_audit(
         if earlier is not None:
             return _accepted(earlier, replayed=True)
     check_references(session, tenant, body)
+    check_callback_url(settings, body)
     model = check_model(session, tenant, body.model_id)
     check_fits_model(session, tenant, body, model)
     audit = Audit(

@@ -37,7 +37,8 @@ def stack(tmp_path: Path) -> Iterator[LocalStack]:
         broker_url=GATE_REDIS,
         database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
         workers=1,
-        extra_env=FAST_RECOVERY,
+        # the callback receiver listens on loopback: the allow-list lets callbacks reach it
+        extra_env={**FAST_RECOVERY, "TIGHTROPE_CALLBACK_ALLOW": "127.0.0.1"},
     )
     try:
         local.start()

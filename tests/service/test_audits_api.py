@@ -4,6 +4,8 @@ reports and artifacts."""
 from __future__ import annotations
 
 import json
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from tests.service.conftest import (
     UNREACHABLE_BROKER,
     ModelFiles,
     assert_problem,
+    make_settings,
     new_key,
     ready_model,
     sessions_of,
@@ -345,3 +348,144 @@ def test_every_reconstruction_check_is_accepted_with_its_defaults_filled_in(
         (stored,) = audit.request["checks"]
     assert stored["kind"] == check["kind"]
     assert set(check) <= set(stored)  # the canonical request keeps what was given, plus defaults
+
+
+# callback_url may not reach inside (docs/security.md, "Callbacks"). Names resolve through this
+# fake resolver; every other lookup (the databases, Redis) goes to the real one.
+INTERNAL_CALLBACKS = [
+    "http://127.0.0.1:8080/hook",
+    "http://0x7f000001:8080/hook",
+    "http://2130706433/hook",
+    "http://017700000001/hook",
+    "http://127.1/hook",
+    "http://0x7f.1/hook",
+    "http://[::ffff:127.0.0.1]/hook",
+    "http://[::1]:8080/hook",
+    "http://[::]/hook",
+    "http://0.0.0.0/hook",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://10.1.2.3/hook",
+    "http://192.168.0.1/hook",
+    "http://[fd00::1]/hook",
+    "http://[fe80::1]/hook",
+    "http://224.0.0.1/hook",
+    "http://240.0.0.1/hook",
+    "http://localhost:6379/",
+    "http://localhost./hook",
+    "https://LOCALHOST/hook",
+    "http://api.localhost/hook",
+    "http://inside.example.test/hook",  # resolves to a private address
+    "http://mixed.example.test./hook",  # one public, one loopback address
+]
+FAKE_DNS = {
+    "inside.example.test": ["10.0.0.5"],
+    "mixed.example.test": ["93.184.216.34", "127.0.0.1"],
+    "public.example.test": ["93.184.216.34", "2606:2800:220:1::1"],
+}
+
+
+@pytest.fixture
+def fake_dns(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    real = socket.getaddrinfo
+    table = dict(FAKE_DNS)
+
+    def getaddrinfo(host: Any, port: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "nowhere.example.test":
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        if host == "slow.example.test":
+            time.sleep(2)
+        if host not in table:
+            return real(host, port, *args, **kwargs)
+        return [
+            (
+                socket.AF_INET6 if ":" in ip else socket.AF_INET,
+                socket.SOCK_STREAM,
+                6,
+                "",
+                (ip, int(port or 0)),
+            )
+            for ip in table[host]
+        ]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return table
+
+
+def test_internal_callback_urls_are_refused(
+    client: TestClient,
+    auth: dict[str, str],
+    model_id: str,
+    broker: redis.Redis,
+    fake_dns: dict[str, list[str]],
+) -> None:
+    before_rows, before_messages = count_audits(client), broker.llen(QUEUE)
+    for url in INTERNAL_CALLBACKS:
+        response = submit(client, auth, audit_request(model_id, callback_url=url))
+        body = assert_problem(response, 422, "validation-failed")
+        assert body["detail"].startswith("callback_url: "), (url, body)
+        assert [e["loc"] for e in body["errors"]] == [["body", "callback_url"]], (url, body)
+        assert "address" in body["detail"] or "loopback name" in body["detail"], (url, body)
+    assert count_audits(client) == before_rows and broker.llen(QUEUE) == before_messages
+
+
+def test_unresolvable_callback_host_is_refused(
+    client: TestClient,
+    auth: dict[str, str],
+    model_id: str,
+    fake_dns: dict[str, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    missing = submit(
+        client, auth, audit_request(model_id, callback_url="https://nowhere.example.test/h")
+    )
+    body = assert_problem(missing, 422, "validation-failed")
+    assert body["errors"][0]["loc"] == ["body", "callback_url"]
+    assert "does not resolve" in body["detail"]
+    # a resolver that hangs costs the request at most the resolution timeout
+    monkeypatch.setattr("service.api.audits.CALLBACK_RESOLVE_SECONDS", 0.2)
+    started = time.monotonic()
+    slow = submit(client, auth, audit_request(model_id, callback_url="http://slow.example.test/"))
+    assert time.monotonic() - started < 1.5
+    body = assert_problem(slow, 422, "validation-failed")
+    assert "did not resolve within" in body["detail"]
+
+
+def test_public_callback_url_is_accepted(
+    client: TestClient, auth: dict[str, str], model_id: str, fake_dns: dict[str, list[str]]
+) -> None:
+    # Only checked, never contacted: submission resolves, it sends nothing.
+    for url in ("http://93.184.216.34/hook", "https://public.example.test/hook?x=1"):
+        response = submit(client, auth, audit_request(model_id, callback_url=url))
+        assert response.status_code == 202, response.text
+        with sessions_of(client)() as session:
+            audit = session.get(Audit, response.json()["id"])
+            assert audit is not None and audit.request["callback_url"] == url
+
+
+def test_allow_list_lets_a_named_internal_callback_through(
+    tmp_path: Path, database_url: str, broker: redis.Redis, model_files: ModelFiles
+) -> None:
+    settings = make_settings(
+        tmp_path, database_url, callback_allow="127.0.0.1:8123, 10.9.0.0/16, localhost:7000"
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        auth = new_key(client)
+        model_id = ready_model(client, auth, model_files.torchscript)
+        for url in (
+            "http://127.0.0.1:8123/hook",
+            "http://0x7f000001:8123/hook",
+            "http://10.9.8.7/hook",
+            "http://localhost:7000/hook",
+        ):
+            response = submit(client, auth, audit_request(model_id, callback_url=url))
+            assert response.status_code == 202, (url, response.text)
+        for url in ("http://127.0.0.1:8124/hook", "http://10.8.0.1/", "http://localhost:7001/"):
+            refused = submit(client, auth, audit_request(model_id, callback_url=url))
+            body = assert_problem(refused, 422, "validation-failed")
+            assert body["errors"][0]["loc"] == ["body", "callback_url"], url
+
+
+def test_a_bad_allow_list_entry_is_a_settings_error(tmp_path: Path) -> None:
+    for entry in ("127.0.0.1:http", "[::1", "hooks.example.test:0", "a/b"):
+        with pytest.raises(ValueError, match="allow-list entry"):
+            make_settings(tmp_path, "sqlite://", callback_allow=entry)

@@ -119,7 +119,9 @@ def callback_broker() -> Iterator[redis.Redis]:
 def test_cancelling_a_queued_audit_sends_its_callback(
     tmp_path: Path, database_url: str, callback_broker: redis.Redis, model_files: ModelFiles
 ) -> None:
-    settings = make_settings(tmp_path, database_url, broker_url=REPORTS_REDIS)
+    settings = make_settings(
+        tmp_path, database_url, broker_url=REPORTS_REDIS, callback_allow="127.0.0.1:9"
+    )
     with TestClient(create_app(settings), raise_server_exceptions=False) as client:
         auth = new_key(client)
         model_id = ready_model(client, auth, model_files.torchscript)
