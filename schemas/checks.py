@@ -22,7 +22,7 @@ from schemas.checks_theorem import (
     KernelCheck,
     MoreSamplesCheck,
 )
-from schemas.common import StrictModel
+from schemas.common import MAX_SEED, StrictModel
 
 Levels = Annotated[list[float], Field(min_length=1, max_length=32)]
 
@@ -75,7 +75,9 @@ class WorstCaseCheck(StrictModel):
     early_stop_tolerance: float = Field(
         default=1e-3, ge=0.0, description="Stop a level when the objective gains less (relative)"
     )
-    seed: int | None = Field(default=None, ge=0, description="Default: the audit's seed")
+    seed: int | None = Field(
+        default=None, ge=0, le=MAX_SEED, description="Default: the audit's seed"
+    )
     threshold: WorstCaseThreshold | None = None
 
     _levels = field_validator("levels")(_check_levels)
@@ -102,7 +104,7 @@ class RandomNoiseCheck(StrictModel):
     failure_error: float = Field(
         default=0.2, gt=0.0, description="τ: a sample fails when its relative error exceeds it"
     )
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: RandomNoiseThreshold | None = None
 
     _levels = field_validator("levels")(_check_levels)
@@ -123,7 +125,7 @@ class LipschitzCheck(StrictModel):
     kind: Literal["lipschitz"] = "lipschitz"
     iterations: int = Field(default=50, ge=1, le=10_000)
     tolerance: float = Field(default=1e-4, ge=0.0)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: LipschitzThreshold | None = None
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from schemas.common import StrictModel
+from schemas.common import MAX_SEED, StrictModel
 
 Norm = Literal["linf", "l2"]
 Epsilons = Annotated[list[float], Field(min_length=1, max_length=32)]
@@ -54,7 +54,7 @@ class AdversarialCheck(StrictModel):
     restarts: int = Field(
         default=1, ge=1, le=64, description="apgd and pgd: random restarts (in the batch)"
     )
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: AdversarialThreshold | None = None
 
     _epsilons = field_validator("epsilons")(_check_epsilons)
@@ -98,7 +98,7 @@ class MinimalPerturbationCheck(StrictModel):
         description="Where to evaluate the implied accuracy-vs-ε curve; default: at every "
         "norm found",
     )
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: MinimalPerturbationThreshold | None = None
 
     @field_validator("epsilons")
@@ -138,7 +138,7 @@ class UniversalCheck(StrictModel):
     failure_error: float = Field(
         default=0.2, gt=0.0, description="Reconstruction models: τ on the relative error"
     )
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: UniversalThreshold | None = None
 
 

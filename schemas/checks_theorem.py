@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from schemas.common import StrictModel
+from schemas.common import MAX_SEED, StrictModel
 
 LESION_SHAPES = ("disk", "square", "random_walk", "text")
 
@@ -69,7 +69,7 @@ class FalseNegativeCheck(StrictModel):
     noise_samples: int = Field(default=20, ge=1, le=100_000)
     noise_level: float = Field(default=0.02, gt=0.0, le=10.0, description="‖e‖ = level·‖y‖")
     panels: int = Field(default=3, ge=0, le=32, description="Image panels of the worst misses")
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: MissRateThreshold | None = None
 
 
@@ -93,7 +93,7 @@ class FalsePositiveCheck(StrictModel):
         description="First step of the pgd ascent, relative to the radius; default 2.0",
     )
     panels: int = Field(default=3, ge=0, le=32)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: SpuriousContrastThreshold | None = None
 
 
@@ -133,7 +133,7 @@ class KernelCheck(StrictModel):
     steps: int = Field(default=40, ge=1, le=10_000, description="Worst-case search steps")
     restarts: int = Field(default=2, ge=1, le=64)
     panels: int = Field(default=2, ge=0, le=32)
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: CertifiedLipschitzThreshold | None = None
 
     @model_validator(mode="after")
@@ -159,7 +159,7 @@ class MoreSamplesCheck(StrictModel):
     tolerance: float = Field(
         default=0.05, ge=0.0, description="dB of PSNR fall ignored by `monotone`"
     )
-    seed: int | None = Field(default=None, ge=0)
+    seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: MoreSamplesThreshold | None = None
 
     @model_validator(mode="after")

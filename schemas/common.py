@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The largest seed a request may carry: it must fit torch's 64-bit generator seed (and numpy's),
+# so a huge integer is a 422 naming the field, not a failed audit. (The audit's own `seed` is
+# bounded tighter, at 2**31 - 1: the engine derives per-image seeds from it by arithmetic.)
+MAX_SEED = 2**63 - 1
+
 
 class StrictModel(BaseModel):
     """Base of every request-side model: unknown fields are an error, so typos surface as 422."""

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from schemas.common import StrictModel
+from schemas.common import MAX_SEED, StrictModel
 
 DatasetFormat = Literal["npy", "npz", "png_zip"]
 DIGIT_CLASSES = 10  # the built-in `digits`: classes 0-9
@@ -18,7 +18,7 @@ class BuiltinDataset(StrictModel):
     )
     count: int = Field(default=4, ge=1, le=4096)
     size: int = Field(default=64, ge=8, le=1024)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
 class UploadedDataset(StrictModel):

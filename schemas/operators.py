@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.common import ArrayRef, StrictModel
+from schemas.common import MAX_SEED, ArrayRef, StrictModel
 
 
 class MRIOperator(StrictModel):
@@ -16,7 +16,7 @@ class MRIOperator(StrictModel):
     )
     acceleration: float = Field(default=4.0, ge=1.0, le=64.0)
     center_fraction: float = Field(default=0.08, ge=0.0, le=1.0)
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
 class RadonOperator(StrictModel):
@@ -36,7 +36,7 @@ class RadonOperator(StrictModel):
 class GaussianOperator(StrictModel):
     kind: Literal["gaussian"] = "gaussian"
     m: int | None = Field(default=None, ge=1, le=65536, description="Number of measurements")
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
     matrix: ArrayRef | None = Field(
         default=None, description="An explicit [m, n] matrix instead of m"
     )
@@ -52,7 +52,7 @@ class InpaintingOperator(StrictModel):
     kind: Literal["inpainting"] = "inpainting"
     fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="Fraction of pixels kept")
     mask: ArrayRef | None = None
-    seed: int = Field(default=0, ge=0)
+    seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
 class BlurOperator(StrictModel):

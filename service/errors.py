@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from schemas.problem import PROBLEM_BASE, PROBLEM_MEDIA_TYPE, FieldError, Problem
 
@@ -160,6 +161,28 @@ _DESCRIPTIONS = {
 }
 
 
+# Every method RFC 9110 defines, and PATCH (RFC 5789): the candidates a 405's `Allow` may list.
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app answers at this request's path (for a 405's `Allow`,
+    RFC 9110 section 15.5.6): each candidate is put to the app's own routes, so a path served by
+    several routes (GET and DELETE /v1/models/{id}) lists them all."""
+    routes = request.app.router.routes
+    allowed = []
+    for method in HTTP_METHODS:
+        scope = {
+            "type": "http",
+            "path": request.scope["path"],
+            "root_path": request.scope.get("root_path", ""),
+            "method": method,
+        }
+        if any(route.matches(scope)[0] is Match.FULL for route in routes):
+            allowed.append(method)
+    return allowed
+
+
 async def _on_tightrope_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, TightropeError)
     return problem_response(exc.problem(instance=request.url.path), exc.headers)
@@ -183,7 +206,13 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
         detail=detail,
         instance=request.url.path,
     )
-    return problem_response(problem, exc.headers)
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        # Starlette names only the methods of the one route it tried.
+        allowed = allowed_methods(request)
+        if allowed:
+            headers["Allow"] = ", ".join(allowed)
+    return problem_response(problem, headers)
 
 
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:

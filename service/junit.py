@@ -9,12 +9,36 @@ fly from report.json, the CLI writes it as junit.xml.
 
 from __future__ import annotations
 
+import re
 import xml.etree.ElementTree as ET
 from typing import Any
 
 from service.findings import Comparison, Finding, findings, fmt
 
 MEDIA_TYPE = "application/xml"
+
+# Characters XML 1.0 forbids (production 2, "Char"): C0 controls other than tab, newline and
+# carriage return, lone surrogates, U+FFFE and U+FFFF. ElementTree writes them as they are, so a
+# model name or description holding one would make the document unparsable.
+_NOT_XML_CHAR = re.compile(r"[^\t\n\r\x20-\uD7FF\uE000-\uFFFD\U00010000-\U0010FFFF]")
+REPLACEMENT = "\ufffd"
+
+
+def xml_safe(text: str) -> str:
+    """`text` with every character XML 1.0 forbids replaced by U+FFFD."""
+    return _NOT_XML_CHAR.sub(REPLACEMENT, text)
+
+
+def _sanitize(root: ET.Element) -> None:
+    """Make every text and attribute value of the tree valid XML 1.0 (the tags and attribute
+    names are this module's own)."""
+    for element in root.iter():
+        if element.text:
+            element.text = xml_safe(element.text)
+        if element.tail:
+            element.tail = xml_safe(element.tail)
+        for key, value in element.attrib.items():
+            element.attrib[key] = xml_safe(value)
 
 
 def _comparison_text(c: Comparison) -> str:
@@ -79,5 +103,6 @@ def render_junit(report: dict[str, Any]) -> str:
     root.append(suite)
     for key in ("tests", "failures", "errors", "skipped", "time"):
         root.set(key, suite.get(key, "0"))
+    _sanitize(root)
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"

@@ -59,6 +59,15 @@ CALLBACK_RESOLVE_SECONDS = 3.0
 REPORT_FILES = {"report": "application/json", "report.html": "text/html; charset=utf-8"}
 # The report page needs no script and no request (figures are data URIs): forbid both.
 REPORT_HTML_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
+# Media types a browser renders as a document that could run script: served, wherever they come
+# from (report.html or an artifact), with the report page's security headers.
+ACTIVE_MEDIA_TYPES = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml"})
+
+
+def security_headers(media_type: str) -> dict[str, str] | None:
+    """The headers an answer of this media type needs: the CSP for documents, else none."""
+    essence = media_type.split(";", 1)[0].strip().lower()
+    return {"Content-Security-Policy": REPORT_HTML_CSP} if essence in ACTIVE_MEDIA_TYPES else None
 
 
 def canonical_request(request: AuditRequest) -> tuple[dict[str, Any], str]:
@@ -219,7 +228,8 @@ def _replay(session: Session, tenant: Tenant, key: str, request_hash: str) -> Au
     "",
     status_code=202,
     response_model=AuditStatus,
-    responses=problem_responses(401, 409, 422),
+    # 400: a body that cannot be read into values (an over-long number, too deep nesting)
+    responses=problem_responses(400, 401, 409, 422),
     summary="Submit an audit",
 )
 def submit_audit(
@@ -363,8 +373,8 @@ def _report_file(audit: Audit, artifact_root: Path, name: str) -> FileResponse:
     path = report if name == "report" else report.with_name(name)
     if not path.is_file():
         raise NotFound(f"Audit {audit.id!r} has no {name}.")
-    headers = {"Content-Security-Policy": REPORT_HTML_CSP} if name == "report.html" else None
-    return FileResponse(path, media_type=REPORT_FILES[name], headers=headers)
+    media_type = REPORT_FILES[name]
+    return FileResponse(path, media_type=media_type, headers=security_headers(media_type))
 
 
 @router.get(
@@ -439,4 +449,6 @@ def read_artifact(
     path = _inside(artifacts.root, row.path)
     if not path.is_file():
         raise NotFound(f"Audit {audit_id!r} has no artifact {name!r}.")
-    return FileResponse(path, media_type=row.media_type, filename=name)
+    return FileResponse(
+        path, media_type=row.media_type, filename=name, headers=security_headers(row.media_type)
+    )

@@ -55,3 +55,25 @@ def test_user_text_is_escaped() -> None:
     root = ET.fromstring(xml)  # still well-formed
     props = {p.get("name"): p.get("value") for p in root.iter("property")}
     assert props["model_name"] == '<evil a="1">&</evil>'
+
+
+def test_control_characters_never_break_the_xml() -> None:
+    """XML 1.0 forbids most C0 controls, lone surrogates and U+FFFE/U+FFFF: they are replaced
+    by U+FFFD, wherever user text lands (attributes and element text alike)."""
+    hostile = "net\x00\x01\x0b\x0c\x1f\ud800\ufffe\uffff\tend\n"
+    report = make_report(model_name=hostile, description="desc\x01\x0b")
+    report["checks"][0]["subject"] = "model\x01"  # lands in a property and in a test case's name
+    report["verdict"] = "fail\x08"
+    xml = render_junit(report)
+    root = ET.fromstring(xml.encode("utf-8"))  # well-formed, and encodable as UTF-8
+    suite_props = root.find("testsuite/properties")
+    assert suite_props is not None
+    props = {p.get("name"): p.get("value") for p in suite_props.iter("property")}
+    assert props["model_name"] == "net" + "\ufffd" * 8 + "\tend\n"
+    assert props["verdict"] == "fail\ufffd"
+    assert any(p.get("value") == "model\ufffd" for p in root.iter("property"))
+    assert any("\ufffd" in (case.get("name") or "") for case in root.iter("testcase"))
+    # allowed characters, including those outside the BMP, pass through untouched
+    fine = render_junit(make_report(model_name="ok \u00e9 \U0001f600 \ue000"))
+    names = {p.get("value") for p in ET.fromstring(fine.encode("utf-8")).iter("property")}
+    assert "ok \u00e9 \U0001f600 \ue000" in names

@@ -137,6 +137,38 @@ def test_invalid_request_names_the_field(
     assert_problem(response, 422)
 
 
+def test_seeds_are_bounded_to_63_bits(
+    client: TestClient, auth: dict[str, str], model_id: str
+) -> None:
+    """Seeds reach torch and numpy: above 2**63 - 1 is a 422 naming the field, the bound is
+    accepted, and the OpenAPI schema states it."""
+    huge = 123456789012345678901234567890  # 30 digits
+    largest = 2**63 - 1
+    placements: dict[str, Any] = {
+        "checks": lambda seed: {"checks": [{"kind": "lipschitz", "iterations": 3, "seed": seed}]},
+        "dataset": lambda seed: {
+            "dataset": {"builtin": "shepp_logan", "count": 1, "size": 16, "seed": seed}
+        },
+        "operator": lambda seed: {"operator": {"kind": "mri", "acceleration": 4, "seed": seed}},
+    }
+    for where, place in placements.items():
+        for bad in (huge, largest + 1):
+            body = assert_problem(submit(client, auth, audit_request(model_id, **place(bad))), 422)
+            locs = [e["loc"] for e in body["errors"]]
+            assert any(loc[1] == where and loc[-1] == "seed" for loc in locs), (where, locs)
+            assert "seed" in body["detail"]
+        accepted = submit(client, auth, audit_request(model_id, **place(largest)))
+        assert accepted.status_code == 202, (where, accepted.text)
+    body = assert_problem(submit(client, auth, audit_request(model_id, seed=huge)), 422)
+    assert body["errors"][0]["loc"] == ["body", "seed"]
+    # FastAPI's OpenAPI model holds `maximum` as a float: the bound shows as 2.0**63
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    check_seed = schemas["LipschitzCheck"]["properties"]["seed"]["anyOf"][0]
+    assert check_seed["minimum"] == 0 and check_seed["maximum"] == float(largest)
+    assert schemas["BuiltinDataset"]["properties"]["seed"]["maximum"] == float(largest)
+    assert schemas["MRIOperator"]["properties"]["seed"]["maximum"] == float(largest)
+
+
 def test_file_references_are_refused(
     client: TestClient, auth: dict[str, str], model_id: str
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -15,6 +16,43 @@ from tests.service.conftest import ModelFiles, assert_problem, upload_model
 def test_unknown_route_and_method_are_problems(client: TestClient, auth: dict[str, str]) -> None:
     assert_problem(client.get("/v1/nothing", headers=auth), 404, "not-found")
     assert_problem(client.put("/v1/models", headers=auth), 405, "method-not-allowed")
+
+
+def _allow(response: httpx.Response) -> set[str]:
+    return {method.strip() for method in response.headers["allow"].split(",")}
+
+
+def test_405_allow_lists_every_method_of_the_path(client: TestClient, auth: dict[str, str]) -> None:
+    """RFC 9110: `Allow` names every method the path supports, also when separate routes serve
+    them (GET and DELETE /v1/models/{id} are two routes)."""
+    for method in ("PUT", "POST", "PATCH"):
+        response = client.request(method, "/v1/models/mdl_x", headers=auth)
+        assert_problem(response, 405, "method-not-allowed")
+        assert _allow(response) == {"GET", "DELETE"}, method
+    response = client.get("/v1/audits/aud_x/cancel", headers=auth)  # POST only
+    assert_problem(response, 405, "method-not-allowed")
+    assert _allow(response) == {"POST"}
+    response = client.put("/v1/models", headers=auth)
+    assert _allow(response) == {"GET", "POST"}
+    # every method listed is really served (it is not answered 405)
+    for method in _allow(response):
+        assert client.request(method, "/v1/models", headers=auth).status_code != 405, method
+
+
+def test_unreadable_json_values_are_400_bad_request(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    """A body that is JSON but cannot be read into values (a number over Python's 4300-digit
+    limit, nesting deeper than the parser's recursion) is a 400 `bad-request`, as documented in
+    docs/http-api.md and in the OpenAPI description of POST /v1/audits."""
+    headers = {**auth, "content-type": "application/json"}
+    for content in (b'{"seed": ' + b"9" * 5000 + b"}", b"[" * 100_000 + b"]" * 100_000):
+        response = client.post("/v1/audits", headers=headers, content=content)
+        assert_problem(response, 400, "bad-request")
+    malformed = client.post("/v1/audits", headers=headers, content=b"{not json")
+    assert_problem(malformed, 422, "validation-failed")
+    operation = client.get("/openapi.json").json()["paths"]["/v1/audits"]["post"]
+    assert {"400", "401", "409", "422"} <= set(operation["responses"])
 
 
 def test_unexpected_errors_are_500_problems_without_internals(settings: Settings) -> None:

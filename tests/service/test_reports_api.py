@@ -5,6 +5,7 @@ audit cancelled while queued (sent by the gateway; issue 5)."""
 from __future__ import annotations
 
 import json
+import mimetypes
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from schemas.canonical import canonical_json
 from service import callback_signing, signing
 from service.app import create_app
+from service.db.models import Artifact
 from service.queue import QUEUE
 from service.settings import Settings
 from service.storage import sha256_file
@@ -27,6 +29,7 @@ from tests.service.conftest import (
     make_settings,
     new_key,
     ready_model,
+    sessions_of,
     upload_model,
 )
 from tests.service.test_audits_api import audit_request, set_audit, submit
@@ -67,6 +70,47 @@ def test_junit_and_html_of_a_report(
     queued = submit(client, auth, audit_request(model_id)).json()["id"]
     response = client.get(f"/v1/audits/{queued}/report.junit.xml", headers=auth)
     assert_problem(response, 409, "report-not-ready")
+
+
+def test_html_artifacts_get_the_report_pages_security_headers(
+    client: TestClient, auth: dict[str, str], settings: Settings, model_files: ModelFiles
+) -> None:
+    """An HTML (or SVG) artifact is a document a browser may render: it gets the same CSP as
+    /report.html; other artifacts are served as before."""
+    model_id = ready_model(client, auth, model_files.torchscript)
+    audit_id = _succeeded_audit(client, auth, settings, model_id)
+    folder = settings.artifact_dir / audit_id
+    files = {
+        "report.html": b"<!DOCTYPE html><script>alert(1)</script>",
+        "figure.svg": b"<svg xmlns='http://www.w3.org/2000/svg'><script>alert(1)</script></svg>",
+        "figure.png": b"\x89PNG fake",
+    }
+    with sessions_of(client)() as session:
+        for name, content in files.items():
+            if name != "report.html":
+                (folder / name).write_bytes(content)
+            session.add(
+                Artifact(
+                    audit_id=audit_id,
+                    name=name,
+                    # as the workers record it (workers/jobs.py: import_outputs)
+                    media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
+                    sha256="0" * 64,
+                    size_bytes=len(content),
+                    path=f"{audit_id}/{name}",
+                )
+            )
+        session.commit()
+    page = client.get(f"/v1/audits/{audit_id}/report.html", headers=auth)
+    csp = page.headers["content-security-policy"]
+    assert page.status_code == 200 and csp.startswith("default-src 'none'")
+    for name in ("report.html", "figure.svg"):
+        artifact = client.get(f"/v1/audits/{audit_id}/artifacts/{name}", headers=auth)
+        assert artifact.status_code == 200, name
+        assert artifact.headers["content-security-policy"] == csp, name
+    png = client.get(f"/v1/audits/{audit_id}/artifacts/figure.png", headers=auth)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert "content-security-policy" not in png.headers
 
 
 def test_signing_key_is_public_and_matches_the_key_file(
