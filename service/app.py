@@ -15,6 +15,8 @@ from schemas.problem import PROBLEM_MEDIA_TYPE
 from service import signing
 from service.api import audits, datasets, health, models
 from service.api import signing as signing_routes
+from service.api.gate import DatabaseGate
+from service.auth import ApiKeyCache
 from service.db.migrate import upgrade_to_head
 from service.db.session import make_engine
 from service.dispatch import Dispatcher
@@ -59,7 +61,13 @@ def _openapi_with_problem_media_type(app: FastAPI) -> dict[str, Any]:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
-    engine = make_engine(settings.resolved_database_url)
+    engine = make_engine(
+        settings.resolved_database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_seconds,
+    )
+    gate = DatabaseGate(settings.db_pool_size, settings.db_queue_timeout_seconds)
     sessions = sessionmaker(bind=engine, expire_on_commit=False)
 
     @asynccontextmanager
@@ -71,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.artifacts = ArtifactStore(settings.artifact_dir)
         # Generated on the first start; the workers sign with the same file (shared data dir).
         app.state.signing_key = signing.load_or_create_private_key(signing.key_path(settings))
+        gate.open()  # on this event loop
         try:
             yield
         finally:
@@ -85,6 +94,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = sessions
+    app.state.db_gate = gate
+    app.state.api_key_cache = ApiKeyCache(settings.api_key_cache_seconds)
     app.state.dispatcher = Dispatcher.from_settings(settings)
     app.state.metrics = Metrics(sessions)
 

@@ -8,9 +8,15 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from service.db.models import ApiKey, Tenant, utcnow
 from service.errors import Unauthorized
@@ -58,6 +64,8 @@ def revoke_api_key(session: Session, secret: str) -> bool:
         return False
     key.revoked_at = utcnow()
     session.commit()
+    for cache in list(_CACHES):
+        cache.forget(key.key_hash)
     return True
 
 
@@ -70,17 +78,103 @@ def bearer_token(authorization: str | None) -> str:
     return token.strip()
 
 
-def authenticate(session: Session, authorization: str | None) -> Tenant:
-    """The tenant of a live API key named by an Authorization header, else Unauthorized."""
+@dataclass(frozen=True)
+class _CachedTenant:
+    id: str
+    name: str
+    created_at: datetime
+    expires: float
+
+
+class ApiKeyCache:
+    """Live keys seen in the last `ttl_seconds`, by the sha256 of the secret (never the secret):
+    a status poll then authenticates without a query. Only successes are kept, so a new key
+    works at once; a revocation made in this process (`revoke_api_key`) takes effect at once,
+    one made elsewhere (the CLI, another gateway) within `ttl_seconds`. Thread-safe."""
+
+    def __init__(
+        self,
+        ttl_seconds: float,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.ttl_seconds = ttl_seconds
+        self.max_entries = max_entries
+        self._clock = clock
+        self._entries: dict[str, _CachedTenant] = {}
+        self._lock = threading.Lock()
+        _CACHES.add(self)
+
+    def get(self, digest: str) -> Tenant | None:
+        with self._lock:
+            entry = self._entries.get(digest)
+            if entry is not None and entry.expires <= self._clock():
+                del self._entries[digest]
+                entry = None
+        if entry is None:
+            return None
+        # A fresh detached copy per request: no session shares an instance with another.
+        tenant = Tenant(id=entry.id, name=entry.name, created_at=entry.created_at)
+        make_transient_to_detached(tenant)
+        return tenant
+
+    def put(self, digest: str, tenant: Tenant) -> None:
+        if self.ttl_seconds <= 0:
+            return
+        entry = _CachedTenant(
+            tenant.id, tenant.name, tenant.created_at, self._clock() + self.ttl_seconds
+        )
+        with self._lock:
+            if len(self._entries) >= self.max_entries:
+                now = self._clock()
+                for stale in [d for d, e in self._entries.items() if e.expires <= now]:
+                    del self._entries[stale]
+                if len(self._entries) >= self.max_entries:
+                    self._entries.clear()  # a flood of distinct keys: start over
+            self._entries[digest] = entry
+
+    def forget(self, digest: str) -> None:
+        with self._lock:
+            self._entries.pop(digest, None)
+
+
+# Every cache of this process, so that revoke_api_key reaches them all.
+_CACHES: weakref.WeakSet[ApiKeyCache] = weakref.WeakSet()
+
+
+def _digest(authorization: str | None) -> str:
     token = bearer_token(authorization)
     if not token.startswith(KEY_PREFIX):
         raise Unauthorized("The API key is not valid.")
-    digest = hash_key(token)
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == digest))
+    return hash_key(token)
+
+
+def cached_tenant(authorization: str | None, cache: ApiKeyCache) -> Tenant | None:
+    """The tenant of a key the cache holds (no I/O); None: ask `authenticate`. A malformed
+    header is Unauthorized here already."""
+    return cache.get(_digest(authorization))
+
+
+def authenticate(
+    session: Session, authorization: str | None, cache: ApiKeyCache | None = None
+) -> Tenant:
+    """The tenant of a live API key named by an Authorization header, else Unauthorized.
+    With a cache, a key seen live within its TTL is not looked up again."""
+    digest = _digest(authorization)
+    if cache is not None:
+        cached = cache.get(digest)
+        if cached is not None:
+            return cached
+    # One query for the key and its tenant; a key whose tenant vanished matches nothing.
+    row = session.execute(
+        select(ApiKey.key_hash, ApiKey.revoked_at, Tenant)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .where(ApiKey.key_hash == digest)
+    ).first()
     # Compare digests in constant time anyway: the lookup is by digest, never by secret.
-    if key is None or not hmac.compare_digest(key.key_hash, digest) or key.revoked_at is not None:
+    if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
         raise Unauthorized("The API key is not valid or has been revoked.")
-    tenant = session.get(Tenant, key.tenant_id)
-    if tenant is None:  # a key whose tenant vanished is as good as no key
-        raise Unauthorized("The API key is not valid.")
+    tenant: Tenant = row.Tenant
+    if cache is not None:
+        cache.put(digest, tenant)
     return tenant

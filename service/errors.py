@@ -11,6 +11,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -115,6 +116,20 @@ class NotReady(TightropeError):
     status, type, title = 503, "not-ready", "The service is not ready"
 
 
+# Seconds a client told `busy` should wait before it retries.
+BUSY_RETRY_AFTER_SECONDS = 1
+
+
+class ServiceBusy(TightropeError):
+    """Every database slot stayed taken for the whole wait (service.api.gate), or no pooled
+    connection came in time: the request did nothing; the client retries after Retry-After."""
+
+    status, type, title = 503, "busy", "The service is busy"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
+
+
 def problem_response(problem: Problem, headers: Mapping[str, str] | None = None) -> JSONResponse:
     return JSONResponse(
         problem.model_dump(mode="json", exclude_none=True),
@@ -157,7 +172,7 @@ _DESCRIPTIONS = {
     **{status: title for status, (_, title) in _STATUS_SLUGS.items()},
     412: "Precondition failed",
     500: "Internal error",
-    503: "Not ready",
+    503: "Not ready, or busy (with Retry-After)",
 }
 
 
@@ -215,6 +230,13 @@ async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(problem, headers)
 
 
+async def _on_pool_timeout(request: Request, exc: Exception) -> JSONResponse:
+    # No connection within db_pool_timeout_seconds: overload, not a fault of the request.
+    log.warning("no database connection in time for %s %s", request.method, request.url.path)
+    busy = ServiceBusy("No database connection was free in time; retry after Retry-After.")
+    return problem_response(busy.problem(instance=request.url.path), busy.headers)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the log only: internals (paths, SQL, secrets) never reach a client.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -232,6 +254,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(TightropeError, _on_tightrope_error)
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
+    app.add_exception_handler(sqlalchemy.exc.TimeoutError, _on_pool_timeout)
     app.add_exception_handler(Exception, _on_unexpected)
 
 

@@ -54,6 +54,22 @@ class Settings(BaseSettings):
     # `[v6]:port`, IP addresses or CIDR networks. Empty: only public addresses.
     callback_allow: str = Field(default="", description="Internal callback destinations allowed")
 
+    # Database work of the gateway (docs/architecture.md, "Many polling clients"): at most
+    # db_pool_size requests use the database at once (each holds one pooled connection); the
+    # others queue, without a thread, for up to db_queue_timeout_seconds and are then answered
+    # 503 `busy` with Retry-After. db_max_overflow extra connections serve work outside
+    # requests (the /metrics collector); a checkout waits at most db_pool_timeout_seconds.
+    # Small on purpose: each slot is a thread contending for the GIL; on 2 cores 2-4 slots
+    # served polls fastest (docs/benchmarks.md, "Polling clients"); raise it for a remote
+    # PostgreSQL with a long round trip.
+    db_pool_size: int = Field(default=8, ge=1)
+    db_max_overflow: int = Field(default=5, ge=0)
+    db_pool_timeout_seconds: float = Field(default=5.0, gt=0)
+    db_queue_timeout_seconds: float = Field(default=10.0, gt=0)
+    # How long an authenticated API key is remembered (by its sha256) without asking the
+    # database; a revocation by another process takes effect within this time. 0: no cache.
+    api_key_cache_seconds: float = Field(default=5.0, ge=0)
+
     # The gateway brings the schema to Alembic's head at start-up; turn off where a deployment
     # runs migrations as a separate step (several gateway replicas on one PostgreSQL).
     auto_migrate: bool = True

@@ -3,11 +3,41 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 # to_status lives outside the HTTP layer: the workers' callbacks send the same view.
 from service.audit_status import to_status
+from service.db.models import Audit
 
-__all__ = ["etag_of", "if_none_match_hits", "to_status"]
+__all__ = ["STATUS_COLUMNS", "etag_of", "if_none_match_hits", "status_etag", "to_status"]
+
+# The columns `to_status` reads: a poll loads these (not the request JSON) and its ETag hashes
+# them, so a 304 is answered without building the body. Change STATUS_VIEW_VERSION whenever
+# to_status or AuditStatus renders the same columns differently.
+STATUS_COLUMNS = (
+    "id",
+    "model_id",
+    "status",
+    "progress_fraction",
+    "progress_check",
+    "progress_message",
+    "verdict",
+    "error",
+    "attempts",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+)
+STATUS_VIEW_VERSION = "1"
+
+
+def status_etag(audit: Audit) -> str:
+    """A strong validator of the `to_status(audit)` body, from the columns it is built from:
+    equal columns render equal bytes, and any column change gives a new tag."""
+    values = [getattr(audit, name) for name in STATUS_COLUMNS]
+    encoded = json.dumps([STATUS_VIEW_VERSION, *values], sort_keys=True, default=str)
+    return '"' + hashlib.sha256(encoded.encode()).hexdigest()[:32] + '"'
 
 
 def etag_of(body: bytes) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -19,7 +20,8 @@ from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
 from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
+from sqlalchemy.orm.interfaces import ORMOption
 
 from schemas.audits import TERMINAL_STATES, AuditList, AuditRequest, AuditState, AuditStatus
 from schemas.callback_targets import CallbackTargetRefused, check_target
@@ -28,7 +30,7 @@ from schemas.common import FileArray, UploadedArray
 from schemas.datasets import DIGIT_CLASSES, BuiltinDataset, FileDataset, UploadedDataset
 from schemas.model_spec import ModelSpec
 from schemas.problem import FieldError
-from service.api.audit_views import etag_of, if_none_match_hits, to_status
+from service.api.audit_views import STATUS_COLUMNS, if_none_match_hits, status_etag, to_status
 from service.api.datasets import get_owned_dataset
 from service.api.deps import ArtifactsDep, DispatcherDep, SessionDep, SettingsDep, TenantDep
 from service.db.models import Artifact, Audit, Model, Tenant, utcnow
@@ -50,6 +52,11 @@ from service.storage import SAFE_NAME
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/audits", tags=["audits"])
+
+# Load what a status view needs (and tenant_id, for the ownership check); nothing else.
+_STATUS_ONLY = load_only(
+    *(getattr(Audit, name) for name in (*STATUS_COLUMNS, "tenant_id")), raiseload=False
+)
 
 RETRY_AFTER_SECONDS = "2"
 FILE_REFERENCE_REFUSED = (
@@ -196,8 +203,10 @@ def _label_problems(
     return []
 
 
-def get_owned_audit(session: Session, tenant: Tenant, audit_id: str) -> Audit:
-    audit = session.get(Audit, audit_id)
+def get_owned_audit(
+    session: Session, tenant: Tenant, audit_id: str, options: Sequence[ORMOption] = ()
+) -> Audit:
+    audit = session.get(Audit, audit_id, options=options)
     if audit is None or audit.tenant_id != tenant.id:
         raise NotFound(f"No audit {audit_id!r}.")
     return audit
@@ -289,7 +298,9 @@ def list_audits(
     page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     page_token: str | None = None,
 ) -> AuditList:
-    query = select(Audit).where(Audit.tenant_id == tenant.id)
+    # Only the columns of the view (not the request JSON); no relationship is read, so no
+    # per-row query. Index: ix_audits_tenant_created (tenant_id, created_at, id).
+    query = select(Audit).options(_STATUS_ONLY).where(Audit.tenant_id == tenant.id)
     if status is not None:
         query = query.where(Audit.status == status)
     if model_id is not None:
@@ -311,11 +322,13 @@ def read_audit(
     session: SessionDep,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
-    body = to_status(get_owned_audit(session, tenant, audit_id)).model_dump_json().encode()
-    etag = etag_of(body)
+    audit = get_owned_audit(session, tenant, audit_id, options=(_STATUS_ONLY,))
+    # The tag comes from the columns, so a 304 (the usual answer to a poll) builds no body.
+    etag = status_etag(audit)
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if if_none_match_hits(if_none_match, etag):
         return Response(status_code=304, headers=headers)
+    body = to_status(audit).model_dump_json().encode()
     return Response(body, media_type="application/json", headers=headers)
 
 

@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.auth import authenticate
+from service.api.gate import DatabaseGate
+from service.auth import ApiKeyCache, authenticate, cached_tenant
 from service.db.models import Tenant
 from service.dispatch import Dispatcher
 from service.settings import Settings
@@ -22,10 +26,22 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-def get_db(request: Request) -> Iterator[Session]:
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """A session, while holding one of the gate's slots (service.api.gate). Made on the event
+    loop (no I/O until the first query); closed, whatever happened, in a worker thread (the
+    close returns the connection to the pool) before the slot is given back."""
+    gate: DatabaseGate = request.app.state.db_gate
     factory: sessionmaker[Session] = request.app.state.sessionmaker
-    with factory() as session:
-        yield session
+    async with gate.slot():
+        session = factory()
+        try:
+            yield session
+        finally:
+            # Shielded: a client that went away must not leave the connection checked out. Its
+            # own limiter, as FastAPI does for the exit of sync dependencies: never queued
+            # behind a full thread pool.
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
 
 
 def get_blobs(request: Request) -> BlobStore:
@@ -55,12 +71,20 @@ DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 _bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer tr_...`")
 
 
-def get_tenant(
+async def get_tenant(
+    request: Request,
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
+    """A key in the cache (service.auth.ApiKeyCache) is answered on the event loop; otherwise
+    the lookup runs in the thread pool."""
     header = f"Bearer {credentials.credentials}" if credentials is not None else None
-    return authenticate(session, header)
+    cache: ApiKeyCache | None = getattr(request.app.state, "api_key_cache", None)
+    if cache is not None:
+        cached = cached_tenant(header, cache)
+        if cached is not None:
+            return cached
+    return await run_in_threadpool(authenticate, session, header, cache)
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]

@@ -13,6 +13,7 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -103,6 +104,8 @@ class Audit(Base):
     __tablename__ = "audits"
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_audit_idempotency"),
+        # GET /v1/audits: a tenant's audits newest first (keyset pagination) is one index seek.
+        Index("ix_audits_tenant_created", "tenant_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("aud"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -12,9 +13,30 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.settings import get_settings
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(
+    url: str,
+    *,
+    pool_size: int | None = None,
+    max_overflow: int | None = None,
+    pool_timeout: float | None = None,
+) -> Engine:
+    """An engine for `url`; the pool arguments (QueuePool) default to SQLAlchemy's (5 + 10
+    connections, 30 s wait). An in-memory SQLite database has no such pool: they are ignored."""
+    pool_args: dict[str, Any] = {}
+    in_memory = url.startswith("sqlite") and (
+        ":memory:" in url or url in ("sqlite://", "sqlite:///")
+    )
+    if not in_memory:
+        if pool_size is not None:
+            pool_args["pool_size"] = pool_size
+        if max_overflow is not None:
+            pool_args["max_overflow"] = max_overflow
+        if pool_timeout is not None:
+            pool_args["pool_timeout"] = pool_timeout
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, **pool_args
+        )
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -25,7 +47,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, **pool_args)
 
 
 @lru_cache

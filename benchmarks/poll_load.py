@@ -1,0 +1,255 @@
+"""Many clients polling the gateway (issue 11): wrk against a real uvicorn on 127.0.0.1.
+
+Starts the gateway (`uvicorn --factory service.app:create_app`, access log off) on a free
+loopback port with a fresh data directory, creates an API key, a ready model and a queued audit
+directly in the database, then runs wrk (Debian package `wrk`) for a bounded time per endpoint:
+
+    GET /v1/audits/{id}                      a status poll (200, full body)
+    GET /v1/audits/{id} + If-None-Match      a status poll that has not changed (304)
+    GET /v1/audits                           the list, first page
+    GET /healthz                             no database, no key: the floor
+
+and prints requests/s, p50/p99 latency, the count of non-2xx/3xx answers (a 503 `busy` is how
+the gateway sheds overload) and socket errors for each, and how fast the next request is served
+once the load stops.
+
+    .venv/bin/python benchmarks/poll_load.py                      # SQLite in a temp dir
+    .venv/bin/python benchmarks/poll_load.py --database-url postgresql+psycopg://...
+    .venv/bin/python benchmarks/poll_load.py --connections 64 --seconds 10 --json out.json
+
+Only loopback addresses are ever loaded. Results: docs/benchmarks.md ("Polling clients").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from sqlalchemy.orm import Session  # noqa: E402
+
+from service.auth import create_api_key, get_or_create_tenant  # noqa: E402
+from service.db.migrate import upgrade_to_head  # noqa: E402
+from service.db.models import Audit, Model  # noqa: E402
+from service.db.session import make_engine  # noqa: E402
+
+UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def seed(url: str) -> tuple[str, str]:
+    """Schema at head; a new tenant's key, a ready model and a queued audit: (secret, id)."""
+    upgrade_to_head(url)
+    engine = make_engine(url)
+    try:
+        with Session(engine) as session:
+            name = f"poll-load-{uuid.uuid4().hex[:8]}"
+            secret = create_api_key(session, name)
+            tenant = get_or_create_tenant(session, name)
+            model = Model(
+                tenant_id=tenant.id,
+                name="bench",
+                spec={},
+                format="torchscript",
+                sha256="0" * 64,
+                size_bytes=1,
+                status="ready",
+            )
+            session.add(model)
+            session.flush()
+            audit = Audit(tenant_id=tenant.id, model_id=model.id, request={}, request_hash="0" * 64)
+            session.add(audit)
+            session.commit()
+            return secret, audit.id
+    finally:
+        engine.dispose()
+
+
+def start_gateway(
+    data_dir: Path, url: str, port: int, broker: str, workers: int
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "TIGHTROPE_DATA_DIR": str(data_dir),
+        "TIGHTROPE_DATABASE_URL": url,
+        "TIGHTROPE_BROKER_URL": broker,
+    }
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app"]
+    server = subprocess.Popen(
+        [*argv, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
+        + (["--workers", str(workers)] if workers > 1 else []),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            pass
+        if server.poll() is not None:
+            raise SystemExit(server.stderr.read().decode() if server.stderr else "uvicorn died")
+        if time.monotonic() > deadline:
+            server.terminate()
+            raise SystemExit("uvicorn did not start within 60 s")
+        time.sleep(0.2)
+
+
+def latency_ms(text: str) -> float:
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text.strip())
+    if match is None:
+        raise ValueError(f"unreadable latency {text!r}")
+    return float(match.group(1)) * UNITS[match.group(2)]
+
+
+def run_wrk(
+    url: str, headers: dict[str, str], connections: int, threads: int, seconds: int
+) -> dict[str, Any]:
+    # A Lua `done` hook prints the socket errors (connect, read, write, timeout) as one sum.
+    script = (
+        "done = function(summary, latency, requests)\n"
+        "  io.write('errors ', summary.errors.connect + summary.errors.read +"
+        " summary.errors.write + summary.errors.timeout, '\\n')\n"
+        "end\n"
+    )
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    argv += ["--timeout", "30s"]
+    for name, value in headers.items():
+        argv += ["-H", f"{name}: {value}"]
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as lua:
+        lua.write(script)
+    try:
+        out = subprocess.run(
+            [*argv, "-s", lua.name, url],
+            capture_output=True,
+            text=True,
+            timeout=seconds + 60,
+            check=True,
+        ).stdout
+    finally:
+        os.unlink(lua.name)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    total = re.search(r"(\d+) requests in", out)
+    non_2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"^errors (\d+)", out, re.M)
+    if rps is None or p99 is None or p50 is None or total is None:
+        raise RuntimeError(f"unreadable wrk output:\n{out}")
+    return {
+        "requests": int(total.group(1)),
+        "requests_per_s": float(rps.group(1)),
+        "p50_ms": latency_ms(p50.group(1)),
+        "p99_ms": latency_ms(p99.group(1)),
+        "non_2xx_3xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": int(errors.group(1)) if errors else 0,
+    }
+
+
+def status_of(url: str, headers: dict[str, str]) -> tuple[int, dict[str, str]]:
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads")
+    parser.add_argument("--seconds", type=int, default=10, help="per endpoint (at most 60)")
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument("--database-url", help="default: SQLite in the fresh data dir")
+    parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/14")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is missing: apt-get install -y wrk")
+    seconds = max(1, min(args.seconds, 60))
+
+    with tempfile.TemporaryDirectory(prefix="tightrope-poll-") as tmp:
+        data_dir = Path(tmp) / "data"
+        url = args.database_url or f"sqlite:///{data_dir / 'tightrope.db'}"
+        secret, audit_id = seed(url)
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        server = start_gateway(data_dir, url, port, args.broker_url, args.workers)
+        try:
+            auth = {"Authorization": f"Bearer {secret}"}
+            status, headers = status_of(f"{base}/v1/audits/{audit_id}", auth)
+            if status != 200:
+                raise SystemExit(f"GET /v1/audits/{audit_id} answered {status}")
+            etag = headers.get("ETag") or headers["etag"]
+            not_modified = {**auth, "If-None-Match": etag}
+            cases = [
+                ("GET /v1/audits/{id}", f"/v1/audits/{audit_id}", auth),
+                ("GET /v1/audits/{id} (304)", f"/v1/audits/{audit_id}", not_modified),
+                ("GET /v1/audits", "/v1/audits", auth),
+                ("GET /healthz", "/healthz", {}),
+            ]
+            results: dict[str, Any] = {}
+            for name, path, hdrs in cases:
+                results[name] = run_wrk(base + path, hdrs, args.connections, args.threads, seconds)
+                started = time.monotonic()
+                after, _ = status_of(base + "/v1/audits", auth)
+                results[name]["next_request_status"] = after
+                results[name]["next_request_ms"] = round((time.monotonic() - started) * 1e3, 1)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+
+    backend = url.split(":", 1)[0].split("+", 1)[0]
+    print(
+        f"backend {backend}, {args.workers} gateway process(es), db_pool_size "
+        f"{os.environ.get('TIGHTROPE_DB_POOL_SIZE', 'default')}, "
+        f"{args.connections} connections, {args.threads} wrk threads, "
+        f"{seconds} s per endpoint, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}"
+    )
+    columns = ("req/s", "p50 ms", "p99 ms", "non-2xx/3xx", "sock err", "next ms")
+    print(f"{'endpoint':28} " + " ".join(f"{c:>11}" for c in columns))
+    for name, r in results.items():
+        print(
+            f"{name:28} {r['requests_per_s']:11.0f} {r['p50_ms']:11.1f} {r['p99_ms']:11.1f} "
+            f"{r['non_2xx_3xx']:11d} {r['socket_errors']:11d} {r['next_request_ms']:11.1f}"
+        )
+    if args.json:
+        meta = {
+            "backend": backend,
+            "workers": args.workers,
+            "connections": args.connections,
+            "seconds": seconds,
+        }
+        args.json.write_text(json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
