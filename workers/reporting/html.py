@@ -2,7 +2,7 @@
 (docs/reports.md, "The HTML report").
 
 The verdict comes first, then per check what was found in one sentence (service.findings), the
-curves of error against the perturbation level (network, baseline, Gaussian noise), the image
+curves of error against the perturbation level (network, baseline, random noise), the image
 panels of the worst case, and the provenance. Figures are PNG data URIs, so the file can be
 mailed or archived alone. Jinja2 escapes every value (autoescape on), and a
 Content-Security-Policy allows no script and no request: a model name such as
@@ -70,21 +70,22 @@ def _error_curves(kind: str, group: list[Finding]) -> Figure | None:
             levels, worst = _series(finding.result, "relative_error", "max")
             curves.append(Curve(f"{who}: worst case", levels, worst))
             levels, gaussian = _series(finding.result, "gaussian_relative_error", "max")
-            curves.append(Curve(f"{who}: Gaussian noise, same size", levels, gaussian, "--", "s"))
+            curves.append(Curve(f"{who}: random noise, same size", levels, gaussian, "--", "s"))
         else:
             levels, mean = _series(finding.result, "relative_error", "mean")
             curves.append(Curve(f"{who}: mean", levels, mean))
             levels, largest = _series(finding.result, "relative_error", "max")
             curves.append(Curve(f"{who}: largest", levels, largest, "--", "s"))
-    title = "worst-case perturbation" if kind == "worst_case" else "Gaussian noise"
+    title = "worst-case perturbation" if kind == "worst_case" else "random noise"
     uri = _data_uri(curves_png(title, "relative error ‖Ψ(y+e) − x‖/‖x‖", curves))
     if uri is None:
         return None
     caption = (
         "Largest relative error over the audited images at each level, under the worst "
-        "perturbation found and under Gaussian noise of the same norm."
+        "perturbation found and under random noise of the same norm (uniform on the sphere)."
         if kind == "worst_case"
-        else "Relative error under Gaussian noise of each relative size: mean and largest."
+        else "Relative error under random noise (uniform on the sphere) of each relative size: "
+        "mean and largest."
     )
     return Figure("Error against perturbation level", uri, caption)
 
@@ -169,7 +170,7 @@ def _table(kind: str, finding: Finding) -> dict[str, Any] | None:
         "worst_case": [
             ("relative error (max)", "relative_error", "max"),
             ("relative error (mean)", "relative_error", "mean"),
-            ("Gaussian, same size (max)", "gaussian_relative_error", "max"),
+            ("random, same size (max)", "gaussian_relative_error", "max"),
             ("PSNR (min)", "psnr", "min"),
             ("SSIM (min)", "ssim", "min"),
             ("amplification (max)", "amplification", "max"),
