@@ -107,6 +107,107 @@ def keys_create(
     with session_scope() as session:
         key = create_api_key(session, tenant)
     out.print(key, highlight=False, soft_wrap=True)
+    _print_database()
+
+
+def _print_database() -> None:
+    """Name the database the keys commands used (on stderr, password hidden): a gateway sees
+    these keys only with the same TIGHTROPE_DATA_DIR / TIGHTROPE_DATABASE_URL."""
+    from sqlalchemy.engine import make_url
+
+    from service.settings import get_settings
+
+    url = make_url(get_settings().resolved_database_url).render_as_string(hide_password=True)
+    err.print(f"database: {url}", highlight=False, soft_wrap=True)
+
+
+def _when(moment: Any) -> str:
+    from datetime import UTC
+
+    return "-" if moment is None else moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys")] = None,
+) -> None:
+    """List API keys, oldest first: id, prefix, tenant, created, revoked (never the secret,
+    which is not stored)."""
+    from sqlalchemy import select
+
+    from service.db.migrate import upgrade_to_head
+    from service.db.models import ApiKey, Tenant
+    from service.db.session import session_scope
+    from service.settings import get_settings
+
+    upgrade_to_head(get_settings().resolved_database_url)
+    query = (
+        select(ApiKey, Tenant.name)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .order_by(ApiKey.created_at, ApiKey.id)
+    )
+    if tenant is not None:
+        query = query.where(Tenant.name == tenant)
+    with session_scope() as session:
+        rows = [
+            (key.id, key.prefix, name, _when(key.created_at), _when(key.revoked_at))
+            for key, name in session.execute(query).all()
+        ]
+    _print_database()
+    if not rows:
+        err.print("no API keys" + (f" for tenant {tenant!r}" if tenant else ""), highlight=False)
+        return
+    header = ("id", "prefix", "tenant", "created", "revoked")
+    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
+    for row in (header, *rows):
+        line = "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        out.print(line.rstrip(), highlight=False, soft_wrap=True, markup=False)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key: Annotated[
+        str,
+        typer.Argument(
+            help="The key's id (key_…), the start of the key as `keys list` shows it "
+            "(tr_…), or the whole key"
+        ),
+    ],
+) -> None:
+    """Revoke an API key: requests with it are refused (401) from then on; a running gateway
+    may accept it for up to TIGHTROPE_API_KEY_CACHE_SECONDS more. Exit 0 when revoked (or
+    already revoked), 1 when no key matches, 2 when several do."""
+    from sqlalchemy import or_, select
+
+    from service.auth import DISPLAY_PREFIX_LENGTH, hash_key
+    from service.db.migrate import upgrade_to_head
+    from service.db.models import ApiKey, utcnow
+    from service.db.session import session_scope
+    from service.settings import get_settings
+
+    upgrade_to_head(get_settings().resolved_database_url)
+    _print_database()
+    wanted = key.strip().removesuffix("…")
+    if not wanted:
+        raise _fail("name a key: its id, its prefix or the key itself")
+    if len(wanted) > DISPLAY_PREFIX_LENGTH and not wanted.startswith("key_"):
+        # the whole secret: found by its hash, as the gateway does
+        match = ApiKey.key_hash == hash_key(wanted)
+    else:
+        match = or_(ApiKey.id == wanted, ApiKey.prefix.startswith(wanted, autoescape=True))
+    with session_scope() as session:
+        found = list(session.scalars(select(ApiKey).where(match)).all())
+        if len(found) > 1:
+            names = ", ".join(f"{k.id} ({k.prefix}…)" for k in found)
+            raise _fail(f"{wanted!r} matches {len(found)} keys: {names}; name one by its id")
+        if not found:
+            raise _fail(f"no API key matches {wanted!r} (see `tightrope keys list`)", 1)
+        target = found[0]
+        if target.revoked_at is not None:
+            out.print(f"{target.id} ({target.prefix}…) was already revoked", highlight=False)
+            return
+        target.revoked_at = utcnow()
+    out.print(f"revoked {target.id} ({target.prefix}…)", highlight=False)
 
 
 @app.command()
