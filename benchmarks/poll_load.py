@@ -86,7 +86,7 @@ def seed(url: str) -> tuple[str, str]:
 
 
 def start_gateway(
-    data_dir: Path, url: str, port: int, broker: str, workers: int
+    data_dir: Path, url: str, port: int, broker: str, workers: int, http: str = "h11"
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -94,7 +94,9 @@ def start_gateway(
         "TIGHTROPE_DATABASE_URL": url,
         "TIGHTROPE_BROKER_URL": broker,
     }
-    argv = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app"]
+    # `tightrope serve` runs h11 (with a header-size check on top, docs/security.md); httptools
+    # is faster but has no header limit: --http httptools measures what that costs
+    argv = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--http", http]
     server = subprocess.Popen(
         [*argv, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
         + (["--workers", str(workers)] if workers > 1 else []),
@@ -185,6 +187,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--seconds", type=int, default=10, help="per endpoint (at most 60)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument(
+        "--http", choices=["h11", "httptools"], default="h11", help="h11: as `tightrope serve`"
+    )
     parser.add_argument("--database-url", help="default: SQLite in the fresh data dir")
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -199,7 +204,7 @@ def main() -> None:
         secret, audit_id = seed(url)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        server = start_gateway(data_dir, url, port, args.broker_url, args.workers)
+        server = start_gateway(data_dir, url, port, args.broker_url, args.workers, args.http)
         try:
             auth = {"Authorization": f"Bearer {secret}"}
             status, headers = status_of(f"{base}/v1/audits/{audit_id}", auth)

@@ -17,6 +17,7 @@ from service.api import audits, datasets, health, models
 from service.api import signing as signing_routes
 from service.api.gate import DatabaseGate
 from service.auth import ApiKeyCache
+from service.body_limits import BodyLimitMiddleware
 from service.db.migrate import upgrade_to_head
 from service.db.session import make_engine
 from service.dispatch import Dispatcher
@@ -101,6 +102,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     install_error_handlers(app)
     app.openapi = lambda: _openapi_with_problem_media_type(app)  # type: ignore[method-assign]
+    # Inside the metrics middleware, so that its 413s and 400s are counted too.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_json_body_bytes,
+        max_depth=settings.max_json_depth,
+    )
     app.add_middleware(MetricsMiddleware, metrics=lambda: app.state.metrics)
     for router in (
         health.router,

@@ -93,7 +93,7 @@ class PreconditionFailed(TightropeError):
 
 
 class PayloadTooLarge(TightropeError):
-    status, type, title = 413, "payload-too-large", "Upload too large"
+    status, type, title = 413, "payload-too-large", "Request body too large"
 
 
 class UnsupportedMediaType(TightropeError):
@@ -162,7 +162,7 @@ _STATUS_SLUGS = {
     405: ("method-not-allowed", "Method not allowed"),
     406: ("not-acceptable", "Not acceptable"),
     409: ("conflict", "Conflict with the resource's state"),
-    413: ("payload-too-large", "Upload too large"),
+    413: ("payload-too-large", "Request body too large"),
     415: ("unsupported-media-type", "Unsupported media type"),
     422: ("validation-failed", "The request is not valid"),
 }

@@ -24,6 +24,16 @@ class Settings(BaseSettings):
     max_archive_uncompressed_bytes: int = 2 * 1024 * 1024 * 1024
     max_compression_ratio: float = 200.0
 
+    # Limits at the edge (docs/security.md, "Request limits"). max_header_bytes: the request
+    # line plus headers the server buffers; beyond it `tightrope serve` (service.server) answers
+    # 431 and closes the connection. max_json_body_bytes: any request body that is not
+    # multipart (JSON endpoints); beyond it 413 `payload-too-large`, before the app reads it.
+    # max_json_depth: arrays/objects nested deeper are refused with 400 `bad-request`
+    # before the JSON is parsed.
+    max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    max_json_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_json_depth: int = Field(default=64, ge=1)
+
     # Execution
     sandbox: Literal["bwrap", "off"] = "bwrap"
     audit_soft_time_limit: int = 3600

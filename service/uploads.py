@@ -18,7 +18,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
-from python_multipart.multipart import MultipartParseError, MultipartParser, parse_options_header
+from python_multipart.multipart import (
+    MultipartParseError,
+    MultipartParser,
+    MultipartState,
+    parse_options_header,
+)
 from starlette.requests import Request
 
 from service.errors import MalformedRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
@@ -185,6 +190,12 @@ async def receive_upload(
                 async for chunk in request.stream():
                     parser.write(chunk)
                 parser.finalize()
+                if parser.state != MultipartState.END:
+                    # python-multipart's finalize does not check this (its own TODO): a body
+                    # cut short would pass as a complete upload.
+                    raise MalformedRequest(
+                        "The multipart body ends before its closing boundary; send it whole."
+                    )
             except MultipartParseError as exc:
                 raise MalformedRequest(f"The multipart body is malformed: {exc}") from None
         if not collector.file_seen:

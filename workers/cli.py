@@ -53,10 +53,10 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port")] = 8000,
 ) -> None:
-    """Run the HTTP gateway (uvicorn)."""
-    import uvicorn
+    """Run the HTTP gateway (uvicorn, with the header-size limit of docs/security.md)."""
+    from service.server import run
 
-    uvicorn.run("service.app:create_app", factory=True, host=host, port=port, log_level="info")
+    run(host=host, port=port)
 
 
 @app.command()

@@ -237,8 +237,9 @@ def _replay(session: Session, tenant: Tenant, key: str, request_hash: str) -> Au
     "",
     status_code=202,
     response_model=AuditStatus,
-    # 400: a body that cannot be read into values (an over-long number, too deep nesting)
-    responses=problem_responses(400, 401, 409, 422),
+    # 400: a body that cannot be read into values (an over-long number, too deep nesting);
+    # 413: a body over max_json_body_bytes (service.body_limits)
+    responses=problem_responses(400, 401, 409, 413, 422),
     summary="Submit an audit",
 )
 def submit_audit(
