@@ -57,30 +57,35 @@ def free_port() -> int:
         return port
 
 
+def seed_rows(session: Session, tenant_name: str) -> tuple[str, str]:
+    """A new tenant's key, a ready model and a queued audit: (secret, audit id). Also the
+    test suite's poll-load fixture (tests/service/test_poll_load.py)."""
+    secret = create_api_key(session, tenant_name)
+    tenant = get_or_create_tenant(session, tenant_name)
+    model = Model(
+        tenant_id=tenant.id,
+        name="bench",
+        spec={},
+        format="torchscript",
+        sha256="0" * 64,
+        size_bytes=1,
+        status="ready",
+    )
+    session.add(model)
+    session.flush()
+    audit = Audit(tenant_id=tenant.id, model_id=model.id, request={}, request_hash="0" * 64)
+    session.add(audit)
+    session.commit()
+    return secret, audit.id
+
+
 def seed(url: str) -> tuple[str, str]:
-    """Schema at head; a new tenant's key, a ready model and a queued audit: (secret, id)."""
+    """Schema at head, then `seed_rows` for a fresh tenant."""
     upgrade_to_head(url)
     engine = make_engine(url)
     try:
         with Session(engine) as session:
-            name = f"poll-load-{uuid.uuid4().hex[:8]}"
-            secret = create_api_key(session, name)
-            tenant = get_or_create_tenant(session, name)
-            model = Model(
-                tenant_id=tenant.id,
-                name="bench",
-                spec={},
-                format="torchscript",
-                sha256="0" * 64,
-                size_bytes=1,
-                status="ready",
-            )
-            session.add(model)
-            session.flush()
-            audit = Audit(tenant_id=tenant.id, model_id=model.id, request={}, request_hash="0" * 64)
-            session.add(audit)
-            session.commit()
-            return secret, audit.id
+            return seed_rows(session, f"poll-load-{uuid.uuid4().hex[:8]}")
     finally:
         engine.dispose()
 

@@ -30,7 +30,7 @@ from tests.service.conftest import (
     new_key,
     ready_model,
 )
-from tests.service.test_uvicorn_smoke import free_port
+from tests.service.test_uvicorn_smoke import free_port, wait_until_serving
 
 MiB = 1024 * 1024
 
@@ -164,16 +164,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, int]]:
     argv = [sys.executable, "-m", "service.server", "127.0.0.1", str(port)]
     server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "the gateway did not start"
-            time.sleep(0.2)
+        wait_until_serving(f"http://127.0.0.1:{port}", server)
         yield "127.0.0.1", port
     finally:
         server.terminate()

@@ -21,37 +21,17 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event, text, update
 from sqlalchemy.orm import Session
 
+from benchmarks.poll_load import seed_rows as seed
 from service.app import create_app
-from service.auth import create_api_key, get_or_create_tenant, hash_key
+from service.auth import hash_key
 from service.db.migrate import upgrade_to_head
-from service.db.models import ApiKey, Audit, Model, utcnow
+from service.db.models import ApiKey, utcnow
 from service.db.session import make_engine
 from tests.service.conftest import REDIS_URL, assert_problem, make_settings, sessions_of
-from tests.service.test_uvicorn_smoke import free_port
+from tests.service.test_uvicorn_smoke import free_port, wait_until_serving
 
 CLIENTS = 64
 LOAD_SECONDS = 3.0
-
-
-def seed(session: Session, tenant_name: str) -> tuple[str, str]:
-    """A key, a ready model and a queued audit of a new tenant: (secret, audit id)."""
-    secret = create_api_key(session, tenant_name)
-    tenant = get_or_create_tenant(session, tenant_name)
-    model = Model(
-        tenant_id=tenant.id,
-        name="tiny",
-        spec={},
-        format="torchscript",
-        sha256="0" * 64,
-        size_bytes=1,
-        status="ready",
-    )
-    session.add(model)
-    session.flush()
-    audit = Audit(tenant_id=tenant.id, model_id=model.id, request={}, request_hash="0" * 64)
-    session.add(audit)
-    session.commit()
-    return secret, audit.id
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -80,16 +60,7 @@ def serve(tmp_path: Path, url: str, **settings: str) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.2)
+        wait_until_serving(base, server)
         yield base
     finally:
         server.terminate()

@@ -25,6 +25,20 @@ def free_port() -> int:
         return port
 
 
+def wait_until_serving(base: str, server: subprocess.Popen[bytes]) -> None:
+    """Poll /healthz until the gateway answers 200 (30 s at most; fails if the process dies)."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert server.poll() is None, server.stderr.read() if server.stderr else ""
+        assert time.monotonic() < deadline, "the gateway did not start"
+        time.sleep(0.2)
+
+
 def test_uvicorn_serves_the_factory(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'smoke.db'}"
     upgrade_to_head(url)
@@ -48,16 +62,7 @@ def test_uvicorn_serves_the_factory(tmp_path: Path) -> None:
     )
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert server.poll() is None, server.stderr.read() if server.stderr else ""
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.2)
+        wait_until_serving(base, server)
         response = httpx.get(
             f"{base}/v1/models", headers={"Authorization": f"Bearer {secret}"}, timeout=5
         )
