@@ -59,6 +59,11 @@ from workers.engine.models import load_model
 from workers.engine.operators import build_operator
 from workers.engine.registry import get_check
 
+# the known-answer operators, subjects and classifiers are the test suite's own fixtures
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.engine.classifier_fixtures import LogitDifference  # noqa: E402
+from tests.engine.worst_case_fixtures import DenseOperator, linear_subject  # noqa: E402
+
 try:  # imported as benchmarks.attack_strength (repository root on the path: the tests)
     from benchmarks.robust_nets_reference import THEIR_ITERATIONS, robust_nets_search
 except ModuleNotFoundError:  # run as a script: benchmarks/ is the path's first entry
@@ -112,41 +117,6 @@ class Case:
         )
 
 
-class MatrixOperator:
-    """y = M vec(x) for a dense [m, n] matrix; every entry of y is measured (the Operator
-    protocol of workers.engine.context)."""
-
-    kind = "matrix"
-
-    def __init__(self, matrix: torch.Tensor, image_shape: tuple[int, int, int]) -> None:
-        self.matrix = matrix
-        self.image_shape = image_shape
-        self.measurement_shape = (matrix.shape[0],)
-
-    def A(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1) @ self.matrix.T
-
-    def A_adjoint(self, y: torch.Tensor) -> torch.Tensor:
-        return (y @ self.matrix).view(-1, *self.image_shape)
-
-    def project(self, e: torch.Tensor) -> torch.Tensor:
-        return e
-
-    def norm(self, y: torch.Tensor) -> torch.Tensor:
-        return torch.linalg.vector_norm(y.flatten(1), dim=1)
-
-
-def linear_subject(matrix: torch.Tensor, image_shape: tuple[int, int, int]) -> Subject:
-    """Ψ(y) = B y, counting one forward per sample as the engine's subjects do."""
-    counter = PassCounter()
-
-    def reconstruct(y: torch.Tensor) -> torch.Tensor:
-        counter.forward += y.shape[0]
-        return (y.flatten(1) @ matrix.T).view(-1, *image_shape)
-
-    return Subject("model", reconstruct, counter)
-
-
 # ---------------------------------------------------------------- linear worst-case problems
 
 
@@ -174,7 +144,7 @@ def _images(count: int, size: int, gen: torch.Generator) -> torch.Tensor:
 def _search(
     check: WorstCaseCheck,
     subject: Subject,
-    operator: MatrixOperator,
+    operator: DenseOperator,
     y: torch.Tensor,
     x: torch.Tensor,
 ) -> dict[float, Any]:
@@ -203,7 +173,7 @@ def measurement_ball_cases(
             a, inverse = square_matrix(n, sigma_min, rotated, gen)
             x = _images(images, size, gen)
             y = x.flatten(1) @ a.T
-            operator = MatrixOperator(a.float(), shape)
+            operator = DenseOperator(a.float(), shape)
             subject = linear_subject(inverse.float(), shape)
             name = f"ball meas {'rotated' if rotated else 'diagonal'} σmin={sigma_min:g}"
             check = WorstCaseCheck(levels=levels)
@@ -283,7 +253,7 @@ def image_ball_cases(size: int, images: int, seed: int) -> list[Case]:
     x = _images(images, size, gen)
     y = x.flatten(1) @ a.T
     levels = WorstCaseCheck().levels
-    operator = MatrixOperator(a.float(), shape)
+    operator = DenseOperator(a.float(), shape)
     for label, b in reconstructions.items():
         gain = float(torch.linalg.matrix_norm(b @ a, ord=2))  # σ_max(B·A)
         check = WorstCaseCheck(levels=levels, space="image", target="reconstruction")
@@ -344,7 +314,7 @@ def penalized_cases(size: int, images: int, seed: int) -> list[Case]:
         outcomes = _search(
             check,
             linear_subject(b.float(), shape),
-            MatrixOperator(a.float(), shape),
+            DenseOperator(a.float(), shape),
             y.float(),
             x.float(),
         )
@@ -373,22 +343,6 @@ def penalized_cases(size: int, images: int, seed: int) -> list[Case]:
 
 
 # ---------------------------------------------------------------- minimal perturbations
-
-
-class LogitDifference(torch.nn.Module):
-    """Two classes, logits (−f/2, f/2) with f = w·x + b: class 1 iff f > 0."""
-
-    def __init__(self, w: torch.Tensor, b: float) -> None:
-        super().__init__()
-        self.register_buffer("w", w.flatten())
-        self.b = b
-
-    def f(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flatten(1) @ self.w + self.b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.f(x)
-        return torch.stack([-f / 2, f / 2], dim=1)
 
 
 def _classifier_spec(
