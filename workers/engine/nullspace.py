@@ -73,22 +73,12 @@ def null_component(
     tolerance: float = 1e-7,
 ) -> NullComponent:
     """z = d − A⁺A d for a batch of details d [B, C, H, W]."""
-    if method == "auto":
-        method = _auto_method(operator)
-    used = 0
-    if method == "projection":
-        z = d - operator.A_adjoint(operator.A(d))
-    elif method == "dense":
-        z = d - _dense_row_space_projection(operator, d)
-    elif method == "cg":
-        visible, used = _cg_row_space_projection(operator, d, iterations, tolerance)
-        z = d - visible
-    else:
-        raise ValueError(f"unknown null-space method {method!r}")
+    projector = row_space_projector(operator, d.device, method, iterations, tolerance)
+    z = d - projector(d)
     z_norm = _norms(z)
     residual = operator.norm(operator.A(z)) / z_norm.clamp_min(_TINY)
     residual = torch.where(z_norm > 0, residual, torch.zeros_like(residual))
-    return NullComponent(z=z, residual=residual, method=method, iterations=used)
+    return NullComponent(z=z, residual=residual, method=projector.method, iterations=projector.used)
 
 
 def _auto_method(operator: Operator) -> str:
@@ -170,13 +160,6 @@ def _row_space_basis(operator: Operator, device: torch.device) -> torch.Tensor:
     _, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     cutoff = s.max() * SINGULAR_RTOL
     return vh[s > cutoff]
-
-
-def _dense_row_space_projection(operator: Operator, d: torch.Tensor) -> torch.Tensor:
-    rows = _row_space_basis(operator, d.device)
-    flat = d.flatten(1).double()
-    visible = (flat @ rows.T) @ rows
-    return visible.to(d.dtype).view_as(d)
 
 
 def _cg_row_space_projection(
