@@ -40,7 +40,6 @@ import torch
 from schemas.checks import WorstCaseCheck
 from workers.engine.context import Operator, Subject
 
-OPTIMIZERS = ("pgd", "adam", "momentum")
 # the step's default per optimiser, relative to the radius: pgd's is the initial step (then
 # halved adaptively), the others' is fixed
 DEFAULT_STEP_SIZE = {"pgd": 2.0, "adam": 0.1, "momentum": 0.1}
