@@ -12,10 +12,39 @@ from celery import Celery
 from service.settings import Settings, get_settings
 
 TASK_ADMIT_MODEL = "tightrope.admit_model"
-TASK_RUN_AUDIT = "tightrope.run_audit"
+TASK_RUN_AUDIT = "tightrope.run_audit"  # plan an audit's shards, or finalise it once all are done
+TASK_RUN_SHARD = "tightrope.run_shard"  # run the fairest waiting shard of a queue
 TASK_RECONCILE = "tightrope.reconcile"
 TASK_SEND_CALLBACK = "tightrope.send_callback"
-QUEUE = "tightrope"
+
+# Queues (docs/architecture.md, "Queues and workers"): admissions and callbacks never wait
+# behind an audit; audits with `device: cuda` go to the GPU queue, which only GPU workers read.
+QUEUE_ADMISSION = "tightrope.admission"
+QUEUE_CPU = "tightrope.cpu"
+QUEUE_GPU = "tightrope.gpu"
+ALL_QUEUES = (QUEUE_ADMISSION, QUEUE_CPU, QUEUE_GPU)
+QUEUE = QUEUE_ADMISSION  # the default queue of a task sent without one
+
+# Celery priorities on Redis: messages of each queue live in one list per step and a worker
+# empties the lower step first (0 = first served). An audit's priority maps onto them.
+PRIORITY_STEPS = list(range(10))
+REDIS_PRIORITY = {"high": 0, "normal": 4, "low": 8}
+DEFAULT_PRIORITY = "normal"
+
+
+def audit_queue(device: str) -> str:
+    """The queue of an audit's tasks: `cuda` needs a GPU worker; `cpu` and `auto` run anywhere
+    (a GPU worker also reads the CPU queue, and `auto` then uses its GPU)."""
+    return QUEUE_GPU if device == "cuda" else QUEUE_CPU
+
+
+def redis_priority(priority: str | None) -> int:
+    return REDIS_PRIORITY.get(priority or DEFAULT_PRIORITY, REDIS_PRIORITY[DEFAULT_PRIORITY])
+
+
+def broker_keys(queue: str) -> list[str]:
+    """The Redis lists holding a queue's messages, first served first (one per priority step)."""
+    return [queue if step == 0 else f"{queue}:{step}" for step in PRIORITY_STEPS]
 
 
 def broker_transport_options(settings: Settings) -> dict[str, object]:
@@ -33,7 +62,12 @@ def broker_transport_options(settings: Settings) -> dict[str, object]:
             "store_processed": False,
             "polling_interval": 0.2,
         }
-    return {"visibility_timeout": settings.visibility_timeout}
+    return {
+        "visibility_timeout": settings.visibility_timeout,
+        "priority_steps": PRIORITY_STEPS,
+        "sep": ":",
+        "queue_order_strategy": "priority",
+    }
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -48,6 +82,7 @@ def make_celery(settings: Settings) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue=QUEUE,
+        task_default_priority=REDIS_PRIORITY[DEFAULT_PRIORITY],
         task_soft_time_limit=settings.audit_soft_time_limit,
         task_time_limit=settings.audit_hard_time_limit,
         broker_transport_options=broker_transport_options(settings),
@@ -63,13 +98,32 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
-def enqueue_audit(audit_id: str) -> None:
-    get_celery().send_task(TASK_RUN_AUDIT, args=[audit_id], queue=QUEUE)
+def enqueue_audit(
+    audit_id: str, queue: str = QUEUE_CPU, priority: str = DEFAULT_PRIORITY, countdown: float = 0
+) -> None:
+    """Plan (or finalise) an audit: sent to its device's queue with its priority."""
+    get_celery().send_task(
+        TASK_RUN_AUDIT,
+        args=[audit_id],
+        queue=queue,
+        priority=redis_priority(priority),
+        countdown=countdown or None,
+    )
+
+
+def enqueue_shards(audit_id: str, queue: str, priority: str, count: int) -> None:
+    """`count` shard tokens: each makes one worker of `queue` run the fairest waiting shard
+    (the database picks it; `audit_id` only names who asked, for the logs)."""
+    celery = get_celery()
+    for _ in range(count):
+        celery.send_task(
+            TASK_RUN_SHARD, args=[audit_id, queue], queue=queue, priority=redis_priority(priority)
+        )
 
 
 def enqueue_admission(model_id: str) -> None:
-    get_celery().send_task(TASK_ADMIT_MODEL, args=[model_id], queue=QUEUE)
+    get_celery().send_task(TASK_ADMIT_MODEL, args=[model_id], queue=QUEUE_ADMISSION)
 
 
 def enqueue_callback(audit_id: str) -> None:
-    get_celery().send_task(TASK_SEND_CALLBACK, args=[audit_id], queue=QUEUE)
+    get_celery().send_task(TASK_SEND_CALLBACK, args=[audit_id], queue=QUEUE_ADMISSION)

@@ -46,6 +46,15 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = 60.0
     reconcile_interval_seconds: float = 10.0
     worker_stale_seconds: float = 30.0
+    # Fair share (docs/architecture.md, "Fair share and quotas"): per tenant, audits planned
+    # and not finished (`running`) at most tenant_max_running_audits (more wait, `queued`);
+    # audits waiting to start at most tenant_max_queued_audits (more: 429 `too-many-audits`).
+    tenant_max_running_audits: int = Field(default=4, ge=1)
+    tenant_max_queued_audits: int = Field(default=50, ge=1)
+    # Job directories a worker process keeps between shards of the same audits (the verified
+    # model copy and the audit's inputs, keyed by audit and model sha256); least recently used
+    # go first. Each holds one model and the audit's datasets on disk under jobs_dir.
+    worker_job_cache_entries: int = Field(default=4, ge=0)
     # The module the sandboxed child runs (`python -m <module> <jobdir>`); tests swap in faults.
     runner_module: str = "workers.runner"
 

@@ -130,6 +130,13 @@ class Audit(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
 
+    # Scale-out (docs/architecture.md, "Shards"): the queue its tasks go to (by device), its
+    # priority (low | normal | high), and how many of its planned shards are finished.
+    queue: Mapped[str] = mapped_column(String(32), default="tightrope.cpu")
+    priority: Mapped[str] = mapped_column(String(8), default="normal")
+    shards_total: Mapped[int] = mapped_column(Integer, default=0)
+    shards_done: Mapped[int] = mapped_column(Integer, default=0)
+
     report_path: Mapped[str | None] = mapped_column(Text, default=None)  # relative to artifact_dir
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
@@ -138,15 +145,35 @@ class Audit(Base):
 
 
 class AuditShard(Base):
-    """A finished unit of work (check × slice of images); a retry resumes from these."""
+    """One unit of work of an audit (check × subject × slice of images), planned when the audit
+    starts and run as its own task by any worker: leased like an audit (owner, expiry,
+    heartbeat, attempts), `done` once its result is stored, and never run again after that."""
 
     __tablename__ = "audit_shards"
+    __table_args__ = (
+        # The claim query: waiting shards of one queue, in plan order.
+        Index("ix_audit_shards_claim", "status", "queue", "audit_id", "position"),
+    )
     audit_id: Mapped[str] = mapped_column(
         ForeignKey("audits.id", ondelete="CASCADE"), primary_key=True
     )
     shard_id: Mapped[str] = mapped_column(String(128), primary_key=True)
-    result: Mapped[dict[str, Any]]
+    # queued | running | done | cancelled; rows stored before the plan existed are `done`.
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    queue: Mapped[str] = mapped_column(String(32), default="tightrope.cpu")
+    position: Mapped[int] = mapped_column(Integer, default=0)  # the plan's order
+    check_index: Mapped[int] = mapped_column(Integer, default=0)
+    kind: Mapped[str] = mapped_column(String(64), default="")
+    subject: Mapped[str] = mapped_column(String(32), default="model")
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    worker: Mapped[str | None] = mapped_column(String(200), default=None)  # who stored it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class Artifact(Base):
