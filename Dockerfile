@@ -8,10 +8,13 @@ ARG VARIANT=cpu
 # CPU wheels come from PyTorch's CPU index; the CUDA variant takes the default (CUDA) build.
 ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu
 
+# NVIDIA_DRIVER_CAPABILITIES: with a GPU reserved, the NVIDIA runtime mounts the CUDA driver
+# (compute) and nvidia-smi (utility), which `tightrope worker --gpus all` asks for the GPUs.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
-    TIGHTROPE_DATA_DIR=/data
+    TIGHTROPE_DATA_DIR=/data \
+    NVIDIA_DRIVER_CAPABILITIES=compute,utility
 
 # bubblewrap is the runner's sandbox; curl serves the health checks.
 RUN apt-get update \

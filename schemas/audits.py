@@ -14,6 +14,7 @@ from schemas.operators import Operator
 from schemas.problem import Problem
 
 AuditState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+AuditPriority = Literal["low", "normal", "high"]
 TERMINAL_STATES: tuple[AuditState, ...] = ("succeeded", "failed", "cancelled")
 Verdict = Literal["pass", "fail", "info", "error"]
 
@@ -64,6 +65,12 @@ class AuditRequest(AuditConfig):
     """Body of `POST /v1/audits`."""
 
     model_id: str = Field(min_length=1, max_length=64)
+    priority: AuditPriority = Field(
+        default="normal",
+        description="Orders the audit's tasks on the broker (a worker takes `high` before "
+        "`normal` before `low`) and, between the tenant's own audits, which waiting shard runs "
+        "first; other tenants' audits keep their fair share",
+    )
 
 
 class Progress(BaseModel):
@@ -78,6 +85,21 @@ class AuditLinks(BaseModel):
     cancel: str | None = None
 
 
+class ShardProgress(BaseModel):
+    done: int = Field(ge=0, description="Shards of the audit finished")
+    total: int = Field(
+        ge=0, description="Shards the audit was planned into; 0 until a worker has planned it"
+    )
+
+
+class CheckProgress(BaseModel):
+    index: int = Field(ge=0, description="Position of the check in the request's `checks`")
+    kind: str
+    shards_done: int = Field(ge=0)
+    shards_total: int = Field(ge=0)
+    finished: bool = Field(description="Every shard of the check is done")
+
+
 class AuditStatus(BaseModel):
     id: str
     model_id: str
@@ -86,6 +108,13 @@ class AuditStatus(BaseModel):
     verdict: Verdict | None = None
     error: Problem | None = None
     attempts: int = 0
+    priority: str = Field(default="normal", description="low | normal | high")
+    shards: ShardProgress
+    checks: list[CheckProgress] | None = Field(
+        default=None,
+        description="Progress of each check, by shards; only in `GET /v1/audits/{id}` of a "
+        "planned audit (not in lists or callbacks)",
+    )
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -16,10 +16,30 @@ from schemas.model_spec import ModelFormat, ModelSpec
 JOB_FILE = "job.json"
 SHARDS_DIR = "shards"  # finished shard results: shards/<shard_id>.json (inputs and outputs)
 OUT_DIR = "out"  # report.json and artifacts written by the runner
+PLAN_FILE = "plan.json"  # out/plan.json: the shards a `plan` job found (RunnerPlan)
+STOP_FILE = "STOP"  # created by the worker to ask a running child to stop (cooperatively)
+MAX_SHARDS = 10_000  # an audit planned into more shards is refused: raise images_per_shard
+
+
+class PlannedShard(BaseModel):
+    shard_id: str
+    check_index: int
+    kind: str
+    subject: str
+    start: int
+    stop: int
+
+
+class RunnerPlan(BaseModel):
+    shards: list[PlannedShard]
 
 
 class RunnerJob(BaseModel):
-    kind: Literal["admit", "audit"]
+    """`admit` a model; `plan` an audit (out/plan.json); run the `shards` named in shard_ids
+    (each result to shards/); or `audit`: run what is not in shards/ yet, merge, write the
+    report (the finalising step, once every shard is stored)."""
+
+    kind: Literal["admit", "audit", "plan", "shards"]
     model_file: str = Field(description="Path relative to the job directory")
     model_format: ModelFormat
     model_sha256: str
@@ -28,10 +48,13 @@ class RunnerJob(BaseModel):
     model_id: str | None = None
     # dataset and array references are rewritten to {"file": <relative path>} in the job directory
     config: AuditConfig | None = None
+    shard_ids: list[str] | None = None  # kind `shards`: the shards to run
 
 
 class RunnerEvent(BaseModel):
-    event: Literal["progress", "shard", "admitted", "rejected", "report", "error", "log"]
+    event: Literal[
+        "progress", "shard", "admitted", "rejected", "report", "plan", "done", "error", "log"
+    ]
     fraction: float | None = None
     check: str | None = None
     message: str | None = None

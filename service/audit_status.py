@@ -3,12 +3,23 @@ callback_url when it finishes. Outside service/api/ so the workers may use it.""
 
 from __future__ import annotations
 
-from schemas.audits import TERMINAL_STATES, AuditLinks, AuditStatus, Progress
+from collections.abc import Sequence
+
+from schemas.audits import (
+    TERMINAL_STATES,
+    AuditLinks,
+    AuditStatus,
+    CheckProgress,
+    Progress,
+    ShardProgress,
+)
 from schemas.problem import Problem
 from service.db.models import Audit
 
 
-def to_status(audit: Audit) -> AuditStatus:
+def to_status(audit: Audit, checks: Sequence[CheckProgress] | None = None) -> AuditStatus:
+    """The view of `audit`; `checks` (per-check shard progress, counted from its AuditShard
+    rows by the caller) only where one audit is read: lists and callbacks leave it out."""
     base = f"/v1/audits/{audit.id}"
     terminal = audit.status in TERMINAL_STATES
     return AuditStatus(
@@ -23,6 +34,9 @@ def to_status(audit: Audit) -> AuditStatus:
         verdict=audit.verdict,
         error=Problem.model_validate(audit.error) if audit.error else None,
         attempts=audit.attempts,
+        priority=audit.priority or "normal",
+        shards=ShardProgress(done=audit.shards_done or 0, total=audit.shards_total or 0),
+        checks=list(checks) if checks is not None else None,
         created_at=audit.created_at,
         started_at=audit.started_at,
         finished_at=audit.finished_at,

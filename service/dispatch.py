@@ -9,15 +9,17 @@ delays work instead of losing it, and the client never sees a 500 for it.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from celery import Celery
 
 from service.queue import (
-    QUEUE,
+    QUEUE_ADMISSION,
     TASK_ADMIT_MODEL,
     TASK_RUN_AUDIT,
     TASK_SEND_CALLBACK,
     make_celery,
+    redis_priority,
 )
 from service.settings import Settings
 
@@ -42,10 +44,19 @@ class Dispatcher:
         celery.conf.broker_connection_timeout = 2
         return cls(celery)
 
-    def _send(self, task: str, object_id: str) -> bool:
+    def _send(
+        self, task: str, object_id: str, queue: str = QUEUE_ADMISSION, priority: int | None = None
+    ) -> bool:
+        # Without a priority a message gets the app's task_default_priority (`normal`).
+        options: dict[str, Any] = {} if priority is None else {"priority": priority}
         try:
             self.celery.send_task(
-                task, args=[object_id], queue=QUEUE, retry=True, retry_policy=SEND_RETRY_POLICY
+                task,
+                args=[object_id],
+                queue=queue,
+                retry=True,
+                retry_policy=SEND_RETRY_POLICY,
+                **options,
             )
         except Exception:
             log.warning("could not send %s for %s; the reconciler will retry", task, object_id)
@@ -55,8 +66,9 @@ class Dispatcher:
     def admission(self, model_id: str) -> bool:
         return self._send(TASK_ADMIT_MODEL, model_id)
 
-    def audit(self, audit_id: str) -> bool:
-        return self._send(TASK_RUN_AUDIT, audit_id)
+    def audit(self, audit_id: str, queue: str, priority: str) -> bool:
+        """Plan the audit: to its device's queue (service.queue.audit_queue), at its priority."""
+        return self._send(TASK_RUN_AUDIT, audit_id, queue, redis_priority(priority))
 
     def callback(self, audit_id: str) -> bool:
         """Announce a finished audit to its callback_url (an audit cancelled while queued)."""

@@ -112,6 +112,25 @@ class IdempotencyKeyReused(TightropeError):
     status, type, title = 422, "idempotency-key-reused", "Idempotency-Key reused with another body"
 
 
+# Seconds a tenant told `too-many-audits` should wait before it submits again.
+TOO_MANY_AUDITS_RETRY_AFTER_SECONDS = 30
+
+
+class TooManyAudits(TightropeError):
+    """The tenant already has tenant_max_queued_audits audits waiting to start (docs/http-api.md,
+    "Fair share and quotas"): nothing was stored; the client retries after Retry-After."""
+
+    status, type, title = 429, "too-many-audits", "Too many audits waiting"
+
+    def __init__(self, limit: int, queued: int) -> None:
+        super().__init__(
+            f"This tenant has {queued} audits queued; the limit is {limit}. Submit again once "
+            "some have started (poll GET /v1/audits?status=queued), or cancel some.",
+            headers={"Retry-After": str(TOO_MANY_AUDITS_RETRY_AFTER_SECONDS)},
+            extra={"limit": limit, "queued": queued},
+        )
+
+
 class NotReady(TightropeError):
     status, type, title = 503, "not-ready", "The service is not ready"
 
@@ -171,6 +190,7 @@ _STATUS_SLUGS = {
 _DESCRIPTIONS = {
     **{status: title for status, (_, title) in _STATUS_SLUGS.items()},
     412: "Precondition failed",
+    429: "Too many audits waiting (with Retry-After)",
     500: "Internal error",
     503: "Not ready, or busy (with Retry-After)",
 }

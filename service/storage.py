@@ -118,9 +118,20 @@ class ArtifactStore:
             if f.is_symlink() or not f.is_file() or not SAFE_NAME.match(f.name):
                 continue
             dest = target / f.name
-            shutil.copyfile(f, dest)
+            # Written under a temporary name and renamed: a reader (or a full disk) never sees
+            # a half-written artifact under its real name.
+            partial = target / f".partial-{f.name}"
+            try:
+                shutil.copyfile(f, partial)
+                os.replace(partial, dest)
+            finally:
+                partial.unlink(missing_ok=True)
             stored.append((f.name, dest))
         return stored
+
+    def remove_audit(self, audit_id: str) -> None:
+        """Drop what an audit that did not finish left here (no row points at it)."""
+        shutil.rmtree(self.dir_for(audit_id), ignore_errors=True)
 
 
 def sha256_file(path: Path) -> str:

@@ -8,16 +8,17 @@ silent), and cancellation and a lost lease are noticed at the same moments.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -26,6 +27,7 @@ from schemas.runner import RunnerEvent
 from service import queue
 from service.db.models import Audit, AuditShard, Model, utcnow
 from service.settings import Settings
+from service.storage import ArtifactStore
 from workers import jobs
 from workers.child import RunnerChild
 from workers.heartbeat import set_current_work
@@ -41,14 +43,48 @@ from workers.leases import (
 )
 from workers.reporting.finalise import finalise_report
 from workers.sandbox import Sandbox, SandboxUnavailable, has_gpu
+from workers.shard_leases import PRIORITY_RANK, count_progress
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_SECONDS = 0.5  # at most ~2 progress writes per second
 
 
+@dataclass(frozen=True)
+class Sends:
+    """The messages the execution sends (tests record them instead)."""
+
+    audit: Callable[..., None] = queue.enqueue_audit  # (audit_id, queue, priority)
+    shards: Callable[..., None] = queue.enqueue_shards  # (audit_id, queue, priority, count)
+    callback: Callable[[str], None] = queue.enqueue_callback
+
+
+def send_safely(send: Callable[..., None], *args: Any) -> None:
+    """A broker outage costs a delay, never the work: the reconciler re-sends from the rows."""
+    try:
+        send(*args)
+    except Exception:
+        log.warning("could not send %s%r; the reconciler will", getattr(send, "__name__", ""), args)
+
+
 def problem(kind: str, title: str, status: int, detail: str) -> dict[str, Any]:
     return {"type": PROBLEM_BASE + kind, "title": title, "status": status, "detail": detail}
+
+
+def storage_full_problem(detail: str) -> dict[str, Any]:
+    """The data directory (job directories, artifacts) ran out of space: the service's fault,
+    not the audit's; the audit can be submitted again once an operator made room."""
+    return problem(
+        "storage-full",
+        "Storage full",
+        507,
+        f"the service's data directory is full ({detail}); nothing of this audit's report was "
+        "published; submit it again later",
+    )
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def sandbox_for(settings: Settings, model_format: str) -> Sandbox:
@@ -79,12 +115,14 @@ class _Attempt:
     settings: Settings
     session: Session
     job_dir: Path
-    enqueue: Callable[[str], None]
-    notify: Callable[[str], None] = queue.enqueue_callback
+    sends: Sends
+    tenant_id: str = ""
+    route: tuple[str, str] = (queue.QUEUE_CPU, queue.DEFAULT_PRIORITY)  # (queue, priority)
     callback_url: str | None = None
     finished: bool = False  # a terminal status was written (or the lease was lost)
     lease_lost: bool = False
     cancelled: bool = False
+    planned: bool = False
 
     def fail(self, kind: str, title: str, status: int, detail: str) -> None:
         self.finish(status="failed", error=problem(kind, title, status, detail))
@@ -93,8 +131,11 @@ class _Attempt:
         values.setdefault("finished_at", utcnow())
         if not release_lease(self.session, self.audit_id, self.owner, **values):
             self.lease_lost = True
-        elif values.get("status") in TERMINAL_STATES and self.callback_url:
-            notify_completion(self.audit_id, self.notify)
+        elif values.get("status") in TERMINAL_STATES:
+            cancel_waiting_shards(self.session, self.audit_id)
+            if self.callback_url:
+                notify_completion(self.audit_id, self.sends.callback)
+            wake_waiting_audits(self.session, self.settings, self.tenant_id, self.sends)
         self.finished = True
 
     def heartbeat(self, child: RunnerChild) -> None:
@@ -128,13 +169,95 @@ class _Attempt:
             log.warning("audit %s: unreadable shard %r", self.audit_id, event.shard_id)
             return
         exists = self.session.get(AuditShard, (self.audit_id, event.shard_id))
-        if exists is not None:
+        if exists is not None and exists.status == "done":
             return
-        self.session.add(AuditShard(audit_id=self.audit_id, shard_id=event.shard_id, result=result))
+        if exists is not None:
+            exists.status, exists.result, exists.finished_at = "done", result, utcnow()
+        else:
+            self.session.add(
+                AuditShard(
+                    audit_id=self.audit_id,
+                    shard_id=event.shard_id,
+                    status="done",
+                    result=result,
+                    finished_at=utcnow(),
+                )
+            )
         try:
             self.session.commit()
         except IntegrityError:  # stored meanwhile by a concurrent attempt: same result
             self.session.rollback()
+
+    def record_plan(self) -> None:
+        """Store the planned shards as rows (keeping any stored before), release the audit
+        (still `running`) and send one token per waiting shard, or the finalising task when
+        every shard is already stored (an audit resumed after an upgrade)."""
+        plan = jobs.read_plan(self.job_dir)
+        if plan is None or not plan.shards:
+            self.fail("internal", "Internal error", 500, "the runner's shard plan is unreadable")
+            return
+        now = utcnow()
+        known = {
+            shard_id: status
+            for shard_id, status in self.session.execute(
+                select(AuditShard.shard_id, AuditShard.status).where(
+                    AuditShard.audit_id == self.audit_id
+                )
+            )
+        }
+        waiting = 0
+        for position, shard in enumerate(plan.shards):
+            values = {
+                "queue": self.route[0],
+                "position": position,
+                "check_index": shard.check_index,
+                "kind": shard.kind[:64],
+                "subject": shard.subject[:32],
+            }
+            if shard.shard_id in known:
+                self.session.execute(
+                    update(AuditShard)
+                    .where(
+                        AuditShard.audit_id == self.audit_id,
+                        AuditShard.shard_id == shard.shard_id,
+                    )
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+                waiting += known[shard.shard_id] != "done"
+                continue
+            self.session.add(
+                AuditShard(
+                    audit_id=self.audit_id,
+                    shard_id=shard.shard_id,
+                    status="queued",
+                    enqueued_at=now,
+                    **values,
+                )
+            )
+            waiting += 1
+        total = len(plan.shards)
+        # Rows and the release stand or fall together: a task that lost the audit adds none.
+        released = release_lease(
+            self.session,
+            self.audit_id,
+            self.owner,
+            shards_total=total,
+            shards_done=total - waiting,
+            attempts=0,  # from here on, attempts count the finalising task's tries
+            progress_fraction=(total - waiting) / total,
+            progress_check=None,
+            progress_message=f"{total} shards planned",
+        )
+        self.finished = True
+        if not released:
+            self.lease_lost = True
+            return
+        self.planned = True
+        if waiting:
+            send_safely(self.sends.shards, self.audit_id, *self.route, waiting)
+        else:
+            send_safely(self.sends.audit, self.audit_id, *self.route)
 
     def record_report(self) -> None:
         report_file = self.job_dir / "out" / "report.json"
@@ -146,9 +269,18 @@ class _Attempt:
             )
             return
         verdict = report.get("verdict") if isinstance(report, dict) else None
-        if isinstance(report, dict):
-            finalise_report(report, self.job_dir / "out", self.settings)
-        jobs.import_outputs(self.session, self.settings, self.audit_id, self.job_dir)
+        try:
+            if isinstance(report, dict):
+                finalise_report(report, self.job_dir / "out", self.settings)
+            jobs.import_outputs(self.session, self.settings, self.audit_id, self.job_dir)
+        except OSError as exc:
+            if not is_storage_full(exc):
+                raise
+            # No Artifact row was committed: nothing half-written is ever served.
+            self.session.rollback()
+            ArtifactStore(self.settings.artifact_dir).remove_audit(self.audit_id)
+            self.finish(status="failed", error=storage_full_problem(str(exc)))
+            return
         self.finish(
             status="succeeded",
             verdict=verdict if verdict in ("pass", "fail", "info", "error") else "error",
@@ -160,6 +292,11 @@ class _Attempt:
     def record_error(self, event: RunnerEvent) -> None:
         info = event.info or {}
         status = 422 if info.get("status") == 422 else 500
+        if info.get("cause") == "storage":
+            self.finish(
+                status="failed", error=storage_full_problem(event.reason or "no space left")
+            )
+            return
         if info.get("cause") == "memory":
             detail = (
                 f"the audit exceeded the memory limit of {self.settings.runner_memory_bytes} "
@@ -178,6 +315,8 @@ class _Attempt:
             self.record_shard(event)
         elif event.event == "report":
             self.record_report()
+        elif event.event == "plan":
+            self.record_plan()
         elif event.event == "error":
             self.record_error(event)
 
@@ -187,7 +326,7 @@ class _Attempt:
             if release_lease(
                 self.session, self.audit_id, self.owner, status="queued", enqueued_at=utcnow()
             ):
-                self.enqueue(self.audit_id)
+                send_safely(self.sends.audit, self.audit_id, *self.route)
             self.finished = True
             return
         problem_dict = gave_up_problem(attempts)
@@ -205,17 +344,108 @@ def notify_completion(audit_id: str, notify: Callable[[str], None]) -> None:
         log.warning("audit %s: could not enqueue its callback", audit_id, exc_info=True)
 
 
+def cancel_waiting_shards(session: Session, audit_id: str) -> None:
+    """A finished audit's waiting shards will never run: their tokens then find nothing."""
+    session.execute(
+        update(AuditShard)
+        .where(AuditShard.audit_id == audit_id, AuditShard.status == "queued")
+        .values(status="cancelled")
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+
+
+def running_audits(session: Session, tenant_id: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Audit)
+            .where(Audit.tenant_id == tenant_id, Audit.status == "running")
+        )
+        or 0
+    )
+
+
+def wake_waiting_audits(session: Session, settings: Settings, tenant_id: str, sends: Sends) -> None:
+    """A tenant's audit finished: start as many of its waiting audits as its share allows
+    (highest priority, then oldest). The reconciler is the fallback if this message is lost."""
+    if not tenant_id:
+        return
+    free = settings.tenant_max_running_audits - running_audits(session, tenant_id)
+    if free <= 0:
+        return
+    waiting = session.execute(
+        select(Audit.id, Audit.queue, Audit.priority, Audit.created_at).where(
+            Audit.tenant_id == tenant_id, Audit.status == "queued", Audit.lease_owner.is_(None)
+        )
+    ).all()
+    waiting.sort(key=lambda row: (PRIORITY_RANK.get(row.priority, 1), row.created_at, row.id))
+    for row in waiting[:free]:
+        send_safely(sends.audit, row.id, row.queue, row.priority)
+
+
+def end_unleased_audit(
+    session: Session,
+    settings: Settings,
+    audit_id: str,
+    sends: Sends,
+    *,
+    status: str,
+    error: dict[str, Any] | None = None,
+) -> bool:
+    """End an audit in its shard phase (no task holds its lease): failed by a shard, or
+    cancelled. Conditional, so the first ending wins; its waiting shards are cancelled."""
+    ended = session.execute(
+        update(Audit)
+        .where(
+            Audit.id == audit_id,
+            Audit.status.in_(("queued", "running")),
+            Audit.lease_owner.is_(None),
+        )
+        .values(status=status, error=error, finished_at=utcnow(), updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    if ended.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    cancel_waiting_shards(session, audit_id)
+    row = session.execute(select(Audit.tenant_id, Audit.request).where(Audit.id == audit_id)).one()
+    if (row.request or {}).get("callback_url"):
+        notify_completion(audit_id, sends.callback)
+    wake_waiting_audits(session, settings, row.tenant_id, sends)
+    return True
+
+
 def execute_audit(
     audit_id: str,
     *,
     settings: Settings,
     session: Session,
     owner: str | None = None,
-    enqueue: Callable[[str], None] = queue.enqueue_audit,
-    notify: Callable[[str], None] = queue.enqueue_callback,
+    sends: Sends | None = None,
 ) -> str:
-    """Run one attempt; returns what happened (a status, or "busy"/"gave_up"/"lease_lost")."""
+    """Advance an audit by one step: plan its shards (the first time), finalise it (once every
+    shard is stored), or nothing when shards are still running elsewhere. Returns what
+    happened: a status, "planned", "waiting" (its tenant runs its share of audits already),
+    "sharded" (shards still to run), or "busy"/"gave_up"/"lease_lost"."""
+    sends = sends or Sends()
     owner = owner or new_owner()
+    audit = session.get(Audit, audit_id, populate_existing=True)
+    if audit is None:
+        return "busy"
+    if audit.status == "queued" and (
+        running_audits(session, audit.tenant_id) >= settings.tenant_max_running_audits
+    ):
+        # Fair share: it waits. Marking it as freshly sent keeps the reconciler from re-sending
+        # it at once; the tenant's next finishing audit wakes it (wake_waiting_audits).
+        session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.status == "queued")
+            .values(enqueued_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        return "waiting"
     outcome = acquire_lease(
         session,
         audit_id,
@@ -224,13 +454,17 @@ def execute_audit(
         lease_seconds=settings.lease_seconds,
         max_attempts=settings.max_attempts,
     )
-    if outcome is LeaseOutcome.GAVE_UP and _callback_url(session, audit_id):
-        notify_completion(audit_id, notify)
+    if outcome is LeaseOutcome.GAVE_UP:
+        cancel_waiting_shards(session, audit_id)
+        if _callback_url(session, audit_id):
+            notify_completion(audit_id, sends.callback)
     if outcome is not LeaseOutcome.ACQUIRED:
         return outcome.value
     audit = session.get(Audit, audit_id, populate_existing=True)
     assert audit is not None
-    attempt = _Attempt(audit_id, owner, settings, session, Path(), enqueue, notify)
+    attempt = _Attempt(audit_id, owner, settings, session, Path(), sends)
+    attempt.tenant_id = audit.tenant_id
+    attempt.route = (audit.queue, audit.priority)
     attempt.callback_url = (audit.request or {}).get("callback_url")
     if audit.cancel_requested:
         attempt.finish(status="cancelled")
@@ -241,15 +475,30 @@ def execute_audit(
             "model-not-ready", "Model not ready", 422, f"model {audit.model_id} is not ready"
         )
         return "failed"
+    kind: Literal["plan", "audit"] = "plan"
+    if audit.shards_total > 0:
+        done, total = count_progress(session, audit_id, utcnow())
+        if done < total:
+            # Shards are still running or waiting elsewhere (a duplicate message): hand back.
+            release_lease(session, audit_id, owner, attempts=max(audit.attempts - 1, 0))
+            return "sharded"
+        kind = "audit"  # every shard is stored: merge, sign, render
     set_current_work(audit_id)
     try:
-        attempt.job_dir = jobs.materialise_audit_job(session, settings, audit, model)
+        attempt.job_dir = jobs.materialise_audit_job(session, settings, audit, model, kind=kind)
     except jobs.JobInputError as exc:
         set_current_work(None)
         attempt.fail("invalid-audit-input", "Invalid audit input", 422, str(exc))
         return "failed"
+    except OSError as exc:
+        set_current_work(None)
+        if not is_storage_full(exc):
+            raise
+        attempt.finish(status="failed", error=storage_full_problem(str(exc)))
+        return "failed"
     try:
-        return _supervise_child(attempt, audit.request, audit.attempts, model.format)
+        result = _supervise_child(attempt, audit.request, audit.attempts, model.format)
+        return "planned" if attempt.planned else result
     finally:
         set_current_work(None)
         jobs.remove_job_dir(attempt.job_dir)

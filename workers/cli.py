@@ -59,14 +59,66 @@ def serve(
     run(host=host, port=port)
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def worker(
+    ctx: typer.Context,
+    gpus: Annotated[
+        str | None,
+        typer.Option(
+            help="`all` or GPU indices (0,1,...): one worker per GPU, pinned with "
+            "CUDA_VISIBLE_DEVICES, reading the GPU queue, then the CPU queue"
+        ),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option(min=0, help="Workers for the CPU queue (audits with device cpu/auto)")
+    ] = 1,
+    queues: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated queues of the CPU workers, instead of the CPU queue"),
+    ] = None,
+    admission: Annotated[
+        bool,
+        typer.Option(
+            help="One more worker reading only the admission queue (admissions, callbacks), "
+            "so a long audit never delays them; --no-admission e.g. on a second GPU host"
+        ),
+    ] = True,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info",
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Print the workers it would start (name, queues, GPU)"),
+    ] = False,
 ) -> None:
-    """Run a supervised Celery worker (restarted whenever it exits)."""
-    from workers.supervisor import supervise
+    """Run supervised Celery workers (each restarted whenever it exits); SIGTERM stops them
+    all. Extra arguments go to every `celery worker` (e.g. --without-gossip)."""
+    import logging
 
-    raise typer.Exit(supervise(["--loglevel", loglevel]))
+    from workers.supervisor import parse_gpus, plan_workers, supervise_workers
+
+    extra = list(ctx.args)
+    if any(a in ("-n", "--hostname") or a.startswith("--hostname=") for a in extra):
+        raise _fail("--hostname is set per worker (cpu1@%h, gpu0@%h, admission@%h)")
+    try:
+        gpu_indices = parse_gpus(gpus) if gpus is not None else []
+        cpu_queues = [q.strip() for q in queues.split(",") if q.strip()] if queues else None
+        children = plan_workers(
+            gpus=gpu_indices, concurrency=concurrency, queues=cpu_queues, admission=admission
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+    if dry_run:
+        for child in children:
+            gpu = child.env.get("CUDA_VISIBLE_DEVICES")
+            pinned = "" if gpu is None else f"  CUDA_VISIBLE_DEVICES={gpu!r}"
+            out.print(
+                f"{child.hostname}  {','.join(child.queues)}{pinned}",
+                highlight=False,
+                markup=False,
+                soft_wrap=True,
+            )
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor: %(message)s")
+    raise typer.Exit(supervise_workers(children, ["--loglevel", loglevel, *extra]))
 
 
 @app.command("worker-health")

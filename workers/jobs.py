@@ -13,14 +13,22 @@ import mimetypes
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from schemas.audits import AuditConfig
 from schemas.model_spec import ModelSpec
-from schemas.runner import JOB_FILE, OUT_DIR, SHARDS_DIR, RunnerJob
+from schemas.runner import (
+    JOB_FILE,
+    OUT_DIR,
+    PLAN_FILE,
+    SHARDS_DIR,
+    STOP_FILE,
+    RunnerJob,
+    RunnerPlan,
+)
 from service.db.models import Artifact, Audit, AuditShard, Dataset, Model
 from service.settings import Settings
 from service.storage import ArtifactStore, BlobStore, sha256_file
@@ -83,7 +91,8 @@ def localise_config(
 ) -> AuditConfig:
     """The audit's config with every uploaded dataset or array replaced by a copied file."""
     request = dict(audit.request)
-    request.pop("model_id", None)
+    for service_only in ("model_id", "priority"):  # AuditRequest fields the engine does not read
+        request.pop(service_only, None)
     dataset = request.get("dataset")
     if isinstance(dataset, dict) and "dataset_id" in dataset:
         path = _copy_dataset(
@@ -114,7 +123,10 @@ def _write_shards(session: Session, audit_id: str, job_dir: Path) -> int:
     shard_dir = job_dir / SHARDS_DIR
     shard_dir.mkdir(exist_ok=True)
     count = 0
-    for shard in session.scalars(select(AuditShard).where(AuditShard.audit_id == audit_id)):
+    finished = select(AuditShard).where(
+        AuditShard.audit_id == audit_id, AuditShard.status == "done", AuditShard.result.is_not(None)
+    )
+    for shard in session.scalars(finished):
         if SHARD_ID.match(shard.shard_id):
             (shard_dir / f"{shard.shard_id}.json").write_text(json.dumps(shard.result))
             count += 1
@@ -125,18 +137,30 @@ def _write_job(job_dir: Path, job: RunnerJob) -> None:
     (job_dir / JOB_FILE).write_text(job.model_dump_json(by_alias=True), encoding="utf-8")
 
 
-def materialise_audit_job(session: Session, settings: Settings, audit: Audit, model: Model) -> Path:
-    """A fresh job directory for this attempt of the audit."""
-    job_dir = _fresh_dir(job_dir_for(settings, audit.id, audit.attempts))
+def materialise_audit_job(
+    session: Session,
+    settings: Settings,
+    audit: Audit,
+    model: Model,
+    kind: Literal["plan", "audit", "shards"] = "audit",
+    job_dir: Path | None = None,
+) -> Path:
+    """A fresh job directory for a `plan` or `audit` (finalising) attempt, with the finished
+    shards; or, for `shards`, one a worker keeps for the shards of this audit it runs
+    (workers.job_cache), without shards: each run names its own in job.json."""
+    job_dir = _fresh_dir(job_dir or job_dir_for(settings, audit.id, audit.attempts))
     try:
         model_file = _copy_model(settings, model, job_dir)
         config = localise_config(session, settings, audit, job_dir)
-        _write_shards(session, audit.id, job_dir)
+        if kind == "audit":
+            _write_shards(session, audit.id, job_dir)
+        else:
+            (job_dir / SHARDS_DIR).mkdir()
         (job_dir / OUT_DIR).mkdir()
         _write_job(
             job_dir,
             RunnerJob(
-                kind="audit",
+                kind=kind,
                 model_file=model_file,
                 model_format=model.format,
                 model_sha256=model.sha256,
@@ -150,6 +174,36 @@ def materialise_audit_job(session: Session, settings: Settings, audit: Audit, mo
         remove_job_dir(job_dir)
         raise
     return job_dir
+
+
+def write_shard_job(job_dir: Path, shard_ids: list[str]) -> None:
+    """Point a cached `shards` job directory at the next shards to run, clearing what the
+    previous run left (its results are stored by then) and any stop request."""
+    job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+    for name in (SHARDS_DIR, OUT_DIR):
+        shutil.rmtree(job_dir / name, ignore_errors=True)
+        (job_dir / name).mkdir()
+    (job_dir / STOP_FILE).unlink(missing_ok=True)
+    _write_job(job_dir, job.model_copy(update={"kind": "shards", "shard_ids": shard_ids}))
+
+
+def read_plan(job_dir: Path) -> RunnerPlan | None:
+    """The plan a `plan` child wrote; None when it is missing or malformed."""
+    path = job_dir / OUT_DIR / PLAN_FILE
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        return RunnerPlan.model_validate_json(path.read_text(encoding="utf-8"))
+    except ValueError:
+        return None
+
+
+def model_file_intact(job_dir: Path, sha256: str) -> bool:
+    """The model copy in a kept job directory still has the admitted bytes (a child can write
+    into its job directory, so a kept copy is checked before it is reused)."""
+    job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+    path = job_dir / job.model_file
+    return path.is_file() and not path.is_symlink() and sha256_file(path) == sha256
 
 
 def materialise_admission_job(settings: Settings, model: Model, attempt: int) -> Path:

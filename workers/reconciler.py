@@ -1,8 +1,12 @@
 """Re-enqueue the work whose message was lost: the database is the source of truth.
 
-Three cases: an audit whose worker died (its lease expired), an audit still `queued` long after
-it was enqueued (Redis restarted without persistence, or was flushed), and a model stuck in
-`validating`. Each row is claimed by a conditional UPDATE that also moves its timestamp, so two
+The cases: an audit whose worker died (its lease expired), an audit still `queued` long after
+it was enqueued (Redis restarted without persistence, or was flushed), a model stuck in
+`validating`; and for audits in their shard phase: a shard whose worker died, a shard whose
+token was lost, and an audit whose shards are all stored but whose finalising message was lost
+(or never sent: the worker died between storing the last shard and sending it).
+
+Each row is claimed by a conditional UPDATE that also moves its timestamp, so two
 reconcilers running at once re-enqueue it once; a duplicate message would be harmless anyway,
 since the task's lease refuses it.
 """
@@ -14,13 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, exists, or_, select, update
 from sqlalchemy.orm import Session
 
 from service import queue
-from service.db.models import Audit, Model
+from service.db.models import Audit, AuditShard, Model
 from service.settings import Settings, get_settings
 from workers.leases import expired_lease_condition
+from workers.shard_leases import expired_shard_condition, stale_shard_condition
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +37,8 @@ class ReconcileResult:
     expired_leases: list[str] = field(default_factory=list)
     lost_messages: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)  # "<audit>/<shard>" given a new token
+    finalising: list[str] = field(default_factory=list)  # audits sent to be finalised
 
 
 def _stale_queued_condition(cutoff: datetime):
@@ -71,8 +78,9 @@ def reconcile_once(
     now: datetime,
     *,
     settings: Settings | None = None,
-    enqueue_audit: Callable[[str], None] = queue.enqueue_audit,
+    enqueue_audit: Callable[..., None] = queue.enqueue_audit,
     enqueue_admission: Callable[[str], None] = queue.enqueue_admission,
+    enqueue_shards: Callable[..., None] = queue.enqueue_shards,
 ) -> ReconcileResult:
     """One pass; the rows are committed before their messages are sent."""
     settings = settings or get_settings()
@@ -105,18 +113,97 @@ def reconcile_once(
         if touched.rowcount == 1:  # type: ignore[attr-defined]
             result.models.append(model_id)
 
-    for audit_id in result.expired_leases + result.lost_messages:
-        _send(enqueue_audit, audit_id)
+    shard_tokens = _reclaim_shards(session, now, cutoff, result)
+    result.finalising = _claim_audits(session, _unfinalised_condition(cutoff), {"updated_at": now})
+
+    routes = _routes(session, result.expired_leases + result.lost_messages + result.finalising)
+    for audit_id in result.expired_leases + result.lost_messages + result.finalising:
+        _send(enqueue_audit, audit_id, *routes.get(audit_id, _DEFAULT_ROUTE))
+    for audit_id, count in shard_tokens.items():
+        _send(enqueue_shards, audit_id, *routes_for(session, audit_id), count)
     for model_id in result.models:
         _send(enqueue_admission, model_id)
-    if result.expired_leases or result.lost_messages or result.models:
+    if any(
+        (
+            result.expired_leases,
+            result.lost_messages,
+            result.models,
+            result.shards,
+            result.finalising,
+        )
+    ):
         log.info("reconciler re-enqueued %s", result)
     return result
 
 
-def _send(enqueue: Callable[[str], None], item_id: str) -> None:
+_DEFAULT_ROUTE = (queue.QUEUE_CPU, queue.DEFAULT_PRIORITY)
+
+
+def _routes(session: Session, audit_ids: list[str]) -> dict[str, tuple[str, str]]:
+    if not audit_ids:
+        return {}
+    rows = session.execute(
+        select(Audit.id, Audit.queue, Audit.priority).where(Audit.id.in_(audit_ids))
+    )
+    return {audit_id: (queue_name, priority) for audit_id, queue_name, priority in rows}
+
+
+def routes_for(session: Session, audit_id: str) -> tuple[str, str]:
+    return _routes(session, [audit_id]).get(audit_id, _DEFAULT_ROUTE)
+
+
+def _unfinalised_condition(cutoff: datetime):
+    """Planned audits nobody holds, quiet since `cutoff`, with no shard waiting or running."""
+    unfinished = exists().where(
+        AuditShard.audit_id == Audit.id, AuditShard.status.in_(("queued", "running"))
+    )
+    return and_(
+        Audit.status == "running",
+        Audit.lease_owner.is_(None),
+        Audit.shards_total > 0,
+        Audit.updated_at < cutoff,
+        ~unfinished,
+    )
+
+
+def _reclaim_shards(
+    session: Session, now: datetime, cutoff: datetime, result: ReconcileResult
+) -> dict[str, int]:
+    """Shards of a dead worker go back to `queued`; shards whose token is lost get a new one.
+    Returns how many tokens each audit needs."""
+    live_audit = select(Audit.id).where(
+        Audit.status == "running", Audit.cancel_requested.is_(False)
+    )
+    tokens: dict[str, int] = {}
+    for condition, values in (
+        (
+            expired_shard_condition(now),
+            {"status": "queued", "lease_owner": None, "lease_expires_at": None, "enqueued_at": now},
+        ),
+        (stale_shard_condition(cutoff), {"enqueued_at": now}),
+    ):
+        found = session.execute(
+            select(AuditShard.audit_id, AuditShard.shard_id)
+            .where(condition, AuditShard.audit_id.in_(live_audit))
+            .limit(BATCH)
+        ).all()
+        for audit_id, shard_id in found:
+            moved = session.execute(
+                update(AuditShard)
+                .where(AuditShard.audit_id == audit_id, AuditShard.shard_id == shard_id, condition)
+                .values(**values)
+                .execution_options(synchronize_session=False)
+            )
+            session.commit()
+            if moved.rowcount == 1:  # type: ignore[attr-defined]
+                result.shards.append(f"{audit_id}/{shard_id}")
+                tokens[audit_id] = tokens.get(audit_id, 0) + 1
+    return tokens
+
+
+def _send(enqueue: Callable[..., None], *args: object) -> None:
     # A broker outage must not stop the pass: the row's new timestamp brings it back later.
     try:
-        enqueue(item_id)
+        enqueue(*args)
     except Exception:
-        log.exception("could not re-enqueue %s", item_id)
+        log.exception("could not re-enqueue %s", args[0] if args else "")

@@ -9,6 +9,7 @@ code 1; the parent never has to interpret a bare traceback.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -18,7 +19,17 @@ from typing import IO, Any
 
 from pydantic import ValidationError
 
-from schemas.runner import JOB_FILE, OUT_DIR, SHARDS_DIR, RunnerEvent, RunnerJob
+from schemas.runner import (
+    JOB_FILE,
+    MAX_SHARDS,
+    OUT_DIR,
+    PLAN_FILE,
+    SHARDS_DIR,
+    STOP_FILE,
+    RunnerEvent,
+    RunnerJob,
+    RunnerPlan,
+)
 
 REPORT_FILE = "report.json"
 # The status a failure maps to: 422 when the audit's own input is at fault.
@@ -65,6 +76,25 @@ def run_admission(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
         events.emit("rejected", reason=admission.reason or "rejected", info=admission.info)
 
 
+def run_plan(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
+    from workers.engine import api
+    from workers.engine.errors import EngineInputError
+
+    if job.config is None:
+        raise ValueError("job.json: a plan job needs a config")
+    shards = api.plan_audit(job.spec, job.config, job_dir)
+    if len(shards) > MAX_SHARDS:
+        raise EngineInputError(
+            f"the audit splits into {len(shards)} shards, more than {MAX_SHARDS}: raise "
+            "budget.images_per_shard or audit fewer images"
+        )
+    out_dir = job_dir / OUT_DIR
+    out_dir.mkdir(exist_ok=True)
+    plan = RunnerPlan.model_validate({"shards": shards})
+    (out_dir / PLAN_FILE).write_text(plan.model_dump_json(), encoding="utf-8")
+    events.emit("plan", file=f"{OUT_DIR}/{PLAN_FILE}", info={"shards": len(shards)})
+
+
 def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
     from workers.engine import api
 
@@ -99,7 +129,13 @@ def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
         completed_shards=load_completed_shards(job_dir),
         on_progress=on_progress,
         on_shard=on_shard,
+        # The worker asks a running child to stop by creating STOP in its job directory.
+        should_stop=(job_dir / STOP_FILE).exists,
+        only_shards=job.shard_ids if job.kind == "shards" else None,
     )
+    if job.kind == "shards":
+        events.emit("done", info={"shards": report.get("shards", [])})
+        return
     report_path = out_dir / REPORT_FILE
     if not report_path.is_file():
         report_path.write_text(json.dumps(report), encoding="utf-8")
@@ -115,6 +151,12 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def describe_failure(exc: BaseException) -> dict[str, Any]:
     """The error event's fields: a title, a detail a person can act on, and the status."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return {
+            "message": "Storage full",
+            "reason": f"{type(exc).__name__}: {exc}",
+            "info": {"status": INTERNAL_ERROR_STATUS, "cause": "storage"},
+        }
     if is_out_of_memory(exc):
         return {
             "message": "Memory limit exceeded",
@@ -143,6 +185,8 @@ def main(argv: list[str]) -> int:
         job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
         if job.kind == "admit":
             run_admission(job, job_dir, events)
+        elif job.kind == "plan":
+            run_plan(job, job_dir, events)
         else:
             run_audit(job, job_dir, events)
         return 0

@@ -60,6 +60,11 @@ def gpu_device_nodes() -> list[str]:
 
 
 def has_gpu() -> bool:
+    """Whether this worker may use a GPU: a device node exists and CUDA_VISIBLE_DEVICES does not
+    hide them all (`tightrope worker --gpus` gives its CPU workers an empty one)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
     return any(Path(p).name.startswith("nvidia") for p in gpu_device_nodes())
 
 
@@ -79,8 +84,10 @@ def child_environment(job_dir: Path) -> dict[str, str]:
         "MPLCONFIGDIR": str(job_dir / ".matplotlib"),
         "MPLBACKEND": "Agg",
     }
-    # Which GPU this worker may use is deployment configuration, not a secret.
-    for name in ("CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES"):
+    # Which GPU this worker may use is deployment configuration, not a secret: a worker of
+    # `tightrope worker --gpus` is pinned by CUDA_VISIBLE_DEVICES (an nvidia-smi index, hence
+    # CUDA_DEVICE_ORDER=PCI_BUS_ID), and the runner must see the same GPU.
+    for name in ("CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "NVIDIA_VISIBLE_DEVICES"):
         if name in os.environ:
             env[name] = os.environ[name]
     return env
@@ -189,6 +196,13 @@ class Sandbox:
                 "bubblewrap (bwrap) is not installed: install it, or set TIGHTROPE_SANDBOX=off "
                 "on a development machine (unsafe: uploaded models then run unconfined)"
             )
+        # Every NVIDIA node is bound, not only the pinned GPU's /dev/nvidiaN: the N of a node is
+        # the driver's minor number, which need not match an nvidia-smi or CUDA index, and CUDA
+        # run with some nodes missing may fail to start rather than skip them. The GPU is chosen
+        # by CUDA_VISIBLE_DEVICES (passed on by child_environment), as outside the sandbox. It
+        # places the audit but does not confine it: uploaded code could use another GPU, which
+        # costs that GPU's worker memory and time but shows it nothing (CUDA contexts are
+        # isolated from each other).
         nodes = gpu_device_nodes() if use_gpu else []
         return bwrap_command(argv, job_dir, self.hidden_dirs, gpu_nodes=nodes, bwrap=bwrap)
 

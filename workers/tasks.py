@@ -7,13 +7,20 @@ from typing import Any
 
 from service.db.models import utcnow
 from service.db.session import get_sessionmaker
-from service.queue import TASK_ADMIT_MODEL, TASK_RECONCILE, TASK_RUN_AUDIT, TASK_SEND_CALLBACK
+from service.queue import (
+    TASK_ADMIT_MODEL,
+    TASK_RECONCILE,
+    TASK_RUN_AUDIT,
+    TASK_RUN_SHARD,
+    TASK_SEND_CALLBACK,
+)
 from service.settings import get_settings
 from workers.admission import execute_admission
 from workers.audit_job import execute_audit
 from workers.callbacks import Delivery, backoff_seconds, deliver_callback
 from workers.celery_app import app
 from workers.reconciler import reconcile_once
+from workers.shard_job import execute_shard
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +29,15 @@ log = logging.getLogger(__name__)
 def run_audit(audit_id: str) -> str:
     with get_sessionmaker()() as session:
         return execute_audit(audit_id, settings=get_settings(), session=session)
+
+
+@app.task(name=TASK_RUN_SHARD, bind=True, acks_late=True, reject_on_worker_lost=True)
+def run_shard(self: Any, audit_id: str, queue: str) -> str:
+    worker = str(getattr(self.request, "hostname", None) or "worker")
+    with get_sessionmaker()() as session:
+        return execute_shard(
+            audit_id, queue, settings=get_settings(), session=session, worker=worker
+        )
 
 
 @app.task(name=TASK_ADMIT_MODEL, acks_late=True, reject_on_worker_lost=True)
@@ -38,6 +54,8 @@ def reconcile() -> dict[str, list[str]]:
         "expired_leases": result.expired_leases,
         "lost_messages": result.lost_messages,
         "models": result.models,
+        "shards": result.shards,
+        "finalising": result.finalising,
     }
 
 

@@ -5,15 +5,29 @@ from __future__ import annotations
 import hashlib
 import json
 
+from sqlalchemy import case, func, select
+from sqlalchemy.orm import Session
+
+from schemas.audits import CheckProgress
+
 # to_status lives outside the HTTP layer: the workers' callbacks send the same view.
 from service.audit_status import to_status
-from service.db.models import Audit
+from service.db.models import Audit, AuditShard
 
-__all__ = ["STATUS_COLUMNS", "etag_of", "if_none_match_hits", "status_etag", "to_status"]
+__all__ = [
+    "STATUS_COLUMNS",
+    "check_progress",
+    "etag_of",
+    "if_none_match_hits",
+    "status_etag",
+    "to_status",
+]
 
 # The columns `to_status` reads: a poll loads these (not the request JSON) and its ETag hashes
 # them, so a 304 is answered without building the body. Change STATUS_VIEW_VERSION whenever
-# to_status or AuditStatus renders the same columns differently.
+# to_status or AuditStatus renders the same columns differently. The per-check progress of a
+# single audit's body is counted from its AuditShard rows, not read from these columns: it
+# changes only when a shard finishes, and that bumps `shards_done`, so the tag still follows.
 STATUS_COLUMNS = (
     "id",
     "model_id",
@@ -24,12 +38,15 @@ STATUS_COLUMNS = (
     "verdict",
     "error",
     "attempts",
+    "priority",
+    "shards_total",
+    "shards_done",
     "created_at",
     "started_at",
     "finished_at",
     "updated_at",
 )
-STATUS_VIEW_VERSION = "1"
+STATUS_VIEW_VERSION = "2"
 
 
 def status_etag(audit: Audit) -> str:
@@ -38,6 +55,28 @@ def status_etag(audit: Audit) -> str:
     values = [getattr(audit, name) for name in STATUS_COLUMNS]
     encoded = json.dumps([STATUS_VIEW_VERSION, *values], sort_keys=True, default=str)
     return '"' + hashlib.sha256(encoded.encode()).hexdigest()[:32] + '"'
+
+
+def check_progress(session: Session, audit_id: str) -> list[CheckProgress]:
+    """Shard progress of each check of one audit: one grouped query over its AuditShard rows
+    (the primary key's leading audit_id finds them), in the request's check order."""
+    done = func.count(case((AuditShard.status == "done", 1)))
+    rows = session.execute(
+        select(AuditShard.check_index, AuditShard.kind, func.count(), done)
+        .where(AuditShard.audit_id == audit_id)
+        .group_by(AuditShard.check_index, AuditShard.kind)
+        .order_by(AuditShard.check_index, AuditShard.kind)
+    )
+    return [
+        CheckProgress(
+            index=index,
+            kind=kind,
+            shards_done=finished,
+            shards_total=total,
+            finished=finished == total,
+        )
+        for index, kind, total, finished in rows
+    ]
 
 
 def etag_of(body: bytes) -> str:

@@ -4,7 +4,9 @@ and fetch the report and artifacts once done.
 Decisions: an unknown or deleted `model_id` in a request body is a 422 naming `model_id` (the
 body is what is wrong, as with an unknown dataset id); a model still `validating` or
 `rejected` is a 409. An `Idempotency-Key` replay answers 202 with the original audit and the
-header `Idempotent-Replayed: true`; the same key with another body is a 422.
+header `Idempotent-Replayed: true`; the same key with another body is a 422. A replay is
+answered before the per-tenant quota (`tenant_max_queued_audits` audits `queued`: 429
+`too-many-audits` with Retry-After), so a client retrying a lost answer never hits it.
 """
 
 from __future__ import annotations
@@ -13,12 +15,13 @@ import hashlib
 import json
 import logging
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Response
 from fastapi.responses import FileResponse
-from sqlalchemy import select, update
+from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, load_only
 from sqlalchemy.orm.interfaces import ORMOption
@@ -30,22 +33,30 @@ from schemas.common import FileArray, UploadedArray
 from schemas.datasets import DIGIT_CLASSES, BuiltinDataset, FileDataset, UploadedDataset
 from schemas.model_spec import ModelSpec
 from schemas.problem import FieldError
-from service.api.audit_views import STATUS_COLUMNS, if_none_match_hits, status_etag, to_status
+from service.api.audit_views import (
+    STATUS_COLUMNS,
+    check_progress,
+    if_none_match_hits,
+    status_etag,
+    to_status,
+)
 from service.api.datasets import get_owned_dataset
 from service.api.deps import ArtifactsDep, DispatcherDep, SessionDep, SettingsDep, TenantDep
-from service.db.models import Artifact, Audit, Model, Tenant, utcnow
+from service.db.models import Artifact, Audit, AuditShard, Model, Tenant, utcnow
 from service.errors import (
     AuditFinished,
     IdempotencyKeyReused,
     ModelNotReady,
     NotFound,
     ReportNotReady,
+    TooManyAudits,
     ValidationFailed,
     problem_responses,
 )
 from service.junit import MEDIA_TYPE as JUNIT_MEDIA_TYPE
 from service.junit import render_junit
 from service.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
+from service.queue import DEFAULT_PRIORITY, audit_queue
 from service.settings import Settings
 from service.storage import SAFE_NAME
 
@@ -78,9 +89,17 @@ def security_headers(media_type: str) -> dict[str, str] | None:
 
 
 def canonical_request(request: AuditRequest) -> tuple[dict[str, Any], str]:
-    """The request with every default filled in, and its sha256 (keys sorted, no spaces)."""
-    canonical = request.model_dump(mode="json", by_alias=True)
-    encoded = json.dumps(canonical, sort_keys=True, separators=(",", ":")).encode()
+    """The request with every default filled in, and its sha256 (keys sorted, no spaces).
+
+    `priority` lives in its own column (Audit.priority), not in the stored request, which stays
+    the audit's config plus `model_id` for the workers. The hash covers it unless it is the
+    default, so another priority under the same Idempotency-Key is another body, while the
+    hashes of requests stored before priorities existed still match their replays."""
+    canonical = request.model_dump(mode="json", by_alias=True, exclude={"priority"})
+    hashed = canonical
+    if request.priority != DEFAULT_PRIORITY:
+        hashed = {**canonical, "priority": request.priority}
+    encoded = json.dumps(hashed, sort_keys=True, separators=(",", ":")).encode()
     return canonical, hashlib.sha256(encoded).hexdigest()
 
 
@@ -222,6 +241,19 @@ def _accepted(audit: Audit, replayed: bool = False) -> Response:
     )
 
 
+def check_quota(session: Session, settings: Settings, tenant: Tenant) -> None:
+    """At most tenant_max_queued_audits of a tenant's audits wait to start (docs/http-api.md).
+    A soft limit: two submissions at the same instant may both pass it by one."""
+    limit = settings.tenant_max_queued_audits
+    queued = session.scalar(
+        select(func.count())
+        .select_from(Audit)
+        .where(Audit.tenant_id == tenant.id, Audit.status == "queued")
+    )
+    if (queued or 0) >= limit:
+        raise TooManyAudits(limit=limit, queued=int(queued or 0))
+
+
 def _replay(session: Session, tenant: Tenant, key: str, request_hash: str) -> Audit | None:
     audit = session.scalar(
         select(Audit).where(Audit.tenant_id == tenant.id, Audit.idempotency_key == key)
@@ -238,8 +270,9 @@ def _replay(session: Session, tenant: Tenant, key: str, request_hash: str) -> Au
     status_code=202,
     response_model=AuditStatus,
     # 400: a body that cannot be read into values (an over-long number, too deep nesting);
-    # 413: a body over max_json_body_bytes (service.body_limits)
-    responses=problem_responses(400, 401, 409, 413, 422),
+    # 413: a body over max_json_body_bytes (service.body_limits);
+    # 429: tenant_max_queued_audits of the tenant's audits are already queued
+    responses=problem_responses(400, 401, 409, 413, 422, 429),
     summary="Submit an audit",
 )
 def submit_audit(
@@ -259,6 +292,7 @@ def submit_audit(
     check_callback_url(settings, body)
     model = check_model(session, tenant, body.model_id)
     check_fits_model(session, tenant, body, model)
+    check_quota(session, settings, tenant)
     audit = Audit(
         tenant_id=tenant.id,
         model_id=body.model_id,
@@ -266,6 +300,8 @@ def submit_audit(
         request_hash=request_hash,
         idempotency_key=idempotency_key,
         status="queued",
+        queue=audit_queue(body.device),
+        priority=body.priority,
         enqueued_at=utcnow(),
     )
     session.add(audit)
@@ -281,7 +317,7 @@ def submit_audit(
             raise
         return _accepted(earlier, replayed=True)
     # Only now, with the row safe: a lost message is re-sent by the reconciler.
-    dispatcher.audit(audit.id)
+    dispatcher.audit(audit.id, audit.queue, audit.priority)
     return _accepted(audit)
 
 
@@ -329,7 +365,9 @@ def read_audit(
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if if_none_match_hits(if_none_match, etag):
         return Response(status_code=304, headers=headers)
-    body = to_status(audit).model_dump_json().encode()
+    # Per-check progress only for a planned audit: one grouped query, and only for a body.
+    checks = check_progress(session, audit.id) if audit.shards_total > 0 else None
+    body = to_status(audit, checks).model_dump_json().encode()
     return Response(body, media_type="application/json", headers=headers)
 
 
@@ -347,6 +385,7 @@ def cancel_audit(
     if audit.status in TERMINAL_STATES:
         raise AuditFinished(f"Audit {audit_id!r} has already {audit.status}; nothing to cancel.")
     now = utcnow()
+    ended_now = False
     # Conditional updates: a worker may take the audit between our read and our write.
     cancelled_queued = session.execute(
         update(Audit)
@@ -354,17 +393,44 @@ def cancel_audit(
         .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
     )
     if cancelled_queued.rowcount == 0:  # type: ignore[attr-defined]
-        session.execute(
+        requested = session.execute(
             update(Audit)
             .where(Audit.id == audit_id, Audit.status.not_in(TERMINAL_STATES))
             .values(cancel_requested=True, updated_at=now)
         )
+        if requested.rowcount == 1:  # type: ignore[attr-defined]
+            # Running: no worker may claim its waiting shards any more; the workers running
+            # one stop it themselves (they see cancel_requested), and finished ones stay done.
+            session.execute(
+                update(AuditShard)
+                .where(AuditShard.audit_id == audit_id, AuditShard.status == "queued")
+                .values(status="cancelled", finished_at=now)
+            )
+            ended_now = _end_if_no_shard_runs(session, audit_id, now)
     session.commit()
     session.refresh(audit)
-    if cancelled_queued.rowcount == 1 and audit.request.get("callback_url"):  # type: ignore[attr-defined]
+    if (cancelled_queued.rowcount == 1 or ended_now) and audit.request.get("callback_url"):  # type: ignore[attr-defined]
         # No worker will touch this audit again: announce it from here (after the commit).
         dispatcher.callback(audit.id)
     return to_status(audit)
+
+
+def _end_if_no_shard_runs(session: Session, audit_id: str, now: datetime) -> bool:
+    """An audit in its shard phase (no task holds it) with no shard running has nobody left to
+    notice the cancel: it ends here. With a shard running, that shard's worker ends it."""
+    running_shard = exists().where(AuditShard.audit_id == audit_id, AuditShard.status == "running")
+    ended = session.execute(
+        update(Audit)
+        .where(
+            Audit.id == audit_id,
+            Audit.status == "running",
+            Audit.lease_owner.is_(None),
+            Audit.shards_total > 0,
+            ~running_shard,
+        )
+        .values(status="cancelled", finished_at=now, updated_at=now)
+    )
+    return bool(ended.rowcount == 1)  # type: ignore[attr-defined]
 
 
 def _inside(root: Path, relative: str) -> Path:

@@ -4,6 +4,7 @@ compose binary's offline `config`, hadolint, and the entry points the files name
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -22,12 +23,13 @@ def _tool(name: str) -> str:
     return path
 
 
-def _compose() -> dict:
+def _compose(*profiles: str) -> dict:
     result = subprocess.run(
         [
             _tool("docker-compose"),
             "-f",
             str(ROOT / "docker-compose.yml"),
+            *(arg for profile in profiles for arg in ("--profile", profile)),
             "config",
             "--format",
             "json",
@@ -90,3 +92,60 @@ def test_compose_commands_exist(service: str) -> None:
             cwd=ROOT,
         )
         assert result.returncode == 0, result.stderr
+
+
+def _gpu_devices(service: dict) -> list[dict]:
+    return [
+        d
+        for d in service["deploy"]["resources"]["reservations"]["devices"]
+        if "gpu" in d["capabilities"]
+    ]
+
+
+def test_the_worker_service_scales() -> None:
+    """`docker compose up --scale worker=N` needs no fixed name and no published port."""
+    worker = _compose()["services"]["worker"]
+    assert "container_name" not in worker
+    assert not worker.get("ports")
+    assert worker["command"][:2] == ["tightrope", "worker"]
+    assert "--gpus" in worker["command"]  # it reads the GPU queue, or cuda audits would wait
+
+
+def test_the_multi_gpu_worker_is_off_by_default_and_takes_every_gpu() -> None:
+    assert "worker-gpus" not in _compose()["services"]
+    services = _compose("multi-gpu")["services"]
+    multi = services["worker-gpus"]
+    assert multi["profiles"] == ["multi-gpu"]
+    assert [d["count"] for d in _gpu_devices(multi)] in ([-1], ["all"])
+    assert multi["command"][:4] == ["tightrope", "worker", "--gpus", "all"]
+    assert "container_name" not in multi and not multi.get("ports")
+    for key in ("environment", "volumes", "security_opt", "healthcheck", "restart"):
+        assert multi[key] == services["worker"][key], key
+
+
+@pytest.mark.parametrize("service", ["worker", "worker-gpus"])
+def test_worker_commands_parse_with_the_cli(service: str, tmp_path: Path) -> None:
+    """The worker services' commands, dry-run on a machine whose (fake) nvidia-smi lists two
+    GPUs: one worker per GPU, the CPU workers and the admission worker."""
+    argv = _compose("multi-gpu")["services"][service]["command"]
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text('#!/bin/sh\nprintf "0\\n1\\n"\n')
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(
+        [sys.executable, "-m", "workers.cli", *argv[1:], "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    names = [line.split("@")[0] for line in result.stdout.splitlines()]
+    cpu = ["cpu1", "cpu2"] if service == "worker-gpus" else ["cpu1"]
+    assert names == ["gpu0", "gpu1", *cpu, "admission"]
+
+
+def test_the_image_lets_the_nvidia_runtime_mount_nvidia_smi() -> None:
+    """`tightrope worker --gpus all` asks nvidia-smi (the runtime's `utility` capability)."""
+    text = (ROOT / "Dockerfile").read_text()
+    assert "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in text

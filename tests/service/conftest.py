@@ -3,6 +3,7 @@ Redis broker (its own database number), API keys, and tiny model and dataset fil
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from service.app import create_app
 from service.auth import create_api_key
 from service.db.models import Model
+from service.queue import ALL_QUEUES, broker_keys
 from service.settings import Settings
 from tests.fixtures import model_factory
 from tests.fixtures.databases import postgres_database
@@ -54,6 +56,25 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     # One PostgreSQL database per session; tests stay apart through their own tenants.
     url: str = request.getfixturevalue("postgres_url")
     return url
+
+
+def broker_messages(client: redis.Redis, queue: str) -> list[tuple[str, dict[str, Any]]]:
+    """(Redis list, message) of every message waiting in `queue`, across its priority steps:
+    the lists in the order a worker serves them, each list's oldest message first."""
+    found = []
+    for key in broker_keys(queue):
+        for raw in reversed(client.lrange(key, 0, -1)):  # LPUSHed: the newest is at 0
+            found.append((key, json.loads(raw)))
+    return found
+
+
+def broker_count(client: redis.Redis, *queues: str) -> int:
+    """How many messages wait in these queues (all of them if none is named)."""
+    return sum(client.llen(key) for queue in queues or ALL_QUEUES for key in broker_keys(queue))
+
+
+def clear_queues(client: redis.Redis, *queues: str) -> None:
+    client.delete(*(key for queue in queues or ALL_QUEUES for key in broker_keys(queue)))
 
 
 def make_settings(tmp_path: Path, database_url: str, **overrides: Any) -> Settings:
@@ -125,8 +146,6 @@ def upload_model(
     path: Path,
     spec: dict[str, Any] | str | None = None,
 ) -> Any:
-    import json
-
     spec_text = spec if isinstance(spec, str) else json.dumps(spec if spec is not None else SPEC)
     return client.post(
         "/v1/models",

@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from service.app import create_app
-from service.db.models import Artifact, Audit, utcnow
-from service.queue import QUEUE
+from service.db.models import Artifact, Audit, AuditShard, utcnow
+from service.queue import ALL_QUEUES, QUEUE_CPU, QUEUE_GPU, broker_keys
 from service.settings import Settings
 from tests.service.conftest import (
     UNREACHABLE_BROKER,
     ModelFiles,
     assert_problem,
+    broker_count,
+    broker_messages,
     make_settings,
     new_key,
     ready_model,
@@ -30,6 +32,7 @@ from tests.service.conftest import (
     set_model_status,
     upload_model,
 )
+from tests.service.test_poll_load import count_queries
 
 
 def audit_request(model_id: str, **overrides: Any) -> dict[str, Any]:
@@ -66,10 +69,46 @@ def count_audits(client: TestClient) -> int:
         return int(session.scalar(select(func.count()).select_from(Audit)) or 0)
 
 
+def sent_for(broker: redis.Redis, audit_id: str) -> list[tuple[str, dict[str, Any]]]:
+    """(Redis list, message) of every waiting message about this audit, in any queue."""
+    return [
+        (key, message)
+        for queue in ALL_QUEUES
+        for key, message in broker_messages(broker, queue)
+        if message["headers"]["argsrepr"] == repr([audit_id])
+    ]
+
+
+def add_shards(client: TestClient, audit_id: str, *shards: tuple[int, str, str]) -> None:
+    """Planned shards of an audit, as a worker would write them: (check_index, kind, status)."""
+    with sessions_of(client)() as session:
+        for position, (check_index, kind, status) in enumerate(shards):
+            session.add(
+                AuditShard(
+                    audit_id=audit_id,
+                    shard_id=f"{check_index}-{kind}-{position}",
+                    status=status,
+                    position=position,
+                    check_index=check_index,
+                    kind=kind,
+                    finished_at=utcnow() if status == "done" else None,
+                )
+            )
+        session.commit()
+
+
+def shard_statuses(client: TestClient, audit_id: str) -> dict[str, str]:
+    with sessions_of(client)() as session:
+        rows = session.execute(
+            select(AuditShard.shard_id, AuditShard.status).where(AuditShard.audit_id == audit_id)
+        )
+        return {shard_id: status for shard_id, status in rows}
+
+
 def test_submit_commits_then_enqueues(
     client: TestClient, auth: dict[str, str], model_id: str, broker: redis.Redis
 ) -> None:
-    before = broker.llen(QUEUE)
+    before = broker_count(broker)
     response = submit(client, auth, audit_request(model_id))
     assert response.status_code == 202, response.text
     body = response.json()
@@ -77,14 +116,20 @@ def test_submit_commits_then_enqueues(
     assert response.headers["location"] == f"/v1/audits/{body['id']}"
     assert response.headers["retry-after"] == "2"
     assert body["links"]["cancel"] == f"/v1/audits/{body['id']}/cancel"
+    assert body["priority"] == "normal" and body["shards"] == {"done": 0, "total": 0}
+    assert body["checks"] is None
     with sessions_of(client)() as session:
         row = session.get(Audit, body["id"])
         assert row is not None and row.enqueued_at is not None
-        # The stored request is canonical: defaults are filled in, aliases used.
+        assert row.queue == QUEUE_CPU and row.priority == "normal"
+        # The stored request is canonical: defaults are filled in, aliases used; the priority
+        # has its own column (the workers read the request as the audit's config).
         assert row.request["seed"] == 0 and row.request["checks"][0]["tolerance"] == 1e-4
+        assert "priority" not in row.request
         assert len(row.request_hash) == 64
-    assert broker.llen(QUEUE) == before + 1
-    message = json.loads(broker.lindex(QUEUE, 0) or b"{}")
+    assert broker_count(broker) == before + 1
+    ((key, message),) = sent_for(broker, body["id"])
+    assert key == broker_keys(QUEUE_CPU)[4]  # device `auto`, priority `normal`
     assert message["headers"]["task"] == "tightrope.run_audit"
 
 
@@ -227,14 +272,19 @@ def test_idempotency_key_replays_and_refuses_other_bodies(
 ) -> None:
     body = audit_request(model_id)
     first = submit(client, auth, body, **{"Idempotency-Key": "abc-1"})
-    queued = broker.llen(QUEUE)
+    queued = broker_count(broker)
     rows = count_audits(client)
     again = submit(client, auth, body, **{"Idempotency-Key": "abc-1"})
     assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
     assert again.headers["idempotent-replayed"] == "true"
-    assert broker.llen(QUEUE) == queued and count_audits(client) == rows
+    assert broker_count(broker) == queued and count_audits(client) == rows
     changed = submit(client, auth, audit_request(model_id, seed=7), **{"Idempotency-Key": "abc-1"})
     assert_problem(changed, 422, "idempotency-key-reused")
+    # Another priority is another body; spelling out the default is the same one.
+    urgent = submit(client, auth, {**body, "priority": "high"}, **{"Idempotency-Key": "abc-1"})
+    assert_problem(urgent, 422, "idempotency-key-reused")
+    spelled = submit(client, auth, {**body, "priority": "normal"}, **{"Idempotency-Key": "abc-1"})
+    assert spelled.status_code == 202 and spelled.json()["id"] == first.json()["id"]
     # Keys are per tenant: another tenant's same key is a different audit.
     other = new_key(client)
     other_model = ready_model(client, other, model_files.torchscript)
@@ -291,6 +341,211 @@ def test_cancel(client: TestClient, auth: dict[str, str], model_id: str) -> None
 
     assert_problem(client.post(f"/v1/audits/{running}/cancel", headers=new_key(client)), 404)
     assert_problem(client.post("/v1/audits/aud_nope/cancel", headers=auth), 404)
+
+
+@pytest.mark.parametrize(
+    ("device", "queue"), [("cuda", QUEUE_GPU), ("cpu", QUEUE_CPU), ("auto", QUEUE_CPU)]
+)
+def test_an_audit_goes_to_its_device_queue(
+    client: TestClient,
+    auth: dict[str, str],
+    model_id: str,
+    broker: redis.Redis,
+    device: str,
+    queue: str,
+) -> None:
+    """Only GPU workers read the GPU queue: a `cuda` audit must not wait in the CPU one."""
+    response = submit(client, auth, audit_request(model_id, device=device))
+    assert response.status_code == 202, response.text
+    audit_id = response.json()["id"]
+    ((key, message),) = sent_for(broker, audit_id)
+    assert key in broker_keys(queue), (device, key)
+    assert message["headers"]["task"] == "tightrope.run_audit"
+    with sessions_of(client)() as session:
+        row = session.get(Audit, audit_id)
+        assert row is not None and row.queue == queue
+
+
+def test_priority_orders_the_broker_lists(
+    client: TestClient, auth: dict[str, str], model_id: str, broker: redis.Redis
+) -> None:
+    """A worker empties a queue's lower step first: `high` goes to step 0 (the queue's own list),
+    `normal` and `low` to later steps, `low` last."""
+    steps: dict[str, int] = {}
+    for seed, priority in enumerate(("low", "high", "normal")):
+        request = audit_request(model_id, seed=seed, device="cpu", priority=priority)
+        response = submit(client, auth, request)
+        assert response.status_code == 202, response.text
+        assert response.json()["priority"] == priority
+        audit_id = response.json()["id"]
+        ((key, _),) = sent_for(broker, audit_id)
+        steps[priority] = broker_keys(QUEUE_CPU).index(key)
+        with sessions_of(client)() as session:
+            row = session.get(Audit, audit_id)
+            assert row is not None and row.priority == priority
+        assert client.get(f"/v1/audits/{audit_id}", headers=auth).json()["priority"] == priority
+    assert steps["high"] == 0 and broker_keys(QUEUE_CPU)[0] == QUEUE_CPU
+    assert steps["high"] < steps["normal"] < steps["low"], steps
+    body = assert_problem(submit(client, auth, audit_request(model_id, priority="urgent")), 422)
+    assert body["errors"][0]["loc"] == ["body", "priority"]
+
+
+def test_too_many_queued_audits_is_429_with_retry_after(
+    tmp_path: Path, database_url: str, broker: redis.Redis, model_files: ModelFiles
+) -> None:
+    settings = make_settings(tmp_path, database_url, tenant_max_queued_audits=2)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        auth = new_key(client)
+        model_id = ready_model(client, auth, model_files.torchscript)
+        first = submit(client, auth, audit_request(model_id), **{"Idempotency-Key": "q-1"})
+        assert first.status_code == 202, first.text
+        assert submit(client, auth, audit_request(model_id, seed=1)).status_code == 202
+        rows, messages = count_audits(client), broker_count(broker)
+
+        refused = submit(client, auth, audit_request(model_id, seed=2))
+        body = assert_problem(refused, 429, "too-many-audits")
+        assert refused.headers["retry-after"] == "30"
+        assert body["extra"] == {"limit": 2, "queued": 2}
+        assert "2 audits queued" in body["detail"] and "limit is 2" in body["detail"]
+        assert count_audits(client) == rows and broker_count(broker) == messages
+
+        # A replay of a stored request is answered before the quota.
+        again = submit(client, auth, audit_request(model_id), **{"Idempotency-Key": "q-1"})
+        assert again.status_code == 202 and again.json()["id"] == first.json()["id"]
+        # The quota is per tenant, and counts only audits waiting to start.
+        other = new_key(client)
+        other_model = ready_model(client, other, model_files.torchscript)
+        assert submit(client, other, audit_request(other_model)).status_code == 202
+        set_audit(client, first.json()["id"], status="running", started_at=utcnow())
+        assert submit(client, auth, audit_request(model_id, seed=3)).status_code == 202
+        refused = submit(client, auth, audit_request(model_id, seed=4))
+        assert_problem(refused, 429, "too-many-audits")
+
+        operation = client.get("/openapi.json").json()["paths"]["/v1/audits"]["post"]
+        assert "429" in operation["responses"]
+
+
+def test_status_shows_shard_progress_per_check(
+    client: TestClient, auth: dict[str, str], model_id: str
+) -> None:
+    checks = [
+        {"kind": "lipschitz", "iterations": 3},
+        {"kind": "random_noise", "levels": [0.01], "samples": 2},
+    ]
+    audit_id = submit(client, auth, audit_request(model_id, checks=checks)).json()["id"]
+    statements = count_queries(client)
+    unplanned = client.get(f"/v1/audits/{audit_id}", headers=auth)
+    assert unplanned.json()["shards"] == {"done": 0, "total": 0}
+    assert unplanned.json()["checks"] is None
+    assert not [s for s in statements if "audit_shards" in s]  # nothing to count yet
+
+    add_shards(
+        client,
+        audit_id,
+        (0, "lipschitz", "done"),
+        (0, "lipschitz", "done"),
+        (1, "random_noise", "done"),
+        (1, "random_noise", "running"),
+        (1, "random_noise", "queued"),
+    )
+    set_audit(client, audit_id, status="running", started_at=utcnow(), shards_total=5)
+    set_audit(client, audit_id, shards_done=3)
+    statements.clear()
+    first = client.get(f"/v1/audits/{audit_id}", headers=auth)
+    assert first.status_code == 200
+    assert len([s for s in statements if "audit_shards" in s]) == 1, statements  # one grouped
+    body = first.json()
+    assert body["shards"] == {"done": 3, "total": 5}
+    assert body["checks"] == [
+        {"index": 0, "kind": "lipschitz", "shards_done": 2, "shards_total": 2, "finished": True},
+        {
+            "index": 1,
+            "kind": "random_noise",
+            "shards_done": 1,
+            "shards_total": 3,
+            "finished": False,
+        },
+    ]
+    # A 304 builds no body, so it counts nothing either.
+    etag = first.headers["etag"]
+    statements.clear()
+    cached = client.get(f"/v1/audits/{audit_id}", headers={**auth, "If-None-Match": etag})
+    assert cached.status_code == 304
+    assert not [s for s in statements if "audit_shards" in s], statements
+
+    # A shard finishes: the worker bumps shards_done, and that alone changes the tag (here
+    # updated_at is kept as it was, so nothing else in the columns moves).
+    with sessions_of(client)() as session:
+        session.execute(
+            update(AuditShard)
+            .where(AuditShard.audit_id == audit_id, AuditShard.shard_id == "1-random_noise-3")
+            .values(status="done")
+        )
+        session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id)
+            .values(shards_done=Audit.shards_done + 1, updated_at=Audit.updated_at)
+        )
+        session.commit()
+    changed = client.get(f"/v1/audits/{audit_id}", headers={**auth, "If-None-Match": etag})
+    assert changed.status_code == 200 and changed.headers["etag"] != etag
+    assert changed.json()["shards"] == {"done": 4, "total": 5}
+    assert changed.json()["checks"][1]["shards_done"] == 2
+
+    # Lists and callbacks show the counts only.
+    (listed,) = client.get("/v1/audits", headers=auth).json()["items"]
+    assert listed["shards"] == {"done": 4, "total": 5} and listed["checks"] is None
+
+
+def test_cancelling_a_running_audit_cancels_its_waiting_shards(
+    client: TestClient, auth: dict[str, str], model_id: str
+) -> None:
+    running = submit(client, auth, audit_request(model_id)).json()["id"]
+    other = submit(client, auth, audit_request(model_id, seed=1)).json()["id"]
+    for audit_id in (running, other):
+        set_audit(client, audit_id, status="running", started_at=utcnow(), shards_total=4)
+        add_shards(
+            client,
+            audit_id,
+            (0, "lipschitz", "done"),
+            (0, "lipschitz", "running"),
+            (0, "lipschitz", "queued"),
+            (0, "lipschitz", "queued"),
+        )
+    response = client.post(f"/v1/audits/{running}/cancel", headers=auth)
+    assert response.status_code == 202 and response.json()["status"] == "running"
+    # Workers stop the running shard themselves; a finished one stays done.
+    assert shard_statuses(client, running) == {
+        "0-lipschitz-0": "done",
+        "0-lipschitz-1": "running",
+        "0-lipschitz-2": "cancelled",
+        "0-lipschitz-3": "cancelled",
+    }
+    assert set(shard_statuses(client, other).values()) == {"done", "running", "queued"}
+    with sessions_of(client)() as session:
+        row = session.get(Audit, running)
+        assert row is not None and row.cancel_requested
+
+
+def test_cancelling_an_audit_with_no_shard_running_ends_it_at_once(
+    client: TestClient, auth: dict[str, str], model_id: str
+) -> None:
+    """Between shards nobody holds the audit: the gateway ends it, or nobody would."""
+    audit_id = submit(client, auth, audit_request(model_id)).json()["id"]
+    set_audit(client, audit_id, status="running", started_at=utcnow(), shards_total=2)
+    add_shards(client, audit_id, (0, "lipschitz", "done"), (0, "lipschitz", "queued"))
+    response = client.post(f"/v1/audits/{audit_id}/cancel", headers=auth)
+    assert response.status_code == 202 and response.json()["status"] == "cancelled"
+    assert response.json()["finished_at"] is not None
+    assert shard_statuses(client, audit_id) == {
+        "0-lipschitz-0": "done",
+        "0-lipschitz-1": "cancelled",
+    }
+    # A task holding the audit (planning or finalising) ends it itself instead.
+    held = submit(client, auth, audit_request(model_id, seed=2)).json()["id"]
+    set_audit(client, held, status="running", lease_owner="w", shards_total=0)
+    response = client.post(f"/v1/audits/{held}/cancel", headers=auth)
+    assert response.status_code == 202 and response.json()["status"] == "running"
 
 
 def test_report_and_artifacts(
@@ -450,14 +705,14 @@ def test_internal_callback_urls_are_refused(
     broker: redis.Redis,
     fake_dns: dict[str, list[str]],
 ) -> None:
-    before_rows, before_messages = count_audits(client), broker.llen(QUEUE)
+    before_rows, before_messages = count_audits(client), broker_count(broker)
     for url in INTERNAL_CALLBACKS:
         response = submit(client, auth, audit_request(model_id, callback_url=url))
         body = assert_problem(response, 422, "validation-failed")
         assert body["detail"].startswith("callback_url: "), (url, body)
         assert [e["loc"] for e in body["errors"]] == [["body", "callback_url"]], (url, body)
         assert "address" in body["detail"] or "loopback name" in body["detail"], (url, body)
-    assert count_audits(client) == before_rows and broker.llen(QUEUE) == before_messages
+    assert count_audits(client) == before_rows and broker_count(broker) == before_messages
 
 
 def test_unresolvable_callback_host_is_refused(

@@ -19,13 +19,16 @@ from schemas.canonical import canonical_json
 from service import callback_signing, signing
 from service.app import create_app
 from service.db.models import Artifact
-from service.queue import QUEUE
+from service.queue import QUEUE_ADMISSION
 from service.settings import Settings
 from service.storage import sha256_file
 from tests.reporting.sample import make_report
 from tests.service.conftest import (
     ModelFiles,
     assert_problem,
+    broker_count,
+    broker_messages,
+    clear_queues,
     make_settings,
     new_key,
     ready_model,
@@ -172,9 +175,10 @@ def test_cancelling_a_queued_audit_sends_its_callback(
         body: dict[str, Any] = audit_request(model_id, callback_url="http://127.0.0.1:9/hook")
         with_callback = submit(client, auth, body).json()["id"]
         without = submit(client, auth, audit_request(model_id)).json()["id"]
-        callback_broker.delete(QUEUE)
+        clear_queues(callback_broker)
         for audit_id in (with_callback, without):
             assert client.post(f"/v1/audits/{audit_id}/cancel", headers=auth).status_code == 202
-        messages = [json.loads(m) for m in callback_broker.lrange(QUEUE, 0, -1)]
+        messages = [m for _, m in broker_messages(callback_broker, QUEUE_ADMISSION)]
         tasks = [(m["headers"]["task"], m["headers"]["argsrepr"]) for m in messages]
         assert tasks == [("tightrope.send_callback", repr([with_callback]))]
+        assert broker_count(callback_broker) == 1  # the callback only: no audit message

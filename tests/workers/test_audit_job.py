@@ -14,7 +14,9 @@ from service.db.models import Artifact, Audit, AuditShard, Model
 from service.settings import Settings
 from tests.workers.conftest import REQUEST, add_audit, add_model, wait_for
 from workers.admission import execute_admission
-from workers.audit_job import execute_audit
+from workers.audit_job import Sends, execute_audit
+from workers.job_cache import JobCache
+from workers.shard_job import execute_shard
 
 
 def _with(settings: Settings, **changes: object) -> Settings:
@@ -27,17 +29,73 @@ def _reload(session: Session, audit_id: str) -> Audit:
     return audit
 
 
-def test_a_report_is_stored_with_its_shards_and_artifacts(
+class Recorded(Sends):
+    """Sends that record (kind, args) instead of reaching a broker."""
+
+    def __init__(self) -> None:
+        sent: list[tuple[str, tuple[object, ...]]] = []
+        super().__init__(
+            audit=lambda *args: sent.append(("audit", args)),
+            shards=lambda *args: sent.append(("shards", args)),
+            callback=lambda *args: sent.append(("callback", args)),
+        )
+        object.__setattr__(self, "sent", sent)
+
+
+def test_an_audit_is_planned_sharded_and_finalised_with_its_artifacts(
     settings: Settings, session: Session
 ) -> None:
     settings = _with(settings, runner_module="tests.workers.fakes.report")
     request = dict(REQUEST, checks=[{"kind": "random_noise"}, {"kind": "lipschitz"}])
     audit = add_audit(session, add_model(session, settings), request=request)
-    session.add(AuditShard(audit_id=audit.id, shard_id="random_noise-0", result={"value": 0}))
-    session.commit()
+    sends = Recorded()
 
-    assert execute_audit(audit.id, settings=settings, session=session) == "succeeded"
+    assert execute_audit(audit.id, settings=settings, session=session, sends=sends) == "planned"
+    row = _reload(session, audit.id)
+    assert (row.status, row.shards_total, row.shards_done, row.lease_owner) == (
+        "running",
+        2,
+        0,
+        None,
+    )
+    assert sends.sent == [("shards", (audit.id, "tightrope.cpu", "normal", 2))]  # type: ignore[attr-defined]
+    planned = session.scalars(
+        select(AuditShard).where(AuditShard.audit_id == audit.id).order_by(AuditShard.position)
+    ).all()
+    assert [(s.shard_id, s.status, s.check_index) for s in planned] == [
+        ("random_noise-0", "queued", 0),
+        ("lipschitz-1", "queued", 1),
+    ]
 
+    cache = JobCache(capacity=2)
+    outcomes = [
+        execute_shard(
+            audit.id,
+            "tightrope.cpu",
+            settings=settings,
+            session=session,
+            worker=f"w{i}",
+            sends=sends,
+            cache=cache,
+        )
+        for i in range(3)
+    ]
+    assert outcomes == ["done", "done", "idle"]
+    assert cache.materialised == 1  # the second shard reused the kept job directory
+    row = _reload(session, audit.id)
+    assert (row.shards_done, row.progress_fraction) == (2, 1.0)
+    stored = session.scalars(
+        select(AuditShard)
+        .where(AuditShard.audit_id == audit.id)
+        .execution_options(populate_existing=True)
+    ).all()
+    assert {(s.shard_id, s.status, s.worker) for s in stored} == {
+        ("random_noise-0", "done", "w0"),
+        ("lipschitz-1", "done", "w1"),
+    }
+    assert sends.sent[-1] == ("audit", (audit.id, "tightrope.cpu", "normal"))  # type: ignore[attr-defined]
+
+    assert execute_audit(audit.id, settings=settings, session=session, sends=sends) == "succeeded"
     row = _reload(session, audit.id)
     assert (row.status, row.verdict, row.progress_fraction, row.lease_owner) == (
         "succeeded",
@@ -47,32 +105,28 @@ def test_a_report_is_stored_with_its_shards_and_artifacts(
     )
     assert row.report_path == f"{audit.id}/report.json" and row.finished_at is not None
     report = json.loads((settings.artifact_dir / row.report_path).read_text())
-    assert report["resumed_shards"] == ["random_noise-0"]  # the stored shard was handed back
-    shards = session.scalars(select(AuditShard.shard_id).where(AuditShard.audit_id == audit.id))
-    assert sorted(shards) == ["lipschitz-1", "random_noise-0"]
+    assert report["resumed_shards"] == ["lipschitz-1", "random_noise-0"]  # all handed back
     artifacts = session.scalars(select(Artifact).where(Artifact.audit_id == audit.id)).all()
     assert {(a.name, a.media_type) for a in artifacts} == {
         ("report.json", "application/json"),
         ("figure.png", "image/png"),
     }
-    assert not any(settings.jobs_dir.iterdir())  # the job directory is gone
+    cache.clear()
+    assert not any(settings.jobs_dir.iterdir())  # no job directory is left
 
 
 def test_a_child_that_dies_is_retried_then_given_up(settings: Settings, session: Session) -> None:
     settings = _with(settings, runner_module="tests.workers.fakes.crash", max_attempts=2)
     audit = add_audit(session, add_model(session, settings))
-    enqueued: list[str] = []
-    assert execute_audit(audit.id, settings=settings, session=session, enqueue=enqueued.append) == (
-        "queued"
-    )
-    assert enqueued == [audit.id] and _reload(session, audit.id).lease_owner is None
-    assert execute_audit(audit.id, settings=settings, session=session, enqueue=enqueued.append) == (
-        "failed"
-    )
+    sends = Recorded()
+    assert execute_audit(audit.id, settings=settings, session=session, sends=sends) == "queued"
+    resent = [("audit", (audit.id, "tightrope.cpu", "normal"))]
+    assert sends.sent == resent and _reload(session, audit.id).lease_owner is None  # type: ignore[attr-defined]
+    assert execute_audit(audit.id, settings=settings, session=session, sends=sends) == "failed"
     row = _reload(session, audit.id)
     assert row.attempts == 2 and row.error is not None
     assert "gave up after 2 attempts" in row.error["detail"]
-    assert enqueued == [audit.id]
+    assert sends.sent == resent  # type: ignore[attr-defined]
 
 
 def test_the_budget_time_limit_fails_the_audit(settings: Settings, session: Session) -> None:

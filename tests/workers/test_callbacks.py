@@ -27,7 +27,7 @@ from service.db import session as db_session
 from service.db.models import Audit
 from service.settings import Settings, get_settings
 from tests.workers.conftest import REQUEST, add_audit, add_model, fast_settings
-from workers.audit_job import execute_audit
+from workers.audit_job import Sends, execute_audit
 from workers.callbacks import Delivery, backoff_seconds, deliver_callback
 
 
@@ -203,11 +203,12 @@ def test_finished_audit_enqueues_its_callback(session: Session, settings: Settin
     """execute_audit hands a finished audit with a callback_url to `notify` (here: the model
     is gone, so the audit fails at once; a real runner is not needed to reach the hook)."""
     notified: list[str] = []
+    sends = Sends(audit=lambda *a: None, shards=lambda *a: None, callback=notified.append)
     model = add_model(session, settings, status="rejected")
     audit = add_audit(session, model, request=dict(REQUEST, callback_url="http://127.0.0.1:9/"))
     silent = add_audit(session, model)
     for item in (audit, silent):
-        result = execute_audit(item.id, settings=settings, session=session, notify=notified.append)
+        result = execute_audit(item.id, settings=settings, session=session, sends=sends)
         assert result == "failed"
     assert notified == [audit.id]
 

@@ -37,7 +37,12 @@ def test_expired_leases_and_lost_messages_are_re_enqueued_once(
         attempts=1,
     )
     sent: list[str] = []
-    result = reconcile_once(session, now, settings=settings, enqueue_audit=sent.append)
+    result = reconcile_once(
+        session,
+        now,
+        settings=settings,
+        enqueue_audit=lambda audit_id, *route: sent.append(audit_id),
+    )
     assert result.expired_leases == [dead.id]
     assert result.lost_messages == [lost.id]
     assert sorted(sent) == sorted([dead.id, lost.id])
@@ -50,7 +55,12 @@ def test_expired_leases_and_lost_messages_are_re_enqueued_once(
 
     # a second pass at the same moment finds nothing: the timestamps moved
     again: list[str] = []
-    reconcile_once(session, now, settings=settings, enqueue_audit=again.append)
+    reconcile_once(
+        session,
+        now,
+        settings=settings,
+        enqueue_audit=lambda audit_id, *route: again.append(audit_id),
+    )
     assert again == []
 
 
@@ -79,7 +89,7 @@ def test_a_broker_outage_does_not_stop_the_pass(settings: Settings, session: Ses
     )
     tried: list[str] = []
 
-    def broken(audit_id: str) -> None:
+    def broken(audit_id: str, *route: object) -> None:
         tried.append(audit_id)
         raise ConnectionError("redis is down")
 

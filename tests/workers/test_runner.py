@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.models import Audit, Model
-from service.queue import make_celery
+from service.queue import QUEUE_ADMISSION, QUEUE_CPU, make_celery
 from service.settings import Settings
 from service.storage import BlobStore
 from tests.fixtures.model_factory import tiny_cnn_spec, tiny_cnn_torchscript
@@ -100,7 +100,7 @@ def test_a_worker_runs_a_real_random_noise_audit(
 ) -> None:
     start_process(celery_worker_argv("real"), worker_env(settings, "workers.runner"))
     celery = make_celery(settings)
-    celery.send_task("tightrope.admit_model", args=[tiny_model.id], queue="tightrope")
+    celery.send_task("tightrope.admit_model", args=[tiny_model.id], queue=QUEUE_ADMISSION)
 
     def model_status() -> str:
         session.commit()
@@ -109,7 +109,7 @@ def test_a_worker_runs_a_real_random_noise_audit(
     wait_for(lambda: model_status() != "validating", timeout=120)
     assert model_status() == "ready"
     audit = add_audit(session, tiny_model, request=REQUEST)
-    celery.send_task("tightrope.run_audit", args=[audit.id], queue="tightrope")
+    celery.send_task("tightrope.run_audit", args=[audit.id], queue=QUEUE_CPU)
 
     def finished() -> Audit | None:
         session.commit()

@@ -200,3 +200,50 @@ def test_software_under_tmp_is_not_hidden_by_the_private_tmp(tmp_path: Path) -> 
     assert cmd[private_tmp] == "--tmpfs"
     first_software_bind = min(i for i, arg in enumerate(cmd) if arg in ("--ro-bind", "--symlink"))
     assert private_tmp < first_software_bind
+
+
+def test_the_gpu_a_worker_is_pinned_to_reaches_the_child(
+    layout: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tightrope worker --gpus` pins each worker with CUDA_VISIBLE_DEVICES (an nvidia-smi
+    index, so CUDA_DEVICE_ORDER=PCI_BUS_ID): the runner in the sandbox sees the same GPU."""
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+    result = run_in_sandbox(layout, "import json, os; print(json.dumps(dict(os.environ)))")
+    assert result["CUDA_VISIBLE_DEVICES"] == "1"
+    assert result["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+
+
+def test_a_gpu_child_gets_every_nvidia_node_and_a_cpu_child_none(
+    layout: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pinned GPU is chosen by CUDA_VISIBLE_DEVICES, not by hiding nodes: a node's number
+    is the driver's minor, which need not match the index (see Sandbox.command)."""
+    nodes = ["/dev/nvidia0", "/dev/nvidia1", "/dev/nvidiactl", "/dev/nvidia-uvm"]
+    monkeypatch.setattr("workers.sandbox.gpu_device_nodes", lambda: nodes)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    sandbox = Sandbox(mode="bwrap", hidden_dirs=(layout["data"],), memory_bytes=1 << 30)
+
+    def bound(cmd: list[str]) -> list[str]:
+        return [cmd[i + 1] for i, arg in enumerate(cmd) if arg == "--dev-bind"]
+
+    assert bound(sandbox.command(["true"], layout["job"], use_gpu=True)) == nodes
+    assert bound(sandbox.command(["true"], layout["job"], use_gpu=False)) == []
+
+
+@pytest.mark.parametrize(
+    ("visible", "expected"), [(None, True), ("0", True), ("0,1", True), ("", False), ("-1", False)]
+)
+def test_has_gpu_respects_a_worker_without_gpu(
+    monkeypatch: pytest.MonkeyPatch, visible: str | None, expected: bool
+) -> None:
+    """The CPU workers of `tightrope worker --gpus` get CUDA_VISIBLE_DEVICES="": an `auto`
+    audit they take runs on the CPU and gets no GPU node."""
+    from workers.sandbox import has_gpu
+
+    monkeypatch.setattr("workers.sandbox.gpu_device_nodes", lambda: ["/dev/nvidia0"])
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert has_gpu() is expected

@@ -43,12 +43,15 @@ def run_audit(
     on_progress: ProgressFn | None = None,
     on_shard: ShardFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    only_shards: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run an audit; write out_dir/report.json and artifacts; return the report dict.
 
     `base_dir` resolves relative `{"file": ...}` references. Shards already in
     `completed_shards` are not run again: a resumed audit gives the same report.
     Raises EngineInputError (inputs that cannot work together) and AuditCancelled.
+    With `only_shards`, run only those shards (their results go to `on_shard`) and return
+    `{"shards": [...]}` without merging.
     """
     from workers.engine.audit import resolve_device, run_audit_with_model
     from workers.engine.models import load_model
@@ -70,4 +73,15 @@ def run_audit(
         on_progress=on_progress,
         on_shard=on_shard,
         should_stop=should_stop,
+        only_shards=only_shards,
     )
+
+
+def plan_audit(spec: ModelSpec, config: AuditConfig, base_dir: Path | None) -> list[dict[str, Any]]:
+    """The shards of an audit (shard_id, check_index, kind, subject, start, stop), in the
+    order the report merges them. Raises EngineInputError when the audit cannot run."""
+    from dataclasses import asdict
+
+    from workers.engine.audit import plan_audit as plan
+
+    return [asdict(shard) for shard in plan(spec, config, base_dir)]

@@ -98,10 +98,14 @@ def run_audit_with_model(
     on_progress: ProgressFn | None = None,
     on_shard: ShardFn | None = None,
     should_stop: Callable[[], bool] | None = None,
+    only_shards: list[str] | None = None,
 ) -> dict[str, Any]:
     """Run every shard not in `completed_shards`, merge, write out_dir/report.json and the
     artifacts, and return the report. Raises EngineInputError for inputs that cannot work
-    together and AuditCancelled when `should_stop` says so between shards."""
+    together and AuditCancelled when `should_stop` says so between shards.
+
+    With `only_shards`, run just those shards (one task of a distributed audit) and return
+    `{"shards": [ids run]}`: no merge, no report."""
     started = time.perf_counter()
     progress = on_progress or (lambda fraction, check, message: None)
     stop = should_stop or (lambda: False)
@@ -119,12 +123,22 @@ def run_audit_with_model(
         if spec.task == "reconstruction":
             _enable_rebuilding(ctx, config, base_dir, model, spec, subjects, baseline_builder)
         shards = plan_shards(config, ctx.images.shape[0], list(subjects))
+        if only_shards is not None:
+            shards = _select_shards(shards, only_shards)
         records = _run_shards(
             config, ctx, subjects, shards, completed_shards or {}, progress, on_shard, stop, started
         )
+        if only_shards is not None:
+            return {"shards": [shard.shard_id for shard in shards]}
         checks = _merge(config, shards, records, out_dir)
+        # Compute time: each shard's own seconds (wherever it ran) plus this run's merge, so a
+        # report assembled from shards of many workers counts all of them, once.
+        ran_here = {shard_id for shard_id in records if shard_id not in (completed_shards or {})}
+        shard_seconds = sum(
+            float(r.get("wall_seconds", 0.0)) for k, r in records.items() if k not in ran_here
+        )
         cost = {
-            "wall_seconds": round(time.perf_counter() - started, 3),
+            "wall_seconds": round(time.perf_counter() - started + shard_seconds, 3),
             "forward_passes": sum(r["forward_passes"] for r in records.values()),
             "backward_passes": sum(r["backward_passes"] for r in records.values()),
         }
@@ -146,6 +160,25 @@ def run_audit_with_model(
     write_report(report, out_dir)
     progress(1.0, None, "report written")
     return report
+
+
+def plan_audit(spec: ModelSpec, config: AuditConfig, base_dir: Path | None) -> list[Shard]:
+    """The audit's shards, in merge order, as every task of it will plan them: the inputs are
+    loaded and the operator built once here, so an audit that cannot run fails before any
+    shard is sent."""
+    with deterministic():
+        ctx = _context(spec, config, resolve_device(config.device), base_dir)
+    subjects = ["model"] + (["baseline"] if config.baseline is not None else [])
+    return plan_shards(config, ctx.images.shape[0], subjects)
+
+
+def _select_shards(shards: list[Shard], wanted: list[str]) -> list[Shard]:
+    by_id = {shard.shard_id: shard for shard in shards}
+    missing = [shard_id for shard_id in wanted if shard_id not in by_id]
+    if missing:
+        # The worker's plan and this engine's disagree: a bug, never the user's input.
+        raise RuntimeError(f"shards {missing} are not in this audit's plan")
+    return [by_id[shard_id] for shard_id in wanted]
 
 
 def _context(
@@ -270,6 +303,7 @@ def _run_shards(
         check = config.checks[shard.check_index]
         subject = subjects[shard.subject]
         before = (subject.counter.forward, subject.counter.backward)
+        shard_started = time.perf_counter()
         with pywarnings.catch_warnings():
             pywarnings.simplefilter("ignore", UserWarning)  # deepinv / torch chatter per batch
             result = get_check(shard.kind).run(
@@ -288,6 +322,7 @@ def _run_shards(
             "stop": shard.stop,
             "forward_passes": subject.counter.forward - before[0],
             "backward_passes": subject.counter.backward - before[1],
+            "wall_seconds": round(time.perf_counter() - shard_started, 3),
             "result": result,
         }
         records[shard.shard_id] = record

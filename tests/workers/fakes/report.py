@@ -1,6 +1,6 @@
-"""A fake runner that behaves like a quick successful audit: progress, one shard per check
-(skipping the shards already in shards/), then out/report.json. Writes `attempt-resumed.txt`
-(the shard ids it found) so a test can see a retry resume."""
+"""A fake runner that behaves like a quick successful audit: one shard per check, `<kind>-<i>`.
+`plan` writes out/plan.json; `shards` writes each named shard; `audit` runs the shards not in
+shards/ yet and writes out/report.json, whose `resumed_shards` names the shards it was given."""
 
 from __future__ import annotations
 
@@ -14,8 +14,39 @@ def emit(**event: object) -> None:
     print(json.dumps(event), flush=True)
 
 
+def plan(job_dir: Path, job: dict) -> int:
+    shards = [
+        {
+            "shard_id": f"{c['kind']}-{i}",
+            "check_index": i,
+            "kind": c["kind"],
+            "subject": "model",
+            "start": 0,
+            "stop": 1,
+        }
+        for i, c in enumerate(job["config"]["checks"])
+    ]
+    (job_dir / "out").mkdir(exist_ok=True)
+    (job_dir / "out" / "plan.json").write_text(json.dumps({"shards": shards}))
+    emit(event="plan", file="out/plan.json", info={"shards": len(shards)})
+    return 0
+
+
+def run_shards(job_dir: Path, job: dict) -> int:
+    for shard_id in job["shard_ids"]:
+        index = int(shard_id.rsplit("-", 1)[1])
+        (job_dir / "shards" / f"{shard_id}.json").write_text(json.dumps({"value": index}))
+        emit(event="shard", shard_id=shard_id, file=f"shards/{shard_id}.json")
+    emit(event="done")
+    return 0
+
+
 def main(job_dir: Path) -> int:
     job = json.loads((job_dir / "job.json").read_text())
+    if job["kind"] == "plan":
+        return plan(job_dir, job)
+    if job["kind"] == "shards":
+        return run_shards(job_dir, job)
     done = sorted(p.stem for p in (job_dir / "shards").glob("*.json"))
     (job_dir / "out").mkdir(exist_ok=True)
     for index, check in enumerate(job["config"]["checks"]):
