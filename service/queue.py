@@ -17,7 +17,7 @@ TASK_RUN_SHARD = "tightrope.run_shard"  # run the fairest waiting shard of a que
 TASK_RECONCILE = "tightrope.reconcile"
 TASK_SEND_CALLBACK = "tightrope.send_callback"
 
-# Queues (docs/architecture.md, "Queues and workers"): admissions and callbacks never wait
+# Queues (docs/deployment.md, "Queues and workers"): admissions and callbacks never wait
 # behind an audit; audits with `device: cuda` go to the GPU queue, which only GPU workers read.
 QUEUE_ADMISSION = "tightrope.admission"
 QUEUE_CPU = "tightrope.cpu"

@@ -46,8 +46,8 @@ class Settings(BaseSettings):
     requeue_after_seconds: float = 60.0
     reconcile_interval_seconds: float = 10.0
     worker_stale_seconds: float = 30.0
-    # Fair share (docs/architecture.md, "Fair share and quotas"): per tenant, audits planned
-    # and not finished (`running`) at most tenant_max_running_audits (more wait, `queued`);
+    # Fair share (docs/architecture.md, "Shards: one audit over many workers"): per tenant,
+    # audits planned and not finished (`running`) at most tenant_max_running_audits (more wait);
     # audits waiting to start at most tenant_max_queued_audits (more: 429 `too-many-audits`).
     tenant_max_running_audits: int = Field(default=4, ge=1)
     tenant_max_queued_audits: int = Field(default=50, ge=1)

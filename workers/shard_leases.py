@@ -1,8 +1,8 @@
 """Leases on shard rows, and the fair choice of which shard a worker runs next.
 
 A shard message names no shard: it is a token that makes one worker of a queue run one shard,
-and the database picks which (docs/architecture.md, "Fair share"). The tenant with the fewest
-shards running goes first; between tenants running as many, the higher priority, then the
+and the database picks which (docs/architecture.md, "Shards: one audit over many workers").
+The tenant with the fewest shards running goes first; between tenants running as many, the higher priority, then the
 older audit; within a tenant, its higher-priority audits first, then the oldest, in plan order.
 So a tenant's 200-shard audit cannot hold back another tenant's 2-shard audit for more than
 the shard each worker is running. Every change is one conditional UPDATE, committed at once,
