@@ -2,8 +2,9 @@
 
 A shard message names no shard: it is a token that makes one worker of a queue run one shard,
 and the database picks which (docs/architecture.md, "Shards: one audit over many workers").
-The tenant with the fewest shards running goes first; between tenants running as many, the higher priority, then the
-older audit; within a tenant, its higher-priority audits first, then the oldest, in plan order.
+The tenant with the fewest shards running goes first; between tenants running as many, the
+higher priority, then the older audit; within a tenant, its higher-priority audits first, then
+the oldest, in plan order.
 So a tenant's 200-shard audit cannot hold back another tenant's 2-shard audit for more than
 the shard each worker is running. Every change is one conditional UPDATE, committed at once,
 so two workers cannot both take a shard, and a worker that lost its lease writes nothing.
