@@ -9,7 +9,7 @@ import torch
 
 from schemas.reports import Report
 from tests.engine.tiny_models import Identity, config, spec
-from workers.engine.audit import run_audit_with_model
+from workers.engine.audit import plan_audit, run_audit_with_model
 from workers.engine.errors import AuditCancelled, EngineInputError
 from workers.engine.report import canonical_json
 from workers.engine.shards import plan_shards, shard_seed
@@ -134,3 +134,41 @@ def test_mismatched_inputs_raise_engine_input_error(tmp_path: Path) -> None:
         run_audit_with_model(
             Identity(), spec((1, 16, 16), "image"), cfg, out_dir=tmp_path, model_sha256="0" * 64
         )
+
+
+def _without_run_fields(report: dict[str, Any]) -> str:
+    """The report minus what differs between two runs of the same audit: its compute time."""
+    report = json.loads(json.dumps(report))
+    report["cost"].pop("wall_seconds")
+    return canonical_json(report)
+
+
+def test_shards_run_one_at_a_time_then_merged_give_the_one_run_report(tmp_path: Path) -> None:
+    """What workers do: plan, run each shard alone (as different workers would, in any order,
+    each result through JSON as the database stores it), then merge the stored results."""
+    whole = run(tmp_path / "whole")
+    plan = plan_audit(SPEC, CONFIG, None)
+    n_images = CONFIG.dataset.count  # type: ignore[union-attr]
+    assert [s.shard_id for s in plan] == [
+        s.shard_id for s in plan_shards(CONFIG, n_images, ["model"])
+    ]
+    stored: dict[str, dict[str, Any]] = {}
+    for shard in reversed(plan):
+        ran = run(
+            tmp_path / shard.shard_id,
+            only_shards=[shard.shard_id],
+            on_shard=lambda shard_id, record: stored.update(
+                {shard_id: json.loads(json.dumps(record))}
+            ),
+        )
+        assert ran == {"shards": [shard.shard_id]}
+    assert sorted(stored) == sorted(s.shard_id for s in plan)
+    merged = run(tmp_path / "merged", completed_shards=stored)
+    assert _without_run_fields(merged) == _without_run_fields(whole)
+    # compute time counts every shard's own seconds, not just the merge's
+    assert merged["cost"]["wall_seconds"] >= sum(r["wall_seconds"] for r in stored.values())
+
+
+def test_a_shard_outside_the_plan_is_a_bug_not_an_input_error(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError, match="not in this audit's plan"):
+        run(tmp_path, only_shards=["c00-random_noise-model-i00099-00100"])
