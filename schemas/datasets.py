@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from schemas.array_rules import MAX_IMAGES
 from schemas.common import MAX_SEED, StrictModel
 
 DatasetFormat = Literal["npy", "npz", "png_zip"]
@@ -16,7 +17,7 @@ class BuiltinDataset(StrictModel):
     builtin: Literal["ellipses", "shepp_logan", "digits"] = Field(
         description="digits: labelled digits 0-9 rendered from the DejaVu font (classifiers)"
     )
-    count: int = Field(default=4, ge=1, le=4096)
+    count: int = Field(default=4, ge=1, le=MAX_IMAGES)
     size: int = Field(default=64, ge=8, le=1024)
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from schemas.array_rules import dtype_problem, image_count_problem
 from schemas.datasets import DatasetFormat
 from schemas.model_spec import MAX_IMAGE_SIDE
 from service.errors import InvalidUpload
@@ -36,10 +37,9 @@ class DatasetInspection:
 
 
 def _check_dtype(name: str, array: np.ndarray) -> None:
-    if array.dtype.hasobject:
-        raise InvalidUpload(f"array {name!r} holds Python objects; upload numeric arrays only")
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-        raise InvalidUpload(f"array {name!r} has dtype {array.dtype}; upload numeric arrays")
+    problem = dtype_problem(array.dtype)
+    if problem is not None:
+        raise InvalidUpload(f"array {name!r} {problem}")
 
 
 def images_shape(name: str, array: np.ndarray) -> list[int]:
@@ -55,8 +55,9 @@ def images_shape(name: str, array: np.ndarray) -> list[int]:
             f"array {name!r} has shape {list(array.shape)}; "
             "images must be [N, C, H, W] or [N, H, W]"
         )
-    if n < 1:
-        raise InvalidUpload(f"array {name!r} holds no images")
+    count_problem = image_count_problem(int(n))
+    if count_problem is not None:
+        raise InvalidUpload(f"array {name!r} {count_problem}")
     if not 1 <= c <= MAX_CHANNELS:
         raise InvalidUpload(f"array {name!r} has {c} channels; at most {MAX_CHANNELS}")
     if not (1 <= h <= MAX_IMAGE_SIDE and 1 <= w <= MAX_IMAGE_SIDE):

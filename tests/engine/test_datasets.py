@@ -65,3 +65,13 @@ def test_real_images_feed_a_complex_model_as_real_and_zero() -> None:
 def test_images_must_match_the_spec(shape: tuple[int, int, int], message: str) -> None:
     with pytest.raises(EngineInputError, match=message):
         fit_images_to_spec(torch.rand(2, 1, 8, 8), spec(shape))
+
+
+def test_local_files_follow_the_upload_rules(tmp_path: Path) -> None:
+    """The same rule (schemas.array_rules) as the gateway's upload check."""
+    np.save(tmp_path / "c.npy", np.zeros((2, 8, 8), np.complex64))
+    with pytest.raises(EngineInputError, match="complex dtype complex64; store"):
+        load({"file": "c.npy"}, tmp_path)
+    np.save(tmp_path / "many.npy", np.zeros((4097, 1, 1), np.uint8))
+    with pytest.raises(EngineInputError, match="holds 4097 images; between 1 and 4096"):
+        load({"file": "many.npy"}, tmp_path)

@@ -91,6 +91,21 @@ def test_bad_datasets_are_refused(client: TestClient, auth: dict[str, str]) -> N
     assert client.get("/v1/datasets", headers=auth).json()["items"] == []
 
 
+def test_uploads_every_audit_would_refuse_are_refused_here(
+    client: TestClient, auth: dict[str, str]
+) -> None:
+    """The gateway and the engine share one rule (schemas.array_rules): no upload is accepted
+    that every audit then refuses."""
+    complex_images = npy_bytes(np.zeros((2, 8, 8), np.complex64))
+    detail = assert_problem(upload(client, auth, "x.npy", complex_images), 422)["detail"]
+    assert "complex" in detail and "two channels" in detail
+    too_many = npy_bytes(np.zeros((4097, 1, 1), np.uint8))
+    detail = assert_problem(upload(client, auth, "x.npy", too_many), 422)["detail"]
+    assert "4097 images" in detail and "4096" in detail
+    ok = upload(client, auth, "x.npy", npy_bytes(np.zeros((4096, 1, 1), np.uint8)))
+    assert ok.status_code == 201, ok.text
+
+
 def test_other_tenants_dataset_is_404(client: TestClient, auth: dict[str, str]) -> None:
     dataset_id = upload(client, auth, "x.npy", npy_bytes(np.zeros((1, 4, 4)))).json()["id"]
     assert_problem(client.get(f"/v1/datasets/{dataset_id}", headers=new_key(client)), 404)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from schemas.array_rules import dtype_problem
 from schemas.common import FileArray, UploadedArray
 from workers.engine.errors import EngineInputError
 
@@ -44,12 +45,9 @@ def load_array(file: str, key: str | None, base_dir: Path | None) -> np.ndarray:
                 array = loaded[chosen]
             except ValueError as exc:
                 raise EngineInputError(f"{file}: not a plain numeric array ({exc})") from None
-    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-        raise EngineInputError(f"{file}: dtype {array.dtype} is not numeric")
-    if np.issubdtype(array.dtype, np.complexfloating):
-        raise EngineInputError(
-            f"{file}: complex arrays are not accepted; store (real, imag) channels"
-        )
+    problem = dtype_problem(array.dtype)
+    if problem is not None:
+        raise EngineInputError(f"{file}: the array {problem}")
     if not np.all(np.isfinite(array)):
         raise EngineInputError(f"{file}: the array holds NaN or infinite values")
     return array

@@ -9,12 +9,11 @@ import numpy as np
 import torch
 from deepinv.utils.phantoms import generate_shepp_logan
 
+from schemas.array_rules import image_count_problem
 from schemas.datasets import BuiltinDataset, DatasetRef, FileDataset, UploadedDataset
 from schemas.model_spec import ModelSpec
 from workers.engine.arrays import load_array
 from workers.engine.errors import EngineInputError
-
-MAX_IMAGES = 4096
 
 
 def load_images(ref: DatasetRef, base_dir: Path | None = None) -> torch.Tensor:
@@ -40,10 +39,9 @@ def load_images(ref: DatasetRef, base_dir: Path | None = None) -> torch.Tensor:
         raise EngineInputError(
             f"{ref.file}: images must be [N, C, H, W] or [N, H, W], not {list(array.shape)}"
         )
-    if not 1 <= array.shape[0] <= MAX_IMAGES:
-        raise EngineInputError(
-            f"{ref.file}: between 1 and {MAX_IMAGES} images, not {array.shape[0]}"
-        )
+    count_problem = image_count_problem(int(array.shape[0]))
+    if count_problem is not None:
+        raise EngineInputError(f"{ref.file}: the array {count_problem}")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 
