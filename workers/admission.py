@@ -73,6 +73,12 @@ def execute_admission(model_id: str, *, settings: Settings, session: Session) ->
     job_dir = jobs.materialise_admission_job(settings, model, attempts + 1)
     try:
         values = _run_admission(settings, job_dir, model.format)
+    except SandboxUnavailable as exc:
+        # This worker's fault, not the model's: it stays `validating` (the attempt is given
+        # back) and the reconciler sends it again, to this or another worker, later.
+        log.error("cannot admit %s here: %s", model_id, exc)
+        _set_status(session, model_id, admission_info={"attempts": attempts})
+        return "sandbox-unavailable"
     finally:
         set_current_work(None)
         jobs.remove_job_dir(job_dir)
@@ -81,16 +87,13 @@ def execute_admission(model_id: str, *, settings: Settings, session: Session) ->
 
 
 def _run_admission(settings: Settings, job_dir: Any, model_format: str) -> dict[str, Any]:
-    try:
-        child = RunnerChild(
-            sandbox_for(settings, model_format),
-            settings.runner_module,
-            job_dir,
-            time_limit=settings.admission_time_limit,
-            use_gpu=False,  # probing needs no GPU, and RLIMIT_AS holds only on the CPU
-        )
-    except SandboxUnavailable as exc:
-        return {"status": "rejected", "reason": f"admission impossible: {exc}"}
+    child = RunnerChild(  # raises SandboxUnavailable: handled by the caller
+        sandbox_for(settings, model_format),
+        settings.runner_module,
+        job_dir,
+        time_limit=settings.admission_time_limit,
+        use_gpu=False,  # probing needs no GPU, and RLIMIT_AS holds only on the CPU
+    )
     decision: dict[str, Any] | None = None
     for event in child.events(tick_seconds=1.0):
         if event is None:

@@ -523,8 +523,10 @@ def _supervise_child(
             use_gpu=wants_gpu(request),
         )
     except SandboxUnavailable as exc:
-        attempt.fail("sandbox-unavailable", "Sandbox unavailable", 500, str(exc))
-        return "failed"
+        # The worker's fault, not the audit's: tried again (on any worker) while attempts last.
+        log.error("audit %s: sandbox unavailable: %s", attempt.audit_id, exc)
+        attempt.retry_or_give_up(None, f"the sandbox is unavailable: {exc}", attempts)
+        return _final_status(attempt)
     last_beat = last_progress = time.monotonic()
     pending_progress: RunnerEvent | None = None
     try:

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -205,3 +206,26 @@ def test_admission_of_a_model_that_blows_the_memory_is_rejected(
     assert "exceeded the memory limit of 1024 MiB" in row.reason
     # a model that is not validating any more is left alone
     assert execute_admission(model.id, settings=settings, session=session) == "skipped"
+
+
+def test_a_worker_without_its_sandbox_blames_itself_not_the_model(
+    settings: Settings, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bwrap missing on this worker: the model stays `validating` (no attempt spent) and the
+    audit is retried elsewhere, never rejected or failed for the user's input."""
+    monkeypatch.setattr("workers.sandbox.shutil.which", lambda name: None)
+    settings = _with(settings, sandbox="bwrap", max_attempts=2)
+    model = add_model(session, settings, status="validating")
+    assert execute_admission(model.id, settings=settings, session=session) == "sandbox-unavailable"
+    row = session.get(Model, model.id, populate_existing=True)
+    assert row is not None and row.status == "validating" and row.reason is None
+    assert (row.admission_info or {}).get("attempts") == 0
+
+    audit = add_audit(session, add_model(session, settings))
+    sends = Recorded()
+    assert execute_audit(audit.id, settings=settings, session=session, sends=sends) == "queued"
+    assert sends.sent == [("audit", (audit.id, "tightrope.cpu", "normal"))]  # type: ignore[attr-defined]
+    assert execute_audit(audit.id, settings=settings, session=session, sends=sends) == "failed"
+    error = _reload(session, audit.id).error
+    assert error is not None and error["type"].endswith("/attempts-exhausted")
+    assert "sandbox is unavailable" in error["detail"]
