@@ -143,10 +143,17 @@ def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
-    # torch's CPU allocator raises RuntimeError rather than MemoryError when RLIMIT_AS bites.
-    return isinstance(exc, MemoryError) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-    )
+    from workers.engine.errors import is_out_of_memory as engine_says
+
+    return engine_says(exc)
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """The audit's own input (or model) is at fault: 422. Anything else — a plain ValueError or
+    KeyError included — is an engine bug: 500, so it is fixed rather than blamed on the user."""
+    from workers.engine.errors import EngineInputError
+
+    return isinstance(exc, EngineInputError | ValidationError | FileNotFoundError)
 
 
 def describe_failure(exc: BaseException) -> dict[str, Any]:
@@ -163,7 +170,7 @@ def describe_failure(exc: BaseException) -> dict[str, Any]:
             "reason": "exceeded the memory limit",
             "info": {"status": INPUT_ERROR_STATUS, "cause": "memory"},
         }
-    if isinstance(exc, ValidationError | ValueError | FileNotFoundError | KeyError):
+    if is_input_error(exc):
         return {
             "message": "Invalid audit input",
             "reason": f"{type(exc).__name__}: {exc}",

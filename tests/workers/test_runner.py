@@ -3,6 +3,7 @@ auditing a tiny TorchScript model end to end."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import subprocess
@@ -13,6 +14,7 @@ from subprocess import Popen
 
 import pytest
 import redis
+import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -33,6 +35,8 @@ from tests.workers.conftest import (
 from workers import jobs
 from workers.audit_job import sandbox_for
 from workers.child import RunnerChild
+from workers.engine.errors import EngineInputError, ModelFailed, run_model
+from workers.runner import describe_failure
 
 StartProcess = Callable[[list[str], dict[str, str]], Popen[bytes]]
 
@@ -130,3 +134,30 @@ def test_the_celery_side_never_imports_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, timeout=120)
     assert done.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("exc", "status", "cause"),
+    [
+        (EngineInputError("operator and dataset disagree"), 422, "input"),
+        (ModelFailed("the model raised RuntimeError: boom"), 422, "input"),
+        (FileNotFoundError("inputs/dataset.npy"), 422, "input"),
+        (ValueError("one seed per image"), 500, "internal"),  # an engine bug, not the user's
+        (KeyError("levels"), 500, "internal"),
+        (RuntimeError("[enforce fail] can't allocate memory: 1 GiB"), 422, "memory"),
+        (MemoryError(), 422, "memory"),
+        (OSError(errno.ENOSPC, "No space left on device"), 500, "storage"),
+    ],
+)
+def test_failures_are_told_apart(exc: BaseException, status: int, cause: str) -> None:
+    info = describe_failure(exc)["info"]
+    assert (info["status"], info["cause"]) == (status, cause)
+
+
+def test_a_model_that_raises_is_the_models_fault() -> None:
+    class Raises(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("shape mismatch inside the model")
+
+    with pytest.raises(ModelFailed, match="the model raised RuntimeError: shape mismatch"):
+        run_model(Raises(), torch.zeros(1))

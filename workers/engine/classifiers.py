@@ -14,7 +14,7 @@ import torch
 
 from schemas.model_spec import ModelSpec
 from workers.engine.context import PassCounter, Subject
-from workers.engine.errors import EngineInputError
+from workers.engine.errors import EngineInputError, run_model
 
 
 class UnitBoxClassifier(torch.nn.Module):
@@ -37,7 +37,7 @@ class UnitBoxClassifier(torch.nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         batch = u.shape[0]
         self.counter.forward += batch
-        logits = self.model(self.low + (self.high - self.low) * u)
+        logits = run_model(self.model, self.low + (self.high - self.low) * u)
         if not isinstance(logits, torch.Tensor) or tuple(logits.shape) != (
             batch,
             self.num_classes,

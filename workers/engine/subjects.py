@@ -6,7 +6,7 @@ import torch
 
 from schemas.model_spec import ModelSpec
 from workers.engine.context import Operator, PassCounter, Subject
-from workers.engine.errors import EngineInputError
+from workers.engine.errors import EngineInputError, run_model
 
 
 def model_subject(
@@ -32,7 +32,7 @@ def model_subject(
 
     def reconstruct(y: torch.Tensor) -> torch.Tensor:
         counter.forward += y.shape[0]
-        out = model(operator.A_adjoint(y) if adjoint_first else y)
+        out = run_model(model, operator.A_adjoint(y) if adjoint_first else y)
         if not isinstance(out, torch.Tensor) or tuple(out.shape[1:]) != expected:
             shape = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise EngineInputError(
