@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 import torch
+from sqlalchemy import create_engine, select
 
+from service.db.models import AuditShard
 from workers.client import TightropeClient
 from workers.stack import LocalStack
 
@@ -140,3 +143,54 @@ def upload_ready_model(client: TightropeClient, model_file: Path) -> str:
 
 def canonical(obj: object) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+# --- helpers of the scale-out and fault tests ----------------------------------------------
+
+
+def start_worker_as(stack: LocalStack, name: str, host: str) -> subprocess.Popen[bytes]:
+    """Start `tightrope worker` as `name` (for stack.kill) with its own host name `host`.
+
+    Every `tightrope worker` names its Celery workers `cpu1@%h` and `admission@%h`, so two of
+    them on one host are indistinguishable (same node name, same heartbeat row, same `worker`
+    on the shard rows they store). Each one here runs in its own UTS namespace (unshare, as
+    root), as two containers or machines would, so the rows tell which one did what."""
+    argv = [sys.executable, "-m", "workers.cli", "worker"]
+    return stack._spawn(
+        name, ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host, *argv]
+    )
+
+
+def can_start_worker_as() -> bool:
+    """Whether start_worker_as works here (root, or anyone allowed a UTS namespace)."""
+    probe = subprocess.run(
+        ["unshare", "--uts", "sh", "-c", "hostname tightrope-probe"], capture_output=True
+    )
+    return probe.returncode == 0
+
+
+def shard_rows(stack: LocalStack, audit_id: str) -> list[dict]:
+    """The audit's shard rows, read straight from the stack's database, in plan order."""
+    assert stack.database_url is not None
+    engine = create_engine(stack.database_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(AuditShard.__table__)
+                .where(AuditShard.audit_id == audit_id)
+                .order_by(AuditShard.position)
+            ).mappings()
+            return [dict(row) for row in rows]
+    finally:
+        engine.dispose()
+
+
+def wait_until(condition, timeout: float, what: str, poll: float = 0.2):
+    """Call `condition` until it returns something truthy (returned); fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
+        time.sleep(poll)
