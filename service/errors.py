@@ -257,6 +257,21 @@ async def _on_pool_timeout(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(busy.problem(instance=request.url.path), busy.headers)
 
 
+# Seconds a client should wait while the database is unreachable (a restart takes seconds).
+DATABASE_DOWN_RETRY_AFTER_SECONDS = 5
+
+
+async def _on_database_down(request: Request, exc: Exception) -> JSONResponse:
+    # The database went away (a restart, a failover): nothing the request did is at fault,
+    # and nothing was half-written (each request is one transaction).
+    log.warning("database unreachable on %s %s: %s", request.method, request.url.path, exc)
+    down = NotReady(
+        "The database is unreachable for the moment; retry after Retry-After.",
+        headers={"Retry-After": str(DATABASE_DOWN_RETRY_AFTER_SECONDS)},
+    )
+    return problem_response(down.problem(instance=request.url.path), down.headers)
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the log only: internals (paths, SQL, secrets) never reach a client.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -275,6 +290,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _on_validation_error)
     app.add_exception_handler(StarletteHTTPException, _on_http_error)
     app.add_exception_handler(sqlalchemy.exc.TimeoutError, _on_pool_timeout)
+    app.add_exception_handler(sqlalchemy.exc.OperationalError, _on_database_down)
+    app.add_exception_handler(sqlalchemy.exc.InterfaceError, _on_database_down)
     app.add_exception_handler(Exception, _on_unexpected)
 
 

@@ -109,3 +109,18 @@ def test_service_keeps_serving_after_bad_input(
     assert all(400 <= s < 500 for s in statuses), statuses
     assert client.get("/v1/models", headers=auth).status_code == 200
     assert client.get("/healthz").status_code == 200
+
+
+def test_an_unreachable_database_is_503_with_retry_after(tmp_path: Path) -> None:
+    """A database restart or failover is not the request's fault: 503 `not-ready`, never a
+    500 (a real PostgreSQL URL whose server is not there)."""
+    settings = Settings(
+        data_dir=tmp_path,
+        database_url="postgresql+psycopg://postgres@127.0.0.1:1/test?connect_timeout=2",
+        auto_migrate=False,
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        response = client.get("/v1/audits", headers={"Authorization": "Bearer tr_nothing"})
+        body = assert_problem(response, 503, "not-ready")
+        assert "database is unreachable" in body["detail"]
+        assert response.headers["retry-after"] == "5"
