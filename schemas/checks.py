@@ -22,9 +22,19 @@ from schemas.checks_theorem import (
     KernelCheck,
     MoreSamplesCheck,
 )
-from schemas.common import MAX_SEED, StrictModel
+from schemas.common import MAX_SEED, StrictModel, TaggedModel
 
-Levels = Annotated[list[float], Field(min_length=1, max_length=32)]
+# Each level is a relative size in (0, 10] (stated per item, so the schema says it too); that
+# they strictly increase is checked by `_check_levels` and stated in the description.
+Level = Annotated[float, Field(gt=0.0, le=10.0)]
+Levels = Annotated[
+    list[Level],
+    Field(
+        min_length=1,
+        max_length=32,
+        description="Relative sizes in (0, 10], strictly increasing (no repeats)",
+    ),
+]
 
 
 def _check_levels(levels: list[float]) -> list[float]:
@@ -36,6 +46,9 @@ def _check_levels(levels: list[float]) -> list[float]:
 
 
 class WorstCaseThreshold(StrictModel):
+    """At least one of max_relative_error and max_lipschitz; at_level only with
+    max_relative_error, and then one of the check's levels."""
+
     max_relative_error: float | None = Field(default=None, gt=0.0)
     at_level: float | None = Field(
         default=None, gt=0.0, description="Level the error bound applies to; default the largest"
@@ -51,7 +64,7 @@ class WorstCaseThreshold(StrictModel):
         return self
 
 
-class WorstCaseCheck(StrictModel):
+class WorstCaseCheck(TaggedModel):
     kind: Literal["worst_case"] = "worst_case"
     levels: Levels = Field(default_factory=lambda: [0.01, 0.02, 0.05])
     space: Literal["measurement", "image"] = "measurement"
@@ -91,13 +104,15 @@ class WorstCaseCheck(StrictModel):
 
 
 class RandomNoiseThreshold(StrictModel):
+    """at_level, when given, is one of the check's levels."""
+
     max_failure_probability: float = Field(
         gt=0.0, le=1.0, description="Bound on the upper end of the 95 % interval"
     )
     at_level: float | None = Field(default=None, gt=0.0, description="Default: the largest level")
 
 
-class RandomNoiseCheck(StrictModel):
+class RandomNoiseCheck(TaggedModel):
     kind: Literal["random_noise"] = "random_noise"
     levels: Levels = Field(default_factory=lambda: [0.01, 0.02, 0.05])
     samples: int = Field(default=20, ge=1, le=100_000)
@@ -121,7 +136,7 @@ class LipschitzThreshold(StrictModel):
     max_jacobian_norm: float = Field(gt=0.0)
 
 
-class LipschitzCheck(StrictModel):
+class LipschitzCheck(TaggedModel):
     kind: Literal["lipschitz"] = "lipschitz"
     iterations: int = Field(default=50, ge=1, le=10_000)
     tolerance: float = Field(default=1e-4, ge=0.0)

@@ -13,10 +13,21 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from schemas.common import MAX_SEED, StrictModel
+from schemas.common import MAX_SEED, StrictModel, TaggedModel
 
 Norm = Literal["linf", "l2"]
-Epsilons = Annotated[list[float], Field(min_length=1, max_length=32)]
+# Each epsilon is a positive norm, at most 1e6 (stated per item, so the schema says it too);
+# that they strictly increase is checked by `_check_epsilons` and stated in the description.
+Epsilon = Annotated[float, Field(gt=0.0, le=1e6)]
+Epsilons = Annotated[
+    list[Epsilon],
+    Field(
+        min_length=1,
+        max_length=32,
+        description="Positive norms (at most 1e6) in the model's input units, strictly "
+        "increasing (no repeats)",
+    ),
+]
 
 # Checks a classifier audit can run; `random_noise` has a classifier form (accuracy per level).
 CLASSIFIER_KINDS = ("adversarial", "minimal_perturbation", "universal", "random_noise")
@@ -35,11 +46,13 @@ def _check_epsilons(epsilons: list[float]) -> list[float]:
 
 
 class AdversarialThreshold(StrictModel):
+    """at_epsilon, when given, is one of the check's epsilons."""
+
     min_robust_accuracy: float = Field(ge=0.0, le=1.0)
     at_epsilon: float | None = Field(default=None, gt=0.0, description="Default: the largest")
 
 
-class AdversarialCheck(StrictModel):
+class AdversarialCheck(TaggedModel):
     """Robust accuracy against a norm-bounded attacker, one level per ε."""
 
     kind: Literal["adversarial"] = "adversarial"
@@ -82,8 +95,9 @@ class MinimalPerturbationThreshold(StrictModel):
     )
 
 
-class MinimalPerturbationCheck(StrictModel):
-    """The smallest adversarial perturbation of every input (adv-lib's FMN, DDN, DeepFool)."""
+class MinimalPerturbationCheck(TaggedModel):
+    """The smallest adversarial perturbation of every input (adv-lib's FMN, DDN, DeepFool).
+    attack `ddn` takes norm `l2` only."""
 
     kind: Literal["minimal_perturbation"] = "minimal_perturbation"
     norm: Norm = "l2"
@@ -119,7 +133,7 @@ class UniversalThreshold(StrictModel):
     )
 
 
-class UniversalCheck(StrictModel):
+class UniversalCheck(TaggedModel):
     """One perturbation u, ‖u‖ ≤ ε, computed on a training split and evaluated on the rest.
 
     Classifiers: ε is an absolute norm of an image perturbation; an input is fooled when its

@@ -6,11 +6,11 @@ Each is one member of the `Check` union of schemas/checks.py, keyed by `kind`.""
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.common import MAX_SEED, StrictModel
+from schemas.common import MAX_SEED, StrictModel, TaggedModel
 
 LESION_SHAPES = ("disk", "square", "random_walk", "text")
 
@@ -18,7 +18,8 @@ LESION_SHAPES = ("disk", "square", "random_walk", "text")
 class Lesion(StrictModel):
     """A small detail inserted into the image: `size` is the disk's radius, the square's side,
     the random walk's pixel count, or the text's height, in pixels; `contrast` is the lesion's
-    value relative to the spec's value range (hi − lo), of either sign."""
+    value relative to the spec's value range (hi − lo), of either sign, never 0. `text` (shape
+    `text`) is printable characters only."""
 
     shape: Literal["disk", "square", "random_walk", "text"] = "disk"
     size: int = Field(default=2, ge=1, le=256)
@@ -47,7 +48,7 @@ class MissRateThreshold(StrictModel):
     max_miss_rate: float = Field(ge=0.0, le=1.0)
 
 
-class FalseNegativeCheck(StrictModel):
+class FalseNegativeCheck(TaggedModel):
     """Is a small lesion recovered? ρ = ⟨Ψ(A(x+z)+e) − Ψ(Ax+e), z⟩ / ‖z‖²; missed when
     ρ < recovery_threshold (FNAF, Cheng et al. 2020; the theorem's part (b))."""
 
@@ -77,7 +78,7 @@ class SpuriousContrastThreshold(StrictModel):
     max_spurious_contrast: float = Field(gt=0.0)
 
 
-class FalsePositiveCheck(StrictModel):
+class FalsePositiveCheck(TaggedModel):
     """Can a small measurement perturbation ‖e‖ ≤ δ‖y‖ paint a detail into a window where the
     image has none? Maximises ‖W(Ψ(y+e) − Ψ(y))‖² with the worst-case search."""
 
@@ -101,7 +102,7 @@ class CertifiedLipschitzThreshold(StrictModel):
     max_certified_lipschitz: float = Field(gt=0.0)
 
 
-class KernelCheck(StrictModel):
+class KernelCheck(TaggedModel):
     """(a) Hallucination: a detail's null-space component z = d − A⁺A d; x and x+z have the same
     measurements. (b) Certificates: pairs meeting the theorem's conditions, each a proven lower
     bound on the local Lipschitz constant, then confirmed by the worst-case search.
@@ -117,11 +118,11 @@ class KernelCheck(StrictModel):
     directions: int = Field(
         default=4, ge=0, le=64, description="Smallest singular directions of A for built pairs"
     )
-    scales: list[float] = Field(
+    scales: list[Annotated[float, Field(gt=0.0, le=100.0)]] = Field(
         default_factory=lambda: [0.05, 0.2, 1.0],
         min_length=1,
         max_length=16,
-        description="‖v‖ of a built pair x' = x + v, relative to ‖x‖",
+        description="‖v‖ of a built pair x' = x + v, relative to ‖x‖; each in (0, 100]",
     )
     power_iterations: int = Field(
         default=100, ge=1, le=100_000, description="Block power iterations (images over 1024 px)"
@@ -149,13 +150,28 @@ class MoreSamplesThreshold(StrictModel):
     )
 
 
-class MoreSamplesCheck(StrictModel):
+class MoreSamplesCheck(TaggedModel):
     """Reconstruction quality as the sampling grows (Invfool's test 3): MRI accelerations in
-    decreasing order, or CT angle counts in increasing order."""
+    decreasing order, or CT angle counts in increasing order. Give exactly one of
+    `accelerations` (the audit's operator is `mri`) and `angles` (its operator is `radon`);
+    neither or both is a 422. The list that does not fit the operator is refused by the worker
+    (the audit fails, `invalid-audit-input`), not at submission."""
 
     kind: Literal["more_samples"] = "more_samples"
-    accelerations: list[float] | None = Field(default=None, min_length=2, max_length=16)
-    angles: list[int] | None = Field(default=None, min_length=2, max_length=16)
+    accelerations: list[Annotated[float, Field(ge=1.0, le=64.0)]] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=16,
+        description="MRI accelerations in [1, 64], strictly decreasing (samples rise); "
+        "exactly one of accelerations and angles",
+    )
+    angles: list[Annotated[int, Field(ge=1, le=1024)]] | None = Field(
+        default=None,
+        min_length=2,
+        max_length=16,
+        description="CT angle counts in [1, 1024], strictly increasing; exactly one of "
+        "accelerations and angles",
+    )
     tolerance: float = Field(
         default=0.05, ge=0.0, description="dB of PSNR fall ignored by `monotone`"
     )

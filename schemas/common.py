@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field
 
 # The largest seed a request may carry: it must fit torch's 64-bit generator seed (and numpy's),
@@ -14,6 +16,20 @@ class StrictModel(BaseModel):
     """Base of every request-side model: unknown fields are an error, so typos surface as 422."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+def _kind_required(schema: dict[str, Any]) -> None:
+    required = schema.setdefault("required", [])
+    if "kind" not in required:
+        required.insert(0, "kind")
+
+
+class TaggedModel(StrictModel):
+    """A member of a union told apart by `kind` (a check, an operator). `kind` has a default for
+    Python callers, but the union needs it to pick the member, so a request must send it: the
+    JSON schema says it is required (validation is unchanged)."""
+
+    model_config = ConfigDict(json_schema_extra=_kind_required)
 
 
 class UploadedArray(StrictModel):

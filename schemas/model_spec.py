@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
@@ -27,20 +27,33 @@ class Architecture(StrictModel):
 
 
 class ModelSpec(StrictModel):
+    """Besides each field's own limits: a `complex` model has 2 channels; `value_range` is
+    (lower, upper) with lower < upper; a `classification` model needs `num_classes` and input
+    `image`."""
+
     name: str = Field(min_length=1, max_length=200)
     description: str | None = Field(default=None, max_length=2000)
     task: Literal["reconstruction", "classification"]
     input: Literal["measurement", "adjoint", "image"] = Field(
         description="What the network takes: measurements y, the adjoint A*y, or an image"
     )
-    image_shape: tuple[int, int, int] = Field(
-        description="[C, H, W] of one image (the network's output for reconstruction)"
+    image_shape: tuple[
+        Annotated[int, Field(ge=1, le=16)],
+        Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)],
+        Annotated[int, Field(ge=1, le=MAX_IMAGE_SIDE)],
+    ] = Field(
+        description="[C, H, W] of one image (the network's output for reconstruction): "
+        f"1 to 16 channels (2 when complex), sides 1 to {MAX_IMAGE_SIDE}"
     )
     complex: bool = Field(
         default=False, description="Complex images stored as 2 channels (real, imaginary)"
     )
-    value_range: tuple[float, float] = (0.0, 1.0)
-    num_classes: int | None = Field(default=None, ge=2, le=100_000)
+    value_range: tuple[float, float] = Field(
+        default=(0.0, 1.0), description="(lower, upper) of the model's values; lower < upper"
+    )
+    num_classes: int | None = Field(
+        default=None, ge=2, le=100_000, description="Required for task `classification`"
+    )
     architecture: Architecture | None = None
 
     @model_validator(mode="after")

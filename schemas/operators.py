@@ -6,10 +6,10 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.common import MAX_SEED, ArrayRef, StrictModel
+from schemas.common import MAX_SEED, ArrayRef, TaggedModel
 
 
-class MRIOperator(StrictModel):
+class MRIOperator(TaggedModel):
     kind: Literal["mri"] = "mri"
     mask: Literal["cartesian", "random_lines", "variable_density", "radial"] | ArrayRef = (
         "cartesian"
@@ -19,10 +19,11 @@ class MRIOperator(StrictModel):
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
-class RadonOperator(StrictModel):
+class RadonOperator(TaggedModel):
     kind: Literal["radon"] = "radon"
     angles: int | list[float] = Field(
-        default=60, description="A count (equispaced over 180°) or degrees"
+        default=60,
+        description="A count (equispaced over 180°) or degrees; 1 to 1024 angles either way",
     )
 
     @model_validator(mode="after")
@@ -33,7 +34,9 @@ class RadonOperator(StrictModel):
         return self
 
 
-class GaussianOperator(StrictModel):
+class GaussianOperator(TaggedModel):
+    """Give exactly one of `m` and `matrix`."""
+
     kind: Literal["gaussian"] = "gaussian"
     m: int | None = Field(default=None, ge=1, le=65536, description="Number of measurements")
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
@@ -48,21 +51,21 @@ class GaussianOperator(StrictModel):
         return self
 
 
-class InpaintingOperator(StrictModel):
+class InpaintingOperator(TaggedModel):
     kind: Literal["inpainting"] = "inpainting"
     fraction: float = Field(default=0.5, gt=0.0, le=1.0, description="Fraction of pixels kept")
     mask: ArrayRef | None = None
     seed: int = Field(default=0, ge=0, le=MAX_SEED)
 
 
-class BlurOperator(StrictModel):
+class BlurOperator(TaggedModel):
     kind: Literal["blur"] = "blur"
     kernel: Literal["gaussian", "box"] | ArrayRef = "gaussian"
     sigma: float = Field(default=1.0, gt=0.0, le=32.0)
     size: int = Field(default=9, ge=1, le=65)
 
 
-class DenoisingOperator(StrictModel):
+class DenoisingOperator(TaggedModel):
     kind: Literal["denoising"] = "denoising"
 
 

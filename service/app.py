@@ -9,19 +9,21 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 from sqlalchemy.orm import sessionmaker
 
 from schemas.problem import PROBLEM_MEDIA_TYPE
 from service import signing
 from service.api import audits, datasets, health, models
 from service.api import signing as signing_routes
+from service.api.forms import UPLOAD_SPEC_MODELS
 from service.api.gate import DatabaseGate
 from service.auth import ApiKeyCache
 from service.body_limits import BodyLimitMiddleware
 from service.db.migrate import upgrade_to_head
 from service.db.session import make_engine
 from service.dispatch import Dispatcher
-from service.errors import install_error_handlers
+from service.errors import install_error_handlers, problem_responses
 from service.metrics import Metrics, MetricsMiddleware
 from service.settings import Settings, get_settings
 from service.storage import ArtifactStore, BlobStore
@@ -35,20 +37,49 @@ needs `Authorization: Bearer <api key>`."""
 
 
 PROBLEM_REF = "#/components/schemas/Problem"
+COMPONENT_REF = "#/components/schemas/{model}"
+# FastAPI's own validation-error body, which no route answers (the 422 is a Problem).
+UNUSED_FASTAPI_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
+
+def _add_upload_spec_schemas(schema: dict[str, Any]) -> None:
+    """The `spec` part of the upload forms names its model (service.api.forms); file it, and
+    the models it names, under components/schemas where FastAPI has not already."""
+    _, definitions = models_json_schema(
+        [(model, "validation") for model in UPLOAD_SPEC_MODELS.values()],
+        ref_template=COMPONENT_REF,
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, definition in definitions.get("$defs", {}).items():
+        components.setdefault(name, definition)
+
+
+def _drop_unused_fastapi_schemas(schema: dict[str, Any]) -> None:
+    components = schema.get("components", {}).get("schemas", {})
+    for name in UNUSED_FASTAPI_SCHEMAS:
+        components.pop(name, None)
 
 
 def _openapi_with_problem_media_type(app: FastAPI) -> dict[str, Any]:
     """FastAPI files a response `model` under application/json and documents its own 422 body;
-    this service answers every error as application/problem+json, so say so (built once)."""
+    this service answers every error as application/problem+json, so say so (built once). Also:
+    every operation may answer a 500 `internal-error`; the upload forms' `spec` models are
+    filed under components (the routes read the form themselves)."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(
         title=app.title, version=app.version, description=app.description, routes=app.routes
     )
     problem_content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": PROBLEM_REF}}}
+    internal_error = problem_responses(500)[500]
     for operations in schema.get("paths", {}).values():
         for operation in operations.values():
-            for status, response in operation.get("responses", {}).items():
+            responses = operation.setdefault("responses", {})
+            responses.setdefault(
+                "500",
+                {"description": internal_error["description"], "content": dict(problem_content)},
+            )
+            for status, response in responses.items():
                 content = response.get("content", {})
                 is_problem = PROBLEM_MEDIA_TYPE in content
                 # FastAPI's own 422 entry describes its default error body, not ours.
@@ -56,6 +87,8 @@ def _openapi_with_problem_media_type(app: FastAPI) -> dict[str, Any]:
                     response["content"] = dict(problem_content)
                 if status == "422":
                     response["description"] = "The request is not valid"
+    _add_upload_spec_schemas(schema)
+    _drop_unused_fastapi_schemas(schema)
     app.openapi_schema = schema
     return schema
 

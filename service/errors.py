@@ -272,6 +272,17 @@ async def _on_database_down(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(down.problem(instance=request.url.path), down.headers)
 
 
+async def _on_unstorable_value(request: Request, exc: Exception) -> JSONResponse:
+    # psycopg refuses a NUL character in text (and similar values no column can hold): the
+    # request's fault, and the transaction is rolled back, so nothing was stored.
+    log.info("unstorable value on %s %s: %s", request.method, request.url.path, exc)
+    refused = MalformedRequest(
+        "A value in the request cannot be stored or looked up (NUL characters are not "
+        "accepted in ids, names or any other text)."
+    )
+    return problem_response(refused.problem(instance=request.url.path))
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the log only: internals (paths, SQL, secrets) never reach a client.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -292,16 +303,59 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(sqlalchemy.exc.TimeoutError, _on_pool_timeout)
     app.add_exception_handler(sqlalchemy.exc.OperationalError, _on_database_down)
     app.add_exception_handler(sqlalchemy.exc.InterfaceError, _on_database_down)
+    app.add_exception_handler(sqlalchemy.exc.DataError, _on_unstorable_value)
     app.add_exception_handler(Exception, _on_unexpected)
 
 
-def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses=` entries documenting problem documents for the given statuses."""
+def response_header(
+    description: str, *, required: bool = True, schema: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """An OpenAPI response-header object (a string unless `schema` says otherwise)."""
     return {
-        status: {
+        "description": description,
+        "required": required,
+        "schema": dict(schema) if schema is not None else {"type": "string"},
+    }
+
+
+def retry_after_header(description: str, *, required: bool = True) -> dict[str, Any]:
+    """`Retry-After`: this service always sends delay-seconds, never an HTTP date."""
+    return response_header(description, required=required, schema={"type": "integer", "minimum": 0})
+
+
+# The headers each problem status always carries (a route may add or relax some: see
+# `problem_responses(headers=...)`).
+_PROBLEM_HEADERS: dict[int, dict[str, dict[str, Any]]] = {
+    401: {
+        "WWW-Authenticate": response_header(
+            'The scheme to use (RFC 6750): `Bearer realm="tightrope"`'
+        )
+    },
+    429: {"Retry-After": retry_after_header("Seconds to wait before submitting again")},
+    503: {
+        "Retry-After": retry_after_header(
+            f"Seconds to wait before retrying ({BUSY_RETRY_AFTER_SECONDS} when busy, "
+            f"{DATABASE_DOWN_RETRY_AFTER_SECONDS} while the database is unreachable)"
+        )
+    },
+}
+
+
+def problem_responses(
+    *statuses: int, headers: Mapping[int, Mapping[str, dict[str, Any]]] | None = None
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting problem documents for the given statuses, with
+    the headers each status carries (401: WWW-Authenticate; 429, 503: Retry-After); `headers`
+    adds to or replaces those of a status (e.g. a Retry-After sent only sometimes)."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        entry: dict[str, Any] = {
             "model": Problem,
             "description": _DESCRIPTIONS.get(status, "Problem"),
             "content": {PROBLEM_MEDIA_TYPE: {}},
         }
-        for status in statuses
-    }
+        declared = {**_PROBLEM_HEADERS.get(status, {}), **(headers or {}).get(status, {})}
+        if declared:
+            entry["headers"] = declared
+        responses[status] = entry
+    return responses

@@ -19,8 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, load_only
@@ -33,6 +33,7 @@ from schemas.common import FileArray, UploadedArray
 from schemas.datasets import DIGIT_CLASSES, BuiltinDataset, FileDataset, UploadedDataset
 from schemas.model_spec import ModelSpec
 from schemas.problem import FieldError
+from schemas.reports import Report
 from service.api.audit_views import (
     STATUS_COLUMNS,
     check_progress,
@@ -41,7 +42,14 @@ from service.api.audit_views import (
     to_status,
 )
 from service.api.datasets import get_owned_dataset
-from service.api.deps import ArtifactsDep, DispatcherDep, SessionDep, SettingsDep, TenantDep
+from service.api.deps import (
+    ArtifactsDep,
+    DispatcherDep,
+    PageTokenQuery,
+    SessionDep,
+    SettingsDep,
+    TenantDep,
+)
 from service.db.models import Artifact, Audit, AuditShard, Model, Tenant, utcnow
 from service.errors import (
     AuditFinished,
@@ -52,6 +60,8 @@ from service.errors import (
     TooManyAudits,
     ValidationFailed,
     problem_responses,
+    response_header,
+    retry_after_header,
 )
 from service.junit import MEDIA_TYPE as JUNIT_MEDIA_TYPE
 from service.junit import render_junit
@@ -80,6 +90,61 @@ REPORT_HTML_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
 # Media types a browser renders as a document that could run script: served, wherever they come
 # from (report.html or an artifact), with the report page's security headers.
 ACTIVE_MEDIA_TYPES = frozenset({"text/html", "application/xhtml+xml", "image/svg+xml"})
+
+
+# OpenAPI only: the response classes below name the media type a route sends (the routes build
+# their own responses, so these classes never answer a request themselves).
+class XMLResponse(Response):
+    media_type = JUNIT_MEDIA_TYPE
+
+
+class BinaryResponse(Response):
+    media_type = "application/octet-stream"
+
+
+BINARY_SCHEMA = {"type": "string", "format": "binary"}
+TEXT_SCHEMA = {"type": "string"}
+CSP_HEADER = response_header(f"`{REPORT_HTML_CSP}`: no script, no request")
+# What a succeeded audit's artifacts are sent as: the media type the worker recorded from the
+# file's name (workers/jobs.py, `mimetypes`), application/octet-stream when it knows none (.npy).
+ARTIFACT_CONTENT = {
+    "application/octet-stream": {"schema": BINARY_SCHEMA},
+    "image/png": {"schema": BINARY_SCHEMA},
+    "*/*": {"schema": BINARY_SCHEMA},
+}
+REPORT_RETRY_AFTER = {
+    409: {
+        "Retry-After": retry_after_header(
+            "Seconds to wait before polling again; only while the audit is queued or running",
+            required=False,
+        )
+    }
+}
+
+
+# Requests for POST /v1/audits, shown in the OpenAPI description (test_openapi validates them).
+AUDIT_REQUEST_EXAMPLES: dict[str, dict[str, Any]] = {
+    "reconstruction": {
+        "summary": "An MRI reconstruction model: worst case and Lipschitz bound",
+        "value": {
+            "model_id": "mdl_0123456789abcdef0123456789abcdef",
+            "dataset": {"builtin": "shepp_logan", "count": 4, "size": 64},
+            "operator": {"kind": "mri", "acceleration": 4},
+            "checks": [
+                {"kind": "worst_case", "levels": [0.01, 0.02, 0.05]},
+                {"kind": "lipschitz", "iterations": 20},
+            ],
+        },
+    },
+    "classifier": {
+        "summary": "A digit classifier: robust accuracy under ℓ∞ attacks",
+        "value": {
+            "model_id": "mdl_0123456789abcdef0123456789abcdef",
+            "dataset": {"builtin": "digits", "count": 8, "size": 28},
+            "checks": [{"kind": "adversarial", "norm": "linf", "epsilons": [0.01, 0.03]}],
+        },
+    },
+}
 
 
 def security_headers(media_type: str) -> dict[str, str] | None:
@@ -272,16 +337,56 @@ def _replay(session: Session, tenant: Tenant, key: str, request_hash: str) -> Au
     # 400: a body that cannot be read into values (an over-long number, too deep nesting);
     # 413: a body over max_json_body_bytes (service.body_limits);
     # 429: tenant_max_queued_audits of the tenant's audits are already queued
-    responses=problem_responses(400, 401, 409, 413, 422, 429),
+    responses={
+        202: {
+            "description": "Accepted (stored, then enqueued), or the audit an Idempotency-Key "
+            "replay names",
+            "headers": {
+                "Location": response_header("The audit to poll: /v1/audits/{id}"),
+                "Retry-After": retry_after_header("Seconds to wait before the first poll"),
+                "Idempotent-Replayed": response_header(
+                    "`true` when this answers an Idempotency-Key replay (no new audit)",
+                    required=False,
+                    schema={"type": "string", "enum": ["true"]},
+                ),
+            },
+        },
+        **problem_responses(
+            400,
+            401,
+            409,
+            413,
+            422,
+            429,
+            503,
+            headers={
+                409: {
+                    "Retry-After": retry_after_header(
+                        "Seconds to wait; only while the model is still `validating`",
+                        required=False,
+                    )
+                }
+            },
+        ),
+    },
     summary="Submit an audit",
 )
 def submit_audit(
-    body: AuditRequest,
+    body: Annotated[AuditRequest, Body(openapi_examples=AUDIT_REQUEST_EXAMPLES)],
     tenant: TenantDep,
     session: SessionDep,
     dispatcher: DispatcherDep,
     settings: SettingsDep,
-    idempotency_key: Annotated[str | None, Header(min_length=1, max_length=200)] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            min_length=1,
+            max_length=200,
+            description="Per tenant: a replay with the same body answers with the original "
+            "audit (`Idempotent-Replayed: true`); with another body it is a 422 "
+            "`idempotency-key-reused`",
+        ),
+    ] = None,
 ) -> Response:
     canonical, request_hash = canonical_request(body)
     if idempotency_key is not None:
@@ -324,7 +429,7 @@ def submit_audit(
 @router.get(
     "",
     response_model=AuditList,
-    responses=problem_responses(401, 422),
+    responses=problem_responses(401, 422, 503),
     summary="List audits, newest first",
 )
 def list_audits(
@@ -333,7 +438,7 @@ def list_audits(
     status: AuditState | None = None,
     model_id: str | None = None,
     page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
-    page_token: str | None = None,
+    page_token: PageTokenQuery = None,
 ) -> AuditList:
     # Only the columns of the view (not the request JSON); no relationship is read, so no
     # per-row query. Index: ix_audits_tenant_created (tenant_id, created_at, id).
@@ -347,17 +452,33 @@ def list_audits(
     return AuditList(items=[to_status(a) for a in rows], next_page_token=next_token)
 
 
+POLL_HEADERS = {
+    "ETag": response_header("Strong validator of the status body; send it as If-None-Match"),
+    "Cache-Control": response_header("`no-cache`: revalidate (If-None-Match) before reuse"),
+}
+
+
 @router.get(
     "/{audit_id}",
     response_model=AuditStatus,
-    responses={**problem_responses(401, 404), 304: {"description": "Not modified"}},
+    responses={
+        200: {"description": "The audit's status", "headers": POLL_HEADERS},
+        304: {
+            "description": "Not modified: the ETag matches If-None-Match (no body)",
+            "headers": POLL_HEADERS,
+        },
+        **problem_responses(401, 404, 503),
+    },
     summary="Poll an audit (ETag / If-None-Match)",
 )
 def read_audit(
     audit_id: str,
     tenant: TenantDep,
     session: SessionDep,
-    if_none_match: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[
+        str | None,
+        Header(description="ETags of earlier answers (or `*`): a match is a 304 without body"),
+    ] = None,
 ) -> Response:
     audit = get_owned_audit(session, tenant, audit_id, options=(_STATUS_ONLY,))
     # The tag comes from the columns, so a 304 (the usual answer to a poll) builds no body.
@@ -375,7 +496,7 @@ def read_audit(
     "/{audit_id}/cancel",
     status_code=202,
     response_model=AuditStatus,
-    responses=problem_responses(401, 404, 409),
+    responses=problem_responses(401, 404, 409, 503),
     summary="Cancel an audit (a running one stops at its next checkpoint)",
 )
 def cancel_audit(
@@ -459,9 +580,12 @@ def _report_file(audit: Audit, artifact_root: Path, name: str) -> FileResponse:
 
 @router.get(
     "/{audit_id}/report",
+    # The route sends the stored report.json as it is (a FileResponse, so FastAPI does not
+    # serialise it through this model); the worker validated it against Report before writing.
+    response_model=Report,
     responses={
-        200: {"content": {"application/json": {}}, "description": "The JSON report"},
-        **problem_responses(401, 404, 409),
+        200: {"description": "The JSON report (signed; docs/report.md)"},
+        **problem_responses(401, 404, 409, 503, headers=REPORT_RETRY_AFTER),
     },
     summary="The JSON report of a succeeded audit",
 )
@@ -473,9 +597,14 @@ def read_report(
 
 @router.get(
     "/{audit_id}/report.html",
+    response_class=HTMLResponse,
     responses={
-        200: {"content": {"text/html": {}}, "description": "The self-contained HTML report"},
-        **problem_responses(401, 404, 409),
+        200: {
+            "description": "The self-contained HTML report",
+            "content": {"text/html": {"schema": TEXT_SCHEMA}},
+            "headers": {"Content-Security-Policy": CSP_HEADER},
+        },
+        **problem_responses(401, 404, 409, 503, headers=REPORT_RETRY_AFTER),
     },
     summary="The HTML report of a succeeded audit",
 )
@@ -488,9 +617,13 @@ def read_report_html(
 
 @router.get(
     "/{audit_id}/report.junit.xml",
+    response_class=XMLResponse,
     responses={
-        200: {"content": {JUNIT_MEDIA_TYPE: {}}, "description": "JUnit XML, one case per check"},
-        **problem_responses(401, 404, 409),
+        200: {
+            "description": "JUnit XML, one case per check",
+            "content": {JUNIT_MEDIA_TYPE: {"schema": TEXT_SCHEMA}},
+        },
+        **problem_responses(401, 404, 409, 503, headers=REPORT_RETRY_AFTER),
     },
     summary="The report as JUnit XML, for CI systems",
 )
@@ -509,11 +642,28 @@ def read_report_junit(
 
 @router.get(
     "/{audit_id}/artifacts/{name}",
+    response_class=BinaryResponse,
     responses={
-        200: {"description": "The artifact (PNG figure, .npy perturbation, ...)"},
-        **problem_responses(401, 404),
+        200: {
+            "description": "The artifact, as bytes. Its Content-Type is the one recorded for "
+            "the file from its name: image/png for figures, application/octet-stream for "
+            "`.npy` arrays and any name without a known type, another type for another "
+            "extension (hence */*)",
+            "content": ARTIFACT_CONTENT,
+            "headers": {
+                "Content-Disposition": response_header('`attachment; filename="<name>"`'),
+                "Content-Security-Policy": response_header(
+                    "Only for a type a browser renders as a document (text/html, "
+                    f"application/xhtml+xml, image/svg+xml): `{REPORT_HTML_CSP}`",
+                    required=False,
+                ),
+            },
+        },
+        **problem_responses(401, 404, 503),
     },
     summary="A file produced by the audit",
+    description="`name`: a file name the report lists under a check's `artifacts`; a name "
+    "the audit has no artifact of (or not a plain file name) is a 404.",
 )
 def read_artifact(
     audit_id: str,

@@ -11,10 +11,10 @@ from starlette.concurrency import run_in_threadpool
 
 from schemas.datasets import DatasetUploadSpec
 from schemas.resources import DatasetList, DatasetResource
-from service.api.deps import BlobsDep, SessionDep, SettingsDep, TenantDep
+from service.api.deps import BlobsDep, PageTokenQuery, SessionDep, SettingsDep, TenantDep
 from service.api.forms import archive_limits, multipart_upload_body, parse_spec
 from service.db.models import Dataset, Tenant
-from service.errors import NotFound, problem_responses
+from service.errors import NotFound, problem_responses, response_header
 from service.inspect_dataset import inspect_dataset
 from service.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
 from service.uploads import receive_upload
@@ -22,7 +22,10 @@ from service.uploads import receive_upload
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 UPLOAD_BODY = multipart_upload_body(
-    ".npy or .npz of images [N, C, H, W] (no pickles)", "DatasetUploadSpec as JSON"
+    ".npy or .npz of images [N, C, H, W] (no pickles)",
+    DatasetUploadSpec,
+    "The dataset's name and arrays, as JSON (a DatasetUploadSpec); errors name it as "
+    "`spec.<field>`",
 )
 
 
@@ -52,7 +55,13 @@ def get_owned_dataset(session: Session, tenant: Tenant, dataset_id: str) -> Data
     status_code=201,
     response_model=DatasetResource,
     openapi_extra=UPLOAD_BODY,
-    responses=problem_responses(400, 401, 413, 415, 422),
+    responses={
+        201: {
+            "description": "Stored",
+            "headers": {"Location": response_header("The dataset: /v1/datasets/{id}")},
+        },
+        **problem_responses(400, 401, 413, 415, 422, 503),
+    },
     summary="Upload an array of images",
 )
 async def upload_dataset(
@@ -96,12 +105,12 @@ async def upload_dataset(
     return to_resource(dataset)
 
 
-@router.get("", response_model=DatasetList, responses=problem_responses(401, 422))
+@router.get("", response_model=DatasetList, responses=problem_responses(401, 422, 503))
 def list_datasets(
     tenant: TenantDep,
     session: SessionDep,
     page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
-    page_token: str | None = None,
+    page_token: PageTokenQuery = None,
 ) -> DatasetList:
     query = select(Dataset).where(Dataset.tenant_id == tenant.id, Dataset.deleted_at.is_(None))
     query = paginate(query, Dataset.created_at, Dataset.id, page_token, page_size)
@@ -109,7 +118,11 @@ def list_datasets(
     return DatasetList(items=[to_resource(d) for d in rows], next_page_token=next_token)
 
 
-@router.get("/{dataset_id}", response_model=DatasetResource, responses=problem_responses(401, 404))
+@router.get(
+    "/{dataset_id}",
+    response_model=DatasetResource,
+    responses=problem_responses(401, 404, 503),
+)
 def read_dataset(dataset_id: str, tenant: TenantDep, session: SessionDep) -> DatasetResource:
     dataset = get_owned_dataset(session, tenant, dataset_id)
     if dataset is None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import anyio
 import anyio.to_thread
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
@@ -64,6 +64,16 @@ SessionDep = Annotated[Session, Depends(get_db)]
 BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
+
+# The `page_token` of the list routes, as service.pagination reads it.
+PageTokenQuery = Annotated[
+    str | None,
+    Query(
+        description="Opaque: the `next_page_token` of the previous page, passed back unchanged. "
+        "Leave it out (or empty) for the first page. A value that is not such a token is a 422 "
+        "`validation-failed` naming `query.page_token`.",
+    ),
+]
 
 
 # Declared through HTTPBearer so that OpenAPI documents the scheme; the checking is ours, so

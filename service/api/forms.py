@@ -12,6 +12,10 @@ from service.settings import Settings
 
 SpecT = TypeVar("SpecT", bound=BaseModel)
 
+# The `spec` models of the upload routes, by name: FastAPI files under components/schemas only
+# the models its own parameters and responses name, so the app's OpenAPI hook adds these.
+UPLOAD_SPEC_MODELS: dict[str, type[BaseModel]] = {}
+
 
 def archive_limits(settings: Settings) -> ArchiveLimits:
     return ArchiveLimits(
@@ -35,9 +39,15 @@ def parse_spec(model: type[SpecT], raw: str | None) -> SpecT:
         raise ValidationFailed(describe(errors), errors=errors) from None
 
 
-def multipart_upload_body(file_description: str, spec_description: str) -> dict[str, Any]:
+def multipart_upload_body(
+    file_description: str, spec_model: type[BaseModel], spec_description: str
+) -> dict[str, Any]:
     """OpenAPI for a `file` + `spec` multipart upload (FastAPI cannot infer it: the routes
-    stream the body themselves)."""
+    stream the body themselves). `spec` is stated as what `parse_spec` reads: the JSON text of
+    `spec_model`, i.e. a part of type application/json (a plain text field holding the same
+    JSON is read alike). `spec_model`'s schema is filed under components/schemas by the app's
+    OpenAPI hook (UPLOAD_SPEC_MODELS)."""
+    UPLOAD_SPEC_MODELS[spec_model.__name__] = spec_model
     return {
         "requestBody": {
             "required": True,
@@ -52,9 +62,13 @@ def multipart_upload_body(file_description: str, spec_description: str) -> dict[
                                 "format": "binary",
                                 "description": file_description,
                             },
-                            "spec": {"type": "string", "description": spec_description},
+                            "spec": {
+                                "$ref": f"#/components/schemas/{spec_model.__name__}",
+                                "description": spec_description,
+                            },
                         },
-                    }
+                    },
+                    "encoding": {"spec": {"contentType": "application/json"}},
                 }
             },
         }

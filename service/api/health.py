@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from service.api.deps import SessionDep, SettingsDep
 from service.db.models import WorkerHeartbeat, utcnow
-from service.errors import NotReady, problem_responses
+from service.errors import NotReady, problem_responses, retry_after_header
 from service.metrics import CONTENT_TYPE, Metrics
 from service.settings import Settings
 
@@ -64,7 +64,22 @@ def worker_problem(session: Session, settings: Settings) -> str | None:
     return None
 
 
-@router.get("/readyz", summary="Readiness", responses=problem_responses(503))
+@router.get(
+    "/readyz",
+    summary="Readiness",
+    responses=problem_responses(
+        503,
+        headers={
+            503: {
+                "Retry-After": retry_after_header(
+                    "Only when busy (no database slot in time); a dependency that is down "
+                    "(`not-ready`, `extra.down` names it) comes without it",
+                    required=False,
+                )
+            }
+        },
+    ),
+)
 def readyz(session: SessionDep, settings: SettingsDep) -> dict[str, str]:
     problems = [
         p
@@ -84,7 +99,12 @@ def readyz(session: SessionDep, settings: SettingsDep) -> dict[str, str]:
     "/metrics",
     summary="Prometheus metrics",
     response_class=Response,
-    responses={200: {"content": {CONTENT_TYPE: {}}, "description": "Prometheus text format"}},
+    responses={
+        200: {
+            "content": {CONTENT_TYPE: {"schema": {"type": "string"}}},
+            "description": "Prometheus text format",
+        }
+    },
 )
 def metrics(request: Request) -> Response:
     registry: Metrics = request.app.state.metrics

@@ -11,10 +11,17 @@ from starlette.concurrency import run_in_threadpool
 
 from schemas.model_spec import ModelSpec
 from schemas.resources import ModelList, ModelResource
-from service.api.deps import BlobsDep, DispatcherDep, SessionDep, SettingsDep, TenantDep
+from service.api.deps import (
+    BlobsDep,
+    DispatcherDep,
+    PageTokenQuery,
+    SessionDep,
+    SettingsDep,
+    TenantDep,
+)
 from service.api.forms import archive_limits, multipart_upload_body, parse_spec
 from service.db.models import Model, Tenant, utcnow
-from service.errors import NotFound, problem_responses
+from service.errors import NotFound, problem_responses, response_header
 from service.inspect_upload import inspect_model
 from service.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
 from service.uploads import receive_upload
@@ -22,7 +29,9 @@ from service.uploads import receive_upload
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 UPLOAD_BODY = multipart_upload_body(
-    "TorchScript .pt, torch.export .pt2 or .safetensors", "ModelSpec as JSON"
+    "TorchScript .pt, torch.export .pt2 or .safetensors",
+    ModelSpec,
+    "What the model is, as JSON (a ModelSpec); errors name it as `spec.<field>`",
 )
 
 
@@ -54,7 +63,13 @@ def get_owned_model(session: Session, tenant: Tenant, model_id: str) -> Model:
     status_code=202,
     response_model=ModelResource,
     openapi_extra=UPLOAD_BODY,
-    responses=problem_responses(400, 401, 413, 415, 422),
+    responses={
+        202: {
+            "description": "Stored as `validating`; a worker admits (`ready`) or rejects it",
+            "headers": {"Location": response_header("The model: /v1/models/{id}")},
+        },
+        **problem_responses(400, 401, 413, 415, 422, 503),
+    },
     summary="Upload a model; a worker admits or rejects it",
 )
 async def upload_model(
@@ -95,12 +110,12 @@ async def upload_model(
     return to_resource(model)
 
 
-@router.get("", response_model=ModelList, responses=problem_responses(401, 422))
+@router.get("", response_model=ModelList, responses=problem_responses(401, 422, 503))
 def list_models(
     tenant: TenantDep,
     session: SessionDep,
     page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
-    page_token: str | None = None,
+    page_token: PageTokenQuery = None,
     sha256: Annotated[
         str | None,
         Query(
@@ -117,12 +132,17 @@ def list_models(
     return ModelList(items=[to_resource(m) for m in rows], next_page_token=next_token)
 
 
-@router.get("/{model_id}", response_model=ModelResource, responses=problem_responses(401, 404))
+@router.get("/{model_id}", response_model=ModelResource, responses=problem_responses(401, 404, 503))
 def read_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelResource:
     return to_resource(get_owned_model(session, tenant, model_id))
 
 
-@router.delete("/{model_id}", status_code=204, responses=problem_responses(401, 404))
+@router.delete(
+    "/{model_id}",
+    status_code=204,
+    response_class=Response,
+    responses=problem_responses(401, 404, 503),
+)
 def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Response:
     """Soft delete: the row stays for the audits that name it; the model is gone for clients."""
     model = get_owned_model(session, tenant, model_id)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
 
 from service import callback_signing, signing
 from service.api.deps import SettingsDep, TenantDep
@@ -18,6 +19,34 @@ from service.errors import problem_responses
 router = APIRouter(prefix="/v1", tags=["signing"])
 
 PEM_MEDIA_TYPE = "application/x-pem-file"
+
+
+class PEMResponse(Response):
+    """OpenAPI only: names the media type the PEM route sends (it builds its own Response)."""
+
+    media_type = PEM_MEDIA_TYPE
+
+
+class SigningKey(BaseModel):
+    """The body of GET /v1/signing-key (service.signing.public_key_document)."""
+
+    # These state the body's keys; a key added to the body later is never dropped.
+    model_config = ConfigDict(extra="allow")
+
+    algorithm: str = Field(description="`ed25519`")
+    key_id: str = Field(description="sha256 of the raw public key, hex: a report's `key_id`")
+    public_key_pem: str = Field(description="SubjectPublicKeyInfo, PEM")
+    public_key: str = Field(description="The raw 32-byte public key, base64")
+
+
+class CallbackSecret(BaseModel):
+    """The body of GET /v1/callback-secret."""
+
+    model_config = ConfigDict(extra="allow")
+
+    secret: str = Field(description="This tenant's HMAC-SHA256 key")
+    header: str = Field(description="The request header a delivery's signature is in")
+    scheme: str = Field(description="How the header's value is built")
 
 
 def public_key_of(request: Request) -> Any:
@@ -31,6 +60,7 @@ def public_key_of(request: Request) -> Any:
 @router.get(
     "/signing-key",
     summary="The Ed25519 public key that signs reports (no API key needed)",
+    response_model=SigningKey,
     responses={200: {"description": "algorithm, key_id, public_key_pem, public_key (base64)"}},
 )
 def read_signing_key(request: Request) -> dict[str, str]:
@@ -40,7 +70,13 @@ def read_signing_key(request: Request) -> dict[str, str]:
 @router.get(
     "/signing-key.pem",
     summary="The same public key as a PEM file",
-    responses={200: {"content": {PEM_MEDIA_TYPE: {}}, "description": "SubjectPublicKeyInfo"}},
+    response_class=PEMResponse,
+    responses={
+        200: {
+            "content": {PEM_MEDIA_TYPE: {"schema": {"type": "string"}}},
+            "description": "SubjectPublicKeyInfo, PEM (`-----BEGIN PUBLIC KEY-----` ...): text",
+        }
+    },
 )
 def read_signing_key_pem(request: Request) -> Response:
     return Response(signing.public_pem(public_key_of(request)), media_type=PEM_MEDIA_TYPE)
@@ -49,7 +85,8 @@ def read_signing_key_pem(request: Request) -> Response:
 @router.get(
     "/callback-secret",
     summary="This tenant's HMAC secret for verifying callback deliveries",
-    responses=problem_responses(401),
+    response_model=CallbackSecret,
+    responses=problem_responses(401, 503),
 )
 def read_callback_secret(tenant: TenantDep, settings: SettingsDep) -> dict[str, str]:
     return {
