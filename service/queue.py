@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import redis
 from celery import Celery
 
 from service.settings import Settings, get_settings
@@ -98,6 +99,21 @@ def get_celery() -> Celery:
     return make_celery(get_settings())
 
 
+def tokens_waiting(settings: Settings, queue: str) -> int | None:
+    """Messages waiting in `queue` on a Redis broker (every priority step); None when it cannot
+    be told (another broker, Redis unreachable). The reconciler sends lost shard tokens only
+    for the shortfall, rather than a new token per waiting shard on every pass."""
+    if not settings.broker_url.startswith(("redis://", "rediss://")):
+        return None
+    client = redis.Redis.from_url(settings.broker_url, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return int(sum(client.llen(key) for key in broker_keys(queue)))
+    except redis.RedisError:
+        return None
+    finally:
+        client.close()
+
+
 def enqueue_audit(
     audit_id: str, queue: str = QUEUE_CPU, priority: str = DEFAULT_PRIORITY, countdown: float = 0
 ) -> None:
@@ -115,10 +131,12 @@ def enqueue_shards(audit_id: str, queue: str, priority: str, count: int) -> None
     """`count` shard tokens: each makes one worker of `queue` run the fairest waiting shard
     (the database picks it; `audit_id` only names who asked, for the logs)."""
     celery = get_celery()
+    # One step after the audit's own messages: a planning (or finalising) message of another
+    # audit of the same priority never waits behind a big audit's tokens (fair share needs
+    # the other audit planned before its shards can be chosen).
+    step = min(redis_priority(priority) + 1, PRIORITY_STEPS[-1])
     for _ in range(count):
-        celery.send_task(
-            TASK_RUN_SHARD, args=[audit_id, queue], queue=queue, priority=redis_priority(priority)
-        )
+        celery.send_task(TASK_RUN_SHARD, args=[audit_id, queue], queue=queue, priority=step)
 
 
 def enqueue_admission(model_id: str) -> None:

@@ -83,6 +83,14 @@ def worker(
             "so a long audit never delays them; --no-admission e.g. on a second GPU host"
         ),
     ] = True,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            envvar="TIGHTROPE_WORKER_NAME",
+            help="A prefix of this process's worker names (`<name>-cpu1@host`), so that two "
+            "`tightrope worker` on one host are told apart (heartbeats, who ran each shard)",
+        ),
+    ] = None,
     loglevel: Annotated[str, typer.Option(help="Celery log level")] = "info",
     dry_run: Annotated[
         bool,
@@ -92,6 +100,8 @@ def worker(
     """Run supervised Celery workers (each restarted whenever it exits); SIGTERM stops them
     all. Extra arguments go to every `celery worker` (e.g. --without-gossip)."""
     import logging
+    import re
+    from dataclasses import replace
 
     from workers.supervisor import parse_gpus, plan_workers, supervise_workers
 
@@ -106,6 +116,10 @@ def worker(
         )
     except ValueError as exc:
         raise _fail(str(exc)) from None
+    if name:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", name):
+            raise _fail("--name: letters, digits, '.', '_' and '-' only (at most 64)")
+        children = [replace(child, name=f"{name}-{child.name}") for child in children]
     if dry_run:
         for child in children:
             gpu = child.env.get("CUDA_VISIBLE_DEVICES")

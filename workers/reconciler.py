@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service import queue
@@ -81,6 +81,7 @@ def reconcile_once(
     enqueue_audit: Callable[..., None] = queue.enqueue_audit,
     enqueue_admission: Callable[[str], None] = queue.enqueue_admission,
     enqueue_shards: Callable[..., None] = queue.enqueue_shards,
+    count_tokens: Callable[[str], int | None] | None = None,
 ) -> ReconcileResult:
     """One pass; the rows are committed before their messages are sent."""
     settings = settings or get_settings()
@@ -113,7 +114,8 @@ def reconcile_once(
         if touched.rowcount == 1:  # type: ignore[attr-defined]
             result.models.append(model_id)
 
-    shard_tokens = _reclaim_shards(session, now, cutoff, result)
+    tokens_in = count_tokens or (lambda name: queue.tokens_waiting(settings, name))
+    shard_tokens = _reclaim_shards(session, now, cutoff, result, tokens_in)
     result.finalising = _claim_audits(session, _unfinalised_condition(cutoff), {"updated_at": now})
 
     routes = _routes(session, result.expired_leases + result.lost_messages + result.finalising)
@@ -167,38 +169,79 @@ def _unfinalised_condition(cutoff: datetime):
 
 
 def _reclaim_shards(
-    session: Session, now: datetime, cutoff: datetime, result: ReconcileResult
+    session: Session,
+    now: datetime,
+    cutoff: datetime,
+    result: ReconcileResult,
+    tokens_in: Callable[[str], int | None],
 ) -> dict[str, int]:
-    """Shards of a dead worker go back to `queued`; shards whose token is lost get a new one.
-    Returns how many tokens each audit needs."""
+    """Shards of a dead worker go back to `queued` with a new token. Shards waiting since
+    before `cutoff` get a new token only for the shortfall of their queue (waiting shards
+    minus the messages still in it), so a queue that is merely slow is not flooded. Returns
+    how many tokens each audit needs."""
     live_audit = select(Audit.id).where(
         Audit.status == "running", Audit.cancel_requested.is_(False)
     )
     tokens: dict[str, int] = {}
-    for condition, values in (
-        (
-            expired_shard_condition(now),
-            {"status": "queued", "lease_owner": None, "lease_expires_at": None, "enqueued_at": now},
-        ),
-        (stale_shard_condition(cutoff), {"enqueued_at": now}),
-    ):
-        found = session.execute(
-            select(AuditShard.audit_id, AuditShard.shard_id)
-            .where(condition, AuditShard.audit_id.in_(live_audit))
-            .limit(BATCH)
-        ).all()
-        for audit_id, shard_id in found:
-            moved = session.execute(
-                update(AuditShard)
-                .where(AuditShard.audit_id == audit_id, AuditShard.shard_id == shard_id, condition)
-                .values(**values)
-                .execution_options(synchronize_session=False)
-            )
-            session.commit()
-            if moved.rowcount == 1:  # type: ignore[attr-defined]
-                result.shards.append(f"{audit_id}/{shard_id}")
-                tokens[audit_id] = tokens.get(audit_id, 0) + 1
+
+    def claim(condition, values: dict[str, object], audit_id: str, shard_id: str) -> bool:
+        moved = session.execute(
+            update(AuditShard)
+            .where(AuditShard.audit_id == audit_id, AuditShard.shard_id == shard_id, condition)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if moved.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        result.shards.append(f"{audit_id}/{shard_id}")
+        tokens[audit_id] = tokens.get(audit_id, 0) + 1
+        return True
+
+    expired = expired_shard_condition(now)
+    for audit_id, shard_id in session.execute(
+        select(AuditShard.audit_id, AuditShard.shard_id)
+        .where(expired, AuditShard.audit_id.in_(live_audit))
+        .limit(BATCH)
+    ).all():
+        back = {"status": "queued", "lease_owner": None, "lease_expires_at": None}
+        claim(expired, {**back, "enqueued_at": now}, audit_id, shard_id)
+
+    stale = stale_shard_condition(cutoff)
+    found = session.execute(
+        select(AuditShard.queue, AuditShard.audit_id, AuditShard.shard_id)
+        .where(stale, AuditShard.audit_id.in_(live_audit))
+        .order_by(AuditShard.queue, AuditShard.enqueued_at)
+        .limit(BATCH)
+    ).all()
+    allowance: dict[str, int | None] = {}
+    for queue_name, audit_id, shard_id in found:
+        if queue_name not in allowance:
+            allowance[queue_name] = _shortfall(session, queue_name, tokens_in(queue_name))
+        left = allowance[queue_name]
+        if left is not None and left <= 0:
+            continue
+        if claim(stale, {"enqueued_at": now}, audit_id, shard_id) and left is not None:
+            allowance[queue_name] = left - 1
     return tokens
+
+
+def _shortfall(session: Session, queue_name: str, in_broker: int | None) -> int | None:
+    """Waiting shards of live audits in `queue_name` that no message in the broker covers."""
+    if in_broker is None:
+        return None  # cannot tell: every stale shard gets a token (duplicates are harmless)
+    waiting = session.scalar(
+        select(func.count())
+        .select_from(AuditShard)
+        .join(Audit, Audit.id == AuditShard.audit_id)
+        .where(
+            AuditShard.queue == queue_name,
+            AuditShard.status == "queued",
+            Audit.status == "running",
+            Audit.cancel_requested.is_(False),
+        )
+    )
+    return int(waiting or 0) - in_broker
 
 
 def _send(enqueue: Callable[..., None], *args: object) -> None:

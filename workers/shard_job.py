@@ -287,7 +287,8 @@ def _follow(run: _ShardRun, child: RunnerChild, limit: float) -> str:
             child.kill()
             break
         now = time.monotonic()
-        if now - last_beat >= settings.heartbeat_seconds:
+        # Once the result is stored the lease is released: nothing is left to renew.
+        if not run.stored and now - last_beat >= settings.heartbeat_seconds:
             run.heartbeat(child)
             last_beat = now
             if run.stop and stop_asked_at is None:

@@ -13,7 +13,7 @@ so two workers cannot both take a shard, and a worker that lost its lease writes
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import CursorResult, and_, func, or_, select, update
@@ -22,7 +22,10 @@ from sqlalchemy.orm import Session
 from service.db.models import Audit, AuditShard
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
-CANDIDATE_AUDITS = 8  # audits tried per claim when other workers take their shards first
+CANDIDATE_AUDITS = 8
+NEVER = datetime.min.replace(
+    tzinfo=UTC
+)  # audits tried per claim when other workers take their shards first
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,18 @@ def _running_per_tenant(session: Session, now: datetime) -> dict[str, int]:
     return {tenant: int(count) for tenant, count in rows}
 
 
+def _last_served_per_tenant(session: Session) -> dict[str, datetime]:
+    """When each tenant with a live audit last had a shard taken (its newest lease start)."""
+    rows = session.execute(
+        select(Audit.tenant_id, func.max(AuditShard.started_at))
+        .select_from(AuditShard)
+        .join(Audit, Audit.id == AuditShard.audit_id)
+        .where(Audit.status == "running", AuditShard.started_at.is_not(None))
+        .group_by(Audit.tenant_id)
+    )
+    return {tenant: when for tenant, when in rows if when is not None}
+
+
 def fair_order(session: Session, queue: str, now: datetime) -> list[str]:
     """Audits with shards waiting in `queue`, the one whose shard should run next first."""
     audits = session.execute(
@@ -66,6 +81,7 @@ def fair_order(session: Session, queue: str, now: datetime) -> list[str]:
         .distinct()
     ).all()
     running = _running_per_tenant(session, now)
+    served = _last_served_per_tenant(session)
     best_in_tenant: dict[str, tuple[int, datetime]] = {}
     for _, tenant, priority, created in audits:
         key = (PRIORITY_RANK.get(priority, 1), created)
@@ -74,6 +90,9 @@ def fair_order(session: Session, queue: str, now: datetime) -> list[str]:
         audits,
         key=lambda row: (
             running.get(row.tenant_id, 0),
+            # Between tenants running as many (with one worker: none, at every claim), the one
+            # served longest ago: so tenants take turns shard by shard.
+            served.get(row.tenant_id, NEVER),
             best_in_tenant[row.tenant_id],
             row.tenant_id,
             PRIORITY_RANK.get(row.priority, 1),
@@ -109,6 +128,7 @@ def claim_shard(
                 )
                 .values(
                     status="running",
+                    started_at=now,
                     lease_owner=owner,
                     lease_expires_at=now + timedelta(seconds=lease_seconds),
                     heartbeat_at=now,

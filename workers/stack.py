@@ -136,7 +136,8 @@ class LocalStack:
             self.start_worker(f"worker{i}")
 
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
-        return self._spawn(name, [sys.executable, "-m", "workers.cli", "worker"])
+        # Named after the stack's process name, so two workers of one host are told apart.
+        return self._spawn(name, [sys.executable, "-m", "workers.cli", "worker", "--name", name])
 
     def wait_for(self, path: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout

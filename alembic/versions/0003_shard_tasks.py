@@ -46,6 +46,7 @@ def upgrade() -> None:
         batch.add_column(sa.Column("attempts", sa.Integer, nullable=False, server_default="0"))
         batch.add_column(sa.Column("enqueued_at", UTC_DATETIME, nullable=True))
         batch.add_column(sa.Column("worker", sa.String(200), nullable=True))
+        batch.add_column(sa.Column("started_at", UTC_DATETIME, nullable=True))
         batch.add_column(sa.Column("finished_at", UTC_DATETIME, nullable=True))
     op.create_index(
         "ix_audit_shards_claim", "audit_shards", ["status", "queue", "audit_id", "position"]
@@ -57,7 +58,7 @@ def downgrade() -> None:
     op.execute("DELETE FROM audit_shards WHERE status != 'done'")
     with op.batch_alter_table("audit_shards") as batch:
         for name in (
-            "finished_at", "worker", "enqueued_at", "attempts", "heartbeat_at",
+            "finished_at", "started_at", "worker", "enqueued_at", "attempts", "heartbeat_at",
             "lease_expires_at", "lease_owner", "subject", "kind", "check_index", "position",
             "queue", "status",
         ):

@@ -173,6 +173,7 @@ class AuditShard(Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     worker: Mapped[str | None] = mapped_column(String(200), default=None)  # who stored it
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)  # its latest lease
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
 

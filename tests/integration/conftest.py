@@ -148,27 +148,6 @@ def canonical(obj: object) -> str:
 # --- helpers of the scale-out and fault tests ----------------------------------------------
 
 
-def start_worker_as(stack: LocalStack, name: str, host: str) -> subprocess.Popen[bytes]:
-    """Start `tightrope worker` as `name` (for stack.kill) with its own host name `host`.
-
-    Every `tightrope worker` names its Celery workers `cpu1@%h` and `admission@%h`, so two of
-    them on one host are indistinguishable (same node name, same heartbeat row, same `worker`
-    on the shard rows they store). Each one here runs in its own UTS namespace (unshare, as
-    root), as two containers or machines would, so the rows tell which one did what."""
-    argv = [sys.executable, "-m", "workers.cli", "worker"]
-    return stack._spawn(
-        name, ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', host, *argv]
-    )
-
-
-def can_start_worker_as() -> bool:
-    """Whether start_worker_as works here (root, or anyone allowed a UTS namespace)."""
-    probe = subprocess.run(
-        ["unshare", "--uts", "sh", "-c", "hostname tightrope-probe"], capture_output=True
-    )
-    return probe.returncode == 0
-
-
 def shard_rows(stack: LocalStack, audit_id: str) -> list[dict]:
     """The audit's shard rows, read straight from the stack's database, in plan order."""
     assert stack.database_url is not None

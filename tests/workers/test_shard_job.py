@@ -19,7 +19,7 @@ from workers.audit_job import end_unleased_audit, execute_audit
 from workers.job_cache import JobCache
 from workers.reconciler import reconcile_once
 from workers.shard_job import execute_shard
-from workers.shard_leases import claim_shard
+from workers.shard_leases import claim_shard, release_shard
 
 CPU = "tightrope.cpu"
 
@@ -91,6 +91,46 @@ def test_shards_of_two_tenants_interleave_and_priority_orders_a_tenants_audits(
     assert first is not None and first.audit_id == high.id  # newer, but higher priority
     second = claim_shard(session, CPU, "w-low", now=now, lease_seconds=60)
     assert second is not None and second.audit_id == low.id
+
+
+def test_with_one_worker_tenants_take_turns_shard_by_shard(
+    settings: Settings, session: Session
+) -> None:
+    """One worker: at every claim no tenant has a shard running; the tenant served longest ago
+    goes next, so a 2-shard audit is not left behind a 6-shard one."""
+    big = planned_audit(session, add_model(session, settings), 6)
+    small = planned_audit(session, other_tenant_model(session, settings), 2)
+    order = []
+    for step in range(8):
+        now = utcnow() + timedelta(seconds=step)
+        claimed = claim_shard(session, CPU, f"the-worker-{step}", now=now, lease_seconds=60)
+        assert claimed is not None
+        order.append({big.id: "big", small.id: "small"}[claimed.audit_id])
+        assert release_shard(
+            session, claimed.audit_id, claimed.shard_id, f"the-worker-{step}", status="done"
+        )
+    assert order == ["big", "small", "big", "small", "big", "big", "big", "big"]
+
+
+def test_lost_tokens_are_resent_only_for_the_shortfall(
+    settings: Settings, session: Session
+) -> None:
+    model = add_model(session, settings)
+    now = utcnow()
+    audit = planned_audit(session, model, 3, enqueued_at=None)
+    old = now - timedelta(seconds=settings.requeue_after_seconds + 5)
+    for row in session.scalars(select(AuditShard).where(AuditShard.audit_id == audit.id)):
+        row.enqueued_at = old
+    session.commit()
+    tokens: list[tuple[object, ...]] = []
+    result = reconcile_once(
+        session,
+        now,
+        settings=settings,
+        enqueue_shards=lambda *a: tokens.append(a),
+        count_tokens=lambda queue: 2,  # two of the three tokens are still in the broker
+    )
+    assert len(result.shards) == 1 and tokens == [(audit.id, CPU, "normal", 1)]
 
 
 def test_a_shard_whose_child_dies_is_retried_then_fails_the_audit(
@@ -203,6 +243,7 @@ def test_the_reconciler_recovers_dead_shards_lost_tokens_and_lost_finalising(
         settings=settings,
         enqueue_audit=lambda *a: audits.append(a),
         enqueue_shards=lambda *a: tokens.append(a),
+        count_tokens=lambda queue: None,  # a broker that cannot be asked: every stale shard
     )
     assert sorted(result.shards) == [f"{audit.id}/random_noise-0", f"{audit.id}/random_noise-1"]
     assert tokens == [(audit.id, CPU, "normal", 2)]
@@ -219,5 +260,6 @@ def test_the_reconciler_recovers_dead_shards_lost_tokens_and_lost_finalising(
         settings=settings,
         enqueue_audit=lambda *a: again.append(a),
         enqueue_shards=lambda *a: again.append(a),
+        count_tokens=lambda queue: None,
     )
     assert again == [] and second.shards == [] and second.finalising == []
