@@ -326,7 +326,7 @@ def test_a_full_data_directory_fails_the_audit_cleanly(
             subprocess.run(["umount", "-l", str(data_dir)], check=False)
 
 
-@pytest.mark.timeout(600)  # with the bug, the small audit waits for all 13 children of the big one
+@pytest.mark.timeout(600)  # 14 sandboxed children on a loaded 2-core host
 def test_a_small_audit_of_another_tenant_starts_while_a_big_one_runs(
     make_stack, model_file: Path, tmp_path: Path
 ) -> None:
