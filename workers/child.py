@@ -50,12 +50,16 @@ class RunnerChild:
         *,
         time_limit: float,
         use_gpu: bool,
+        serve: bool = False,
     ) -> None:
         argv = [sys.executable, "-m", runner_module, str(job_dir.resolve())]
+        if serve:  # the child stays after its job and runs the next one when told (next_job)
+            argv.append("--serve")
+        self.job_dir = job_dir
         self.started = time.monotonic()
         self.deadline = self.started + time_limit
         self.time_limit = time_limit
-        self._proc = sandbox.start(argv, job_dir, use_gpu=use_gpu)
+        self._proc = sandbox.start(argv, job_dir, use_gpu=use_gpu, stdin=serve)
         self._lines: queue.Queue[object] = queue.Queue()
         self._stderr: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._timed_out = False
@@ -109,6 +113,22 @@ class RunnerChild:
             event = parse_event(item)
             if event is not None:
                 yield event
+
+    def alive(self) -> bool:
+        return self._proc.poll() is None and not self._killed
+
+    def next_job(self, time_limit: float) -> bool:
+        """Tell a serving child to run the job now in its job.json, within `time_limit`
+        seconds from now; False when it cannot be told (it exited)."""
+        assert self._proc.stdin is not None
+        self.deadline = time.monotonic() + time_limit
+        self.time_limit = time_limit
+        try:
+            self._proc.stdin.write(b"next\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+        return True
 
     def kill(self) -> None:
         self._killed = True

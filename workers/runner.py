@@ -76,6 +76,20 @@ def run_admission(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
         events.emit("rejected", reason=admission.reason or "rejected", info=admission.info)
 
 
+# model file → the loaded model, for a child that serves several `shards` jobs (--serve)
+_LOADED: dict[str, Any] = {}
+
+
+def serve_next_jobs(job_dir: Path, events: EventStream) -> None:
+    """--serve: after the first job, run the job in job.json again each time the worker
+    writes a line to stdin; end at end of input (the worker closed it, or died)."""
+    while sys.stdin.readline():
+        job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+        if job.kind != "shards":
+            raise ValueError("a serving runner runs `shards` jobs only")
+        run_audit(job, job_dir, events)
+
+
 def run_plan(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
     from workers.engine import api
     from workers.engine.errors import EngineInputError
@@ -121,6 +135,8 @@ def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
         job.model_format,
         job.spec,
         job.config,
+        # A serving child keeps the model it loaded for the next shards of the same audit.
+        loaded=_LOADED if job.kind == "shards" else None,
         out_dir=out_dir,
         model_sha256=job.model_sha256,
         audit_id=job.audit_id,
@@ -186,8 +202,9 @@ def describe_failure(exc: BaseException) -> dict[str, Any]:
 def main(argv: list[str]) -> int:
     events = take_over_stdout()
     try:
-        if len(argv) != 1:
-            raise ValueError("usage: python -m workers.runner <job_dir>")
+        serve = argv[1:] == ["--serve"]
+        if len(argv) != 1 and not serve:
+            raise ValueError("usage: python -m workers.runner <job_dir> [--serve]")
         job_dir = Path(argv[0])
         job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
         if job.kind == "admit":
@@ -196,6 +213,8 @@ def main(argv: list[str]) -> int:
             run_plan(job, job_dir, events)
         else:
             run_audit(job, job_dir, events)
+            if serve and job.kind == "shards":
+                serve_next_jobs(job_dir, events)
         return 0
     except BaseException as exc:  # every failure must become an event, even SystemExit
         traceback.print_exc(file=sys.stderr)

@@ -211,16 +211,17 @@ class Sandbox:
         return SandboxLimits(memory_bytes=None if use_gpu else self.memory_bytes)
 
     def start(
-        self, argv: Sequence[str], job_dir: Path, *, use_gpu: bool = False
+        self, argv: Sequence[str], job_dir: Path, *, use_gpu: bool = False, stdin: bool = False
     ) -> subprocess.Popen[bytes]:
-        """Start `argv` confined to `job_dir`; stdout is a pipe (JSON lines), stderr too."""
+        """Start `argv` confined to `job_dir`; stdout is a pipe (JSON lines), stderr too, and
+        stdin a pipe when asked (a kept runner reads its next job's signal there)."""
         command = self.command(argv, job_dir, use_gpu=use_gpu)
         env = child_environment(job_dir) if not self.confined() else {"PATH": "/usr/bin:/bin"}
         return subprocess.Popen(
             command,
             cwd=job_dir,
             env=env,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             preexec_fn=limits_preexec(self.limits(use_gpu=use_gpu)),

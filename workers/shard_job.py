@@ -241,37 +241,48 @@ def execute_shard(
                 raise
             run.fail_audit(storage_full_problem(str(exc)))
             return "failed"
-        return _supervise(run, audit.request, limit, model.format)
+        return _supervise(run, audit.request, limit, model.format, cache)
     finally:
         set_current_work(None)
         if run.job_dir != Path():
             cache.release(run.job_dir)
 
 
-def _supervise(run: _ShardRun, request: dict[str, Any], limit: float, model_format: str) -> str:
+def _supervise(
+    run: _ShardRun, request: dict[str, Any], limit: float, model_format: str, cache: JobCache
+) -> str:
     settings = run.settings
+    # A child kept from this audit's previous shard on this worker runs the next one: no new
+    # process, no second import of torch, no second load of the model.
+    child = cache.kept_child(run.job_dir)
+    if child is not None and not child.next_job(limit):
+        cache.drop_child(run.job_dir)
+        child = None
+    if child is None:
+        try:
+            child = RunnerChild(
+                sandbox_for(settings, model_format),
+                settings.runner_module,
+                run.job_dir,
+                time_limit=limit,
+                use_gpu=wants_gpu(request),
+                serve=True,
+            )
+        except SandboxUnavailable as exc:
+            # This worker cannot run shards; the model is not at fault: another worker may.
+            log.error("sandbox unavailable: %s", exc)
+            return _retry_or_give_up(run, f"the sandbox is unavailable on {run.worker}: {exc}")
     try:
-        child = RunnerChild(
-            sandbox_for(settings, model_format),
-            settings.runner_module,
-            run.job_dir,
-            time_limit=limit,
-            use_gpu=wants_gpu(request),
-        )
-    except SandboxUnavailable as exc:
-        # This worker cannot run shards; the model is not at fault: another worker may.
-        log.error("sandbox unavailable: %s", exc)
-        return _retry_or_give_up(run, f"the sandbox is unavailable on {run.worker}: {exc}")
-    try:
-        return _follow(run, child, limit)
+        return _follow(run, child, limit, cache)
     except BaseException:
         # The database or the broker went away mid-shard: never leave the child running.
+        cache.drop_child(run.job_dir)
         child.kill()
         child.finish()
         raise
 
 
-def _follow(run: _ShardRun, child: RunnerChild, limit: float) -> str:
+def _follow(run: _ShardRun, child: RunnerChild, limit: float, cache: JobCache) -> str:
     settings = run.settings
     last_beat = time.monotonic()
     stop_asked_at: float | None = None
@@ -281,6 +292,7 @@ def _follow(run: _ShardRun, child: RunnerChild, limit: float) -> str:
                 run.store(event)
             elif event.event == "done":
                 run.done = True
+                break  # the child waits for its next job
             elif event.event == "error" and not run.stop:
                 run.record_error(event)
         if run.failed or run.lease_lost:
@@ -296,6 +308,12 @@ def _follow(run: _ShardRun, child: RunnerChild, limit: float) -> str:
         if stop_asked_at is not None and now - stop_asked_at >= STOP_GRACE_SECONDS:
             child.kill()
             break
+    if run.done and run.stored and not run.stop and child.alive():
+        cache.keep_child(run.job_dir, child)
+        run.finished_shard()
+        return "done"
+    cache.drop_child(run.job_dir)
+    child.kill()
     outcome = child.finish()
     if run.stored:
         run.finished_shard()

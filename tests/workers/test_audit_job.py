@@ -83,6 +83,9 @@ def test_an_audit_is_planned_sharded_and_finalised_with_its_artifacts(
     ]
     assert outcomes == ["done", "done", "idle"]
     assert cache.materialised == 1  # the second shard reused the kept job directory
+    assert cache.children_started == 1  # ... and the kept child, still alive, ran it
+    kept = cache.kept_child(next(settings.jobs_dir.iterdir()))
+    assert kept is not None and kept.alive()
     row = _reload(session, audit.id)
     assert (row.shards_done, row.progress_fraction) == (2, 1.0)
     stored = session.scalars(

@@ -44,6 +44,7 @@ def run_audit(
     on_shard: ShardFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     only_shards: list[str] | None = None,
+    loaded: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run an audit; write out_dir/report.json and artifacts; return the report dict.
 
@@ -51,13 +52,20 @@ def run_audit(
     `completed_shards` are not run again: a resumed audit gives the same report.
     Raises EngineInputError (inputs that cannot work together) and AuditCancelled.
     With `only_shards`, run only those shards (their results go to `on_shard`) and return
-    `{"shards": [...]}` without merging.
+    `{"shards": [...]}` without merging. `loaded` (model key → model) keeps the loaded model
+    between calls of one process.
     """
     from workers.engine.audit import resolve_device, run_audit_with_model
     from workers.engine.models import load_model
 
     device = resolve_device(config.device)
-    model = load_model(model_path, fmt, spec, str(device))
+    key = f"{model_path}:{model_sha256}:{device}"
+    model = loaded.get(key) if loaded is not None else None
+    if model is None:
+        model = load_model(model_path, fmt, spec, str(device))
+        if loaded is not None:
+            loaded.clear()  # one model at a time
+            loaded[key] = model
     return run_audit_with_model(
         model,
         spec,

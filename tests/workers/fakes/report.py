@@ -46,7 +46,11 @@ def main(job_dir: Path) -> int:
     if job["kind"] == "plan":
         return plan(job_dir, job)
     if job["kind"] == "shards":
-        return run_shards(job_dir, job)
+        run_shards(job_dir, job)
+        # --serve: run the shards job.json names again each time the worker says "next"
+        while "--serve" in sys.argv and sys.stdin.readline():
+            run_shards(job_dir, json.loads((job_dir / "job.json").read_text()))
+        return 0
     done = sorted(p.stem for p in (job_dir / "shards").glob("*.json"))
     (job_dir / "out").mkdir(exist_ok=True)
     for index, check in enumerate(job["config"]["checks"]):
