@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     audit_hard_time_limit: int = 3900
     admission_time_limit: int = 120
     runner_memory_bytes: int = 16 * 1024 * 1024 * 1024
+    # OMP/MKL/OpenBLAS threads of each sandboxed runner: a worker's CPU share. With K CPU
+    # workers on a host of C cores, about C/K (1 for the scale-out benchmark).
+    runner_threads: int = Field(default=2, ge=1, le=256)
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 5.0
     max_attempts: int = 3

@@ -93,6 +93,7 @@ def sandbox_for(settings: Settings, model_format: str) -> Sandbox:
         hidden_dirs=(settings.data_dir,),
         memory_bytes=settings.runner_memory_bytes,
         runs_uploaded_code=model_format != "safetensors",
+        threads=settings.runner_threads,
     )
 
 

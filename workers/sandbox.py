@@ -37,7 +37,7 @@ SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", 
 MAX_OPEN_FILES = 4096
 MAX_PROCESSES = 4096
 MAX_FILE_BYTES = 16 * 1024 * 1024 * 1024
-THREADS_PER_CHILD = "2"
+THREADS_PER_CHILD = 2  # the default of TIGHTROPE_RUNNER_THREADS
 
 _PR_SET_PDEATHSIG = 1
 
@@ -68,7 +68,7 @@ def has_gpu() -> bool:
     return any(Path(p).name.startswith("nvidia") for p in gpu_device_nodes())
 
 
-def child_environment(job_dir: Path) -> dict[str, str]:
+def child_environment(job_dir: Path, threads: int = THREADS_PER_CHILD) -> dict[str, str]:
     """The whole environment of the child: no TIGHTROPE_* settings, no credentials."""
     env = {
         "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -78,9 +78,9 @@ def child_environment(job_dir: Path) -> dict[str, str]:
         "PYTHONPATH": str(PROJECT_ROOT),
         "PYTHONUNBUFFERED": "1",
         "PYTHONDONTWRITEBYTECODE": "1",
-        "OMP_NUM_THREADS": THREADS_PER_CHILD,
-        "MKL_NUM_THREADS": THREADS_PER_CHILD,
-        "OPENBLAS_NUM_THREADS": THREADS_PER_CHILD,
+        "OMP_NUM_THREADS": str(threads),
+        "MKL_NUM_THREADS": str(threads),
+        "OPENBLAS_NUM_THREADS": str(threads),
         "MPLCONFIGDIR": str(job_dir / ".matplotlib"),
         "MPLBACKEND": "Agg",
     }
@@ -110,6 +110,7 @@ def bwrap_command(
     *,
     gpu_nodes: Sequence[str] = (),
     bwrap: str = "bwrap",
+    threads: int = THREADS_PER_CHILD,
 ) -> list[str]:
     """The bubblewrap command line that runs `argv` with `job_dir` as its only writable place.
 
@@ -143,7 +144,7 @@ def bwrap_command(
     for hidden in hidden_dirs:
         cmd += ["--tmpfs", str(hidden.resolve())]
     cmd += ["--bind", job, job, "--chdir", job, "--clearenv"]
-    for name, value in child_environment(job_dir).items():
+    for name, value in child_environment(job_dir, threads).items():
         cmd += ["--setenv", name, value]
     cmd += ["--", *argv]
     return cmd
@@ -180,6 +181,7 @@ class Sandbox:
     # False for `.safetensors` weights of a registered architecture: only our own code runs, so
     # a machine without bubblewrap may still run them (clean environment and rlimits kept).
     runs_uploaded_code: bool = True
+    threads: int = THREADS_PER_CHILD  # OMP/MKL/OpenBLAS threads of a child
 
     def confined(self) -> bool:
         """Whether children run inside bubblewrap."""
@@ -204,7 +206,9 @@ class Sandbox:
         # costs that GPU's worker memory and time but shows it nothing (CUDA contexts are
         # isolated from each other).
         nodes = gpu_device_nodes() if use_gpu else []
-        return bwrap_command(argv, job_dir, self.hidden_dirs, gpu_nodes=nodes, bwrap=bwrap)
+        return bwrap_command(
+            argv, job_dir, self.hidden_dirs, gpu_nodes=nodes, bwrap=bwrap, threads=self.threads
+        )
 
     def limits(self, *, use_gpu: bool) -> SandboxLimits:
         # CUDA reserves tens of GiB of virtual address space: RLIMIT_AS would break it.
@@ -216,7 +220,11 @@ class Sandbox:
         """Start `argv` confined to `job_dir`; stdout is a pipe (JSON lines), stderr too, and
         stdin a pipe when asked (a kept runner reads its next job's signal there)."""
         command = self.command(argv, job_dir, use_gpu=use_gpu)
-        env = child_environment(job_dir) if not self.confined() else {"PATH": "/usr/bin:/bin"}
+        env = (
+            child_environment(job_dir, self.threads)
+            if not self.confined()
+            else {"PATH": "/usr/bin:/bin"}
+        )
         return subprocess.Popen(
             command,
             cwd=job_dir,

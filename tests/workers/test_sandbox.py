@@ -247,3 +247,17 @@ def test_has_gpu_respects_a_worker_without_gpu(
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
     assert has_gpu() is expected
+
+
+def test_the_runner_thread_count_is_a_setting(tmp_path: Path) -> None:
+    from service.settings import Settings
+    from workers.audit_job import sandbox_for
+    from workers.sandbox import bwrap_command, child_environment
+
+    sandbox = sandbox_for(Settings(data_dir=tmp_path, runner_threads=1), "torchscript")
+    assert sandbox.threads == 1
+    env = child_environment(tmp_path, sandbox.threads)
+    assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
+    assert child_environment(tmp_path)["OMP_NUM_THREADS"] == "2"  # the default
+    cmd = bwrap_command(["true"], tmp_path, hidden_dirs=(), threads=3)
+    assert cmd[cmd.index("OMP_NUM_THREADS") + 1] == "3"
