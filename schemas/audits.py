@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import AnyHttpUrl, BaseModel, Field
+from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
 
 from schemas.checks import Baseline, Check
+from schemas.checks_theorem import MoreSamplesCheck, sampling_operator_problem
 from schemas.common import FileArray, StrictModel
 from schemas.datasets import DatasetRef, FileDataset
 from schemas.operators import Operator
@@ -49,6 +50,16 @@ class AuditConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     budget: Budget = Field(default_factory=Budget)
     callback_url: AnyHttpUrl | None = None
+
+    @model_validator(mode="after")
+    def _checks_fit_the_operator(self) -> AuditConfig:
+        operator_kind = getattr(self.operator, "kind", None)
+        for check in self.checks:
+            if isinstance(check, MoreSamplesCheck):
+                problem = sampling_operator_problem(check, operator_kind)
+                if problem is not None:
+                    raise ValueError(problem)
+        return self
 
     def file_references(self) -> list[str]:
         """Local paths named anywhere in the config (the service refuses them)."""

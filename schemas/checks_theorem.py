@@ -198,3 +198,13 @@ class MoreSamplesCheck(TaggedModel):
 THEOREM_CHECK_KINDS = ("false_negative", "false_positive", "kernel", "more_samples")
 # Kinds that run as one shard over all images (workers.engine.shards).
 WHOLE_SET_THEOREM_KINDS = ("kernel",)
+
+
+def sampling_operator_problem(check: MoreSamplesCheck, operator_kind: str | None) -> str | None:
+    """Why `check` cannot vary the audit's operator (None when it can): accelerations vary an
+    `mri` operator, angles a `radon` one. The request's validation and the engine share it."""
+    if check.accelerations is not None and operator_kind != "mri":
+        return f"more_samples: accelerations apply to the mri operator, not {operator_kind!r}"
+    if check.angles is not None and operator_kind != "radon":
+        return f"more_samples: angles apply to the radon operator, not {operator_kind!r}"
+    return None

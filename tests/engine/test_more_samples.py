@@ -5,9 +5,12 @@ from typing import Any
 
 import pytest
 import torch
+from pydantic import ValidationError
 
+from schemas.checks_theorem import MoreSamplesCheck
 from tests.engine.tiny_models import Identity, config, spec
 from workers.engine.audit import run_audit_with_model
+from workers.engine.checks.more_samples import sampling_levels
 from workers.engine.errors import EngineInputError
 
 # real images (A embeds x as (x, 0)): PSNR then sees the sign of the reconstruction
@@ -60,9 +63,12 @@ def test_a_fixed_shape_measurement_model_is_skipped_with_a_warning(tmp_path: Pat
     assert len(check["warnings"]) == 4
 
 
-def test_the_sampling_list_must_match_the_operator(tmp_path: Path) -> None:
-    cfg = config(checks=[{"kind": "more_samples", "angles": [4, 8]}])
-    with pytest.raises(EngineInputError, match="angles apply to the radon operator"):
-        run_audit_with_model(
-            Identity(), spec((1, 16, 16), "image"), cfg, out_dir=tmp_path, model_sha256="0" * 64
-        )
+def test_the_sampling_list_must_match_the_operator() -> None:
+    # One rule (schemas.checks_theorem.sampling_operator_problem): the config refuses it, so the
+    # gateway answers 422 at submission; the engine applies the same rule.
+    with pytest.raises(ValidationError, match="angles apply to the radon operator"):
+        config(checks=[{"kind": "more_samples", "angles": [4, 8]}])
+    check = MoreSamplesCheck(accelerations=[8.0, 4.0])
+    with pytest.raises(EngineInputError, match="accelerations apply to the mri operator"):
+        sampling_levels(check, "radon")
+    assert sampling_levels(check, "mri") == ("acceleration", [8.0, 4.0])

@@ -637,6 +637,17 @@ def test_every_reconstruction_check_is_accepted_with_its_defaults_filled_in(
     assert set(check) <= set(stored)  # the canonical request keeps what was given, plus defaults
 
 
+def test_a_sampling_list_for_another_operator_is_refused_at_submission(
+    client: TestClient, auth: dict[str, str], model_id: str
+) -> None:
+    """The request's audit_request uses an MRI operator: angles (radon) cannot vary it. Refused
+    with 422 now, not by the worker after a 202."""
+    check = {"kind": "more_samples", "angles": [4, 8]}
+    response = submit(client, auth, audit_request(model_id, checks=[check]))
+    body = assert_problem(response, 422, "validation-failed")
+    assert "angles apply to the radon operator, not 'mri'" in body["detail"]
+
+
 # callback_url may not reach inside (docs/security.md, "Callbacks"). Names resolve through this
 # fake resolver; every other lookup (the databases, Redis) goes to the real one.
 INTERNAL_CALLBACKS = [

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from schemas.checks_theorem import MoreSamplesCheck
+from schemas.checks_theorem import MoreSamplesCheck, sampling_operator_problem
 from workers.engine import metrics
 from workers.engine.checks.theorem_common import is_complex
 from workers.engine.context import AuditContext, Subject
@@ -32,17 +32,12 @@ METRICS = ("psnr", "ssim", "relative_error")
 
 def sampling_levels(config: MoreSamplesCheck, operator_kind: str) -> tuple[str, list[float]]:
     """(the operator field that changes, its values in the order samples rise)."""
+    problem = sampling_operator_problem(config, operator_kind)
+    if problem is not None:
+        raise EngineInputError(problem)
     if config.accelerations is not None:
-        if operator_kind != "mri":
-            raise EngineInputError(
-                f"more_samples: accelerations apply to the mri operator, not {operator_kind!r}"
-            )
         return "acceleration", list(config.accelerations)
     assert config.angles is not None  # the schema asks for exactly one list
-    if operator_kind != "radon":
-        raise EngineInputError(
-            f"more_samples: angles apply to the radon operator, not {operator_kind!r}"
-        )
     return "angles", [float(a) for a in config.angles]
 
 
