@@ -40,14 +40,23 @@ from workers.stack import LocalStack, free_port
 pytestmark = pytest.mark.integration
 
 CHEAP_CHECK = {"kind": "random_noise", "levels": [0.01], "samples": 2}
+# About 2 s a shard on 2 cores: a kept runner child makes cheap shards so quick that a test
+# could not see an audit part-done (some shards stored, others waiting) before it ends.
+SLOW_CHECK = {
+    "kind": "worst_case",
+    "levels": [0.01, 0.05],
+    "steps": 300,
+    "restarts": 4,
+    "early_stop_tolerance": 0.0,
+}
 
 
-def sharded_request(model_id: str, images: int, seed: int = 1) -> dict:
-    """One shard per image (one cheap check)."""
+def sharded_request(model_id: str, images: int, seed: int = 1, check: dict | None = None) -> dict:
+    """One shard per image (one check, cheap unless given)."""
     return audit_request(
         model_id,
         dataset={"builtin": "ellipses", "count": images, "size": 16, "seed": seed},
-        checks=[CHEAP_CHECK],
+        checks=[check or CHEAP_CHECK],
         budget={"images_per_shard": 1},
     )
 
@@ -128,7 +137,7 @@ def test_redis_flushed_between_shards(
     stack = make_stack(f"sqlite:///{tmp_path / 'db.sqlite'}")
     with client_for(stack) as client:
         model_id = upload_ready_model(client, model_file)
-        audit_id = client.submit_audit(sharded_request(model_id, images=4))["id"]
+        audit_id = client.submit_audit(sharded_request(model_id, 4, check=SLOW_CHECK))["id"]
         part_done(client, audit_id)
         assert redis_client.dbsize() > 0  # shard tokens wait in the broker
         redis_client.flushdb()
@@ -187,7 +196,7 @@ def test_postgresql_restart_mid_audit(make_stack, model_file: Path) -> None:
         stack = make_stack(database_url)
         with client_for(stack) as client:
             model_id = upload_ready_model(client, model_file)
-            audit_id = client.submit_audit(sharded_request(model_id, images=4))["id"]
+            audit_id = client.submit_audit(sharded_request(model_id, 4, check=SLOW_CHECK))["id"]
             part_done(client, audit_id)
 
             # Poll through the restart: what does a client see meanwhile, and afterwards?
@@ -283,7 +292,7 @@ def test_a_full_data_directory_fails_the_audit_cleanly(
         assert stack.data_dir == data_dir
         with client_for(stack) as client:
             model_id = upload_ready_model(client, model_file)
-            audit_id = client.submit_audit(sharded_request(model_id, images=4))["id"]
+            audit_id = client.submit_audit(sharded_request(model_id, 4, check=SLOW_CHECK))["id"]
             before = part_done(client, audit_id)["shards"]["done"]
             filler = _fill(data_dir)
 
@@ -337,7 +346,7 @@ def test_a_small_audit_of_another_tenant_starts_while_a_big_one_runs(
     with client_for(stack, tenant="big") as big, client_for(stack, tenant="small") as small:
         big_model = upload_ready_model(big, model_file)
         small_model = upload_ready_model(small, model_file)
-        big_id = big.submit_audit(sharded_request(big_model, images=12))["id"]
+        big_id = big.submit_audit(sharded_request(big_model, 12, check=SLOW_CHECK))["id"]
 
         def big_running() -> bool:
             status = big.get_audit(big_id)
