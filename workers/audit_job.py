@@ -60,11 +60,12 @@ class Sends:
 
 
 def send_safely(send: Callable[..., None], *args: Any) -> None:
-    """A broker outage costs a delay, never the work: the reconciler re-sends from the rows."""
+    """A broker outage never costs the work: the reconciler re-sends audit and shard messages
+    from the rows later; a callback that cannot be enqueued is only that callback lost."""
     try:
         send(*args)
     except Exception:
-        log.warning("could not send %s%r; the reconciler will", getattr(send, "__name__", ""), args)
+        log.warning("could not send %s%r", getattr(send, "__name__", ""), args, exc_info=True)
 
 
 def problem(kind: str, title: str, status: int, detail: str) -> dict[str, Any]:
@@ -80,6 +81,29 @@ def storage_full_problem(detail: str) -> dict[str, Any]:
         507,
         f"the service's data directory is full ({detail}); nothing of this audit's report was "
         "published; submit it again later",
+    )
+
+
+def runner_error_problem(
+    settings: Settings, event: RunnerEvent, *, what: str = "the audit", where: str = ""
+) -> dict[str, Any]:
+    """The problem an `error` event of the runner fails an audit with: storage full, memory
+    limit, the input's fault (422) or the engine's (500). `what` names what ran (in the memory
+    detail), `where` prefixes the detail (a shard names itself)."""
+    info = event.info or {}
+    if info.get("cause") == "storage":
+        return storage_full_problem(event.reason or "no space left on device")
+    if info.get("cause") == "memory":
+        detail = (
+            f"{what} exceeded the memory limit of {settings.runner_memory_bytes} "
+            "bytes: audit fewer or smaller images, or fewer restarts"
+        )
+        return problem("memory-limit", "Memory limit exceeded", 422, detail)
+    status = 422 if info.get("status") == 422 else 500
+    kind = "invalid-audit-input" if status == 422 else "internal"
+    title = event.message or ("Invalid audit input" if status == 422 else "Internal error")
+    return problem(
+        kind, title, status, where + (event.reason or "the runner failed without a reason")
     )
 
 
@@ -135,7 +159,7 @@ class _Attempt:
         elif values.get("status") in TERMINAL_STATES:
             cancel_waiting_shards(self.session, self.audit_id)
             if self.callback_url:
-                notify_completion(self.audit_id, self.sends.callback)
+                send_safely(self.sends.callback, self.audit_id)
             wake_waiting_audits(self.session, self.settings, self.tenant_id, self.sends)
         self.finished = True
 
@@ -291,23 +315,7 @@ class _Attempt:
         )
 
     def record_error(self, event: RunnerEvent) -> None:
-        info = event.info or {}
-        status = 422 if info.get("status") == 422 else 500
-        if info.get("cause") == "storage":
-            self.finish(
-                status="failed", error=storage_full_problem(event.reason or "no space left")
-            )
-            return
-        if info.get("cause") == "memory":
-            detail = (
-                f"the audit exceeded the memory limit of {self.settings.runner_memory_bytes} "
-                "bytes: audit fewer or smaller images, or fewer restarts"
-            )
-            self.fail("memory-limit", "Memory limit exceeded", 422, detail)
-            return
-        kind = "invalid-audit-input" if status == 422 else "internal"
-        title = event.message or ("Invalid audit input" if status == 422 else "Internal error")
-        self.fail(kind, title, status, event.reason or "the runner failed without a reason")
+        self.finish(status="failed", error=runner_error_problem(self.settings, event))
 
     def handle(self, event: RunnerEvent) -> None:
         if event.event == "progress":
@@ -335,14 +343,6 @@ class _Attempt:
         if stderr_tail:
             problem_dict["detail"] += ": " + stderr_tail.splitlines()[-1][:500]
         self.finish(status="failed", error=problem_dict)
-
-
-def notify_completion(audit_id: str, notify: Callable[[str], None]) -> None:
-    """Enqueue the callback of a finished audit; a broker failure only costs the callback."""
-    try:
-        notify(audit_id)
-    except Exception:
-        log.warning("audit %s: could not enqueue its callback", audit_id, exc_info=True)
 
 
 def cancel_waiting_shards(session: Session, audit_id: str) -> None:
@@ -412,7 +412,7 @@ def end_unleased_audit(
     cancel_waiting_shards(session, audit_id)
     row = session.execute(select(Audit.tenant_id, Audit.request).where(Audit.id == audit_id)).one()
     if (row.request or {}).get("callback_url"):
-        notify_completion(audit_id, sends.callback)
+        send_safely(sends.callback, audit_id)
     wake_waiting_audits(session, settings, row.tenant_id, sends)
     return True
 
@@ -458,7 +458,7 @@ def execute_audit(
     if outcome is LeaseOutcome.GAVE_UP:
         cancel_waiting_shards(session, audit_id)
         if _callback_url(session, audit_id):
-            notify_completion(audit_id, sends.callback)
+            send_safely(sends.callback, audit_id)
     if outcome is not LeaseOutcome.ACQUIRED:
         return outcome.value
     audit = session.get(Audit, audit_id, populate_existing=True)

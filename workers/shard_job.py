@@ -32,6 +32,7 @@ from workers.audit_job import (
     end_unleased_audit,
     is_storage_full,
     problem,
+    runner_error_problem,
     sandbox_for,
     send_safely,
     storage_full_problem,
@@ -123,22 +124,8 @@ class _ShardRun:
             self.lease_lost = True
 
     def record_error(self, event: RunnerEvent) -> None:
-        info = event.info or {}
-        if info.get("cause") == "storage":
-            self.fail_audit(storage_full_problem(event.reason or "no space left on device"))
-            return
-        if info.get("cause") == "memory":
-            detail = (
-                f"a shard exceeded the memory limit of {self.settings.runner_memory_bytes} "
-                "bytes: audit fewer or smaller images, or fewer restarts"
-            )
-            self.fail_audit(problem("memory-limit", "Memory limit exceeded", 422, detail))
-            return
-        status = 422 if info.get("status") == 422 else 500
-        kind = "invalid-audit-input" if status == 422 else "internal"
-        title = event.message or ("Invalid audit input" if status == 422 else "Internal error")
-        detail = event.reason or "the runner failed without a reason"
-        self.fail_audit(problem(kind, title, status, f"shard {self.claimed.shard_id}: {detail}"))
+        where = f"shard {self.claimed.shard_id}: "
+        self.fail_audit(runner_error_problem(self.settings, event, what="a shard", where=where))
 
     def heartbeat(self, child: RunnerChild) -> None:
         if not renew_shard(
