@@ -31,6 +31,9 @@ from schemas.runner import (
     RunnerPlan,
 )
 
+# torch-free: the error classes only (the engine itself is imported by each job's function)
+from workers.engine.errors import EngineInputError, is_out_of_memory
+
 REPORT_FILE = "report.json"
 # The status a failure maps to: 422 when the audit's own input is at fault.
 INPUT_ERROR_STATUS = 422
@@ -158,17 +161,9 @@ def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
     events.emit("report", file=f"{OUT_DIR}/{REPORT_FILE}", info={"verdict": report.get("verdict")})
 
 
-def is_out_of_memory(exc: BaseException) -> bool:
-    from workers.engine.errors import is_out_of_memory as engine_says
-
-    return engine_says(exc)
-
-
 def is_input_error(exc: BaseException) -> bool:
     """The audit's own input (or model) is at fault: 422. Anything else — a plain ValueError or
     KeyError included — is an engine bug: 500, so it is fixed rather than blamed on the user."""
-    from workers.engine.errors import EngineInputError
-
     return isinstance(exc, EngineInputError | ValidationError | FileNotFoundError)
 
 
