@@ -118,11 +118,12 @@ def reconcile_once(
     shard_tokens = _reclaim_shards(session, now, cutoff, result, tokens_in)
     result.finalising = _claim_audits(session, _unfinalised_condition(cutoff), {"updated_at": now})
 
-    routes = _routes(session, result.expired_leases + result.lost_messages + result.finalising)
-    for audit_id in result.expired_leases + result.lost_messages + result.finalising:
+    audits = result.expired_leases + result.lost_messages + result.finalising
+    routes = _routes(session, [*audits, *shard_tokens])
+    for audit_id in audits:
         _send(enqueue_audit, audit_id, *routes.get(audit_id, _DEFAULT_ROUTE))
     for audit_id, count in shard_tokens.items():
-        _send(enqueue_shards, audit_id, *routes_for(session, audit_id), count)
+        _send(enqueue_shards, audit_id, *routes.get(audit_id, _DEFAULT_ROUTE), count)
     for model_id in result.models:
         _send(enqueue_admission, model_id)
     if any(
@@ -148,10 +149,6 @@ def _routes(session: Session, audit_ids: list[str]) -> dict[str, tuple[str, str]
         select(Audit.id, Audit.queue, Audit.priority).where(Audit.id.in_(audit_ids))
     )
     return {audit_id: (queue_name, priority) for audit_id, queue_name, priority in rows}
-
-
-def routes_for(session: Session, audit_id: str) -> tuple[str, str]:
-    return _routes(session, [audit_id]).get(audit_id, _DEFAULT_ROUTE)
 
 
 def _unfinalised_condition(cutoff: datetime):
