@@ -1,6 +1,6 @@
 """Many clients polling the gateway (issue 11): wrk against a real uvicorn on 127.0.0.1.
 
-Starts the gateway (`uvicorn --factory service.app:create_app`, access log off) on a free
+Starts the gateway (`uvicorn --factory service.api.app:create_app`, access log off) on a free
 loopback port with a fresh data directory, creates an API key, a ready model and a queued audit
 directly in the database, then runs wrk (Debian package `wrk`) for a bounded time per endpoint:
 
@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO))
 
 from sqlalchemy.orm import Session  # noqa: E402
 
-from service.auth import create_api_key, get_or_create_tenant  # noqa: E402
+from service.db.keys import create_api_key, get_or_create_tenant  # noqa: E402
 from service.db.migrate import upgrade_to_head  # noqa: E402
 from service.db.models import Audit, Model  # noqa: E402
 from service.db.session import make_engine  # noqa: E402
@@ -59,7 +59,7 @@ def free_port() -> int:
 
 def seed_rows(session: Session, tenant_name: str) -> tuple[str, str]:
     """A new tenant's key, a ready model and a queued audit: (secret, audit id). Also the
-    test suite's poll-load fixture (tests/service/test_poll_load.py)."""
+    test suite's poll-load fixture (tests/service/api/test_poll_load.py)."""
     secret = create_api_key(session, tenant_name)
     tenant = get_or_create_tenant(session, tenant_name)
     model = Model(
@@ -101,7 +101,15 @@ def start_gateway(
     }
     # `tightrope serve` runs h11 (with a header-size check on top, docs/security.md); httptools
     # is faster but has no header limit: --http httptools measures what that costs
-    argv = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--http", http]
+    argv = [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "--factory",
+        "service.api.app:create_app",
+        "--http",
+        http,
+    ]
     server = subprocess.Popen(
         [*argv, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
         + (["--workers", str(workers)] if workers > 1 else []),

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/scale_out.py --database postgresql
     .venv/bin/python benchmarks/scale_out.py --quick            # a smoke check, 1-2.5 min
 
-It starts a whole local Tightrope (workers.stack.LocalStack: the gateway, the local Redis on its
+It starts a whole local Tightrope (workers.cli.stack.LocalStack: the gateway, the local Redis on its
 own database `--redis-db`, flushed first, and a fresh database: SQLite in a temporary directory
 or a throw-away PostgreSQL database), uploads the reference U-Net (examples/reference/
 model.safetensors, the network of docs/case-study.md) and waits for its admission. Then, for
@@ -58,8 +58,8 @@ from sqlalchemy.orm import Session  # noqa: E402
 
 from service.db.models import Audit, AuditShard, WorkerHeartbeat, utcnow  # noqa: E402
 from service.db.session import make_engine  # noqa: E402
-from workers.client import TightropeClient  # noqa: E402
-from workers.stack import LocalStack  # noqa: E402
+from workers.cli.client import TightropeClient  # noqa: E402
+from workers.cli.stack import LocalStack  # noqa: E402
 
 REFERENCE = REPO / "examples" / "reference"
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/test"
@@ -67,10 +67,10 @@ GOAL_EFFICIENCY = 0.8
 WORKER = "worker0"  # the stack's one `tightrope worker` process
 TICKS = os.sysconf("SC_CLK_TCK")
 
-# What a shard child imports before it computes anything (workers.runner -> engine).
+# What a shard child imports before it computes anything (workers.sandbox.runner -> engine).
 IMPORT_PROBE = (
     "import time; t = time.perf_counter(); import torch; a = time.perf_counter() - t; "
-    "import workers.runner; from workers.engine import api; import workers.engine.audit; "
+    "import workers.sandbox.runner; from workers.engine import api; import workers.engine.audit; "
     "from workers.engine.registry import get_check; get_check('worst_case'); "
     "print(a, time.perf_counter() - t)"
 )
@@ -115,7 +115,8 @@ def _cpu_times() -> tuple[float, float]:
 
 @dataclass
 class RunnerSampler:
-    """Samples /proc for runner children (`python -m workers.runner <job dir>` under data_dir):
+    """Samples /proc for runner children (`python -m workers.sandbox.runner <job dir>` under
+    data_dir):
     how many run at once, their OMP_NUM_THREADS, and their lifetimes by job kind."""
 
     data_dir: Path
@@ -167,7 +168,7 @@ class RunnerSampler:
                 if (
                     len(text) < 4
                     or text[0].endswith("bwrap")
-                    or text[1:3] != ["-m", "workers.runner"]
+                    or text[1:3] != ["-m", "workers.sandbox.runner"]
                     or not text[3].startswith(marker)
                 ):
                     continue
@@ -247,7 +248,7 @@ class KWorkerStack(LocalStack):
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
         self.worker_since = utcnow()
         argv = ["worker", "--concurrency", str(self.concurrency)]
-        return self._spawn(name, [sys.executable, "-m", "workers.cli", *argv])
+        return self._spawn(name, [sys.executable, "-m", "workers.cli.main", *argv])
 
 
 def upload_reference(client: TightropeClient) -> str:
@@ -261,7 +262,7 @@ def upload_reference(client: TightropeClient) -> str:
 
 def create_key(stack: LocalStack) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", "scale-out"],
+        [sys.executable, "-m", "workers.cli.main", "keys", "create", "--tenant", "scale-out"],
         env=stack.env(),
         capture_output=True,
         text=True,

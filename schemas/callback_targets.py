@@ -1,7 +1,8 @@
 """Where a `callback_url` may point: never inside (docs/security.md, "Callbacks").
 
 The gateway checks an audit's `callback_url` at submission and the worker checks it again just
-before it connects (workers/callbacks.py), then connects to the very address it checked, so a
+before it connects (workers/execution/callbacks.py), then connects to the very address it
+checked, so a
 DNS answer that changes in between (rebinding) cannot steer the POST inside. Refused unless the
 operator's allow-list (`TIGHTROPE_CALLBACK_ALLOW`) names the destination: loopback, link-local,
 private, shared (CGNAT), multicast, unspecified and reserved addresses, IPv4 and IPv6, however

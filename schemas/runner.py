@@ -1,4 +1,5 @@
-"""The protocol between a Celery task and its sandboxed runner child (`python -m workers.runner`).
+"""The protocol between a Celery task and its sandboxed runner child
+(`python -m workers.sandbox.runner`).
 
 The task writes `job.json` into a fresh job directory, starts the child with that directory as
 its only writable place, and reads JSON lines (`RunnerEvent`) from the child's stdout.

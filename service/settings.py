@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     max_compression_ratio: float = 200.0
 
     # Limits at the edge (docs/security.md, "Request limits"). max_header_bytes: the request
-    # line plus headers the server buffers; beyond it `tightrope serve` (service.server) answers
+    # line plus headers the server buffers; beyond it `tightrope serve` (service.api.server) answers
     # 431 and closes the connection. max_json_body_bytes: any request body that is not
     # multipart (JSON endpoints); beyond it 413 `payload-too-large`, before the app reads it.
     # max_json_depth: arrays/objects nested deeper are refused with 400 `bad-request`
@@ -59,12 +59,13 @@ class Settings(BaseSettings):
     # go first. Each holds one model and the audit's datasets on disk under jobs_dir.
     worker_job_cache_entries: int = Field(default=4, ge=0)
     # The module the sandboxed child runs (`python -m <module> <jobdir>`); tests swap in faults.
-    runner_module: str = "workers.runner"
+    runner_module: str = "workers.sandbox.runner"
 
-    # Ed25519 key that signs reports; default <data_dir>/signing/ed25519.pem (service.signing).
+    # Ed25519 key that signs reports; default <data_dir>/signing/ed25519.pem
+    # (service.signing.reports).
     signing_key_path: Path | None = None
 
-    # callback_url deliveries (workers.callbacks, docs/reports.md): the master secret the
+    # callback_url deliveries (workers.execution.callbacks, docs/reports.md): the master secret the
     # per-tenant HMAC secrets derive from (default: generated in <data_dir>/signing/), the time
     # one POST may take, how often a failed delivery is tried, the first retry's delay.
     callback_secret: str | None = None

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from schemas.audits import CheckProgress
 
 # to_status lives outside the HTTP layer: the workers' callbacks send the same view.
-from service.audit_status import to_status
+from service.db.audit_status import to_status
 from service.db.models import Audit, AuditShard
 
 __all__ = [

@@ -50,8 +50,8 @@ from service.api.deps import (
     SettingsDep,
     TenantDep,
 )
-from service.db.models import Artifact, Audit, AuditShard, Model, Tenant, utcnow
-from service.errors import (
+from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
+from service.api.problems import (
     AuditFinished,
     IdempotencyKeyReused,
     ModelNotReady,
@@ -63,12 +63,12 @@ from service.errors import (
     response_header,
     retry_after_header,
 )
-from service.junit import MEDIA_TYPE as JUNIT_MEDIA_TYPE
-from service.junit import render_junit
-from service.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
-from service.queue import DEFAULT_PRIORITY, audit_queue
+from service.db.models import Artifact, Audit, AuditShard, Model, Tenant, utcnow
+from service.queue.broker import DEFAULT_PRIORITY, audit_queue
+from service.reports.junit import MEDIA_TYPE as JUNIT_MEDIA_TYPE
+from service.reports.junit import render_junit
 from service.settings import Settings
-from service.storage import SAFE_NAME
+from service.storage.stores import SAFE_NAME
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,8 @@ BINARY_SCHEMA = {"type": "string", "format": "binary"}
 TEXT_SCHEMA = {"type": "string"}
 CSP_HEADER = response_header(f"`{REPORT_HTML_CSP}`: no script, no request")
 # What a succeeded audit's artifacts are sent as: the media type the worker recorded from the
-# file's name (workers/jobs.py, `mimetypes`), application/octet-stream when it knows none (.npy).
+# file's name (workers/execution/jobs.py, `mimetypes`), application/octet-stream when it knows
+# none (.npy).
 ARTIFACT_CONTENT = {
     "application/octet-stream": {"schema": BINARY_SCHEMA},
     "image/png": {"schema": BINARY_SCHEMA},
@@ -335,7 +336,7 @@ def _replay(session: Session, tenant: Tenant, key: str, request_hash: str) -> Au
     status_code=202,
     response_model=AuditStatus,
     # 400: a body that cannot be read into values (an over-long number, too deep nesting);
-    # 413: a body over max_json_body_bytes (service.body_limits);
+    # 413: a body over max_json_body_bytes (service.api.body_limits);
     # 429: tenant_max_queued_audits of the tenant's audits are already queued
     responses={
         202: {

@@ -13,11 +13,11 @@ from schemas.datasets import DatasetUploadSpec
 from schemas.resources import DatasetList, DatasetResource
 from service.api.deps import BlobsDep, PageTokenQuery, SessionDep, SettingsDep, TenantDep
 from service.api.forms import archive_limits, multipart_upload_body, parse_spec
+from service.api.inspect_dataset import inspect_dataset
+from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
+from service.api.problems import NotFound, problem_responses, response_header
+from service.api.uploads import receive_upload
 from service.db.models import Dataset, Tenant
-from service.errors import NotFound, problem_responses, response_header
-from service.inspect_dataset import inspect_dataset
-from service.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
-from service.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 

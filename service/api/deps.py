@@ -13,12 +13,12 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.api.auth import ApiKeyCache, authenticate, cached_tenant
 from service.api.gate import DatabaseGate
-from service.auth import ApiKeyCache, authenticate, cached_tenant
 from service.db.models import Tenant
-from service.dispatch import Dispatcher
+from service.queue.dispatch import Dispatcher
 from service.settings import Settings
-from service.storage import ArtifactStore, BlobStore
+from service.storage.stores import ArtifactStore, BlobStore
 
 
 def get_settings(request: Request) -> Settings:
@@ -65,7 +65,7 @@ BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
-# The `page_token` of the list routes, as service.pagination reads it.
+# The `page_token` of the list routes, as service.api.pagination reads it.
 PageTokenQuery = Annotated[
     str | None,
     Query(
@@ -86,7 +86,7 @@ async def get_tenant(
     session: SessionDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    """A key in the cache (service.auth.ApiKeyCache) is answered on the event loop; otherwise
+    """A key in the cache (service.api.auth.ApiKeyCache) is answered on the event loop; otherwise
     the lookup runs in the thread pool."""
     header = f"Bearer {credentials.credentials}" if credentials is not None else None
     cache: ApiKeyCache | None = getattr(request.app.state, "api_key_cache", None)

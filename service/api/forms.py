@@ -6,8 +6,8 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from service.errors import ValidationFailed, describe, field_errors
-from service.inspect_upload import ArchiveLimits
+from service.api.inspect_upload import ArchiveLimits
+from service.api.problems import ValidationFailed, describe, field_errors
 from service.settings import Settings
 
 SpecT = TypeVar("SpecT", bound=BaseModel)

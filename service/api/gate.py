@@ -17,7 +17,7 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from service.errors import ServiceBusy
+from service.api.problems import ServiceBusy
 
 
 class DatabaseGate:

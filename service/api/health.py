@@ -13,9 +13,9 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from service.api.deps import SessionDep, SettingsDep
+from service.api.metrics import CONTENT_TYPE, Metrics
+from service.api.problems import NotReady, problem_responses, retry_after_header
 from service.db.models import WorkerHeartbeat, utcnow
-from service.errors import NotReady, problem_responses, retry_after_header
-from service.metrics import CONTENT_TYPE, Metrics
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

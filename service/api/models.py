@@ -20,11 +20,11 @@ from service.api.deps import (
     TenantDep,
 )
 from service.api.forms import archive_limits, multipart_upload_body, parse_spec
+from service.api.inspect_upload import inspect_model
+from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
+from service.api.problems import NotFound, problem_responses, response_header
+from service.api.uploads import receive_upload
 from service.db.models import Model, Tenant, utcnow
-from service.errors import NotFound, problem_responses, response_header
-from service.inspect_upload import inspect_model
-from service.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
-from service.uploads import receive_upload
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 

@@ -86,7 +86,7 @@ def test_compose_commands_exist(service: str) -> None:
     for argv in commands:
         assert argv[0] == "tightrope"
         result = subprocess.run(
-            [sys.executable, "-m", "workers.cli", argv[1], "--help"],
+            [sys.executable, "-m", "workers.cli.main", argv[1], "--help"],
             capture_output=True,
             text=True,
             cwd=ROOT,
@@ -133,7 +133,7 @@ def test_worker_commands_parse_with_the_cli(service: str, tmp_path: Path) -> Non
     fake.chmod(0o755)
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     result = subprocess.run(
-        [sys.executable, "-m", "workers.cli", *argv[1:], "--dry-run"],
+        [sys.executable, "-m", "workers.cli.main", *argv[1:], "--dry-run"],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from schemas.audits import AuditConfig, AuditRequest
 from schemas.model_spec import ModelSpec
 from schemas.reports import Report
-from service.findings import findings
-from workers.cli import app
+from service.reports.findings import findings
+from workers.cli.main import app
 from workers.engine.api import run_audit
 
 SPEC = {

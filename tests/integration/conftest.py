@@ -16,8 +16,8 @@ import torch
 from sqlalchemy import create_engine, select
 
 from service.db.models import AuditShard
-from workers.client import TightropeClient
-from workers.stack import LocalStack
+from workers.cli.client import TightropeClient
+from workers.cli.stack import LocalStack
 
 REDIS_DB = 13  # the integration tests' own database on the shared Redis
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
@@ -73,7 +73,7 @@ def make_stack(tmp_path: Path, redis_client: redis.Redis) -> Iterator:
 
 def create_key(stack: LocalStack, tenant: str = "acme") -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "keys", "create", "--tenant", tenant],
+        [sys.executable, "-m", "workers.cli.main", "keys", "create", "--tenant", tenant],
         env=stack.env(),
         capture_output=True,
         text=True,

@@ -55,7 +55,7 @@ def _process_tree(pid: int) -> set[int]:
 
 
 def _lease_pid(owner: str | None) -> int | None:
-    """The process of a lease owner (workers.leases.new_owner: host:pid:random)."""
+    """The process of a lease owner (workers.execution.leases.new_owner: host:pid:random)."""
     parts = (owner or "").split(":")
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 

@@ -18,10 +18,11 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from service import callback_signing, signing
+from service.signing import callbacks as callback_signing
+from service.signing import reports as signing
 from tests.integration.conftest import FAST_RECOVERY, MODEL_SPEC, SIZE, create_key
-from workers.cli import app
-from workers.stack import LocalStack
+from workers.cli.main import app
+from workers.cli.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 

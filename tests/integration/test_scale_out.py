@@ -34,8 +34,8 @@ from tests.integration.conftest import (
     upload_ready_model,
     wait_until,
 )
-from workers.client import TightropeClient
-from workers.stack import LocalStack, free_port
+from workers.cli.client import TightropeClient
+from workers.cli.stack import LocalStack, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -340,7 +340,8 @@ def test_a_small_audit_of_another_tenant_starts_while_a_big_one_runs(
     make_stack, model_file: Path, tmp_path: Path
 ) -> None:
     """One worker; tenant A's audit of 12 shards is running when tenant B submits 2 shards.
-    The fair share (workers.shard_leases) runs B's shards before A's remaining ones, so B is
+    The fair share (workers.execution.shard_leases) runs B's shards before A's remaining ones,
+    so B is
     done while A still has shards waiting."""
     stack = make_stack(f"sqlite:///{tmp_path / 'db.sqlite'}")
     with client_for(stack, tenant="big") as big, client_for(stack, tenant="small") as small:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from service import signing
+from service.signing import reports as signing
 from tests.reporting.chromium import chromium_binary, visit
 from tests.reporting.sample import make_report, write_report_dir
 from workers.reporting.html import write_report_html

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
-from service.junit import render_junit
+from service.reports.junit import render_junit
 from tests.reporting.sample import make_report
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from schemas.canonical import canonical_json
-from service import signing
+from service.signing import reports as signing
 from tests.reporting.sample import make_report
 
 

@@ -18,10 +18,10 @@ from fastapi.testclient import TestClient
 from safetensors.numpy import save_file
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.app import create_app
-from service.auth import create_api_key
+from service.api.app import create_app
+from service.db.keys import create_api_key
 from service.db.models import Model
-from service.queue import ALL_QUEUES, broker_keys
+from service.queue.broker import ALL_QUEUES, broker_keys
 from service.settings import Settings
 from tests.fixtures import model_factory
 from tests.fixtures.databases import postgres_database

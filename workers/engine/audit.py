@@ -47,7 +47,8 @@ ProgressFn = Callable[[float, str | None, str | None], None]
 ShardFn = Callable[[str, dict[str, Any]], None]
 BaselineBuilder = Callable[[Baseline, Operator], Reconstructor]
 
-# Artifact names the service accepts (service.storage.SAFE_NAME; the engine cannot import it).
+# Artifact names the service accepts (service.storage.stores.SAFE_NAME; the engine cannot
+# import it).
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 

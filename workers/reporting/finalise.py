@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from schemas.canonical import canonical_json
-from service import signing
 from service.settings import Settings
+from service.signing import reports as signing
 from workers.reporting.html import REPORT_JSON, write_report_html
 
 log = logging.getLogger(__name__)

@@ -1,7 +1,8 @@
 """report.html: one self-contained page rendered from report.json and the artifacts next to it
 (docs/reports.md, "The HTML report").
 
-The verdict comes first, then per check what was found in one sentence (service.findings), the
+The verdict comes first, then per check what was found in one sentence
+(service.reports.findings), the
 curves of error against the perturbation level (network, baseline, random noise), the image
 panels of the worst case, and the provenance. Figures are PNG data URIs, so the file can be
 mailed or archived alone. Jinja2 escapes every value (autoescape on), and a
@@ -19,7 +20,7 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from service.findings import Finding, findings, fmt
+from service.reports.findings import Finding, findings, fmt
 from workers.reporting.figures import Curve, Panel, curves_png, load_array, panels_png
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"

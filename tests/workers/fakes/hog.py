@@ -1,9 +1,10 @@
 """A fake runner that allocates memory without end; under RLIMIT_AS it gets a MemoryError,
-which the real runner's error handling reports (used through workers.runner.describe_failure)."""
+which the real runner's error handling reports
+(used through workers.sandbox.runner.describe_failure)."""
 
 import sys
 
-from workers.runner import describe_failure, take_over_stdout
+from workers.sandbox.runner import describe_failure, take_over_stdout
 
 events = take_over_stdout()
 try:

@@ -1,0 +1,152 @@
+"""The FastAPI application: `create_app(settings)` (a factory for uvicorn: `--factory`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
+from sqlalchemy.orm import sessionmaker
+
+from schemas.problem import PROBLEM_MEDIA_TYPE
+from service.api import audits, datasets, health, models, signing_key
+from service.api.auth import ApiKeyCache
+from service.api.body_limits import BodyLimitMiddleware
+from service.api.forms import UPLOAD_SPEC_MODELS
+from service.api.gate import DatabaseGate
+from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.problems import install_error_handlers, problem_responses
+from service.db.migrate import upgrade_to_head
+from service.db.session import make_engine
+from service.queue.dispatch import Dispatcher
+from service.settings import Settings, get_settings
+from service.signing import reports as signing
+from service.storage.stores import ArtifactStore, BlobStore
+
+log = logging.getLogger(__name__)
+
+DESCRIPTION = """Audits trained neural networks for instability: worst-case perturbations,
+random noise, false negatives and Lipschitz bounds. Errors are RFC 9457 problem documents
+(`application/problem+json`). Every route except /healthz, /readyz, /metrics and /v1/signing-key
+needs `Authorization: Bearer <api key>`."""
+
+
+PROBLEM_REF = "#/components/schemas/Problem"
+COMPONENT_REF = "#/components/schemas/{model}"
+# FastAPI's own validation-error body, which no route answers (the 422 is a Problem).
+UNUSED_FASTAPI_SCHEMAS = ("HTTPValidationError", "ValidationError")
+
+
+def _add_upload_spec_schemas(schema: dict[str, Any]) -> None:
+    """The `spec` part of the upload forms names its model (service.api.forms); file it, and
+    the models it names, under components/schemas where FastAPI has not already."""
+    _, definitions = models_json_schema(
+        [(model, "validation") for model in UPLOAD_SPEC_MODELS.values()],
+        ref_template=COMPONENT_REF,
+    )
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for name, definition in definitions.get("$defs", {}).items():
+        components.setdefault(name, definition)
+
+
+def _drop_unused_fastapi_schemas(schema: dict[str, Any]) -> None:
+    components = schema.get("components", {}).get("schemas", {})
+    for name in UNUSED_FASTAPI_SCHEMAS:
+        components.pop(name, None)
+
+
+def _openapi_with_problem_media_type(app: FastAPI) -> dict[str, Any]:
+    """FastAPI files a response `model` under application/json and documents its own 422 body;
+    this service answers every error as application/problem+json, so say so (built once). Also:
+    every operation may answer a 500 `internal-error`; the upload forms' `spec` models are
+    filed under components (the routes read the form themselves)."""
+    if app.openapi_schema:
+        return app.openapi_schema
+    schema = get_openapi(
+        title=app.title, version=app.version, description=app.description, routes=app.routes
+    )
+    problem_content = {PROBLEM_MEDIA_TYPE: {"schema": {"$ref": PROBLEM_REF}}}
+    internal_error = problem_responses(500)[500]
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            responses = operation.setdefault("responses", {})
+            responses.setdefault(
+                "500",
+                {"description": internal_error["description"], "content": dict(problem_content)},
+            )
+            for status, response in responses.items():
+                content = response.get("content", {})
+                is_problem = PROBLEM_MEDIA_TYPE in content
+                # FastAPI's own 422 entry describes its default error body, not ours.
+                if status == "422" or is_problem:
+                    response["content"] = dict(problem_content)
+                if status == "422":
+                    response["description"] = "The request is not valid"
+    _add_upload_spec_schemas(schema)
+    _drop_unused_fastapi_schemas(schema)
+    app.openapi_schema = schema
+    return schema
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = make_engine(
+        settings.resolved_database_url,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_seconds,
+    )
+    gate = DatabaseGate(settings.db_pool_size, settings.db_queue_timeout_seconds)
+    sessions = sessionmaker(bind=engine, expire_on_commit=False)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if settings.auto_migrate:
+            upgrade_to_head(settings.resolved_database_url)
+        app.state.blobs = BlobStore(settings.blob_dir)
+        app.state.artifacts = ArtifactStore(settings.artifact_dir)
+        # Generated on the first start; the workers sign with the same file (shared data dir).
+        app.state.signing_key = signing.load_or_create_private_key(signing.key_path(settings))
+        gate.open()  # on this event loop
+        try:
+            yield
+        finally:
+            engine.dispose()
+
+    app = FastAPI(
+        title="Tightrope",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = sessions
+    app.state.db_gate = gate
+    app.state.api_key_cache = ApiKeyCache(settings.api_key_cache_seconds)
+    app.state.dispatcher = Dispatcher.from_settings(settings)
+    app.state.metrics = Metrics(sessions)
+
+    install_error_handlers(app)
+    app.openapi = lambda: _openapi_with_problem_media_type(app)  # type: ignore[method-assign]
+    # Inside the metrics middleware, so that its 413s and 400s are counted too.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        max_bytes=settings.max_json_body_bytes,
+        max_depth=settings.max_json_depth,
+    )
+    app.add_middleware(MetricsMiddleware, metrics=lambda: app.state.metrics)
+    for router in (
+        health.router,
+        models.router,
+        datasets.router,
+        audits.router,
+        signing_key.router,
+    ):
+        app.include_router(router)
+    return app

@@ -1,0 +1,186 @@
+"""What an uploaded model file is, decided from its bytes alone (no torch, nothing executed).
+
+Uploaded models are programs, so the gateway only reads structure: the zip central directory of
+TorchScript and torch.export archives (never extracting anything) and the JSON header of
+`.safetensors`. Loading and probing happen later, in the worker's sandbox. Every refusal is an
+`InvalidUpload` (422) whose detail says what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from schemas.model_spec import REGISTERED_ARCHITECTURES, ModelFormat, ModelSpec
+from schemas.problem import FieldError
+from service.api.problems import InvalidUpload
+
+ZIP_MAGIC = b"PK\x03\x04"
+SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own reference limit
+SAFETENSORS_DTYPES = {
+    "BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
+    "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64",
+}  # fmt: skip
+# Shared libraries in any platform's spelling, versioned sonames included (libx.so.1.2).
+NATIVE_LIBRARY = re.compile(r"\.(so(\.\d+)*|dll|dylib|pyd)$", re.IGNORECASE)
+S_IFMT, S_IFLNK = 0o170000, 0o120000
+# Below this size a high ratio cannot hide a bomb; tiny text entries compress very well.
+RATIO_FLOOR_BYTES = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ArchiveLimits:
+    max_entries: int
+    max_uncompressed_bytes: int
+    max_compression_ratio: float
+
+
+@dataclass
+class ModelInspection:
+    format: ModelFormat
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def _refuse(detail: str) -> InvalidUpload:
+    return InvalidUpload(detail)
+
+
+def check_entry_name(name: str) -> None:
+    if "\\" in name:
+        raise _refuse(f"archive entry {name!r} contains a backslash")
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        raise _refuse(f"archive entry {name!r} is an absolute path")
+    if ".." in PurePosixPath(name).parts:
+        raise _refuse(f"archive entry {name!r} climbs out of the archive ('..')")
+    if "\x00" in name:
+        raise _refuse("an archive entry name contains a NUL byte")
+
+
+def inspect_zip(path: Path, limits: ArchiveLimits) -> list[zipfile.ZipInfo]:
+    """Check a zip archive's directory against the limits without extracting it."""
+    file_size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except zipfile.BadZipFile as exc:
+        raise _refuse(f"the zip archive is damaged or truncated ({exc})") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise _refuse(f"the zip archive cannot be read ({exc})") from None
+    if not entries:
+        raise _refuse("the zip archive is empty")
+    if len(entries) > limits.max_entries:
+        raise _refuse(f"the archive has {len(entries)} entries; at most {limits.max_entries}")
+    total = 0
+    for entry in entries:
+        check_entry_name(entry.filename)
+        if (entry.external_attr >> 16) & S_IFMT == S_IFLNK:
+            raise _refuse(f"archive entry {entry.filename!r} is a symbolic link")
+        if NATIVE_LIBRARY.search(entry.filename):
+            raise _refuse(f"archive entry {entry.filename!r} is a native library")
+        if entry.header_offset + entry.compress_size > file_size:
+            raise _refuse(f"archive entry {entry.filename!r} lies past the end of the file")
+        total += entry.file_size
+        if total > limits.max_uncompressed_bytes:
+            raise _refuse(f"the archive would expand past {limits.max_uncompressed_bytes} bytes")
+        ratio = entry.file_size / max(entry.compress_size, 1)
+        if entry.file_size > RATIO_FLOOR_BYTES and ratio > limits.max_compression_ratio:
+            raise _refuse(
+                f"archive entry {entry.filename!r} expands {ratio:.0f}-fold; "
+                f"at most {limits.max_compression_ratio:.0f}"
+            )
+    return entries
+
+
+def _archive_root(entries: list[zipfile.ZipInfo]) -> str:
+    roots = {entry.filename.split("/", 1)[0] for entry in entries}
+    if len(roots) != 1 or all("/" not in entry.filename for entry in entries):
+        raise _refuse("a PyTorch archive keeps all its entries under one top-level folder")
+    return roots.pop()
+
+
+def _zip_model_format(path: Path, limits: ArchiveLimits) -> ModelInspection:
+    entries = inspect_zip(path, limits)
+    root = _archive_root(entries)
+    names = {entry.filename for entry in entries}
+    info = {"entries": len(entries), "uncompressed_bytes": sum(e.file_size for e in entries)}
+    if f"{root}/archive_format" in names:
+        with zipfile.ZipFile(path) as archive, archive.open(f"{root}/archive_format") as f:
+            marker = f.read(16).strip()
+        if marker != b"pt2":
+            raise _refuse(f"unknown torch.export archive format {marker[:16]!r}")
+        return ModelInspection("export", info)
+    has_code = any(name.startswith(f"{root}/code/") for name in names)
+    if f"{root}/constants.pkl" in names and has_code:
+        return ModelInspection("torchscript", info)
+    if f"{root}/data.pkl" in names:
+        raise _refuse(
+            "this is a torch.save checkpoint (pickled Python objects), which is not accepted: "
+            "upload TorchScript (torch.jit.save), torch.export (.pt2) or .safetensors weights"
+        )
+    raise _refuse("a zip archive that is neither a TorchScript nor a torch.export model")
+
+
+def read_safetensors_header(path: Path) -> dict[str, Any]:
+    """The JSON header of a .safetensors file, checked against the file's real size."""
+    file_size = path.stat().st_size
+    with open(path, "rb") as f:
+        prefix = f.read(8)
+        if len(prefix) < 8:
+            raise _refuse("the file is too short to be anything this service accepts")
+        (header_len,) = struct.unpack("<Q", prefix)
+        if not 2 <= header_len <= min(SAFETENSORS_MAX_HEADER, file_size - 8):
+            raise _refuse("not a .safetensors file (the header length does not fit the file)")
+        raw = f.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _refuse("not a .safetensors file (the header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise _refuse("not a .safetensors file (the header is not a JSON object)")
+    data_size = file_size - 8 - header_len
+    for name, tensor in header.items():
+        if name == "__metadata__":
+            continue
+        _check_tensor_entry(name, tensor, data_size)
+    return header
+
+
+def _check_tensor_entry(name: str, tensor: Any, data_size: int) -> None:
+    if not isinstance(tensor, dict) or tensor.get("dtype") not in SAFETENSORS_DTYPES:
+        raise _refuse(f".safetensors tensor {name!r} has no known dtype")
+    shape, offsets = tensor.get("shape"), tensor.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise _refuse(f".safetensors tensor {name!r} has a malformed shape")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data_size
+    ):
+        raise _refuse(f".safetensors tensor {name!r} points outside the file")
+
+
+def inspect_model(path: Path, spec: ModelSpec, limits: ArchiveLimits) -> ModelInspection:
+    """Detect and check the format of an uploaded model; InvalidUpload on anything else."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head == ZIP_MAGIC:
+        return _zip_model_format(path, limits)
+    if head[:2] == b"PK":
+        raise _refuse("a zip archive that does not start with a local file header")
+    header = read_safetensors_header(path)
+    tensors = [name for name in header if name != "__metadata__"]
+    if not tensors:
+        raise _refuse("the .safetensors file holds no tensors")
+    if spec.architecture is None:
+        raise InvalidUpload(
+            ".safetensors holds weights only: name a registered architecture in "
+            f"spec.architecture (one of: {', '.join(REGISTERED_ARCHITECTURES)})",
+            errors=[FieldError(loc=["spec", "architecture"], msg="required", type="missing")],
+        )
+    return ModelInspection("safetensors", {"tensors": len(tensors)})

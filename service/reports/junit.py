@@ -1,0 +1,108 @@
+"""JUnit XML of a report, for CI systems (docs/reports.md, "JUnit").
+
+One <testsuite name="tightrope">; one <testcase> per check result (check × subject). A check
+with a threshold passes or fails by the engine's verdict; a failure's message and text carry
+every measured value and its bound. A check without a threshold is informational: it is a
+<skipped> test case, so CI shows it without failing. Torch-free: the gateway renders it on the
+fly from report.json, the CLI writes it as junit.xml.
+"""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from typing import Any
+
+from service.reports.findings import Comparison, Finding, findings, fmt
+
+MEDIA_TYPE = "application/xml"
+
+# Characters XML 1.0 forbids (production 2, "Char"): C0 controls other than tab, newline and
+# carriage return, lone surrogates, U+FFFE and U+FFFF. ElementTree writes them as they are, so a
+# model name or description holding one would make the document unparsable.
+_NOT_XML_CHAR = re.compile(r"[^\t\n\r\x20-\uD7FF\uE000-\uFFFD\U00010000-\U0010FFFF]")
+REPLACEMENT = "\ufffd"
+
+
+def xml_safe(text: str) -> str:
+    """`text` with every character XML 1.0 forbids replaced by U+FFFD."""
+    return _NOT_XML_CHAR.sub(REPLACEMENT, text)
+
+
+def _sanitize(root: ET.Element) -> None:
+    """Make every text and attribute value of the tree valid XML 1.0 (the tags and attribute
+    names are this module's own)."""
+    for element in root.iter():
+        if element.text:
+            element.text = xml_safe(element.text)
+        if element.tail:
+            element.tail = xml_safe(element.tail)
+        for key, value in element.attrib.items():
+            element.attrib[key] = xml_safe(value)
+
+
+def _comparison_text(c: Comparison) -> str:
+    return f"{c.quantity}: measured {fmt(c.measured, 6)} {c.relation} bound {fmt(c.bound, 6)}"
+
+
+def _testcase(suite: ET.Element, finding: Finding) -> bool:
+    """Add the test case; True when it failed."""
+    case = ET.SubElement(
+        suite,
+        "testcase",
+        name=finding.name,
+        classname=f"tightrope.{finding.kind}",
+        time=f"{0.0:.3f}",
+    )
+    properties = ET.SubElement(case, "properties")
+    ET.SubElement(properties, "property", name="subject", value=finding.subject)
+    ET.SubElement(properties, "property", name="verdict", value=finding.verdict)
+    for c in finding.comparisons:
+        ET.SubElement(
+            properties, "property", name=f"measured: {c.quantity}", value=fmt(c.measured, 6)
+        )
+        ET.SubElement(properties, "property", name=f"bound: {c.quantity}", value=fmt(c.bound, 6))
+    if not finding.has_threshold:
+        ET.SubElement(case, "skipped", message="informational: the check has no threshold")
+        ET.SubElement(case, "system-out").text = finding.sentence
+        return False
+    if finding.verdict == "fail":
+        failed = [c for c in finding.comparisons if not c.passed] or finding.comparisons
+        message = "; ".join(_comparison_text(c) for c in failed) or "the check failed"
+        failure = ET.SubElement(case, "failure", message=message, type="threshold")
+        failure.text = "\n".join(
+            [finding.sentence, *(_comparison_text(c) for c in finding.comparisons)]
+        )
+        return True
+    ET.SubElement(case, "system-out").text = "\n".join(
+        [finding.sentence, *(_comparison_text(c) for c in finding.comparisons)]
+    )
+    return False
+
+
+def render_junit(report: dict[str, Any]) -> str:
+    found = findings(report)
+    suite = ET.Element("testsuite", name="tightrope")
+    properties = ET.SubElement(suite, "properties")
+    model = report.get("model") or {}
+    for name, value in (
+        ("audit_id", report.get("audit_id")),
+        ("model_name", model.get("name")),
+        ("model_sha256", model.get("sha256")),
+        ("verdict", report.get("verdict")),
+        ("seed", report.get("seed")),
+    ):
+        ET.SubElement(properties, "property", name=name, value="" if value is None else str(value))
+    failures = sum(_testcase(suite, finding) for finding in found)
+    suite.set("tests", str(len(found)))
+    suite.set("failures", str(failures))
+    suite.set("errors", "0")
+    suite.set("skipped", str(sum(not f.has_threshold for f in found)))
+    suite.set("time", f"{float((report.get('cost') or {}).get('wall_seconds') or 0.0):.3f}")
+    root = ET.Element("testsuites", name="tightrope")
+    root.append(suite)
+    for key in ("tests", "failures", "errors", "skipped", "time"):
+        root.set(key, suite.get(key, "0"))
+    _sanitize(root)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"

@@ -1,0 +1,224 @@
+"""Limits at the edge (issue 11): header size under the real server, JSON body size and depth,
+multipart bodies cut short (docs/security.md, "Request limits")."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from service.api.body_limits import json_depth_exceeds
+from service.settings import Settings
+from tests.service.api.test_uvicorn_smoke import free_port, wait_until_serving
+from tests.service.conftest import (
+    REDIS_URL,
+    ModelFiles,
+    assert_problem,
+    make_settings,
+    new_key,
+    ready_model,
+)
+
+MiB = 1024 * 1024
+
+
+@pytest.fixture
+def sqlite_client(tmp_path: Path, broker: redis.Redis) -> Iterator[TestClient]:
+    """The gateway over SQLite only: these limits do not depend on the database."""
+    settings = make_settings(tmp_path, f"sqlite:///{tmp_path / 'edge.db'}")
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
+
+@pytest.fixture
+def audit_body(sqlite_client: TestClient, model_files: ModelFiles) -> Any:
+    auth = new_key(sqlite_client)
+    model_id = ready_model(sqlite_client, auth, model_files.torchscript)
+    body = {
+        "model_id": model_id,
+        "dataset": {"builtin": "shepp_logan", "count": 1, "size": 16},
+        "operator": {"kind": "mri", "acceleration": 4},
+        "checks": [{"kind": "lipschitz", "iterations": 3}],
+    }
+    return auth, body
+
+
+def test_defaults_are_documented_values() -> None:
+    fields = Settings.model_fields
+    assert fields["max_header_bytes"].default == 16 * 1024
+    assert fields["max_json_body_bytes"].default == MiB
+    assert fields["max_json_depth"].default == 64
+
+
+def test_json_body_over_the_cap_is_413_before_the_app_reads_it(
+    sqlite_client: TestClient, audit_body: Any
+) -> None:
+    auth, body = audit_body
+    ok = sqlite_client.post("/v1/audits", headers=auth, json=body)
+    assert ok.status_code == 202, ok.text
+    big = json.dumps({**body, "padding": "x" * (2 * MiB)}).encode()
+    headers = {**auth, "Content-Type": "application/json"}
+    refused = sqlite_client.post("/v1/audits", headers=headers, content=big)
+    problem = assert_problem(refused, 413, "payload-too-large")
+    assert str(MiB) in problem["detail"]
+
+
+def test_chunked_json_body_is_capped_as_it_streams(
+    sqlite_client: TestClient, audit_body: Any
+) -> None:
+    auth, body = audit_body
+
+    def chunks() -> Iterator[bytes]:
+        yield json.dumps(body)[:-1].encode() + b', "padding": "'
+        for _ in range(64):  # 4 MiB, 64 KiB a chunk, never a Content-Length
+            yield b"x" * (64 * 1024)
+        yield b'"}'
+
+    headers = {**auth, "Content-Type": "application/json"}
+    refused = sqlite_client.post("/v1/audits", headers=headers, content=chunks())
+    assert_problem(refused, 413, "payload-too-large")
+    assert "content-length" not in {k.lower() for k in refused.request.headers}
+
+
+def test_deep_json_is_refused_cheaply(sqlite_client: TestClient, audit_body: Any) -> None:
+    auth, _ = audit_body
+    headers = {**auth, "Content-Type": "application/json"}
+    deep = b"[" * 100_000 + b"]" * 100_000
+    start = time.monotonic()
+    refused = sqlite_client.post("/v1/audits", headers=headers, content=deep)
+    assert time.monotonic() - start < 2
+    problem = assert_problem(refused, 400, "bad-request")
+    assert "deeper than 64" in problem["detail"]
+    # Within the limit the body reaches validation (and fails it for its own reasons).
+    shallow = b'{"model_id": ' + b"[" * 60 + b"]" * 60 + b"}"
+    assert_problem(
+        sqlite_client.post("/v1/audits", headers=headers, content=shallow), 422, "validation-failed"
+    )
+
+
+def test_depth_counts_brackets_outside_strings_only() -> None:
+    assert not json_depth_exceeds(b'{"a": "[[[[[[[[[[[[", "b": "\\"[[[["}', 2)
+    assert not json_depth_exceeds(b"[[1, [2]], {}]", 3)
+    assert json_depth_exceeds(b"[[1, [2]], {}]", 2)
+    assert json_depth_exceeds(b'{"a": {"b": {"c": 1}}}', 2)
+
+
+def _multipart(spec: str, payload: bytes, boundary: str, *, closed: bool) -> bytes:
+    parts = [
+        f'--{boundary}\r\nContent-Disposition: form-data; name="spec"\r\n\r\n{spec}\r\n'.encode(),
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        f'filename="tiny.pt"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode(),
+        payload,
+    ]
+    if closed:
+        parts.append(f"\r\n--{boundary}--\r\n".encode())
+    return b"".join(parts)
+
+
+def test_multipart_without_its_closing_boundary_is_refused(
+    sqlite_client: TestClient, model_files: ModelFiles
+) -> None:
+    from tests.service.conftest import SPEC
+
+    auth = new_key(sqlite_client)
+    boundary = "edge-test-boundary"
+    headers = {**auth, "Content-Type": f"multipart/form-data; boundary={boundary}"}
+    payload = model_files.torchscript.read_bytes()
+    spec = json.dumps(SPEC)
+    cut = _multipart(spec, payload, boundary, closed=False)
+    problem = assert_problem(
+        sqlite_client.post("/v1/models", headers=headers, content=cut), 400, "malformed-request"
+    )
+    assert "closing boundary" in problem["detail"]
+    assert sqlite_client.get("/v1/models", headers=auth).json()["items"] == []
+    whole = _multipart(spec, payload, boundary, closed=True)
+    accepted = sqlite_client.post("/v1/models", headers=headers, content=whole)
+    assert accepted.status_code == 202, accepted.text
+
+
+# -- The real server: `tightrope serve` runs service.api.server.run -------------------------------
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "TIGHTROPE_DATA_DIR": str(tmp_path),
+        "TIGHTROPE_DATABASE_URL": f"sqlite:///{tmp_path / 'served.db'}",
+        "TIGHTROPE_BROKER_URL": REDIS_URL,
+    }
+    argv = [sys.executable, "-m", "service.api.server", "127.0.0.1", str(port)]
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}", server)
+        yield "127.0.0.1", port
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _raw_get(address: tuple[str, int], header_bytes: int) -> tuple[bytes, float]:
+    """GET /healthz with one header of `header_bytes`, sent in 16 KiB pieces until the server
+    stops reading; the bytes answered (b"" if the connection was reset) and the seconds taken."""
+    request = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: "
+        + b"a" * header_bytes
+        + b"\r\n\r\n"
+    )
+    start = time.monotonic()
+    answer = b""
+    with socket.create_connection(address, timeout=5) as sock:
+        try:
+            for offset in range(0, len(request), 16 * 1024):
+                sock.sendall(request[offset : offset + 16 * 1024])
+        except OSError:
+            pass  # the server answered and closed while we were still sending
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return answer, time.monotonic() - start
+
+
+def test_a_huge_header_is_refused_at_once_and_others_are_served(
+    served: tuple[str, int],
+) -> None:
+    host, port = served
+    results: list[tuple[bytes, float]] = []
+    big = threading.Thread(target=lambda: results.append(_raw_get(served, MiB)))
+    # A client stuck in the middle of its headers holds nothing but its own buffer.
+    with socket.create_connection(served, timeout=5) as stuck:
+        stuck.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 8192)
+        big.start()
+        health = httpx.get(f"http://{host}:{port}/healthz", timeout=1)
+        big.join(timeout=5)
+    assert health.status_code == 200
+    ((answer, seconds),) = results
+    assert seconds < 1, seconds
+    # 431 reaches the client unless the reset of the unread rest overtook it.
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert not answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    # The limit holds for a request that arrives whole in one read too, to the byte.
+    overhead = len(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Big: \r\n\r\n")
+    over, _ = _raw_get(served, 16 * 1024 - overhead + 1)
+    assert over.startswith(b"HTTP/1.1 431 "), over[:200]
+    at_limit, _ = _raw_get(served, 16 * 1024 - overhead)
+    assert at_limit.startswith(b"HTTP/1.1 200 "), at_limit[:200]
+    # Headers under the limit are served as before.
+    fine, _ = _raw_get(served, 8 * 1024)
+    assert fine.startswith(b"HTTP/1.1 200 "), fine[:200]

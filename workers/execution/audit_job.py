@@ -1,0 +1,575 @@
+"""One attempt at an audit: lease, job directory, sandboxed runner, results into the database.
+
+The task process never imports torch: all the numerical work happens in the runner child,
+whose JSON-line events this module turns into row updates. The lease is renewed on every
+heartbeat (the event loop wakes up at least every heartbeat_seconds, even while the child is
+silent), and cancellation and a lost lease are noticed at the same moments.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from celery.exceptions import SoftTimeLimitExceeded
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from schemas.audits import TERMINAL_STATES
+from schemas.runner import RunnerEvent
+from service.db.models import Audit, AuditShard, Model, utcnow
+from service.queue import broker as queue
+from service.settings import Settings
+from service.storage.stores import ArtifactStore
+from workers.execution import jobs
+from workers.execution.heartbeat import set_current_work
+from workers.execution.leases import (
+    PROBLEM_BASE,
+    LeaseOutcome,
+    acquire_lease,
+    gave_up_problem,
+    new_owner,
+    release_lease,
+    renew_lease,
+    update_owned,
+)
+from workers.execution.shard_leases import PRIORITY_RANK, count_progress
+from workers.reporting.finalise import finalise_report
+from workers.sandbox.bubblewrap import Sandbox, SandboxUnavailable, has_gpu
+from workers.sandbox.child import RunnerChild
+
+log = logging.getLogger(__name__)
+
+PROGRESS_INTERVAL_SECONDS = 0.5  # at most ~2 progress writes per second
+
+
+@dataclass(frozen=True)
+class Sends:
+    """The messages the execution sends (tests record them instead)."""
+
+    audit: Callable[..., None] = queue.enqueue_audit  # (audit_id, queue, priority)
+    shards: Callable[..., None] = queue.enqueue_shards  # (audit_id, queue, priority, count)
+    callback: Callable[[str], None] = queue.enqueue_callback
+
+
+def send_safely(send: Callable[..., None], *args: Any) -> None:
+    """A broker outage never costs the work: the reconciler re-sends audit and shard messages
+    from the rows later; a callback that cannot be enqueued is only that callback lost."""
+    try:
+        send(*args)
+    except Exception:
+        log.warning("could not send %s%r", getattr(send, "__name__", ""), args, exc_info=True)
+
+
+def problem(kind: str, title: str, status: int, detail: str) -> dict[str, Any]:
+    return {"type": PROBLEM_BASE + kind, "title": title, "status": status, "detail": detail}
+
+
+def storage_full_problem(detail: str) -> dict[str, Any]:
+    """The data directory (job directories, artifacts) ran out of space: the service's fault,
+    not the audit's; the audit can be submitted again once an operator made room."""
+    return problem(
+        "storage-full",
+        "Storage full",
+        507,
+        f"the service's data directory is full ({detail}); nothing of this audit's report was "
+        "published; submit it again later",
+    )
+
+
+def runner_error_problem(
+    settings: Settings, event: RunnerEvent, *, what: str = "the audit", where: str = ""
+) -> dict[str, Any]:
+    """The problem an `error` event of the runner fails an audit with: storage full, memory
+    limit, the input's fault (422) or the engine's (500). `what` names what ran (in the memory
+    detail), `where` prefixes the detail (a shard names itself)."""
+    info = event.info or {}
+    if info.get("cause") == "storage":
+        return storage_full_problem(event.reason or "no space left on device")
+    if info.get("cause") == "memory":
+        detail = (
+            f"{what} exceeded the memory limit of {settings.runner_memory_bytes} "
+            "bytes: audit fewer or smaller images, or fewer restarts"
+        )
+        return problem("memory-limit", "Memory limit exceeded", 422, detail)
+    status = 422 if info.get("status") == 422 else 500
+    kind = "invalid-audit-input" if status == 422 else "internal"
+    title = event.message or ("Invalid audit input" if status == 422 else "Internal error")
+    return problem(
+        kind, title, status, where + (event.reason or "the runner failed without a reason")
+    )
+
+
+def is_storage_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def sandbox_for(settings: Settings, model_format: str) -> Sandbox:
+    return Sandbox(
+        mode=settings.sandbox,
+        hidden_dirs=(settings.data_dir,),
+        memory_bytes=settings.runner_memory_bytes,
+        runs_uploaded_code=model_format != "safetensors",
+        threads=settings.runner_threads,
+    )
+
+
+def audit_time_limit(settings: Settings, request: dict[str, Any]) -> float:
+    """The wall-clock limit of the child: the soft limit, or the audit's tighter budget."""
+    limit = float(settings.audit_soft_time_limit)
+    wall = (request.get("budget") or {}).get("wall_seconds")
+    return min(limit, float(wall)) if wall else limit
+
+
+def wants_gpu(request: dict[str, Any]) -> bool:
+    device = request.get("device", "auto")
+    return device == "cuda" or (device == "auto" and has_gpu())
+
+
+@dataclass
+class _Attempt:
+    audit_id: str
+    owner: str
+    settings: Settings
+    session: Session
+    job_dir: Path
+    sends: Sends
+    tenant_id: str = ""
+    route: tuple[str, str] = (queue.QUEUE_CPU, queue.DEFAULT_PRIORITY)  # (queue, priority)
+    callback_url: str | None = None
+    finished: bool = False  # a terminal status was written (or the lease was lost)
+    lease_lost: bool = False
+    cancelled: bool = False
+    planned: bool = False
+
+    def fail(self, kind: str, title: str, status: int, detail: str) -> None:
+        self.finish(status="failed", error=problem(kind, title, status, detail))
+
+    def finish(self, **values: Any) -> None:
+        values.setdefault("finished_at", utcnow())
+        if not release_lease(self.session, self.audit_id, self.owner, **values):
+            self.lease_lost = True
+        elif values.get("status") in TERMINAL_STATES:
+            cancel_waiting_shards(self.session, self.audit_id)
+            if self.callback_url:
+                send_safely(self.sends.callback, self.audit_id)
+            wake_waiting_audits(self.session, self.settings, self.tenant_id, self.sends)
+        self.finished = True
+
+    def heartbeat(self, child: RunnerChild) -> None:
+        """Renew the lease; kill the child when the lease is lost or a cancel was asked."""
+        if not renew_lease(
+            self.session,
+            self.audit_id,
+            self.owner,
+            now=utcnow(),
+            lease_seconds=self.settings.lease_seconds,
+        ):
+            log.warning("audit %s: lease lost, stopping without writing", self.audit_id)
+            self.lease_lost = self.finished = True
+            child.kill()
+            return
+        if self.session.scalar(select(Audit.cancel_requested).where(Audit.id == self.audit_id)):
+            self.cancelled = True
+            child.kill()
+
+    def record_progress(self, event: RunnerEvent) -> None:
+        values: dict[str, Any] = {"progress_fraction": min(max(event.fraction or 0.0, 0.0), 1.0)}
+        if event.check is not None:
+            values["progress_check"] = event.check[:64]
+        if event.message is not None:
+            values["progress_message"] = event.message[:2000]
+        update_owned(self.session, self.audit_id, self.owner, **values)
+
+    def record_shard(self, event: RunnerEvent) -> None:
+        result = jobs.read_shard(self.job_dir, event.shard_id or "")
+        if result is None:
+            log.warning("audit %s: unreadable shard %r", self.audit_id, event.shard_id)
+            return
+        exists = self.session.get(AuditShard, (self.audit_id, event.shard_id))
+        if exists is not None and exists.status == "done":
+            return
+        if exists is not None:
+            exists.status, exists.result, exists.finished_at = "done", result, utcnow()
+        else:
+            self.session.add(
+                AuditShard(
+                    audit_id=self.audit_id,
+                    shard_id=event.shard_id,
+                    status="done",
+                    result=result,
+                    finished_at=utcnow(),
+                )
+            )
+        try:
+            self.session.commit()
+        except IntegrityError:  # stored meanwhile by a concurrent attempt: same result
+            self.session.rollback()
+
+    def record_plan(self) -> None:
+        """Store the planned shards as rows (keeping any stored before), release the audit
+        (still `running`) and send one token per waiting shard, or the finalising task when
+        every shard is already stored (an audit resumed after an upgrade)."""
+        plan = jobs.read_plan(self.job_dir)
+        if plan is None or not plan.shards:
+            self.fail("internal", "Internal error", 500, "the runner's shard plan is unreadable")
+            return
+        now = utcnow()
+        known = {
+            shard_id: status
+            for shard_id, status in self.session.execute(
+                select(AuditShard.shard_id, AuditShard.status).where(
+                    AuditShard.audit_id == self.audit_id
+                )
+            )
+        }
+        waiting = 0
+        for position, shard in enumerate(plan.shards):
+            values = {
+                "queue": self.route[0],
+                "position": position,
+                "check_index": shard.check_index,
+                "kind": shard.kind[:64],
+                "subject": shard.subject[:32],
+            }
+            if shard.shard_id in known:
+                self.session.execute(
+                    update(AuditShard)
+                    .where(
+                        AuditShard.audit_id == self.audit_id,
+                        AuditShard.shard_id == shard.shard_id,
+                    )
+                    .values(**values)
+                    .execution_options(synchronize_session=False)
+                )
+                waiting += known[shard.shard_id] != "done"
+                continue
+            self.session.add(
+                AuditShard(
+                    audit_id=self.audit_id,
+                    shard_id=shard.shard_id,
+                    status="queued",
+                    enqueued_at=now,
+                    **values,
+                )
+            )
+            waiting += 1
+        total = len(plan.shards)
+        # Rows and the release stand or fall together: a task that lost the audit adds none.
+        released = release_lease(
+            self.session,
+            self.audit_id,
+            self.owner,
+            shards_total=total,
+            shards_done=total - waiting,
+            attempts=0,  # from here on, attempts count the finalising task's tries
+            progress_fraction=(total - waiting) / total,
+            progress_check=None,
+            progress_message=f"{total} shards planned",
+        )
+        self.finished = True
+        if not released:
+            self.lease_lost = True
+            return
+        self.planned = True
+        if waiting:
+            send_safely(self.sends.shards, self.audit_id, *self.route, waiting)
+        else:
+            send_safely(self.sends.audit, self.audit_id, *self.route)
+
+    def record_report(self) -> None:
+        report_file = self.job_dir / "out" / "report.json"
+        try:
+            report = json.loads(report_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            self.fail(
+                "internal", "Internal error", 500, f"the runner's report is unreadable: {exc}"
+            )
+            return
+        verdict = report.get("verdict") if isinstance(report, dict) else None
+        try:
+            if isinstance(report, dict):
+                finalise_report(report, self.job_dir / "out", self.settings)
+            jobs.import_outputs(self.session, self.settings, self.audit_id, self.job_dir)
+        except OSError as exc:
+            if not is_storage_full(exc):
+                raise
+            # No Artifact row was committed: nothing half-written is ever served.
+            self.session.rollback()
+            ArtifactStore(self.settings.artifact_dir).remove_audit(self.audit_id)
+            self.finish(status="failed", error=storage_full_problem(str(exc)))
+            return
+        self.finish(
+            status="succeeded",
+            verdict=verdict if verdict in ("pass", "fail", "info", "error") else "error",
+            report_path=f"{self.audit_id}/report.json",
+            progress_fraction=1.0,
+            error=None,
+        )
+
+    def record_error(self, event: RunnerEvent) -> None:
+        self.finish(status="failed", error=runner_error_problem(self.settings, event))
+
+    def handle(self, event: RunnerEvent) -> None:
+        if event.event == "progress":
+            self.record_progress(event)
+        elif event.event == "shard":
+            self.record_shard(event)
+        elif event.event == "report":
+            self.record_report()
+        elif event.event == "plan":
+            self.record_plan()
+        elif event.event == "error":
+            self.record_error(event)
+
+    def retry_or_give_up(self, returncode: int | None, stderr_tail: str, attempts: int) -> None:
+        """The child died without a verdict (killed, out of memory): retry while attempts last."""
+        if attempts < self.settings.max_attempts:
+            if release_lease(
+                self.session, self.audit_id, self.owner, status="queued", enqueued_at=utcnow()
+            ):
+                send_safely(self.sends.audit, self.audit_id, *self.route)
+            self.finished = True
+            return
+        problem_dict = gave_up_problem(attempts)
+        problem_dict["detail"] += f"; the last runner exited with code {returncode}"
+        if stderr_tail:
+            problem_dict["detail"] += ": " + stderr_tail.splitlines()[-1][:500]
+        self.finish(status="failed", error=problem_dict)
+
+
+def cancel_waiting_shards(session: Session, audit_id: str) -> None:
+    """A finished audit's waiting shards will never run: their tokens then find nothing."""
+    session.execute(
+        update(AuditShard)
+        .where(AuditShard.audit_id == audit_id, AuditShard.status == "queued")
+        .values(status="cancelled")
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+
+
+def running_audits(session: Session, tenant_id: str) -> int:
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(Audit)
+            .where(Audit.tenant_id == tenant_id, Audit.status == "running")
+        )
+        or 0
+    )
+
+
+def wake_waiting_audits(session: Session, settings: Settings, tenant_id: str, sends: Sends) -> None:
+    """A tenant's audit finished: start as many of its waiting audits as its share allows
+    (highest priority, then oldest). The reconciler is the fallback if this message is lost."""
+    if not tenant_id:
+        return
+    free = settings.tenant_max_running_audits - running_audits(session, tenant_id)
+    if free <= 0:
+        return
+    waiting = session.execute(
+        select(Audit.id, Audit.queue, Audit.priority, Audit.created_at).where(
+            Audit.tenant_id == tenant_id, Audit.status == "queued", Audit.lease_owner.is_(None)
+        )
+    ).all()
+    waiting.sort(key=lambda row: (PRIORITY_RANK.get(row.priority, 1), row.created_at, row.id))
+    for row in waiting[:free]:
+        send_safely(sends.audit, row.id, row.queue, row.priority)
+
+
+def end_unleased_audit(
+    session: Session,
+    settings: Settings,
+    audit_id: str,
+    sends: Sends,
+    *,
+    status: str,
+    error: dict[str, Any] | None = None,
+) -> bool:
+    """End an audit in its shard phase (no task holds its lease): failed by a shard, or
+    cancelled. Conditional, so the first ending wins; its waiting shards are cancelled."""
+    ended = session.execute(
+        update(Audit)
+        .where(
+            Audit.id == audit_id,
+            Audit.status.in_(("queued", "running")),
+            Audit.lease_owner.is_(None),
+        )
+        .values(status=status, error=error, finished_at=utcnow(), updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    if ended.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    cancel_waiting_shards(session, audit_id)
+    row = session.execute(select(Audit.tenant_id, Audit.request).where(Audit.id == audit_id)).one()
+    if (row.request or {}).get("callback_url"):
+        send_safely(sends.callback, audit_id)
+    wake_waiting_audits(session, settings, row.tenant_id, sends)
+    return True
+
+
+def execute_audit(
+    audit_id: str,
+    *,
+    settings: Settings,
+    session: Session,
+    owner: str | None = None,
+    sends: Sends | None = None,
+) -> str:
+    """Advance an audit by one step: plan its shards (the first time), finalise it (once every
+    shard is stored), or nothing when shards are still running elsewhere. Returns what
+    happened: a status, "planned", "waiting" (its tenant runs its share of audits already),
+    "sharded" (shards still to run), or "busy"/"gave_up"/"lease_lost"."""
+    sends = sends or Sends()
+    owner = owner or new_owner()
+    audit = session.get(Audit, audit_id, populate_existing=True)
+    if audit is None:
+        return "busy"
+    if audit.status == "queued" and (
+        running_audits(session, audit.tenant_id) >= settings.tenant_max_running_audits
+    ):
+        # Fair share: it waits. Marking it as freshly sent keeps the reconciler from re-sending
+        # it at once; the tenant's next finishing audit wakes it (wake_waiting_audits).
+        session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, Audit.status == "queued")
+            .values(enqueued_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        return "waiting"
+    outcome = acquire_lease(
+        session,
+        audit_id,
+        owner,
+        now=utcnow(),
+        lease_seconds=settings.lease_seconds,
+        max_attempts=settings.max_attempts,
+    )
+    if outcome is LeaseOutcome.GAVE_UP:
+        cancel_waiting_shards(session, audit_id)
+        if _callback_url(session, audit_id):
+            send_safely(sends.callback, audit_id)
+    if outcome is not LeaseOutcome.ACQUIRED:
+        return outcome.value
+    audit = session.get(Audit, audit_id, populate_existing=True)
+    assert audit is not None
+    attempt = _Attempt(audit_id, owner, settings, session, Path(), sends)
+    attempt.tenant_id = audit.tenant_id
+    attempt.route = (audit.queue, audit.priority)
+    attempt.callback_url = (audit.request or {}).get("callback_url")
+    if audit.cancel_requested:
+        attempt.finish(status="cancelled")
+        return "cancelled"
+    model = session.get(Model, audit.model_id)
+    if model is None or model.status != "ready" or model.deleted_at is not None:
+        attempt.fail(
+            "model-not-ready", "Model not ready", 422, f"model {audit.model_id} is not ready"
+        )
+        return "failed"
+    kind: Literal["plan", "audit"] = "plan"
+    if audit.shards_total > 0:
+        done, total = count_progress(session, audit_id, utcnow())
+        if done < total:
+            # Shards are still running or waiting elsewhere (a duplicate message): hand back.
+            release_lease(session, audit_id, owner, attempts=max(audit.attempts - 1, 0))
+            return "sharded"
+        kind = "audit"  # every shard is stored: merge, sign, render
+    set_current_work(audit_id)
+    try:
+        attempt.job_dir = jobs.materialise_audit_job(session, settings, audit, model, kind=kind)
+    except jobs.JobInputError as exc:
+        set_current_work(None)
+        attempt.fail("invalid-audit-input", "Invalid audit input", 422, str(exc))
+        return "failed"
+    except OSError as exc:
+        set_current_work(None)
+        if not is_storage_full(exc):
+            raise
+        attempt.finish(status="failed", error=storage_full_problem(str(exc)))
+        return "failed"
+    try:
+        result = _supervise_child(attempt, audit.request, audit.attempts, model.format)
+        return "planned" if attempt.planned else result
+    finally:
+        set_current_work(None)
+        jobs.remove_job_dir(attempt.job_dir)
+
+
+def _callback_url(session: Session, audit_id: str) -> str | None:
+    request = session.scalar(select(Audit.request).where(Audit.id == audit_id))
+    return (request or {}).get("callback_url")
+
+
+def _supervise_child(
+    attempt: _Attempt, request: dict[str, Any], attempts: int, model_format: str
+) -> str:
+    settings = attempt.settings
+    limit = audit_time_limit(settings, request)
+    try:
+        child = RunnerChild(
+            sandbox_for(settings, model_format),
+            settings.runner_module,
+            attempt.job_dir,
+            time_limit=limit,
+            use_gpu=wants_gpu(request),
+        )
+    except SandboxUnavailable as exc:
+        # The worker's fault, not the audit's: tried again (on any worker) while attempts last.
+        log.error("audit %s: sandbox unavailable: %s", attempt.audit_id, exc)
+        attempt.retry_or_give_up(None, f"the sandbox is unavailable: {exc}", attempts)
+        return _final_status(attempt)
+    last_beat = last_progress = time.monotonic()
+    pending_progress: RunnerEvent | None = None
+    try:
+        for event in child.events(tick_seconds=min(settings.heartbeat_seconds, 1.0)):
+            now = time.monotonic()
+            if event is not None and event.event == "progress":
+                pending_progress = event  # the newest wins; older ones are dropped
+            elif event is not None:
+                attempt.handle(event)
+            if pending_progress is not None and now - last_progress >= PROGRESS_INTERVAL_SECONDS:
+                attempt.record_progress(pending_progress)
+                pending_progress, last_progress = None, now
+            if attempt.finished:
+                break
+            if now - last_beat >= settings.heartbeat_seconds:
+                attempt.heartbeat(child)
+                last_beat = now
+                if attempt.lease_lost or attempt.cancelled:
+                    break
+    except SoftTimeLimitExceeded:
+        child.kill()
+        child.finish()
+        attempt.fail("time-limit", "Time limit exceeded", 422, f"timed out after {limit:g} s")
+        return "failed"
+    outcome = child.finish()
+    if attempt.lease_lost:
+        return "lease_lost"
+    if attempt.finished:
+        return _final_status(attempt)
+    if attempt.cancelled:
+        attempt.finish(status="cancelled")
+        return "cancelled"
+    if outcome.timed_out:
+        attempt.fail("time-limit", "Time limit exceeded", 422, f"timed out after {limit:g} s")
+        return "failed"
+    attempt.retry_or_give_up(outcome.returncode, outcome.stderr_tail, attempts)
+    return _final_status(attempt)
+
+
+def _final_status(attempt: _Attempt) -> str:
+    if attempt.lease_lost:
+        return "lease_lost"
+    status = attempt.session.scalar(select(Audit.status).where(Audit.id == attempt.audit_id))
+    attempt.session.commit()
+    return status or "missing"

@@ -1,0 +1,40 @@
+"""The worker-side Celery app: the shared configuration plus the task modules and signals.
+
+Started as `celery -A workers.execution.celery_app worker` (by workers.execution.supervisor).
+Imports no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.signals import worker_ready, worker_shutdown
+
+from service.db.session import get_sessionmaker
+from service.queue.broker import make_celery
+from service.settings import get_settings
+from workers.execution.heartbeat import Heartbeat
+
+app = make_celery(get_settings())
+app.conf.imports = ("workers.execution.tasks",)
+# A solo worker runs one task at a time; the audit itself runs in a child process.
+app.conf.worker_concurrency = 1
+
+_heartbeat: Heartbeat | None = None
+
+
+@worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    global _heartbeat
+    name = getattr(sender, "hostname", None) or "worker"
+    _heartbeat = Heartbeat(name, get_settings(), get_sessionmaker())
+    _heartbeat.start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
+
+
+import workers.execution.tasks  # noqa: E402,F401  (registers the tasks on `app`)

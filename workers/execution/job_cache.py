@@ -1,0 +1,111 @@
+"""Job directories a worker keeps between the shards of one audit.
+
+Materialising a job (copying the model from the blob store, copying and localising the audit's
+datasets, writing job.json) is done once per audit and worker process, not once per shard. An
+entry is keyed by the audit and the model's sha256 and reused only while the model copy still
+hashes to that sha256: the sandboxed child may write into its job directory, so a copy it
+changed is thrown away and made again. The cache holds at most `worker_job_cache_entries`
+directories (least recently used removed first); 0 keeps none.
+
+It also keeps one runner child alive: the one that ran this worker's last shard, idle with
+its model loaded, which runs the next shard of the same audit when told (`--serve`). Shards
+of one audit may so share a process (the model's own audit only); a child of another audit,
+a child that failed, timed out or was stopped, is ended instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from pathlib import Path
+
+from sqlalchemy.orm import Session
+
+from service.db.models import Audit, Model
+from service.settings import Settings
+from workers.execution import jobs
+from workers.sandbox.child import RunnerChild
+
+log = logging.getLogger(__name__)
+
+
+class JobCache:
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._entries: OrderedDict[tuple[str, str], Path] = OrderedDict()
+        # At most one runner child kept alive (its model loaded), for the newest entry.
+        self._child: tuple[Path, RunnerChild] | None = None
+        self.materialised = 0  # how many directories were built (tests and logs read it)
+        self.children_started = 0  # how many kept children were handed over (tests read it)
+
+    def kept_child(self, path: Path) -> RunnerChild | None:
+        """The live child kept for this job directory, if any."""
+        if self._child is None or self._child[0] != path:
+            return None
+        if not self._child[1].alive():
+            self.drop_child(path)
+            return None
+        return self._child[1]
+
+    def keep_child(self, path: Path, child: RunnerChild) -> None:
+        """Keep `child` (idle, waiting for its next job) for the next shard of its audit; a
+        child kept for another audit is ended: one loaded model per worker at a time."""
+        if self._child is not None and self._child[1] is not child:
+            self.drop_child(self._child[0])
+        if self._child is None:
+            self.children_started += 1
+        self._child = (path, child)
+
+    def drop_child(self, path: Path) -> None:
+        if self._child is not None and self._child[0] == path:
+            _, child = self._child
+            self._child = None
+            child.kill()
+            child.finish(grace_seconds=5.0)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def job_dir(
+        self, session: Session, settings: Settings, audit: Audit, model: Model, owner_tag: str
+    ) -> Path:
+        """A `shards` job directory for this audit, reused when it is kept and intact."""
+        key = (audit.id, model.sha256)
+        kept = self._entries.get(key)
+        if kept is not None and kept.is_dir() and jobs.model_file_intact(kept, model.sha256):
+            self._entries.move_to_end(key)
+            return kept
+        if kept is not None:
+            log.warning("audit %s: kept job directory changed; building it again", audit.id)
+            self._drop(key)
+        path = settings.jobs_dir / f"{audit.id}-shards-{owner_tag}"
+        jobs.materialise_audit_job(session, settings, audit, model, kind="shards", job_dir=path)
+        self.materialised += 1
+        self._entries[key] = path
+        self._evict()
+        return path
+
+    def release(self, path: Path) -> None:
+        """After a shard: drop the directory at once when nothing is to be kept."""
+        if self.capacity == 0:
+            for key, kept in list(self._entries.items()):
+                if kept == path:
+                    self._drop(key)
+
+    def forget_audit(self, audit_id: str) -> None:
+        for key in [key for key in self._entries if key[0] == audit_id]:
+            self._drop(key)
+
+    def clear(self) -> None:
+        for key in list(self._entries):
+            self._drop(key)
+
+    def _evict(self) -> None:
+        while len(self._entries) > max(self.capacity, 1):
+            self._drop(next(iter(self._entries)))
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        path = self._entries.pop(key, None)
+        if path is not None:
+            self.drop_child(path)
+            jobs.remove_job_dir(path)

@@ -1,0 +1,249 @@
+"""Re-enqueue the work whose message was lost: the database is the source of truth.
+
+The cases: an audit whose worker died (its lease expired), an audit still `queued` long after
+it was enqueued (Redis restarted without persistence, or was flushed), a model stuck in
+`validating`; and for audits in their shard phase: a shard whose worker died, a shard whose
+token was lost, and an audit whose shards are all stored but whose finalising message was lost
+(or never sent: the worker died between storing the last shard and sending it).
+
+Each row is claimed by a conditional UPDATE that also moves its timestamp, so two
+reconcilers running at once re-enqueue it once; a duplicate message would be harmless anyway,
+since the task's lease refuses it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.orm import Session
+
+from service.db.models import Audit, AuditShard, Model
+from service.queue import broker as queue
+from service.settings import Settings, get_settings
+from workers.execution.leases import expired_lease_condition
+from workers.execution.shard_leases import expired_shard_condition, stale_shard_condition
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+
+
+@dataclass
+class ReconcileResult:
+    expired_leases: list[str] = field(default_factory=list)
+    lost_messages: list[str] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)
+    shards: list[str] = field(default_factory=list)  # "<audit>/<shard>" given a new token
+    finalising: list[str] = field(default_factory=list)  # audits sent to be finalised
+
+
+def _stale_queued_condition(cutoff: datetime):
+    return and_(
+        Audit.status == "queued",
+        Audit.lease_owner.is_(None),
+        or_(
+            Audit.enqueued_at < cutoff,
+            and_(Audit.enqueued_at.is_(None), Audit.created_at < cutoff),
+        ),
+    )
+
+
+def _claim_audits(session: Session, condition, values: dict[str, object]) -> list[str]:
+    """Ids matching `condition`, each moved by an UPDATE that re-checks it (first one wins)."""
+    claimed: list[str] = []
+    for audit_id in session.scalars(select(Audit.id).where(condition).limit(BATCH)).all():
+        result = session.execute(
+            update(Audit)
+            .where(Audit.id == audit_id, condition)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if result.rowcount == 1:  # type: ignore[attr-defined]
+            claimed.append(audit_id)
+    return claimed
+
+
+def stalled_admission_seconds(settings: Settings) -> float:
+    # A model legitimately stays `validating` while its admission runs.
+    return settings.requeue_after_seconds + settings.admission_time_limit
+
+
+def reconcile_once(
+    session: Session,
+    now: datetime,
+    *,
+    settings: Settings | None = None,
+    enqueue_audit: Callable[..., None] = queue.enqueue_audit,
+    enqueue_admission: Callable[[str], None] = queue.enqueue_admission,
+    enqueue_shards: Callable[..., None] = queue.enqueue_shards,
+    count_tokens: Callable[[str], int | None] | None = None,
+) -> ReconcileResult:
+    """One pass; the rows are committed before their messages are sent."""
+    settings = settings or get_settings()
+    result = ReconcileResult()
+
+    # A dead worker's audit goes back to `queued`: if this message is lost too, the
+    # stale-queued rule below picks it up again after requeue_after_seconds.
+    result.expired_leases = _claim_audits(
+        session,
+        expired_lease_condition(now),
+        {"status": "queued", "lease_owner": None, "lease_expires_at": None, "enqueued_at": now},
+    )
+    cutoff = now - timedelta(seconds=settings.requeue_after_seconds)
+    result.lost_messages = _claim_audits(
+        session, _stale_queued_condition(cutoff), {"enqueued_at": now}
+    )
+
+    model_cutoff = now - timedelta(seconds=stalled_admission_seconds(settings))
+    stalled = and_(
+        Model.status == "validating", Model.deleted_at.is_(None), Model.updated_at < model_cutoff
+    )
+    for model_id in session.scalars(select(Model.id).where(stalled).limit(BATCH)).all():
+        touched = session.execute(
+            update(Model)
+            .where(Model.id == model_id, stalled)
+            .values(updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if touched.rowcount == 1:  # type: ignore[attr-defined]
+            result.models.append(model_id)
+
+    tokens_in = count_tokens or (lambda name: queue.tokens_waiting(settings, name))
+    shard_tokens = _reclaim_shards(session, now, cutoff, result, tokens_in)
+    result.finalising = _claim_audits(session, _unfinalised_condition(cutoff), {"updated_at": now})
+
+    audits = result.expired_leases + result.lost_messages + result.finalising
+    routes = _routes(session, [*audits, *shard_tokens])
+    for audit_id in audits:
+        _send(enqueue_audit, audit_id, *routes.get(audit_id, _DEFAULT_ROUTE))
+    for audit_id, count in shard_tokens.items():
+        _send(enqueue_shards, audit_id, *routes.get(audit_id, _DEFAULT_ROUTE), count)
+    for model_id in result.models:
+        _send(enqueue_admission, model_id)
+    if any(
+        (
+            result.expired_leases,
+            result.lost_messages,
+            result.models,
+            result.shards,
+            result.finalising,
+        )
+    ):
+        log.info("reconciler re-enqueued %s", result)
+    return result
+
+
+_DEFAULT_ROUTE = (queue.QUEUE_CPU, queue.DEFAULT_PRIORITY)
+
+
+def _routes(session: Session, audit_ids: list[str]) -> dict[str, tuple[str, str]]:
+    if not audit_ids:
+        return {}
+    rows = session.execute(
+        select(Audit.id, Audit.queue, Audit.priority).where(Audit.id.in_(audit_ids))
+    )
+    return {audit_id: (queue_name, priority) for audit_id, queue_name, priority in rows}
+
+
+def _unfinalised_condition(cutoff: datetime):
+    """Planned audits nobody holds, quiet since `cutoff`, with no shard waiting or running."""
+    unfinished = exists().where(
+        AuditShard.audit_id == Audit.id, AuditShard.status.in_(("queued", "running"))
+    )
+    return and_(
+        Audit.status == "running",
+        Audit.lease_owner.is_(None),
+        Audit.shards_total > 0,
+        Audit.updated_at < cutoff,
+        ~unfinished,
+    )
+
+
+def _reclaim_shards(
+    session: Session,
+    now: datetime,
+    cutoff: datetime,
+    result: ReconcileResult,
+    tokens_in: Callable[[str], int | None],
+) -> dict[str, int]:
+    """Shards of a dead worker go back to `queued` with a new token. Shards waiting since
+    before `cutoff` get a new token only for the shortfall of their queue (waiting shards
+    minus the messages still in it), so a queue that is merely slow is not flooded. Returns
+    how many tokens each audit needs."""
+    live_audit = select(Audit.id).where(
+        Audit.status == "running", Audit.cancel_requested.is_(False)
+    )
+    tokens: dict[str, int] = {}
+
+    def claim(condition, values: dict[str, object], audit_id: str, shard_id: str) -> bool:
+        moved = session.execute(
+            update(AuditShard)
+            .where(AuditShard.audit_id == audit_id, AuditShard.shard_id == shard_id, condition)
+            .values(**values)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if moved.rowcount != 1:  # type: ignore[attr-defined]
+            return False
+        result.shards.append(f"{audit_id}/{shard_id}")
+        tokens[audit_id] = tokens.get(audit_id, 0) + 1
+        return True
+
+    expired = expired_shard_condition(now)
+    for audit_id, shard_id in session.execute(
+        select(AuditShard.audit_id, AuditShard.shard_id)
+        .where(expired, AuditShard.audit_id.in_(live_audit))
+        .limit(BATCH)
+    ).all():
+        back = {"status": "queued", "lease_owner": None, "lease_expires_at": None}
+        claim(expired, {**back, "enqueued_at": now}, audit_id, shard_id)
+
+    stale = stale_shard_condition(cutoff)
+    found = session.execute(
+        select(AuditShard.queue, AuditShard.audit_id, AuditShard.shard_id)
+        .where(stale, AuditShard.audit_id.in_(live_audit))
+        .order_by(AuditShard.queue, AuditShard.enqueued_at)
+        .limit(BATCH)
+    ).all()
+    allowance: dict[str, int | None] = {}
+    for queue_name, audit_id, shard_id in found:
+        if queue_name not in allowance:
+            allowance[queue_name] = _shortfall(session, queue_name, tokens_in(queue_name))
+        left = allowance[queue_name]
+        if left is not None and left <= 0:
+            continue
+        if claim(stale, {"enqueued_at": now}, audit_id, shard_id) and left is not None:
+            allowance[queue_name] = left - 1
+    return tokens
+
+
+def _shortfall(session: Session, queue_name: str, in_broker: int | None) -> int | None:
+    """Waiting shards of live audits in `queue_name` that no message in the broker covers."""
+    if in_broker is None:
+        return None  # cannot tell: every stale shard gets a token (duplicates are harmless)
+    waiting = session.scalar(
+        select(func.count())
+        .select_from(AuditShard)
+        .join(Audit, Audit.id == AuditShard.audit_id)
+        .where(
+            AuditShard.queue == queue_name,
+            AuditShard.status == "queued",
+            Audit.status == "running",
+            Audit.cancel_requested.is_(False),
+        )
+    )
+    return int(waiting or 0) - in_broker
+
+
+def _send(enqueue: Callable[..., None], *args: object) -> None:
+    # A broker outage must not stop the pass: the row's new timestamp brings it back later.
+    try:
+        enqueue(*args)
+    except Exception:
+        log.exception("could not re-enqueue %s", args[0] if args else "")

@@ -1,0 +1,357 @@
+"""One shard of an audit, run by whichever worker took its token.
+
+The worker leases the fairest waiting shard of its queue (workers.execution.shard_leases),
+runs it in a sandboxed child from a job directory it keeps for the audit
+(workers.execution.job_cache), and stores
+the result the moment the child reports it. The worker that stores the last shard sends the
+finalising task. A child that dies is retried (another token) until max_attempts; an error
+the engine reports fails the whole audit, since every other shard would meet it too.
+Cancellation: the child is asked to stop (STOP in its job directory, which the engine checks
+between shards), then killed after STOP_GRACE_SECONDS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from schemas.runner import STOP_FILE, RunnerEvent
+from service.db.models import Audit, Model, utcnow
+from service.settings import Settings
+from workers.execution import jobs
+from workers.execution.audit_job import (
+    Sends,
+    audit_time_limit,
+    end_unleased_audit,
+    is_storage_full,
+    problem,
+    runner_error_problem,
+    sandbox_for,
+    send_safely,
+    storage_full_problem,
+    wants_gpu,
+)
+from workers.execution.heartbeat import set_current_work
+from workers.execution.job_cache import JobCache
+from workers.execution.leases import gave_up_problem, new_owner
+from workers.execution.shard_leases import (
+    ClaimedShard,
+    claim_shard,
+    count_progress,
+    release_shard,
+    renew_shard,
+)
+from workers.sandbox.bubblewrap import SandboxUnavailable
+from workers.sandbox.child import RunnerChild
+
+log = logging.getLogger(__name__)
+
+STOP_GRACE_SECONDS = 2.0
+
+_cache: JobCache | None = None
+
+
+def worker_cache(settings: Settings) -> JobCache:
+    """This worker process's kept job directories."""
+    global _cache
+    if _cache is None:
+        _cache = JobCache(settings.worker_job_cache_entries)
+    return _cache
+
+
+@dataclass
+class _ShardRun:
+    claimed: ClaimedShard
+    owner: str
+    worker: str
+    settings: Settings
+    session: Session
+    sends: Sends
+    job_dir: Path
+    route: tuple[str, str]
+    stored: bool = False
+    done: bool = False  # the child said it finished its shards
+    stop: bool = False  # cancel or lost lease: the child is being stopped
+    lease_lost: bool = False
+    failed: bool = False  # the audit was failed by this shard's error
+
+    @property
+    def audit_id(self) -> str:
+        return self.claimed.audit_id
+
+    def fail_audit(self, error: dict[str, Any]) -> None:
+        self.failed = True
+        release_shard(
+            self.session, self.audit_id, self.claimed.shard_id, self.owner, status="cancelled"
+        )
+        end_unleased_audit(
+            self.session, self.settings, self.audit_id, self.sends, status="failed", error=error
+        )
+
+    def store(self, event: RunnerEvent) -> None:
+        if event.shard_id != self.claimed.shard_id:
+            log.warning(
+                "audit %s: the child reported shard %r, not %r",
+                self.audit_id,
+                event.shard_id,
+                self.claimed.shard_id,
+            )
+            return
+        result = jobs.read_shard(self.job_dir, event.shard_id)
+        if result is None:
+            log.warning("audit %s: unreadable shard %r", self.audit_id, event.shard_id)
+            return
+        now = utcnow()
+        if release_shard(
+            self.session,
+            self.audit_id,
+            self.claimed.shard_id,
+            self.owner,
+            status="done",
+            result=result,
+            worker=self.worker[:200],
+            finished_at=now,
+        ):
+            self.stored = True
+        else:
+            self.lease_lost = True
+
+    def record_error(self, event: RunnerEvent) -> None:
+        where = f"shard {self.claimed.shard_id}: "
+        self.fail_audit(runner_error_problem(self.settings, event, what="a shard", where=where))
+
+    def heartbeat(self, child: RunnerChild) -> None:
+        if not renew_shard(
+            self.session,
+            self.audit_id,
+            self.claimed.shard_id,
+            self.owner,
+            now=utcnow(),
+            seconds=self.settings.lease_seconds,
+        ):
+            log.warning(
+                "audit %s shard %s: lease lost; stopping", self.audit_id, self.claimed.shard_id
+            )
+            self.lease_lost = self.stop = True
+            child.kill()
+            return
+        row = self.session.execute(
+            select(Audit.status, Audit.cancel_requested).where(Audit.id == self.audit_id)
+        ).one_or_none()
+        if row is None or row.cancel_requested or row.status != "running":
+            self.stop = True
+            _ask_to_stop(self.job_dir)
+
+    def finished_shard(self) -> None:
+        done, total = count_progress(self.session, self.audit_id, utcnow())
+        if total and done >= total:
+            # Whichever worker stores the last shard sends the finalising task; a duplicate
+            # (two last shards at once) is refused by the audit's lease.
+            send_safely(self.sends.audit, self.audit_id, *self.route)
+        else:
+            _cancel_if_asked(self)  # a cancel that came while this shard was finishing
+
+
+def _ask_to_stop(job_dir: Path) -> None:
+    with contextlib.suppress(OSError):
+        (job_dir / STOP_FILE).touch()
+
+
+def _remaining_seconds(settings: Settings, audit: Audit, now: datetime) -> float:
+    """The child's wall-clock limit: the soft limit, or what is left of the audit's budget."""
+    limit = audit_time_limit(settings, audit.request)
+    wall = (audit.request.get("budget") or {}).get("wall_seconds")
+    if wall and audit.started_at is not None:
+        limit = min(limit, float(wall) - (now - audit.started_at).total_seconds())
+    return limit
+
+
+def execute_shard(
+    hint: str,
+    queue_name: str,
+    *,
+    settings: Settings,
+    session: Session,
+    worker: str = "worker",
+    owner: str | None = None,
+    sends: Sends | None = None,
+    cache: JobCache | None = None,
+) -> str:
+    """Run the fairest waiting shard of `queue_name`; returns "idle" (none waiting), "done",
+    "retry", "failed", "cancelled" or "lease_lost". `hint` (the audit whose plan sent this
+    token) is only logged: the database decides which shard runs."""
+    sends = sends or Sends()
+    owner = owner or new_owner()
+    cache = cache if cache is not None else worker_cache(settings)
+    claimed = claim_shard(
+        session, queue_name, owner, now=utcnow(), lease_seconds=settings.lease_seconds
+    )
+    if claimed is None:
+        return "idle"
+    log.info("shard %s of %s (token from %s)", claimed.shard_id, claimed.audit_id, hint)
+    audit = session.get(Audit, claimed.audit_id, populate_existing=True)
+    assert audit is not None
+    run = _ShardRun(
+        claimed, owner, worker, settings, session, sends, Path(), (audit.queue, audit.priority)
+    )
+    model = session.get(Model, audit.model_id)
+    if model is None or model.status != "ready" or model.deleted_at is not None:
+        run.fail_audit(
+            problem(
+                "model-not-ready", "Model not ready", 422, f"model {audit.model_id} is not ready"
+            )
+        )
+        return "failed"
+    limit = _remaining_seconds(settings, audit, utcnow())
+    if limit <= 0:
+        run.fail_audit(
+            problem("time-limit", "Time limit exceeded", 422, "the audit ran past its time budget")
+        )
+        return "failed"
+    set_current_work(claimed.audit_id)
+    try:
+        try:
+            run.job_dir = cache.job_dir(session, settings, audit, model, owner.split(":")[1])
+            jobs.write_shard_job(run.job_dir, [claimed.shard_id])
+        except jobs.JobInputError as exc:
+            run.fail_audit(problem("invalid-audit-input", "Invalid audit input", 422, str(exc)))
+            return "failed"
+        except OSError as exc:
+            if not is_storage_full(exc):
+                raise
+            run.fail_audit(storage_full_problem(str(exc)))
+            return "failed"
+        return _supervise(run, audit.request, limit, model.format, cache)
+    finally:
+        set_current_work(None)
+        if run.job_dir != Path():
+            cache.release(run.job_dir)
+
+
+def _supervise(
+    run: _ShardRun, request: dict[str, Any], limit: float, model_format: str, cache: JobCache
+) -> str:
+    settings = run.settings
+    # A child kept from this audit's previous shard on this worker runs the next one: no new
+    # process, no second import of torch, no second load of the model.
+    child = cache.kept_child(run.job_dir)
+    if child is not None and not child.next_job(limit):
+        cache.drop_child(run.job_dir)
+        child = None
+    if child is None:
+        try:
+            child = RunnerChild(
+                sandbox_for(settings, model_format),
+                settings.runner_module,
+                run.job_dir,
+                time_limit=limit,
+                use_gpu=wants_gpu(request),
+                serve=True,
+            )
+        except SandboxUnavailable as exc:
+            # This worker cannot run shards; the model is not at fault: another worker may.
+            log.error("sandbox unavailable: %s", exc)
+            return _retry_or_give_up(run, f"the sandbox is unavailable on {run.worker}: {exc}")
+    try:
+        return _follow(run, child, limit, cache)
+    except BaseException:
+        # The database or the broker went away mid-shard: never leave the child running.
+        cache.drop_child(run.job_dir)
+        child.kill()
+        child.finish()
+        raise
+
+
+def _follow(run: _ShardRun, child: RunnerChild, limit: float, cache: JobCache) -> str:
+    settings = run.settings
+    last_beat = time.monotonic()
+    stop_asked_at: float | None = None
+    for event in child.events(tick_seconds=min(settings.heartbeat_seconds, 1.0)):
+        if event is not None:
+            if event.event == "shard":
+                run.store(event)
+            elif event.event == "done":
+                run.done = True
+                break  # the child waits for its next job
+            elif event.event == "error" and not run.stop:
+                run.record_error(event)
+        if run.failed or run.lease_lost:
+            child.kill()
+            break
+        now = time.monotonic()
+        # Once the result is stored the lease is released: nothing is left to renew.
+        if not run.stored and now - last_beat >= settings.heartbeat_seconds:
+            run.heartbeat(child)
+            last_beat = now
+            if run.stop and stop_asked_at is None:
+                stop_asked_at = now
+        if stop_asked_at is not None and now - stop_asked_at >= STOP_GRACE_SECONDS:
+            child.kill()
+            break
+    if run.done and run.stored and not run.stop and child.alive():
+        cache.keep_child(run.job_dir, child)
+        run.finished_shard()
+        return "done"
+    cache.drop_child(run.job_dir)
+    child.kill()
+    outcome = child.finish()
+    if run.stored:
+        run.finished_shard()
+        return "done"
+    if run.failed:
+        return "failed"
+    if run.lease_lost:
+        return "lease_lost"
+    if run.stop:
+        release_shard(
+            run.session, run.audit_id, run.claimed.shard_id, run.owner, status="cancelled"
+        )
+        _cancel_if_asked(run)
+        return "cancelled"
+    if outcome.timed_out:
+        run.fail_audit(
+            problem(
+                "time-limit",
+                "Time limit exceeded",
+                422,
+                f"shard {run.claimed.shard_id} timed out after {limit:g} s",
+            )
+        )
+        return "failed"
+    detail = f"the last runner exited with code {outcome.returncode}"
+    if outcome.stderr_tail:
+        detail += ": " + outcome.stderr_tail.splitlines()[-1][:500]
+    return _retry_or_give_up(run, detail)
+
+
+def _cancel_if_asked(run: _ShardRun) -> None:
+    cancel = run.session.scalar(select(Audit.cancel_requested).where(Audit.id == run.audit_id))
+    if cancel:
+        end_unleased_audit(run.session, run.settings, run.audit_id, run.sends, status="cancelled")
+
+
+def _retry_or_give_up(run: _ShardRun, detail: str) -> str:
+    """The child ended without a result: queue the shard again while attempts last."""
+    if run.claimed.attempts < run.settings.max_attempts:
+        if release_shard(
+            run.session,
+            run.audit_id,
+            run.claimed.shard_id,
+            run.owner,
+            status="queued",
+            enqueued_at=utcnow(),
+        ):
+            send_safely(run.sends.shards, run.audit_id, *run.route, 1)
+        return "retry"
+    error = gave_up_problem(run.claimed.attempts)
+    error["detail"] += f" (shard {run.claimed.shard_id}); {detail}"
+    run.fail_audit(error)
+    return "failed"

@@ -1,0 +1,77 @@
+"""Thin Celery tasks: each one opens a session and hands over to the module that does the work."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from service.db.models import utcnow
+from service.db.session import get_sessionmaker
+from service.queue.broker import (
+    TASK_ADMIT_MODEL,
+    TASK_RECONCILE,
+    TASK_RUN_AUDIT,
+    TASK_RUN_SHARD,
+    TASK_SEND_CALLBACK,
+)
+from service.settings import get_settings
+from workers.execution.admission import execute_admission
+from workers.execution.audit_job import execute_audit
+from workers.execution.callbacks import Delivery, backoff_seconds, deliver_callback
+from workers.execution.celery_app import app
+from workers.execution.reconciler import reconcile_once
+from workers.execution.shard_job import execute_shard
+
+log = logging.getLogger(__name__)
+
+
+@app.task(name=TASK_RUN_AUDIT, acks_late=True, reject_on_worker_lost=True)
+def run_audit(audit_id: str) -> str:
+    with get_sessionmaker()() as session:
+        return execute_audit(audit_id, settings=get_settings(), session=session)
+
+
+@app.task(name=TASK_RUN_SHARD, bind=True, acks_late=True, reject_on_worker_lost=True)
+def run_shard(self: Any, audit_id: str, queue: str) -> str:
+    worker = str(getattr(self.request, "hostname", None) or "worker")
+    with get_sessionmaker()() as session:
+        return execute_shard(
+            audit_id, queue, settings=get_settings(), session=session, worker=worker
+        )
+
+
+@app.task(name=TASK_ADMIT_MODEL, acks_late=True, reject_on_worker_lost=True)
+def admit_model(model_id: str) -> str:
+    with get_sessionmaker()() as session:
+        return execute_admission(model_id, settings=get_settings(), session=session)
+
+
+@app.task(name=TASK_RECONCILE)
+def reconcile() -> dict[str, list[str]]:
+    with get_sessionmaker()() as session:
+        result = reconcile_once(session, utcnow(), settings=get_settings())
+    return {
+        "expired_leases": result.expired_leases,
+        "lost_messages": result.lost_messages,
+        "models": result.models,
+        "shards": result.shards,
+        "finalising": result.finalising,
+    }
+
+
+@app.task(name=TASK_SEND_CALLBACK, bind=True, acks_late=True, max_retries=None)
+def send_callback(self: Any, audit_id: str) -> str:
+    """POST a finished audit's status to its callback_url; retried with exponential backoff
+    while the receiver fails transiently, up to callback_max_attempts deliveries."""
+    settings = get_settings()
+    with get_sessionmaker()() as session:
+        outcome = deliver_callback(
+            session, settings, audit_id, delivery_id=str(self.request.id or audit_id)
+        )
+    retries = int(self.request.retries or 0)
+    if outcome.delivery is Delivery.RETRY and retries + 1 < settings.callback_max_attempts:
+        log.info("callback of %s: %s; retrying", audit_id, outcome.detail)
+        raise self.retry(countdown=backoff_seconds(settings, retries))
+    if outcome.delivery in (Delivery.RETRY, Delivery.REFUSED):
+        log.warning("callback of %s not delivered: %s", audit_id, outcome.detail)
+    return outcome.delivery.value

@@ -1,0 +1,221 @@
+"""The sandboxed child: `python -m workers.sandbox.runner <job_dir>`.
+
+Reads `job.json` (schemas.runner.RunnerJob), calls the engine, and reports on stdout one JSON
+line per schemas.runner.RunnerEvent. Anything the engine or the model prints goes to stderr:
+the event stream lives on a private copy of the original stdout, so it cannot be forged or
+corrupted by prints. Every failure, including a MemoryError, ends in an `error` event and exit
+code 1; the parent never has to interpret a bare traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+from typing import IO, Any
+
+from pydantic import ValidationError
+
+from schemas.runner import (
+    JOB_FILE,
+    MAX_SHARDS,
+    OUT_DIR,
+    PLAN_FILE,
+    SHARDS_DIR,
+    STOP_FILE,
+    RunnerEvent,
+    RunnerJob,
+    RunnerPlan,
+)
+
+# torch-free: the error classes only (the engine itself is imported by each job's function)
+from workers.engine.errors import EngineInputError, is_out_of_memory
+
+REPORT_FILE = "report.json"
+# The status a failure maps to: 422 when the audit's own input is at fault.
+INPUT_ERROR_STATUS = 422
+INTERNAL_ERROR_STATUS = 500
+
+
+class EventStream:
+    """Writes events as JSON lines to a private descriptor, flushing each."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+
+    def emit(self, event: str, **fields: Any) -> None:
+        line = RunnerEvent(event=event, **fields).model_dump_json(exclude_none=True)
+        self._stream.write(line + "\n")
+        self._stream.flush()
+
+
+def take_over_stdout() -> EventStream:
+    """Keep the real stdout for events and point fd 1 (and sys.stdout) at stderr."""
+    private_fd = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return EventStream(os.fdopen(private_fd, "w", encoding="utf-8", buffering=1))
+
+
+def load_completed_shards(job_dir: Path) -> dict[str, dict[str, Any]]:
+    shards: dict[str, dict[str, Any]] = {}
+    shard_dir = job_dir / SHARDS_DIR
+    if shard_dir.is_dir():
+        for path in sorted(shard_dir.glob("*.json")):
+            shards[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+    return shards
+
+
+def run_admission(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
+    from workers.engine import api
+
+    admission = api.admit_model(job_dir / job.model_file, job.model_format, job.spec, device="cpu")
+    if admission.ok:
+        events.emit("admitted", info=admission.info)
+    else:
+        events.emit("rejected", reason=admission.reason or "rejected", info=admission.info)
+
+
+# model file → the loaded model, for a child that serves several `shards` jobs (--serve)
+_LOADED: dict[str, Any] = {}
+
+
+def serve_next_jobs(job_dir: Path, events: EventStream) -> None:
+    """--serve: after the first job, run the job in job.json again each time the worker
+    writes a line to stdin; end at end of input (the worker closed it, or died)."""
+    while sys.stdin.readline():
+        job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+        if job.kind != "shards":
+            raise ValueError("a serving runner runs `shards` jobs only")
+        run_audit(job, job_dir, events)
+
+
+def run_plan(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
+    from workers.engine import api
+    from workers.engine.errors import EngineInputError
+
+    if job.config is None:
+        raise ValueError("job.json: a plan job needs a config")
+    shards = api.plan_audit(job.spec, job.config, job_dir)
+    if len(shards) > MAX_SHARDS:
+        raise EngineInputError(
+            f"the audit splits into {len(shards)} shards, more than {MAX_SHARDS}: raise "
+            "budget.images_per_shard or audit fewer images"
+        )
+    out_dir = job_dir / OUT_DIR
+    out_dir.mkdir(exist_ok=True)
+    plan = RunnerPlan.model_validate({"shards": shards})
+    (out_dir / PLAN_FILE).write_text(plan.model_dump_json(), encoding="utf-8")
+    events.emit("plan", file=f"{OUT_DIR}/{PLAN_FILE}", info={"shards": len(shards)})
+
+
+def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
+    from workers.engine import api
+
+    if job.config is None:
+        raise ValueError("job.json: an audit job needs a config")
+    out_dir = job_dir / OUT_DIR
+    shard_dir = job_dir / SHARDS_DIR
+    out_dir.mkdir(exist_ok=True)
+    shard_dir.mkdir(exist_ok=True)
+
+    def on_progress(fraction: float, check: str | None, message: str | None) -> None:
+        events.emit("progress", fraction=min(max(fraction, 0.0), 1.0), check=check, message=message)
+
+    def on_shard(shard_id: str, result: dict[str, Any]) -> None:
+        # Written to a temporary name first: the parent reads the file when it sees the event.
+        path = shard_dir / f"{shard_id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result), encoding="utf-8")
+        tmp.replace(path)
+        events.emit("shard", shard_id=shard_id, file=f"{SHARDS_DIR}/{shard_id}.json")
+
+    report = api.run_audit(
+        job_dir / job.model_file,
+        job.model_format,
+        job.spec,
+        job.config,
+        # A serving child keeps the model it loaded for the next shards of the same audit.
+        loaded=_LOADED if job.kind == "shards" else None,
+        out_dir=out_dir,
+        model_sha256=job.model_sha256,
+        audit_id=job.audit_id,
+        model_id=job.model_id,
+        base_dir=job_dir,
+        completed_shards=load_completed_shards(job_dir),
+        on_progress=on_progress,
+        on_shard=on_shard,
+        # The worker asks a running child to stop by creating STOP in its job directory.
+        should_stop=(job_dir / STOP_FILE).exists,
+        only_shards=job.shard_ids if job.kind == "shards" else None,
+    )
+    if job.kind == "shards":
+        events.emit("done", info={"shards": report.get("shards", [])})
+        return
+    report_path = out_dir / REPORT_FILE
+    if not report_path.is_file():
+        report_path.write_text(json.dumps(report), encoding="utf-8")
+    events.emit("report", file=f"{OUT_DIR}/{REPORT_FILE}", info={"verdict": report.get("verdict")})
+
+
+def is_input_error(exc: BaseException) -> bool:
+    """The audit's own input (or model) is at fault: 422. Anything else — a plain ValueError or
+    KeyError included — is an engine bug: 500, so it is fixed rather than blamed on the user."""
+    return isinstance(exc, EngineInputError | ValidationError | FileNotFoundError)
+
+
+def describe_failure(exc: BaseException) -> dict[str, Any]:
+    """The error event's fields: a title, a detail a person can act on, and the status."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return {
+            "message": "Storage full",
+            "reason": f"{type(exc).__name__}: {exc}",
+            "info": {"status": INTERNAL_ERROR_STATUS, "cause": "storage"},
+        }
+    if is_out_of_memory(exc):
+        return {
+            "message": "Memory limit exceeded",
+            "reason": "exceeded the memory limit",
+            "info": {"status": INPUT_ERROR_STATUS, "cause": "memory"},
+        }
+    if is_input_error(exc):
+        return {
+            "message": "Invalid audit input",
+            "reason": f"{type(exc).__name__}: {exc}",
+            "info": {"status": INPUT_ERROR_STATUS, "cause": "input"},
+        }
+    return {
+        "message": "Internal error in the audit engine",
+        "reason": f"{type(exc).__name__}: {exc}",
+        "info": {"status": INTERNAL_ERROR_STATUS, "cause": "internal"},
+    }
+
+
+def main(argv: list[str]) -> int:
+    events = take_over_stdout()
+    try:
+        serve = argv[1:] == ["--serve"]
+        if len(argv) != 1 and not serve:
+            raise ValueError("usage: python -m workers.sandbox.runner <job_dir> [--serve]")
+        job_dir = Path(argv[0])
+        job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+        if job.kind == "admit":
+            run_admission(job, job_dir, events)
+        elif job.kind == "plan":
+            run_plan(job, job_dir, events)
+        else:
+            run_audit(job, job_dir, events)
+            if serve and job.kind == "shards":
+                serve_next_jobs(job_dir, events)
+        return 0
+    except BaseException as exc:  # every failure must become an event, even SystemExit
+        traceback.print_exc(file=sys.stderr)
+        events.emit("error", **describe_failure(exc))
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
