@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit services install clean
+.PHONY: demo test lint typecheck unit integration services install clean
 
 $(STAMP): pyproject.toml build-constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -32,10 +32,19 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: $(STAMP)
-	$(BIN)/python -m pytest -q -ra
+# Unit tests need no service (no Redis, PostgreSQL, bubblewrap, Chromium or worker processes);
+# integration tests are the rest. tests/conftest.py marks them (see the README, "Tests").
+PYTEST := $(BIN)/python -m pytest -q -ra
 
-test: $(STAMP) services lint typecheck unit
+unit: $(STAMP)
+	$(PYTEST) -m "not integration"
+
+integration: $(STAMP)
+	$(PYTEST) -m integration
+
+# Under `make test` a missing service fails the tests that need it instead of skipping them.
+test: export TIGHTROPE_REQUIRE_SERVICES := 1
+test: $(STAMP) services lint typecheck unit integration
 
 clean:
 	rm -rf .tightrope demo-out .pytest_cache .mypy_cache .ruff_cache

@@ -34,7 +34,12 @@ from skimage.transform import resize
 from schemas.checks import WorstCaseCheck
 from schemas.model_spec import ModelSpec
 from schemas.operators import MRIOperator
-from workers.engine.attacks import SearchSettings, per_sample_norm, worst_case_search
+from workers.engine.attacks import (
+    SearchSettings,
+    ThreatModel,
+    per_sample_norm,
+    worst_case_search,
+)
 from workers.engine.context import Operator, PassCounter, Subject
 from workers.engine.datasets import random_ellipses
 from workers.engine.models import load_model
@@ -101,7 +106,7 @@ def main() -> None:
     if args.their_count:
         args.iterations = THEIR_ITERATIONS
     if args.restarts is None:
-        args.restarts = SearchSettings.from_check(WorstCaseCheck()).restarts
+        args.restarts = SearchSettings.from_check(WorstCaseCheck().search_settings()).restarts
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -148,13 +153,12 @@ def _compare(
         ),
     )
     check = WorstCaseCheck(levels=sorted(set(levels)))
-    settings = SearchSettings.from_check(check)
+    threat = ThreatModel.from_check(check.threat_model())
+    settings = SearchSettings.from_check(check.search_settings())
     before = (subject.counter.forward, subject.counter.backward)
     ours_time, outcomes = _timed(
         device,
-        lambda: worst_case_search(
-            subject, operator, y, images, check.levels, settings, range(len(y))
-        ),
+        lambda: worst_case_search(subject, operator, y, images, threat, settings, range(len(y))),
     )
     ours_forward = subject.counter.forward - before[0]
     ours_backward = subject.counter.backward - before[1]
@@ -303,12 +307,14 @@ def _per_step_times(
 
     def search(steps: int) -> Callable[[], None]:
         # the default search with a fixed step count (no early stopping), through the check
-        settings = SearchSettings.from_check(
-            WorstCaseCheck(steps=steps, restarts=args.restarts, early_stop_tolerance=0.0)
+        check = WorstCaseCheck(
+            levels=[0.02], steps=steps, restarts=args.restarts, early_stop_tolerance=0.0
         )
+        threat = ThreatModel.from_check(check.threat_model())
+        settings = SearchSettings.from_check(check.search_settings())
 
         def run() -> None:
-            worst_case_search(subject, operator, y, images, [0.02], settings, range(len(images)))
+            worst_case_search(subject, operator, y, images, threat, settings, range(len(images)))
 
         return run
 

@@ -51,10 +51,10 @@ from schemas.checks import WorstCaseCheck
 from schemas.checks_classifier import AdversarialCheck, MinimalPerturbationCheck
 from schemas.model_spec import ModelSpec
 from schemas.operators import DenoisingOperator
-from workers.engine.attacks import SearchSettings, worst_case_search
+from workers.engine.attacks import SearchSettings, ThreatModel, worst_case_search
 from workers.engine.classifiers import classifier_subject
 from workers.engine.context import AuditContext, PassCounter, Subject
-from workers.engine.labelled import digits
+from workers.engine.digits import digits
 from workers.engine.models import load_model
 from workers.engine.operators import build_operator
 from workers.engine.registry import get_check
@@ -149,9 +149,14 @@ def _search(
     x: torch.Tensor,
 ) -> dict[float, Any]:
     """The default search, as the worst_case check calls it; outcomes by level."""
-    settings = SearchSettings.from_check(check)
     outcomes = worst_case_search(
-        subject, operator, y, x, check.levels, settings, seeds=range(len(y))
+        subject,
+        operator,
+        y,
+        x,
+        ThreatModel.from_check(check.threat_model()),
+        SearchSettings.from_check(check.search_settings()),
+        seeds=range(len(y)),
     )
     return {outcome.level: outcome for outcome in outcomes}
 

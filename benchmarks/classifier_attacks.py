@@ -25,14 +25,14 @@ from pathlib import Path
 import torch
 from pyautoattack import AutoAttack
 
-from schemas.checks_classifier import AdversarialCheck
+from schemas.checks_classifier import AdversarialCheck, AdversarialSearch
 from schemas.model_spec import ModelSpec
 from schemas.operators import DenoisingOperator
-from workers.engine.checks.adversarial import AdversarialRunner
-from workers.engine.classifier_attacks import run_ball_attack
+from workers.engine.checks.adversarial import Adversarial
+from workers.engine.classifier_attacks import NormBall, run_ball_attack
 from workers.engine.classifiers import classifier_subject
 from workers.engine.context import AuditContext, PassCounter
-from workers.engine.labelled import digits
+from workers.engine.digits import digits
 from workers.engine.models import load_model
 from workers.engine.operators import build_operator
 
@@ -71,7 +71,11 @@ def step_ratio(
         attack_time = (
             _timed(
                 lambda a=attack, n=norm, e=eps: run_ball_attack(
-                    subject.box_model, u, labels, n, e, a, steps
+                    subject.box_model,
+                    u,
+                    labels,
+                    NormBall(n, e),
+                    AdversarialSearch(attack=a, steps=steps),
                 ),
                 3,
             )
@@ -101,9 +105,9 @@ def autoattack_wall(
         labels=y,
     )
     check = AdversarialCheck.model_validate({"attack": "autoattack", "epsilons": [epsilon]})
-    runner = AdversarialRunner()
+    adversarial = Adversarial()
     start = time.perf_counter()
-    result = runner.merge(check, [runner.run(check, ctx, subject, range(len(x)), seed)])
+    result = adversarial.merge(check, [adversarial.run(check, ctx, subject, range(len(x)), seed)])
     ours = time.perf_counter() - start
 
     start = time.perf_counter()

@@ -66,7 +66,7 @@ def main() -> None:
     study = Study(spec, config, report, args.work)
     args.figures.mkdir(parents=True, exist_ok=True)
 
-    summary: dict[str, Any] = {"model": report["model"]["sha256"], "config": str(args.config)}
+    summary: dict[str, Any] = {"model": report["model"]["sha256"], "config": _shown(args.config)}
     summary["clean_relative_error"] = study.clean_errors()
     summary["worst_case"] = study.error_curves(args.figures / "error-vs-level.png")
     for subject in study.subjects:
@@ -77,6 +77,13 @@ def main() -> None:
     plot_loss(REFERENCE / "loss.json", args.figures / "loss.png")
     (args.figures / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print_summary(summary, report)
+
+
+def _shown(path: Path) -> str:
+    """A path as the summary records it: relative to the repository when inside it, so the
+    committed summary names no machine's directories."""
+    resolved = path.resolve()
+    return str(resolved.relative_to(ROOT)) if resolved.is_relative_to(ROOT) else str(path)
 
 
 def _available_checks(raw: dict[str, Any]) -> AuditConfig:

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from schemas.model_spec import ModelSpec
 from workers.engine.architectures import build_architecture
-from workers.engine.labelled import digits
+from workers.engine.digits import digits
 
 HERE = Path(__file__).resolve().parent / "classifier"
 TRAIN_SEED, TEST_SEED = 10_001, 10_002

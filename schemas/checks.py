@@ -1,7 +1,14 @@
 """Audit checks: a discriminated union on `kind`.
 
-Each check splits the threat model (levels, space, norm) from the search's hyper-parameters
-(steps, restarts, step size). The engine keeps a registry keyed by the same `kind` values.
+A check that runs an attack is composed of two parts, as Foolbox separates an attack's
+hyper-parameters (the attack object) from what it is called with (model, inputs, criterion,
+epsilons): its threat model (`...ThreatModel`: the perturbation set, levels or ε, the norm and
+space, the target, everything a perfect optimiser's answer depends on) and its search settings
+(`...Search`: optimiser, steps, restarts, step size, which only decide how close the attack gets
+to that answer). The check inherits the fields of both, so its request JSON stays flat;
+`threat_model()` and `search_settings()` give each part back, and the engine's attacks take them
+as separate arguments (docs/architecture.md, "Threat model and search settings"). The engine
+keeps a registry keyed by the same `kind` values.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from schemas.checks_theorem import (
     KernelCheck,
     MoreSamplesCheck,
 )
-from schemas.common import MAX_SEED, StrictModel, TaggedModel
+from schemas.common import MAX_SEED, StrictModel, TaggedModel, model_part
 
 # Each level is a relative size in (0, 10] (stated per item, so the schema says it too); that
 # they strictly increase is checked by `_check_levels` and stated in the description.
@@ -64,13 +71,23 @@ class WorstCaseThreshold(StrictModel):
         return self
 
 
-class WorstCaseCheck(TaggedModel):
-    kind: Literal["worst_case"] = "worst_case"
+class WorstCaseThreatModel(StrictModel):
+    """What the worst_case attacker may do and what it degrades: perturbations of relative size
+    δ (each of `levels`) in measurement space (‖e‖ ≤ δ‖y‖) or image space (‖r‖ ≤ δ‖x‖, e = A r),
+    inside that ball or priced by λ (`penalized`), maximising the error against `target`."""
+
     levels: Levels = Field(default_factory=lambda: [0.01, 0.02, 0.05])
     space: Literal["measurement", "image"] = "measurement"
     target: Literal["ground_truth", "reconstruction"] = "ground_truth"
     formulation: Literal["ball", "penalized"] = "ball"
     lambda_: float = Field(default=1.0, gt=0.0, alias="lambda", description="Penalty weight")
+
+    _levels = field_validator("levels")(_check_levels)
+
+
+class WorstCaseSearch(StrictModel):
+    """How the worst_case attack searches its threat model: optimiser, budget, step size."""
+
     optimizer: Literal["pgd", "adam", "momentum", "ensemble"] = Field(
         default="pgd",
         description="pgd: ℓ2 ascent with an adaptive step (exact on linear models); "
@@ -88,12 +105,19 @@ class WorstCaseCheck(TaggedModel):
     early_stop_tolerance: float = Field(
         default=1e-3, ge=0.0, description="Stop a level when the objective gains less (relative)"
     )
+
+
+class _WorstCaseKind(TaggedModel):
+    kind: Literal["worst_case"] = "worst_case"
+
+
+# The bases' order makes the fields' order (kind, threat model, search, then the check's own),
+# which the request's JSON schema and its clients keep.
+class WorstCaseCheck(WorstCaseSearch, WorstCaseThreatModel, _WorstCaseKind):
     seed: int | None = Field(
         default=None, ge=0, le=MAX_SEED, description="Default: the audit's seed"
     )
     threshold: WorstCaseThreshold | None = None
-
-    _levels = field_validator("levels")(_check_levels)
 
     @model_validator(mode="after")
     def _at_level_known(self) -> WorstCaseCheck:
@@ -101,6 +125,12 @@ class WorstCaseCheck(TaggedModel):
         if t is not None and t.at_level is not None and t.at_level not in self.levels:
             raise ValueError("threshold.at_level must be one of levels")
         return self
+
+    def threat_model(self) -> WorstCaseThreatModel:
+        return model_part(self, WorstCaseThreatModel)
+
+    def search_settings(self) -> WorstCaseSearch:
+        return model_part(self, WorstCaseSearch)
 
 
 class RandomNoiseThreshold(StrictModel):

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from schemas.common import MAX_SEED, StrictModel, TaggedModel
+from schemas.common import MAX_SEED, StrictModel, TaggedModel, model_part
 
 Norm = Literal["linf", "l2"]
 # Each epsilon is a positive norm, at most 1e6 (stated per item, so the schema says it too);
@@ -52,12 +52,19 @@ class AdversarialThreshold(StrictModel):
     at_epsilon: float | None = Field(default=None, gt=0.0, description="Default: the largest")
 
 
-class AdversarialCheck(TaggedModel):
-    """Robust accuracy against a norm-bounded attacker, one level per ε."""
+class AdversarialThreatModel(StrictModel):
+    """The adversarial check's attacker: ‖δ‖ ≤ ε in `norm`, each of `epsilons`, inside the value
+    range; it succeeds when the predicted class changes."""
 
-    kind: Literal["adversarial"] = "adversarial"
     norm: Norm = "linf"
     epsilons: Epsilons = Field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255])
+
+    _epsilons = field_validator("epsilons")(_check_epsilons)
+
+
+class AdversarialSearch(StrictModel):
+    """Which attack searches the ε-balls, and its budget."""
+
     attack: Literal["autoattack", "apgd", "pgd"] = Field(
         default="apgd",
         description="autoattack: the reference AutoAttack, standard version (pyautoattack); "
@@ -67,10 +74,18 @@ class AdversarialCheck(TaggedModel):
     restarts: int = Field(
         default=1, ge=1, le=64, description="apgd and pgd: random restarts (in the batch)"
     )
+
+
+class _AdversarialKind(TaggedModel):
+    kind: Literal["adversarial"] = "adversarial"
+
+
+# The bases' order makes the fields' order: kind, threat model, search, the check's own.
+class AdversarialCheck(AdversarialSearch, AdversarialThreatModel, _AdversarialKind):
+    """Robust accuracy against a norm-bounded attacker, one level per ε."""
+
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: AdversarialThreshold | None = None
-
-    _epsilons = field_validator("epsilons")(_check_epsilons)
 
     @model_validator(mode="after")
     def _at_epsilon_known(self) -> AdversarialCheck:
@@ -78,6 +93,12 @@ class AdversarialCheck(TaggedModel):
         if t is not None and t.at_epsilon is not None and t.at_epsilon not in self.epsilons:
             raise ValueError("threshold.at_epsilon must be one of epsilons")
         return self
+
+    def threat_model(self) -> AdversarialThreatModel:
+        return model_part(self, AdversarialThreatModel)
+
+    def search_settings(self) -> AdversarialSearch:
+        return model_part(self, AdversarialSearch)
 
 
 class MinimalPerturbationThreshold(StrictModel):
@@ -95,18 +116,35 @@ class MinimalPerturbationThreshold(StrictModel):
     )
 
 
-class MinimalPerturbationCheck(TaggedModel):
-    """The smallest adversarial perturbation of every input (adv-lib's FMN, DDN, DeepFool).
-    attack `ddn` takes norm `l2` only."""
+class MinimalPerturbationThreatModel(StrictModel):
+    """An unbounded attacker inside the value range, measured in `norm`: the check reports the
+    smallest perturbation that changes the predicted class."""
 
-    kind: Literal["minimal_perturbation"] = "minimal_perturbation"
     norm: Norm = "l2"
+
+
+class MinimalPerturbationSearch(StrictModel):
+    """Which minimum-norm attack is tried first, and its iterations."""
+
     attack: Literal["fmn", "ddn", "deepfool"] = Field(
         default="fmn",
         description="The attack tried first; the inputs where it finds nothing go to the next "
         "of FMN → DDN → DeepFool (cyclically; DDN for l2 only)",
     )
     steps: int = Field(default=100, ge=1, le=10_000, description="Iterations per attack")
+
+
+class _MinimalPerturbationKind(TaggedModel):
+    kind: Literal["minimal_perturbation"] = "minimal_perturbation"
+
+
+class MinimalPerturbationCheck(
+    MinimalPerturbationSearch, MinimalPerturbationThreatModel, _MinimalPerturbationKind
+):
+    """The smallest adversarial perturbation of every input (adv-lib's FMN, DDN, DeepFool).
+    attack `ddn` takes norm `l2` only."""
+
+    # where the report reads the accuracy curve off the norms found: no part of the attack
     epsilons: Epsilons | None = Field(
         default=None,
         description="Where to evaluate the implied accuracy-vs-ε curve; default: at every "
@@ -126,6 +164,12 @@ class MinimalPerturbationCheck(TaggedModel):
             raise ValueError("attack 'ddn' minimises the l2 norm only")
         return self
 
+    def threat_model(self) -> MinimalPerturbationThreatModel:
+        return model_part(self, MinimalPerturbationThreatModel)
+
+    def search_settings(self) -> MinimalPerturbationSearch:
+        return model_part(self, MinimalPerturbationSearch)
+
 
 class UniversalThreshold(StrictModel):
     max_fooling_rate: float = Field(
@@ -133,7 +177,29 @@ class UniversalThreshold(StrictModel):
     )
 
 
-class UniversalCheck(TaggedModel):
+class UniversalThreatModel(StrictModel):
+    """One perturbation u with ‖u‖ ≤ ε in `norm`, for all inputs at once, which the attacker
+    computes on the `train_fraction` of the inputs it sees."""
+
+    norm: Norm | None = Field(
+        default=None, description="Default: linf for classifiers, l2 for reconstruction models"
+    )
+    epsilon: float = Field(default=8 / 255, gt=0.0, le=1e6)
+    train_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+
+class UniversalSearch(StrictModel):
+    """The projected ascent that computes u: its steps and step size."""
+
+    steps: int = Field(default=50, ge=1, le=10_000)
+    step_size: float = Field(default=0.1, gt=0.0, le=10.0, description="Relative to ε")
+
+
+class _UniversalKind(TaggedModel):
+    kind: Literal["universal"] = "universal"
+
+
+class UniversalCheck(UniversalSearch, UniversalThreatModel, _UniversalKind):
     """One perturbation u, ‖u‖ ≤ ε, computed on a training split and evaluated on the rest.
 
     Classifiers: ε is an absolute norm of an image perturbation; an input is fooled when its
@@ -141,19 +207,18 @@ class UniversalCheck(TaggedModel):
     training split, in measurement space (`l2` only); an input counts only when its relative
     error without u is at most `failure_error`, and is fooled when u takes it above."""
 
-    kind: Literal["universal"] = "universal"
-    norm: Norm | None = Field(
-        default=None, description="Default: linf for classifiers, l2 for reconstruction models"
-    )
-    epsilon: float = Field(default=8 / 255, gt=0.0, le=1e6)
-    train_fraction: float = Field(default=0.5, gt=0.0, lt=1.0)
-    steps: int = Field(default=50, ge=1, le=10_000)
-    step_size: float = Field(default=0.1, gt=0.0, le=10.0, description="Relative to ε")
+    # the failure criterion τ of reconstructions, as random_noise's
     failure_error: float = Field(
         default=0.2, gt=0.0, description="Reconstruction models: τ on the relative error"
     )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: UniversalThreshold | None = None
+
+    def threat_model(self) -> UniversalThreatModel:
+        return model_part(self, UniversalThreatModel)
+
+    def search_settings(self) -> UniversalSearch:
+        return model_part(self, UniversalSearch)
 
 
 def task_problems(

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.common import MAX_SEED, StrictModel, TaggedModel
+from schemas.common import MAX_SEED, StrictModel, TaggedModel, model_part
 
 LESION_SHAPES = ("disk", "square", "random_walk", "text")
 
@@ -78,13 +78,17 @@ class SpuriousContrastThreshold(StrictModel):
     max_spurious_contrast: float = Field(gt=0.0)
 
 
-class FalsePositiveCheck(TaggedModel):
-    """Can a small measurement perturbation ‖e‖ ≤ δ‖y‖ paint a detail into a window where the
-    image has none? Maximises ‖W(Ψ(y+e) − Ψ(y))‖² with the worst-case search."""
+class FalsePositiveThreatModel(StrictModel):
+    """Measurement perturbations ‖e‖ ≤ δ‖y‖ that maximise the change of the reconstruction
+    inside the flattest `window`×`window` square of the image."""
 
-    kind: Literal["false_positive"] = "false_positive"
     delta: float = Field(default=0.02, gt=0.0, le=10.0)
     window: int = Field(default=5, ge=1, le=256, description="Side of the square window")
+
+
+class FalsePositiveSearch(StrictModel):
+    """The worst-case search's (pgd's) budget and first step."""
+
     steps: int = Field(default=30, ge=1, le=10_000)
     restarts: int = Field(default=1, ge=1, le=64)
     step_size: float | None = Field(
@@ -93,9 +97,26 @@ class FalsePositiveCheck(TaggedModel):
         le=10.0,
         description="First step of the pgd ascent, relative to the radius; default 2.0",
     )
+
+
+class _FalsePositiveKind(TaggedModel):
+    kind: Literal["false_positive"] = "false_positive"
+
+
+# The bases' order makes the fields' order: kind, threat model, search, the check's own.
+class FalsePositiveCheck(FalsePositiveSearch, FalsePositiveThreatModel, _FalsePositiveKind):
+    """Can a small measurement perturbation ‖e‖ ≤ δ‖y‖ paint a detail into a window where the
+    image has none? Maximises ‖W(Ψ(y+e) − Ψ(y))‖² with the worst-case search."""
+
     panels: int = Field(default=3, ge=0, le=32)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: SpuriousContrastThreshold | None = None
+
+    def threat_model(self) -> FalsePositiveThreatModel:
+        return model_part(self, FalsePositiveThreatModel)
+
+    def search_settings(self) -> FalsePositiveSearch:
+        return model_part(self, FalsePositiveSearch)
 
 
 class CertifiedLipschitzThreshold(StrictModel):

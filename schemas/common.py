@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import copy
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,6 +31,21 @@ class TaggedModel(StrictModel):
     JSON schema says it is required (validation is unchanged)."""
 
     model_config = ConfigDict(json_schema_extra=_kind_required)
+
+
+PartT = TypeVar("PartT", bound=BaseModel)
+
+
+def model_part(model: BaseModel, part: type[PartT]) -> PartT:
+    """The fields of `part` that `model` holds, as a `part` of their own: a check composed of its
+    threat model and its search settings (schemas/checks.py) hands each back. `model` is one of
+    `part`'s subclasses, so its values are already valid; the fields it was given explicitly
+    stay the explicitly given ones (`exclude_unset` dumps agree)."""
+    names = part.model_fields
+    return part.model_construct(
+        _fields_set=model.model_fields_set & set(names),
+        **{name: copy.deepcopy(getattr(model, name)) for name in names},
+    )
 
 
 class UploadedArray(StrictModel):

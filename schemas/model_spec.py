@@ -7,9 +7,22 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from schemas.common import StrictModel
+from schemas.operators import Operator
 
-ModelFormat = Literal["torchscript", "export", "safetensors"]
+ModelFormat = Literal["torchscript", "export", "safetensors", "onnx"]
 ModelStatus = Literal["validating", "ready", "rejected"]
+
+# A measurement is probed on 2 of them: bounded so a spec cannot ask the probe for gigabytes.
+MAX_MEASUREMENT_SIDE = 1 << 20
+MAX_MEASUREMENT_VALUES = 1 << 22
+
+
+def _product(values: list[int]) -> int:
+    result = 1
+    for value in values:
+        result *= value
+    return result
+
 
 # Architectures the engine can build from `.safetensors` weights without running uploaded code.
 REGISTERED_ARCHITECTURES = ("unet", "dncnn", "small_cnn")
@@ -55,6 +68,19 @@ class ModelSpec(StrictModel):
         default=None, ge=2, le=100_000, description="Required for task `classification`"
     )
     architecture: Architecture | None = None
+    operator: Operator | None = Field(
+        default=None,
+        description="The forward operator the model was trained for (input `measurement` or "
+        "`adjoint`): admission probes the model through it. Without it (and without "
+        "`measurement_shape`) a measurement model is probed by its first audit",
+    )
+    measurement_shape: list[Annotated[int, Field(ge=1, le=MAX_MEASUREMENT_SIDE)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4,
+        description="Shape of one measurement y (input `measurement`), when no `operator` is "
+        "named: admission probes the model on inputs of this shape",
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelSpec:
@@ -72,6 +98,17 @@ class ModelSpec(StrictModel):
         lo, hi = self.value_range
         if not lo < hi:
             raise ValueError("value_range: the lower bound must be below the upper bound")
+        if self.operator is not None and self.input == "image":
+            raise ValueError("operator: only a model with input 'measurement' or 'adjoint' has one")
+        if self.measurement_shape is not None:
+            if self.input != "measurement":
+                raise ValueError("measurement_shape: only a model with input 'measurement' has one")
+            if self.operator is not None:
+                raise ValueError("name either operator or measurement_shape, not both")
+            if _product(self.measurement_shape) > MAX_MEASUREMENT_VALUES:
+                raise ValueError(
+                    f"measurement_shape: at most {MAX_MEASUREMENT_VALUES} values per measurement"
+                )
         if self.task == "classification":
             if self.num_classes is None:
                 raise ValueError("num_classes is required for task 'classification'")

@@ -1,5 +1,6 @@
 """The audit report (`report.json`). Check results are plain JSON objects whose fields per `kind`
-are documented in docs/report.md; the envelope is typed here."""
+are documented in docs/reports.md; the envelope and the threshold comparisons every check
+result carries are typed here."""
 
 from __future__ import annotations
 
@@ -28,10 +29,30 @@ class ModelIdentity(BaseModel):
     spec: dict[str, Any]
 
 
+Direction = Literal["at_most", "at_least"]
+
+
+class ThresholdComparison(BaseModel):
+    """One bound of a check's threshold against the value the check measured. `passed` is the
+    check's own reading: `measured <= bound` (`at_most`) or `measured >= bound` (`at_least`);
+    a missing (`null`) measurement does not pass unless the threshold says so
+    (minimal_perturbation's `unmeasured_median: "pass"`)."""
+
+    quantity: str = Field(description="What was measured, in words (unique within the check)")
+    measured: float | None
+    bound: float
+    direction: Direction
+    passed: bool
+
+
 class CheckResult(BaseModel):
     kind: str
     subject: Subject
     verdict: Verdict
+    comparisons: list[ThresholdComparison] = Field(
+        default_factory=list,
+        description="The threshold's comparisons; the verdict is computed from them alone",
+    )
     warnings: list[str] = Field(default_factory=list)
     artifacts: list[str] = Field(default_factory=list)
     model_config = {"extra": "allow"}

@@ -53,9 +53,7 @@ class RunnerJob(BaseModel):
 
 
 class RunnerEvent(BaseModel):
-    event: Literal[
-        "progress", "shard", "admitted", "rejected", "report", "plan", "done", "error", "log"
-    ]
+    event: Literal["progress", "shard", "admitted", "rejected", "report", "plan", "done", "error"]
     fraction: float | None = None
     check: str | None = None
     message: str | None = None

@@ -38,7 +38,13 @@ class Settings(BaseSettings):
     sandbox: Literal["bwrap", "off"] = "bwrap"
     audit_soft_time_limit: int = 3600
     audit_hard_time_limit: int = 3900
-    admission_time_limit: int = 120
+    # The probe's budget: an admission, and an audit's plan step (which probes the model through
+    # the audit's operator first), each end within it, so a model that never returns costs one
+    # such timeout. An audit without budget.wall_seconds then gets probe_seconds times
+    # audit_probe_multiple, at least audit_min_time_limit, at most the soft limit.
+    admission_time_limit: int = Field(default=60, ge=1)
+    audit_probe_multiple: float = Field(default=100_000, gt=0)
+    audit_min_time_limit: int = Field(default=600, ge=1)
     runner_memory_bytes: int = 16 * 1024 * 1024 * 1024
     # OMP/MKL/OpenBLAS threads of each sandboxed runner: a worker's CPU share. With K CPU
     # workers on a host of C cores, about C/K (1 for the scale-out benchmark).

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fixtures.databases import postgres_database
+from tests.reporting.chromium import chromium_binary
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -18,3 +23,98 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
     else:
         with postgres_database("t") as url:
             yield url
+
+
+# -- Unit and integration tests --------------------------------------------------------------
+#
+# `make unit` runs `-m "not integration"`: tests that need no service. `make integration` runs
+# the rest. A test is an integration test when it is marked so, when it names a service with
+# `@pytest.mark.needs("redis", ...)`, when it uses a fixture below that needs one or starts
+# processes, or when one of its parameters is "postgresql" (the SQLite/PostgreSQL pairs).
+# A needed service that is missing skips the test with the reason locally, and fails it when
+# CI or TIGHTROPE_REQUIRE_SERVICES=1 is set (`make test` sets it): CI never skips silently.
+
+REQUIRE_SERVICES = bool(os.environ.get("CI")) or os.environ.get("TIGHTROPE_REQUIRE_SERVICES") == "1"
+
+# fixture → the services it needs (empty: it starts processes, which needs none but is slow)
+FIXTURE_NEEDS: dict[str, tuple[str, ...]] = {
+    "broker": ("redis",),
+    "redis_client": ("redis",),
+    "callback_broker": ("redis",),
+    "schemathesis_broker": ("redis",),
+    "postgres_url": ("postgresql",),
+    "served": ("redis",),
+    "gateway": ("redis",),
+    "make_stack": ("redis", "bwrap"),
+    "stack": ("redis", "bwrap"),
+    "start_process": ("redis",),
+    "cleanup": (),
+}
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _bwrap_works() -> bool:
+    if shutil.which("bwrap") is None:
+        return False
+    done = subprocess.run(
+        ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--unshare-net", "true"],
+        capture_output=True,
+        timeout=30,
+    )
+    return done.returncode == 0
+
+
+SERVICES: dict[str, tuple[Callable[[], bool], str]] = {
+    "redis": (lambda: _port_open(6379), "Redis on 127.0.0.1:6379"),
+    "postgresql": (lambda: _port_open(5432), "PostgreSQL on 127.0.0.1:5432"),
+    "bwrap": (_bwrap_works, "a working bubblewrap (bwrap)"),
+    "chromium": (lambda: chromium_binary() is not None, "a headless Chromium"),
+}
+_available: dict[str, bool] = {}
+_needs_key = pytest.StashKey[frozenset[str]]()
+
+
+def _needs(item: pytest.Item) -> frozenset[str]:
+    needs: set[str] = set()
+    for marker in item.iter_markers("needs"):
+        unknown = set(marker.args) - set(SERVICES)
+        if unknown:
+            raise pytest.UsageError(f"{item.nodeid}: unknown service(s) {sorted(unknown)}")
+        needs.update(marker.args)
+    for name in getattr(item, "fixturenames", ()):
+        needs.update(FIXTURE_NEEDS.get(name, ()))
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and any(
+        isinstance(value, str) and value == "postgresql" for value in callspec.params.values()
+    ):
+        needs.add("postgresql")
+    return frozenset(needs)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        needs = _needs(item)
+        item.stash[_needs_key] = needs
+        starts_processes = bool(set(getattr(item, "fixturenames", ())) & FIXTURE_NEEDS.keys())
+        if needs or starts_processes:
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    for service in sorted(item.stash.get(_needs_key, frozenset())):
+        if service not in _available:
+            _available[service] = SERVICES[service][0]()
+        if _available[service]:
+            continue
+        what = SERVICES[service][1]
+        if REQUIRE_SERVICES:
+            pytest.fail(f"{what} is required (CI / TIGHTROPE_REQUIRE_SERVICES) but not available")
+        pytest.skip(f"needs {what} (not available here; .ci/ensure-services starts it)")

@@ -16,6 +16,7 @@ from schemas.problem import PROBLEM_MEDIA_TYPE
 from service.api import audits, datasets, health, models, signing_key
 from service.api.auth import ApiKeyCache
 from service.api.body_limits import BodyLimitMiddleware
+from service.api.console import router as console_router
 from service.api.forms import UPLOAD_SPEC_MODELS
 from service.api.gate import DatabaseGate
 from service.api.metrics import Metrics, MetricsMiddleware
@@ -147,6 +148,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         datasets.router,
         audits.router,
         signing_key.router,
+        console_router,  # /ui: the web console (HTML, not in the OpenAPI description)
     ):
         app.include_router(router)
     return app

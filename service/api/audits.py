@@ -63,6 +63,7 @@ from service.api.problems import (
     response_header,
     retry_after_header,
 )
+from service.api.stored_files import StoredFileResponse
 from service.db.models import Artifact, Audit, AuditShard, Model, Tenant, utcnow
 from service.queue.broker import DEFAULT_PRIORITY, audit_queue
 from service.reports.junit import MEDIA_TYPE as JUNIT_MEDIA_TYPE
@@ -576,7 +577,7 @@ def _report_file(audit: Audit, artifact_root: Path, name: str) -> FileResponse:
     if not path.is_file():
         raise NotFound(f"Audit {audit.id!r} has no {name}.")
     media_type = REPORT_FILES[name]
-    return FileResponse(path, media_type=media_type, headers=security_headers(media_type))
+    return StoredFileResponse(path, media_type=media_type, headers=security_headers(media_type))
 
 
 @router.get(
@@ -585,7 +586,7 @@ def _report_file(audit: Audit, artifact_root: Path, name: str) -> FileResponse:
     # serialise it through this model); the worker validated it against Report before writing.
     response_model=Report,
     responses={
-        200: {"description": "The JSON report (signed; docs/report.md)"},
+        200: {"description": "The JSON report (signed; docs/reports.md)"},
         **problem_responses(401, 404, 409, 503, headers=REPORT_RETRY_AFTER),
     },
     summary="The JSON report of a succeeded audit",
@@ -660,7 +661,21 @@ def read_report_junit(
                 ),
             },
         },
-        **problem_responses(401, 404, 503),
+        206: {
+            "description": "Part of the artifact, for a `Range: bytes=<first>-<last>` request",
+            "content": ARTIFACT_CONTENT,
+            "headers": {
+                "Content-Range": response_header("`bytes <first>-<last>/<size>`"),
+            },
+        },
+        **problem_responses(
+            400,
+            401,
+            404,
+            416,
+            503,
+            headers={416: {"Content-Range": response_header("`bytes */<size>`")}},
+        ),
     },
     summary="A file produced by the audit",
     description="`name`: a file name the report lists under a check's `artifacts`; a name "
@@ -680,6 +695,6 @@ def read_artifact(
     path = _inside(artifacts.root, row.path)
     if not path.is_file():
         raise NotFound(f"Audit {audit_id!r} has no artifact {name!r}.")
-    return FileResponse(
+    return StoredFileResponse(
         path, media_type=row.media_type, filename=name, headers=security_headers(row.media_type)
     )

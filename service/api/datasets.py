@@ -11,7 +11,15 @@ from starlette.concurrency import run_in_threadpool
 
 from schemas.datasets import DatasetUploadSpec
 from schemas.resources import DatasetList, DatasetResource
-from service.api.deps import BlobsDep, PageTokenQuery, SessionDep, SettingsDep, TenantDep
+from service.api.deps import (
+    BlobsDep,
+    PageTokenQuery,
+    SessionDep,
+    SettingsDep,
+    TenantDep,
+    UploaderDep,
+    session_in_slot,
+)
 from service.api.forms import archive_limits, multipart_upload_body, parse_spec
 from service.api.inspect_dataset import inspect_dataset
 from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
@@ -67,8 +75,7 @@ def get_owned_dataset(session: Session, tenant: Tenant, dataset_id: str) -> Data
 async def upload_dataset(
     request: Request,
     response: Response,
-    tenant: TenantDep,
-    session: SessionDep,
+    tenant: UploaderDep,
     settings: SettingsDep,
     blobs: BlobsDep,
 ) -> DatasetResource:
@@ -79,7 +86,7 @@ async def upload_dataset(
         )
         staged.commit(blobs)
 
-    def store() -> Dataset:
+    def store(session: Session) -> Dataset:
         spec_json = spec.model_dump(mode="json")
         # The images array actually used, so workers need not guess the .npz's first array.
         spec_json["key"] = inspection.images_key
@@ -100,7 +107,8 @@ async def upload_dataset(
         session.commit()
         return dataset
 
-    dataset = await run_in_threadpool(store)
+    async with session_in_slot(request) as session:
+        dataset = await run_in_threadpool(store, session)
     response.headers["Location"] = f"/v1/datasets/{dataset.id}"
     return to_resource(dataset)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated
 
 import anyio
@@ -26,7 +27,8 @@ def get_settings(request: Request) -> Settings:
     return settings
 
 
-async def get_db(request: Request) -> AsyncIterator[Session]:
+@asynccontextmanager
+async def session_in_slot(request: Request) -> AsyncIterator[Session]:
     """A session, while holding one of the gate's slots (service.api.gate). Made on the event
     loop (no I/O until the first query); closed, whatever happened, in a worker thread (the
     close returns the connection to the pool) before the slot is given back."""
@@ -42,6 +44,12 @@ async def get_db(request: Request) -> AsyncIterator[Session]:
             # behind a full thread pool.
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(session.close, limiter=anyio.CapacityLimiter(1))
+
+
+async def get_db(request: Request) -> AsyncIterator[Session]:
+    """A session for the whole request (session_in_slot): for routes that answer quickly."""
+    async with session_in_slot(request) as session:
+        yield session
 
 
 def get_blobs(request: Request) -> BlobStore:
@@ -98,3 +106,23 @@ async def get_tenant(
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
+
+
+async def get_tenant_briefly(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Tenant:
+    """The tenant, holding a database slot only for the key lookup: an upload streams its body
+    for as long as the client takes, and must not keep a slot that status polls need."""
+    header = f"Bearer {credentials.credentials}" if credentials is not None else None
+    cache: ApiKeyCache | None = getattr(request.app.state, "api_key_cache", None)
+    if cache is not None:
+        cached = cached_tenant(header, cache)
+        if cached is not None:
+            return cached
+    async with session_in_slot(request) as session:
+        return await run_in_threadpool(authenticate, session, header, cache)
+
+
+# Uploads: authenticated before the body is read, a session only around what they store.
+UploaderDep = Annotated[Tenant, Depends(get_tenant_briefly)]

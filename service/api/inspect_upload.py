@@ -1,9 +1,10 @@
 """What an uploaded model file is, decided from its bytes alone (no torch, nothing executed).
 
 Uploaded models are programs, so the gateway only reads structure: the zip central directory of
-TorchScript and torch.export archives (never extracting anything) and the JSON header of
-`.safetensors`. Loading and probing happen later, in the worker's sandbox. Every refusal is an
-`InvalidUpload` (422) whose detail says what is wrong.
+TorchScript and torch.export archives (never extracting anything), the JSON header of
+`.safetensors` and the protobuf fields of ONNX models (service.api.inspect_onnx). Loading and
+probing happen later, in the worker's sandbox. Every refusal is an `InvalidUpload` (422) whose
+detail says what is wrong.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ from typing import Any
 
 from schemas.model_spec import REGISTERED_ARCHITECTURES, ModelFormat, ModelSpec
 from schemas.problem import FieldError
+from service.api.inspect_onnx import inspect_onnx
 from service.api.problems import InvalidUpload
 
 ZIP_MAGIC = b"PK\x03\x04"
+# An ONNX ModelProto starts with its ir_version (field 1, varint), as every ONNX writer orders it.
+ONNX_FIRST_BYTE = b"\x08"
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own reference limit
 SAFETENSORS_DTYPES = {
     "BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
@@ -165,6 +169,11 @@ def _check_tensor_entry(name: str, tensor: Any, data_size: int) -> None:
         raise _refuse(f".safetensors tensor {name!r} points outside the file")
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(9)[8:9] == b"{"
+
+
 def inspect_model(path: Path, spec: ModelSpec, limits: ArchiveLimits) -> ModelInspection:
     """Detect and check the format of an uploaded model; InvalidUpload on anything else."""
     with open(path, "rb") as f:
@@ -173,6 +182,8 @@ def inspect_model(path: Path, spec: ModelSpec, limits: ArchiveLimits) -> ModelIn
         return _zip_model_format(path, limits)
     if head[:2] == b"PK":
         raise _refuse("a zip archive that does not start with a local file header")
+    if head[:1] == ONNX_FIRST_BYTE and not _looks_like_safetensors(path):
+        return ModelInspection("onnx", inspect_onnx(path))
     header = read_safetensors_header(path)
     tensors = [name for name in header if name != "__metadata__"]
     if not tensors:

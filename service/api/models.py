@@ -18,6 +18,8 @@ from service.api.deps import (
     SessionDep,
     SettingsDep,
     TenantDep,
+    UploaderDep,
+    session_in_slot,
 )
 from service.api.forms import archive_limits, multipart_upload_body, parse_spec
 from service.api.inspect_upload import inspect_model
@@ -29,7 +31,7 @@ from service.db.models import Model, Tenant, utcnow
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 UPLOAD_BODY = multipart_upload_body(
-    "TorchScript .pt, torch.export .pt2 or .safetensors",
+    "TorchScript .pt, torch.export .pt2, .safetensors or ONNX .onnx",
     ModelSpec,
     "What the model is, as JSON (a ModelSpec); errors name it as `spec.<field>`",
 )
@@ -75,8 +77,7 @@ def get_owned_model(session: Session, tenant: Tenant, model_id: str) -> Model:
 async def upload_model(
     request: Request,
     response: Response,
-    tenant: TenantDep,
-    session: SessionDep,
+    tenant: UploaderDep,
     settings: SettingsDep,
     blobs: BlobsDep,
     dispatcher: DispatcherDep,
@@ -88,7 +89,7 @@ async def upload_model(
         )
         staged.commit(blobs)
 
-    def store() -> Model:
+    def store(session: Session) -> Model:
         model = Model(
             tenant_id=tenant.id,
             name=spec.name,
@@ -103,7 +104,8 @@ async def upload_model(
         session.commit()
         return model
 
-    model = await run_in_threadpool(store)
+    async with session_in_slot(request) as session:
+        model = await run_in_threadpool(store, session)
     # After the commit: if this send fails, the reconciler finds the model in `validating`.
     await run_in_threadpool(dispatcher.admission, model.id)
     response.headers["Location"] = f"/v1/models/{model.id}"

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from schemas.problem import PROBLEM_BASE, PROBLEM_MEDIA_TYPE, FieldError, Problem
@@ -86,6 +87,10 @@ class AuditFinished(Conflict):
 
 class ReportNotReady(Conflict):
     type, title = "report-not-ready", "The report is not ready"
+
+
+class RangeNotSatisfiableError(TightropeError):
+    status, type, title = 416, "range-not-satisfiable", "Range not satisfiable"
 
 
 class PreconditionFailed(TightropeError):
@@ -190,6 +195,7 @@ _STATUS_SLUGS = {
 _DESCRIPTIONS = {
     **{status: title for status, (_, title) in _STATUS_SLUGS.items()},
     412: "Precondition failed",
+    416: "Range not satisfiable (with `Content-Range: bytes */<size>`)",
     429: "Too many audits waiting (with Retry-After)",
     500: "Internal error",
     503: "Not ready, or busy (with Retry-After)",
@@ -283,6 +289,14 @@ async def _on_unstorable_value(request: Request, exc: Exception) -> JSONResponse
     return problem_response(refused.problem(instance=request.url.path))
 
 
+async def _on_client_gone(request: Request, exc: Exception) -> JSONResponse:
+    # Not a fault of the server: a client that closed its connection mid-request (an upload
+    # cancelled). Nobody reads the answer; one line in the log, no traceback.
+    log.info("client disconnected during %s %s", request.method, request.url.path)
+    gone = MalformedRequest("The client closed the connection before the request was complete.")
+    return problem_response(gone.problem(instance=request.url.path))
+
+
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the log only: internals (paths, SQL, secrets) never reach a client.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
@@ -304,6 +318,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(sqlalchemy.exc.OperationalError, _on_database_down)
     app.add_exception_handler(sqlalchemy.exc.InterfaceError, _on_database_down)
     app.add_exception_handler(sqlalchemy.exc.DataError, _on_unstorable_value)
+    app.add_exception_handler(ClientDisconnect, _on_client_gone)
     app.add_exception_handler(Exception, _on_unexpected)
 
 

@@ -69,6 +69,20 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
 
 
+class ConsoleSession(Base):
+    """A browser signed in to the web console (service/api/console): the sha256 of the random
+    token its cookie holds (never the token), and the API key it signed in with, whose tenant it
+    sees. Revoking that key ends the session at once; signing out deletes the row."""
+
+    __tablename__ = "console_sessions"
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    api_key_id: Mapped[str] = mapped_column(
+        ForeignKey("api_keys.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(index=True)
+
+
 class Model(Base):
     __tablename__ = "models"
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("mdl"))
@@ -134,6 +148,9 @@ class Audit(Base):
     # priority (low | normal | high), and how many of its planned shards are finished.
     queue: Mapped[str] = mapped_column(String(32), default="tightrope.cpu")
     priority: Mapped[str] = mapped_column(String(8), default="normal")
+    # Seconds of the model's probe (2 inputs, forward and input gradient) measured by the plan
+    # step; each audit's default time limit is derived from it (docs/security.md).
+    probe_seconds: Mapped[float | None] = mapped_column(Float, default=None)
     shards_total: Mapped[int] = mapped_column(Integer, default=0)
     shards_done: Mapped[int] = mapped_column(Integer, default=0)
 

@@ -1,21 +1,19 @@
 """The Celery configuration shared by the gateway (which only sends) and the workers.
 
-Lives here, free of torch, so the gateway can enqueue without importing the workers.
+Lives here, free of torch, so the gateway can enqueue without importing the workers; the
+messages themselves are sent by service.queue.dispatch.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import redis
 from celery import Celery
 
-from service.settings import Settings, get_settings
+from service.settings import Settings
 
 TASK_ADMIT_MODEL = "tightrope.admit_model"
 TASK_RUN_AUDIT = "tightrope.run_audit"  # plan an audit's shards, or finalise it once all are done
 TASK_RUN_SHARD = "tightrope.run_shard"  # run the fairest waiting shard of a queue
-TASK_RECONCILE = "tightrope.reconcile"
 TASK_SEND_CALLBACK = "tightrope.send_callback"
 
 # Queues (docs/deployment.md, "Queues and workers"): admissions and callbacks never wait
@@ -94,11 +92,6 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
-@lru_cache
-def get_celery() -> Celery:
-    return make_celery(get_settings())
-
-
 def tokens_waiting(settings: Settings, queue: str) -> int | None:
     """Messages waiting in `queue` on a Redis broker (every priority step); None when it cannot
     be told (another broker, Redis unreachable). The reconciler sends lost shard tokens only
@@ -112,36 +105,3 @@ def tokens_waiting(settings: Settings, queue: str) -> int | None:
         return None
     finally:
         client.close()
-
-
-def enqueue_audit(
-    audit_id: str, queue: str = QUEUE_CPU, priority: str = DEFAULT_PRIORITY, countdown: float = 0
-) -> None:
-    """Plan (or finalise) an audit: sent to its device's queue with its priority."""
-    get_celery().send_task(
-        TASK_RUN_AUDIT,
-        args=[audit_id],
-        queue=queue,
-        priority=redis_priority(priority),
-        countdown=countdown or None,
-    )
-
-
-def enqueue_shards(audit_id: str, queue: str, priority: str, count: int) -> None:
-    """`count` shard tokens: each makes one worker of `queue` run the fairest waiting shard
-    (the database picks it; `audit_id` only names who asked, for the logs)."""
-    celery = get_celery()
-    # One step after the audit's own messages: a planning (or finalising) message of another
-    # audit of the same priority never waits behind a big audit's tokens (fair share needs
-    # the other audit planned before its shards can be chosen).
-    step = min(redis_priority(priority) + 1, PRIORITY_STEPS[-1])
-    for _ in range(count):
-        celery.send_task(TASK_RUN_SHARD, args=[audit_id, queue], queue=queue, priority=step)
-
-
-def enqueue_admission(model_id: str) -> None:
-    get_celery().send_task(TASK_ADMIT_MODEL, args=[model_id], queue=QUEUE_ADMISSION)
-
-
-def enqueue_callback(audit_id: str) -> None:
-    get_celery().send_task(TASK_SEND_CALLBACK, args=[audit_id], queue=QUEUE_ADMISSION)

@@ -1,27 +1,45 @@
-"""What each check result of a report found, in words and numbers: the short sentence the HTML
-report shows, and the threshold comparisons (measured value against bound) that JUnit turns
-into test cases. Reads the plain JSON of report.json (docs/report.md); torch-free.
+"""What each check result of a report found, in words: the short sentence the HTML report, the
+console and JUnit show, next to the threshold comparisons the engine wrote into the result
+(measured value against bound; schemas.reports.ThresholdComparison). Nothing here compares a
+value with a bound: the check did, once, and its verdict follows from its comparisons
+(schemas.verdicts). Reads the plain JSON of report.json (docs/reports.md); torch-free.
 
 Results carry no config index, but the engine writes them in config order with the model's
-result first, so a `model` result starts the next config check (docs/report.md, `checks`).
+result first, so a `model` result starts the next config check (docs/reports.md, `checks`).
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
+
+from schemas.verdicts import fmt
+
+__all__ = ["Comparison", "Finding", "check_indices", "findings", "fmt"]
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One bound of a threshold: passes when `measured <= bound` (or `>=` for a lower bound)."""
+    """One threshold comparison of a check result, as the engine wrote it: passes when
+    `measured <= bound` (`at_most`) or `measured >= bound` (`at_least`)."""
 
     quantity: str
     measured: float | None
     bound: float
     passed: bool
     at_least: bool = False  # a lower bound (robust accuracy, median norm)
+
+    @classmethod
+    def from_report(cls, data: dict[str, Any]) -> Comparison:
+        measured = data.get("measured")
+        return cls(
+            quantity=str(data.get("quantity", "?")),
+            measured=float(measured) if isinstance(measured, int | float) else None,
+            bound=float(data.get("bound", 0.0)),
+            passed=bool(data.get("passed")),
+            at_least=data.get("direction") == "at_least",
+        )
 
     @property
     def relation(self) -> str:
@@ -51,28 +69,6 @@ class Finding:
         return bool(self.config.get("threshold"))
 
 
-def fmt(value: float | None, digits: int = 4) -> str:
-    if value is None:
-        return "n/a"
-    if not math.isfinite(value):
-        return str(value)
-    return f"{value:.{digits}g}"
-
-
-def _compare(
-    quantity: str, measured: float | None, bound: float | None, at_least: bool = False
-) -> list[Comparison]:
-    """The comparison of a threshold's bound, none when the threshold does not set it."""
-    if bound is None:
-        return []
-    passed = (
-        measured is not None
-        and math.isfinite(measured)
-        and (measured >= bound if at_least else measured <= bound)
-    )
-    return [Comparison(quantity, measured, float(bound), passed, at_least=at_least)]
-
-
 def _level_row(result: dict[str, Any], level: float | None) -> dict[str, Any] | None:
     rows = result.get("levels") or []
     if not rows:
@@ -91,78 +87,51 @@ def _get(row: dict[str, Any] | None, *path: str) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
-def _random_noise(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+def _random_noise(config: dict[str, Any], result: dict[str, Any]) -> str:
     threshold = config.get("threshold") or {}
-    level = result.get("verdict_level") or threshold.get("at_level")
-    row = _level_row(result, level)
+    row = _level_row(result, result.get("verdict_level") or threshold.get("at_level"))
     level = _get(row, "level")
-    estimate = _get(row, "failure_probability", "estimate")
     high = _get(row, "failure_probability", "ci_high")
     if result.get("task") == "classification":  # docs/classifiers.md: failures are errors
-        sentence = (
+        return (
             f"Under random noise of relative size {fmt(level)}, "
             f"{int(_get(row, 'failures') or 0)} of {int(_get(row, 'trials') or 0)} samples were "
             f"misclassified (accuracy {fmt(_get(row, 'accuracy'))}, clean accuracy "
             f"{fmt(_get(result, 'clean_accuracy'))}; 95 % interval of the failure probability "
             f"up to {fmt(high)})."
         )
-    else:
-        sentence = (
-            f"Under random noise of relative size {fmt(level)} (uniform on the sphere), "
-            f"{int(_get(row, 'failures') or 0)} of {int(_get(row, 'trials') or 0)} samples had "
-            f"a relative error above τ = {fmt(_get(result, 'failure_error'))} (failure "
-            f"probability {fmt(estimate)}, 95 % interval up to {fmt(high)}); mean relative error "
-            f"{fmt(_get(row, 'relative_error', 'mean'))}."
-        )
-    comparisons = _compare(
-        f"failure probability (upper 95 % bound) at level {fmt(level)}",
-        high,
-        threshold.get("max_failure_probability"),
+    return (
+        f"Under random noise of relative size {fmt(level)} (uniform on the sphere), "
+        f"{int(_get(row, 'failures') or 0)} of {int(_get(row, 'trials') or 0)} samples had "
+        f"a relative error above τ = {fmt(_get(result, 'failure_error'))} (failure "
+        f"probability {fmt(_get(row, 'failure_probability', 'estimate'))}, 95 % interval up to "
+        f"{fmt(high)}); mean relative error {fmt(_get(row, 'relative_error', 'mean'))}."
     )
-    return sentence, comparisons
 
 
-def _worst_case(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+def _worst_case(config: dict[str, Any], result: dict[str, Any]) -> str:
     threshold = config.get("threshold") or {}
     row = _level_row(result, threshold.get("at_level"))
-    level = _get(row, "level")
-    worst = _get(row, "relative_error", "max")
-    gaussian = _get(row, "gaussian_relative_error", "max")
-    clean = _get(result, "clean_relative_error", "max")
     found = row.get("worst_image") if isinstance(row, dict) else None
     search = (
         f" (found by {found['optimizer']} in {found.get('steps', '?')} steps)"
         if isinstance(found, dict) and found.get("optimizer")
         else ""
     )
-    sentence = (
-        f"A worst-case perturbation of relative size {fmt(level)} ({result.get('space', '?')} "
-        f"space) raised the relative error to {fmt(worst)}{search}, against {fmt(clean)} without "
-        f"perturbation and {fmt(gaussian)} for random noise of the same size."
+    return (
+        f"A worst-case perturbation of relative size {fmt(_get(row, 'level'))} "
+        f"({result.get('space', '?')} space) raised the relative error to "
+        f"{fmt(_get(row, 'relative_error', 'max'))}{search}, against "
+        f"{fmt(_get(result, 'clean_relative_error', 'max'))} without perturbation and "
+        f"{fmt(_get(row, 'gaussian_relative_error', 'max'))} for random noise of the same size."
     )
-    comparisons = _compare(
-        f"worst-case relative error at level {fmt(level)}",
-        worst,
-        threshold.get("max_relative_error"),
-    )
-    bounds = [_get(r, "lipschitz_lower_bound", "max") for r in result.get("levels") or []]
-    largest = max((b for b in bounds if b is not None), default=None)
-    if threshold.get("max_lipschitz") is not None:
-        comparisons += _compare(
-            "empirical Lipschitz lower bound", largest, threshold["max_lipschitz"]
-        )
-    non_finite = sum(int(_get(r, "non_finite") or 0) for r in result.get("levels") or [])
-    if non_finite and threshold:
-        comparisons.append(Comparison("outputs that were NaN or infinite", non_finite, 0, False))
-    return sentence, comparisons
 
 
-def _lipschitz(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
-    threshold = config.get("threshold") or {}
-    largest = _get(result, "jacobian_norm", "max")
+def _lipschitz(config: dict[str, Any], result: dict[str, Any]) -> str:
     sentence = (
         f"The spectral norm of the Jacobian, a lower bound of the local Lipschitz constant, is "
-        f"{fmt(_get(result, 'jacobian_norm', 'mean'))} on average and {fmt(largest)} at most."
+        f"{fmt(_get(result, 'jacobian_norm', 'mean'))} on average and "
+        f"{fmt(_get(result, 'jacobian_norm', 'max'))} at most."
     )
     empirical = result.get("empirical_lower_bound")
     if isinstance(empirical, dict):
@@ -170,15 +139,11 @@ def _lipschitz(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, lis
             f" The {empirical.get('check')} check found a ratio ‖Ψ(y+e) − Ψ(y)‖/‖e‖ of "
             f"{fmt(empirical.get('value'))} (level {fmt(empirical.get('level'))})."
         )
-    return sentence, _compare(
-        "largest Jacobian spectral norm", largest, threshold.get("max_jacobian_norm")
-    )
+    return sentence
 
 
-def _false_negative(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
-    threshold = config.get("threshold") or {}
+def _false_negative(config: dict[str, Any], result: dict[str, Any]) -> str:
     lesion = result.get("lesion") or {}
-    rate = "ci_high" if result.get("search") == "noise" else "estimate"
     sentence = (
         f"A {lesion.get('shape', 'lesion')} of size {lesion.get('size', '?')} and contrast "
         f"{fmt(_get(lesion, 'contrast'))} ({result.get('search', '?')} search) was missed in "
@@ -193,122 +158,86 @@ def _false_negative(config: dict[str, Any], result: dict[str, Any]) -> tuple[str
             f" {unrecoverable} placement(s) were left out: the measurements carry less than the "
             f"recovery threshold of the lesion, so no stable reconstruction could return it."
         )
-    quantity = "miss rate" + (" (upper 95 % bound)" if rate == "ci_high" else "")
-    measured = _get(result, "miss_rate", rate)
-    return sentence, _compare(quantity, measured, threshold.get("max_miss_rate"))
+    return sentence
 
 
-def _false_positive(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
-    threshold = config.get("threshold") or {}
-    largest = _get(result, "spurious_contrast", "max")
-    sentence = (
+def _false_positive(config: dict[str, Any], result: dict[str, Any]) -> str:
+    return (
         f"A measurement perturbation of relative size {fmt(_get(result, 'delta'))} made a detail "
-        f"of contrast up to {fmt(largest)} (of the value range) appear where the image has none "
+        f"of contrast up to {fmt(_get(result, 'spurious_contrast', 'max'))} (of the value range) "
+        f"appear where the image has none "
         f"(mean {fmt(_get(result, 'spurious_contrast', 'mean'))})."
     )
-    return sentence, _compare(
-        "largest spurious contrast", largest, threshold.get("max_spurious_contrast")
-    )
 
 
-def _kernel(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
-    threshold = config.get("threshold") or {}
-    best = _get(result, "best_lower_bound")
+def _kernel(config: dict[str, Any], result: dict[str, Any]) -> str:
     returns = (result.get("hallucination") or {}).get("returns") or {}
     count = int(_get(result, "certificate_count") or 0)
-    sentence = (
+    return (
         f"For details invisible to the operator, the reconstruction was nearer to x in "
         f"{returns.get('x', 0)} image(s) and to x + z in {returns.get('x+z', 0)}. "
         + (
-            f"{count} certificate(s) prove a local Lipschitz constant of at least {fmt(best)} "
-            f"(the worst-case search reached the theorem's bound at "
-            f"{int(_get(result, 'confirmation', 'confirmed') or 0)})."
+            f"{count} certificate(s) prove a local Lipschitz constant of at least "
+            f"{fmt(_get(result, 'best_lower_bound'))} (the worst-case search reached the "
+            f"theorem's bound at {int(_get(result, 'confirmation', 'confirmed') or 0)})."
             if count
             else "No pair met the theorem's conditions: no certificate."
         )
     )
-    if best is None:  # no certificate: nothing is proven, so no bound can be exceeded
-        return sentence, []
-    return sentence, _compare(
-        "proven Lipschitz lower bound", best, threshold.get("max_certified_lipschitz")
-    )
 
 
-def _more_samples(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
-    threshold = config.get("threshold") or {}
+def _more_samples(config: dict[str, Any], result: dict[str, Any]) -> str:
     falls = result.get("falls") or []
     drops = [_get(f, "psnr_drop") for f in falls]
     largest = max((d for d in drops if d is not None), default=0.0)
     monotone = result.get("monotone")
-    sentence = f"As the samples rise ({result.get('parameter', '?')}), the quality " + (
+    return f"As the samples rise ({result.get('parameter', '?')}), the quality " + (
         "never falls."
         if monotone is True
         else f"falls {len(falls)} time(s), by up to {fmt(largest)} dB of PSNR."
         if monotone is False
         else "could not be compared (fewer than two levels ran)."
     )
-    return sentence, _compare("largest PSNR fall (dB)", largest, threshold.get("max_psnr_drop"))
 
 
-def _adversarial(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
+def _adversarial(config: dict[str, Any], result: dict[str, Any]) -> str:
     threshold = config.get("threshold") or {}
     rows = result.get("levels") or []
     at = threshold.get("at_epsilon")
     row = next((r for r in rows if r.get("epsilon") == at), None) if at else None
     row = row if row is not None else (rows[-1] if rows else None)
-    epsilon = _get(row, "epsilon")
-    accuracy = _get(row, "robust_accuracy")
-    sentence = (
-        f"Against {result.get('attack', '?')} ({result.get('norm', '?')}, ε = {fmt(epsilon)}) "
-        f"the robust accuracy is {fmt(accuracy)}, against a clean accuracy of "
+    return (
+        f"Against {result.get('attack', '?')} ({result.get('norm', '?')}, "
+        f"ε = {fmt(_get(row, 'epsilon'))}) the robust accuracy is "
+        f"{fmt(_get(row, 'robust_accuracy'))}, against a clean accuracy of "
         f"{fmt(_get(result, 'clean_accuracy'))}."
     )
-    return sentence, _compare(
-        f"robust accuracy at ε = {fmt(epsilon)}",
-        accuracy,
-        threshold.get("min_robust_accuracy"),
-        at_least=True,
-    )
 
 
-def _minimal_perturbation(
-    config: dict[str, Any], result: dict[str, Any]
-) -> tuple[str, list[Comparison]]:
-    threshold = config.get("threshold") or {}
+def _minimal_perturbation(config: dict[str, Any], result: dict[str, Any]) -> str:
     median = _get(result, "norms", "median")
-    # not-found inputs count as +∞ (docs/report.md): a null median means more than half of them
+    # not-found inputs count as +∞ (docs/reports.md): a null median means more than half of them
     shown = "+∞ (more than half of the inputs without an adversarial point found)"
-    sentence = (
+    return (
         f"The smallest adversarial perturbations ({result.get('attack', '?')}, "
         f"{result.get('norm', '?')}) have a median norm of "
         f"{fmt(median) if median is not None else shown} (10 % below "
         f"{fmt(_get(result, 'norms', 'q10'))}); none found for "
         f"{int(_get(result, 'not_found') or 0)} input(s)."
     )
-    bound = threshold.get("min_median_norm")
-    if median is None and bound is not None:
-        # the check's own verdict decides (unmeasured_median); the comparison says the same
-        passed = result.get("verdict") == "pass"
-        quantity = "median minimal perturbation norm (+∞: most inputs have none found)"
-        return sentence, [Comparison(quantity, None, float(bound), passed, at_least=True)]
-    return sentence, _compare("median minimal perturbation norm", median, bound, at_least=True)
 
 
-def _universal(config: dict[str, Any], result: dict[str, Any]) -> tuple[str, list[Comparison]]:
-    threshold = config.get("threshold") or {}
-    high = _get(result, "fooling_rate", "ci_high")
-    sentence = (
+def _universal(config: dict[str, Any], result: dict[str, Any]) -> str:
+    return (
         f"One perturbation of norm {fmt(_get(result, 'perturbation_norm'))} fooled "
         f"{int(_get(result, 'fooled') or 0)} of {int(_get(result, 'trials') or 0)} held-out "
         f"inputs (fooling rate {fmt(_get(result, 'fooling_rate', 'estimate'))}, 95 % interval up "
-        f"to {fmt(high)})."
-    )
-    return sentence, _compare(
-        "fooling rate (upper 95 % bound)", high, threshold.get("max_fooling_rate")
+        f"to {fmt(_get(result, 'fooling_rate', 'ci_high'))})."
     )
 
 
-DESCRIBERS = {
+# The sentence of each check kind (the check's own module decides its comparisons and verdict).
+DESCRIBERS: dict[str, Callable[[dict[str, Any], dict[str, Any]], str]] = {
     "random_noise": _random_noise,
     "worst_case": _worst_case,
     "lipschitz": _lipschitz,
@@ -339,14 +268,19 @@ def findings(report: dict[str, Any]) -> list[Finding]:
     for index, result in zip(check_indices(report), report.get("checks") or [], strict=True):
         kind = str(result.get("kind", "?"))
         config = configs[index] if index < len(configs) else {}
-        if config.get("kind") != kind:  # a report not written by this engine: no thresholds
+        if config.get("kind") != kind:  # a report not written by this engine: no config
             config = {}
         describe = DESCRIBERS.get(kind)
-        if describe is None:
-            sentence = f"{kind}: verdict {result.get('verdict', 'info')}; details in report.json."
-            comparisons: list[Comparison] = []
-        else:
-            sentence, comparisons = describe(config, result)
+        sentence = (
+            f"{kind}: verdict {result.get('verdict', 'info')}; details in report.json."
+            if describe is None
+            else describe(config, result)
+        )
+        comparisons = [
+            Comparison.from_report(c)
+            for c in result.get("comparisons") or []
+            if isinstance(c, dict)
+        ]
         found.append(
             Finding(
                 index=index,

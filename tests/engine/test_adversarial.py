@@ -19,9 +19,9 @@ from schemas.reports import Report
 from tests.engine.classifier_fixtures import context, gaps, linear_case, spec, subject
 from tests.fixtures import model_factory
 from workers.engine.api import run_audit
-from workers.engine.checks.adversarial import AdversarialRunner
+from workers.engine.checks.adversarial import Adversarial
 
-RUNNER = AdversarialRunner()
+KIND = Adversarial()
 
 
 def run_check(
@@ -33,8 +33,8 @@ def run_check(
     seed: int = 3,
 ) -> dict[str, Any]:
     ctx = context(x, labels)
-    shard = RUNNER.run(check, ctx, subject(model, model_spec), range(len(x)), seed)
-    return RUNNER.merge(check, [shard])
+    shard = KIND.run(check, ctx, subject(model, model_spec), range(len(x)), seed)
+    return KIND.merge(check, [shard])
 
 
 @pytest.mark.parametrize(

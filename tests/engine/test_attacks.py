@@ -12,7 +12,7 @@ from tests.engine.worst_case_fixtures import (
     random_mask,
     zero_filled_subject,
 )
-from workers.engine.attacks import SearchSettings, per_sample_norm, worst_case_search
+from workers.engine.attacks import SearchSettings, ThreatModel, per_sample_norm, worst_case_search
 from workers.engine.context import Subject
 
 torch.set_num_threads(1)
@@ -33,10 +33,9 @@ def test_linear_model_worst_case_reaches_top_singular_value() -> None:
     subject = linear_subject(recon, IMAGE_SHAPE)
     y = operator.A(x)
     # momentum: Adam's coordinate-wise scaling has other fixed points on an ℓ2 sphere
-    settings = SearchSettings(
-        target="reconstruction", optimizer="momentum", steps=60, restarts=2, step_size=1.0
-    )
-    outcomes = worst_case_search(subject, operator, y, x, [0.05, 0.1], settings, seeds=[1, 2, 3])
+    threat = ThreatModel(levels=(0.05, 0.1), target="reconstruction")
+    settings = SearchSettings(optimizer="momentum", steps=60, restarts=2, step_size=1.0)
+    outcomes = worst_case_search(subject, operator, y, x, threat, settings, seeds=[1, 2, 3])
     sigma_max = torch.linalg.svdvals(recon)[0]
     ratios = []
     for outcome in outcomes:
@@ -58,8 +57,10 @@ def test_ball_constraint_and_measured_entries_only() -> None:
 
     subject = Subject("model", reconstruct)
     settings = SearchSettings(steps=12, restarts=3, step_size=0.5, check_every=4)
-    levels = [0.02, 0.1, 0.3]
-    outcomes = worst_case_search(subject, operator, y, x, levels, settings, seeds=[5, 6])
+    levels = (0.02, 0.1, 0.3)
+    outcomes = worst_case_search(
+        subject, operator, y, x, ThreatModel(levels), settings, seeds=[5, 6]
+    )
     for outcome, level in zip(outcomes, levels, strict=True):
         e = outcome.perturbation
         assert torch.all(operator.norm(e) <= level * operator.norm(y) * (1 + 1e-6))
@@ -71,8 +72,9 @@ def test_zero_filled_reconstruction_attacked_in_image_space() -> None:
     operator = MaskedFourierOperator(random_mask(8, 0.5, seed=1))
     x = torch.rand(2, 2, 8, 8, generator=torch.Generator().manual_seed(3))
     subject = zero_filled_subject(operator)
-    settings = SearchSettings(space="image", steps=10, restarts=2, check_every=5)
-    outcomes = worst_case_search(subject, operator, operator.A(x), x, [0.1], settings, [0, 1])
+    threat = ThreatModel(levels=(0.1,), space="image")
+    settings = SearchSettings(steps=10, restarts=2, check_every=5)
+    outcomes = worst_case_search(subject, operator, operator.A(x), x, threat, settings, [0, 1])
     (outcome,) = outcomes
     r = outcome.image_perturbation
     assert r is not None
@@ -94,12 +96,16 @@ def test_more_restarts_never_do_worse_and_seeds_reproduce() -> None:
     found = {}
     for restarts in (1, 4):
         settings = SearchSettings(steps=8, restarts=restarts, early_stop_tolerance=0.0)
-        outcomes = worst_case_search(_tiny_network(7), operator, y, x, [0.2], settings, [1, 2, 3])
+        outcomes = worst_case_search(
+            _tiny_network(7), operator, y, x, ThreatModel((0.2,)), settings, [1, 2, 3]
+        )
         found[restarts] = outcomes[0].objective
     assert torch.all(found[4] >= found[1] - 1e-5 * found[1].abs())
     assert torch.any(found[4] > found[1])  # the extra restarts found something restart 0 did not
     settings = SearchSettings(steps=8, restarts=4, early_stop_tolerance=0.0)
-    again = worst_case_search(_tiny_network(7), operator, y, x, [0.2], settings, [1, 2, 3])
+    again = worst_case_search(
+        _tiny_network(7), operator, y, x, ThreatModel((0.2,)), settings, [1, 2, 3]
+    )
     torch.testing.assert_close(again[0].objective, found[4], rtol=0, atol=0)
 
 
@@ -112,18 +118,14 @@ def test_penalized_linear_model_aligns_with_top_singular_vector() -> None:
     _, _, right = torch.linalg.svd(recon)
     top = right[0]
     for optimizer in ("momentum", "adam"):
+        threat = ThreatModel(
+            levels=(0.05,), target="reconstruction", formulation="penalized", penalty=penalty
+        )
         settings = SearchSettings(
-            target="reconstruction",
-            formulation="penalized",
-            penalty=penalty,
-            optimizer=optimizer,
-            steps=80,
-            restarts=1,
-            step_size=0.3,
-            early_stop_tolerance=0.0,
+            optimizer=optimizer, steps=80, restarts=1, step_size=0.3, early_stop_tolerance=0.0
         )
         (outcome,) = worst_case_search(
-            subject, operator, operator.A(x), x, [0.05], settings, [0, 1, 2]
+            subject, operator, operator.A(x), x, threat, settings, [0, 1, 2]
         )
         unit = outcome.perturbation / per_sample_norm(outcome.perturbation).view(-1, 1)
         alignment = (unit @ top).abs()
@@ -133,12 +135,9 @@ def test_penalized_linear_model_aligns_with_top_singular_vector() -> None:
 def test_passes_are_counted_and_early_stopping_saves_steps() -> None:
     operator, x, recon = _linear_problem(seed=3)
     subject = linear_subject(recon, IMAGE_SHAPE)
-    settings = SearchSettings(
-        target="reconstruction", steps=200, restarts=2, step_size=0.2, check_every=5
-    )
-    outcomes = worst_case_search(
-        subject, operator, operator.A(x), x, [0.1, 0.2], settings, [0, 1, 2]
-    )
+    threat = ThreatModel(levels=(0.1, 0.2), target="reconstruction")
+    settings = SearchSettings(steps=200, restarts=2, step_size=0.2, check_every=5)
+    outcomes = worst_case_search(subject, operator, operator.A(x), x, threat, settings, [0, 1, 2])
     steps = sum(o.steps for o in outcomes)
     assert all(o.steps < 200 for o in outcomes)  # a linear problem converges well before 200
     # the clean reconstruction once per image, then restarts × images per step
@@ -177,9 +176,11 @@ def test_default_search_is_exact_on_the_inverse_of_any_linear_operator(
 ) -> None:
     operator, subject, x = _inverse_problem(smallest, rotated, value_range)
     y = operator.A(x)
-    levels = [0.01, 0.05]
-    outcomes = worst_case_search(subject, operator, y, x, levels, SearchSettings(), [1, 2, 3])
-    assert [o.level for o in outcomes] == levels
+    levels = (0.01, 0.05)
+    outcomes = worst_case_search(
+        subject, operator, y, x, ThreatModel(levels), SearchSettings(), [1, 2, 3]
+    )
+    assert tuple(o.level for o in outcomes) == levels
     for outcome in outcomes:
         e = outcome.perturbation
         attacked = subject.reconstruct(y + e)
@@ -200,7 +201,9 @@ def test_adam_stays_short_of_the_maximiser_where_the_default_reaches_it() -> Non
     found = {}
     for optimizer in ("adam", "pgd"):
         settings = SearchSettings(optimizer=optimizer)
-        (outcome,) = worst_case_search(subject, operator, y, x, [0.05], settings, [1, 2, 3])
+        (outcome,) = worst_case_search(
+            subject, operator, y, x, ThreatModel((0.05,)), settings, [1, 2, 3]
+        )
         e = outcome.perturbation
         found[optimizer] = per_sample_norm(subject.reconstruct(e) - subject.reconstruct(0 * e))
         found[optimizer] = found[optimizer] / per_sample_norm(e) * 0.05
@@ -212,9 +215,9 @@ def test_default_search_is_exact_in_image_space() -> None:
     """Ψ(y) = B y, r in image space, target Ψ(y): max ‖B A r‖ over ‖r‖ ≤ δ‖x‖ is σ_max(BA)·δ‖x‖."""
     operator, x, recon = _linear_problem(seed=4)
     subject = linear_subject(recon, IMAGE_SHAPE)
-    settings = SearchSettings(space="image", target="reconstruction")
+    threat = ThreatModel(levels=(0.05, 0.1), space="image", target="reconstruction")
     outcomes = worst_case_search(
-        subject, operator, operator.A(x), x, [0.05, 0.1], settings, [0, 1, 2]
+        subject, operator, operator.A(x), x, threat, SearchSettings(), [0, 1, 2]
     )
     sigma = torch.linalg.svdvals(recon @ operator.matrix)[0]
     for outcome in outcomes:
@@ -243,8 +246,8 @@ def test_default_search_reaches_the_exact_penalised_maximiser(margin: float) -> 
     residual = (y @ recon.T - x.flatten(1)).double()
     system = penalty * torch.eye(16, dtype=torch.float64) - (recon.T @ recon).double()
     best = torch.linalg.solve(system, (residual @ recon.double()).T).T.float()
-    settings = SearchSettings(formulation="penalized", penalty=penalty)
-    (outcome,) = worst_case_search(subject, operator, y, x, [0.05], settings, [0, 1, 2])
+    threat = ThreatModel(levels=(0.05,), formulation="penalized", penalty=penalty)
+    (outcome,) = worst_case_search(subject, operator, y, x, threat, SearchSettings(), [0, 1, 2])
     reached = objective(outcome.perturbation) / objective(best)
     assert torch.all(reached >= 0.99) and torch.all(reached <= 1 + 1e-5), reached
 
@@ -252,12 +255,12 @@ def test_default_search_reaches_the_exact_penalised_maximiser(margin: float) -> 
 def test_levels_run_largest_first_and_a_stopped_search_keeps_the_finished_ones() -> None:
     operator, subject, x = _inverse_problem(0.2, rotated=True, value_range=(0.0, 1.0))
     y = operator.A(x)
-    levels = [0.01, 0.1, 0.05]
+    threat = ThreatModel(levels=(0.01, 0.1, 0.05))
     settings = SearchSettings(steps=20, check_every=5)
-    everything = worst_case_search(subject, operator, y, x, levels, settings, [4, 5, 6])
-    assert [o.level for o in everything] == levels  # the caller's order
+    everything = worst_case_search(subject, operator, y, x, threat, settings, [4, 5, 6])
+    assert tuple(o.level for o in everything) == threat.levels  # the caller's order
     # a stop requested during the first level searched (the largest) keeps that level only
-    stopped = worst_case_search(subject, operator, y, x, levels, settings, [4, 5, 6], lambda: True)
+    stopped = worst_case_search(subject, operator, y, x, threat, settings, [4, 5, 6], lambda: True)
     assert [o.level for o in stopped] == [0.1]
     assert stopped[0].steps == 5  # the first check
 
@@ -267,12 +270,13 @@ def test_ensemble_splits_restarts_and_names_the_winner() -> None:
     y = operator.A(x)
     settings = SearchSettings(optimizer="ensemble", restarts=4, steps=20)
     assert settings.restart_optimizers() == ["pgd", "pgd", "adam", "adam"]
-    (outcome,) = worst_case_search(_tiny_network(7), operator, y, x, [0.2], settings, [1, 2, 3])
+    threat = ThreatModel(levels=(0.2,))
+    (outcome,) = worst_case_search(_tiny_network(7), operator, y, x, threat, settings, [1, 2, 3])
     assert set(outcome.found_by) <= {"pgd", "adam"} and len(outcome.found_by) == 3
     # the winner's objective is the best of all restarts of both optimisers
     for optimizer in ("pgd", "adam"):
         alone = SearchSettings(optimizer=optimizer, restarts=2, steps=20)
-        (single,) = worst_case_search(_tiny_network(7), operator, y, x, [0.2], alone, [1, 2, 3])
+        (single,) = worst_case_search(_tiny_network(7), operator, y, x, threat, alone, [1, 2, 3])
         if optimizer == "pgd":  # the ensemble's pgd restarts are these very restarts
             assert torch.all(outcome.objective >= single.objective - 1e-5 * single.objective.abs())
 
@@ -305,8 +309,9 @@ def test_antithetic_starts_find_the_one_sided_worst_case() -> None:
 
     subject = Subject("model", one_sided)
     level = 0.1
-    settings = SearchSettings(target="reconstruction", restarts=2)
-    (outcome,) = worst_case_search(subject, operator, y, x, [level], settings, list(range(images)))
+    threat = ThreatModel(levels=(level,), target="reconstruction")
+    settings = SearchSettings(restarts=2)
+    (outcome,) = worst_case_search(subject, operator, y, x, threat, settings, list(range(images)))
     with torch.no_grad():
         e = outcome.perturbation
         ratio = per_sample_norm(one_sided(y + e) - one_sided(y)) / per_sample_norm(e)

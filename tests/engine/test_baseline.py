@@ -71,11 +71,11 @@ def test_tv_baseline_is_more_stable_than_an_unstable_linear_model() -> None:
 
     tv = build_baseline(Baseline(kind="tv", **{"lambda": 0.03}, iterations=30), operator)
     check = WorstCaseCheck(levels=[0.05], target="reconstruction", steps=8, restarts=1)
-    runner = get_check("worst_case")
+    worst_case = get_check("worst_case")
     found = {}
     for name, reconstruct in (("unstable", unstable), ("tv", tv)):
         subject = counting_subject(reconstruct, name="baseline" if name == "tv" else "model")
-        report = runner.merge(check, [runner.run(check, ctx, subject, [0, 1], seed=0)])
+        report = worst_case.merge(check, [worst_case.run(check, ctx, subject, [0, 1], seed=0)])
         found[name] = report["levels"][0]["amplification"]["max"]
     # a 30-iteration TV solve is not exactly non-expansive: the ℓ2 ascent finds about 1.6
     assert found["tv"] < 2.0

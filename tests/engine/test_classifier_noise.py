@@ -7,9 +7,9 @@ import torch
 
 from schemas.checks import RandomNoiseCheck
 from tests.engine.classifier_fixtures import context, linear_case, spec, subject
-from workers.engine.checks.random_noise import RandomNoiseRunner
+from workers.engine.checks.random_noise import RandomNoise
 
-RUNNER = RandomNoiseRunner()
+KIND = RandomNoise()
 
 
 class BrightnessAbove(torch.nn.Module):
@@ -29,10 +29,8 @@ def run(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor, **check: 
     config = RandomNoiseCheck.model_validate(check)
     ctx = context(x, labels)
     classifier = subject(model, spec())
-    shards = [
-        RUNNER.run(config, ctx, classifier, part, 9) for part in ([0, 1, 2], range(3, len(x)))
-    ]
-    return RUNNER.merge(config, shards)
+    shards = [KIND.run(config, ctx, classifier, part, 9) for part in ([0, 1, 2], range(3, len(x)))]
+    return KIND.merge(config, shards)
 
 
 def test_noise_is_clipped_to_the_value_range() -> None:

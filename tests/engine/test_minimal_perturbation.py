@@ -18,12 +18,12 @@ import torch
 from schemas.checks_classifier import MinimalPerturbationCheck
 from schemas.model_spec import ModelSpec
 from tests.engine.classifier_fixtures import SHAPE, LogitDifference, context, spec, subject
-from workers.engine.checks.minimal_perturbation import MinimalPerturbationRunner, quantile
+from workers.engine.checks.minimal_perturbation import MinimalPerturbation, quantile
 from workers.engine.classifiers import ClassifierSubject
-from workers.engine.labelled import digits
+from workers.engine.digits import digits
 from workers.engine.models import load_model
 
-RUNNER = MinimalPerturbationRunner()
+KIND = MinimalPerturbation()
 RANGES = [(0.0, 1.0), (-1.0, 1.0), (0.0, 255.0), (-300.0, 300.0)]
 ATTACKS = [("fmn", "l2"), ("ddn", "l2"), ("deepfool", "l2"), ("fmn", "linf"), ("deepfool", "linf")]
 MISCLASSIFIED = 2  # the first rows of every fixture carry a wrong label
@@ -151,8 +151,8 @@ def run(
     with torch.no_grad():
         classes = int(model(x[:1]).shape[1])
     classifier = subject(model, spec(classes, value_range, shape))
-    shard = RUNNER.run(config, context(x, labels), classifier, range(len(x)), 0)
-    return RUNNER.merge(config, [shard]), classifier
+    shard = KIND.run(config, context(x, labels), classifier, range(len(x)), 0)
+    return KIND.merge(config, [shard]), classifier
 
 
 def assert_exact(
@@ -280,7 +280,7 @@ def _merged(norms: list[float | None], threshold: dict[str, Any] | None) -> dict
         for i, n in enumerate(norms)
     ]
     config = MinimalPerturbationCheck.model_validate({"threshold": threshold})
-    return RUNNER.merge(config, [{"images": images[:2]}, {"images": images[2:]}])
+    return KIND.merge(config, [{"images": images[:2]}, {"images": images[2:]}])
 
 
 def test_not_found_counts_as_infinite_in_the_quantiles() -> None:
@@ -335,7 +335,7 @@ def test_shards_without_found_by_still_merge() -> None:
         "images": [{"index": 0, "label": 1, "norm": 0.5}, {"index": 1, "label": 1, "norm": None}]
     }
     new = {"images": [{"index": 2, "label": 0, "norm": 0.7, "found_by": "ddn"}]}
-    result = RUNNER.merge(config, [old, new])
+    result = KIND.merge(config, [old, new])
     assert result["found_by"] == {"ddn": 1} and result["not_found"] == 1
     assert [i["found_by"] for i in result["per_image"]] == [None, None, "ddn"]
 
@@ -370,8 +370,8 @@ def test_reference_classifier_every_correct_input_gets_a_norm() -> None:
     for attack in ("fmn", "ddn"):
         config = MinimalPerturbationCheck.model_validate({"attack": attack})
         classifier = subject(model, model_spec)
-        shard = RUNNER.run(config, context(x, labels), classifier, range(len(x)), 0)
-        results[attack] = RUNNER.merge(config, [shard])
+        shard = KIND.run(config, context(x, labels), classifier, range(len(x)), 0)
+        results[attack] = KIND.merge(config, [shard])
     correct = int((classifier.predict(x) == labels).sum())
     fmn = results["fmn"]
     assert correct >= 30

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from schemas.model_spec import ModelSpec
+from tests.fixtures import hostile_models as hostile
 from tests.fixtures import model_factory as mf
 from workers.engine.models import ModelRejected, admit, load_model
 
@@ -85,12 +86,51 @@ def test_benign_models_are_admitted_with_their_facts(tmp_path: Path) -> None:
     assert classifier.info["output_shape"] == [2, 3]
 
 
-def test_measurement_models_skip_the_probe_with_a_note(tmp_path: Path) -> None:
+def test_a_measurement_model_without_operator_defers_its_probe_with_a_note(
+    tmp_path: Path,
+) -> None:
     path = mf.linear_model_torchscript(tmp_path / "lin.pt", torch.eye(16), (1, 4, 4))
     admission = admit(path, "torchscript", spec_of(mf.linear_spec((1, 4, 4))))
     assert admission.ok
-    assert admission.info["probe"] == "skipped"
-    assert "operator" in admission.info["probe_note"]
+    assert admission.info["probe"] == "deferred"
+    assert "first audit" in admission.info["probe_note"]
+
+
+def test_a_measurement_model_is_probed_through_the_operator_its_spec_names(
+    tmp_path: Path,
+) -> None:
+    """A(x) of 12 values per image: the probe feeds [2, 12] and expects [2, 1, 4, 4]."""
+    matrix = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    path = mf.linear_model_torchscript(tmp_path / "lin.pt", matrix, (1, 4, 4))
+    spec = dict(mf.linear_spec((1, 4, 4)), operator={"kind": "gaussian", "m": 12})
+    admission = admit(path, "torchscript", spec_of(spec))
+    assert admission.ok, admission.reason
+    assert (admission.info["probe"], admission.info["probe_input"]) == ("passed", "operator")
+    assert admission.info["input_shape"] == [2, 12]
+    assert admission.info["output_shape"] == [2, 1, 4, 4]
+
+    wrong = dict(mf.linear_spec((1, 4, 4)), operator={"kind": "gaussian", "m": 10})
+    rejected = admit(path, "torchscript", spec_of(wrong))
+    assert not rejected.ok and "[2, 10]" in (rejected.reason or "")
+
+
+def test_a_measurement_shape_lets_the_admission_probe(tmp_path: Path) -> None:
+    matrix = torch.randn(16, 12, generator=torch.Generator().manual_seed(0))
+    path = mf.linear_model_torchscript(tmp_path / "lin.pt", matrix, (1, 4, 4))
+    spec = dict(mf.linear_spec((1, 4, 4)), measurement_shape=[12])
+    admission = admit(path, "torchscript", spec_of(spec))
+    assert admission.ok, admission.reason
+    assert admission.info["probe_input"] == "measurement_shape"
+
+
+def test_a_model_that_hogs_memory_is_rejected_by_its_probe_naming_the_model(
+    tmp_path: Path,
+) -> None:
+    path = hostile.allocates_without_end_torchscript(tmp_path / "hog.pt")
+    spec = dict(mf.linear_spec((1, 4, 4)), measurement_shape=[1, 4, 4])
+    admission = admit(path, "torchscript", spec_of(spec))
+    assert not admission.ok
+    assert "the model ran out of memory on a probe of 2 inputs" in (admission.reason or "")
 
 
 def test_wrong_output_shape_is_rejected_with_both_shapes(tmp_path: Path) -> None:

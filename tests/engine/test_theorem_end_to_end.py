@@ -99,16 +99,19 @@ def test_engine_api_on_a_torchscript_file(tmp_path: Path) -> None:
     assert json.loads((out / "report.json").read_text()) == report
     # every check with a threshold reads, in the HTML and JUnit, as measured value against bound
     by_kind = {f.kind: f for f in findings(report)}
-    assert by_kind["false_negative"].comparisons[0].measured == pytest.approx(
-        by_kind["false_negative"].result["miss_rate"]["estimate"]
-    )
+    missed = by_kind["false_negative"]
+    if missed.result["trials"] == 0:  # no recoverable placement: nothing judged the network
+        assert missed.comparisons == [] and missed.verdict == "info"
+    else:
+        assert missed.comparisons[0].measured == missed.result["miss_rate"]["estimate"]
     assert by_kind["false_positive"].comparisons[0].measured == pytest.approx(
         by_kind["false_positive"].result["spurious_contrast"]["max"]
     )
     assert by_kind["more_samples"].comparisons[0].bound == 50
     kernel = by_kind["kernel"]
-    if kernel.result["best_lower_bound"] is None:
-        assert kernel.comparisons == [] and "no certificate" in kernel.sentence
+    if kernel.result["best_lower_bound"] is None:  # nothing proven: the trivial bound 0
+        assert [c.measured for c in kernel.comparisons] == [0.0]
+        assert "no certificate" in kernel.sentence
     else:
         assert kernel.comparisons[0].measured == kernel.result["best_lower_bound"]
     for finding in by_kind.values():

@@ -10,12 +10,12 @@ from schemas.audits import AuditConfig
 from schemas.checks_classifier import UniversalCheck
 from tests.engine.classifier_fixtures import context, linear_case, spec, subject
 from tests.engine.tiny_models import GainAlong
-from workers.engine.checks.universal import UniversalRunner, split
+from workers.engine.checks.universal import Universal, split
 from workers.engine.context import ARTIFACT_FILES_KEY, PassCounter, Subject
 from workers.engine.errors import EngineInputError
 from workers.engine.shards import plan_shards
 
-RUNNER = UniversalRunner()
+KIND = Universal()
 
 
 def test_split_is_seeded_disjoint_and_non_empty() -> None:
@@ -39,8 +39,8 @@ def test_linear_classifier_fooling_rate_is_exact() -> None:
     check = UniversalCheck.model_validate(
         {"epsilon": epsilon, "steps": 30, "step_size": 0.2, "train_fraction": 0.5}
     )
-    shard = RUNNER.run(check, context(x, labels), subject(model, spec()), range(len(x)), 5)
-    result = RUNNER.merge(check, [shard])
+    shard = KIND.run(check, context(x, labels), subject(model, spec()), range(len(x)), 5)
+    result = KIND.merge(check, [shard])
     held = shard["held_out_images"]
     expected = int((f[held] < epsilon * dual).sum())
     assert result["fooled"] == expected and result["trials"] == len(held)
@@ -57,8 +57,8 @@ def test_threshold_bounds_the_upper_end_of_the_interval() -> None:
     base = {"epsilon": 1e-4, "steps": 3}  # far too small to fool anything
     for bound, verdict in ((0.9, "pass"), (0.1, "fail")):  # 5 trials, 0 fooled: CI up to 0.52
         check = UniversalCheck.model_validate({**base, "threshold": {"max_fooling_rate": bound}})
-        shard = RUNNER.run(check, context(x, labels), subject(model, spec()), range(10), 0)
-        assert RUNNER.merge(check, [shard])["verdict"] == verdict
+        shard = KIND.run(check, context(x, labels), subject(model, spec()), range(10), 0)
+        assert KIND.merge(check, [shard])["verdict"] == verdict
 
 
 def test_reconstruction_universal_perturbation_finds_the_unstable_direction() -> None:
@@ -76,8 +76,8 @@ def test_reconstruction_universal_perturbation_finds_the_unstable_direction() ->
         return model(y)
 
     check = UniversalCheck.model_validate({"epsilon": 0.05, "steps": 20, "failure_error": 0.5})
-    shard = RUNNER.run(check, ctx, Subject("model", reconstruct, counter), range(8), 1)
-    result = RUNNER.merge(check, [shard])
+    shard = KIND.run(check, ctx, Subject("model", reconstruct, counter), range(8), 1)
+    result = KIND.merge(check, [shard])
     u = torch.tensor(result[ARTIFACT_FILES_KEY]["universal.npy"])
     cosine = float((u.flatten() @ direction.flatten()) / (u.norm() * direction.norm()))
     assert abs(cosine) > 0.99
@@ -119,9 +119,9 @@ def test_images_wrong_without_the_perturbation_are_not_counted_as_fooled() -> No
 
     check = UniversalCheck.model_validate({"epsilon": 0.05, "steps": 20, "failure_error": tau})
     ctx = context(images, None)  # type: ignore[arg-type]
-    shard = RUNNER.run(check, ctx, _gain_subject(model), range(8), seed)
+    shard = KIND.run(check, ctx, _gain_subject(model), range(8), seed)
     assert (shard["train_images"], shard["held_out_images"]) == (train, held)
-    result = RUNNER.merge(check, [shard])
+    result = KIND.merge(check, [shard])
     correct = [k for k in held if k not in wrong]
     u = torch.tensor(result[ARTIFACT_FILES_KEY]["universal.npy"])
     assert abs(float(u.flatten() @ unit.flatten())) / float(u.norm()) > 0.99
@@ -137,11 +137,11 @@ def test_images_wrong_without_the_perturbation_are_not_counted_as_fooled() -> No
     # every held-out image wrong: nothing can be fooled, the rate is undefined
     images[held] += 0.5 * unit
     ctx = context(images, None)  # type: ignore[arg-type]
-    shard = RUNNER.run(check, ctx, _gain_subject(model), range(8), seed)
+    shard = KIND.run(check, ctx, _gain_subject(model), range(8), seed)
     limited = UniversalCheck.model_validate(
         {**check.model_dump(), "threshold": {"max_fooling_rate": 0.5}}
     )
-    result = RUNNER.merge(limited, [shard])
+    result = KIND.merge(limited, [shard])
     assert (result["fooled"], result["trials"], result["clean_failures"]) == (0, 0, len(held))
     assert result["fooling_rate"] == {"estimate": None, "ci_low": 0.0, "ci_high": 1.0}
     assert result["verdict"] == "fail" and "undefined" in result["warnings"][0]
@@ -163,7 +163,7 @@ def test_universal_runs_as_one_shard_and_refuses_linf_on_reconstructions() -> No
     assert len([s for s in shards if s.kind == "random_noise"]) == 3
     images = torch.rand((4, 1, 8, 8))
     with pytest.raises(EngineInputError, match="norm 'l2'"):
-        RUNNER.run(
+        KIND.run(
             config.checks[0],
             context(images, None),
             Subject("model", lambda y: y),

@@ -20,9 +20,9 @@ IMAGE_SHAPE = (1, 8, 8)  # SSIM needs at least 8 × 8
 
 
 def _run(check: WorstCaseCheck, ctx: AuditContext, subject: Subject, shards: list[list[int]]):
-    runner = get_check("worst_case")
-    results = [runner.run(check, ctx, subject, indices, seed=11) for indices in shards]
-    return runner.merge(check, results)
+    worst_case = get_check("worst_case")
+    results = [worst_case.run(check, ctx, subject, indices, seed=11) for indices in shards]
+    return worst_case.merge(check, results)
 
 
 def _dense_context(seed: int = 0) -> tuple[AuditContext, torch.Tensor]:
@@ -98,14 +98,14 @@ def test_a_search_stopped_early_reports_the_levels_it_finished() -> None:
     """Levels are searched from the largest down: a cancelled shard lacks the smallest ones."""
     ctx, recon = _dense_context()
     check = WorstCaseCheck(levels=[0.01, 0.05, 0.1], steps=10)
-    runner = get_check("worst_case")
+    worst_case = get_check("worst_case")
     subject = linear_subject(recon, IMAGE_SHAPE)
-    finished = runner.run(check, ctx, subject, [0, 1], seed=11)
+    finished = worst_case.run(check, ctx, subject, [0, 1], seed=11)
     stop_requests = iter([False, True])
     ctx.should_stop = lambda: next(stop_requests, True)
-    stopped = runner.run(check, ctx, subject, [2, 3], seed=11)
+    stopped = worst_case.run(check, ctx, subject, [2, 3], seed=11)
     assert [w["level"] for w in stopped["worst"]] == [0.1]
-    report = runner.merge(check, [finished, stopped])
+    report = worst_case.merge(check, [finished, stopped])
     assert [row["level"] for row in report["levels"]] == [0.01, 0.05, 0.1]
     assert report["levels"][2]["found_by"] == {"pgd": 4}
     assert report["levels"][0]["found_by"] == {"pgd": 2}

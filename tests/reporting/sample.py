@@ -1,5 +1,6 @@
-"""A hand-made report with known numbers (the shape of docs/report.md) and tiny artifacts, so
-that the renderers are tested without running the engine."""
+"""A hand-made report with known numbers (the shape of docs/reports.md) and tiny artifacts, so
+that the renderers are tested without running the engine. Its comparisons and verdicts are the
+ones the engine would write (schemas.verdicts)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from schemas.canonical import canonical_json
+from schemas.verdicts import compare
 
 SIZE = 8
 
@@ -42,10 +44,12 @@ def _level(level: float, error_max: float, ci_high: float | None = None) -> dict
 
 
 def _noise(subject: str, ci_high: float, verdict: str) -> dict[str, Any]:
+    quantity = "failure probability (upper 95 % bound) at level 0.05"
     return {
         "kind": "random_noise",
         "subject": subject,
         "verdict": verdict,
+        "comparisons": [compare(quantity, ci_high, 0.5)],
         "warnings": [],
         "artifacts": [],
         "failure_error": 0.3,
@@ -99,6 +103,7 @@ def make_report(model_name: str = "tiny-net", description: str | None = None) ->
                 "kind": "worst_case",
                 "subject": "model",
                 "verdict": "fail",
+                "comparisons": [compare("worst-case relative error at level 0.05", 0.9, 0.4)],
                 "warnings": [],
                 "artifacts": worst_artifacts,
                 "space": "measurement",
@@ -112,6 +117,7 @@ def make_report(model_name: str = "tiny-net", description: str | None = None) ->
                 "kind": "lipschitz",
                 "subject": "model",
                 "verdict": "info",
+                "comparisons": [],
                 "warnings": [],
                 "artifacts": [],
                 "jacobian_norm": {"mean": 2.5, "max": 3.25},

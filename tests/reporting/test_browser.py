@@ -8,13 +8,11 @@ from pathlib import Path
 import pytest
 
 from service.signing import reports as signing
-from tests.reporting.chromium import chromium_binary, visit
+from tests.reporting.chromium import visit
 from tests.reporting.sample import make_report, write_report_dir
 from workers.reporting.html import write_report_html
 
-pytestmark = pytest.mark.skipif(
-    chromium_binary() is None, reason="chromium is not installed (.ci/ensure-services does it)"
-)
+pytestmark = pytest.mark.needs("chromium")
 
 PROBE = """JSON.stringify({
   images: Array.from(document.images).map(i => [i.complete, i.naturalWidth]),

@@ -112,3 +112,11 @@ def test_classifier_levels_are_tabled_by_accuracy_and_epsilon(tmp_path: Path) ->
         "0.75",
         "0.25",
     ]
+
+
+def test_comparisons_are_shown_as_the_check_wrote_them(tmp_path: Path) -> None:
+    report = make_report()
+    (comparison,) = report["checks"][2]["comparisons"]
+    comparison["quantity"] = "worst-case relative error at the audited level"
+    html = render_html(report, tmp_path)
+    assert "worst-case relative error at the audited level: 0.9 &gt; bound 0.4" in html

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 
+from schemas.verdicts import compare
 from service.reports.junit import render_junit
 from tests.reporting.sample import make_report
 
@@ -77,3 +78,36 @@ def test_control_characters_never_break_the_xml() -> None:
     fine = render_junit(make_report(model_name="ok \u00e9 \U0001f600 \ue000"))
     names = {p.get("value") for p in ET.fromstring(fine.encode("utf-8")).iter("property")}
     assert "ok \u00e9 \U0001f600 \ue000" in names
+
+
+def test_failures_name_the_comparisons_the_engine_wrote() -> None:
+    """JUnit reads each result's comparisons: a second failed comparison is in the message, a
+    passed one only in the text and the properties, and nothing is recomputed from the levels."""
+    report = make_report()
+    worst = report["checks"][2]
+    worst["comparisons"] = [
+        *worst["comparisons"],
+        compare("empirical Lipschitz lower bound", 1.7, 4.0),
+        compare("outputs that were NaN or infinite", 2, 0),
+    ]
+    worst["levels"][-1]["relative_error"]["max"] = 0.1  # the levels do not decide: the check did
+    root = ET.fromstring(render_junit(report))
+    case = next(c for c in root.iter("testcase") if c.get("name") == "c01 worst_case (model)")
+    failure = case.find("failure")
+    assert failure is not None
+    message = failure.get("message", "")
+    assert "relative error at level 0.05: measured 0.9 > bound 0.4" in message
+    assert "outputs that were NaN or infinite: measured 2 > bound 0" in message
+    assert "Lipschitz" not in message and "measured 1.7 ≤ bound 4" in (failure.text or "")
+    values = {p.get("name"): p.get("value") for p in case.iter("property")}
+    assert values["bound: outputs that were NaN or infinite"] == "0"
+
+
+def test_a_lower_bound_reads_at_least() -> None:
+    report = make_report()
+    report["checks"][1]["comparisons"] = [
+        compare("robust accuracy at ε = 0.1", 0.6, 0.5, "at_least")
+    ]
+    root = ET.fromstring(render_junit(report))
+    case = next(c for c in root.iter("testcase") if c.get("name") == "c00 random_noise (baseline)")
+    assert "measured 0.6 ≥ bound 0.5" in (case.findtext("system-out") or "")

@@ -95,7 +95,12 @@ def redis_client() -> Iterator[redis.Redis]:
 
 
 def add_model(
-    session: Session, settings: Settings, *, status: str = "ready", blob: bytes = b"not a model"
+    session: Session,
+    settings: Settings,
+    *,
+    status: str = "ready",
+    blob: bytes = b"not a model",
+    spec: dict[str, Any] | None = None,
 ) -> Model:
     tenant = Tenant(name=f"tenant-{uuid.uuid4().hex[:8]}")
     session.add(tenant)
@@ -104,7 +109,7 @@ def add_model(
     model = Model(
         tenant_id=tenant.id,
         name="tiny",
-        spec=SPEC,
+        spec=spec or SPEC,
         format="torchscript",
         sha256=hashlib.sha256(blob).hexdigest(),
         size_bytes=len(blob),

@@ -1,10 +1,13 @@
-"""A small HTTP client of the Tightrope API (`tightrope submit`, `gate` and `demo`).
+"""A small HTTP client of the Tightrope API (`tightrope submit`, `gate` and `demo`), and the
+whole remote audit they share (`run_remote_audit`).
 
-Torch-free: it only moves files and JSON.
+Torch-free: it only moves files and JSON. It raises errors (ApiError, RemoteAuditFailed,
+TimeoutError); the command line (workers.cli.main) turns them into exit codes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Callable
@@ -12,8 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from rich.console import Console
 
 from schemas.audits import TERMINAL_STATES
+from schemas.model_spec import ModelSpec
+from workers.cli.progress import describe, progress_display
+
+out = Console()
+err = Console(stderr=True)
 
 
 class ApiError(Exception):
@@ -35,6 +44,15 @@ def _raise_for_problem(response: httpx.Response) -> None:
     except ValueError:
         title, detail = response.reason_phrase, response.text[:500]
     raise ApiError(response.status_code, title, detail)
+
+
+class RemoteAuditFailed(Exception):
+    """The remote audit ended without a report: the model was rejected, or the audit failed or
+    was cancelled. `code` is the exit code the command line gives it."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 ProgressCallback = Callable[[dict[str, Any]], None]
@@ -138,3 +156,67 @@ class TightropeClient:
     def find_models(self, sha256: str) -> list[dict[str, Any]]:
         """The tenant's live models whose file has this sha256, newest first."""
         return list(self._json("GET", "/v1/models", params={"sha256": sha256})["items"])
+
+
+def run_remote_audit(
+    client: TightropeClient,
+    model: Path,
+    spec: dict[str, Any],
+    config: dict[str, Any],
+    out_dir: Path,
+    quiet: bool = False,
+    *,
+    reuse_model: bool = False,
+    junit: bool = False,
+    rejected_code: int = 1,
+) -> str:
+    """Upload (or reuse a ready model with the same file and spec), wait for admission,
+    submit, poll with progress, and save report.json and report.html (and junit.xml when
+    asked); the verdict. Raises RemoteAuditFailed (with the exit code the CLI gives it) when
+    the model is rejected or the audit does not succeed."""
+    model_id = _reusable_model(client, model, spec) if reuse_model else None
+    if model_id is not None:
+        err.print(f"model {model_id} already uploaded (same sha256 and spec), reusing it")
+    else:
+        uploaded = client.upload_model(model, spec)
+        err.print(f"model {uploaded['id']} uploaded ({uploaded['format']}), validating…")
+        admitted = client.wait_model(uploaded["id"])
+        if admitted["status"] != "ready":
+            raise RemoteAuditFailed(f"model rejected: {admitted.get('reason')}", rejected_code)
+        model_id = admitted["id"]
+    request = dict(config, model_id=model_id)
+    status = client.submit_audit(request)
+    err.print(f"audit {status['id']} submitted")
+    with progress_display(err, quiet=quiet) as bar:
+        final = client.wait_audit(
+            status["id"],
+            on_progress=lambda s: bar.update(s["progress"]["fraction"], describe(s)),
+        )
+    if final["status"] != "succeeded":
+        problem = final.get("error") or {}
+        raise RemoteAuditFailed(f"audit {final['status']}: {problem.get('detail', '')}", 2)
+    report = client.get_report(final["id"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report_path = out_dir / "report.json"
+    report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
+    html = client.get_report_file(final["id"], "report.html")
+    if html is not None:
+        (out_dir / "report.html").write_bytes(html)
+    if junit:
+        junit_xml = client.get_report_file(final["id"], "report.junit.xml")
+        if junit_xml is not None:
+            (out_dir / "junit.xml").write_bytes(junit_xml)
+    out.print(f"verdict: [bold]{report['verdict']}[/bold]")
+    out.print(f"report: {report_path.resolve()}", highlight=False, soft_wrap=True)
+    return str(report["verdict"])
+
+
+def _reusable_model(client: TightropeClient, model: Path, spec: dict[str, Any]) -> str | None:
+    """A ready model of this tenant with the same file and the same spec (a different spec
+    audits differently, so it does not count), or None."""
+    wanted = ModelSpec.model_validate(spec).model_dump(mode="json")
+    sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    for candidate in client.find_models(sha):
+        if candidate["status"] == "ready" and candidate["spec"] == wanted:
+            return str(candidate["id"])
+    return None

@@ -30,8 +30,7 @@ def _create_key(stack: LocalStack) -> str:
 
 
 def run_demo(out_dir: Path) -> int:
-    from workers.cli.client import ApiError, TightropeClient
-    from workers.cli.main import run_remote_audit
+    from workers.cli.client import ApiError, RemoteAuditFailed, TightropeClient, run_remote_audit
 
     data_dir = Path(".tightrope") / "demo"
     shutil.rmtree(data_dir, ignore_errors=True)
@@ -49,6 +48,9 @@ def run_demo(out_dir: Path) -> int:
             )
         console.print(f"logs: {stack.log_dir}")
         return 0 if verdict in ("pass", "fail", "info") else 1
+    except RemoteAuditFailed as exc:
+        console.print(f"[red]demo failed:[/red] {exc}; logs in {stack.log_dir}")
+        return exc.code
     except (ApiError, RuntimeError, TimeoutError, subprocess.CalledProcessError) as exc:
         console.print(f"[red]demo failed:[/red] {exc}; logs in {stack.log_dir}")
         return 1

@@ -280,7 +280,7 @@ def keys_revoke(
 
 @app.command()
 def audit(
-    model: Annotated[Path, typer.Option(help="Model file (.pt, .pt2, .safetensors)")],
+    model: Annotated[Path, typer.Option(help="Model file (.pt, .pt2, .safetensors, .onnx)")],
     spec: Annotated[Path, typer.Option(help="Model spec JSON")],
     config: Annotated[
         Path, typer.Option(help="Audit config JSON (an AuditRequest without model_id)")
@@ -328,7 +328,7 @@ def _run_local_audit(
 
     fmt = detect_format(model)
     if fmt is None:
-        raise _fail(f"model {model}: not a TorchScript, torch.export or safetensors file")
+        raise _fail(f"model {model}: not a TorchScript, torch.export, safetensors or ONNX file")
     sha = hashlib.sha256(model.read_bytes()).hexdigest()
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -382,7 +382,7 @@ def submit(
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
 ) -> None:
     """Upload a model, submit an audit, follow it, and save its report."""
-    from workers.cli.client import ApiError, TightropeClient
+    from workers.cli.client import ApiError, RemoteAuditFailed, TightropeClient, run_remote_audit
 
     if not key:
         raise _fail("an API key is needed: --key or TIGHTROPE_API_KEY")
@@ -396,78 +396,11 @@ def submit(
                 out_dir,
                 quiet,
             )
-    except ApiError as exc:
-        raise _fail(str(exc)) from None
-    except TimeoutError as exc:
+    except RemoteAuditFailed as exc:
+        raise _fail(str(exc), exc.code) from None
+    except (ApiError, TimeoutError) as exc:
         raise _fail(str(exc)) from None
     raise typer.Exit(0 if verdict in ("pass", "info") else 1)
-
-
-def run_remote_audit(
-    client: Any,
-    model: Path,
-    spec: dict[str, Any],
-    config: dict[str, Any],
-    out_dir: Path,
-    quiet: bool = False,
-    *,
-    reuse_model: bool = False,
-    junit: bool = False,
-    rejected_code: int = 1,
-) -> str:
-    """Upload (or reuse a ready model with the same file and spec), wait for admission,
-    submit, poll with progress, and save report.json and report.html (and junit.xml when
-    asked); the verdict."""
-    from workers.cli.progress import describe, progress_display
-
-    model_id = _reusable_model(client, model, spec) if reuse_model else None
-    if model_id is not None:
-        err.print(f"model {model_id} already uploaded (same sha256 and spec), reusing it")
-    else:
-        uploaded = client.upload_model(model, spec)
-        err.print(f"model {uploaded['id']} uploaded ({uploaded['format']}), validating…")
-        admitted = client.wait_model(uploaded["id"])
-        if admitted["status"] != "ready":
-            raise _fail(f"model rejected: {admitted.get('reason')}", rejected_code)
-        model_id = admitted["id"]
-    request = dict(config, model_id=model_id)
-    status = client.submit_audit(request)
-    err.print(f"audit {status['id']} submitted")
-    with progress_display(err, quiet=quiet) as bar:
-        final = client.wait_audit(
-            status["id"],
-            on_progress=lambda s: bar.update(s["progress"]["fraction"], describe(s)),
-        )
-    if final["status"] != "succeeded":
-        problem = final.get("error") or {}
-        raise _fail(f"audit {final['status']}: {problem.get('detail', '')}", 2)
-    report = client.get_report(final["id"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    report_path = out_dir / "report.json"
-    report_path.write_text(json.dumps(report, indent=2, sort_keys=True))
-    html = client.get_report_file(final["id"], "report.html")
-    if html is not None:
-        (out_dir / "report.html").write_bytes(html)
-    if junit:
-        junit_xml = client.get_report_file(final["id"], "report.junit.xml")
-        if junit_xml is not None:
-            (out_dir / "junit.xml").write_bytes(junit_xml)
-    out.print(f"verdict: [bold]{report['verdict']}[/bold]")
-    out.print(f"report: {report_path.resolve()}", highlight=False, soft_wrap=True)
-    return str(report["verdict"])
-
-
-def _reusable_model(client: Any, model: Path, spec: dict[str, Any]) -> str | None:
-    """A ready model of this tenant with the same file and the same spec (a different spec
-    audits differently, so it does not count), or None."""
-    from schemas.model_spec import ModelSpec
-
-    wanted = ModelSpec.model_validate(spec).model_dump(mode="json")
-    sha = hashlib.sha256(model.read_bytes()).hexdigest()
-    for candidate in client.find_models(sha):
-        if candidate["status"] == "ready" and candidate["spec"] == wanted:
-            return str(candidate["id"])
-    return None
 
 
 @app.command()
@@ -547,7 +480,7 @@ def _gate(
         (out_dir / "junit.xml").write_text(render_junit(report), encoding="utf-8")
         out.print(f"verdict: [bold]{report['verdict']}[/bold]")
         return str(report["verdict"])
-    from workers.cli.client import ApiError, TightropeClient
+    from workers.cli.client import ApiError, RemoteAuditFailed, TightropeClient, run_remote_audit
 
     if not key:
         raise _fail("an API key is needed with --server: --key or TIGHTROPE_API_KEY")
@@ -566,6 +499,8 @@ def _gate(
                 junit=True,
                 rejected_code=2,
             )
+    except RemoteAuditFailed as exc:
+        raise _fail(str(exc), exc.code) from None
     except (ApiError, TimeoutError, OSError) as exc:
         raise _fail(str(exc)) from None
 

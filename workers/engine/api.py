@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from schemas.audits import AuditConfig
 from schemas.model_spec import ModelFormat, ModelSpec
+from workers.engine.admission import Admission
+
+__all__ = ["Admission", "ProgressFn", "ShardFn", "admit_model", "plan_audit", "run_audit"]
 
 ProgressFn = Callable[[float, str | None, str | None], None]  # fraction, check kind, message
 ShardFn = Callable[[str, dict[str, Any]], None]  # shard_id, result
-
-
-@dataclass
-class Admission:
-    ok: bool
-    reason: str | None = None
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def admit_model(path: Path, fmt: ModelFormat, spec: ModelSpec, device: str = "cpu") -> Admission:

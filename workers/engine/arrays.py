@@ -18,15 +18,26 @@ def resolve_path(file: str, base_dir: Path | None) -> Path:
     return path
 
 
-def load_array(file: str, key: str | None, base_dir: Path | None) -> np.ndarray:
-    """The array in an `.npy` file, or `key` (default: the first array) of an `.npz` file."""
-    path = resolve_path(file, base_dir)
+def load_array(
+    file: str | Path,
+    key: str | None = None,
+    base_dir: Path | None = None,
+    *,
+    max_elements: int | None = None,
+    allow_non_finite: bool = False,
+) -> np.ndarray:
+    """The array in an `.npy` file, or `key` (default: the first array) of an `.npz` file.
+
+    Raises EngineInputError for anything but a plain real-valued array: pickles, objects,
+    complex numbers, NaN or infinite values (unless `allow_non_finite`), and more than
+    `max_elements` values (an `.npy` is then memory-mapped: only its header is read)."""
+    path = resolve_path(str(file), base_dir)
     if path.suffix not in (".npy", ".npz"):
         raise EngineInputError(f"{file}: only .npy and .npz files are accepted")
     if not path.is_file():
         raise EngineInputError(f"{file}: no such file")
     try:
-        loaded = np.load(path, allow_pickle=False)
+        loaded = np.load(path, allow_pickle=False, mmap_mode=None if max_elements is None else "r")
     except ValueError as exc:  # pickled object arrays end up here
         raise EngineInputError(f"{file}: not a plain numeric array ({exc})") from None
     except OSError as exc:
@@ -45,10 +56,12 @@ def load_array(file: str, key: str | None, base_dir: Path | None) -> np.ndarray:
                 array = loaded[chosen]
             except ValueError as exc:
                 raise EngineInputError(f"{file}: not a plain numeric array ({exc})") from None
+    if max_elements is not None and array.size > max_elements:
+        raise EngineInputError(f"{file}: {array.size} values, more than {max_elements}")
     problem = dtype_problem(array.dtype)
     if problem is not None:
         raise EngineInputError(f"{file}: the array {problem}")
-    if not np.all(np.isfinite(array)):
+    if not allow_non_finite and not np.all(np.isfinite(array)):
         raise EngineInputError(f"{file}: the array holds NaN or infinite values")
     return array
 

@@ -10,7 +10,7 @@ For a sweep of relative levels δ it looks for a perturbation that maximises
 where t is the ground truth x or the clean reconstruction Ψ(y). Measurement-space perturbations
 are kept on the measured entries (operator.project) and measured with operator.norm.
 
-Optimisers (docs/report.md, "worst_case"):
+Optimisers (docs/reports.md, "worst_case"):
 
 - `pgd` (default): ℓ2 projected gradient ascent in the manner of APGD (Croce & Hein, 2020):
   steps along the ℓ2-normalised gradient, first of the ball's diameter (so the first steps land
@@ -20,6 +20,11 @@ Optimisers (docs/report.md, "worst_case"):
   are the maximisers' (the gradient is parallel to the point), which Adam's are not.
 - `adam`, `momentum`: a fixed step length along Adam's or a heavy-ball direction.
 - `ensemble`: half the restarts `pgd`, half `adam`; the larger error per image wins.
+
+The attack takes its threat model (`ThreatModel`: levels, space, target, formulation and λ,
+what a perfect optimiser's answer depends on) and its search settings (`SearchSettings`:
+optimiser, steps, restarts, step size, early stopping) as two arguments, as the API's
+WorstCaseCheck is composed of WorstCaseThreatModel and WorstCaseSearch.
 
 Speed: restarts and images share ONE forward/backward per step (batch index = restart * B +
 image); levels are searched from the largest down and the best restarts of a level seed the
@@ -37,7 +42,7 @@ from typing import Literal
 
 import torch
 
-from schemas.checks import WorstCaseCheck
+from schemas.checks import WorstCaseSearch, WorstCaseThreatModel
 from workers.engine.context import Operator, Subject
 
 # the step's default per optimiser, relative to the radius: pgd's is the initial step (then
@@ -54,13 +59,38 @@ _TINY = 1e-12
 
 
 @dataclass(frozen=True)
-class SearchSettings:
-    """The search's knobs; `from_check` reads them from the API's WorstCaseCheck."""
+class ThreatModel:
+    """What the attacker may do and what it degrades: relative levels δ (any order, each
+    searched), the space of the perturbation, the target of the error, and the formulation
+    (the ball ‖v‖ ≤ δ·scale, or the penalty λ/2‖v‖² without a ball). `from_check` reads them
+    from the API's WorstCaseThreatModel (or a WorstCaseCheck, which is one)."""
 
+    levels: tuple[float, ...]
     space: Literal["measurement", "image"] = "measurement"
     target: Literal["ground_truth", "reconstruction"] = "ground_truth"
     formulation: Literal["ball", "penalized"] = "ball"
-    penalty: float = 1.0
+    penalty: float = 1.0  # λ of the penalised formulation
+
+    @classmethod
+    def from_check(cls, config: WorstCaseThreatModel) -> ThreatModel:
+        return cls(
+            levels=tuple(config.levels),
+            space=config.space,
+            target=config.target,
+            formulation=config.formulation,
+            penalty=config.lambda_,
+        )
+
+    @property
+    def penalized(self) -> bool:
+        return self.formulation == "penalized"
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """The search's hyper-parameters, which decide how close it gets to the threat model's worst
+    case; `from_check` reads them from the API's WorstCaseSearch (or a WorstCaseCheck)."""
+
     optimizer: Literal["pgd", "adam", "momentum", "ensemble"] = "pgd"
     steps: int = 100
     restarts: int = 4
@@ -69,12 +99,8 @@ class SearchSettings:
     check_every: int = 10  # steps between early-stopping checks (the only device syncs)
 
     @classmethod
-    def from_check(cls, config: WorstCaseCheck) -> SearchSettings:
+    def from_check(cls, config: WorstCaseSearch) -> SearchSettings:
         return cls(
-            space=config.space,
-            target=config.target,
-            formulation=config.formulation,
-            penalty=config.lambda_,
             optimizer=config.optimizer,
             steps=config.steps,
             restarts=config.restarts,
@@ -323,13 +349,14 @@ class _Group:
         optimizer: str,
         rows: slice,
         v: torch.Tensor,
+        threat: ThreatModel,
         settings: SearchSettings,
         radius: torch.Tensor,
         mask: torch.Tensor | None,
     ) -> None:
         self.optimizer = optimizer
         self.rows = rows
-        self.penalized = settings.formulation == "penalized"
+        self.penalized = threat.penalized
         self.radius = radius
         self.mask = mask
         self.step_length = _per_sample(settings.step_for(optimizer) * radius, v)
@@ -337,7 +364,7 @@ class _Group:
             # the penalty sets the scale: a step of ∇/λ is the fixed-point iteration
             # e ← Jᵀ(Ψ(y+e) − t)/λ, which contracts wherever the objective is concave, whatever
             # δ is; the default step_size 2.0 gives that step, and halving tames the rest
-            unit = torch.full_like(radius, settings.step_for(optimizer) / (2 * settings.penalty))
+            unit = torch.full_like(radius, settings.step_for(optimizer) / (2 * threat.penalty))
             self.step_length = _per_sample(unit, v)
         self.best_objective = torch.full_like(radius, -torch.inf)
         self.best_v = v.detach().clone()
@@ -456,26 +483,28 @@ def worst_case_search(
     operator: Operator,
     y: torch.Tensor,
     x: torch.Tensor,
-    levels: Sequence[float],
+    threat: ThreatModel,
     settings: SearchSettings,
     seeds: Sequence[int],
     should_stop: Callable[[], bool] = lambda: False,
 ) -> list[LevelOutcome]:
-    """Search every level for the worst perturbation of each image.
+    """Search every level of the threat model for the worst perturbation of each image, with
+    the search settings' optimiser and budget.
 
     `y` are the measurements [B, ...] of the ground truth `x` [B, C, H, W]; `seeds` give one
     random stream per image (initialisation of the restarts). Levels are searched from the
-    largest down; the outcomes come back in the order of `levels` (only the levels finished
-    when `should_stop` ended the search).
+    largest down; the outcomes come back in the order of `threat.levels` (only the levels
+    finished when `should_stop` ended the search).
     """
     if len(seeds) != y.shape[0]:
         raise ValueError("one seed per image")
     batch, restarts = y.shape[0], settings.restarts
-    space = _SearchSpace(operator, settings.space)
+    space = _SearchSpace(operator, threat.space)
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    levels = threat.levels
 
     with torch.no_grad():
-        clean = subject.reconstruct(y).detach() if settings.target == "reconstruction" else None
+        clean = subject.reconstruct(y).detach() if threat.target == "reconstruction" else None
     target = x if clean is None else clean
 
     # restarts * images in the batch dimension: index = restart * B + image
@@ -493,7 +522,7 @@ def worst_case_search(
         radius = level * base_norm_all
         start = _initial_points(
             previous,
-            settings.formulation == "penalized",
+            threat.penalized,
             level,
             variable_shape,
             generators,
@@ -505,7 +534,16 @@ def worst_case_search(
         # enable_grad: callers (the audit) may run checks under no_grad
         with torch.enable_grad():
             outcome, all_v, all_objective = _search_level(
-                subject, space, settings, y_all, target_all, radius, start, batch, should_stop
+                subject,
+                space,
+                threat,
+                settings,
+                y_all,
+                target_all,
+                radius,
+                start,
+                batch,
+                should_stop,
             )
         outcome.level = level
         found[level] = outcome
@@ -549,6 +587,7 @@ def _initial_points(
 def _search_level(
     subject: Subject,
     space: _SearchSpace,
+    threat: ThreatModel,
     settings: SearchSettings,
     y_all: torch.Tensor,
     target_all: torch.Tensor,
@@ -558,7 +597,7 @@ def _search_level(
     should_stop: Callable[[], bool],
 ) -> tuple[LevelOutcome, torch.Tensor, torch.Tensor]:
     """One level. Returns the outcome and every restart's best point and objective."""
-    penalized = settings.formulation == "penalized"
+    penalized = threat.penalized
     v = start if penalized else space.into_ball(start, radius)
     # 1 on measured entries (the operator's projection is a mask), None in image space
     mask = None if space.in_image else space.keep_in_range(torch.ones_like(v[:1]))
@@ -567,7 +606,7 @@ def _search_level(
     for name in dict.fromkeys(optimizers):
         first = optimizers.index(name) * batch
         rows = slice(first, first + optimizers.count(name) * batch)
-        groups.append(_Group(name, rows, v[rows], settings, radius[rows], mask))
+        groups.append(_Group(name, rows, v[rows], threat, settings, radius[rows], mask))
     last_checked: torch.Tensor | None = None
     steps_run = 0
 
@@ -576,7 +615,7 @@ def _search_level(
         e = space.to_measurement(v)
         misfit = (subject.reconstruct(y_all + e) - target_all).flatten(1).pow(2).sum(1)
         if penalized:
-            objective = 0.5 * misfit - 0.5 * settings.penalty * space.norm(v).pow(2)
+            objective = 0.5 * misfit - 0.5 * threat.penalty * space.norm(v).pow(2)
         else:
             objective = misfit
         (grad,) = torch.autograd.grad(objective.sum(), v)

@@ -7,7 +7,6 @@ carries its cost, so a resumed audit (`completed_shards`) reproduces the same re
 from __future__ import annotations
 
 import contextlib
-import importlib
 import os
 import re
 import time
@@ -25,6 +24,8 @@ from schemas.checks_classifier import task_problems
 from schemas.datasets import BuiltinDataset
 from schemas.model_spec import ModelSpec
 from schemas.operators import DenoisingOperator
+from schemas.verdicts import check_verdict
+from workers.engine.baselines import build_baseline
 from workers.engine.classifiers import classifier_subject
 from workers.engine.context import (
     ARTIFACT_FILES_KEY,
@@ -35,6 +36,7 @@ from workers.engine.context import (
     Subject,
 )
 from workers.engine.datasets import fit_images_to_spec, load_images, scale_to_range
+from workers.engine.devices import resolve_device
 from workers.engine.errors import AuditCancelled, EngineInputError
 from workers.engine.labelled import load_labelled
 from workers.engine.operators import build_operator
@@ -50,14 +52,6 @@ BaselineBuilder = Callable[[Baseline, Operator], Reconstructor]
 # Artifact names the service accepts (service.storage.stores.SAFE_NAME; the engine cannot
 # import it).
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-
-def resolve_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise EngineInputError("device 'cuda' was requested but this worker has no GPU")
-    return torch.device(requested)
 
 
 @contextlib.contextmanager
@@ -228,16 +222,7 @@ def _baseline_subject(
 ) -> Subject | None:
     if config.baseline is None:
         return None
-    if builder is None:
-        try:
-            builder = importlib.import_module("workers.engine.baselines").build_baseline
-        except ModuleNotFoundError as exc:
-            if exc.name != "workers.engine.baselines":
-                raise
-            ctx.warnings.append("baseline requested but this engine has no baselines; skipped")
-            return None
-    assert builder is not None
-    reconstruct = builder(config.baseline, ctx.operator)
+    reconstruct = (builder or build_baseline)(config.baseline, ctx.operator)
     counter = PassCounter()
 
     def counted(y: torch.Tensor) -> torch.Tensor:
@@ -267,7 +252,7 @@ def _enable_rebuilding(
         if name == "model":
             return model_subject(model, spec, operator, current.counter)
         assert config.baseline is not None  # a baseline subject exists only when configured
-        build = builder or importlib.import_module("workers.engine.baselines").build_baseline
+        build = builder or build_baseline
         reconstruct = build(config.baseline, operator)
 
         def counted(y: torch.Tensor) -> torch.Tensor:
@@ -350,6 +335,7 @@ def _merge(
         check = config.checks[index]
         merged = get_check(check.kind).merge(check, results)
         files = merged.pop(ARTIFACT_FILES_KEY, None) or {}
+        comparisons = list(merged.get("comparisons", []))
         artifacts = list(merged.pop("artifacts", []))
         for name, content in files.items():
             artifacts.append(_write_artifact(out_dir, f"c{index:02d}-{subject}-{name}", content))
@@ -358,7 +344,8 @@ def _merge(
                 **merged,
                 "kind": check.kind,
                 "subject": subject,
-                "verdict": merged.get("verdict", "info"),
+                "comparisons": comparisons,
+                "verdict": check_verdict(comparisons),  # computed from the comparisons alone
                 "warnings": list(merged.get("warnings", [])),
                 "artifacts": artifacts,
             }

@@ -15,6 +15,9 @@
   one finds nothing (`minimal_adversarial`).
 
 Inputs and outputs are unit-box tensors; callers convert ε and norms with the subject's scale.
+As the worst-case search (attacks.py), an attack takes its threat model (`NormBall`: the norm
+and the ε of every row; the norm alone for the minimum-norm attacks) apart from its search
+settings (the API's AdversarialSearch and MinimalPerturbationSearch: attack, steps).
 """
 
 from __future__ import annotations
@@ -30,6 +33,11 @@ import torch
 from adv_lib.attacks import apgd, ddn, df, fmn, pgd_linf
 from pyautoattack import AutoAttack
 
+from schemas.checks_classifier import (
+    AdversarialSearch,
+    MinimalPerturbationSearch,
+    MinimalPerturbationThreatModel,
+)
 from workers.engine.classifiers import UnitBoxClassifier
 
 # Images per attack call: restarts × epsilons × images make one batch.
@@ -173,16 +181,25 @@ def _record_successes(
     wrap(attack.square, lambda: "square")
 
 
+@dataclass(frozen=True)
+class NormBall:
+    """The threat model of one batch on the unit box: ‖δ‖ ≤ eps[row] in `norm`, u + δ in the
+    box; the attacker succeeds when the predicted class changes."""
+
+    norm: str  # "linf" or "l2"
+    eps: torch.Tensor  # [B], unit-box units
+
+
 def run_ball_attack(
     model: UnitBoxClassifier,
     u: torch.Tensor,
     labels: torch.Tensor,
-    norm: str,
-    eps: torch.Tensor,
-    attack: str,
-    steps: int,
+    threat: NormBall,
+    search: AdversarialSearch,
 ) -> torch.Tensor:
-    """One adv-lib APGD or PGD run per row with its own ε (restarts and levels are rows)."""
+    """One adv-lib APGD or PGD run (`search.attack`, `search.steps`) per row with its own ε
+    (levels are rows; so are the restarts, which the caller lays out)."""
+    norm, eps, attack, steps = threat.norm, threat.eps, search.attack, search.steps
     if attack == "apgd":
         return apgd(
             model, u, labels, eps=eps, norm=_P[norm], n_iter=steps, loss_function="ce"
@@ -278,14 +295,15 @@ def minimal_adversarial(
     model: UnitBoxClassifier,
     u: torch.Tensor,
     labels: torch.Tensor,
-    norm: str,
-    attack: str,
-    steps: int,
+    threat: MinimalPerturbationThreatModel,
+    search: MinimalPerturbationSearch,
 ) -> MinimalOutcome:
-    """adv-lib's minimum-norm attacks, scaled to each input, each point found refined to the
-    decision boundary along its direction (`to_boundary`); the next attack of `minimal_chain`
-    for the inputs where one finds nothing."""
-    problem = _Problem(model, u, labels, norm, steps)
+    """adv-lib's minimum-norm attacks in `threat.norm`, `search.steps` iterations each, scaled to
+    each input, each point found refined to the decision boundary along its direction
+    (`to_boundary`); from `search.attack`, the next attack of `minimal_chain` for the inputs where
+    one finds nothing."""
+    norm, attack = threat.norm, search.attack
+    problem = _Problem(model, u, labels, norm, search.steps)
     points = u.clone()
     found_by: list[str | None] = [None] * len(u)
     for name in minimal_chain(attack, norm):

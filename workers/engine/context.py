@@ -5,7 +5,7 @@
 - `Reconstructor`: Ψ as a function of the measurements y, whatever the model's input convention
   (measurement, adjoint, image); the baseline (TV / wavelet) is a Reconstructor too.
 - `AuditContext`: images, operator, device, seed, noise level and the pass counters.
-- `CheckRunner`: a check, run shard by shard (a slice of images) and merged into one result.
+- `Check`: a check kind, run shard by shard (a slice of images) and merged into one result.
 """
 
 from __future__ import annotations
@@ -109,10 +109,11 @@ class AuditContext:
 ARTIFACT_FILES_KEY = "_files"
 
 
-class CheckRunner(Protocol):
+class Check(Protocol):
     """One check kind. `run` handles one shard (a slice of image indices) and returns a
     JSON-able dict of per-image raw values; `merge` turns all shards' dicts (in shard order)
-    into the check's report object: kind-specific fields plus `verdict` and `warnings`."""
+    into the check's report object: kind-specific fields, `warnings`, and the threshold's
+    `comparisons` with the `verdict` computed from them (schemas.verdicts.judge)."""
 
     kind: str
 

@@ -13,6 +13,7 @@ from schemas.array_rules import image_count_problem
 from schemas.datasets import BuiltinDataset, DatasetRef, FileDataset, UploadedDataset
 from schemas.model_spec import ModelSpec
 from workers.engine.arrays import load_array
+from workers.engine.digits import digits
 from workers.engine.errors import EngineInputError
 
 
@@ -23,8 +24,6 @@ def load_images(ref: DatasetRef, base_dir: Path | None = None) -> torch.Tensor:
         if ref.builtin == "ellipses":
             return random_ellipses(ref.count, ref.size, ref.seed)
         if ref.builtin == "digits":
-            from workers.engine.labelled import digits  # labelled.py imports arrays, not us
-
             return digits(ref.count, ref.size, ref.seed)[0]
         return shepp_logan(ref.count, ref.size)
     if isinstance(ref, UploadedDataset):

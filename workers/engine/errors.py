@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 
 class EngineInputError(ValueError):
     """The audit's inputs cannot work together (operator, dataset, model spec); the message says
@@ -25,7 +28,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
-def run_model(model, *args):  # type: ignore[no-untyped-def]
+def run_model(model: Callable[..., Any], *args: Any) -> Any:
     """model(*args), with what the model raises turned into ModelFailed (memory exhaustion
     stays what it is: the runner reports it as the memory limit)."""
     try:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import torch
 
-import workers.engine.api as engine_api
 from schemas.model_spec import ModelFormat, ModelSpec
+from workers.engine.admission import Admission
 from workers.engine.architectures import build_architecture
+from workers.engine.devices import resolve_device
 from workers.engine.probe import parameter_count, probe_model
 from workers.engine.rejection import ModelRejected
 from workers.engine.screening import (
@@ -37,12 +38,6 @@ class LoadedModel:
     graph: GraphSummary | None  # None for safetensors: the engine built the graph itself
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def load_model(
     path: Path, fmt: ModelFormat, spec: ModelSpec, device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
@@ -59,6 +54,10 @@ def _load_screened(
         loaded = _load_torchscript(path, device)
     elif fmt == "export":
         loaded = _load_export(path, device)
+    elif fmt == "onnx":
+        from workers.engine.onnx_models import load_onnx  # onnx, onnx2torch: only when needed
+
+        loaded = LoadedModel(*load_onnx(path, spec, device))
     else:
         loaded = LoadedModel(_load_safetensors(path, spec, device), None)
     for parameter in loaded.module.parameters():
@@ -146,7 +145,7 @@ def _message(exc: BaseException) -> str:
 
 def admit(
     path: Path, fmt: ModelFormat, spec: ModelSpec, device: str | torch.device = "cpu"
-) -> engine_api.Admission:
+) -> Admission:
     """Screen, load and probe a model. Never raises for a bad model: the reason is returned."""
     info: dict[str, object] = {"format": fmt}
     started = time.perf_counter()
@@ -159,10 +158,14 @@ def admit(
             info["graph_op_count"] = loaded.graph.forward_op_count
             info["graphs_screened"] = loaded.graph.methods_screened
         info["load_seconds"] = round(time.perf_counter() - started, 6)
+        if fmt == "onnx":  # the conversion must compute what onnxruntime computes
+            from workers.engine.onnx_models import verify_conversion
+
+            info.update(verify_conversion(Path(path), loaded.module, spec, dev))
         info.update(probe_model(loaded.module, spec, dev))
     except ModelRejected as exc:
-        return engine_api.Admission(ok=False, reason=exc.reason, info=info)
+        return Admission(ok=False, reason=exc.reason, info=info)
     except Exception as exc:  # noqa: BLE001 - an uploaded model must never crash admission
         reason = f"the model could not be admitted: {type(exc).__name__}: {_message(exc)}"
-        return engine_api.Admission(ok=False, reason=reason, info=info)
-    return engine_api.Admission(ok=True, reason=None, info=info)
+        return Admission(ok=False, reason=reason, info=info)
+    return Admission(ok=True, reason=None, info=info)

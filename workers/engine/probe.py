@@ -9,22 +9,60 @@ from typing import Any
 
 import torch
 
+from schemas.common import FileArray, UploadedArray
 from schemas.model_spec import ModelSpec
+from workers.engine.errors import EngineInputError, is_out_of_memory
+from workers.engine.operators import LinearOperator, build_operator
 from workers.engine.rejection import ModelRejected
 
 PROBE_BATCH = 2
 PROBE_SEED = 0
 
 
-def probe_input(spec: ModelSpec, device: torch.device) -> torch.Tensor | None:
-    """A batch drawn uniformly from the spec's value range, or None when the model takes raw
-    measurements, whose shape depends on the operator that is chosen only at audit time."""
-    if spec.input == "measurement":
-        return None
+def probe_input(
+    spec: ModelSpec, device: torch.device, operator: LinearOperator | None = None
+) -> tuple[torch.Tensor | None, str]:
+    """The probe's input batch and how it was made, or (None, why) when nothing tells the
+    shape of a measurement model's input.
+
+    Images are drawn uniformly from the spec's value range. A measurement model gets A(x) of such
+    images through `operator` (the audit's) or the spec's own `operator`, else noise of the spec's
+    `measurement_shape`; the adjoint convention already takes image-shaped inputs."""
     lo, hi = spec.value_range
     generator = torch.Generator().manual_seed(PROBE_SEED)
-    x = torch.rand((PROBE_BATCH, *spec.image_shape), generator=generator) * (hi - lo) + lo
-    return x.to(device)
+    images = torch.rand((PROBE_BATCH, *spec.image_shape), generator=generator) * (hi - lo) + lo
+    if spec.input != "measurement":
+        return images.to(device), "image"
+    if operator is None and spec.operator is not None:
+        operator = _spec_operator(spec, device)
+        if operator is None:
+            return None, (
+                "the spec's operator refers to uploaded arrays, which exist only in an audit: "
+                "the first audit probes the model through its operator before any check"
+            )
+    if operator is not None:
+        with torch.no_grad():
+            return operator.A(images.to(device)), "operator"
+    if spec.measurement_shape is not None:
+        noise = torch.rand((PROBE_BATCH, *spec.measurement_shape), generator=generator)
+        return (noise * (hi - lo) + lo).to(device), "measurement_shape"
+    return None, (
+        "the model takes measurements and its spec names neither `operator` nor "
+        "`measurement_shape`: the first audit probes it through the audit's operator before "
+        "any check"
+    )
+
+
+def _spec_operator(spec: ModelSpec, device: torch.device) -> LinearOperator | None:
+    """The spec's operator, or None when it needs arrays that only an audit uploads."""
+    assert spec.operator is not None
+    arrays = (FileArray, UploadedArray)
+    if any(isinstance(value, arrays) for value in spec.operator.__dict__.values()):
+        return None
+    try:
+        return build_operator(spec.operator, spec.image_shape, device)
+    except EngineInputError as exc:
+        raise ModelRejected(f"the spec's operator cannot be built: {exc}") from exc
 
 
 def expected_output_shape(spec: ModelSpec) -> list[int]:
@@ -34,20 +72,28 @@ def expected_output_shape(spec: ModelSpec) -> list[int]:
     return [PROBE_BATCH, *spec.image_shape]
 
 
-def probe_model(model: torch.nn.Module, spec: ModelSpec, device: torch.device) -> dict[str, Any]:
-    """Run the probe; raise ModelRejected with the reason, or return facts for the admission."""
-    x = probe_input(spec, device)
+def probe_model(
+    model: torch.nn.Module,
+    spec: ModelSpec,
+    device: torch.device,
+    operator: LinearOperator | None = None,
+) -> dict[str, Any]:
+    """Run the probe; raise ModelRejected with the reason, or return facts for the admission.
+
+    `operator`: the audit's, when an audit probes a model its admission could not."""
+    x, source = probe_input(spec, device, operator)
     if x is None:
-        return {
-            "probe": "skipped",
-            "probe_note": "the model takes measurements, whose shape depends on the audit's "
-            "operator: shapes are checked when an audit runs",
-        }
+        return {"probe": "deferred", "probe_note": source}
     x.requires_grad_(True)
     started = time.perf_counter()
     try:
         output = model(x)
     except Exception as exc:  # noqa: BLE001 - any failure of uploaded code is a rejection
+        if is_out_of_memory(exc):
+            raise ModelRejected(
+                f"the model ran out of memory on a probe of {PROBE_BATCH} inputs of shape "
+                f"{list(x.shape[1:])} (the sandbox's memory limit): {_message(exc)}"
+            ) from exc
         raise ModelRejected(
             f"the model fails on an input of shape {list(x.shape)}: {_message(exc)}"
         ) from exc
@@ -55,6 +101,7 @@ def probe_model(model: torch.nn.Module, spec: ModelSpec, device: torch.device) -
     gradient_note = _check_gradient(output, x)
     info: dict[str, Any] = {
         "probe": "passed",
+        "probe_input": source,
         "probe_seconds": round(time.perf_counter() - started, 6),
         "input_shape": list(x.shape),
         "output_shape": list(output.shape),

@@ -1,9 +1,8 @@
-"""Assembling and writing the audit report (docs/report.md lists every field)."""
+"""Assembling and writing the audit report (docs/reports.md lists every field)."""
 
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 from schemas.audits import AuditConfig
 from schemas.canonical import canonical_json  # the serialisation reports are signed in
 from schemas.reports import SCHEMA_VERSION, Report
+from schemas.verdicts import audit_verdict
 from workers.engine.shards import check_seed
 
 REPORT_FILE = "report.json"
@@ -44,16 +44,6 @@ def environment(device: torch.device) -> dict[str, Any]:
     return env
 
 
-def overall_verdict(verdicts: Iterable[str]) -> str:
-    """`fail` if any check fails; `pass` if one passes and none fails; `info` otherwise."""
-    seen = set(verdicts)
-    if "fail" in seen:
-        return "fail"
-    if "pass" in seen:
-        return "pass"
-    return "info"
-
-
 def write_report(report: dict[str, Any], out_dir: Path) -> Path:
     """Validate against schemas.reports.Report, then write report.json in canonical JSON."""
     Report.model_validate(report)
@@ -79,7 +69,7 @@ def build_report(
         "config": canonical_config(config),
         "environment": environment(device),
         "seed": config.seed,
-        "verdict": overall_verdict(check["verdict"] for check in checks),
+        "verdict": audit_verdict(check["verdict"] for check in checks),
         "cost": cost,
         "checks": checks,
         "warnings": warnings,

@@ -36,6 +36,9 @@ MAX_COMPRESSION_RATIO = 200.0
 # Small entries (JSON, code) can compress far better than weights without being a bomb.
 RATIO_CHECKED_FROM_BYTES = 1024**2
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024**2
+# An ONNX ModelProto starts with its ir_version (field 1, varint): every ONNX writer serialises
+# fields in number order.
+ONNX_FIRST_BYTE = b"\x08"
 
 NATIVE_LIBRARY = re.compile(
     r"\.(so(\.\d+)*|dll|dylib|pyd|exe|o|a|lib|cubin|fatbin|ptx|hsaco|spv)$", re.IGNORECASE
@@ -160,6 +163,8 @@ def detect_format(path: Path) -> ModelFormat | None:
         return None
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
+    if head[:1] == ONNX_FIRST_BYTE:
+        return "onnx"  # parsed and checked by workers.engine.onnx_models
     return None
 
 
@@ -173,6 +178,7 @@ def _describe(fmt: ModelFormat | None) -> str:
         "torchscript": "a TorchScript archive",
         "export": "a torch.export .pt2 archive",
         "safetensors": "a safetensors file",
+        "onnx": "an ONNX model",
         None: "no accepted model format",
     }[fmt]
 
@@ -268,6 +274,8 @@ def screen_archive(path: Path, fmt: ModelFormat) -> None:
     if fmt == "safetensors":
         _screen_safetensors_header(path)
         return
+    if fmt == "onnx":
+        return  # a protobuf, not an archive: workers.engine.onnx_models screens it
     entries = inspect_zip(path)
     allowed = TORCHSCRIPT_ENTRIES if fmt == "torchscript" else EXPORT_ENTRIES
     for entry in entries:
@@ -452,3 +460,19 @@ def _exported_target_refusal(target: object) -> str | None:
     if getattr(target, "__module__", None) in ("_operator", "operator"):
         return None
     return f"calls {getattr(target, '__qualname__', target)!r}, which is not an aten operator"
+
+
+def screen_aten_graph(module: torch.fx.GraphModule, where: str) -> int:
+    """Screen a graph traced to aten operators (a converted ONNX model, traced on its probe
+    input) with the policy of exported programs; return its operator count."""
+    count = 0
+    for node in module.graph.nodes:
+        if node.op in ("placeholder", "output", "get_attr"):
+            continue
+        if node.op != "call_function":
+            raise ModelRejected(f"{where} has a {node.op} node ({node.target})")
+        count += 1
+        refusal = _exported_target_refusal(node.target)
+        if refusal is not None:
+            raise ModelRejected(f"{where} {refusal}")
+    return count

@@ -13,7 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +26,7 @@ from schemas.audits import TERMINAL_STATES
 from schemas.runner import RunnerEvent
 from service.db.models import Audit, AuditShard, Model, utcnow
 from service.queue import broker as queue
+from service.queue.dispatch import get_dispatcher
 from service.settings import Settings
 from service.storage.stores import ArtifactStore
 from workers.execution import jobs
@@ -52,14 +53,16 @@ PROGRESS_INTERVAL_SECONDS = 0.5  # at most ~2 progress writes per second
 
 @dataclass(frozen=True)
 class Sends:
-    """The messages the execution sends (tests record them instead)."""
+    """The messages the execution sends (tests record them instead): audit(audit_id, queue,
+    priority), shards(audit_id, queue, priority, count), callback(audit_id)."""
 
-    audit: Callable[..., None] = queue.enqueue_audit  # (audit_id, queue, priority)
-    shards: Callable[..., None] = queue.enqueue_shards  # (audit_id, queue, priority, count)
-    callback: Callable[[str], None] = queue.enqueue_callback
+    audit: Callable[..., object] = field(default_factory=lambda: get_dispatcher().audit)
+    # (audit_id, queue, priority, count)
+    shards: Callable[..., object] = field(default_factory=lambda: get_dispatcher().shards)
+    callback: Callable[[str], object] = field(default_factory=lambda: get_dispatcher().callback)
 
 
-def send_safely(send: Callable[..., None], *args: Any) -> None:
+def send_safely(send: Callable[..., object], *args: Any) -> None:
     """A broker outage never costs the work: the reconciler re-sends audit and shard messages
     from the rows later; a callback that cannot be enqueued is only that callback lost."""
     try:
@@ -93,6 +96,15 @@ def runner_error_problem(
     info = event.info or {}
     if info.get("cause") == "storage":
         return storage_full_problem(event.reason or "no space left on device")
+    if info.get("cause") == "model":
+        return problem(
+            "model-failed",
+            event.message or "The model failed its probe",
+            422,
+            where
+            + "the audited model failed its probe through this audit's operator: "
+            + (event.reason or "no reason given"),
+        )
     if info.get("cause") == "memory":
         detail = (
             f"{what} exceeded the memory limit of {settings.runner_memory_bytes} "
@@ -121,9 +133,18 @@ def sandbox_for(settings: Settings, model_format: str) -> Sandbox:
     )
 
 
-def audit_time_limit(settings: Settings, request: dict[str, Any]) -> float:
-    """The wall-clock limit of the child: the soft limit, or the audit's tighter budget."""
+def audit_time_limit(
+    settings: Settings, request: dict[str, Any], probe_seconds: float | None = None
+) -> float:
+    """The wall-clock limit of the audit: the soft limit; tighter, what the measured probe time
+    says the audit needs (probe_seconds × audit_probe_multiple, at least audit_min_time_limit);
+    tighter still, the audit's own budget."""
     limit = float(settings.audit_soft_time_limit)
+    if probe_seconds is not None:
+        derived = max(
+            float(settings.audit_min_time_limit), probe_seconds * settings.audit_probe_multiple
+        )
+        limit = min(limit, derived)
     wall = (request.get("budget") or {}).get("wall_seconds")
     return min(limit, float(wall)) if wall else limit
 
@@ -148,6 +169,7 @@ class _Attempt:
     lease_lost: bool = False
     cancelled: bool = False
     planned: bool = False
+    planning: bool = False  # the child is the plan step (model load and probe first)
 
     def fail(self, kind: str, title: str, status: int, detail: str) -> None:
         self.finish(status="failed", error=problem(kind, title, status, detail))
@@ -212,6 +234,18 @@ class _Attempt:
             self.session.commit()
         except IntegrityError:  # stored meanwhile by a concurrent attempt: same result
             self.session.rollback()
+
+    def record_probe(self, event: RunnerEvent) -> None:
+        """Keep the probe time the plan step measured: the audit's default limit derives from it."""
+        probe = (event.info or {}).get("probe") or {}
+        seconds = probe.get("probe_seconds")
+        if isinstance(seconds, int | float) and seconds >= 0:
+            self.session.execute(
+                update(Audit)
+                .where(Audit.id == self.audit_id)
+                .values(probe_seconds=float(seconds))
+                .execution_options(synchronize_session=False)
+            )
 
     def record_plan(self) -> None:
         """Store the planned shards as rows (keeping any stored before), release the audit
@@ -325,6 +359,7 @@ class _Attempt:
         elif event.event == "report":
             self.record_report()
         elif event.event == "plan":
+            self.record_probe(event)
             self.record_plan()
         elif event.event == "error":
             self.record_error(event)
@@ -380,8 +415,10 @@ def wake_waiting_audits(session: Session, settings: Settings, tenant_id: str, se
             Audit.tenant_id == tenant_id, Audit.status == "queued", Audit.lease_owner.is_(None)
         )
     ).all()
-    waiting.sort(key=lambda row: (PRIORITY_RANK.get(row.priority, 1), row.created_at, row.id))
-    for row in waiting[:free]:
+    order = sorted(
+        waiting, key=lambda row: (PRIORITY_RANK.get(row.priority, 1), row.created_at, row.id)
+    )
+    for row in order[:free]:
         send_safely(sends.audit, row.id, row.queue, row.priority)
 
 
@@ -484,6 +521,7 @@ def execute_audit(
             release_lease(session, audit_id, owner, attempts=max(audit.attempts - 1, 0))
             return "sharded"
         kind = "audit"  # every shard is stored: merge, sign, render
+    attempt.planning = kind == "plan"
     set_current_work(audit_id)
     try:
         attempt.job_dir = jobs.materialise_audit_job(session, settings, audit, model, kind=kind)
@@ -498,7 +536,11 @@ def execute_audit(
         attempt.finish(status="failed", error=storage_full_problem(str(exc)))
         return "failed"
     try:
-        result = _supervise_child(attempt, audit.request, audit.attempts, model.format)
+        limit = audit_time_limit(settings, audit.request, audit.probe_seconds)
+        if kind == "plan":
+            # The plan step loads the model and probes it first: the probe's short budget.
+            limit = min(limit, float(settings.admission_time_limit))
+        result = _supervise_child(attempt, audit.request, audit.attempts, model.format, limit)
         return "planned" if attempt.planned else result
     finally:
         set_current_work(None)
@@ -511,10 +553,9 @@ def _callback_url(session: Session, audit_id: str) -> str | None:
 
 
 def _supervise_child(
-    attempt: _Attempt, request: dict[str, Any], attempts: int, model_format: str
+    attempt: _Attempt, request: dict[str, Any], attempts: int, model_format: str, limit: float
 ) -> str:
     settings = attempt.settings
-    limit = audit_time_limit(settings, request)
     try:
         child = RunnerChild(
             sandbox_for(settings, model_format),
@@ -561,10 +602,20 @@ def _supervise_child(
         attempt.finish(status="cancelled")
         return "cancelled"
     if outcome.timed_out:
-        attempt.fail("time-limit", "Time limit exceeded", 422, f"timed out after {limit:g} s")
+        attempt.fail("time-limit", "Time limit exceeded", 422, _timeout_detail(attempt, limit))
         return "failed"
     attempt.retry_or_give_up(outcome.returncode, outcome.stderr_tail, attempts)
     return _final_status(attempt)
+
+
+def _timeout_detail(attempt: _Attempt, limit: float) -> str:
+    if attempt.planning:
+        return (
+            f"the model did not finish loading and its probe (one forward and input gradient "
+            f"on 2 inputs) within {limit:g} s: it may never return; see the model's "
+            "admission_info"
+        )
+    return f"timed out after {limit:g} s"
 
 
 def _final_status(attempt: _Attempt) -> str:

@@ -1,4 +1,4 @@
-"""The worker-side Celery app: the shared configuration plus the task modules and signals.
+"""The worker-side Celery app: the shared configuration, the task modules to load and signals.
 
 Started as `celery -A workers.execution.celery_app worker` (by workers.execution.supervisor).
 Imports no torch.
@@ -16,6 +16,8 @@ from service.settings import get_settings
 from workers.execution.heartbeat import Heartbeat
 
 app = make_celery(get_settings())
+# The worker imports the task modules when it starts (they import `app` from here, never the
+# other way round: one registration, no import circle).
 app.conf.imports = ("workers.execution.tasks",)
 # A solo worker runs one task at a time; the audit itself runs in a child process.
 app.conf.worker_concurrency = 1
@@ -35,6 +37,3 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
 def _stop_heartbeat(**_: Any) -> None:
     if _heartbeat is not None:
         _heartbeat.stop()
-
-
-import workers.execution.tasks  # noqa: E402,F401  (registers the tasks on `app`)

@@ -34,7 +34,12 @@ from service.settings import Settings
 from service.storage.stores import ArtifactStore, BlobStore, sha256_file
 
 INPUTS_DIR = "inputs"
-MODEL_EXTENSIONS = {"torchscript": ".pt", "export": ".pt2", "safetensors": ".safetensors"}
+MODEL_EXTENSIONS = {
+    "torchscript": ".pt",
+    "export": ".pt2",
+    "safetensors": ".safetensors",
+    "onnx": ".onnx",
+}
 DATASET_EXTENSIONS = {"npy": ".npy", "npz": ".npz", "png_zip": ".zip"}
 SHARD_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

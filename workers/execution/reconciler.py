@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import Audit, AuditShard, Model
 from service.queue import broker as queue
+from service.queue.dispatch import get_dispatcher
 from service.settings import Settings, get_settings
 from workers.execution.leases import expired_lease_condition
 from workers.execution.shard_leases import expired_shard_condition, stale_shard_condition
@@ -78,13 +79,17 @@ def reconcile_once(
     now: datetime,
     *,
     settings: Settings | None = None,
-    enqueue_audit: Callable[..., None] = queue.enqueue_audit,
-    enqueue_admission: Callable[[str], None] = queue.enqueue_admission,
-    enqueue_shards: Callable[..., None] = queue.enqueue_shards,
+    enqueue_audit: Callable[..., object] | None = None,
+    enqueue_admission: Callable[[str], object] | None = None,
+    enqueue_shards: Callable[..., object] | None = None,
     count_tokens: Callable[[str], int | None] | None = None,
 ) -> ReconcileResult:
-    """One pass; the rows are committed before their messages are sent."""
+    """One pass; the rows are committed before their messages are sent (by the dispatcher,
+    unless the caller passes its own senders)."""
     settings = settings or get_settings()
+    enqueue_audit = enqueue_audit or get_dispatcher().audit
+    enqueue_admission = enqueue_admission or get_dispatcher().admission
+    enqueue_shards = enqueue_shards or get_dispatcher().shards
     result = ReconcileResult()
 
     # A dead worker's audit goes back to `queued`: if this message is lost too, the
@@ -241,7 +246,7 @@ def _shortfall(session: Session, queue_name: str, in_broker: int | None) -> int 
     return int(waiting or 0) - in_broker
 
 
-def _send(enqueue: Callable[..., None], *args: object) -> None:
+def _send(enqueue: Callable[..., object], *args: object) -> None:
     # A broker outage must not stop the pass: the row's new timestamp brings it back later.
     try:
         enqueue(*args)

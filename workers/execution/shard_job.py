@@ -167,7 +167,7 @@ def _ask_to_stop(job_dir: Path) -> None:
 
 def _remaining_seconds(settings: Settings, audit: Audit, now: datetime) -> float:
     """The child's wall-clock limit: the soft limit, or what is left of the audit's budget."""
-    limit = audit_time_limit(settings, audit.request)
+    limit = audit_time_limit(settings, audit.request, audit.probe_seconds)
     wall = (audit.request.get("budget") or {}).get("wall_seconds")
     if wall and audit.started_at is not None:
         limit = min(limit, float(wall) - (now - audit.started_at).total_seconds())

@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from service.db.models import utcnow
 from service.db.session import get_sessionmaker
 from service.queue.broker import (
     TASK_ADMIT_MODEL,
-    TASK_RECONCILE,
     TASK_RUN_AUDIT,
     TASK_RUN_SHARD,
     TASK_SEND_CALLBACK,
@@ -19,7 +17,6 @@ from workers.execution.admission import execute_admission
 from workers.execution.audit_job import execute_audit
 from workers.execution.callbacks import Delivery, backoff_seconds, deliver_callback
 from workers.execution.celery_app import app
-from workers.execution.reconciler import reconcile_once
 from workers.execution.shard_job import execute_shard
 
 log = logging.getLogger(__name__)
@@ -44,19 +41,6 @@ def run_shard(self: Any, audit_id: str, queue: str) -> str:
 def admit_model(model_id: str) -> str:
     with get_sessionmaker()() as session:
         return execute_admission(model_id, settings=get_settings(), session=session)
-
-
-@app.task(name=TASK_RECONCILE)
-def reconcile() -> dict[str, list[str]]:
-    with get_sessionmaker()() as session:
-        result = reconcile_once(session, utcnow(), settings=get_settings())
-    return {
-        "expired_leases": result.expired_leases,
-        "lost_messages": result.lost_messages,
-        "models": result.models,
-        "shards": result.shards,
-        "finalising": result.finalising,
-    }
 
 
 @app.task(name=TASK_SEND_CALLBACK, bind=True, acks_late=True, max_retries=None)

@@ -1,7 +1,9 @@
-"""The report's figures as PNG bytes: error-vs-level curves and image panels.
+"""The report's figures as PNG bytes: error-vs-level curves here; image panels are drawn by
+workers.engine.panels (the theorem checks draw theirs with it too).
 
 matplotlib's object API on the Agg canvas (no pyplot: no global state, safe in any thread, no
-display). Arrays come from the audit's .npy artifacts, loaded without pickles and size-capped.
+display). Arrays come from the audit's .npy artifacts, read by the engine's one array reader
+(workers.engine.arrays.load_array: no pickles) and size-capped.
 """
 
 from __future__ import annotations
@@ -13,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+
+from workers.engine.arrays import load_array
+from workers.engine.errors import EngineInputError
 
 MAX_ARRAY_ELEMENTS = 4 * 1024 * 1024  # a panel never needs more; bigger files are skipped
 DPI = 96
@@ -59,57 +64,11 @@ def curves_png(title: str, ylabel: str, curves: list[Curve]) -> bytes | None:
     return _png(fig)
 
 
-def load_array(path: Path) -> np.ndarray | None:
-    """A .npy artifact as float64, or None if it is missing, pickled, huge or not numeric."""
+def artifact_array(path: Path) -> np.ndarray | None:
+    """A .npy artifact as float64 (NaN and infinities drawn as 0), or None if it is missing,
+    pickled, huge or not numeric: a figure the report cannot draw is left out."""
     try:
-        # memory-mapped: only the header is read before the size check
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError):
+        array = load_array(path, max_elements=MAX_ARRAY_ELEMENTS, allow_non_finite=True)
+    except EngineInputError:
         return None
-    if not isinstance(array, np.ndarray):  # an .npz archive under a .npy name
-        return None
-    if array.size > MAX_ARRAY_ELEMENTS or not np.issubdtype(array.dtype, np.number):
-        return None
-    if np.iscomplexobj(array):
-        array = np.abs(array)
     return np.nan_to_num(np.asarray(array, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-
-
-def as_picture(array: np.ndarray) -> np.ndarray:
-    """A 2-D picture of an artifact: one channel as is, several (real and imaginary parts,
-    colours, coils) as the magnitude over channels; 1-D arrays stay 1-D (drawn as a line)."""
-    array = np.squeeze(array)
-    if array.ndim <= 2:
-        return array
-    channels = array.reshape(-1, *array.shape[-2:])
-    return np.sqrt(np.sum(channels**2, axis=0))
-
-
-@dataclass(frozen=True)
-class Panel:
-    title: str
-    array: np.ndarray
-    signed: bool = False  # a difference or a perturbation: symmetric colour map around 0
-
-
-def panels_png(panels: list[Panel]) -> bytes | None:
-    if not panels:
-        return None
-    fig = Figure(figsize=(2.6 * len(panels), 2.9))
-    for position, panel in enumerate(panels, start=1):
-        ax = fig.add_subplot(1, len(panels), position)
-        picture = as_picture(panel.array)
-        if picture.ndim == 1:
-            ax.plot(picture, linewidth=0.8)
-            ax.set_box_aspect(1)
-        else:
-            if panel.signed and picture.min() < 0:
-                extent = float(np.abs(picture).max()) or 1.0
-                image = ax.imshow(picture, cmap="RdBu_r", vmin=-extent, vmax=extent)
-            else:
-                image = ax.imshow(picture, cmap="gray" if not panel.signed else "magma")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
-        ax.set_title(panel.title, fontsize="small")
-    return _png(fig)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,8 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from service.reports.findings import Finding, findings, fmt
-from workers.reporting.figures import Curve, Panel, curves_png, load_array, panels_png
+from workers.engine.panels import Panel, panels_png
+from workers.reporting.figures import Curve, artifact_array, curves_png
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPORT_HTML = "report.html"
@@ -94,7 +96,7 @@ def _error_curves(kind: str, group: list[Finding]) -> Figure | None:
 def _artifact(finding: Finding, directory: Path, suffix: str) -> Any:
     for name in finding.result.get("artifacts") or []:
         if isinstance(name, str) and name.endswith(suffix) and "/" not in name:
-            return load_array(directory / name)
+            return artifact_array(directory / name)
     return None
 
 
@@ -167,7 +169,7 @@ CLASSIFIER_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
 def _table(kind: str, finding: Finding) -> dict[str, Any] | None:
     if finding.result.get("task") == "classification" or kind == "adversarial":
         return _rows_table(CLASSIFIER_COLUMNS.get(kind), finding)
-    columns: list[tuple[str, str, str | None]] | None = {
+    columns: Sequence[tuple[str, str, str | None]] | None = {
         "worst_case": [
             ("relative error (max)", "relative_error", "max"),
             ("relative error (mean)", "relative_error", "mean"),
@@ -193,7 +195,7 @@ def _table(kind: str, finding: Finding) -> dict[str, Any] | None:
 
 
 def _rows_table(
-    columns: list[tuple[str, str, str | None]] | None, finding: Finding
+    columns: Sequence[tuple[str, str, str | None]] | None, finding: Finding
 ) -> dict[str, Any] | None:
     if columns is None:
         return None

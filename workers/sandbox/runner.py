@@ -99,6 +99,9 @@ def run_plan(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
 
     if job.config is None:
         raise ValueError("job.json: a plan job needs a config")
+    probe = _probe_before_planning(job, job_dir, events)
+    if probe is None:
+        return
     shards = api.plan_audit(job.spec, job.config, job_dir)
     if len(shards) > MAX_SHARDS:
         raise EngineInputError(
@@ -109,7 +112,32 @@ def run_plan(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
     out_dir.mkdir(exist_ok=True)
     plan = RunnerPlan.model_validate({"shards": shards})
     (out_dir / PLAN_FILE).write_text(plan.model_dump_json(), encoding="utf-8")
-    events.emit("plan", file=f"{OUT_DIR}/{PLAN_FILE}", info={"shards": len(shards)})
+    events.emit("plan", file=f"{OUT_DIR}/{PLAN_FILE}", info={"shards": len(shards), **probe})
+
+
+def _probe_before_planning(
+    job: RunnerJob, job_dir: Path, events: EventStream
+) -> dict[str, Any] | None:
+    """The model's probe through the audit's operator; None (and an error event naming the
+    model) when the model fails it. The worker gives the plan child the probe's short time
+    limit, so a model that never returns costs that much and no more."""
+    from workers.engine.audit_probe import probe_for_audit
+    from workers.engine.rejection import ModelRejected
+
+    assert job.config is not None
+    try:
+        facts = probe_for_audit(
+            job_dir / job.model_file, job.model_format, job.spec, job.config, job_dir
+        )
+    except ModelRejected as exc:
+        events.emit(
+            "error",
+            message="The model failed its probe",
+            reason=exc.reason,
+            info={"status": INPUT_ERROR_STATUS, "cause": "model"},
+        )
+        return None
+    return {"probe": facts}
 
 
 def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
@@ -155,9 +183,7 @@ def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
     if job.kind == "shards":
         events.emit("done", info={"shards": report.get("shards", [])})
         return
-    report_path = out_dir / REPORT_FILE
-    if not report_path.is_file():
-        report_path.write_text(json.dumps(report), encoding="utf-8")
+    # the engine wrote out/report.json (workers.engine.report.write_report)
     events.emit("report", file=f"{OUT_DIR}/{REPORT_FILE}", info={"verdict": report.get("verdict")})
 
 

@@ -222,3 +222,108 @@ def test_a_huge_header_is_refused_at_once_and_others_are_served(
     # Headers under the limit are served as before.
     fine, _ = _raw_get(served, 8 * 1024)
     assert fine.startswith(b"HTTP/1.1 200 "), fine[:200]
+
+
+def test_a_slow_upload_holds_no_database_slot_that_polls_need(tmp_path: Path) -> None:
+    """One database slot, polls wait for it at most 1 s: an upload whose client sends its body
+    slowly (here: never finishes it) must not keep the slot, or every poll is answered 503."""
+    from sqlalchemy.orm import Session
+
+    from service.db.keys import create_api_key
+    from service.db.session import make_engine
+
+    port = free_port()
+    database = f"sqlite:///{tmp_path / 'served.db'}"
+    env = {
+        **os.environ,
+        "TIGHTROPE_DATA_DIR": str(tmp_path),
+        "TIGHTROPE_DATABASE_URL": database,
+        "TIGHTROPE_BROKER_URL": REDIS_URL,
+        "TIGHTROPE_DB_POOL_SIZE": "1",
+        "TIGHTROPE_DB_QUEUE_TIMEOUT_SECONDS": "1",
+        "TIGHTROPE_API_KEY_CACHE_SECONDS": "0",  # every request looks its key up
+    }
+    argv = [sys.executable, "-m", "service.api.server", "127.0.0.1", str(port)]
+    server = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until_serving(f"http://127.0.0.1:{port}", server)
+        engine = make_engine(database)
+        with Session(engine) as session:
+            key = create_api_key(session, "slow-uploader")
+        engine.dispose()
+        boundary = "slowslowslow"
+        head = (
+            f"POST /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+            f"Content-Type: multipart/form-data; boundary={boundary}\r\n"
+            f"Content-Length: {50 * MiB}\r\n\r\n"
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+            'filename="model.pt"\r\nContent-Type: application/octet-stream\r\n\r\n'
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as upload:
+            upload.sendall(head + b"\0" * 65536)  # ... and the rest never comes
+            time.sleep(0.5)  # the gateway is now streaming this body
+            polls = [
+                httpx.get(
+                    f"http://127.0.0.1:{port}/v1/models",
+                    headers={"Authorization": f"Bearer {key}"},
+                    timeout=10,
+                )
+                for _ in range(3)
+            ]
+        assert [poll.status_code for poll in polls] == [200, 200, 200], polls[-1].text
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def test_a_client_that_leaves_mid_upload_is_logged_without_a_traceback(
+    sqlite_client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The body stops with `http.disconnect`, as uvicorn reports a closed connection: a line at
+    INFO, no "unhandled error" and no traceback; the answer (read by nobody) is a 400 problem."""
+    import anyio
+
+    auth = new_key(sqlite_client)
+    boundary = "gone"
+    first = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; '
+        'filename="model.pt"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    ).encode() + b"\0" * 1024
+    messages = [
+        {"type": "http.request", "body": first, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/models",
+        "raw_path": b"/v1/models",
+        "query_string": b"",
+        "root_path": "",
+        "client": ("127.0.0.1", 5000),
+        "server": ("testserver", 80),
+        "headers": [
+            (b"host", b"testserver"),
+            (b"authorization", auth["Authorization"].encode()),
+            (b"content-type", f"multipart/form-data; boundary={boundary}".encode()),
+            (b"content-length", b"4096"),
+        ],
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    caplog.set_level("INFO")
+    anyio.run(sqlite_client.app, scope, receive, send)  # type: ignore[arg-type]
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    assert start["status"] == 400
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert not [r for r in caplog.records if r.exc_info]
+    assert any("client disconnected during POST /v1/models" in r.message for r in caplog.records)

@@ -317,6 +317,7 @@ def generated(tmp_path: Path) -> Iterator[Path]:
         del sys.modules[name]
 
 
+@pytest.mark.needs("redis")  # a real gateway process
 def test_a_generated_client_uses_the_api(
     tmp_path: Path, generated: Path, model_files: ModelFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -67,6 +67,7 @@ def serve(tmp_path: Path, url: str, **settings: str) -> Iterator[str]:
         server.wait(timeout=10)
 
 
+@pytest.mark.needs("redis")  # a real gateway process
 def test_many_pollers_queue_instead_of_failing(tmp_path: Path, db_url: str) -> None:
     """The finding: 64 connections polling with a small pool. Before the fix every request
     waited 30 s for a connection and ended in a 500 (QueuePool limit ... reached)."""

@@ -183,3 +183,36 @@ def test_cancelling_a_queued_audit_sends_its_callback(
         tasks = [(m["headers"]["task"], m["headers"]["argsrepr"]) for m in messages]
         assert tasks == [("tightrope.send_callback", repr([with_callback]))]
         assert broker_count(callback_broker) == 1  # the callback only: no audit message
+
+
+def test_artifacts_and_reports_answer_byte_ranges_and_refuse_bad_ones_as_problems(
+    client: TestClient, auth: dict[str, str], settings: Settings, model_files: ModelFiles
+) -> None:
+    model_id = ready_model(client, auth, model_files.torchscript)
+    audit_id = _succeeded_audit(client, auth, settings, model_id)
+    content = bytes(range(100))
+    (settings.artifact_dir / audit_id / "worst.npy").write_bytes(content)
+    with sessions_of(client)() as session:
+        session.add(
+            Artifact(
+                audit_id=audit_id,
+                name="worst.npy",
+                media_type="application/octet-stream",
+                sha256="0" * 64,
+                size_bytes=len(content),
+                path=f"{audit_id}/worst.npy",
+            )
+        )
+        session.commit()
+    url = f"/v1/audits/{audit_id}/artifacts/worst.npy"
+    part = client.get(url, headers={**auth, "Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == content[10:20]
+    assert part.headers["content-range"] == "bytes 10-19/100"
+
+    beyond = client.get(url, headers={**auth, "Range": "bytes=500-600"})
+    assert_problem(beyond, 416, "range-not-satisfiable")
+    assert beyond.headers["content-range"] == "bytes */100"
+    assert_problem(client.get(url, headers={**auth, "Range": "lines=1-2"}), 400)
+
+    report = client.get(f"/v1/audits/{audit_id}/report", headers={**auth, "Range": "bytes=0-0"})
+    assert report.status_code == 206 and report.content == b"{"

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from sqlalchemy.orm import Session
 
 from service.db.keys import create_api_key
@@ -39,6 +40,7 @@ def wait_until_serving(base: str, server: subprocess.Popen[bytes]) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.needs("redis")
 def test_uvicorn_serves_the_factory(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'smoke.db'}"
     upgrade_to_head(url)

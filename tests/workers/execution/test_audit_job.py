@@ -19,6 +19,8 @@ from workers.execution.audit_job import Sends, execute_audit
 from workers.execution.job_cache import JobCache
 from workers.execution.shard_job import execute_shard
 
+pytestmark = pytest.mark.needs("bwrap")  # real sandboxed children
+
 
 def _with(settings: Settings, **changes: object) -> Settings:
     return settings.model_copy(update=changes)

@@ -8,6 +8,7 @@ import threading
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -20,6 +21,8 @@ from workers.execution.job_cache import JobCache
 from workers.execution.reconciler import reconcile_once
 from workers.execution.shard_job import execute_shard
 from workers.execution.shard_leases import claim_shard, release_shard
+
+pytestmark = pytest.mark.needs("bwrap")  # real sandboxed children
 
 CPU = "tightrope.cpu"
 

@@ -17,7 +17,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from service.db.models import Audit, WorkerHeartbeat, utcnow
-from service.queue.broker import QUEUE_ADMISSION, QUEUE_CPU, enqueue_audit, make_celery
+from service.queue.broker import QUEUE_ADMISSION, QUEUE_CPU, make_celery
+from service.queue.dispatch import Dispatcher
 from service.settings import Settings
 from tests.workers.conftest import (
     add_audit,
@@ -176,18 +177,14 @@ def test_lost_messages_and_expired_leases_are_recovered_by_a_worker(
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_enqueue_audit_reaches_a_worker(
+def test_the_dispatchers_audit_message_reaches_a_worker(
     settings: Settings,
     session: Session,
     redis_client: redis.Redis,
     start_process: StartProcess,
-    monkeypatch,  # type: ignore[no-untyped-def]
 ) -> None:
-    """The gateway's own enqueue function (service.queue.broker) is what the worker consumes."""
-    from service.queue import broker as queue
-
-    monkeypatch.setattr(queue, "get_celery", lambda: make_celery(settings))
+    """The one sender (service.queue.dispatch) sends what the worker consumes."""
     start_process(celery_worker_argv("plain"), worker_env(settings, FAKE_RUNNER))
     audit = add_audit(session, add_model(session, settings))
-    enqueue_audit(audit.id)
+    assert Dispatcher.from_settings(settings).audit(audit.id)
     wait_for(lambda: _status(session, audit.id) == "succeeded", timeout=60)

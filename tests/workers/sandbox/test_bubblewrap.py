@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import textwrap
 import time
@@ -16,7 +15,7 @@ import pytest
 from workers.sandbox.bubblewrap import Sandbox, SandboxUnavailable
 from workers.sandbox.child import RunnerChild
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap not installed")
+pytestmark = pytest.mark.needs("bwrap")
 
 
 @pytest.fixture

@@ -70,6 +70,7 @@ def tiny_model(settings: Settings, session: Session, tmp_path: Path) -> Model:
     return model
 
 
+@pytest.mark.needs("bwrap")
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_sandboxed_audit_streams_progress_shards_and_a_report(
     settings: Settings, session: Session, tiny_model: Model
@@ -95,6 +96,7 @@ def test_a_sandboxed_audit_streams_progress_shards_and_a_report(
     assert [c["kind"] for c in report["checks"]][0] == "random_noise"
 
 
+@pytest.mark.needs("redis", "bwrap")
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_a_worker_runs_a_real_random_noise_audit(
     settings: Settings,

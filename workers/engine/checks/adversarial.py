@@ -15,9 +15,11 @@ from typing import Any
 import torch
 
 from schemas.checks_classifier import AdversarialCheck
+from schemas.verdicts import compare, fmt, judge
 from workers.engine.checks.classifier_common import classifier_inputs
 from workers.engine.classifier_attacks import (
     BATCH_IMAGES,
+    NormBall,
     is_adversarial,
     perturbation_norm,
     run_autoattack,
@@ -32,7 +34,7 @@ from workers.engine.stats import clopper_pearson
 _NORM_SLACK = 1e-5
 
 
-class AdversarialRunner:
+class Adversarial:
     kind = "adversarial"
 
     def run(
@@ -94,16 +96,16 @@ class AdversarialRunner:
             "per_image": images,
             "warnings": warnings,
         }
-        result["verdict"] = _verdict(config, levels)
-        return result
+        return judge(result, _comparisons(config, levels))
 
 
-def _verdict(config: AdversarialCheck, levels: list[dict[str, Any]]) -> str:
+def _comparisons(config: AdversarialCheck, levels: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if config.threshold is None:
-        return "info"
+        return []
     at = config.threshold.at_epsilon or config.epsilons[-1]
     row = next(level for level in levels if level["epsilon"] == at)
-    return "pass" if row["robust_accuracy"] >= config.threshold.min_robust_accuracy else "fail"
+    bound = config.threshold.min_robust_accuracy
+    return [compare(f"robust accuracy at ε = {fmt(at)}", row["robust_accuracy"], bound, "at_least")]
 
 
 def _autoattack_levels(
@@ -144,8 +146,9 @@ def _ball_levels(
 ) -> list[str]:
     """APGD / PGD: every (ε, restart, image) is one row of one batch."""
     model = classifier.box_model
+    search = config.search_settings()
     epsilons = config.epsilons
-    copies = len(epsilons) * config.restarts
+    copies = len(epsilons) * search.restarts
     attacked = [row for row in range(len(u)) if bool(correct[row])]
     outside = 0
     with seeded(seed, u.device):
@@ -154,17 +157,15 @@ def _ball_levels(
             x = u[rows].repeat(copies, *([1] * (u.dim() - 1)))
             y = labels[rows].repeat(copies)
             radius = torch.tensor(
-                [eps / classifier.scale for eps in epsilons for _ in range(config.restarts)],
+                [eps / classifier.scale for eps in epsilons for _ in range(search.restarts)],
                 device=u.device,
                 dtype=u.dtype,
             ).repeat_interleave(len(rows))
-            adversarial = run_ball_attack(
-                model, x, y, config.norm, radius, config.attack, config.steps
-            )
+            adversarial = run_ball_attack(model, x, y, NormBall(config.norm, radius), search)
             inside = perturbation_norm(adversarial - x, config.norm) <= radius * (1 + _NORM_SLACK)
             fooled = is_adversarial(model, adversarial, y)
             outside += int((fooled & ~inside).sum())
-            fooled = (fooled & inside).view(len(epsilons), config.restarts, len(rows)).any(dim=1)
+            fooled = (fooled & inside).view(len(epsilons), search.restarts, len(rows)).any(dim=1)
             for position, row in enumerate(rows):
                 hits = [eps for eps, hit in zip(epsilons, fooled[:, position], strict=True) if hit]
                 if hits:  # nested balls: the smallest ε that broke it

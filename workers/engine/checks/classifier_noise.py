@@ -95,11 +95,4 @@ def merge(config: RandomNoiseCheck, shards: list[dict[str, Any]]) -> dict[str, A
         "levels": table,
         "warnings": [],
     }
-    result["verdict"] = "info"
-    if config.threshold is not None:
-        at_level = config.threshold.at_level or config.levels[-1]
-        row = next(row for row in table if row["level"] == at_level)
-        failed = row["failure_probability"]["ci_high"] > config.threshold.max_failure_probability
-        result["verdict"] = "fail" if failed else "pass"
-        result["verdict_level"] = at_level
-    return result
+    return result  # random_noise.merge adds the threshold's comparison and the verdict

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from schemas.checks_theorem import FalseNegativeCheck
+from schemas.verdicts import compare, judge
 from workers.engine.checks.random_noise import unit_noise
 from workers.engine.checks.theorem_common import (
     is_complex,
@@ -45,7 +46,6 @@ from workers.engine.lesions import (
     support,
 )
 from workers.engine.nullspace import RowSpaceProjector, row_space_projector
-from workers.engine.registry import CHECKS, register
 from workers.engine.shards import derive_seed
 from workers.engine.stats import clopper_pearson
 
@@ -101,7 +101,7 @@ def _window(pattern: torch.Tensor, placement: Placement, shape: Sequence[int]) -
     return window
 
 
-class FalseNegativeRunner:
+class FalseNegative:
     kind = "false_negative"
 
     def run(
@@ -212,13 +212,19 @@ class FalseNegativeRunner:
                 {k: v for k, v in row.items() if k not in _INTERNAL_KEYS} for row in rows
             ],
         }
-        if config.threshold is not None:
-            if not trials:
-                result["verdict"] = "info"  # nothing the data carries was tested
-            else:
-                # a search reports what it found; random noise is a probability: its upper bound
-                bound = high if config.search == "noise" else misses / trials
-                result["verdict"] = "fail" if bound > config.threshold.max_miss_rate else "pass"
+        comparisons = []
+        # without trials nothing the data carries was tested: no comparison, verdict `info`
+        if config.threshold is not None and trials:
+            # a search reports what it found; random noise is a probability: its upper bound
+            noise = config.search == "noise"
+            comparisons.append(
+                compare(
+                    "miss rate (upper 95 % bound)" if noise else "miss rate",
+                    high if noise else misses / trials,
+                    config.threshold.max_miss_rate,
+                )
+            )
+        judge(result, comparisons)
         result["warnings"] = warnings
         result[ARTIFACT_FILES_KEY] = worst_panels(shards, config.panels, "false_negative")
         return result
@@ -455,7 +461,3 @@ def _panels(
 def lesion_support(lesion: torch.Tensor) -> torch.Tensor:
     """[H, W]: where a lesion image is non-zero in any channel."""
     return (lesion.detach().abs().sum(0) > 0).float().cpu()
-
-
-if FalseNegativeRunner.kind not in CHECKS:
-    register(FalseNegativeRunner())

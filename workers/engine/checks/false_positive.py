@@ -16,7 +16,8 @@ from typing import Any
 import torch
 
 from schemas.checks_theorem import FalsePositiveCheck
-from workers.engine.attacks import SearchSettings, worst_case_search
+from schemas.verdicts import compare, judge
+from workers.engine.attacks import SearchSettings, ThreatModel, worst_case_search
 from workers.engine.checks.theorem_common import (
     is_complex,
     panel_record,
@@ -27,7 +28,6 @@ from workers.engine.checks.theorem_common import (
 )
 from workers.engine.context import ARTIFACT_FILES_KEY, AuditContext, Subject
 from workers.engine.lesions import magnitude
-from workers.engine.registry import CHECKS, register
 from workers.engine.shards import derive_seed
 
 
@@ -57,7 +57,7 @@ def _windowed(subject: Subject, windows: torch.Tensor) -> Subject:
     return Subject(name=subject.name, reconstruct=reconstruct, counter=subject.counter)
 
 
-class FalsePositiveRunner:
+class FalsePositive:
     kind = "false_positive"
 
     def run(
@@ -76,16 +76,21 @@ class FalsePositiveRunner:
         for k, (row, col) in enumerate(corners):
             windows[k, :, row : row + side, col : col + side] = 1.0
         y = ctx.measurements(indices)
-        # the ℓ2 ascent (pgd), as the kernel's confirmation: it follows the window's energy
-        # gradient rather than Adam's per-entry rescaling of it, and is exact on linear Ψ
-        settings = SearchSettings(
+        # the threat model: the ball ‖e‖ ≤ δ‖y‖, the windowed change of the reconstruction
+        threat = ThreatModel(
+            levels=(config.delta,),
             space="measurement",
             target="reconstruction",
             formulation="ball",
+        )
+        # the ℓ2 ascent (pgd), as the kernel's confirmation: it follows the window's energy
+        # gradient rather than Adam's per-entry rescaling of it, and is exact on linear Ψ
+        search = config.search_settings()
+        settings = SearchSettings(
             optimizer="pgd",
-            steps=config.steps,
-            restarts=config.restarts,
-            step_size=config.step_size,
+            steps=search.steps,
+            restarts=search.restarts,
+            step_size=search.step_size,
             early_stop_tolerance=0.0,
         )
         (outcome,) = worst_case_search(
@@ -93,7 +98,7 @@ class FalsePositiveRunner:
             ctx.operator,
             y,
             x,
-            [config.delta],
+            threat,
             settings,
             seeds=[derive_seed(seed, index, "false_positive") for index in indices],
             should_stop=ctx.should_stop,
@@ -161,11 +166,16 @@ class FalsePositiveRunner:
             else {"index": worst["index"], "spurious_contrast": worst["spurious_contrast"]},
             "per_image": rows,
         }
+        comparisons = []
         if config.threshold is not None:
-            failed = len(finite) < len(rows) or any(
-                c > config.threshold.max_spurious_contrast for c in contrasts
-            )
-            result["verdict"] = "fail" if failed else "pass"
+            bound = config.threshold.max_spurious_contrast
+            largest = max(contrasts, default=None)
+            comparisons.append(compare("largest spurious contrast", largest, bound))
+            if len(finite) < len(rows):  # NaN under a bounded perturbation: no bound holds
+                comparisons.append(
+                    compare("images whose reconstruction was NaN", len(rows) - len(finite), 0)
+                )
+        judge(result, comparisons)
         result["warnings"] = warnings
         result[ARTIFACT_FILES_KEY] = worst_panels(
             shards, config.panels, "false_positive", lowest=False
@@ -178,7 +188,3 @@ def magnitude_batch(change: torch.Tensor, complex_image: bool) -> torch.Tensor:
     if complex_image:
         return change.pow(2).sum(1).sqrt()
     return change.mean(1)
-
-
-if FalsePositiveRunner.kind not in CHECKS:
-    register(FalsePositiveRunner())

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from schemas.checks_theorem import KernelCheck
-from workers.engine.attacks import SearchSettings, worst_case_search
+from schemas.verdicts import compare, judge
+from workers.engine.attacks import SearchSettings, ThreatModel, worst_case_search
 from workers.engine.checks.theorem_common import (
     is_complex,
     panel_record,
@@ -47,7 +48,6 @@ from workers.engine.checks.theorem_common import (
 from workers.engine.context import ARTIFACT_FILES_KEY, AuditContext, Operator, Subject
 from workers.engine.lesions import lesion_image, random_placements, support
 from workers.engine.nullspace import null_component, smallest_directions
-from workers.engine.registry import CHECKS, register
 from workers.engine.shards import derive_seed
 
 # Relative margin that makes condition (4) strict when the recovery errors set η.
@@ -132,7 +132,7 @@ def _norms(t: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(t.flatten(1), dim=1)
 
 
-class KernelRunner:
+class Kernel:
     kind = "kernel"
 
     def run(
@@ -198,9 +198,16 @@ class KernelRunner:
                 "confirmed": reached,
             },
         }
+        comparisons = []
         if config.threshold is not None:
-            failed = best is not None and best > config.threshold.max_certified_lipschitz
-            result["verdict"] = "fail" if failed else "pass"
+            bound = config.threshold.max_certified_lipschitz
+            if best is None:  # nothing proven: the trivial lower bound 0 of any constant
+                comparisons.append(
+                    compare("proven Lipschitz lower bound (no certificate)", 0.0, bound)
+                )
+            else:
+                comparisons.append(compare("proven Lipschitz lower bound", best, bound))
+        judge(result, comparisons)
         result["warnings"] = warnings
         result[ARTIFACT_FILES_KEY] = {
             name: _decoded(content) for name, content in shard["files"].items()
@@ -391,9 +398,6 @@ def _confirm(
     # iteration on the ball and reach the top singular direction, where Adam's per-entry
     # scaling bends the direction away from it
     settings = SearchSettings(
-        space="measurement",
-        target="reconstruction",
-        formulation="ball",
         optimizer="pgd",
         steps=config.steps,
         restarts=config.restarts,
@@ -409,7 +413,13 @@ def _confirm(
             ctx.operator,
             y_here,
             y_here,  # unused: the target is the clean reconstruction
-            [certificate["eta"] / y_norm],
+            # the threat model: the ball of radius η around y, the change of Ψ(y)
+            ThreatModel(
+                levels=(certificate["eta"] / y_norm,),
+                space="measurement",
+                target="reconstruction",
+                formulation="ball",
+            ),
             settings,
             seeds=[derive_seed(seed, "confirm", rank)],
             should_stop=ctx.should_stop,
@@ -504,7 +514,3 @@ def _decoded(content: dict[str, Any]) -> Any:
         return base64.b64decode(content["png"])
     raw = base64.b64decode(content["float32"])
     return np.frombuffer(raw, dtype=np.float32).reshape(content["shape"]).copy()
-
-
-if KernelRunner.kind not in CHECKS:
-    register(KernelRunner())

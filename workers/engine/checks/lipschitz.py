@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from schemas.checks import LipschitzCheck
+from schemas.verdicts import compare, judge
 from workers.engine.context import AuditContext, Subject
 from workers.engine.shards import derive_seed
 from workers.engine.stats import summary
@@ -71,7 +72,7 @@ def jacobian_spectral_norms(
     return sigma, used
 
 
-class LipschitzRunner:
+class Lipschitz:
     kind = "lipschitz"
 
     def run(
@@ -121,16 +122,20 @@ class LipschitzRunner:
             )
         if non_finite:
             warnings.append(f"the Jacobian norm is not finite for {non_finite} image(s)")
-        verdict = "info"
+        comparisons = []
         if config.threshold is not None:
-            # a non-finite norm cannot be below any bound
-            within = not non_finite and max(norms) <= config.threshold.max_jacobian_norm
-            verdict = "pass" if within else "fail"
-        return {
+            bound = config.threshold.max_jacobian_norm
+            largest = max(norms) if norms else None
+            comparisons.append(compare("largest Jacobian spectral norm", largest, bound))
+            if non_finite:  # a non-finite norm cannot be below any bound
+                comparisons.append(
+                    compare("images whose Jacobian norm is not finite", non_finite, 0)
+                )
+        result = {
             "jacobian_norm": (
                 summary(norms, ("mean", "max")) if norms else {"mean": None, "max": None}
             ),
             "per_image": per_image,
-            "verdict": verdict,
             "warnings": warnings,
         }
+        return judge(result, comparisons)

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from schemas.checks_classifier import MinimalPerturbationCheck
+from schemas.verdicts import compare, judge
 from workers.engine.checks.classifier_common import classifier_inputs
 from workers.engine.classifier_attacks import (
     BATCH_IMAGES,
@@ -28,7 +29,7 @@ from workers.engine.context import AuditContext, Subject
 _SUMMARY = ("median", "q10", "q90", "min", "max")
 
 
-class MinimalPerturbationRunner:
+class MinimalPerturbation:
     kind = "minimal_perturbation"
 
     def run(
@@ -49,7 +50,7 @@ class MinimalPerturbationRunner:
             for start in range(0, len(attacked), BATCH_IMAGES):
                 rows = attacked[start : start + BATCH_IMAGES]
                 outcome = minimal_adversarial(
-                    model, u[rows], labels[rows], config.norm, config.attack, config.steps
+                    model, u[rows], labels[rows], config.threat_model(), config.search_settings()
                 )
                 sizes = perturbation_norm(outcome.points - u[rows], config.norm) * classifier.scale
                 for position, row in enumerate(rows):
@@ -125,8 +126,7 @@ class MinimalPerturbationRunner:
             "accuracy_curve": curve,
             "warnings": warnings,
         }
-        result["verdict"] = _verdict(config, summary["median"], bool(images))
-        return result
+        return judge(result, _comparisons(config, summary["median"], bool(images)))
 
 
 def quantile(ascending: Sequence[float], q: float) -> float:
@@ -157,11 +157,22 @@ def _summary(ascending: Sequence[float]) -> dict[str, float | None]:
     return {key: None if math.isinf(value) else float(value) for key, value in values.items()}
 
 
-def _verdict(config: MinimalPerturbationCheck, median: float | None, measured: bool) -> str:
-    """`fail` below the bound. A median of +∞ (more than half not found) is not a measurement:
-    it fails unless the threshold says `unmeasured_median: "pass"` (fail closed)."""
+def _comparisons(
+    config: MinimalPerturbationCheck, median: float | None, measured: bool
+) -> list[dict[str, Any]]:
+    """The median against its lower bound. A median of +∞ (more than half not found) is not a
+    measurement: it fails unless the threshold says `unmeasured_median: "pass"` (fail closed)."""
     if config.threshold is None or not measured:
-        return "info"
+        return []
+    bound = config.threshold.min_median_norm
     if median is None:
-        return config.threshold.unmeasured_median
-    return "pass" if median >= config.threshold.min_median_norm else "fail"
+        return [
+            compare(
+                "median minimal perturbation norm (+∞: most inputs have none found)",
+                None,
+                bound,
+                "at_least",
+                passed=config.threshold.unmeasured_median == "pass",
+            )
+        ]
+    return [compare("median minimal perturbation norm", median, bound, "at_least")]

@@ -20,12 +20,12 @@ from typing import Any
 import torch
 
 from schemas.checks_theorem import MoreSamplesCheck, sampling_operator_problem
+from schemas.verdicts import compare, judge
 from workers.engine import metrics
 from workers.engine.checks.theorem_common import is_complex
 from workers.engine.context import AuditContext, Subject
 from workers.engine.errors import EngineInputError
 from workers.engine.operators import build_operator
-from workers.engine.registry import CHECKS, register
 
 METRICS = ("psnr", "ssim", "relative_error")
 
@@ -41,7 +41,7 @@ def sampling_levels(config: MoreSamplesCheck, operator_kind: str) -> tuple[str, 
     return "angles", [float(a) for a in config.angles]
 
 
-class MoreSamplesRunner:
+class MoreSamples:
     kind = "more_samples"
 
     def run(
@@ -128,9 +128,14 @@ class MoreSamplesRunner:
             "monotone": monotone,
             "falls": falls,
         }
+        comparisons = []
         if config.threshold is not None:
-            worst = max((f["psnr_drop"] for f in falls), default=0.0)
-            result["verdict"] = "fail" if worst > config.threshold.max_psnr_drop else "pass"
+            # fewer than two levels ran: monotonicity was not measured, so it cannot pass
+            worst = None if monotone is None else max((f["psnr_drop"] for f in falls), default=0.0)
+            comparisons.append(
+                compare("largest PSNR fall (dB)", worst, config.threshold.max_psnr_drop)
+            )
+        judge(result, comparisons)
         result["warnings"] = warnings
         return result
 
@@ -147,7 +152,3 @@ def _summary(name: str, values: list[float]) -> dict[str, float | None]:
 def _first_line(error: BaseException) -> str:
     text = str(error).strip().splitlines()
     return (text[0] if text else type(error).__name__)[:300]
-
-
-if MoreSamplesRunner.kind not in CHECKS:
-    register(MoreSamplesRunner())

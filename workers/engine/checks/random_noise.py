@@ -7,7 +7,7 @@ probability's Clopper–Pearson interval is over images × samples of the audite
 describes the noise on these images, not a population of images.
 
 A shard returns, per image and level, running sums of every metric over the samples (so shards
-of any size merge exactly); `merge` turns them into the per-level table of docs/report.md."""
+of any size merge exactly); `merge` turns them into the per-level table of docs/reports.md."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from schemas.checks import RandomNoiseCheck
+from schemas.verdicts import compare, fmt, judge
 from workers.engine import metrics
 from workers.engine.checks import classifier_noise
 from workers.engine.classifiers import ClassifierSubject
@@ -73,7 +74,7 @@ def unit_noise(
     return noise * scale.view(-1, *([1] * len(shape)))
 
 
-class RandomNoiseRunner:
+class RandomNoise:
     kind = "random_noise"
 
     def run(
@@ -135,7 +136,10 @@ class RandomNoiseRunner:
             merged = classifier_noise.merge(config, shards)
             merged["distribution"] = CLASSIFIER_DISTRIBUTION
             merged["interval_scope"] = INTERVAL_SCOPE
-            return merged
+            comparisons, at_level = threshold_comparisons(config, merged["levels"])
+            if at_level is not None:
+                merged["verdict_level"] = at_level
+            return judge(merged, comparisons)
         images = [image for shard in shards for image in shard["images"]]
         warnings: list[str] = []
         table = []
@@ -160,7 +164,8 @@ class RandomNoiseRunner:
             },
             "levels": table,
         }
-        result["verdict"], at_level = _verdict(config, table)
+        comparisons, at_level = threshold_comparisons(config, table)
+        judge(result, comparisons)
         if at_level is not None:
             result["verdict_level"] = at_level
         result["warnings"] = warnings
@@ -230,10 +235,18 @@ def _merge_level(level: float, rows: list[tuple[int, dict[str, Any]]]) -> dict[s
     return merged
 
 
-def _verdict(config: RandomNoiseCheck, table: list[dict[str, Any]]) -> tuple[str, float | None]:
+def threshold_comparisons(
+    config: RandomNoiseCheck, table: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], float | None]:
+    """The failure probability's upper 95 % bound at the threshold's level against its bound,
+    and that level (None without a threshold). Reconstruction and classifier tables alike."""
     if config.threshold is None:
-        return "info", None
+        return [], None
     at_level = config.threshold.at_level or config.levels[-1]
     row = next(row for row in table if row["level"] == at_level)
-    failed = row["failure_probability"]["ci_high"] > config.threshold.max_failure_probability
-    return ("fail" if failed else "pass"), at_level
+    comparison = compare(
+        f"failure probability (upper 95 % bound) at level {fmt(at_level)}",
+        row["failure_probability"]["ci_high"],
+        config.threshold.max_failure_probability,
+    )
+    return [comparison], at_level

@@ -13,7 +13,7 @@ import torch
 
 from workers.engine.context import AuditContext
 from workers.engine.lesions import magnitude
-from workers.engine.panels import panels_png
+from workers.engine.panels import Panel, panels_png
 
 
 def is_complex(ctx: AuditContext) -> bool:
@@ -45,7 +45,10 @@ def panel_record(
     signed: Sequence[bool],
 ) -> dict[str, Any]:
     """A rendered panel with the score it is ranked by, JSON-able (shard results are stored)."""
-    png = panels_png(images, outline, caption, signed)
+    rows = [Panel(title, image, sign) for (title, image), sign in zip(images, signed, strict=True)]
+    png = panels_png(rows, outline, caption)
+    if png is None:
+        raise ValueError("a panel record needs at least one image")
     return {"score": score, "caption": caption, "png": base64.b64encode(png).decode("ascii")}
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from schemas.checks_classifier import UniversalCheck
+from schemas.verdicts import compare, judge
 from workers.engine import metrics
 from workers.engine.classifier_attacks import perturbation_norm, seeded
 from workers.engine.classifiers import ClassifierSubject
@@ -54,7 +55,7 @@ def split(indices: Sequence[int], fraction: float, seed: int) -> tuple[list[int]
     return sorted(chosen[:n_train]), sorted(chosen[n_train:])
 
 
-class UniversalRunner:
+class Universal:
     kind = "universal"
 
     def run(
@@ -97,11 +98,11 @@ class UniversalRunner:
         }
         result.pop("image_view", None)
         result["warnings"] = warnings
-        if config.threshold is None:
-            result["verdict"] = "info"
-        else:
-            result["verdict"] = "fail" if high > config.threshold.max_fooling_rate else "pass"
-        return result
+        comparisons = []
+        if config.threshold is not None:
+            bound = config.threshold.max_fooling_rate
+            comparisons.append(compare("fooling rate (upper 95 % bound)", high, bound))
+        return judge(result, comparisons)
 
 
 def _ascend(

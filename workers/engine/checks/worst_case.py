@@ -3,7 +3,7 @@
 
 A shard returns, per image and level, the raw values of every metric, and for each level the
 shard's worst image's perturbation e and perturbed reconstruction Ψ(y+e) (base64 float32, so
-shard results stay JSON); `merge` builds the per-level table of docs/report.md, the verdict and
+shard results stay JSON); `merge` builds the per-level table of docs/reports.md, the comparisons and
 the artifacts (one pair of .npy files per level: the worst image over all shards)."""
 
 from __future__ import annotations
@@ -18,12 +18,17 @@ import numpy as np
 import torch
 
 from schemas.checks import WorstCaseCheck
+from schemas.verdicts import compare, fmt, judge
 from workers.engine import metrics
-from workers.engine.attacks import SearchSettings, per_sample_norm, worst_case_search
+from workers.engine.attacks import (
+    SearchSettings,
+    ThreatModel,
+    per_sample_norm,
+    worst_case_search,
+)
 from workers.engine.batching import run_in_batches
 from workers.engine.checks.random_noise import unit_noise
 from workers.engine.context import ARTIFACT_FILES_KEY, AuditContext, Subject
-from workers.engine.registry import CHECKS, register
 from workers.engine.shards import derive_seed
 
 REPORTED = {
@@ -37,7 +42,7 @@ REPORTED = {
 RAW = (*REPORTED, "relative_perturbation")
 
 
-class WorstCaseRunner:
+class WorstCase:
     kind = "worst_case"
 
     def run(
@@ -104,7 +109,7 @@ class WorstCaseRunner:
             "clean_relative_error": {"mean": math.fsum(clean) / len(clean), "max": max(clean)},
             "levels": table,
         }
-        result["verdict"] = _verdict(config, table)
+        judge(result, _comparisons(config, table))
         result["warnings"] = warnings
         result[ARTIFACT_FILES_KEY] = files
         return result
@@ -127,8 +132,8 @@ def _attack_images(
         operator,
         y,
         x,
-        config.levels,
-        SearchSettings.from_check(config),
+        ThreatModel.from_check(config.threat_model()),
+        SearchSettings.from_check(config.search_settings()),
         seeds=[derive_seed(seed, index, "worst_case") for index in indices],
         should_stop=ctx.should_stop,
     )
@@ -228,22 +233,34 @@ def _statistic(field: str, values: list[float]) -> float | None:
     return max(values) if field == "max" else min(values)
 
 
-def _verdict(config: WorstCaseCheck, table: list[dict[str, Any]]) -> str:
+def _comparisons(config: WorstCaseCheck, table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The threshold's bounds against the table. A level without a finite measurement (stopped
+    before it was searched, or every output NaN) has nothing below the bound: it fails."""
     threshold = config.threshold
     if threshold is None:
-        return "info"
-    if any(row["non_finite"] for row in table):
-        return "fail"  # a NaN under a bounded perturbation is as unstable as it gets
-    failed = False
+        return []
+    comparisons = []
     if threshold.max_relative_error is not None:
         at_level = threshold.at_level or config.levels[-1]
         row = next((row for row in table if row["level"] == at_level), None)
         worst = None if row is None else row["relative_error"]["max"]
-        failed |= worst is not None and worst > threshold.max_relative_error
+        comparisons.append(
+            compare(
+                f"worst-case relative error at level {fmt(at_level)}",
+                worst,
+                threshold.max_relative_error,
+            )
+        )
     if threshold.max_lipschitz is not None:
         bounds = [row["lipschitz_lower_bound"]["max"] for row in table]
-        failed |= any(b is not None and b > threshold.max_lipschitz for b in bounds)
-    return "fail" if failed else "pass"
+        largest = None if not bounds or None in bounds else max(bounds)
+        comparisons.append(
+            compare("empirical Lipschitz lower bound", largest, threshold.max_lipschitz)
+        )
+    non_finite = sum(row["non_finite"] for row in table)
+    if non_finite:  # a NaN under a bounded perturbation is as unstable as it gets
+        comparisons.append(compare("outputs that were NaN or infinite", non_finite, 0))
+    return comparisons
 
 
 def _encode(array: torch.Tensor) -> dict[str, Any]:
@@ -254,7 +271,3 @@ def _encode(array: torch.Tensor) -> dict[str, Any]:
 def _decode(encoded: dict[str, Any]) -> np.ndarray:
     raw = base64.b64decode(encoded["float32"])
     return np.frombuffer(raw, dtype=np.float32).reshape(encoded["shape"]).copy()
-
-
-if WorstCaseRunner.kind not in CHECKS:
-    register(WorstCaseRunner())
