@@ -1,6 +1,7 @@
-"""What an array of an audit must be, stated once: the gateway checks it when a dataset is
-uploaded and the engine when it reads one (a local file of the CLI), so an upload accepted is
-an upload every audit can read. numpy only (no torch): the gateway imports it."""
+"""What an array of an audit must be, stated once: schemas.archive_rules applies it to every
+array the gateway reads when a dataset is uploaded and the engine when it reads one (an upload,
+a local file of the CLI), so an upload accepted is an upload every audit can read. numpy only
+(no torch): the gateway imports it."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import AnyHttpUrl, BaseModel, Field, model_validator
 
@@ -72,10 +72,34 @@ class AuditConfig(StrictModel):
         return found
 
 
+def strip_unset_regressions(dumped: dict[str, Any]) -> dict[str, Any]:
+    """A dumped config without the `max_regression: null` of each check's threshold, so configs
+    and request hashes read as they did before comparisons existed."""
+    for check in dumped.get("checks", []):
+        threshold = check.get("threshold") if isinstance(check, dict) else None
+        if isinstance(threshold, dict) and threshold.get("max_regression", 0) is None:
+            del threshold["max_regression"]
+    return dumped
+
+
+class CompareWith(StrictModel):
+    """The model the audited model is compared with (its released version): another ready
+    model of the same tenant with the same task, input, image shape, classes and value range.
+    Both are audited on the same images, perturbation draws and seeds (docs/reports.md)."""
+
+    model_id: str = Field(min_length=1, max_length=64)
+
+
 class AuditRequest(AuditConfig):
     """Body of `POST /v1/audits`."""
 
     model_id: str = Field(min_length=1, max_length=64)
+    compare_with: CompareWith | None = Field(
+        default=None,
+        description="Audit this model too, on the same inputs and seeds, and fail the audit "
+        "where the audited model is worse than it by more than each check's "
+        "threshold.max_regression (the report's `comparison`)",
+    )
     priority: AuditPriority = Field(
         default="normal",
         description="Orders the audit's tasks on the broker (a worker takes `high` before "

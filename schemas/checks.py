@@ -29,7 +29,7 @@ from schemas.checks_theorem import (
     KernelCheck,
     MoreSamplesCheck,
 )
-from schemas.common import MAX_SEED, StrictModel, TaggedModel, model_part
+from schemas.common import MAX_SEED, RegressionBound, StrictModel, TaggedModel, model_part
 
 # Each level is a relative size in (0, 10] (stated per item, so the schema says it too); that
 # they strictly increase is checked by `_check_levels` and stated in the description.
@@ -52,7 +52,7 @@ def _check_levels(levels: list[float]) -> list[float]:
     return levels
 
 
-class WorstCaseThreshold(StrictModel):
+class WorstCaseThreshold(RegressionBound):
     """At least one of max_relative_error and max_lipschitz; at_level only with
     max_relative_error, and then one of the check's levels."""
 
@@ -133,7 +133,7 @@ class WorstCaseCheck(WorstCaseSearch, WorstCaseThreatModel, _WorstCaseKind):
         return model_part(self, WorstCaseSearch)
 
 
-class RandomNoiseThreshold(StrictModel):
+class RandomNoiseThreshold(RegressionBound):
     """at_level, when given, is one of the check's levels."""
 
     max_failure_probability: float = Field(
@@ -162,7 +162,7 @@ class RandomNoiseCheck(TaggedModel):
         return self
 
 
-class LipschitzThreshold(StrictModel):
+class LipschitzThreshold(RegressionBound):
     max_jacobian_norm: float = Field(gt=0.0)
 
 

@@ -13,7 +13,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from schemas.common import MAX_SEED, StrictModel, TaggedModel, model_part
+from schemas.common import MAX_SEED, RegressionBound, StrictModel, TaggedModel, model_part
 
 Norm = Literal["linf", "l2"]
 # Each epsilon is a positive norm, at most 1e6 (stated per item, so the schema says it too);
@@ -45,7 +45,7 @@ def _check_epsilons(epsilons: list[float]) -> list[float]:
     return epsilons
 
 
-class AdversarialThreshold(StrictModel):
+class AdversarialThreshold(RegressionBound):
     """at_epsilon, when given, is one of the check's epsilons."""
 
     min_robust_accuracy: float = Field(ge=0.0, le=1.0)
@@ -101,7 +101,7 @@ class AdversarialCheck(AdversarialSearch, AdversarialThreatModel, _AdversarialKi
         return model_part(self, AdversarialSearch)
 
 
-class MinimalPerturbationThreshold(StrictModel):
+class MinimalPerturbationThreshold(RegressionBound):
     min_median_norm: float = Field(
         gt=0.0,
         description="Fail when the median norm is below it (inputs without an adversarial "
@@ -171,7 +171,7 @@ class MinimalPerturbationCheck(
         return model_part(self, MinimalPerturbationSearch)
 
 
-class UniversalThreshold(StrictModel):
+class UniversalThreshold(RegressionBound):
     max_fooling_rate: float = Field(
         gt=0.0, le=1.0, description="Bound on the upper end of the 95 % interval"
     )

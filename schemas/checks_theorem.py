@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from schemas.common import MAX_SEED, StrictModel, TaggedModel, model_part
+from schemas.common import MAX_SEED, RegressionBound, StrictModel, TaggedModel, model_part
 
 LESION_SHAPES = ("disk", "square", "random_walk", "text")
 
@@ -44,7 +44,7 @@ class Position(StrictModel):
     col: int = Field(ge=0, le=4096)
 
 
-class MissRateThreshold(StrictModel):
+class MissRateThreshold(RegressionBound):
     max_miss_rate: float = Field(ge=0.0, le=1.0)
 
 
@@ -74,7 +74,7 @@ class FalseNegativeCheck(TaggedModel):
     threshold: MissRateThreshold | None = None
 
 
-class SpuriousContrastThreshold(StrictModel):
+class SpuriousContrastThreshold(RegressionBound):
     max_spurious_contrast: float = Field(gt=0.0)
 
 
@@ -119,7 +119,7 @@ class FalsePositiveCheck(FalsePositiveSearch, FalsePositiveThreatModel, _FalsePo
         return model_part(self, FalsePositiveSearch)
 
 
-class CertifiedLipschitzThreshold(StrictModel):
+class CertifiedLipschitzThreshold(RegressionBound):
     max_certified_lipschitz: float = Field(gt=0.0)
 
 
@@ -165,7 +165,7 @@ class KernelCheck(TaggedModel):
         return self
 
 
-class MoreSamplesThreshold(StrictModel):
+class MoreSamplesThreshold(RegressionBound):
     max_psnr_drop: float = Field(
         ge=0.0, description="dB the mean PSNR may fall between two levels as samples rise"
     )

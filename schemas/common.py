@@ -67,3 +67,20 @@ class FileArray(StrictModel):
 
 
 ArrayRef = UploadedArray | FileArray
+
+
+DEFAULT_MAX_REGRESSION = 0.05  # with compare_with: 5 % worse than the reference, per figure
+
+
+class RegressionBound(StrictModel):
+    """Mixed into every check's threshold: how much worse than the reference model
+    (`compare_with`) each figure of the check may be, relative: (new − old)/|old| in the
+    worse direction (schemas.comparisons)."""
+
+    max_regression: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1000.0,
+        description="With compare_with: the largest relative regression against the reference "
+        f"model each figure of this check may show; default {DEFAULT_MAX_REGRESSION}",
+    )

@@ -12,7 +12,7 @@ from schemas.audits import Verdict
 
 SCHEMA_VERSION = "1.0"
 
-Subject = Literal["model", "baseline"]
+Subject = Literal["model", "reference", "baseline"]
 
 
 class Cost(BaseModel):
@@ -58,6 +58,37 @@ class CheckResult(BaseModel):
     model_config = {"extra": "allow"}
 
 
+class RegressionComparison(BaseModel):
+    """One figure of the model against the same figure of the reference model
+    (schemas.verdicts.compare_regression)."""
+
+    quantity: str
+    level: float | None = Field(description="The level (or ε) of the figure; null for none")
+    direction: Direction = Field(description="The figure's good side: at_most = lower is better")
+    model: float | None
+    reference: float | None
+    difference: float | None = Field(description="model − reference")
+    regression: float | None = Field(
+        description="(model − reference)/|reference| in the worse direction; negative: better"
+    )
+    max_regression: float
+    passed: bool
+
+
+class CheckComparison(BaseModel):
+    index: int = Field(description="Position of the check in the config's `checks`")
+    kind: str
+    max_regression: float
+    figures: list[RegressionComparison]
+    verdict: Verdict
+
+
+class Comparison(BaseModel):
+    reference: ModelIdentity = Field(description="The model compared with (`compare_with`)")
+    checks: list[CheckComparison]
+    verdict: Verdict = Field(description="`fail` when any figure regressed beyond its bound")
+
+
 class Report(BaseModel):
     schema_version: str = SCHEMA_VERSION
     audit_id: str | None = None
@@ -70,5 +101,8 @@ class Report(BaseModel):
     checks: list[CheckResult]
     warnings: list[str] = Field(
         default_factory=list, description="Audit-wide warnings (e.g. a baseline skipped)"
+    )
+    comparison: Comparison | None = Field(
+        default=None, description="Only with compare_with: the model against the reference"
     )
     signature: dict[str, str] | None = None

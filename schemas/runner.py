@@ -11,7 +11,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from schemas.archive_rules import ArchiveLimits
 from schemas.audits import AuditConfig
+from schemas.comparisons import ReferenceModel
 from schemas.model_spec import ModelFormat, ModelSpec
 
 JOB_FILE = "job.json"
@@ -50,6 +52,11 @@ class RunnerJob(BaseModel):
     # dataset and array references are rewritten to {"file": <relative path>} in the job directory
     config: AuditConfig | None = None
     shard_ids: list[str] | None = None  # kind `shards`: the shards to run
+    # the gateway's limits (its settings), which the engine holds archives to
+    # (schemas.archive_rules); a job.json without them gets the defaults
+    archive_limits: ArchiveLimits = Field(default_factory=ArchiveLimits)
+    # compare_with: the reference model, its file relative to the job directory
+    reference: ReferenceModel | None = None
 
 
 class RunnerEvent(BaseModel):

@@ -71,3 +71,52 @@ def audit_verdict(verdicts: Iterable[str]) -> str:
     if "pass" in seen:
         return "pass"
     return "info"
+
+
+def compare_regression(
+    quantity: str,
+    level: float | None,
+    model: float | None,
+    reference: float | None,
+    max_regression: float,
+    direction: str = "at_most",
+) -> dict[str, Any]:
+    """One figure of the model against the same figure of the reference model (the report's
+    `comparison`). `direction` is the figure's good side: `at_most` (lower is better) or
+    `at_least`. `regression` = (model − reference)/|reference| in the worse direction (negative:
+    better); a reference of 0 divides by 1e-12, so any worsening of a perfect figure fails.
+    Passes when `regression <= max_regression`; a figure missing from one model does not pass,
+    one missing from both (nothing measured either time) does."""
+    new = None if model is None or not math.isfinite(model) else float(model)
+    old = None if reference is None or not math.isfinite(reference) else float(reference)
+    difference = regression = None
+    if new is not None and old is not None:
+        difference = new - old
+        worse = difference if direction == "at_most" else -difference
+        regression = worse / max(abs(old), 1e-12)
+        passed = regression <= max_regression
+    else:
+        passed = new is None and old is None
+    return {
+        "quantity": quantity,
+        "level": level,
+        "direction": direction,
+        "model": new,
+        "reference": old,
+        "difference": difference,
+        "regression": regression,
+        "max_regression": float(max_regression),
+        "passed": bool(passed),
+    }
+
+
+def report_verdict(
+    checks: Iterable[Mapping[str, Any]], comparison: Mapping[str, Any] | None = None
+) -> str:
+    """The audit's verdict: from the check results of the model (and the baseline), and with a
+    reference model from the comparison's verdict too (a regression fails the audit). The
+    reference's own check results are context; they do not decide the verdict."""
+    verdicts = [c["verdict"] for c in checks if c.get("subject") != "reference"]
+    if comparison is not None:
+        verdicts.append(comparison["verdict"])
+    return audit_verdict(verdicts)

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from schemas.archive_rules import DEFAULT_ARCHIVE_LIMITS, ArchiveLimits
 from schemas.callback_targets import AllowList, parse_allow_list
 
 
@@ -20,9 +21,13 @@ class Settings(BaseSettings):
     broker_url: str = "redis://127.0.0.1:6379/0"
 
     max_upload_bytes: int = 256 * 1024 * 1024
-    max_archive_entries: int = 10_000
-    max_archive_uncompressed_bytes: int = 2 * 1024 * 1024 * 1024
-    max_compression_ratio: float = 200.0
+    # Zip archives (TorchScript, .pt2, .npz): checked at upload and again by the sandboxed runner,
+    # which gets these values in job.json (schemas.archive_rules, docs/security.md).
+    max_archive_entries: int = Field(default=DEFAULT_ARCHIVE_LIMITS.max_entries, ge=1)
+    max_archive_uncompressed_bytes: int = Field(
+        default=DEFAULT_ARCHIVE_LIMITS.max_uncompressed_bytes, ge=1
+    )
+    max_compression_ratio: float = Field(default=DEFAULT_ARCHIVE_LIMITS.max_compression_ratio, ge=1)
 
     # Limits at the edge (docs/security.md, "Request limits"). max_header_bytes: the request
     # line plus headers the server buffers; beyond it `tightrope serve` (service.api.server) answers
@@ -98,6 +103,9 @@ class Settings(BaseSettings):
     # How long an authenticated API key is remembered (by its sha256) without asking the
     # database; a revocation by another process takes effect within this time. 0: no cache.
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
+    # How long a status poll's answer is reused by this gateway process (service/api/poll_cache.py):
+    # a worker's change is seen within this time, this gateway's own (a cancel) at once. 0: off.
+    poll_cache_seconds: float = Field(default=1.0, ge=0, le=60)
 
     # The gateway brings the schema to Alembic's head at start-up; turn off where a deployment
     # runs migrations as a separate step (several gateway replicas on one PostgreSQL).
@@ -108,6 +116,14 @@ class Settings(BaseSettings):
     def _parse_callback_allow(cls, value: str) -> str:
         parse_allow_list(value)  # a bad entry stops the start, rather than a refused callback
         return value
+
+    @property
+    def archive_limits(self) -> ArchiveLimits:
+        return ArchiveLimits(
+            max_entries=self.max_archive_entries,
+            max_uncompressed_bytes=self.max_archive_uncompressed_bytes,
+            max_compression_ratio=self.max_compression_ratio,
+        )
 
     @property
     def callback_allow_list(self) -> AllowList:

@@ -20,6 +20,7 @@ from service.api.console import router as console_router
 from service.api.forms import UPLOAD_SPEC_MODELS
 from service.api.gate import DatabaseGate
 from service.api.metrics import Metrics, MetricsMiddleware
+from service.api.poll_cache import CachedPollMiddleware, PollCache
 from service.api.problems import install_error_handlers, problem_responses
 from service.db.migrate import upgrade_to_head
 from service.db.session import make_engine
@@ -54,6 +55,41 @@ def _add_upload_spec_schemas(schema: dict[str, Any]) -> None:
         components.setdefault(name, definition)
 
 
+# OpenAPI links: from the answer of a create to the operations on what it created, by its `id`
+# (clients may follow them; schemathesis' stateful phase chains its requests along them).
+# (path, method, status) of the create → link name → (path, method, path parameter) it feeds.
+RESOURCE_LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, str]]] = {
+    ("/v1/models", "post", "202"): {
+        "GetModel": ("/v1/models/{model_id}", "get", "model_id"),
+        "DeleteModel": ("/v1/models/{model_id}", "delete", "model_id"),
+    },
+    ("/v1/datasets", "post", "201"): {
+        "GetDataset": ("/v1/datasets/{dataset_id}", "get", "dataset_id"),
+    },
+    ("/v1/audits", "post", "202"): {
+        "GetAudit": ("/v1/audits/{audit_id}", "get", "audit_id"),
+        "CancelAudit": ("/v1/audits/{audit_id}/cancel", "post", "audit_id"),
+        "GetReport": ("/v1/audits/{audit_id}/report", "get", "audit_id"),
+        "GetReportHtml": ("/v1/audits/{audit_id}/report.html", "get", "audit_id"),
+        "GetReportJunit": ("/v1/audits/{audit_id}/report.junit.xml", "get", "audit_id"),
+    },
+}
+
+
+def _add_resource_links(schema: dict[str, Any]) -> None:
+    """RESOURCE_LINKS into the create operations' responses, naming targets by operationId."""
+    paths = schema.get("paths", {})
+    for (path, method, status), links in RESOURCE_LINKS.items():
+        response = paths[path][method]["responses"][status]
+        response["links"] = {
+            name: {
+                "operationId": paths[target][target_method]["operationId"],
+                "parameters": {parameter: "$response.body#/id"},
+            }
+            for name, (target, target_method, parameter) in links.items()
+        }
+
+
 def _drop_unused_fastapi_schemas(schema: dict[str, Any]) -> None:
     components = schema.get("components", {}).get("schemas", {})
     for name in UNUSED_FASTAPI_SCHEMAS:
@@ -64,7 +100,8 @@ def _openapi_with_problem_media_type(app: FastAPI) -> dict[str, Any]:
     """FastAPI files a response `model` under application/json and documents its own 422 body;
     this service answers every error as application/problem+json, so say so (built once). Also:
     every operation may answer a 500 `internal-error`; the upload forms' `spec` models are
-    filed under components (the routes read the form themselves)."""
+    filed under components (the routes read the form themselves); the creates link to the
+    operations on what they created (RESOURCE_LINKS)."""
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(
@@ -88,6 +125,7 @@ def _openapi_with_problem_media_type(app: FastAPI) -> dict[str, Any]:
                 if status == "422":
                     response["description"] = "The request is not valid"
     _add_upload_spec_schemas(schema)
+    _add_resource_links(schema)
     _drop_unused_fastapi_schemas(schema)
     app.openapi_schema = schema
     return schema
@@ -130,11 +168,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.sessionmaker = sessions
     app.state.db_gate = gate
     app.state.api_key_cache = ApiKeyCache(settings.api_key_cache_seconds)
+    app.state.poll_cache = PollCache(settings.poll_cache_seconds)
     app.state.dispatcher = Dispatcher.from_settings(settings)
     app.state.metrics = Metrics(sessions)
 
     install_error_handlers(app)
     app.openapi = lambda: _openapi_with_problem_media_type(app)  # type: ignore[method-assign]
+    # Innermost: cached status polls are answered before routing (counted by the metrics).
+    app.add_middleware(CachedPollMiddleware)
     # Inside the metrics middleware, so that its 413s and 400s are counted too.
     app.add_middleware(
         BodyLimitMiddleware,

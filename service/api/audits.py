@@ -19,17 +19,26 @@ from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Header, Query, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, load_only
 from sqlalchemy.orm.interfaces import ORMOption
 
-from schemas.audits import TERMINAL_STATES, AuditList, AuditRequest, AuditState, AuditStatus
+from schemas.audits import (
+    TERMINAL_STATES,
+    AuditList,
+    AuditRequest,
+    AuditState,
+    AuditStatus,
+    strip_unset_regressions,
+)
 from schemas.callback_targets import CallbackTargetRefused, check_target
 from schemas.checks_classifier import task_problems
 from schemas.common import FileArray, UploadedArray
+from schemas.comparisons import spec_problems
 from schemas.datasets import DIGIT_CLASSES, BuiltinDataset, FileDataset, UploadedDataset
 from schemas.model_spec import ModelSpec
 from schemas.problem import FieldError
@@ -49,8 +58,11 @@ from service.api.deps import (
     SessionDep,
     SettingsDep,
     TenantDep,
+    TenantLookupDep,
+    session_in_slot,
 )
 from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
+from service.api.poll_cache import CachedPoll, PollCache
 from service.api.problems import (
     AuditFinished,
     IdempotencyKeyReused,
@@ -162,7 +174,11 @@ def canonical_request(request: AuditRequest) -> tuple[dict[str, Any], str]:
     the audit's config plus `model_id` for the workers. The hash covers it unless it is the
     default, so another priority under the same Idempotency-Key is another body, while the
     hashes of requests stored before priorities existed still match their replays."""
-    canonical = request.model_dump(mode="json", by_alias=True, exclude={"priority"})
+    # without compare_with (and max_regression) the request reads as it did before they existed
+    exclude = {"priority"} | ({"compare_with"} if request.compare_with is None else set())
+    canonical = strip_unset_regressions(
+        request.model_dump(mode="json", by_alias=True, exclude=exclude)
+    )
     hashed = canonical
     if request.priority != DEFAULT_PRIORITY:
         hashed = {**canonical, "priority": request.priority}
@@ -240,6 +256,42 @@ def check_model(session: Session, tenant: Tenant, model_id: str) -> Model:
     if model.status != "ready":
         raise ModelNotReady(f"Model {model_id!r} was rejected: {model.reason or 'no reason given'}")
     return model
+
+
+def check_reference(session: Session, tenant: Tenant, request: AuditRequest, model: Model) -> None:
+    """`compare_with.model_id`: a model of the tenant (422 naming the field otherwise), ready
+    (409 like `model_id`), with the audited model's task, input, image shape, classes and
+    value range (422)."""
+    if request.compare_with is None:
+        return
+    loc: list[str | int] = ["body", "compare_with", "model_id"]
+    reference_id = request.compare_with.model_id
+    reference = session.get(Model, reference_id)
+    if reference is None or reference.tenant_id != tenant.id or reference.deleted_at is not None:
+        raise ValidationFailed(
+            f"compare_with.model_id: no model {reference_id!r}; upload one with POST /v1/models",
+            errors=[FieldError(loc=loc, msg="unknown model", type="not_found")],
+        )
+    if reference.status == "validating":
+        raise ModelNotReady(
+            f"Model {reference_id!r} (compare_with) is still being validated; retry when its "
+            "status is 'ready'.",
+            headers={"Retry-After": RETRY_AFTER_SECONDS},
+        )
+    if reference.status != "ready":
+        raise ModelNotReady(
+            f"Model {reference_id!r} (compare_with) was rejected: "
+            f"{reference.reason or 'no reason given'}"
+        )
+    problems = spec_problems(
+        ModelSpec.model_validate(model.spec), ModelSpec.model_validate(reference.spec)
+    )
+    if problems:
+        raise ValidationFailed(
+            f"compare_with.model_id: model {reference_id!r} cannot be audited on the same "
+            f"inputs as {model.id!r}: " + "; ".join(problems),
+            errors=[FieldError(loc=loc, msg=p, type="value_error") for p in problems],
+        )
 
 
 def check_fits_model(session: Session, tenant: Tenant, request: AuditRequest, model: Model) -> None:
@@ -399,6 +451,7 @@ def submit_audit(
     check_callback_url(settings, body)
     model = check_model(session, tenant, body.model_id)
     check_fits_model(session, tenant, body, model)
+    check_reference(session, tenant, body, model)
     check_quota(session, settings, tenant)
     audit = Audit(
         tenant_id=tenant.id,
@@ -473,25 +526,45 @@ POLL_HEADERS = {
     },
     summary="Poll an audit (ETag / If-None-Match)",
 )
-def read_audit(
+async def read_audit(
+    request: Request,
     audit_id: str,
-    tenant: TenantDep,
-    session: SessionDep,
+    tenant: TenantLookupDep,
     if_none_match: Annotated[
         str | None,
         Header(description="ETags of earlier answers (or `*`): a match is a 304 without body"),
     ] = None,
 ) -> Response:
+    # The path every CI gate polls: within poll_cache_seconds it is answered on the event loop
+    # from this process's last answer (service/api/poll_cache.py), without a slot or a query.
+    cache: PollCache = request.app.state.poll_cache
+    cached = cache.get(tenant.id, audit_id)
+    if cached is None or (
+        cached.body is None and not if_none_match_hits(if_none_match, cached.etag)
+    ):
+        async with session_in_slot(request) as session:
+            cached = await run_in_threadpool(
+                _answer_poll, session, tenant, audit_id, if_none_match, cache
+            )
+    headers = {"ETag": cached.etag, "Cache-Control": "no-cache"}
+    if if_none_match_hits(if_none_match, cached.etag):
+        return Response(status_code=304, headers=headers)
+    assert cached.body is not None  # _answer_poll builds it whenever the tag does not match
+    return Response(cached.body, media_type="application/json", headers=headers)
+
+
+def _answer_poll(
+    session: Session, tenant: Tenant, audit_id: str, if_none_match: str | None, cache: PollCache
+) -> CachedPoll:
     audit = get_owned_audit(session, tenant, audit_id, options=(_STATUS_ONLY,))
     # The tag comes from the columns, so a 304 (the usual answer to a poll) builds no body.
     etag = status_etag(audit)
-    headers = {"ETag": etag, "Cache-Control": "no-cache"}
-    if if_none_match_hits(if_none_match, etag):
-        return Response(status_code=304, headers=headers)
-    # Per-check progress only for a planned audit: one grouped query, and only for a body.
-    checks = check_progress(session, audit.id) if audit.shards_total > 0 else None
-    body = to_status(audit, checks).model_dump_json().encode()
-    return Response(body, media_type="application/json", headers=headers)
+    body: bytes | None = None
+    if not if_none_match_hits(if_none_match, etag):
+        # Per-check progress only for a planned audit: one grouped query, and only for a body.
+        checks = check_progress(session, audit.id) if audit.shards_total > 0 else None
+        body = to_status(audit, checks).model_dump_json().encode()
+    return cache.put(tenant.id, audit_id, etag, body)
 
 
 @router.post(
@@ -502,7 +575,11 @@ def read_audit(
     summary="Cancel an audit (a running one stops at its next checkpoint)",
 )
 def cancel_audit(
-    audit_id: str, tenant: TenantDep, session: SessionDep, dispatcher: DispatcherDep
+    request: Request,
+    audit_id: str,
+    tenant: TenantDep,
+    session: SessionDep,
+    dispatcher: DispatcherDep,
 ) -> AuditStatus:
     audit = get_owned_audit(session, tenant, audit_id)
     if audit.status in TERMINAL_STATES:
@@ -531,6 +608,8 @@ def cancel_audit(
             )
             ended_now = _end_if_no_shard_runs(session, audit_id, now)
     session.commit()
+    # The canceller's next poll must see the cancel (read your own writes), not a cached answer.
+    request.app.state.poll_cache.forget(audit_id)
     session.refresh(audit)
     if (cancelled_queued.rowcount == 1 or ended_now) and audit.request.get("callback_url"):  # type: ignore[attr-defined]
         # No worker will touch this audit again: announce it from here (after the commit).
@@ -556,7 +635,7 @@ def _end_if_no_shard_runs(session: Session, audit_id: str, now: datetime) -> boo
     return bool(ended.rowcount == 1)  # type: ignore[attr-defined]
 
 
-def _inside(root: Path, relative: str) -> Path:
+def path_inside(root: Path, relative: str) -> Path:
     """root/relative, refusing anything that resolves outside root."""
     path = (root / relative).resolve()
     if not path.is_relative_to(root.resolve()):
@@ -564,7 +643,7 @@ def _inside(root: Path, relative: str) -> Path:
     return path
 
 
-def _report_file(audit: Audit, artifact_root: Path, name: str) -> FileResponse:
+def report_file(audit: Audit, artifact_root: Path, name: str) -> FileResponse:
     if audit.status != "succeeded" or not audit.report_path:
         raise ReportNotReady(
             f"Audit {audit.id!r} is {audit.status}; the report exists once it has succeeded.",
@@ -572,7 +651,7 @@ def _report_file(audit: Audit, artifact_root: Path, name: str) -> FileResponse:
             if audit.status not in TERMINAL_STATES
             else {},
         )
-    report = _inside(artifact_root, audit.report_path)
+    report = path_inside(artifact_root, audit.report_path)
     path = report if name == "report" else report.with_name(name)
     if not path.is_file():
         raise NotFound(f"Audit {audit.id!r} has no {name}.")
@@ -594,7 +673,7 @@ def _report_file(audit: Audit, artifact_root: Path, name: str) -> FileResponse:
 def read_report(
     audit_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep
 ) -> FileResponse:
-    return _report_file(get_owned_audit(session, tenant, audit_id), settings.artifact_dir, "report")
+    return report_file(get_owned_audit(session, tenant, audit_id), settings.artifact_dir, "report")
 
 
 @router.get(
@@ -614,7 +693,7 @@ def read_report_html(
     audit_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep
 ) -> FileResponse:
     audit = get_owned_audit(session, tenant, audit_id)
-    return _report_file(audit, settings.artifact_dir, "report.html")
+    return report_file(audit, settings.artifact_dir, "report.html")
 
 
 @router.get(
@@ -633,9 +712,9 @@ def read_report_junit(
     audit_id: str, tenant: TenantDep, session: SessionDep, settings: SettingsDep
 ) -> Response:
     audit = get_owned_audit(session, tenant, audit_id)
-    report_file = _report_file(audit, settings.artifact_dir, "report")
+    stored = report_file(audit, settings.artifact_dir, "report")
     try:
-        report = json.loads(Path(report_file.path).read_text(encoding="utf-8"))
+        report = json.loads(Path(stored.path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         log.error("audit %s: unreadable report: %s", audit_id, exc)
         raise NotFound(f"Audit {audit_id!r} has no readable report.") from None
@@ -692,7 +771,7 @@ def read_artifact(
     row = session.get(Artifact, (audit.id, name)) if SAFE_NAME.match(name) else None
     if row is None:
         raise NotFound(f"Audit {audit_id!r} has no artifact {name!r}.")
-    path = _inside(artifacts.root, row.path)
+    path = path_inside(artifacts.root, row.path)
     if not path.is_file():
         raise NotFound(f"Audit {audit_id!r} has no artifact {name!r}.")
     return StoredFileResponse(

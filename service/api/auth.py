@@ -69,6 +69,12 @@ class ApiKeyCache:
         make_transient_to_detached(tenant)
         return tenant
 
+    def tenant_id(self, digest: str) -> str | None:
+        """The tenant id of a live cached key, without building a Tenant (the poll fast path)."""
+        with self._lock:
+            entry = self._entries.get(digest)
+            return entry.id if entry is not None and entry.expires > self._clock() else None
+
     def put(self, digest: str, tenant: Tenant) -> None:
         if self.ttl_seconds <= 0:
             return
@@ -87,6 +93,18 @@ class ApiKeyCache:
     def forget(self, digest: str) -> None:
         with self._lock:
             self._entries.pop(digest, None)
+
+
+def cached_tenant_id(authorization: str | None, cache: ApiKeyCache) -> str | None:
+    """The tenant id of a well-formed Bearer key the cache holds; None for anything else (a
+    missing, malformed, unknown or expired key: the full authentication path answers those)."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token.startswith(KEY_PREFIX):
+        return None
+    return cache.tenant_id(hash_key(token))
 
 
 def _digest(authorization: str | None) -> str:

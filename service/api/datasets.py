@@ -17,7 +17,7 @@ from service.api.deps import (
     SessionDep,
     SettingsDep,
     TenantDep,
-    UploaderDep,
+    TenantLookupDep,
     session_in_slot,
 )
 from service.api.forms import archive_limits, multipart_upload_body, parse_spec
@@ -75,7 +75,7 @@ def get_owned_dataset(session: Session, tenant: Tenant, dataset_id: str) -> Data
 async def upload_dataset(
     request: Request,
     response: Response,
-    tenant: UploaderDep,
+    tenant: TenantLookupDep,
     settings: SettingsDep,
     blobs: BlobsDep,
 ) -> DatasetResource:

@@ -112,8 +112,9 @@ async def get_tenant_briefly(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Tenant:
-    """The tenant, holding a database slot only for the key lookup: an upload streams its body
-    for as long as the client takes, and must not keep a slot that status polls need."""
+    """The tenant, holding a database slot only for the key lookup (none when the key is
+    cached): an upload streams its body for as long as the client takes and must not keep a
+    slot that status polls need; a cached poll needs none at all."""
     header = f"Bearer {credentials.credentials}" if credentials is not None else None
     cache: ApiKeyCache | None = getattr(request.app.state, "api_key_cache", None)
     if cache is not None:
@@ -124,5 +125,6 @@ async def get_tenant_briefly(
         return await run_in_threadpool(authenticate, session, header, cache)
 
 
-# Uploads: authenticated before the body is read, a session only around what they store.
-UploaderDep = Annotated[Tenant, Depends(get_tenant_briefly)]
+# The tenant without a session for the request: uploads (authenticated before the body is read,
+# a session only around what they store) and status polls (answered from the poll cache).
+TenantLookupDep = Annotated[Tenant, Depends(get_tenant_briefly)]

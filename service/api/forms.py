@@ -6,7 +6,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from service.api.inspect_upload import ArchiveLimits
+from schemas.archive_rules import ArchiveLimits
 from service.api.problems import ValidationFailed, describe, field_errors
 from service.settings import Settings
 
@@ -18,11 +18,8 @@ UPLOAD_SPEC_MODELS: dict[str, type[BaseModel]] = {}
 
 
 def archive_limits(settings: Settings) -> ArchiveLimits:
-    return ArchiveLimits(
-        max_entries=settings.max_archive_entries,
-        max_uncompressed_bytes=settings.max_archive_uncompressed_bytes,
-        max_compression_ratio=settings.max_compression_ratio,
-    )
+    """The limits an upload is inspected with: the ones workers pass to the runner."""
+    return settings.archive_limits
 
 
 def parse_spec(model: type[SpecT], raw: str | None) -> SpecT:

@@ -2,7 +2,8 @@
 
 Uploaded models are programs, so the gateway only reads structure: the zip central directory of
 TorchScript and torch.export archives (never extracting anything), the JSON header of
-`.safetensors` and the protobuf fields of ONNX models (service.api.inspect_onnx). Loading and
+`.safetensors` and the protobuf fields of ONNX models (service.api.inspect_onnx). Archives are
+held to schemas.archive_rules, the rules the engine applies again in the sandbox. Loading and
 probing happen later, in the worker's sandbox. Every refusal is an `InvalidUpload` (422) whose
 detail says what is wrong.
 """
@@ -10,19 +11,26 @@ detail says what is wrong.
 from __future__ import annotations
 
 import json
-import re
 import struct
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
+from schemas.archive_rules import (
+    ZIP_MAGIC,
+    ArchiveLimits,
+    InputRefused,
+    archive_root,
+    check_model_entries,
+    inspect_zip,
+    zip_model_format,
+)
 from schemas.model_spec import REGISTERED_ARCHITECTURES, ModelFormat, ModelSpec
 from schemas.problem import FieldError
 from service.api.inspect_onnx import inspect_onnx
 from service.api.problems import InvalidUpload
 
-ZIP_MAGIC = b"PK\x03\x04"
 # An ONNX ModelProto starts with its ir_version (field 1, varint), as every ONNX writer orders it.
 ONNX_FIRST_BYTE = b"\x08"
 SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024  # the format's own reference limit
@@ -30,18 +38,6 @@ SAFETENSORS_DTYPES = {
     "BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64",
     "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64",
 }  # fmt: skip
-# Shared libraries in any platform's spelling, versioned sonames included (libx.so.1.2).
-NATIVE_LIBRARY = re.compile(r"\.(so(\.\d+)*|dll|dylib|pyd)$", re.IGNORECASE)
-S_IFMT, S_IFLNK = 0o170000, 0o120000
-# Below this size a high ratio cannot hide a bomb; tiny text entries compress very well.
-RATIO_FLOOR_BYTES = 64 * 1024
-
-
-@dataclass(frozen=True)
-class ArchiveLimits:
-    max_entries: int
-    max_uncompressed_bytes: int
-    max_compression_ratio: float
 
 
 @dataclass
@@ -54,72 +50,29 @@ def _refuse(detail: str) -> InvalidUpload:
     return InvalidUpload(detail)
 
 
-def check_entry_name(name: str) -> None:
-    if "\\" in name:
-        raise _refuse(f"archive entry {name!r} contains a backslash")
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise _refuse(f"archive entry {name!r} is an absolute path")
-    if ".." in PurePosixPath(name).parts:
-        raise _refuse(f"archive entry {name!r} climbs out of the archive ('..')")
-    if "\x00" in name:
-        raise _refuse("an archive entry name contains a NUL byte")
-
-
-def inspect_zip(path: Path, limits: ArchiveLimits) -> list[zipfile.ZipInfo]:
-    """Check a zip archive's directory against the limits without extracting it."""
-    file_size = path.stat().st_size
-    try:
-        with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
-    except zipfile.BadZipFile as exc:
-        raise _refuse(f"the zip archive is damaged or truncated ({exc})") from None
-    except (OSError, ValueError, EOFError) as exc:
-        raise _refuse(f"the zip archive cannot be read ({exc})") from None
-    if not entries:
-        raise _refuse("the zip archive is empty")
-    if len(entries) > limits.max_entries:
-        raise _refuse(f"the archive has {len(entries)} entries; at most {limits.max_entries}")
-    total = 0
-    for entry in entries:
-        check_entry_name(entry.filename)
-        if (entry.external_attr >> 16) & S_IFMT == S_IFLNK:
-            raise _refuse(f"archive entry {entry.filename!r} is a symbolic link")
-        if NATIVE_LIBRARY.search(entry.filename):
-            raise _refuse(f"archive entry {entry.filename!r} is a native library")
-        if entry.header_offset + entry.compress_size > file_size:
-            raise _refuse(f"archive entry {entry.filename!r} lies past the end of the file")
-        total += entry.file_size
-        if total > limits.max_uncompressed_bytes:
-            raise _refuse(f"the archive would expand past {limits.max_uncompressed_bytes} bytes")
-        ratio = entry.file_size / max(entry.compress_size, 1)
-        if entry.file_size > RATIO_FLOOR_BYTES and ratio > limits.max_compression_ratio:
-            raise _refuse(
-                f"archive entry {entry.filename!r} expands {ratio:.0f}-fold; "
-                f"at most {limits.max_compression_ratio:.0f}"
-            )
-    return entries
-
-
-def _archive_root(entries: list[zipfile.ZipInfo]) -> str:
-    roots = {entry.filename.split("/", 1)[0] for entry in entries}
-    if len(roots) != 1 or all("/" not in entry.filename for entry in entries):
-        raise _refuse("a PyTorch archive keeps all its entries under one top-level folder")
-    return roots.pop()
+# How each PyTorch archive format is named in a refusal.
+ARCHIVE_FORMATS = {"torchscript": "a TorchScript archive", "export": "a torch.export .pt2 archive"}
 
 
 def _zip_model_format(path: Path, limits: ArchiveLimits) -> ModelInspection:
-    entries = inspect_zip(path, limits)
-    root = _archive_root(entries)
+    """The rules of schemas.archive_rules (the engine's too), then the format from the names."""
+    try:
+        entries = inspect_zip(path, limits)
+        root = archive_root(entries)
+        fmt = zip_model_format(entry.filename for entry in entries)
+        if fmt is not None:
+            check_model_entries(entries, fmt, ARCHIVE_FORMATS[fmt])
+    except InputRefused as exc:
+        raise _refuse(exc.reason) from None
     names = {entry.filename for entry in entries}
     info = {"entries": len(entries), "uncompressed_bytes": sum(e.file_size for e in entries)}
-    if f"{root}/archive_format" in names:
+    if fmt == "export":
         with zipfile.ZipFile(path) as archive, archive.open(f"{root}/archive_format") as f:
             marker = f.read(16).strip()
         if marker != b"pt2":
             raise _refuse(f"unknown torch.export archive format {marker[:16]!r}")
         return ModelInspection("export", info)
-    has_code = any(name.startswith(f"{root}/code/") for name in names)
-    if f"{root}/constants.pkl" in names and has_code:
+    if fmt == "torchscript":
         return ModelInspection("torchscript", info)
     if f"{root}/data.pkl" in names:
         raise _refuse(

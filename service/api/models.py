@@ -18,7 +18,7 @@ from service.api.deps import (
     SessionDep,
     SettingsDep,
     TenantDep,
-    UploaderDep,
+    TenantLookupDep,
     session_in_slot,
 )
 from service.api.forms import archive_limits, multipart_upload_body, parse_spec
@@ -77,7 +77,7 @@ def get_owned_model(session: Session, tenant: Tenant, model_id: str) -> Model:
 async def upload_model(
     request: Request,
     response: Response,
-    tenant: UploaderDep,
+    tenant: TenantLookupDep,
     settings: SettingsDep,
     blobs: BlobsDep,
     dispatcher: DispatcherDep,

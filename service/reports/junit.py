@@ -3,8 +3,10 @@
 One <testsuite name="tightrope">; one <testcase> per check result (check × subject). A check
 with a threshold passes or fails by the engine's verdict; a failure's message and text carry
 every measured value and its bound. A check without a threshold is informational: it is a
-<skipped> test case, so CI shows it without failing. Torch-free: the gateway renders it on the
-fly from report.json, the CLI writes it as junit.xml.
+<skipped> test case, so CI shows it without failing. With `compare_with`, one more test case
+per compared figure (`comparison`), failing on a regression beyond `max_regression`; the
+reference model's own check results are skipped (context, not the gate). Torch-free: the
+gateway renders it on the fly from report.json, the CLI writes it as junit.xml.
 """
 
 from __future__ import annotations
@@ -62,8 +64,13 @@ def _testcase(suite: ET.Element, finding: Finding) -> bool:
             properties, "property", name=f"measured: {c.quantity}", value=fmt(c.measured, 6)
         )
         ET.SubElement(properties, "property", name=f"bound: {c.quantity}", value=fmt(c.bound, 6))
-    if not finding.has_threshold:
-        ET.SubElement(case, "skipped", message="informational: the check has no threshold")
+    if finding.subject == "reference" or not finding.has_threshold:
+        reason = (
+            "context: the reference model's own result (compare_with)"
+            if finding.subject == "reference"
+            else "informational: the check has no threshold"
+        )
+        ET.SubElement(case, "skipped", message=reason)
         ET.SubElement(case, "system-out").text = finding.sentence
         return False
     if finding.verdict == "fail":
@@ -80,6 +87,41 @@ def _testcase(suite: ET.Element, finding: Finding) -> bool:
     return False
 
 
+def _regression_text(figure: dict[str, Any]) -> str:
+    return (
+        f"{figure.get('quantity')}: model {fmt(figure.get('model'), 6)}, reference "
+        f"{fmt(figure.get('reference'), 6)}, regression {fmt(figure.get('regression'), 6)} "
+        f"{'≤' if figure.get('passed') else '>'} max_regression "
+        f"{fmt(figure.get('max_regression'), 6)}"
+    )
+
+
+def _regression_cases(suite: ET.Element, comparison: dict[str, Any]) -> tuple[int, int]:
+    """One test case per compared figure; (cases, failures)."""
+    cases = failures = 0
+    for check in comparison.get("checks", []):
+        for figure in check.get("figures", []):
+            cases += 1
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                name=f"c{int(check.get('index', 0)):02d} {check.get('kind')} regression: "
+                f"{figure.get('quantity')}",
+                classname=f"tightrope.regression.{check.get('kind')}",
+                time=f"{0.0:.3f}",
+            )
+            properties = ET.SubElement(case, "properties")
+            for key in ("model", "reference", "difference", "regression", "max_regression"):
+                ET.SubElement(properties, "property", name=key, value=fmt(figure.get(key), 6))
+            text = _regression_text(figure)
+            if figure.get("passed"):
+                ET.SubElement(case, "system-out").text = text
+            else:
+                failures += 1
+                ET.SubElement(case, "failure", message=text, type="regression").text = text
+    return cases, failures
+
+
 def render_junit(report: dict[str, Any]) -> str:
     found = findings(report)
     suite = ET.Element("testsuite", name="tightrope")
@@ -94,10 +136,11 @@ def render_junit(report: dict[str, Any]) -> str:
     ):
         ET.SubElement(properties, "property", name=name, value="" if value is None else str(value))
     failures = sum(_testcase(suite, finding) for finding in found)
-    suite.set("tests", str(len(found)))
-    suite.set("failures", str(failures))
+    cases, regressions = _regression_cases(suite, report.get("comparison") or {})
+    suite.set("tests", str(len(found) + cases))
+    suite.set("failures", str(failures + regressions))
     suite.set("errors", "0")
-    suite.set("skipped", str(sum(not f.has_threshold for f in found)))
+    suite.set("skipped", str(sum(f.subject == "reference" or not f.has_threshold for f in found)))
     suite.set("time", f"{float((report.get('cost') or {}).get('wall_seconds') or 0.0):.3f}")
     root = ET.Element("testsuites", name="tightrope")
     root.append(suite)

@@ -68,7 +68,7 @@ def test_images_must_match_the_spec(shape: tuple[int, int, int], message: str) -
 
 
 def test_local_files_follow_the_upload_rules(tmp_path: Path) -> None:
-    """The same rule (schemas.array_rules) as the gateway's upload check."""
+    """The same rules (schemas.archive_rules) as the gateway's upload check."""
     np.save(tmp_path / "c.npy", np.zeros((2, 8, 8), np.complex64))
     with pytest.raises(EngineInputError, match="complex dtype complex64; store"):
         load({"file": "c.npy"}, tmp_path)

@@ -68,7 +68,7 @@ def test_labels_from_an_npz(tmp_path: Path) -> None:
         (np.array([0, 1, 2]), "3 labels for 4 images"),
         (np.array([0.0, 1.0, 2.0, 1.0]), "1-D integer array"),
         (np.array([[0, 1, 2, 1]]), "1-D integer array"),
-        (np.array([-1, 1, 2, 1]), r"labels must lie in \[0, 3\)"),
+        (np.array([-1, 1, 2, 1]), r"must be class indices >= 0 \(found -1\)"),
     ],
 )
 def test_bad_labels_are_named(tmp_path: Path, labels: np.ndarray, message: str) -> None:

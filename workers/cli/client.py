@@ -169,22 +169,23 @@ def run_remote_audit(
     reuse_model: bool = False,
     junit: bool = False,
     rejected_code: int = 1,
+    compare_with: str | None = None,
 ) -> str:
     """Upload (or reuse a ready model with the same file and spec), wait for admission,
     submit, poll with progress, and save report.json and report.html (and junit.xml when
     asked); the verdict. Raises RemoteAuditFailed (with the exit code the CLI gives it) when
-    the model is rejected or the audit does not succeed."""
-    model_id = _reusable_model(client, model, spec) if reuse_model else None
-    if model_id is not None:
-        err.print(f"model {model_id} already uploaded (same sha256 and spec), reusing it")
-    else:
-        uploaded = client.upload_model(model, spec)
-        err.print(f"model {uploaded['id']} uploaded ({uploaded['format']}), validating…")
-        admitted = client.wait_model(uploaded["id"])
-        if admitted["status"] != "ready":
-            raise RemoteAuditFailed(f"model rejected: {admitted.get('reason')}", rejected_code)
-        model_id = admitted["id"]
+    the model is rejected or the audit does not succeed. `compare_with`: a model file (uploaded
+    or reused like the model, with its spec) or the id of a model on the service."""
+    model_id = _ready_model(client, model, spec, reuse_model, rejected_code)
     request = dict(config, model_id=model_id)
+    if compare_with is not None:
+        reference = Path(compare_with)
+        reference_id = (
+            _ready_model(client, reference, spec, True, rejected_code)
+            if reference.is_file()
+            else compare_with
+        )
+        request["compare_with"] = {"model_id": reference_id}
     status = client.submit_audit(request)
     err.print(f"audit {status['id']} submitted")
     with progress_display(err, quiet=quiet) as bar:
@@ -209,6 +210,22 @@ def run_remote_audit(
     out.print(f"verdict: [bold]{report['verdict']}[/bold]")
     out.print(f"report: {report_path.resolve()}", highlight=False, soft_wrap=True)
     return str(report["verdict"])
+
+
+def _ready_model(
+    client: TightropeClient, model: Path, spec: dict[str, Any], reuse: bool, rejected_code: int
+) -> str:
+    """The id of the model file on the service: reused when allowed, else uploaded and admitted."""
+    model_id = _reusable_model(client, model, spec) if reuse else None
+    if model_id is not None:
+        err.print(f"model {model_id} already uploaded (same sha256 and spec), reusing it")
+        return model_id
+    uploaded = client.upload_model(model, spec)
+    err.print(f"model {uploaded['id']} uploaded ({uploaded['format']}), validating…")
+    admitted = client.wait_model(uploaded["id"])
+    if admitted["status"] != "ready":
+        raise RemoteAuditFailed(f"model rejected: {admitted.get('reason')}", rejected_code)
+    return str(admitted["id"])
 
 
 def _reusable_model(client: TightropeClient, model: Path, spec: dict[str, Any]) -> str | None:

@@ -300,9 +300,16 @@ def audit(
 
 
 def _run_local_audit(
-    model: Path, spec: Path, config: Path, out_dir: Path, quiet: bool, sign_key: Path | None
+    model: Path,
+    spec: Path,
+    config: Path,
+    out_dir: Path,
+    quiet: bool,
+    sign_key: Path | None,
+    compare_with: Path | None = None,
 ) -> dict[str, Any]:
-    """The engine in process: report.json (signed when a key is given) and report.html."""
+    """The engine in process: report.json (signed when a key is given) and report.html. With
+    `compare_with`, that model file (same spec) is audited beside it and compared."""
     from schemas.audits import AuditConfig
     from schemas.model_spec import ModelSpec
     from workers.cli.progress import progress_display
@@ -330,6 +337,19 @@ def _run_local_audit(
     if fmt is None:
         raise _fail(f"model {model}: not a TorchScript, torch.export, safetensors or ONNX file")
     sha = hashlib.sha256(model.read_bytes()).hexdigest()
+    reference = None
+    if compare_with is not None:
+        from schemas.comparisons import ReferenceModel
+
+        reference_format = detect_format(compare_with)
+        if reference_format is None:
+            raise _fail(f"--compare-with {compare_with}: not a model file this engine reads")
+        reference = ReferenceModel(
+            file=str(compare_with.resolve()),
+            format=reference_format,
+            sha256=hashlib.sha256(compare_with.read_bytes()).hexdigest(),
+            spec=model_spec,
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     with progress_display(err, quiet=quiet) as bar:
@@ -347,6 +367,7 @@ def _run_local_audit(
                 model_sha256=sha,
                 base_dir=config.resolve().parent,
                 on_progress=on_progress,
+                reference=reference,
             )
         except (EngineInputError, ModelRejected) as exc:
             raise _fail(str(exc)) from None
@@ -449,11 +470,20 @@ def gate(
         Path | None, typer.Option(help="In process: sign with this Ed25519 private key (PEM)")
     ] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
+    compare_with: Annotated[
+        str | None,
+        typer.Option(
+            help="MODEL_FILE or MODEL_ID: also audit this (released) model on the same inputs "
+            "and seeds, and fail on a regression beyond each check's max_regression; a model "
+            "id needs --server; a file shares --spec"
+        ),
+    ] = None,
 ) -> None:
     """A CI gate: audit the model (on --server, or in process), write report.json, report.html
-    and junit.xml, and exit 0 on pass or info, 1 on fail, 2 on an error."""
+    and junit.xml, and exit 0 on pass or info, 1 on fail (a threshold, or with --compare-with
+    a regression), 2 on an error."""
     try:
-        verdict = _gate(model, spec, config, out_dir, server, key, sign_key, quiet)
+        verdict = _gate(model, spec, config, out_dir, server, key, sign_key, quiet, compare_with)
     except typer.Exit as exc:
         raise typer.Exit(2 if exc.exit_code else 0) from None  # every early exit is an error
     except Exception as exc:  # a crash must not read as a failed verdict (1)
@@ -472,11 +502,19 @@ def _gate(
     key: str,
     sign_key: Path | None,
     quiet: bool,
+    compare_with: str | None = None,
 ) -> str:
     from service.reports.junit import render_junit
 
     if server is None:
-        report = _run_local_audit(model, spec, config, out_dir, quiet, sign_key)
+        reference = None
+        if compare_with is not None:
+            reference = Path(compare_with)
+            if not reference.is_file():
+                raise _fail(
+                    f"--compare-with {compare_with}: no such model file (a model id needs --server)"
+                )
+        report = _run_local_audit(model, spec, config, out_dir, quiet, sign_key, reference)
         (out_dir / "junit.xml").write_text(render_junit(report), encoding="utf-8")
         out.print(f"verdict: [bold]{report['verdict']}[/bold]")
         return str(report["verdict"])
@@ -498,6 +536,7 @@ def _gate(
                 reuse_model=True,
                 junit=True,
                 rejected_code=2,
+                compare_with=compare_with,
             )
     except RemoteAuditFailed as exc:
         raise _fail(str(exc), exc.code) from None

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.audits import AuditConfig
+from schemas.comparisons import ReferenceModel
 from schemas.model_spec import ModelFormat, ModelSpec
 from workers.engine.admission import Admission
 
@@ -40,6 +41,7 @@ def run_audit(
     should_stop: Callable[[], bool] | None = None,
     only_shards: list[str] | None = None,
     loaded: dict[str, Any] | None = None,
+    reference: ReferenceModel | None = None,
 ) -> dict[str, Any]:
     """Run an audit; write out_dir/report.json and artifacts; return the report dict.
 
@@ -48,19 +50,32 @@ def run_audit(
     Raises EngineInputError (inputs that cannot work together) and AuditCancelled.
     With `only_shards`, run only those shards (their results go to `on_shard`) and return
     `{"shards": [...]}` without merging. `loaded` (model key → model) keeps the loaded model
-    between calls of one process.
+    between calls of one process. `reference` (`compare_with`): the model compared with, its
+    `file` relative to `base_dir` (or absolute), audited as a second subject.
     """
-    from workers.engine.audit import resolve_device, run_audit_with_model
+    from workers.engine.audit import Reference, resolve_device, run_audit_with_model
     from workers.engine.models import load_model
 
     device = resolve_device(config.device)
-    key = f"{model_path}:{model_sha256}:{device}"
-    model = loaded.get(key) if loaded is not None else None
-    if model is None:
-        model = load_model(model_path, fmt, spec, str(device))
-        if loaded is not None:
-            loaded.clear()  # one model at a time
-            loaded[key] = model
+    wanted = [(model_path, fmt, spec, model_sha256)]
+    if reference is not None:
+        path = Path(reference.file)
+        if not path.is_absolute() and base_dir is not None:
+            path = base_dir / path
+        wanted.append((path, reference.format, reference.spec, reference.sha256))
+    keys = [f"{path}:{sha256}:{device}" for path, _, _, sha256 in wanted]
+    if loaded is not None:
+        for stale in [key for key in loaded if key not in keys]:
+            del loaded[stale]  # this audit's models only
+    models = []
+    for key, (path, model_format, model_spec, _) in zip(keys, wanted, strict=True):
+        found = loaded.get(key) if loaded is not None else None
+        if found is None:
+            found = load_model(path, model_format, model_spec, str(device))
+            if loaded is not None:
+                loaded[key] = found
+        models.append(found)
+    model = models[0]
     return run_audit_with_model(
         model,
         spec,
@@ -77,14 +92,30 @@ def run_audit(
         on_shard=on_shard,
         should_stop=should_stop,
         only_shards=only_shards,
+        reference=None
+        if reference is None
+        else Reference(
+            model=models[1],
+            spec=reference.spec,
+            identity={
+                "id": reference.model_id,
+                "name": reference.spec.name,
+                "sha256": reference.sha256,
+                "format": reference.format,
+                "spec": reference.spec.model_dump(mode="json"),
+            },
+        ),
     )
 
 
-def plan_audit(spec: ModelSpec, config: AuditConfig, base_dir: Path | None) -> list[dict[str, Any]]:
+def plan_audit(
+    spec: ModelSpec, config: AuditConfig, base_dir: Path | None, compare: bool = False
+) -> list[dict[str, Any]]:
     """The shards of an audit (shard_id, check_index, kind, subject, start, stop), in the
-    order the report merges them. Raises EngineInputError when the audit cannot run."""
+    order the report merges them (with `compare`, a `reference` subject too). Raises
+    EngineInputError when the audit cannot run."""
     from dataclasses import asdict
 
     from workers.engine.audit import plan_audit as plan
 
-    return [asdict(shard) for shard in plan(spec, config, base_dir)]
+    return [asdict(shard) for shard in plan(spec, config, base_dir, compare)]

@@ -1,4 +1,5 @@
-"""Reading `.npy`/`.npz` arrays named in an audit config, without ever unpickling."""
+"""Reading `.npy`/`.npz` arrays named in an audit config, without ever unpickling, by the rules
+of schemas.archive_rules (the gateway's)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,19 @@ from pathlib import Path
 
 import numpy as np
 
-from schemas.array_rules import dtype_problem
+from schemas.archive_rules import (
+    ZIP_MAGIC,
+    ArchiveLimits,
+    InputRefused,
+    check_array,
+    images_shape,
+    npz_array,
+    open_npz,
+    read_npy,
+)
 from schemas.common import FileArray, UploadedArray
 from workers.engine.errors import EngineInputError
+from workers.engine.limits import archive_limits
 
 
 def resolve_path(file: str, base_dir: Path | None) -> Path:
@@ -25,44 +36,41 @@ def load_array(
     *,
     max_elements: int | None = None,
     allow_non_finite: bool = False,
+    images: bool = False,
+    limits: ArchiveLimits | None = None,
 ) -> np.ndarray:
     """The array in an `.npy` file, or `key` (default: the first array) of an `.npz` file.
 
-    Raises EngineInputError for anything but a plain real-valued array: pickles, objects,
-    complex numbers, NaN or infinite values (unless `allow_non_finite`), and more than
-    `max_elements` values (an `.npy` is then memory-mapped: only its header is read)."""
+    Held to schemas.archive_rules, the rules the gateway applied at upload: an `.npz` passes
+    the archive checks with `limits` (by default those in force: workers.engine.limits) and
+    holds only arrays; the array is plain and real-valued (no pickles, objects or complex
+    numbers) and finite (unless `allow_non_finite`); with `images`, it is a dataset's images
+    (schemas.archive_rules.images_shape). Raises EngineInputError, naming the file. With
+    `max_elements`, more values are refused (an `.npy` is then memory-mapped: only its header
+    is read)."""
     path = resolve_path(str(file), base_dir)
     if path.suffix not in (".npy", ".npz"):
         raise EngineInputError(f"{file}: only .npy and .npz files are accepted")
     if not path.is_file():
         raise EngineInputError(f"{file}: no such file")
     try:
-        loaded = np.load(path, allow_pickle=False, mmap_mode=None if max_elements is None else "r")
-    except ValueError as exc:  # pickled object arrays end up here
-        raise EngineInputError(f"{file}: not a plain numeric array ({exc})") from None
-    except OSError as exc:
-        raise EngineInputError(f"{file}: cannot be read as an array ({exc})") from None
-    if isinstance(loaded, np.ndarray):
-        array = loaded
-    else:
-        with loaded:
-            names = list(loaded.files)
-            if not names:
-                raise EngineInputError(f"{file}: the archive holds no array")
-            chosen = key if key is not None else names[0]
-            if chosen not in names:
-                raise EngineInputError(f"{file}: no array {chosen!r} (arrays: {', '.join(names)})")
-            try:
-                array = loaded[chosen]
-            except ValueError as exc:
-                raise EngineInputError(f"{file}: not a plain numeric array ({exc})") from None
-    if max_elements is not None and array.size > max_elements:
-        raise EngineInputError(f"{file}: {array.size} values, more than {max_elements}")
-    problem = dtype_problem(array.dtype)
-    if problem is not None:
-        raise EngineInputError(f"{file}: the array {problem}")
-    if not allow_non_finite and not np.all(np.isfinite(array)):
-        raise EngineInputError(f"{file}: the array holds NaN or infinite values")
+        with path.open("rb") as f:
+            is_zip = f.read(4) == ZIP_MAGIC
+        if is_zip:
+            with open_npz(path, limits or archive_limits()) as npz:
+                name = key if key is not None else npz.files[0]
+                array = npz_array(npz, name)
+        else:
+            name = path.name
+            array = read_npy(path, mmap=max_elements is not None)
+        if max_elements is not None and array.size > max_elements:
+            raise EngineInputError(f"{file}: {array.size} values, more than {max_elements}")
+        if images:
+            images_shape(name, array)
+        else:
+            check_array(name, array, finite=not allow_non_finite)
+    except InputRefused as exc:
+        raise EngineInputError(f"{file}: {exc.reason}") from None
     return array
 
 

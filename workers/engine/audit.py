@@ -12,6 +12,7 @@ import re
 import time
 import warnings as pywarnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 from schemas.audits import AuditConfig
 from schemas.checks import Baseline
 from schemas.checks_classifier import task_problems
+from schemas.comparisons import comparison_section, spec_problems
 from schemas.datasets import BuiltinDataset
 from schemas.model_spec import ModelSpec
 from schemas.operators import DenoisingOperator
@@ -48,6 +50,26 @@ from workers.engine.subjects import model_subject
 ProgressFn = Callable[[float, str | None, str | None], None]
 ShardFn = Callable[[str, dict[str, Any]], None]
 BaselineBuilder = Callable[[Baseline, Operator], Reconstructor]
+
+
+@dataclass
+class Reference:
+    """The model compared with (`compare_with`): loaded, its spec, and its identity in the
+    report (`{id, name, sha256, format, spec}`, as the report's `model`)."""
+
+    model: torch.nn.Module
+    spec: ModelSpec
+    identity: dict[str, Any]
+
+
+def subject_names(config: AuditConfig, compare: bool) -> list[str]:
+    """The audit's subjects in shard and report order: model, reference, baseline."""
+    return (
+        ["model"]
+        + (["reference"] if compare else [])
+        + (["baseline"] if config.baseline is not None else [])
+    )
+
 
 # Artifact names the service accepts (service.storage.stores.SAFE_NAME; the engine cannot
 # import it).
@@ -94,13 +116,17 @@ def run_audit_with_model(
     on_shard: ShardFn | None = None,
     should_stop: Callable[[], bool] | None = None,
     only_shards: list[str] | None = None,
+    reference: Reference | None = None,
 ) -> dict[str, Any]:
     """Run every shard not in `completed_shards`, merge, write out_dir/report.json and the
     artifacts, and return the report. Raises EngineInputError for inputs that cannot work
     together and AuditCancelled when `should_stop` says so between shards.
 
     With `only_shards`, run just those shards (one task of a distributed audit) and return
-    `{"shards": [ids run]}`: no merge, no report."""
+    `{"shards": [ids run]}`: no merge, no report.
+
+    With `reference`, that model is a second subject on the same images, draws and seeds, and
+    the report gets a `comparison` (schemas.comparisons)."""
     started = time.perf_counter()
     progress = on_progress or (lambda fraction, check, message: None)
     stop = should_stop or (lambda: False)
@@ -112,11 +138,22 @@ def run_audit_with_model(
         if isinstance(model, torch.nn.Module):
             model = model.to(device)
         subjects = {"model": _model_subject(model, spec, ctx)}
+        if reference is not None:
+            problems = spec_problems(spec, reference.spec)
+            if problems:
+                raise EngineInputError("the reference model does not fit: " + "; ".join(problems))
+            if isinstance(reference.model, torch.nn.Module):
+                reference.model = reference.model.to(device)
+            subjects["reference"] = replace(
+                _model_subject(reference.model, reference.spec, ctx), name="reference"
+            )
         baseline = _baseline_subject(config, ctx, baseline_builder)
         if baseline is not None:
             subjects["baseline"] = baseline
         if spec.task == "reconstruction":
-            _enable_rebuilding(ctx, config, base_dir, model, spec, subjects, baseline_builder)
+            _enable_rebuilding(
+                ctx, config, base_dir, model, spec, subjects, baseline_builder, reference
+            )
         shards = plan_shards(config, ctx.images.shape[0], list(subjects))
         if only_shards is not None:
             shards = _select_shards(shards, only_shards)
@@ -151,20 +188,24 @@ def run_audit_with_model(
             checks=checks,
             cost=cost,
             warnings=ctx.warnings,
+            comparison=None
+            if reference is None
+            else comparison_section(config.checks, checks, reference.identity),
         )
     write_report(report, out_dir)
     progress(1.0, None, "report written")
     return report
 
 
-def plan_audit(spec: ModelSpec, config: AuditConfig, base_dir: Path | None) -> list[Shard]:
+def plan_audit(
+    spec: ModelSpec, config: AuditConfig, base_dir: Path | None, compare: bool = False
+) -> list[Shard]:
     """The audit's shards, in merge order, as every task of it will plan them: the inputs are
     loaded and the operator built once here, so an audit that cannot run fails before any
     shard is sent."""
     with deterministic():
         ctx = _context(spec, config, resolve_device(config.device), base_dir)
-    subjects = ["model"] + (["baseline"] if config.baseline is not None else [])
-    return plan_shards(config, ctx.images.shape[0], subjects)
+    return plan_shards(config, ctx.images.shape[0], subject_names(config, compare))
 
 
 def _select_shards(shards: list[Shard], wanted: list[str]) -> list[Shard]:
@@ -240,6 +281,7 @@ def _enable_rebuilding(
     spec: ModelSpec,
     subjects: dict[str, Subject],
     builder: BaselineBuilder | None,
+    reference: Reference | None = None,
 ) -> None:
     """What checks that build other operators need (more_samples): the operator config, the
     base directory, and each subject rebuilt for another operator, counting its passes on the
@@ -251,6 +293,10 @@ def _enable_rebuilding(
         current = subjects[name]
         if name == "model":
             return model_subject(model, spec, operator, current.counter)
+        if name == "reference":
+            assert reference is not None  # a reference subject exists only when given
+            rebuilt = model_subject(reference.model, reference.spec, operator, current.counter)
+            return replace(rebuilt, name="reference")
         assert config.baseline is not None  # a baseline subject exists only when configured
         build = builder or build_baseline
         reconstruct = build(config.baseline, operator)

@@ -9,7 +9,6 @@ import numpy as np
 import torch
 from deepinv.utils.phantoms import generate_shepp_logan
 
-from schemas.array_rules import image_count_problem
 from schemas.datasets import BuiltinDataset, DatasetRef, FileDataset, UploadedDataset
 from schemas.model_spec import ModelSpec
 from workers.engine.arrays import load_array
@@ -31,16 +30,10 @@ def load_images(ref: DatasetRef, base_dir: Path | None = None) -> torch.Tensor:
             f"dataset {ref.dataset_id!r} was not resolved to a file before the audit"
         )
     assert isinstance(ref, FileDataset)
-    array = load_array(ref.file, ref.key, base_dir)
+    # the images the gateway accepted at upload (schemas.archive_rules.images_shape)
+    array = load_array(ref.file, ref.key, base_dir, images=True)
     if array.ndim == 3:
         array = array[:, None]
-    if array.ndim != 4:
-        raise EngineInputError(
-            f"{ref.file}: images must be [N, C, H, W] or [N, H, W], not {list(array.shape)}"
-        )
-    count_problem = image_count_problem(int(array.shape[0]))
-    if count_problem is not None:
-        raise EngineInputError(f"{ref.file}: the array {count_problem}")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
 
 

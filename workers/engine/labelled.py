@@ -9,13 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from schemas.archive_rules import DEFAULT_LABELS_KEY, InputRefused, labels_summary
 from schemas.datasets import BuiltinDataset, DatasetRef, FileDataset
 from workers.engine.arrays import load_array, resolve_path
 from workers.engine.datasets import load_images
 from workers.engine.digits import digits
 from workers.engine.errors import EngineInputError
-
-DEFAULT_LABELS_KEY = "labels"
 
 
 def load_labelled(
@@ -31,24 +30,25 @@ def load_labelled(
             )
         images, labels = digits(ref.count, ref.size, ref.seed)
     elif isinstance(ref, FileDataset):
-        images, labels = load_images(ref, base_dir), _file_labels(ref, base_dir)
+        images = load_images(ref, base_dir)
+        labels = _file_labels(ref, base_dir, images.shape[0])
     else:
         raise EngineInputError("the dataset was not resolved to a file before the audit")
     return images, check_labels(labels, num_classes, images.shape[0])
 
 
-def _file_labels(ref: FileDataset, base_dir: Path | None) -> torch.Tensor:
+def _file_labels(ref: FileDataset, base_dir: Path | None, count: int) -> torch.Tensor:
     if resolve_path(ref.file, base_dir).suffix != ".npz":
         raise EngineInputError(
             f"{ref.file}: a classifier audit needs labels: upload an .npz with arrays "
             "`images` and `labels`"
         )
-    array = load_array(ref.file, ref.labels_key or DEFAULT_LABELS_KEY, base_dir)
-    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
-        raise EngineInputError(
-            f"{ref.file}: labels must be a 1-D integer array, not {array.dtype} "
-            f"of shape {list(array.shape)}"
-        )
+    key = ref.labels_key or DEFAULT_LABELS_KEY
+    array = load_array(ref.file, key, base_dir)
+    try:
+        labels_summary(key, array, count)  # the gateway's rule for labels at upload
+    except InputRefused as exc:
+        raise EngineInputError(f"{ref.file}: {exc.reason}") from None
     return torch.from_numpy(array.astype(np.int64))
 
 

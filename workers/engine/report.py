@@ -10,10 +10,10 @@ import deepinv
 import numpy as np
 import torch
 
-from schemas.audits import AuditConfig
+from schemas.audits import AuditConfig, strip_unset_regressions
 from schemas.canonical import canonical_json  # the serialisation reports are signed in
 from schemas.reports import SCHEMA_VERSION, Report
-from schemas.verdicts import audit_verdict
+from schemas.verdicts import report_verdict
 from workers.engine.shards import check_seed
 
 REPORT_FILE = "report.json"
@@ -24,7 +24,7 @@ def canonical_config(config: AuditConfig) -> dict[str, Any]:
     data = config.model_dump(mode="json", by_alias=True)
     for check, dumped in zip(config.checks, data["checks"], strict=True):
         dumped["seed"] = check_seed(config.seed, check.seed)
-    return data
+    return strip_unset_regressions(data)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -61,16 +61,20 @@ def build_report(
     checks: list[dict[str, Any]],
     cost: dict[str, Any],
     warnings: list[str],
+    comparison: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    return {
+    report = {
         "schema_version": SCHEMA_VERSION,
         "audit_id": audit_id,
         "model": model,
         "config": canonical_config(config),
         "environment": environment(device),
         "seed": config.seed,
-        "verdict": audit_verdict(check["verdict"] for check in checks),
+        "verdict": report_verdict(checks, comparison),
         "cost": cost,
         "checks": checks,
         "warnings": warnings,
     }
+    if comparison is not None:  # only with compare_with: other reports keep their bytes
+        report["comparison"] = comparison
+    return report

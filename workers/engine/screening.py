@@ -1,10 +1,11 @@
 """Screening of uploaded models before and after loading: uploaded models are programs.
 
 Three layers, cheapest first:
-1. `detect_format` and `screen_archive`: the bytes are of the declared format; a zip archive has
-   sane entries (count, sizes, compression ratio, no `..`/absolute/symlink names, no native
-   libraries) and only the entries its format writes. The gateway does the same without torch;
-   it is repeated here because the sandbox must not trust what reached it (defence in depth).
+1. `detect_format` and `screen_archive`: the bytes are of the declared format; a zip archive
+   passes schemas.archive_rules (count, sizes, compression ratio, no `..`/absolute/symlink
+   names, no native code, one top-level folder, only the entries its format writes). The
+   gateway applies the same rules, with the same limits, at upload; they are applied again here
+   because the sandbox must not trust what reached it (defence in depth).
 2. Before anything in an archive is deserialised: a TorchScript archive's source (`code/`) must
    not name file operations (a `__setstate__` runs at load time); a `.pt2` archive must carry no
    pickled payloads, so that `torch.export.load` never falls back to full unpickling.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import stat
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,23 +26,24 @@ from pathlib import Path
 
 import torch
 
+from schemas.archive_rules import (
+    ZIP_MAGIC,
+    ArchiveLimits,
+    InputRefused,
+    archive_root,
+    check_model_entries,
+    inspect_zip,
+    relative_name,
+    zip_model_format,
+)
 from schemas.model_spec import ModelFormat
+from workers.engine.limits import archive_limits
 from workers.engine.rejection import ModelRejected
 
-# The gateway's defaults (service.settings); the engine may not import service.
-MAX_ARCHIVE_ENTRIES = 10_000
-MAX_ARCHIVE_UNCOMPRESSED_BYTES = 2 * 1024**3
-MAX_COMPRESSION_RATIO = 200.0
-# Small entries (JSON, code) can compress far better than weights without being a bomb.
-RATIO_CHECKED_FROM_BYTES = 1024**2
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024**2
 # An ONNX ModelProto starts with its ir_version (field 1, varint): every ONNX writer serialises
 # fields in number order.
 ONNX_FIRST_BYTE = b"\x08"
-
-NATIVE_LIBRARY = re.compile(
-    r"\.(so(\.\d+)*|dll|dylib|pyd|exe|o|a|lib|cubin|fatbin|ptx|hsaco|spv)$", re.IGNORECASE
-)
 
 # ---------------------------------------------------------------------------------------------
 # Operation policy, shared by TorchScript and torch.export graphs
@@ -149,28 +150,18 @@ def detect_format(path: Path) -> ModelFormat | None:
     """Recognise the format from the bytes (not the file name)."""
     with path.open("rb") as f:
         head = f.read(9)
-    if head[:4] == b"PK\x03\x04":
+    if head[:4] == ZIP_MAGIC:
         try:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except (zipfile.BadZipFile, OSError):
             return None
-        relative = {_relative(n) for n in names}
-        if "archive_format" in relative:
-            return "export"
-        if "constants.pkl" in relative and any(n.startswith("code/") for n in relative):
-            return "torchscript"
-        return None
+        return zip_model_format(names)
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if head[:1] == ONNX_FIRST_BYTE:
         return "onnx"  # parsed and checked by workers.engine.onnx_models
     return None
-
-
-def _relative(name: str) -> str:
-    """Entry name below the archive's single root folder (`model/code/x.py` -> `code/x.py`)."""
-    return name.split("/", 1)[1] if "/" in name else name
 
 
 def _describe(fmt: ModelFormat | None) -> str:
@@ -204,86 +195,25 @@ def check_declared_format(path: Path, declared: ModelFormat) -> None:
 
 def _is_zip(path: Path) -> bool:
     with path.open("rb") as f:
-        return f.read(4) == b"PK\x03\x04"
+        return f.read(4) == ZIP_MAGIC
 
 
-def inspect_zip(path: Path) -> list[zipfile.ZipInfo]:
-    """The archive's entries, after the checks that need no extraction."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            entries = archive.infolist()
-    except (zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise ModelRejected(f"the archive cannot be read as a zip file: {exc}") from exc
-    if len(entries) > MAX_ARCHIVE_ENTRIES:
-        raise ModelRejected(
-            f"the archive has {len(entries)} entries, more than the {MAX_ARCHIVE_ENTRIES} allowed"
-        )
-    roots = set()
-    total = 0
-    for entry in entries:
-        _check_entry_name(entry)
-        roots.add(entry.filename.split("/", 1)[0])
-        total += entry.file_size
-        if (
-            entry.file_size >= RATIO_CHECKED_FROM_BYTES
-            and entry.file_size > MAX_COMPRESSION_RATIO * max(entry.compress_size, 1)
-        ):
-            ratio = entry.file_size / max(entry.compress_size, 1)
-            raise ModelRejected(
-                f"archive entry {entry.filename!r} expands {ratio:.0f}-fold "
-                f"(more than {MAX_COMPRESSION_RATIO:.0f}): a compression bomb"
-            )
-    if total > MAX_ARCHIVE_UNCOMPRESSED_BYTES:
-        raise ModelRejected(
-            f"the archive expands to {total} bytes, more than {MAX_ARCHIVE_UNCOMPRESSED_BYTES}"
-        )
-    if len(roots) != 1:
-        raise ModelRejected("a model archive has exactly one top-level folder")
-    return entries
-
-
-def _check_entry_name(entry: zipfile.ZipInfo) -> None:
-    name = entry.filename
-    parts = name.split("/")
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\\" in name:
-        raise ModelRejected(f"archive entry {name!r} has an absolute or Windows path")
-    if ".." in parts or "\x00" in name:
-        raise ModelRejected(f"archive entry {name!r} leaves the archive's folder ('..')")
-    if stat.S_ISLNK(entry.external_attr >> 16):
-        raise ModelRejected(f"archive entry {name!r} is a symbolic link")
-    if NATIVE_LIBRARY.search(name):
-        raise ModelRejected(f"archive entry {name!r} is a native library or binary code")
-
-
-TORCHSCRIPT_ENTRIES = re.compile(
-    r"^(data\.pkl|constants\.pkl|version|byteorder|\.data/version|\.data/serialization_id"
-    r"|data/\d+|constants/\d+|code/[\w./-]+\.(py|debug_pkl)|extra/[\w.-]+"
-    # torch.jit.trace keeps its example inputs (tensors, read by the same restricted unpickler)
-    r"|traced_inputs\.pkl|traced_inputs/\d+)$"
-)
-EXPORT_ENTRIES = re.compile(
-    r"^(archive_format|archive_version|byteorder|\.data/version|\.data/serialization_id"
-    r"|models/[\w.-]+\.json|data/weights/[\w.-]+|data/constants/[\w.-]+"
-    r"|data/sample_inputs/[\w.-]+\.pt|extra/[\w.-]+)$"
-)
-
-
-def screen_archive(path: Path, fmt: ModelFormat) -> None:
-    """Layers 1 and 2 for an archive format: raises ModelRejected, loads nothing."""
+def screen_archive(path: Path, fmt: ModelFormat, limits: ArchiveLimits | None = None) -> None:
+    """Layers 1 and 2 for an archive format: raises ModelRejected, loads nothing. A zip is held
+    to schemas.archive_rules (the gateway's rules) with `limits`, by default those in force
+    (workers.engine.limits: the job's)."""
     check_declared_format(path, fmt)
     if fmt == "safetensors":
         _screen_safetensors_header(path)
         return
     if fmt == "onnx":
         return  # a protobuf, not an archive: workers.engine.onnx_models screens it
-    entries = inspect_zip(path)
-    allowed = TORCHSCRIPT_ENTRIES if fmt == "torchscript" else EXPORT_ENTRIES
-    for entry in entries:
-        if entry.is_dir():
-            continue
-        relative = _relative(entry.filename)
-        if not allowed.match(relative):
-            raise ModelRejected(f"archive entry {entry.filename!r} is not part of {_describe(fmt)}")
+    try:
+        entries = inspect_zip(path, limits or archive_limits())
+        archive_root(entries)
+        check_model_entries(entries, fmt, _describe(fmt))
+    except InputRefused as exc:
+        raise ModelRejected(exc.reason) from None
     with zipfile.ZipFile(path) as archive:
         if fmt == "torchscript":
             _screen_torchscript_source(archive, entries)
@@ -329,7 +259,7 @@ def _screen_torchscript_source(archive: zipfile.ZipFile, entries: list[zipfile.Z
 
 def _screen_export_payloads(archive: zipfile.ZipFile, entries: list[zipfile.ZipInfo]) -> None:
     """Every payload `torch.export.load` would unpickle is refused or proven weights-only."""
-    by_relative = {_relative(e.filename): e for e in entries}
+    by_relative = {relative_name(e.filename): e for e in entries}
     if archive.read(by_relative["archive_format"]).strip() != b"pt2":
         raise ModelRejected("the .pt2 archive's archive_format is not 'pt2'")
     if not any(r.startswith("models/") for r in by_relative):

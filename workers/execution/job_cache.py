@@ -72,7 +72,12 @@ class JobCache:
         """A `shards` job directory for this audit, reused when it is kept and intact."""
         key = (audit.id, model.sha256)
         kept = self._entries.get(key)
-        if kept is not None and kept.is_dir() and jobs.model_file_intact(kept, model.sha256):
+        reference = jobs.reference_sha256(session, audit)
+        if (
+            kept is not None
+            and kept.is_dir()
+            and jobs.model_file_intact(kept, model.sha256, reference)
+        ):
             self._entries.move_to_end(key)
             return kept
         if kept is not None:

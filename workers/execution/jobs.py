@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from schemas.audits import AuditConfig
+from schemas.comparisons import ReferenceModel
 from schemas.model_spec import ModelSpec
 from schemas.runner import (
     JOB_FILE,
@@ -59,13 +60,34 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
-def _copy_model(settings: Settings, model: Model, job_dir: Path) -> str:
+def _copy_model(settings: Settings, model: Model, job_dir: Path, stem: str = "model") -> str:
     source = BlobStore(settings.blob_dir).path(model.sha256)
     if not source.is_file():
         raise JobInputError(f"the file of model {model.id} is missing from the blob store")
-    name = "model" + MODEL_EXTENSIONS.get(model.format, "")
+    name = stem + MODEL_EXTENSIONS.get(model.format, "")
     shutil.copyfile(source, job_dir / name)
     return name
+
+
+def _copy_reference(
+    session: Session, settings: Settings, audit: Audit, job_dir: Path
+) -> ReferenceModel | None:
+    """The model of the request's `compare_with`, copied as `reference.<ext>` (None without)."""
+    compare_with = audit.request.get("compare_with")
+    if not isinstance(compare_with, dict):
+        return None
+    model = session.get(Model, compare_with.get("model_id"))
+    if model is None or model.tenant_id != audit.tenant_id or model.status != "ready":
+        raise JobInputError(
+            f"compare_with.model_id: model {compare_with.get('model_id')!r} is not a ready model"
+        )
+    return ReferenceModel(
+        file=_copy_model(settings, model, job_dir, stem="reference"),
+        format=model.format,
+        sha256=model.sha256,
+        spec=ModelSpec.model_validate(model.spec),
+        model_id=model.id,
+    )
 
 
 def _copy_dataset(
@@ -96,7 +118,8 @@ def localise_config(
 ) -> AuditConfig:
     """The audit's config with every uploaded dataset or array replaced by a copied file."""
     request = dict(audit.request)
-    for service_only in ("model_id", "priority"):  # AuditRequest fields the engine does not read
+    # AuditRequest fields the engine does not read (compare_with: RunnerJob.reference)
+    for service_only in ("model_id", "priority", "compare_with"):
         request.pop(service_only, None)
     dataset = request.get("dataset")
     if isinstance(dataset, dict) and "dataset_id" in dataset:
@@ -156,6 +179,7 @@ def materialise_audit_job(
     job_dir = _fresh_dir(job_dir or job_dir_for(settings, audit.id, audit.attempts))
     try:
         model_file = _copy_model(settings, model, job_dir)
+        reference = _copy_reference(session, settings, audit, job_dir)
         config = localise_config(session, settings, audit, job_dir)
         if kind == "audit":
             _write_shards(session, audit.id, job_dir)
@@ -173,6 +197,8 @@ def materialise_audit_job(
                 audit_id=audit.id,
                 model_id=model.id,
                 config=config,
+                reference=reference,
+                archive_limits=settings.archive_limits,
             ),
         )
     except BaseException:
@@ -203,12 +229,28 @@ def read_plan(job_dir: Path) -> RunnerPlan | None:
         return None
 
 
-def model_file_intact(job_dir: Path, sha256: str) -> bool:
+def reference_sha256(session: Session, audit: Audit) -> str | None:
+    """The sha256 of the audit's `compare_with` model, from the database (None without)."""
+    compare_with = audit.request.get("compare_with")
+    if not isinstance(compare_with, dict):
+        return None
+    model = session.get(Model, compare_with.get("model_id"))
+    return None if model is None else model.sha256
+
+
+def model_file_intact(job_dir: Path, sha256: str, reference: str | None = None) -> bool:
     """The model copy in a kept job directory still has the admitted bytes (a child can write
     into its job directory, so a kept copy is checked before it is reused)."""
     job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
-    path = job_dir / job.model_file
-    return path.is_file() and not path.is_symlink() and sha256_file(path) == sha256
+    copies = [(job_dir / job.model_file, sha256)]
+    if (job.reference is None) != (reference is None):
+        return False
+    if job.reference is not None and reference is not None:  # compare_with: that copy too
+        copies.append((job_dir / job.reference.file, reference))
+    return all(
+        path.is_file() and not path.is_symlink() and sha256_file(path) == expected
+        for path, expected in copies
+    )
 
 
 def materialise_admission_job(settings: Settings, model: Model, attempt: int) -> Path:
@@ -224,6 +266,7 @@ def materialise_admission_job(settings: Settings, model: Model, attempt: int) ->
                 model_sha256=model.sha256,
                 spec=ModelSpec.model_validate(model.spec),
                 model_id=model.id,
+                archive_limits=settings.archive_limits,
             ),
         )
     except BaseException:

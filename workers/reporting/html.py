@@ -28,7 +28,7 @@ from workers.reporting.figures import Curve, artifact_array, curves_png
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
-SUBJECT_LABEL = {"model": "network", "baseline": "baseline"}
+SUBJECT_LABEL = {"model": "network", "reference": "reference model", "baseline": "baseline"}
 
 
 @dataclass
@@ -149,6 +149,35 @@ def _worst_case_panels(finding: Finding, directory: Path) -> Figure | None:
     )
 
 
+def _side_by_side(group: list[Finding], directory: Path) -> Figure | None:
+    """With compare_with: the network's and the reference model's perturbed reconstructions
+    of their worst image at the panels' level, next to each other."""
+    by_subject = {finding.subject: finding for finding in group}
+    if "model" not in by_subject or "reference" not in by_subject:
+        return None
+    panels = []
+    for subject in ("model", "reference"):
+        finding = by_subject[subject]
+        chosen = _panel_level(finding)
+        if chosen is None:
+            return None
+        position, level = chosen
+        perturbed = _artifact(finding, directory, f"worst_case-level{position}-reconstruction.npy")
+        worst = (_levels(finding.result)[position].get("worst_image") or {}).get("index")
+        if perturbed is not None:
+            label = f"{SUBJECT_LABEL[subject]}: Ψ(y+e), image {worst}, level {fmt(level)}"
+            panels.append(Panel(label, perturbed))
+    uri = _data_uri(panels_png(panels)) if len(panels) == 2 else None
+    if uri is None:
+        return None
+    return Figure(
+        "Worst case: network and reference model side by side",
+        uri,
+        "Each model's perturbed reconstruction of its own worst image at the same level, under "
+        "the same search, seeds and images.",
+    )
+
+
 # Columns of the per-level tables: (header, field of a level row, statistic or None for a number)
 CLASSIFIER_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
     "random_noise": [
@@ -241,6 +270,11 @@ def build_sections(report: dict[str, Any], directory: Path) -> list[CheckSection
                 panel = _worst_case_panels(finding, directory)
                 if panel is not None:
                     section.figures.append(panel)
+        if section.kind == "worst_case":
+            side_by_side = _side_by_side(section.findings, directory)
+            if side_by_side is not None:
+                section.figures.append(side_by_side)
+        for finding in section.findings:
             table = _table(section.kind, finding)
             if table is not None:
                 section.tables.append(table)

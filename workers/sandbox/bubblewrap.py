@@ -1,4 +1,4 @@
-"""Build and start the sandbox that runs uploaded models (DESIGN.md §5).
+"""Build and start the sandbox that runs uploaded models (docs/security.md, "The sandbox").
 
 The runner child runs under bubblewrap: every namespace unshared (no network but a private
 loopback), only the installed software visible and read-only, a private /tmp, the job directory

@@ -31,8 +31,10 @@ from schemas.runner import (
     RunnerPlan,
 )
 
-# torch-free: the error classes only (the engine itself is imported by each job's function)
+# torch-free: the error classes and the archive limits only (the engine itself is imported by
+# each job's function)
 from workers.engine.errors import EngineInputError, is_out_of_memory
+from workers.engine.limits import archive_limits_in_force
 
 REPORT_FILE = "report.json"
 # The status a failure maps to: 422 when the audit's own input is at fault.
@@ -102,7 +104,7 @@ def run_plan(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
     probe = _probe_before_planning(job, job_dir, events)
     if probe is None:
         return
-    shards = api.plan_audit(job.spec, job.config, job_dir)
+    shards = api.plan_audit(job.spec, job.config, job_dir, compare=job.reference is not None)
     if len(shards) > MAX_SHARDS:
         raise EngineInputError(
             f"the audit splits into {len(shards)} shards, more than {MAX_SHARDS}: raise "
@@ -179,6 +181,7 @@ def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
         # The worker asks a running child to stop by creating STOP in its job directory.
         should_stop=(job_dir / STOP_FILE).exists,
         only_shards=job.shard_ids if job.kind == "shards" else None,
+        reference=job.reference,
     )
     if job.kind == "shards":
         events.emit("done", info={"shards": report.get("shards", [])})
@@ -228,14 +231,16 @@ def main(argv: list[str]) -> int:
             raise ValueError("usage: python -m workers.sandbox.runner <job_dir> [--serve]")
         job_dir = Path(argv[0])
         job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
-        if job.kind == "admit":
-            run_admission(job, job_dir, events)
-        elif job.kind == "plan":
-            run_plan(job, job_dir, events)
-        else:
-            run_audit(job, job_dir, events)
-            if serve and job.kind == "shards":
-                serve_next_jobs(job_dir, events)
+        # every archive the engine reads is held to the gateway's limits, which the job carries
+        with archive_limits_in_force(job.archive_limits):
+            if job.kind == "admit":
+                run_admission(job, job_dir, events)
+            elif job.kind == "plan":
+                run_plan(job, job_dir, events)
+            else:
+                run_audit(job, job_dir, events)
+                if serve and job.kind == "shards":
+                    serve_next_jobs(job_dir, events)
         return 0
     except BaseException as exc:  # every failure must become an event, even SystemExit
         traceback.print_exc(file=sys.stderr)

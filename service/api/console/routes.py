@@ -316,7 +316,7 @@ def _read_report(audit: Audit, artifact_root: Path) -> dict[str, Any] | None:
     if audit.status != "succeeded" or not audit.report_path:
         return None
     try:
-        path = audits_api._inside(artifact_root, audit.report_path)
+        path = audits_api.path_inside(artifact_root, audit.report_path)
         report = json.loads(path.read_text(encoding="utf-8"))
     except (TightropeError, OSError, ValueError):
         return None
@@ -401,7 +401,7 @@ def _report_download(
     if isinstance(audit, TightropeError):
         return _problem_page(user, audit)
     try:
-        file = audits_api._report_file(audit, settings.artifact_dir, name)
+        file = audits_api.report_file(audit, settings.artifact_dir, name)
     except TightropeError as exc:
         return _problem_page(user, exc)
     file.headers["X-Content-Type-Options"] = "nosniff"
@@ -462,7 +462,7 @@ def artifact(
         return _problem_page(user, audit)
     row = session.get(Artifact, (audit.id, name)) if SAFE_NAME.match(name) else None
     try:
-        path = audits_api._inside(settings.artifact_dir, row.path) if row is not None else None
+        path = audits_api.path_inside(settings.artifact_dir, row.path) if row is not None else None
     except TightropeError:
         path = None
     if row is None or path is None or not path.is_file():

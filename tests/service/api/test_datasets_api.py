@@ -94,7 +94,7 @@ def test_bad_datasets_are_refused(client: TestClient, auth: dict[str, str]) -> N
 def test_uploads_every_audit_would_refuse_are_refused_here(
     client: TestClient, auth: dict[str, str]
 ) -> None:
-    """The gateway and the engine share one rule (schemas.array_rules): no upload is accepted
+    """The gateway and the engine share one rule (schemas.archive_rules): no upload is accepted
     that every audit then refuses."""
     complex_images = npy_bytes(np.zeros((2, 8, 8), np.complex64))
     detail = assert_problem(upload(client, auth, "x.npy", complex_images), 422)["detail"]
