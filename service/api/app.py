@@ -55,39 +55,49 @@ def _add_upload_spec_schemas(schema: dict[str, Any]) -> None:
         components.setdefault(name, definition)
 
 
-# OpenAPI links: from the answer of a create to the operations on what it created, by its `id`
-# (clients may follow them; schemathesis' stateful phase chains its requests along them).
-# (path, method, status) of the create → link name → (path, method, path parameter) it feeds.
-RESOURCE_LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, str]]] = {
+# OpenAPI links (clients may follow them; schemathesis' stateful phase chains requests along
+# them): from the answer of a create to the operations on what it created, and from a model (or
+# an audit's model) to a new audit of it. (path, method, status) of the answer → link name →
+# (target path, method, what it fills: a path parameter or `body.<field>`, the answer's field).
+RESOURCE_LINKS: dict[tuple[str, str, str], dict[str, tuple[str, str, str, str]]] = {
     ("/v1/models", "post", "202"): {
-        "GetModel": ("/v1/models/{model_id}", "get", "model_id"),
-        "DeleteModel": ("/v1/models/{model_id}", "delete", "model_id"),
+        "GetModel": ("/v1/models/{model_id}", "get", "model_id", "id"),
+        "DeleteModel": ("/v1/models/{model_id}", "delete", "model_id", "id"),
+    },
+    ("/v1/models/{model_id}", "get", "200"): {
+        "AuditModel": ("/v1/audits", "post", "body.model_id", "id"),
     },
     ("/v1/datasets", "post", "201"): {
-        "GetDataset": ("/v1/datasets/{dataset_id}", "get", "dataset_id"),
+        "GetDataset": ("/v1/datasets/{dataset_id}", "get", "dataset_id", "id"),
     },
     ("/v1/audits", "post", "202"): {
-        "GetAudit": ("/v1/audits/{audit_id}", "get", "audit_id"),
-        "CancelAudit": ("/v1/audits/{audit_id}/cancel", "post", "audit_id"),
-        "GetReport": ("/v1/audits/{audit_id}/report", "get", "audit_id"),
-        "GetReportHtml": ("/v1/audits/{audit_id}/report.html", "get", "audit_id"),
-        "GetReportJunit": ("/v1/audits/{audit_id}/report.junit.xml", "get", "audit_id"),
+        "GetAudit": ("/v1/audits/{audit_id}", "get", "audit_id", "id"),
+        "CancelAudit": ("/v1/audits/{audit_id}/cancel", "post", "audit_id", "id"),
+        "GetReport": ("/v1/audits/{audit_id}/report", "get", "audit_id", "id"),
+        "GetReportHtml": ("/v1/audits/{audit_id}/report.html", "get", "audit_id", "id"),
+        "GetReportJunit": ("/v1/audits/{audit_id}/report.junit.xml", "get", "audit_id", "id"),
+    },
+    ("/v1/audits/{audit_id}", "get", "200"): {
+        "AuditModelAgain": ("/v1/audits", "post", "body.model_id", "model_id"),
     },
 }
 
 
 def _add_resource_links(schema: dict[str, Any]) -> None:
-    """RESOURCE_LINKS into the create operations' responses, naming targets by operationId."""
+    """RESOURCE_LINKS into the operations' responses, naming targets by operationId."""
     paths = schema.get("paths", {})
     for (path, method, status), links in RESOURCE_LINKS.items():
         response = paths[path][method]["responses"][status]
-        response["links"] = {
-            name: {
-                "operationId": paths[target][target_method]["operationId"],
-                "parameters": {parameter: "$response.body#/id"},
-            }
-            for name, (target, target_method, parameter) in links.items()
-        }
+        response["links"] = {}
+        for name, (target, target_method, filled, field) in links.items():
+            link: dict[str, Any] = {"operationId": paths[target][target_method]["operationId"]}
+            value = f"$response.body#/{field}"
+            if filled.startswith("body."):
+                # The rest of the body is the client's: only this field comes from the answer.
+                link["requestBody"] = {filled.removeprefix("body."): value}
+            else:
+                link["parameters"] = {filled: value}
+            response["links"][name] = link
 
 
 def _drop_unused_fastapi_schemas(schema: dict[str, Any]) -> None:

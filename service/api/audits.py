@@ -491,7 +491,11 @@ def list_audits(
     tenant: TenantDep,
     session: SessionDep,
     status: AuditState | None = None,
-    model_id: str | None = None,
+    model_id: Annotated[
+        str | None,
+        # No id holds a NUL (PostgreSQL text cannot): say so, rather than a 400 from the query.
+        Query(pattern="^[^\\x00]*$", description="Only the audits of this model"),
+    ] = None,
     page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     page_token: PageTokenQuery = None,
 ) -> AuditList:
