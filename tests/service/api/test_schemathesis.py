@@ -351,8 +351,9 @@ def test_schemathesis_finds_no_server_error_and_no_undocumented_answer(
             argv, capture_output=True, text=True, timeout=RUN_SECONDS, cwd=tmp_path, env=env
         )
     except subprocess.TimeoutExpired as exc:
-        partial = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else ""
-        pytest.fail(f"schemathesis ran past {RUN_SECONDS} s:\n{partial or exc.stdout or ''}")
+        out = exc.stdout
+        partial = out.decode(errors="replace") if isinstance(out, bytes) else out or ""
+        pytest.fail(f"schemathesis ran past {RUN_SECONDS} s:\n{partial}")
     elapsed = time.monotonic() - started
     output = done.stdout + done.stderr
     # Exit status 1 on any failed check (a 5xx included), or on an error of the run itself.
