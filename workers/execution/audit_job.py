@@ -169,7 +169,7 @@ class _Attempt:
     lease_lost: bool = False
     cancelled: bool = False
     planned: bool = False
-    planning: bool = False  # the child is the plan step (model load and probe first)
+    probe_bound: bool = False  # its time limit is the probe's budget, not the audit's
 
     def fail(self, kind: str, title: str, status: int, detail: str) -> None:
         self.finish(status="failed", error=problem(kind, title, status, detail))
@@ -521,7 +521,6 @@ def execute_audit(
             release_lease(session, audit_id, owner, attempts=max(audit.attempts - 1, 0))
             return "sharded"
         kind = "audit"  # every shard is stored: merge, sign, render
-    attempt.planning = kind == "plan"
     set_current_work(audit_id)
     try:
         attempt.job_dir = jobs.materialise_audit_job(session, settings, audit, model, kind=kind)
@@ -537,9 +536,10 @@ def execute_audit(
         return "failed"
     try:
         limit = audit_time_limit(settings, audit.request, audit.probe_seconds)
-        if kind == "plan":
+        if kind == "plan" and settings.admission_time_limit < limit:
             # The plan step loads the model and probes it first: the probe's short budget.
-            limit = min(limit, float(settings.admission_time_limit))
+            limit = float(settings.admission_time_limit)
+            attempt.probe_bound = True
         result = _supervise_child(attempt, audit.request, audit.attempts, model.format, limit)
         return "planned" if attempt.planned else result
     finally:
@@ -609,7 +609,7 @@ def _supervise_child(
 
 
 def _timeout_detail(attempt: _Attempt, limit: float) -> str:
-    if attempt.planning:
+    if attempt.probe_bound:
         return (
             f"the model did not finish loading and its probe (one forward and input gradient "
             f"on 2 inputs) within {limit:g} s: it may never return; see the model's "

@@ -28,7 +28,7 @@ from workers.execution.supervisor import (
     worker_command,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 def _summary(children: list[WorkerChild]) -> list[tuple[str, tuple[str, ...], dict[str, str]]]:
