@@ -62,7 +62,7 @@ from service.api.deps import (
     session_in_slot,
 )
 from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
-from service.api.poll_cache import CachedPoll, PollCache
+from service.api.poll_cache import CachedPoll, PollCache, poll_response
 from service.api.problems import (
     AuditFinished,
     IdempotencyKeyReused,
@@ -543,18 +543,15 @@ async def read_audit(
     # from this process's last answer (service/api/poll_cache.py), without a slot or a query.
     cache: PollCache = request.app.state.poll_cache
     cached = cache.get(tenant.id, audit_id)
-    if cached is None or (
-        cached.body is None and not if_none_match_hits(if_none_match, cached.etag)
-    ):
+    response = None if cached is None else poll_response(cached, if_none_match)
+    if response is None:
         async with session_in_slot(request) as session:
             cached = await run_in_threadpool(
                 _answer_poll, session, tenant, audit_id, if_none_match, cache
             )
-    headers = {"ETag": cached.etag, "Cache-Control": "no-cache"}
-    if if_none_match_hits(if_none_match, cached.etag):
-        return Response(status_code=304, headers=headers)
-    assert cached.body is not None  # _answer_poll builds it whenever the tag does not match
-    return Response(cached.body, media_type="application/json", headers=headers)
+        response = poll_response(cached, if_none_match)
+    assert response is not None  # _answer_poll builds the body whenever the tag does not match
+    return response
 
 
 def _answer_poll(

@@ -115,11 +115,16 @@ def _cached_answer(scope: Scope, audit_id: str) -> Response | None:
     if tenant_id is None:
         return None
     entry = polls.get(tenant_id, audit_id)
-    if entry is None:
-        return None
-    answer_headers = {"ETag": entry.etag, "Cache-Control": "no-cache"}
-    if if_none_match_hits(headers.get("if-none-match"), entry.etag):
-        return Response(status_code=304, headers=answer_headers)
+    return None if entry is None else poll_response(entry, headers.get("if-none-match"))
+
+
+def poll_response(entry: CachedPoll, if_none_match: str | None) -> Response | None:
+    """The answer to a poll from a kept entry: 304 when the request holds its tag, else 200
+    with the body; None when the body is needed and only the tag is known. The one place
+    that shapes a poll's answer, for the middleware and the route alike."""
+    headers = {"ETag": entry.etag, "Cache-Control": "no-cache"}
+    if if_none_match_hits(if_none_match, entry.etag):
+        return Response(status_code=304, headers=headers)
     if entry.body is None:
         return None
-    return Response(entry.body, media_type="application/json", headers=answer_headers)
+    return Response(entry.body, media_type="application/json", headers=headers)

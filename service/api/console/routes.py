@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, get_args
@@ -529,41 +530,41 @@ def compare_page(
 
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, session: SessionDep, page_token: str | None = None) -> Response:
-    user = _signed_in(session, request)
-    if not isinstance(user, ConsoleUser):
-        return user
-    try:
-        listed = models_api.list_models(user.tenant, session, page_token=page_token or None)
-    except TightropeError as exc:
-        return _problem_page(user, exc)
-    return _page(
-        "models.html.j2",
-        user,
-        nav="models",
-        title="Models",
-        models=listed.items,
-        next_page_token=listed.next_page_token,
-        first_page=not page_token,
-    )
+    return _listing_page(request, session, page_token, models_api.list_models, "models", "Models")
 
 
 @router.get("/datasets", response_class=HTMLResponse)
 def datasets_page(request: Request, session: SessionDep, page_token: str | None = None) -> Response:
+    return _listing_page(
+        request, session, page_token, datasets_api.list_datasets, "datasets", "Datasets"
+    )
+
+
+def _listing_page(
+    request: Request,
+    session: Session,
+    page_token: str | None,
+    list_items: Callable[..., Any],
+    nav: str,
+    title: str,
+) -> Response:
+    """One page of the tenant's models or datasets, through the API's own scoped listing;
+    `nav` names the template (`<nav>.html.j2`) and the list it receives."""
     user = _signed_in(session, request)
     if not isinstance(user, ConsoleUser):
         return user
     try:
-        listed = datasets_api.list_datasets(user.tenant, session, page_token=page_token or None)
+        listed = list_items(user.tenant, session, page_token=page_token or None)
     except TightropeError as exc:
         return _problem_page(user, exc)
     return _page(
-        "datasets.html.j2",
+        f"{nav}.html.j2",
         user,
-        nav="datasets",
-        title="Datasets",
-        datasets=listed.items,
+        nav=nav,
+        title=title,
         next_page_token=listed.next_page_token,
         first_page=not page_token,
+        **{nav: listed.items},
     )
 
 
