@@ -7,22 +7,17 @@ from __future__ import annotations
 import hashlib
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-import redis
 import torch
 from typer.testing import CliRunner
 
-from tests.integration.conftest import FAST_RECOVERY, MODEL_SPEC, SIZE, create_key
+from tests.integration.conftest import MODEL_SPEC, SIZE, create_key
 from workers.cli.main import app
-from workers.cli.stack import LocalStack
 
 pytestmark = pytest.mark.integration
-
-COMPARE_REDIS = "redis://127.0.0.1:6379/13"  # this file's own database on the shared Redis
 
 
 class Tripled(torch.nn.Module):
@@ -36,29 +31,10 @@ class Tripled(torch.nn.Module):
         return 3.0 * self.released(x)
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[LocalStack]:
-    broker = redis.Redis.from_url(COMPARE_REDIS)
-    broker.flushdb()
-    local = LocalStack(
-        data_dir=tmp_path / "data",
-        broker_url=COMPARE_REDIS,
-        database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
-        workers=1,
-        extra_env=FAST_RECOVERY,
-    )
-    try:
-        local.start()
-        yield local
-    finally:
-        local.stop()
-        broker.flushdb()
-        broker.close()
-
-
 def test_gate_compares_with_a_file_or_a_model_id_on_the_service(
-    stack: LocalStack, model_file: Path, tmp_path: Path
+    make_stack, model_file: Path, tmp_path: Path
 ) -> None:
+    stack = make_stack(f"sqlite:///{tmp_path / 'db.sqlite'}")
     key = create_key(stack)
     candidate = tmp_path / "candidate.pt"
     torch.jit.save(torch.jit.script(Tripled(torch.jit.load(str(model_file)))), str(candidate))
