@@ -1,6 +1,6 @@
 """Many clients polling the gateway (issue 11): wrk against a real uvicorn on 127.0.0.1.
 
-Starts the gateway (`uvicorn --factory service.api.app:create_app`, access log off) on a free
+Starts the gateway as `tightrope serve` does (service.api.server, access log off) on a free
 loopback port with a fresh data directory, creates an API key, a ready model and a queued audit
 directly in the database, then runs wrk (Debian package `wrk`) for a bounded time per endpoint:
 
@@ -65,7 +65,12 @@ def seed_rows(session: Session, tenant_name: str) -> tuple[str, str]:
     model = Model(
         tenant_id=tenant.id,
         name="bench",
-        spec={},
+        spec={
+            "name": "bench",
+            "task": "reconstruction",
+            "input": "image",
+            "image_shape": [1, 8, 8],
+        },
         format="torchscript",
         sha256="0" * 64,
         size_bytes=1,
@@ -91,7 +96,7 @@ def seed(url: str) -> tuple[str, str]:
 
 
 def start_gateway(
-    data_dir: Path, url: str, port: int, broker: str, workers: int, http: str = "h11"
+    data_dir: Path, url: str, port: int, broker: str, workers: int
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -99,20 +104,11 @@ def start_gateway(
         "TIGHTROPE_DATABASE_URL": url,
         "TIGHTROPE_BROKER_URL": broker,
     }
-    # `tightrope serve` runs h11 (with a header-size check on top, docs/security.md); httptools
-    # is faster but has no header limit: --http httptools measures what that costs
-    argv = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "--factory",
-        "service.api.app:create_app",
-        "--http",
-        http,
-    ]
+    # As `tightrope serve` runs it (service.api.server: httptools with the header limit), less
+    # the access log, which would measure the logging.
+    argv = [sys.executable, "-m", "service.api.server", "127.0.0.1", str(port), "--no-access-log"]
     server = subprocess.Popen(
-        [*argv, "--host", "127.0.0.1", "--port", str(port), "--no-access-log"]
-        + (["--workers", str(workers)] if workers > 1 else []),
+        [*argv, "--workers", str(workers)],
         env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,
@@ -200,9 +196,6 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--seconds", type=int, default=10, help="per endpoint (at most 60)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
-    parser.add_argument(
-        "--http", choices=["h11", "httptools"], default="h11", help="h11: as `tightrope serve`"
-    )
     parser.add_argument("--database-url", help="default: SQLite in the fresh data dir")
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -217,7 +210,7 @@ def main() -> None:
         secret, audit_id = seed(url)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
-        server = start_gateway(data_dir, url, port, args.broker_url, args.workers, args.http)
+        server = start_gateway(data_dir, url, port, args.broker_url, args.workers)
         try:
             auth = {"Authorization": f"Bearer {secret}"}
             status, headers = status_of(f"{base}/v1/audits/{audit_id}", auth)

@@ -101,10 +101,13 @@ class Settings(BaseSettings):
     db_pool_timeout_seconds: float = Field(default=5.0, gt=0)
     db_queue_timeout_seconds: float = Field(default=10.0, gt=0)
     # How long an authenticated API key is remembered (by its sha256) without asking the
-    # database; a revocation by another process takes effect within this time. 0: no cache.
+    # database; a revocation by another process takes effect within this time plus at most 1 s
+    # (service/api/refresh_cache.py). 0: no cache.
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
-    # How long a status poll's answer is reused by this gateway process (service/api/poll_cache.py):
-    # a worker's change is seen within this time, this gateway's own (a cancel) at once. 0: off.
+    # How long the answer to a status poll, or to a page of the audit list, is reused by this
+    # gateway process (service/api/poll_cache.py): a worker's change is seen within twice this
+    # time (one request refreshes, the rest get the last answer meanwhile), this gateway's own
+    # (a cancel, a new audit) at once. 0: off.
     poll_cache_seconds: float = Field(default=1.0, ge=0, le=60)
 
     # The gateway brings the schema to Alembic's head at start-up; turn off where a deployment

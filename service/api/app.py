@@ -20,7 +20,7 @@ from service.api.console import router as console_router
 from service.api.forms import UPLOAD_SPEC_MODELS
 from service.api.gate import DatabaseGate
 from service.api.metrics import Metrics, MetricsMiddleware
-from service.api.poll_cache import CachedPollMiddleware, PollCache
+from service.api.poll_cache import AuditListCache, CachedPollMiddleware, PollCache
 from service.api.problems import install_error_handlers, problem_responses
 from service.db.migrate import upgrade_to_head
 from service.db.session import make_engine
@@ -179,6 +179,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.db_gate = gate
     app.state.api_key_cache = ApiKeyCache(settings.api_key_cache_seconds)
     app.state.poll_cache = PollCache(settings.poll_cache_seconds)
+    app.state.audit_list_cache = AuditListCache(settings.poll_cache_seconds)
     app.state.dispatcher = Dispatcher.from_settings(settings)
     app.state.metrics = Metrics(sessions)
 

@@ -62,7 +62,13 @@ from service.api.deps import (
     session_in_slot,
 )
 from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
-from service.api.poll_cache import CachedPoll, PollCache, poll_response
+from service.api.poll_cache import (
+    AuditListCache,
+    CachedPoll,
+    PollCache,
+    list_response,
+    poll_response,
+)
 from service.api.problems import (
     AuditFinished,
     IdempotencyKeyReused,
@@ -426,6 +432,7 @@ def _replay(session: Session, tenant: Tenant, key: str, request_hash: str) -> Au
     summary="Submit an audit",
 )
 def submit_audit(
+    request: Request,
     body: Annotated[AuditRequest, Body(openapi_examples=AUDIT_REQUEST_EXAMPLES)],
     tenant: TenantDep,
     session: SessionDep,
@@ -478,18 +485,22 @@ def submit_audit(
         return _accepted(earlier, replayed=True)
     # Only now, with the row safe: a lost message is re-sent by the reconciler.
     dispatcher.audit(audit.id, audit.queue, audit.priority)
+    request.app.state.audit_list_cache.forget_tenant(tenant.id)  # its next list shows the audit
     return _accepted(audit)
 
 
 @router.get(
     "",
     response_model=AuditList,
-    responses=problem_responses(401, 422, 503),
+    responses={
+        200: {"description": "A page of the tenant's audits, newest first"},
+        **problem_responses(401, 422, 503),
+    },
     summary="List audits, newest first",
 )
-def list_audits(
-    tenant: TenantDep,
-    session: SessionDep,
+async def list_audits(
+    request: Request,
+    tenant: TenantLookupDep,
     status: AuditState | None = None,
     model_id: Annotated[
         str | None,
@@ -498,6 +509,29 @@ def list_audits(
     ] = None,
     page_size: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE)] = DEFAULT_PAGE_SIZE,
     page_token: PageTokenQuery = None,
+) -> Response:
+    # Dashboards poll the list too: within poll_cache_seconds a page is answered from this
+    # process's last answer (service/api/poll_cache.py), without a slot or a query.
+    cache: AuditListCache = request.app.state.audit_list_cache
+    query = request.scope["query_string"].decode("latin-1")
+    body = cache.get(tenant.id, query)
+    if body is None:
+        async with session_in_slot(request) as session:
+            page = await run_in_threadpool(
+                list_page, session, tenant, status, model_id, page_size, page_token
+            )
+        body = page.model_dump_json().encode()
+        cache.put(tenant.id, query, body)
+    return list_response(body)
+
+
+def list_page(
+    session: Session,
+    tenant: Tenant,
+    status: str | None,
+    model_id: str | None,
+    page_size: int,
+    page_token: str | None,
 ) -> AuditList:
     # Only the columns of the view (not the request JSON); no relationship is read, so no
     # per-row query. Index: ix_audits_tenant_created (tenant_id, created_at, id).
@@ -611,6 +645,7 @@ def cancel_audit(
     session.commit()
     # The canceller's next poll must see the cancel (read your own writes), not a cached answer.
     request.app.state.poll_cache.forget(audit_id)
+    request.app.state.audit_list_cache.forget_tenant(tenant.id)
     session.refresh(audit)
     if (cancelled_queued.rowcount == 1 or ended_now) and audit.request.get("callback_url"):  # type: ignore[attr-defined]
         # No worker will touch this audit again: announce it from here (after the commit).

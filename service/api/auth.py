@@ -6,7 +6,6 @@ Keys themselves (creation, hashing, revocation) live in service.db.keys.
 from __future__ import annotations
 
 import hmac
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, make_transient_to_detached
 
 from service.api.problems import Unauthorized
+from service.api.refresh_cache import RefreshingCache
 from service.db.keys import KEY_PREFIX, hash_key, listen_for_revocations
 from service.db.models import ApiKey, Tenant
 
@@ -34,14 +34,20 @@ class _CachedTenant:
     id: str
     name: str
     created_at: datetime
-    expires: float
+
+
+# How long a key past its TTL may still be honoured while one request re-checks it.
+KEY_REFRESH_GRACE_SECONDS = 1.0
 
 
 class ApiKeyCache:
     """Live keys seen in the last `ttl_seconds`, by the sha256 of the secret (never the secret):
     a status poll then authenticates without a query. Only successes are kept, so a new key
-    works at once; a revocation made in this process (`revoke_api_key`) takes effect at once,
-    one made elsewhere (the CLI, another gateway) within `ttl_seconds`. Thread-safe."""
+    works at once. When an entry's time is up one request checks the key again while the others
+    are let in for at most `KEY_REFRESH_GRACE_SECONDS` more (service/api/refresh_cache.py), so
+    the clients of a busy key do not all query at once. A revocation made in this process
+    (`revoke_api_key`) takes effect at once, one made elsewhere (the CLI, another gateway)
+    within `ttl_seconds` plus that grace. Thread-safe."""
 
     def __init__(
         self,
@@ -49,19 +55,21 @@ class ApiKeyCache:
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.ttl_seconds = ttl_seconds
-        self.max_entries = max_entries
-        self._clock = clock
-        self._entries: dict[str, _CachedTenant] = {}
-        self._lock = threading.Lock()
+        self._cache: RefreshingCache[str, _CachedTenant] = RefreshingCache(
+            ttl_seconds,
+            grace_seconds=min(ttl_seconds, KEY_REFRESH_GRACE_SECONDS),
+            max_entries=max_entries,
+            clock=clock,
+        )
         listen_for_revocations(self)
 
+    @property
+    def ttl_seconds(self) -> float:
+        return self._cache.ttl_seconds
+
     def get(self, digest: str) -> Tenant | None:
-        with self._lock:
-            entry = self._entries.get(digest)
-            if entry is not None and entry.expires <= self._clock():
-                del self._entries[digest]
-                entry = None
+        """The tenant of a live cached key; None: authenticate (and `put`) it anew."""
+        entry = self._cache.get(digest)
         if entry is None:
             return None
         # A fresh detached copy per request: no session shares an instance with another.
@@ -70,29 +78,16 @@ class ApiKeyCache:
         return tenant
 
     def tenant_id(self, digest: str) -> str | None:
-        """The tenant id of a live cached key, without building a Tenant (the poll fast path)."""
-        with self._lock:
-            entry = self._entries.get(digest)
-            return entry.id if entry is not None and entry.expires > self._clock() else None
+        """The tenant id of a live cached key, claiming no re-check (the poll fast path: on a
+        miss the route authenticates)."""
+        entry = self._cache.peek(digest)
+        return None if entry is None else entry.id
 
     def put(self, digest: str, tenant: Tenant) -> None:
-        if self.ttl_seconds <= 0:
-            return
-        entry = _CachedTenant(
-            tenant.id, tenant.name, tenant.created_at, self._clock() + self.ttl_seconds
-        )
-        with self._lock:
-            if len(self._entries) >= self.max_entries:
-                now = self._clock()
-                for stale in [d for d, e in self._entries.items() if e.expires <= now]:
-                    del self._entries[stale]
-                if len(self._entries) >= self.max_entries:
-                    self._entries.clear()  # a flood of distinct keys: start over
-            self._entries[digest] = entry
+        self._cache.put(digest, _CachedTenant(tenant.id, tenant.name, tenant.created_at))
 
     def forget(self, digest: str) -> None:
-        with self._lock:
-            self._entries.pop(digest, None)
+        self._cache.forget(digest)
 
 
 def cached_tenant_id(authorization: str | None, cache: ApiKeyCache) -> str | None:
@@ -123,13 +118,11 @@ def cached_tenant(authorization: str | None, cache: ApiKeyCache) -> Tenant | Non
 def authenticate(
     session: Session, authorization: str | None, cache: ApiKeyCache | None = None
 ) -> Tenant:
-    """The tenant of a live API key named by an Authorization header, else Unauthorized.
-    With a cache, a key seen live within its TTL is not looked up again."""
+    """The tenant of a live API key named by an Authorization header, else Unauthorized: one
+    query. With a cache, the answer is kept (a live key) or dropped (a dead one); asking the
+    cache first is the caller's part (`cached_tenant`), so that a request the cache sent to
+    re-check a key does check it."""
     digest = _digest(authorization)
-    if cache is not None:
-        cached = cache.get(digest)
-        if cached is not None:
-            return cached
     # One query for the key and its tenant; a key whose tenant vanished matches nothing.
     row = session.execute(
         select(ApiKey.key_hash, ApiKey.revoked_at, Tenant)
@@ -138,6 +131,8 @@ def authenticate(
     ).first()
     # Compare digests in constant time anyway: the lookup is by digest, never by secret.
     if row is None or not hmac.compare_digest(row.key_hash, digest) or row.revoked_at is not None:
+        if cache is not None:
+            cache.forget(digest)  # revoked elsewhere: no stale grace for the other requests
         raise Unauthorized("The API key is not valid or has been revoked.")
     tenant: Tenant = row.Tenant
     if cache is not None:

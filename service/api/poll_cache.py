@@ -1,18 +1,18 @@
-"""The last answer to a status poll of each audit, kept for a moment in this gateway process.
+"""The last answer to a status poll of each audit, and to each page of the audit list, kept for a
+moment in this gateway process.
 
-CI gates and dashboards poll `GET /v1/audits/{id}` many times a second between them; within
-`poll_cache_seconds` (default 1 s) a poll is answered from here, on the event loop, without a
-database slot, a query or a thread. What this gateway changes itself (a cancel) is forgotten at
-once, so a client reads its own writes; what a worker writes (progress, the end of the audit)
-is seen within that time. 0 turns the cache off. Thread-safe: entries are written from the
-thread pool and read on the event loop."""
+CI gates and dashboards poll `GET /v1/audits/{id}` (and `GET /v1/audits`) many times a second
+between them; within `poll_cache_seconds` (default 1 s) a poll is answered from here, on the
+event loop, without a database slot, a query or a thread. When that time is up, one poll reads
+the audit anew while the others are answered the last answer for at most another
+`poll_cache_seconds`
+(service/api/refresh_cache.py), so a worker's change (progress, the end of the audit) is seen
+within twice that time. What this gateway changes itself (a cancel; a new audit, for the
+lists) is forgotten at once, so a client reads its own writes. 0 turns the caches off."""
 
 from __future__ import annotations
 
 import re
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -23,13 +23,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.audit_views import if_none_match_hits
 from service.api.auth import ApiKeyCache, cached_tenant_id
+from service.api.refresh_cache import RefreshingCache
 
 
 @dataclass(frozen=True)
 class CachedPoll:
     etag: str
     body: bytes | None  # None: only the tag is known (the poll that read it was answered 304)
-    expires: float
 
 
 class PollCache:
@@ -37,85 +37,139 @@ class PollCache:
         self,
         ttl_seconds: float,
         max_entries: int = 10_000,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] | None = None,
     ) -> None:
-        self.ttl_seconds = ttl_seconds
-        self.max_entries = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[tuple[str, str], CachedPoll] = OrderedDict()
-        self._lock = threading.Lock()
+        extra = {} if clock is None else {"clock": clock}
+        self._cache: RefreshingCache[tuple[str, str], CachedPoll] = RefreshingCache(
+            ttl_seconds, grace_seconds=ttl_seconds, max_entries=max_entries, **extra
+        )
+
+    @property
+    def ttl_seconds(self) -> float:
+        return self._cache.ttl_seconds
 
     def get(self, tenant_id: str, audit_id: str) -> CachedPoll | None:
-        key = (tenant_id, audit_id)
-        with self._lock:
-            entry = self._entries.get(key)
-            if entry is None:
-                return None
-            if entry.expires <= self._clock():
-                del self._entries[key]
-                return None
-            return entry
+        """The kept answer; None when this request must read the audit (and `put` it)."""
+        return self._cache.get((tenant_id, audit_id))
+
+    def peek(self, tenant_id: str, audit_id: str) -> CachedPoll | None:
+        """The kept answer, claiming no refresh (the middleware: a miss goes to the route)."""
+        return self._cache.peek((tenant_id, audit_id))
 
     def put(self, tenant_id: str, audit_id: str, etag: str, body: bytes | None) -> CachedPoll:
         """Keep (and return) an answer; a tag-only answer never replaces a body of that tag."""
-        entry = CachedPoll(etag, body, self._clock() + self.ttl_seconds)
-        if self.ttl_seconds <= 0:
-            return entry
-        with self._lock:
-            known = self._entries.get((tenant_id, audit_id))
-            if body is None and known is not None and known.etag == etag and known.body:
-                entry = CachedPoll(etag, known.body, entry.expires)
-            self._entries[(tenant_id, audit_id)] = entry
-            self._entries.move_to_end((tenant_id, audit_id))
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)  # the least recently written
+        entry = CachedPoll(etag, body)
+        if body is None:
+            known = self._cache.current((tenant_id, audit_id))
+            if known is not None and known.etag == etag and known.body:
+                entry = known
+        self._cache.put((tenant_id, audit_id), entry)
         return entry
 
     def forget(self, audit_id: str) -> None:
-        with self._lock:
-            for key in [key for key in self._entries if key[1] == audit_id]:
-                del self._entries[key]
+        self._cache.forget_where(lambda key: key[1] == audit_id)
 
 
+class AuditListCache:
+    """The JSON bytes of each page of a tenant's audit list, by its query string (filters, page
+    size and token as the client wrote them): `GET /v1/audits` as the route answers it."""
+
+    def __init__(
+        self,
+        ttl_seconds: float,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        extra = {} if clock is None else {"clock": clock}
+        self._cache: RefreshingCache[tuple[str, str], bytes] = RefreshingCache(
+            ttl_seconds, grace_seconds=ttl_seconds, max_entries=max_entries, **extra
+        )
+
+    @property
+    def ttl_seconds(self) -> float:
+        return self._cache.ttl_seconds
+
+    def get(self, tenant_id: str, query: str) -> bytes | None:
+        return self._cache.get((tenant_id, query))
+
+    def peek(self, tenant_id: str, query: str) -> bytes | None:
+        return self._cache.peek((tenant_id, query))
+
+    def put(self, tenant_id: str, query: str, body: bytes) -> None:
+        self._cache.put((tenant_id, query), body)
+
+    def forget_tenant(self, tenant_id: str) -> None:
+        """After this gateway added or cancelled one of the tenant's audits."""
+        self._cache.forget_where(lambda key: key[0] == tenant_id)
+
+
+def list_response(body: bytes) -> Response:
+    """The answer to `GET /v1/audits` from a page's bytes (the middleware and the route)."""
+    return Response(body, media_type="application/json", headers={"Cache-Control": "no-cache"})
+
+
+LIST_PATH = "/v1/audits"
 POLL_TEMPLATE = "/v1/audits/{audit_id}"
 _POLL_PATH = re.compile(r"/v1/audits/([^/]+)")
 _POLL_ROUTE = SimpleNamespace(path=POLL_TEMPLATE)  # what the metrics label it with
+_LIST_ROUTE = SimpleNamespace(path=LIST_PATH)
 
 
 class CachedPollMiddleware:
-    """Answers `GET /v1/audits/{id}` before routing when both the key and the poll are in this
-    process's caches: the same bytes and headers as the route (service/api/audits.py
-    `read_audit`) at a fraction of the cost. Anything else (no or unknown key, an expired or
-    missing entry, a tag-only entry the request does not match) goes to the route, which
-    authenticates and reads the database as usual."""
+    """Answers `GET /v1/audits/{id}` and `GET /v1/audits` before routing when both the key and
+    the answer are in this process's caches: the same bytes and headers as the routes
+    (service/api/audits.py `read_audit`, `list_audits`) at a fraction of the cost. Anything
+    else (no or unknown key, an expired or missing entry, a tag-only entry the request does not
+    match) goes to the route, which authenticates and reads the database as usual."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
-            match = _POLL_PATH.fullmatch(scope["path"])
-            if match is not None:
-                response = _cached_answer(scope, match.group(1))
-                if response is not None:
-                    scope["route"] = _POLL_ROUTE
-                    await response(scope, receive, send)
-                    return
+            path = scope["path"]
+            response: Response | None = None
+            if path == LIST_PATH:
+                response, route = _cached_list(scope), _LIST_ROUTE
+            elif (match := _POLL_PATH.fullmatch(path)) is not None:
+                response, route = _cached_poll(scope, match.group(1)), _POLL_ROUTE
+            if response is not None:
+                scope["route"] = route
+                await response(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
-def _cached_answer(scope: Scope, audit_id: str) -> Response | None:
-    state = scope["app"].state
-    keys: ApiKeyCache | None = getattr(state, "api_key_cache", None)
-    polls: PollCache | None = getattr(state, "poll_cache", None)
-    if keys is None or polls is None or polls.ttl_seconds <= 0:
+def _cached_tenant(scope: Scope) -> tuple[str, Headers] | None:
+    keys: ApiKeyCache | None = getattr(scope["app"].state, "api_key_cache", None)
+    if keys is None:
         return None
     headers = Headers(scope=scope)
     tenant_id = cached_tenant_id(headers.get("authorization"), keys)
-    if tenant_id is None:
+    return None if tenant_id is None else (tenant_id, headers)
+
+
+def _cached_poll(scope: Scope, audit_id: str) -> Response | None:
+    polls: PollCache | None = getattr(scope["app"].state, "poll_cache", None)
+    if polls is None or polls.ttl_seconds <= 0:
         return None
-    entry = polls.get(tenant_id, audit_id)
+    known = _cached_tenant(scope)
+    if known is None:
+        return None
+    tenant_id, headers = known
+    entry = polls.peek(tenant_id, audit_id)
     return None if entry is None else poll_response(entry, headers.get("if-none-match"))
+
+
+def _cached_list(scope: Scope) -> Response | None:
+    lists: AuditListCache | None = getattr(scope["app"].state, "audit_list_cache", None)
+    if lists is None or lists.ttl_seconds <= 0:
+        return None
+    known = _cached_tenant(scope)
+    if known is None:
+        return None
+    body = lists.peek(known[0], scope["query_string"].decode("latin-1"))
+    return None if body is None else list_response(body)
 
 
 def poll_response(entry: CachedPoll, if_none_match: str | None) -> Response | None:

@@ -244,10 +244,10 @@ def audits_page(
     if model_id and len(model_id) > MAX_ID_LENGTH:
         return _error(user, 422, "That is not a model id.")
     try:
-        listed = audits_api.list_audits(
-            user.tenant,
+        listed = audits_api.list_page(
             session,
-            status=status or None,  # type: ignore[arg-type]  # checked against STATES above
+            user.tenant,
+            status=status or None,  # checked against STATES above
             model_id=model_id or None,
             page_size=size,
             page_token=page_token or None,

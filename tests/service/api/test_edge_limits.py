@@ -224,6 +224,25 @@ def test_a_huge_header_is_refused_at_once_and_others_are_served(
     assert fine.startswith(b"HTTP/1.1 200 "), fine[:200]
 
 
+def test_the_header_limit_holds_for_each_request_of_a_kept_alive_connection(
+    served: tuple[str, int],
+) -> None:
+    """Two requests in one write on one connection: the first is served, the second, whose
+    headers are over the limit, is refused with 431 and the connection closed."""
+    small = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    big = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (17 * 1024) + b"\r\n\r\n"
+    answer = b""
+    with socket.create_connection(served, timeout=5) as sock:
+        sock.sendall(small + big)
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 2 and b"HTTP/1.1 431 " in answer, answer[:400]
+
+
 def test_a_slow_upload_holds_no_database_slot_that_polls_need(tmp_path: Path) -> None:
     """One database slot, polls wait for it at most 1 s: an upload whose client sends its body
     slowly (here: never finishes it) must not keep the slot, or every poll is answered 503."""

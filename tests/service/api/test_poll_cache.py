@@ -34,8 +34,8 @@ def test_entries_expire_are_forgotten_and_bounded() -> None:
     cache = PollCache(2.0, max_entries=2, clock=clock)
     cache.put("t", "a", '"1"', b"one")
     assert cache.get("t", "a") is not None and cache.get("other-tenant", "a") is None
-    clock.now += 2.0
-    assert cache.get("t", "a") is None  # expired
+    clock.now += 4.0
+    assert cache.get("t", "a") is None  # expired, grace included
     cache.put("t", "a", '"1"', b"one")
     cache.forget("a")
     assert cache.get("t", "a") is None
@@ -95,3 +95,41 @@ def test_a_workers_change_is_seen_within_the_cache_time_a_cancel_at_once(
     assert client.post(f"{url}/cancel", headers=auth).status_code == 202
     after = client.get(url, headers=auth).json()
     assert after["status"] == "cancelled"  # this gateway's own write: no stale answer
+
+
+def test_the_audit_list_is_kept_too_and_this_gateways_own_writes_are_seen_at_once(
+    cached_client: TestClient, model_files: ModelFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = cached_client
+    queries: list[str | None] = []
+    list_page = audits_api.list_page
+
+    def counted(*args: Any) -> Any:
+        queries.append(args[2])  # the status filter
+        return list_page(*args)
+
+    monkeypatch.setattr(audits_api, "list_page", counted)
+    auth = new_key(client)
+    model_id = ready_model(client, auth, model_files.torchscript)
+    first_id = submit(client, auth, audit_request(model_id)).json()["id"]
+
+    def statuses(query: str = "") -> dict[str, str]:
+        page = client.get(f"/v1/audits{query}", headers=auth)
+        assert page.status_code == 200, page.text
+        return {item["id"]: item["status"] for item in page.json()["items"]}
+
+    assert statuses() == {first_id: "queued"} and len(queries) == 1
+    assert statuses() == {first_id: "queued"} and len(queries) == 1  # answered before routing
+    assert statuses("?status=queued") == {first_id: "queued"} and queries[-1] == "queued"
+    set_audit(client, audit_id=first_id, status="running")  # as a worker does
+    assert statuses() == {first_id: "queued"}  # kept ...
+    time.sleep(TTL + 0.1)
+    assert statuses() == {first_id: "running"}  # ... for at most the cache time
+
+    second_id = submit(client, auth, audit_request(model_id, seed=7)).json()["id"]
+    assert statuses() == {first_id: "running", second_id: "queued"}  # this gateway's write
+    assert client.post(f"/v1/audits/{second_id}/cancel", headers=auth).status_code == 202
+    assert statuses()[second_id] == "cancelled"
+    assert statuses("?status=queued") == {}
+    other = new_key(client)
+    assert client.get("/v1/audits", headers=other).json()["items"] == []  # per tenant

@@ -19,4 +19,5 @@ def test_serve_uses_the_header_limited_server(monkeypatch: pytest.MonkeyPatch) -
     assert result.exit_code == 0, result.output
     assert calls == [{"host": "127.0.0.1", "port": 8123}]
     options = service.api.server.uvicorn_options()
-    assert options["http"] is service.api.server.HeaderLimitedH11Protocol
+    assert options["http"].func is service.api.server.HeaderLimitedHttpToolsProtocol
+    assert options["http"].keywords == {"max_header_bytes": 16 * 1024}

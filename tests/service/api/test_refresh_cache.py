@@ -1,0 +1,108 @@
+"""The single-flight refresh of the gateway's caches (service/api/refresh_cache.py): when an
+entry's time is up exactly one request is sent to refresh it, the rest are answered the stale
+value for at most the grace period, and nothing older than ttl + grace is ever answered."""
+
+from __future__ import annotations
+
+import threading
+
+from service.api.auth import ApiKeyCache
+from service.api.poll_cache import PollCache
+from service.api.refresh_cache import RefreshingCache
+from service.db.models import Tenant, utcnow
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_one_request_refreshes_an_expired_entry_the_others_get_the_stale_value() -> None:
+    clock = FakeClock()
+    cache: RefreshingCache[str, int] = RefreshingCache(1.0, grace_seconds=0.5, clock=clock)
+    cache.put("k", 1)
+    assert cache.get("k") == 1 and cache.peek("k") == 1
+    clock.now += 1.0  # the TTL is up
+    assert cache.peek("k") is None  # the fast path does not volunteer: it asks the slow one
+    assert cache.get("k") is None  # the first asker refreshes ...
+    assert [cache.get("k") for _ in range(5)] == [1] * 5  # ... the rest are answered stale
+    assert cache.peek("k") == 1
+    cache.put("k", 2)  # the refresh lands
+    assert cache.get("k") == 2 and cache.peek("k") == 2
+
+
+def test_a_refresh_that_never_lands_is_given_up_and_nothing_older_than_ttl_plus_grace() -> None:
+    clock = FakeClock()
+    cache: RefreshingCache[str, int] = RefreshingCache(1.0, grace_seconds=0.5, clock=clock)
+    cache.put("k", 1)
+    clock.now += 1.2
+    assert cache.get("k") is None  # claimed; that request then fails and never puts
+    assert cache.get("k") == 1
+    clock.now += 0.3  # past ttl + grace: gone for everyone
+    assert cache.get("k") is None and cache.peek("k") is None and cache.current("k") is None
+
+
+def test_concurrent_askers_of_an_expired_entry_send_exactly_one_to_refresh() -> None:
+    clock = FakeClock()
+    cache: RefreshingCache[str, int] = RefreshingCache(1.0, grace_seconds=1.0, clock=clock)
+    cache.put("k", 1)
+    clock.now += 1.5
+    answers: list[int | None] = []
+    start = threading.Barrier(16)
+
+    def ask() -> None:
+        start.wait()
+        answer = cache.get("k")
+        answers.append(answer)
+
+    threads = [threading.Thread(target=ask) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert answers.count(None) == 1 and answers.count(1) == 15
+
+
+def test_disabled_bounded_and_forgotten() -> None:
+    clock = FakeClock()
+    off: RefreshingCache[str, int] = RefreshingCache(0, grace_seconds=0, clock=clock)
+    off.put("k", 1)
+    assert off.get("k") is None and not off.enabled
+    cache: RefreshingCache[str, int] = RefreshingCache(
+        5.0, grace_seconds=1.0, max_entries=2, clock=clock
+    )
+    for key in ("a", "b", "c"):
+        cache.put(key, 1)
+    assert cache.get("a") is None and cache.get("c") == 1  # the least recently written went
+    cache.forget("c")
+    cache.forget_where(lambda key: key == "b")
+    assert cache.get("b") is None and cache.get("c") is None
+
+
+def test_poll_cache_refreshes_one_poll_at_a_time() -> None:
+    clock = FakeClock()
+    polls = PollCache(1.0, clock=clock)
+    polls.put("t", "a", '"1"', b"one")
+    clock.now += 1.0
+    assert polls.peek("t", "a") is None  # the middleware passes the request to the route
+    assert polls.get("t", "a") is None  # the route reads the audit
+    stale = polls.peek("t", "a")  # meanwhile the middleware answers the last answer
+    assert stale is not None and stale.body == b"one"
+    clock.now += 1.0  # a poll's answer is never older than twice poll_cache_seconds
+    assert polls.peek("t", "a") is None and polls.get("t", "a") is None
+
+
+def test_a_key_revoked_elsewhere_stops_every_request_once_one_has_rechecked_it() -> None:
+    clock = FakeClock()
+    keys = ApiKeyCache(5.0, clock=clock)
+    tenant = Tenant(id="t1", name="acme", created_at=utcnow())
+    keys.put("digest", tenant)
+    clock.now += 5.0
+    assert keys.tenant_id("digest") is None  # the middleware does not re-check
+    assert keys.get("digest") is None  # the route re-checks (service.api.auth.authenticate)
+    assert keys.tenant_id("digest") == "t1"  # other polls meanwhile: at most 1 s of grace
+    keys.forget("digest")  # what authenticate does when it finds the key revoked
+    assert keys.tenant_id("digest") is None and keys.get("digest") is None
