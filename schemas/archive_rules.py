@@ -16,6 +16,7 @@ Archives are judged from their zip central directory, never extracted.
 
 from __future__ import annotations
 
+import json
 import re
 import stat
 import zipfile
@@ -181,6 +182,73 @@ def check_model_entries(
     for entry in entries:
         if not entry.is_dir() and not allowed.match(relative_name(entry.filename)):
             raise InputRefused(f"archive entry {entry.filename!r} is not part of {described}")
+
+
+# Calls in serialised TorchScript source refused before the archive is deserialised (a
+# `__setstate__` runs at load time): file operations, output, custom operator namespaces.
+FORBIDDEN_TORCHSCRIPT_SOURCE = re.compile(
+    r"\b(torch\.(from_file|save|_print)|print)\s*\(|(?<![\w.])ops\.(\w+)\."
+)
+TENSOR_OPERATOR_NAMESPACES = frozenset({"aten", "prim"})
+
+
+def check_torchscript_source(archive: zipfile.ZipFile, entries: Iterable[zipfile.ZipInfo]) -> None:
+    """No `code/` source of a TorchScript archive names a file operation, output or a custom
+    operator (read as text: `inspect_zip` has bounded the sizes)."""
+    for entry in entries:
+        if not entry.filename.endswith(".py"):
+            continue
+        source = archive.read(entry).decode("utf-8", errors="replace")
+        for match in FORBIDDEN_TORCHSCRIPT_SOURCE.finditer(source):
+            if match.group(3) in TENSOR_OPERATOR_NAMESPACES:
+                continue
+            raise InputRefused(
+                f"the TorchScript source {entry.filename!r} calls {match.group(0).rstrip('(. ')}, "
+                "which is not allowed (file, output or custom operations)"
+            )
+
+
+def check_export_archive(archive: zipfile.ZipFile, entries: Iterable[zipfile.ZipInfo]) -> None:
+    """A `.pt2` archive says it is one, holds an exported program, and no payload that
+    `torch.export.load` would unpickle: weights and constants are plain tensors. (Sample inputs
+    are tensors read with torch's weights-only unpickler: the engine checks those, with torch.)"""
+    by_relative = {relative_name(entry.filename): entry for entry in entries}
+    marker = by_relative.get("archive_format")
+    if marker is None or archive.read(marker).strip() != b"pt2":
+        raise InputRefused("the .pt2 archive's archive_format is not 'pt2'")
+    if not any(relative.startswith("models/") for relative in by_relative):
+        raise InputRefused("the .pt2 archive holds no exported program (models/*.json)")
+    for relative, entry in by_relative.items():
+        if relative.startswith("data/") and relative.endswith("_config.json"):
+            _check_payload_config(relative, archive.read(entry))
+
+
+def _check_payload_config(relative: str, raw: bytes) -> None:
+    try:
+        config = json.loads(raw)["config"]
+        payloads = list(config.items())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise InputRefused(f"the .pt2 payload configuration {relative!r} is malformed") from None
+    for name, meta in payloads:
+        if not isinstance(meta, dict):
+            raise InputRefused(f"the .pt2 payload configuration {relative!r} is malformed")
+        if meta.get("use_pickle"):
+            raise InputRefused(f"the .pt2 payload {name!r} is pickled, which is not accepted")
+        path_name = str(meta.get("path_name", ""))
+        if relative.startswith("data/constants/") and not path_name.startswith("tensor_"):
+            raise InputRefused(
+                f"the .pt2 constant {name!r} is a serialised object ({path_name}), not a tensor"
+            )
+
+
+def check_model_contents(path: Path, entries: list[zipfile.ZipInfo], fmt: str) -> None:
+    """What a PyTorch archive's entries say, beyond their names: the source of a TorchScript
+    archive, the payload configuration of a `.pt2` one."""
+    with zipfile.ZipFile(path) as archive:
+        if fmt == "torchscript":
+            check_torchscript_source(archive, entries)
+        elif fmt == "export":
+            check_export_archive(archive, entries)
 
 
 def check_npz_entries(entries: Iterable[zipfile.ZipInfo]) -> None:

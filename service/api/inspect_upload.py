@@ -1,7 +1,8 @@
 """What an uploaded model file is, decided from its bytes alone (no torch, nothing executed).
 
 Uploaded models are programs, so the gateway only reads structure: the zip central directory of
-TorchScript and torch.export archives (never extracting anything), the JSON header of
+TorchScript and torch.export archives (never extracting anything; the TorchScript source and the
+`.pt2` payload configuration are read as text and JSON), the JSON header of
 `.safetensors` and the protobuf fields of ONNX models (service.api.inspect_onnx). Archives are
 held to schemas.archive_rules, the rules the engine applies again in the sandbox. Loading and
 probing happen later, in the worker's sandbox. Every refusal is an `InvalidUpload` (422) whose
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import struct
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from schemas.archive_rules import (
     ArchiveLimits,
     InputRefused,
     archive_root,
+    check_model_contents,
     check_model_entries,
     inspect_zip,
     zip_model_format,
@@ -62,18 +63,13 @@ def _zip_model_format(path: Path, limits: ArchiveLimits) -> ModelInspection:
         fmt = zip_model_format(entry.filename for entry in entries)
         if fmt is not None:
             check_model_entries(entries, fmt, ARCHIVE_FORMATS[fmt])
+            check_model_contents(path, entries, fmt)
     except InputRefused as exc:
         raise _refuse(exc.reason) from None
     names = {entry.filename for entry in entries}
     info = {"entries": len(entries), "uncompressed_bytes": sum(e.file_size for e in entries)}
-    if fmt == "export":
-        with zipfile.ZipFile(path) as archive, archive.open(f"{root}/archive_format") as f:
-            marker = f.read(16).strip()
-        if marker != b"pt2":
-            raise _refuse(f"unknown torch.export archive format {marker[:16]!r}")
-        return ModelInspection("export", info)
-    if fmt == "torchscript":
-        return ModelInspection("torchscript", info)
+    if fmt is not None:
+        return ModelInspection(fmt, info)
     if f"{root}/data.pkl" in names:
         raise _refuse(
             "this is a torch.save checkpoint (pickled Python objects), which is not accepted: "

@@ -160,6 +160,84 @@ BAD_MODELS: dict[str, Callable[..., Path]] = {
     "checkpoint": lambda d: _checkpoint(d / "c.pt"),
 }  # fmt: skip
 
+
+def _export_with(changes: dict[str, bytes | None]) -> Callable[..., Path]:
+    """The tiny .pt2 with some entries (by their name below the root) replaced or left out."""
+
+    def make(d: Path) -> Path:
+        base = mf.tiny_cnn_export(d / "base.pt2")
+        path = d / "m.pt2"
+        with zipfile.ZipFile(base) as src, zipfile.ZipFile(path, "w") as out:
+            for entry in src.infolist():
+                data: bytes | None = src.read(entry)
+                data = changes.get(entry.filename.split("/", 1)[1], data)
+                if data is not None:
+                    out.writestr(entry, data)
+        return path
+
+    return make
+
+
+# Read as text and JSON, before anything is deserialised: the gateway refuses them at upload.
+BAD_CONTENTS: dict[str, tuple[Callable[..., Path], str, str]] = {
+    "source writes a file": (
+        _with_entry("{root}/code/__torch__/evil.py", b"def f(x):\n    torch.save(x, 'p')\n"),
+        "torchscript",
+        "calls torch.save",
+    ),
+    "source calls a custom operator": (
+        _with_entry("{root}/code/__torch__/evil.py", b"def f(x):\n    return ops.evil.run(x)\n"),
+        "torchscript",
+        "calls ops.evil",
+    ),
+    "pickled weights": (
+        _export_with(
+            {
+                "data/weights/model_weights_config.json": b'{"config": {"w": '
+                b'{"path_name": "weight_0", "use_pickle": true}}}'
+            }
+        ),
+        "export",
+        "is pickled",
+    ),
+    "constant that is an object": (
+        _export_with(
+            {
+                "data/constants/model_constants_config.json": b'{"config": {"c": '
+                b'{"path_name": "custom_obj_0"}}}'
+            }
+        ),
+        "export",
+        "serialised object",
+    ),
+    "malformed payload configuration": (
+        _export_with({"data/constants/model_constants_config.json": b'{"config": [1]}'}),
+        "export",
+        "is malformed",
+    ),
+    "not a pt2 archive_format": (
+        _export_with({"archive_format": b"pt3"}),
+        "export",
+        "archive_format is not 'pt2'",
+    ),
+    "no exported program": (
+        _export_with({"models/model.json": None}),
+        "export",
+        "holds no exported program",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONTENTS))
+def test_what_an_archive_says_is_refused_by_both_for_the_same_reason(
+    tmp_path: Path, case: str
+) -> None:
+    make, fmt, reason = BAD_CONTENTS[case]
+    path = make(tmp_path)
+    assert reason in str(gateway_model(path)), gateway_model(path)
+    assert reason in str(engine_model(path, fmt)), engine_model(path, fmt)
+
+
 GOOD_MODELS: dict[str, tuple[Callable[..., Path], str]] = {
     "torchscript": (lambda d: mf.tiny_cnn_torchscript(d / "m.pt"), "torchscript"),
     "export": (lambda d: mf.tiny_cnn_export(d / "m.pt2"), "export"),

@@ -8,7 +8,9 @@ Three layers, cheapest first:
    because the sandbox must not trust what reached it (defence in depth).
 2. Before anything in an archive is deserialised: a TorchScript archive's source (`code/`) must
    not name file operations (a `__setstate__` runs at load time); a `.pt2` archive must carry no
-   pickled payloads, so that `torch.export.load` never falls back to full unpickling.
+   pickled payloads, so that `torch.export.load` never falls back to full unpickling. These are
+   schemas.archive_rules too (the gateway refuses them at upload); only the `.pt2` sample
+   inputs, read with torch's weights-only unpickler, are checked here alone.
 3. After loading: `screen_torchscript_module` inlines every method of every submodule and
    checks every node against an allow-list; `screen_exported_program` does the same for the
    exported graph's `call_function` targets.
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from schemas.archive_rules import (
     ArchiveLimits,
     InputRefused,
     archive_root,
+    check_model_contents,
     check_model_entries,
     inspect_zip,
     relative_name,
@@ -212,13 +214,12 @@ def screen_archive(path: Path, fmt: ModelFormat, limits: ArchiveLimits | None = 
         entries = inspect_zip(path, limits or archive_limits())
         archive_root(entries)
         check_model_entries(entries, fmt, _describe(fmt))
+        check_model_contents(path, entries, fmt)
     except InputRefused as exc:
         raise ModelRejected(exc.reason) from None
-    with zipfile.ZipFile(path) as archive:
-        if fmt == "torchscript":
-            _screen_torchscript_source(archive, entries)
-        else:
-            _screen_export_payloads(archive, entries)
+    if fmt == "export":
+        with zipfile.ZipFile(path) as archive:
+            _screen_export_sample_inputs(archive, entries)
 
 
 def _screen_safetensors_header(path: Path) -> None:
@@ -237,60 +238,19 @@ def _screen_safetensors_header(path: Path) -> None:
         raise ModelRejected("the safetensors header is not a JSON object")
 
 
-# Calls in serialised TorchScript source that are refused before the archive is deserialised.
-FORBIDDEN_SOURCE = re.compile(
-    r"\b(torch\.(from_file|save|_print)|print)\s*\(|(?<![\w.])ops\.(\w+)\."
-)
-
-
-def _screen_torchscript_source(archive: zipfile.ZipFile, entries: list[zipfile.ZipInfo]) -> None:
+def _screen_export_sample_inputs(archive: zipfile.ZipFile, entries: list[zipfile.ZipInfo]) -> None:
+    """The .pt2 sample inputs load with torch's weights-only unpickler (the rest of the archive's
+    payloads: schemas.archive_rules.check_export_archive)."""
     for entry in entries:
-        if not entry.filename.endswith(".py"):
+        relative = relative_name(entry.filename)
+        if not relative.startswith("data/sample_inputs/"):
             continue
-        source = archive.read(entry).decode("utf-8", errors="replace")
-        for match in FORBIDDEN_SOURCE.finditer(source):
-            if match.group(3) in {"aten", "prim"}:
-                continue
+        try:
+            torch.load(io.BytesIO(archive.read(entry)), weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any failure means "not weights-only"
             raise ModelRejected(
-                f"the TorchScript source {entry.filename!r} calls {match.group(0).rstrip('(. ')}, "
-                "which is not allowed (file, output or custom operations)"
-            )
-
-
-def _screen_export_payloads(archive: zipfile.ZipFile, entries: list[zipfile.ZipInfo]) -> None:
-    """Every payload `torch.export.load` would unpickle is refused or proven weights-only."""
-    by_relative = {relative_name(e.filename): e for e in entries}
-    if archive.read(by_relative["archive_format"]).strip() != b"pt2":
-        raise ModelRejected("the .pt2 archive's archive_format is not 'pt2'")
-    if not any(r.startswith("models/") for r in by_relative):
-        raise ModelRejected("the .pt2 archive holds no exported program (models/*.json)")
-    for relative, entry in by_relative.items():
-        if relative.endswith("_config.json") and relative.startswith("data/"):
-            _check_payload_config(relative, archive.read(entry))
-        elif relative.startswith("data/sample_inputs/"):
-            try:
-                torch.load(io.BytesIO(archive.read(entry)), weights_only=True)
-            except Exception as exc:  # noqa: BLE001 - any failure means "not weights-only"
-                raise ModelRejected(
-                    f"the .pt2 sample inputs {relative!r} need full unpickling: {exc}"
-                ) from exc
-
-
-def _check_payload_config(relative: str, raw: bytes) -> None:
-    try:
-        config = json.loads(raw)["config"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ModelRejected(f"the .pt2 payload configuration {relative!r} is malformed") from exc
-    for name, meta in config.items():
-        if not isinstance(meta, dict):
-            raise ModelRejected(f"the .pt2 payload configuration {relative!r} is malformed")
-        if meta.get("use_pickle"):
-            raise ModelRejected(f"the .pt2 payload {name!r} is pickled, which is not accepted")
-        path_name = str(meta.get("path_name", ""))
-        if relative.startswith("data/constants/") and not path_name.startswith("tensor_"):
-            raise ModelRejected(
-                f"the .pt2 constant {name!r} is a serialised object ({path_name}), not a tensor"
-            )
+                f"the .pt2 sample inputs {relative!r} need full unpickling: {exc}"
+            ) from exc
 
 
 # ---------------------------------------------------------------------------------------------
