@@ -12,7 +12,7 @@ import json
 from datetime import datetime
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, and_, or_
+from sqlalchemy import Select, tuple_
 from sqlalchemy.orm import InstrumentedAttribute
 
 from schemas.problem import FieldError
@@ -57,9 +57,10 @@ def paginate(
     whether another page follows (see `split_page`)."""
     if page_token:
         after_time, after_id = decode_token(page_token)
-        query = query.where(
-            or_(created_at < after_time, and_(created_at == after_time, row_id < after_id))
-        )
+        # A row-value comparison, not `a < t OR (a = t AND id < i)`: both SQLite and PostgreSQL
+        # seek the (…, created_at, id) index to the token with it, where the OR form is a filter
+        # over every row before the page (a deep page cost as much as reading all of them).
+        query = query.where(tuple_(created_at, row_id) < tuple_(after_time, after_id))
     return query.order_by(created_at.desc(), row_id.desc()).limit(page_size + 1)
 
 

@@ -118,8 +118,11 @@ class Audit(Base):
     __tablename__ = "audits"
     __table_args__ = (
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_audit_idempotency"),
-        # GET /v1/audits: a tenant's audits newest first (keyset pagination) is one index seek.
+        # GET /v1/audits: a tenant's audits newest first (keyset pagination) is one index seek,
+        # filtered by status or by model too (migrations 0002, 0006).
         Index("ix_audits_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_audits_tenant_status_created", "tenant_id", "status", "created_at", "id"),
+        Index("ix_audits_tenant_model_created", "tenant_id", "model_id", "created_at", "id"),
     )
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True, default=lambda: new_id("aud"))

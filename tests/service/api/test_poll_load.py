@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 from fastapi.testclient import TestClient
-from sqlalchemy import event, text, update
+from sqlalchemy import event, update
 from sqlalchemy.orm import Session
 
 from benchmarks.poll_load import seed_rows as seed
@@ -227,21 +227,3 @@ def test_a_repeated_poll_is_one_query_and_revocation_reaches_it(
             session.commit()
         time.sleep(0.6)
         assert_problem(client.get(f"/v1/audits/{audit_id}", headers=headers), 401)
-
-
-def test_the_audit_list_uses_its_index(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'plan.db'}"
-    upgrade_to_head(url)
-    engine = make_engine(url)
-    try:
-        with engine.connect() as conn:
-            plan = conn.execute(
-                text(
-                    "EXPLAIN QUERY PLAN SELECT id FROM audits WHERE tenant_id = 't' "
-                    "ORDER BY created_at DESC, id DESC LIMIT 21"
-                )
-            ).all()
-        details = " ".join(str(row[-1]) for row in plan)
-        assert "ix_audits_tenant_created" in details and "TEMP B-TREE" not in details, details
-    finally:
-        engine.dispose()

@@ -29,7 +29,7 @@ def test_head_matches_the_models(
         with engine.connect() as conn:
             context = MigrationContext.configure(conn, opts={"compare_type": True})
             assert compare_metadata(context, Base.metadata) == []
-            assert context.get_current_revision() == "0005"
+            assert context.get_current_revision() == "0006"
             assert set(inspect(conn).get_table_names()) >= set(Base.metadata.tables)
     finally:
         engine.dispose()
