@@ -60,6 +60,10 @@ def _lease_pid(owner: str | None) -> int | None:
     return int(parts[1]) if len(parts) == 3 and parts[1].isdigit() else None
 
 
+# PostgreSQL only: several workers sharing audits is the PostgreSQL deployment. The leases and
+# shard claims this relies on are tested on both databases in tests/workers/execution
+# (test_leases, test_shard_job, test_worker_processes); a stack per database doubled the time.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 @pytest.mark.timeout(600)  # two audits of 6 sandboxed children each, plus the recovery
 def test_worker_killed_mid_audit_is_finished_by_another(
     database_url: str, make_stack, model_file: Path

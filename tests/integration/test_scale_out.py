@@ -93,6 +93,10 @@ def part_done(client: TightropeClient, audit_id: str, timeout: float = 180) -> d
     return wait_until(check, timeout, f"audit {audit_id} part-done")
 
 
+# PostgreSQL only: several workers sharing audits is the PostgreSQL deployment. The leases and
+# shard claims this relies on are tested on both databases in tests/workers/execution
+# (test_leases, test_shard_job, test_worker_processes); a stack per database doubled the time.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 @pytest.mark.timeout(600)  # two audits of 8 sandboxed children each, on a loaded 2-core host
 def test_two_workers_share_one_audit_and_match_the_one_worker_report(
     database_url: str, make_stack, model_file: Path

@@ -22,7 +22,7 @@ from workers.execution.audit_job import execute_audit
 
 pytestmark = pytest.mark.needs("bwrap")  # the real sandboxed runner
 
-PROBE_LIMIT = 30  # seconds: the probe budget in these tests (default 60), child start-up included
+PROBE_LIMIT = 15  # seconds: the probe budget in these tests (default 60), child start-up included
 MEASUREMENT_SPEC = {
     "name": "hostile",
     "task": "reconstruction",
