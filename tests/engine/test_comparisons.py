@@ -6,6 +6,8 @@ a missing measurement fails."""
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from typing import Any
 
 import numpy as np
@@ -76,8 +78,25 @@ def test_the_table_has_every_check_kind_of_the_schemas() -> None:
         if hasattr(member, "model_fields")
     }
     assert set(CHECKS) == kinds
+    for kind in kinds:  # every row names a module and class that run that kind
+        assert get_check(kind).kind == kind
     with pytest.raises(KeyError, match="unknown check kind"):
         get_check("nope")
+
+
+def test_an_audit_imports_only_the_checks_it_names() -> None:
+    """The classifier attacks' libraries stay out of a reconstruction audit's sandboxed steps."""
+    code = (
+        "import sys\n"
+        "from workers.engine.registry import get_check\n"
+        "import workers.engine.audit\n"
+        "get_check('random_noise')\n"
+        "print(sorted(m for m in ('adv_lib', 'autoattack') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip() == "[]", out
 
 
 # --- per check ------------------------------------------------------------------------------
