@@ -66,6 +66,7 @@ from service.api.poll_cache import (
     AuditListCache,
     CachedPoll,
     PollCache,
+    list_cache_key,
     list_response,
     poll_response,
 )
@@ -513,15 +514,16 @@ async def list_audits(
     # Dashboards poll the list too: within poll_cache_seconds a page is answered from this
     # process's last answer (service/api/poll_cache.py), without a slot or a query.
     cache: AuditListCache = request.app.state.audit_list_cache
-    query = request.scope["query_string"].decode("latin-1")
-    body = cache.get(tenant.id, query)
+    key = list_cache_key(request.scope["query_string"])
+    body = None if key is None else cache.get(tenant.id, key)
     if body is None:
         async with session_in_slot(request) as session:
             page = await run_in_threadpool(
                 list_page, session, tenant, status, model_id, page_size, page_token
             )
         body = page.model_dump_json().encode()
-        cache.put(tenant.id, query, body)
+        if key is not None:
+            cache.put(tenant.id, key, body)
     return list_response(body)
 
 

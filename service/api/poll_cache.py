@@ -13,9 +13,11 @@ lists) is forgotten at once, so a client reads its own writes. 0 turns the cache
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import SimpleNamespace
+from urllib.parse import parse_qsl, urlencode
 
 from starlette.datastructures import Headers
 from starlette.responses import Response
@@ -37,11 +39,10 @@ class PollCache:
         self,
         ttl_seconds: float,
         max_entries: int = 10_000,
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        extra = {} if clock is None else {"clock": clock}
         self._cache: RefreshingCache[tuple[str, str], CachedPoll] = RefreshingCache(
-            ttl_seconds, grace_seconds=ttl_seconds, max_entries=max_entries, **extra
+            ttl_seconds, grace_seconds=ttl_seconds, max_entries=max_entries, clock=clock
         )
 
     @property
@@ -70,33 +71,59 @@ class PollCache:
         self._cache.forget_where(lambda key: key[1] == audit_id)
 
 
+# The query parameters of GET /v1/audits: a page is kept only for a query of these, each at
+# most once, so that made-up parameters cannot fill the cache with copies of one page.
+LIST_PARAMETERS = frozenset({"status", "model_id", "page_size", "page_token"})
+LIST_CACHE_BYTES = 16 * 1024**2  # the pages one gateway process keeps, all tenants together
+
+
+def list_cache_key(query_string: bytes) -> str | None:
+    """The page's key: its parameters in one order; None when the query has another parameter
+    or one twice (then the page is read from the database, and not kept)."""
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names) or not set(names) <= LIST_PARAMETERS:
+        return None
+    return urlencode(sorted(pairs))
+
+
 class AuditListCache:
-    """The JSON bytes of each page of a tenant's audit list, by its query string (filters, page
-    size and token as the client wrote them): `GET /v1/audits` as the route answers it."""
+    """The JSON bytes of each page of a tenant's audit list, by its parameters
+    (`list_cache_key`): `GET /v1/audits` as the route answers it. At most `max_bytes` of pages
+    are kept, the least recently written going first."""
 
     def __init__(
         self,
         ttl_seconds: float,
         max_entries: int = 10_000,
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_bytes: int = LIST_CACHE_BYTES,
     ) -> None:
-        extra = {} if clock is None else {"clock": clock}
         self._cache: RefreshingCache[tuple[str, str], bytes] = RefreshingCache(
-            ttl_seconds, grace_seconds=ttl_seconds, max_entries=max_entries, **extra
+            ttl_seconds,
+            grace_seconds=ttl_seconds,
+            max_entries=max_entries,
+            clock=clock,
+            max_weight=max_bytes,
+            weigh=len,
         )
 
     @property
     def ttl_seconds(self) -> float:
         return self._cache.ttl_seconds
 
-    def get(self, tenant_id: str, query: str) -> bytes | None:
-        return self._cache.get((tenant_id, query))
+    @property
+    def bytes_held(self) -> int:
+        return self._cache.weight
 
-    def peek(self, tenant_id: str, query: str) -> bytes | None:
-        return self._cache.peek((tenant_id, query))
+    def get(self, tenant_id: str, key: str) -> bytes | None:
+        return self._cache.get((tenant_id, key))
 
-    def put(self, tenant_id: str, query: str, body: bytes) -> None:
-        self._cache.put((tenant_id, query), body)
+    def peek(self, tenant_id: str, key: str) -> bytes | None:
+        return self._cache.peek((tenant_id, key))
+
+    def put(self, tenant_id: str, key: str, body: bytes) -> None:
+        self._cache.put((tenant_id, key), body)
 
     def forget_tenant(self, tenant_id: str) -> None:
         """After this gateway added or cancelled one of the tenant's audits."""
@@ -165,10 +192,11 @@ def _cached_list(scope: Scope) -> Response | None:
     lists: AuditListCache | None = getattr(scope["app"].state, "audit_list_cache", None)
     if lists is None or lists.ttl_seconds <= 0:
         return None
-    known = _cached_tenant(scope)
-    if known is None:
+    key = list_cache_key(scope["query_string"])
+    known = None if key is None else _cached_tenant(scope)
+    if key is None or known is None:
         return None
-    body = lists.peek(known[0], scope["query_string"].decode("latin-1"))
+    body = lists.peek(known[0], key)
     return None if body is None else list_response(body)
 
 

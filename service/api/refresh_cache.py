@@ -33,6 +33,7 @@ class _Entry(Generic[V]):
     value: V
     fresh_until: float
     stale_until: float
+    weight: int
     refresh_claimed_until: float = 0.0
 
 
@@ -43,13 +44,25 @@ class RefreshingCache(Generic[K, V]):
         grace_seconds: float,
         max_entries: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
+        max_weight: int | None = None,
+        weigh: Callable[[V], int] | None = None,
     ) -> None:
+        """`max_entries`, and with `weigh` (a value's size, say its bytes) `max_weight`: the
+        least recently written entries go first when either is exceeded."""
         self.ttl_seconds = ttl_seconds
         self.grace_seconds = max(grace_seconds, 0.0)
         self.max_entries = max_entries
+        self.max_weight = max_weight
+        self._weigh = weigh
+        self._weight = 0
         self._clock = clock
         self._entries: OrderedDict[K, _Entry[V]] = OrderedDict()
         self._lock = threading.Lock()
+
+    @property
+    def weight(self) -> int:
+        """The summed weight of the entries held."""
+        return self._weight
 
     @property
     def enabled(self) -> bool:
@@ -73,22 +86,34 @@ class RefreshingCache(Generic[K, V]):
     def put(self, key: K, value: V) -> None:
         if not self.enabled:
             return
+        weight = self._weigh(value) if self._weigh is not None else 0
+        if self.max_weight is not None and weight > self.max_weight:
+            return  # larger than the whole budget: not kept at all
         now = self._clock()
-        entry = _Entry(value, now + self.ttl_seconds, now + self.ttl_seconds + self.grace_seconds)
+        fresh_until = now + self.ttl_seconds
+        entry = _Entry(value, fresh_until, fresh_until + self.grace_seconds, weight)
         with self._lock:
+            self._remove(key)
             self._entries[key] = entry
-            self._entries.move_to_end(key)
-            while len(self._entries) > self.max_entries:
-                self._entries.popitem(last=False)  # the least recently written
+            self._weight += weight
+            while len(self._entries) > self.max_entries or (
+                self.max_weight is not None and self._weight > self.max_weight
+            ):
+                self._remove(next(iter(self._entries)))  # the least recently written
 
     def forget(self, key: K) -> None:
         with self._lock:
-            self._entries.pop(key, None)
+            self._remove(key)
 
     def forget_where(self, predicate: Callable[[K], bool]) -> None:
         with self._lock:
             for key in [key for key in self._entries if predicate(key)]:
-                del self._entries[key]
+                self._remove(key)
+
+    def _remove(self, key: K) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._weight -= entry.weight
 
     def _lookup(self, key: K, volunteer: bool) -> V | None:
         with self._lock:
@@ -99,7 +124,7 @@ class RefreshingCache(Generic[K, V]):
             if now < entry.fresh_until:
                 return entry.value
             if now >= entry.stale_until:
-                del self._entries[key]
+                self._remove(key)
                 return None
             if entry.refresh_claimed_until > now:
                 return entry.value  # someone is refreshing it: the stale value meanwhile

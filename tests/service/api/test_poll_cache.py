@@ -133,3 +133,10 @@ def test_the_audit_list_is_kept_too_and_this_gateways_own_writes_are_seen_at_onc
     assert statuses("?status=queued") == {}
     other = new_key(client)
     assert client.get("/v1/audits", headers=other).json()["items"] == []  # per tenant
+
+    # A made-up parameter is answered (FastAPI ignores it) but never kept: each is a query.
+    before = len(queries)
+    for nonce in range(3):
+        assert client.get(f"/v1/audits?nonce={nonce}", headers=auth).status_code == 200
+    assert len(queries) == before + 3
+    assert client.app.state.audit_list_cache.bytes_held < 64 * 1024  # type: ignore[attr-defined]

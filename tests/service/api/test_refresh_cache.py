@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 
 from service.api.auth import ApiKeyCache
-from service.api.poll_cache import PollCache
+from service.api.poll_cache import PollCache, list_cache_key
 from service.api.refresh_cache import RefreshingCache
 from service.db.models import Tenant, utcnow
 
@@ -106,3 +106,34 @@ def test_a_key_revoked_elsewhere_stops_every_request_once_one_has_rechecked_it()
     assert keys.tenant_id("digest") == "t1"  # other polls meanwhile: at most 1 s of grace
     keys.forget("digest")  # what authenticate does when it finds the key revoked
     assert keys.tenant_id("digest") is None and keys.get("digest") is None
+
+
+def test_a_weight_budget_evicts_the_least_recently_written() -> None:
+    clock = FakeClock()
+    cache: RefreshingCache[str, bytes] = RefreshingCache(
+        5.0, grace_seconds=1.0, clock=clock, max_weight=10, weigh=len
+    )
+    cache.put("a", b"1234")
+    cache.put("b", b"1234")
+    assert cache.weight == 8
+    cache.put("a", b"12")  # rewritten: its old weight is given back, and it is now the newest
+    assert cache.weight == 6
+    cache.put("c", b"12345")  # 11 > 10: "b", the least recently written, goes
+    assert cache.get("b") is None and cache.get("a") == b"12" and cache.weight == 7
+    cache.put("huge", b"x" * 11)  # over the whole budget: not kept, nothing evicted for it
+    assert cache.get("huge") is None and cache.weight == 7
+    cache.forget_where(lambda key: True)
+    assert cache.weight == 0
+    cache.put("d", b"1")
+    clock.now += 10  # past ttl + grace: dropped on the next read, its weight with it
+    assert cache.get("d") is None and cache.weight == 0
+
+
+def test_only_a_query_of_the_lists_own_parameters_is_a_cache_key() -> None:
+    assert list_cache_key(b"") == ""
+    assert list_cache_key(b"status=queued&page_size=5") == list_cache_key(
+        b"page_size=5&status=queued"
+    )
+    assert list_cache_key(b"page_token=") == "page_token="
+    assert list_cache_key(b"status=queued&status=running") is None  # a parameter twice
+    assert list_cache_key(b"nonce=1") is None  # made-up parameters make no new entries
