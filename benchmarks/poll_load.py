@@ -6,6 +6,7 @@ directly in the database, then runs wrk (Debian package `wrk`) for a bounded tim
 
     GET /v1/audits/{id}                      a status poll (200, full body)
     GET /v1/audits/{id} + If-None-Match      a status poll that has not changed (304)
+    GET /v1/audits/{id} xN                   polls of N distinct audits in turn (--audits)
     GET /v1/audits                           the list, first page
     GET /healthz                             no database, no key: the floor
 
@@ -84,13 +85,28 @@ def seed_rows(session: Session, tenant_name: str) -> tuple[str, str]:
     return secret, audit.id
 
 
-def seed(url: str) -> tuple[str, str]:
-    """Schema at head, then `seed_rows` for a fresh tenant."""
+def seed(url: str, extra_audits: int = 0) -> tuple[str, str, list[str]]:
+    """Schema at head, then `seed_rows` for a fresh tenant, and `extra_audits` more queued
+    audits of its model: (secret, audit id, the extra audits' ids)."""
     upgrade_to_head(url)
     engine = make_engine(url)
     try:
         with Session(engine) as session:
-            return seed_rows(session, f"poll-load-{uuid.uuid4().hex[:8]}")
+            secret, audit_id = seed_rows(session, f"poll-load-{uuid.uuid4().hex[:8]}")
+            first = session.get(Audit, audit_id)
+            assert first is not None
+            extra = [
+                Audit(
+                    tenant_id=first.tenant_id,
+                    model_id=first.model_id,
+                    request={},
+                    request_hash="0" * 64,
+                )
+                for _ in range(extra_audits)
+            ]
+            session.add_all(extra)
+            session.commit()
+            return secret, audit_id, [audit.id for audit in extra]
     finally:
         engine.dispose()
 
@@ -138,7 +154,12 @@ def latency_ms(text: str) -> float:
 
 
 def run_wrk(
-    url: str, headers: dict[str, str], connections: int, threads: int, seconds: int
+    url: str,
+    headers: dict[str, str],
+    connections: int,
+    threads: int,
+    seconds: int,
+    paths: list[str] | None = None,
 ) -> dict[str, Any]:
     # A Lua `done` hook prints the socket errors (connect, read, write, timeout) as one sum.
     script = (
@@ -147,6 +168,16 @@ def run_wrk(
         " summary.errors.write + summary.errors.timeout, '\\n')\n"
         "end\n"
     )
+    if paths:  # each request the next of these paths (each wrk thread goes round on its own)
+        listed = ", ".join(json.dumps(path) for path in paths)
+        script += (
+            f"paths = {{{listed}}}\n"
+            "counter = 0\n"
+            "request = function()\n"
+            "  counter = counter + 1\n"
+            "  return wrk.format('GET', paths[(counter % #paths) + 1])\n"
+            "end\n"
+        )
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     argv += ["--timeout", "30s"]
     for name, value in headers.items():
@@ -196,6 +227,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="wrk threads")
     parser.add_argument("--seconds", type=int, default=10, help="per endpoint (at most 60)")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    parser.add_argument(
+        "--audits",
+        type=int,
+        default=500,
+        help="also poll this many distinct audits in turn (64 CI gates polling their own); 0: no",
+    )
     parser.add_argument("--database-url", help="default: SQLite in the fresh data dir")
     parser.add_argument("--broker-url", default="redis://127.0.0.1:6379/14")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -207,7 +244,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="tightrope-poll-") as tmp:
         data_dir = Path(tmp) / "data"
         url = args.database_url or f"sqlite:///{data_dir / 'tightrope.db'}"
-        secret, audit_id = seed(url)
+        secret, audit_id, many = seed(url, args.audits)
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         server = start_gateway(data_dir, url, port, args.broker_url, args.workers)
@@ -224,9 +261,21 @@ def main() -> None:
                 ("GET /v1/audits", "/v1/audits", auth),
                 ("GET /healthz", "/healthz", {}),
             ]
+            polled: dict[str, list[str] | None] = {}
+            if many:
+                name = f"GET /v1/audits/{{id}} x{len(many)}"
+                cases.append((name, f"/v1/audits/{many[0]}", auth))  # last: its backlog
+                polled[name] = [f"/v1/audits/{audit}" for audit in many]
             results: dict[str, Any] = {}
             for name, path, hdrs in cases:
-                results[name] = run_wrk(base + path, hdrs, args.connections, args.threads, seconds)
+                results[name] = run_wrk(
+                    base + path,
+                    hdrs,
+                    args.connections,
+                    args.threads,
+                    seconds,
+                    paths=polled.get(name),
+                )
                 started = time.monotonic()
                 after, _ = status_of(base + "/v1/audits", auth)
                 results[name]["next_request_status"] = after

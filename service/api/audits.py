@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, HTMLResponse
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -59,7 +58,7 @@ from service.api.deps import (
     SettingsDep,
     TenantDep,
     TenantLookupDep,
-    session_in_slot,
+    run_in_slot,
 )
 from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
 from service.api.poll_cache import (
@@ -517,10 +516,9 @@ async def list_audits(
     key = list_cache_key(request.scope["query_string"])
     body = None if key is None else cache.get(tenant.id, key)
     if body is None:
-        async with session_in_slot(request) as session:
-            page = await run_in_threadpool(
-                list_page, session, tenant, status, model_id, page_size, page_token
-            )
+        page = await run_in_slot(
+            request, list_page, tenant, status, model_id, page_size, page_token
+        )
         body = page.model_dump_json().encode()
         if key is not None:
             cache.put(tenant.id, key, body)
@@ -581,10 +579,7 @@ async def read_audit(
     cached = cache.get(tenant.id, audit_id)
     response = None if cached is None else poll_response(cached, if_none_match)
     if response is None:
-        async with session_in_slot(request) as session:
-            cached = await run_in_threadpool(
-                _answer_poll, session, tenant, audit_id, if_none_match, cache
-            )
+        cached = await run_in_slot(request, _answer_poll, tenant, audit_id, if_none_match, cache)
         response = poll_response(cached, if_none_match)
     assert response is not None  # _answer_poll builds the body whenever the tag does not match
     return response
