@@ -57,6 +57,13 @@ def test_gate_compares_with_a_file_or_a_model_id_on_the_service(
     assert worse.exit_code == 1, worse.output
     report = json.loads((tmp_path / "worse" / "report.json").read_text())
     assert report["comparison"]["verdict"] == "fail" and report["verdict"] == "fail"
+    # both models ran the audit's check on the same images, and the report compares them
+    assert {check["subject"] for check in report["checks"]} == {"model", "reference"}
+    (compared,) = report["comparison"]["checks"]
+    assert compared["kind"] == "lipschitz" and compared["figures"]
+    for figure in compared["figures"]:
+        assert figure["difference"] == pytest.approx(figure["model"] - figure["reference"])
+        assert figure["model"] > 2 * figure["reference"] > 0  # tripled output, same draws
     suite = ET.parse(tmp_path / "worse" / "junit.xml").getroot()
     failures = [f.get("type") for f in suite.iter("failure")]
     assert "regression" in failures
