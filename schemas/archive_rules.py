@@ -174,14 +174,23 @@ def zip_model_format(names: Iterable[str]) -> Literal["torchscript", "export"] |
     return None
 
 
+# How each PyTorch archive format is named in a refusal (the gateway's and the engine's).
+ARCHIVE_FORMAT_NAMES: dict[str, str] = {
+    "torchscript": "a TorchScript archive",
+    "export": "a torch.export .pt2 archive",
+}
+
+
 def check_model_entries(
-    entries: Iterable[zipfile.ZipInfo], fmt: Literal["torchscript", "export"], described: str
+    entries: Iterable[zipfile.ZipInfo], fmt: Literal["torchscript", "export"]
 ) -> None:
-    """Every entry (below the root) is one the format writes; `described` names the format."""
+    """Every entry (below the root) is one the format writes."""
     allowed = TORCHSCRIPT_ENTRIES if fmt == "torchscript" else EXPORT_ENTRIES
     for entry in entries:
         if not entry.is_dir() and not allowed.match(relative_name(entry.filename)):
-            raise InputRefused(f"archive entry {entry.filename!r} is not part of {described}")
+            raise InputRefused(
+                f"archive entry {entry.filename!r} is not part of {ARCHIVE_FORMAT_NAMES[fmt]}"
+            )
 
 
 # Calls in serialised TorchScript source refused before the archive is deserialised (a

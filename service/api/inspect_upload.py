@@ -51,10 +51,6 @@ def _refuse(detail: str) -> InvalidUpload:
     return InvalidUpload(detail)
 
 
-# How each PyTorch archive format is named in a refusal.
-ARCHIVE_FORMATS = {"torchscript": "a TorchScript archive", "export": "a torch.export .pt2 archive"}
-
-
 def _zip_model_format(path: Path, limits: ArchiveLimits) -> ModelInspection:
     """The rules of schemas.archive_rules (the engine's too), then the format from the names."""
     try:
@@ -62,7 +58,7 @@ def _zip_model_format(path: Path, limits: ArchiveLimits) -> ModelInspection:
         root = archive_root(entries)
         fmt = zip_model_format(entry.filename for entry in entries)
         if fmt is not None:
-            check_model_entries(entries, fmt, ARCHIVE_FORMATS[fmt])
+            check_model_entries(entries, fmt)
             check_model_contents(path, entries, fmt)
     except InputRefused as exc:
         raise _refuse(exc.reason) from None

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from schemas.archive_rules import (
+    ARCHIVE_FORMAT_NAMES,
     ZIP_MAGIC,
     ArchiveLimits,
     InputRefused,
@@ -167,13 +168,11 @@ def detect_format(path: Path) -> ModelFormat | None:
 
 
 def _describe(fmt: ModelFormat | None) -> str:
-    return {
-        "torchscript": "a TorchScript archive",
-        "export": "a torch.export .pt2 archive",
-        "safetensors": "a safetensors file",
-        "onnx": "an ONNX model",
-        None: "no accepted model format",
-    }[fmt]
+    if fmt in ARCHIVE_FORMAT_NAMES:
+        return ARCHIVE_FORMAT_NAMES[fmt]
+    return {"safetensors": "a safetensors file", "onnx": "an ONNX model"}.get(
+        fmt or "", "no accepted model format"
+    )
 
 
 def check_declared_format(path: Path, declared: ModelFormat) -> None:
@@ -213,7 +212,7 @@ def screen_archive(path: Path, fmt: ModelFormat, limits: ArchiveLimits | None = 
     try:
         entries = inspect_zip(path, limits or archive_limits())
         archive_root(entries)
-        check_model_entries(entries, fmt, _describe(fmt))
+        check_model_entries(entries, fmt)
         check_model_contents(path, entries, fmt)
     except InputRefused as exc:
         raise ModelRejected(exc.reason) from None
