@@ -34,7 +34,9 @@ class _Entry(Generic[V]):
     fresh_until: float
     stale_until: float
     weight: int
-    refresh_claimed_until: float = 0.0
+    # A request was sent to refresh it. The claim needs no deadline of its own: it lasts until
+    # the stale value does, and a `put` replaces the entry.
+    refresh_claimed: bool = False
 
 
 class RefreshingCache(Generic[K, V]):
@@ -126,8 +128,7 @@ class RefreshingCache(Generic[K, V]):
             if now >= entry.stale_until:
                 self._remove(key)
                 return None
-            if entry.refresh_claimed_until > now:
+            if entry.refresh_claimed:
                 return entry.value  # someone is refreshing it: the stale value meanwhile
-            if volunteer:
-                entry.refresh_claimed_until = min(now + self.grace_seconds, entry.stale_until)
+            entry.refresh_claimed = volunteer
             return None
