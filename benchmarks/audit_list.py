@@ -32,6 +32,7 @@ sys.path.insert(0, str(REPO))
 from sqlalchemy import delete, insert, select, text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
+from benchmarks.poll_load import ready_model  # noqa: E402
 from service.api.audits import list_page  # noqa: E402
 from service.api.pagination import encode_token  # noqa: E402
 from service.db.keys import get_or_create_tenant  # noqa: E402
@@ -54,18 +55,7 @@ def seed(session: Session, count: int) -> tuple[Tenant, str, str]:
     models = {}
     for tenant in (ours, theirs):
         for name in ("common", "rare"):
-            model = Model(
-                tenant_id=tenant.id,
-                name=name,
-                spec={"name": name, "task": "reconstruction", "input": "image"},
-                format="torchscript",
-                sha256="0" * 64,
-                size_bytes=1,
-                status="ready",
-            )
-            session.add(model)
-            session.flush()
-            models[(tenant.id, name)] = model.id
+            models[(tenant.id, name)] = ready_model(session, tenant.id, name).id
     start = utcnow() - timedelta(days=30)
     for tenant, n in ((ours, count), (theirs, count // 10)):
         for first in range(0, n, BATCH):

@@ -58,20 +58,13 @@ def free_port() -> int:
         return port
 
 
-def seed_rows(session: Session, tenant_name: str) -> tuple[str, str]:
-    """A new tenant's key, a ready model and a queued audit: (secret, audit id). Also the
-    test suite's poll-load fixture (tests/service/api/test_poll_load.py)."""
-    secret = create_api_key(session, tenant_name)
-    tenant = get_or_create_tenant(session, tenant_name)
+def ready_model(session: Session, tenant_id: str, name: str = "bench") -> Model:
+    """A ready model row with a valid spec (the model routes render it), flushed; no file.
+    Also benchmarks/audit_list.py's."""
     model = Model(
-        tenant_id=tenant.id,
-        name="bench",
-        spec={
-            "name": "bench",
-            "task": "reconstruction",
-            "input": "image",
-            "image_shape": [1, 8, 8],
-        },
+        tenant_id=tenant_id,
+        name=name,
+        spec={"name": name, "task": "reconstruction", "input": "image", "image_shape": [1, 8, 8]},
         format="torchscript",
         sha256="0" * 64,
         size_bytes=1,
@@ -79,6 +72,15 @@ def seed_rows(session: Session, tenant_name: str) -> tuple[str, str]:
     )
     session.add(model)
     session.flush()
+    return model
+
+
+def seed_rows(session: Session, tenant_name: str) -> tuple[str, str]:
+    """A new tenant's key, a ready model and a queued audit: (secret, audit id). Also the
+    test suite's poll-load fixture (tests/service/api/test_poll_load.py)."""
+    secret = create_api_key(session, tenant_name)
+    tenant = get_or_create_tenant(session, tenant_name)
+    model = ready_model(session, tenant.id)
     audit = Audit(tenant_id=tenant.id, model_id=model.id, request={}, request_hash="0" * 64)
     session.add(audit)
     session.commit()
