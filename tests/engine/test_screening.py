@@ -129,14 +129,10 @@ def test_pt2_with_an_unexpected_entry_is_rejected(tmp_path: Path) -> None:
 
 def test_pt2_with_pickled_weights_is_rejected(tmp_path: Path) -> None:
     valid = mf.tiny_cnn_export(tmp_path / "m.pt2")
-    config = '{"config": {"w": {"path_name": "weight_9", "use_pickle": true}}}'
-    hostile = tmp_path / "pickled.pt2"
-    with zipfile.ZipFile(valid) as src, zipfile.ZipFile(hostile, "w") as out:
-        for entry in src.infolist():
-            data = src.read(entry)
-            if entry.filename.endswith("model_weights_config.json"):
-                data = config.encode()
-            out.writestr(entry, data)
+    config = b'{"config": {"w": {"path_name": "weight_9", "use_pickle": true}}}'
+    hostile = mf.zip_rewritten(
+        valid, tmp_path / "pickled.pt2", {"data/weights/model_weights_config.json": config}
+    )
     with pytest.raises(ModelRejected, match="is pickled"):
         screen_archive(hostile, "export")
 

@@ -165,15 +165,7 @@ def _export_with(changes: dict[str, bytes | None]) -> Callable[..., Path]:
     """The tiny .pt2 with some entries (by their name below the root) replaced or left out."""
 
     def make(d: Path) -> Path:
-        base = mf.tiny_cnn_export(d / "base.pt2")
-        path = d / "m.pt2"
-        with zipfile.ZipFile(base) as src, zipfile.ZipFile(path, "w") as out:
-            for entry in src.infolist():
-                data: bytes | None = src.read(entry)
-                data = changes.get(entry.filename.split("/", 1)[1], data)
-                if data is not None:
-                    out.writestr(entry, data)
-        return path
+        return mf.zip_rewritten(mf.tiny_cnn_export(d / "base.pt2"), d / "m.pt2", changes)
 
     return make
 
