@@ -247,48 +247,39 @@ def check_callback_url(settings: Settings, request: AuditRequest) -> None:
         ) from None
 
 
-def check_model(session: Session, tenant: Tenant, model_id: str) -> Model:
+def check_model(
+    session: Session, tenant: Tenant, model_id: str, field: tuple[str, ...] = ("model_id",)
+) -> Model:
+    """The tenant's model named by the body's `field`: unknown is a 422 naming the field,
+    not ready a 409 (the audited model's `model_id`, or `compare_with.model_id`)."""
+    name = ".".join(field)
+    role = "" if field == ("model_id",) else f" ({field[0]})"
     model = session.get(Model, model_id)
     if model is None or model.tenant_id != tenant.id or model.deleted_at is not None:
         raise ValidationFailed(
-            f"model_id: no model {model_id!r}; upload one with POST /v1/models",
-            errors=[FieldError(loc=["body", "model_id"], msg="unknown model", type="not_found")],
+            f"{name}: no model {model_id!r}; upload one with POST /v1/models",
+            errors=[FieldError(loc=["body", *field], msg="unknown model", type="not_found")],
         )
     if model.status == "validating":
         raise ModelNotReady(
-            f"Model {model_id!r} is still being validated; retry when its status is 'ready'.",
+            f"Model {model_id!r}{role} is still being validated; retry when its status is 'ready'.",
             headers={"Retry-After": RETRY_AFTER_SECONDS},
         )
     if model.status != "ready":
-        raise ModelNotReady(f"Model {model_id!r} was rejected: {model.reason or 'no reason given'}")
+        raise ModelNotReady(
+            f"Model {model_id!r}{role} was rejected: {model.reason or 'no reason given'}"
+        )
     return model
 
 
 def check_reference(session: Session, tenant: Tenant, request: AuditRequest, model: Model) -> None:
-    """`compare_with.model_id`: a model of the tenant (422 naming the field otherwise), ready
-    (409 like `model_id`), with the audited model's task, input, image shape, classes and
-    value range (422)."""
+    """`compare_with.model_id`: a ready model of the tenant (`check_model`), with the audited
+    model's task, input, image shape, classes and value range (422)."""
     if request.compare_with is None:
         return
     loc: list[str | int] = ["body", "compare_with", "model_id"]
     reference_id = request.compare_with.model_id
-    reference = session.get(Model, reference_id)
-    if reference is None or reference.tenant_id != tenant.id or reference.deleted_at is not None:
-        raise ValidationFailed(
-            f"compare_with.model_id: no model {reference_id!r}; upload one with POST /v1/models",
-            errors=[FieldError(loc=loc, msg="unknown model", type="not_found")],
-        )
-    if reference.status == "validating":
-        raise ModelNotReady(
-            f"Model {reference_id!r} (compare_with) is still being validated; retry when its "
-            "status is 'ready'.",
-            headers={"Retry-After": RETRY_AFTER_SECONDS},
-        )
-    if reference.status != "ready":
-        raise ModelNotReady(
-            f"Model {reference_id!r} (compare_with) was rejected: "
-            f"{reference.reason or 'no reason given'}"
-        )
+    reference = check_model(session, tenant, reference_id, field=("compare_with", "model_id"))
     problems = spec_problems(
         ModelSpec.model_validate(model.spec), ModelSpec.model_validate(reference.spec)
     )
