@@ -21,9 +21,30 @@ exact); 1 is exact. The exit status is 1 when any scored case is below 0.99.
   y (c = B·y − x ≠ 0) and λ > σ_max(B)²: a concave quadratic, maximised at
   e* = (λI − BᵀB)⁻¹Bᵀc with value ½‖c‖² + ½·cᵀB·e*. Scored twice: the objective, and its gain
   over e = 0 (stricter: the value at 0 is part of the objective).
+- worst_case, near-isotropic: Ψ = B = A⁻¹ with σ₁(B) = 1 and every other singular value 1 − gap
+  (gap 2 % and 1 %; diagonal and rotated): the Lipschitz ratio at the worst e is exactly 1 (the
+  slowest ascent there is: the search must tell 1 from 1 − gap).
+- worst_case, a ReLU that switches on inside the ball: Ψ(y) = B y + c·relu(⟨v, y⟩ − t)·u with
+  B of gain g along v and 1 elsewhere, u = Bv/g, the ReLU off at y (t = ⟨v, y⟩ + a): the
+  worst ‖Ψ(y+e) − Ψ(y)‖ over ‖e‖ ≤ ρ is max(gρ, (g + c)ρ − c·a), at e = ±ρv
+  (tests/engine/worst_case_fixtures.ReluSwitch derives it); scored as the Lipschitz ratio.
 - minimal_perturbation (fmn, ddn, deepfool): two-class linear classifiers on three value ranges;
   the smallest ℓ2 perturbation that flips x is |w·x + b|/‖w‖ (where that point stays inside
   the value range, which is checked).
+- minimal_perturbation, many classes (default, fmn, ddn, deepfool): linear classifiers with 12,
+  50 and 1,000 classes (the last on a 4×4 input) whose nearest boundary belongs to the class
+  with the lowest logit; exact: min_k (z_y − z_k)/‖w_y − w_k‖, minimiser checked inside the
+  value range.
+- false_negative under MRI (DEFAULT settings), real and complex images, ×2/×4, cartesian and
+  random lines: A*A is a Fourier multiplier, so with ẑ the lesion's spectrum, M the mask and
+  M̃(k) = M(−k), ρ_A⁺ = Σ M|ẑ|²/Σ|ẑ|² for complex images (A⁺ = zero filling) and
+  Σ (M ∨ M̃)|ẑ|²/Σ|ẑ|² for real ones, where zero filling returns Σ M|ẑ|²/Σ|ẑ|² (float64). Scored:
+  the reported ρ_A⁺, A⁺'s relative recovery ρ/ρ_A⁺ (exactly 1), zero filling's on real images,
+  Ψ = 0.606·A⁺'s, and the miss decisions (ρ < 0.8·ρ_A⁺) against the exact ones.
+- ONNX corpus: worst_case (defaults, denoising) on ONNX exports at torch's default opset 20
+  (tests/fixtures/onnx_corpus.py: norms, skips with ConvTranspose; 8×8 images, whatever the
+  size) against their PyTorch twins: found = the converted model's worst error, exact = the
+  twin's; more than 1 % apart (either way) fails the case.
 - `--autoattack`: the reference classifier (examples/classifier) on built-in digits: for each
   correctly classified digit, the minimal ℓ2 norm n found by minimal_perturbation (defaults)
   against AutoAttack (`adversarial`, ℓ2) at ε = 0.95·n and 1.05·n. AutoAttack breaking a digit
@@ -49,6 +70,7 @@ import torch
 
 from schemas.checks import WorstCaseCheck
 from schemas.checks_classifier import AdversarialCheck, MinimalPerturbationCheck
+from schemas.checks_theorem import FalseNegativeCheck
 from schemas.model_spec import ModelSpec
 from schemas.operators import DenoisingOperator
 from workers.engine.attacks import SearchSettings, ThreatModel, worst_case_search
@@ -61,8 +83,24 @@ from workers.engine.registry import get_check
 
 # the known-answer operators, subjects and classifiers are the test suite's own fixtures
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.engine.classifier_fixtures import LogitDifference  # noqa: E402
-from tests.engine.worst_case_fixtures import DenseOperator, linear_subject  # noqa: E402
+from tests.engine.classifier_fixtures import (  # noqa: E402
+    LogitDifference,
+    linear_minimal_l2,
+    low_ranked_nearest,
+)
+from tests.engine.false_negative_fixtures import (  # noqa: E402
+    RealPseudoInverse,
+    Scaled,
+    exact_fractions,
+    lesion_pattern,
+    mri_operator,
+)
+from tests.engine.worst_case_fixtures import (  # noqa: E402
+    DenseOperator,
+    ReluSwitch,
+    linear_subject,
+    near_isotropic_inverse,
+)
 
 try:  # imported as benchmarks.attack_strength (repository root on the path: the tests)
     from benchmarks.robust_nets_reference import THEIR_ITERATIONS, robust_nets_search
@@ -347,6 +385,76 @@ def penalized_cases(size: int, images: int, seed: int) -> list[Case]:
     return cases
 
 
+NEAR_ISOTROPIC_GAPS = (0.02, 0.01)
+# (gain g along v, slope c, a as a fraction of the 0.05 radius): issue 19's case first
+RELU_SWITCHES = ((1.02, 4.0, 0.5), (1.05, 4.0, 0.3), (1.02, 2.0, 0.8))
+
+
+def near_isotropic_cases(size: int, images: int, seed: int) -> list[Case]:
+    cases = []
+    n = size * size
+    shape = (1, size, size)
+    levels = WorstCaseCheck().levels
+    for rotated in (False, True):
+        for gap in NEAR_ISOTROPIC_GAPS:
+            gen = torch.Generator().manual_seed(seed + 4)
+            a, b, _ = near_isotropic_inverse(n, gap, rotated, gen)
+            x = _images(images, size, gen)
+            y = x.flatten(1) @ a.T
+            operator = DenseOperator(a.float(), shape)
+            check = WorstCaseCheck(levels=levels)
+            outcomes = _search(
+                check, linear_subject(b.float(), shape), operator, y.float(), x.float()
+            )
+            name = f"near-isotropic {'rotated' if rotated else 'diagonal'} gap={gap:g}"
+            for level in levels:
+                if level not in outcomes:
+                    cases.append(Case(f"{name} δ={level:g}: not searched", 0.0, 1.0))
+                    continue
+                e = outcomes[level].perturbation.double()
+                ratio = (e @ b.T).norm(dim=1) / e.norm(dim=1).clamp_min(1e-300)
+                outside = bool((e.norm(dim=1) > level * y.norm(dim=1) * (1 + _BALL_SLACK)).any())
+                cases.append(
+                    Case(
+                        f"{name} δ={level:g}: Lipschitz",
+                        float(ratio[_worst_image(ratio)]),
+                        1.0,
+                        problem="outside the ball" if outside else "",
+                    )
+                )
+    return cases
+
+
+def relu_switch_cases(size: int, images: int, seed: int) -> list[Case]:
+    cases = []
+    levels = WorstCaseCheck().levels
+    for k, (gain, slope, threshold) in enumerate(RELU_SWITCHES):
+        problem = ReluSwitch(size, gain, slope, threshold, images, seed + 5 + k)
+        check = WorstCaseCheck(levels=levels)
+        outcomes = _search(check, problem.subject, problem.operator, problem.y, problem.x)
+        name = f"relu switch g={gain:g} c={slope:g} a={threshold:g}·ρ(5%)"
+        y_norm = problem.y.double().norm(dim=1)
+        for level in levels:
+            if level not in outcomes:
+                cases.append(Case(f"{name} δ={level:g}: not searched", 0.0, 1.0))
+                continue
+            e = outcomes[level].perturbation.double()
+            radius = level * y_norm
+            found = problem.change(e) / e.norm(dim=1).clamp_min(1e-300)
+            exact = problem.exact_change(level) / radius
+            worst = _worst_image(found / exact)
+            outside = bool((e.norm(dim=1) > radius * (1 + _BALL_SLACK)).any())
+            cases.append(
+                Case(
+                    f"{name} δ={level:g}: Lipschitz",
+                    float(found[worst]),
+                    float(exact[worst]),
+                    problem="outside the ball" if outside else "",
+                )
+            )
+    return cases
+
+
 # ---------------------------------------------------------------- minimal perturbations
 
 
@@ -426,6 +534,151 @@ def minimal_perturbation_cases(size: int, images: int, seed: int) -> list[Case]:
     return cases
 
 
+# (classes, image side, value range) of the many-class cases: 1,000 classes on a 4×4 input
+LOW_RANKED = ((12, None, (0.0, 1.0)), (50, None, (0.0, 255.0)), (1000, 4, (-300.0, 300.0)))
+
+
+def low_ranked_cases(size: int, images: int, seed: int) -> list[Case]:
+    """Many-class linear classifiers whose nearest boundary belongs, at every input, to the
+    class with the LOWEST logit (tests/engine/classifier_fixtures.py: low_ranked_nearest): the
+    minimal ℓ2 norm min_k (z_y − z_k)/‖w_y − w_k‖ (float64, minimiser checked inside the value
+    range) against the check with its DEFAULT settings for each attack; the worst input."""
+    cases = []
+    for classes, side, value_range in LOW_RANKED:
+        side = side or size
+        shape = (1, side, side)
+        model, x, labels = low_ranked_nearest(
+            classes, value_range, count=images, seed=seed + 4, shape=shape, misclassified=0
+        )
+        spec = _classifier_spec(shape, value_range, classes)
+        seen = classifier_subject(model, spec, PassCounter())
+        seen_x = seen.from_unit(seen.to_unit(x))
+        exact, nearest = linear_minimal_l2(model, seen_x, labels, value_range)
+        with torch.no_grad():
+            lowest = (seen_x.flatten(1).double() @ model.weight.double().T).add(model.bias)
+        built = bool((nearest == lowest.argmin(dim=1)).all())
+        ctx = _classifier_context(x, labels, seed)
+        lo, hi = value_range
+        for attack in (None, *MINIMAL_ATTACKS):
+            name = (
+                f"minimal {attack or 'default'} {classes} classes, lowest nearest [{lo:g},{hi:g}]"
+            )
+            subject = classifier_subject(model, spec, PassCounter())
+            try:
+                config = MinimalPerturbationCheck.model_validate(
+                    {} if attack is None else {"attack": attack}
+                )
+                result = _run_check("minimal_perturbation", config, ctx, subject, seed)
+            except Exception as error:  # a failed case; the other attacks still run
+                cases.append(Case(name, None, 1.0, maximise=False, problem=_describe(error)))
+                continue
+            norms = [image["norm"] for image in result["per_image"]]
+            scores = [
+                0.0 if n is None or n <= 0 else float(e) / n
+                for n, e in zip(norms, exact.tolist(), strict=True)
+            ]
+            worst = min(range(len(norms)), key=lambda k: scores[k])
+            problem = "" if built else "construction: nearest boundary not the lowest class"
+            cases.append(
+                Case(name, norms[worst], float(exact[worst]), maximise=False, problem=problem)
+            )
+    return cases
+
+
+# ---------------------------------------------------------------- false negatives under MRI
+
+FN_VARIANTS = tuple(
+    (real, acceleration, mask)
+    for real in (False, True)
+    for acceleration in (2.0, 4.0)
+    for mask in ("cartesian", "random_lines")
+)
+FN_LOSSY = 0.297 / 0.490  # issue 19's model: it keeps 0.606 of what the data carries
+# reported fractions that must be exact: off by more than this is a problem, not a low score
+FN_EXACT = 1e-5
+
+
+def mri_false_negative_cases(size: int, images: int, seed: int) -> list[Case]:
+    """false_negative with its DEFAULT settings (a disk of radius 2 at 8 random placements per
+    image, random search; panels off: figures only) under MRI on `images` random images of side
+    max(size, 16): per variant and Ψ ∈ {A⁺, 0.606·A⁺, zero filling (real images)} the worst
+    placement's reported value against the exact one (tests/engine/false_negative_fixtures.py),
+    and the miss decisions (placements decided as the exact ρ < 0.8·ρ_A⁺ says)."""
+    side = max(size, 16)
+    config = FalseNegativeCheck(panels=0)
+    pattern = lesion_pattern(config.lesion.shape, config.lesion.size)
+    bar = config.relative_threshold
+    cases = []
+    for real, acceleration, mask_kind in FN_VARIANTS:
+        label = f"fn mri {'real' if real else 'complex'} ×{acceleration:g} {mask_kind}"
+        operator = mri_operator(side, acceleration, mask_kind, seed, real)
+        assert operator.mask is not None
+        mask = operator.mask[0].double().numpy()
+        gen = torch.Generator().manual_seed(seed + 5)
+        x = 0.2 + 0.8 * torch.rand(images, 1 if real else 2, side, side, generator=gen)
+        ctx = AuditContext(
+            operator=operator, images=x, device=torch.device("cpu"), seed=seed, noise_level=0.0
+        )
+        pseudo_inverse = RealPseudoInverse(mask) if real else torch.nn.Identity()
+        models: dict[str, tuple[torch.nn.Module, float | None]] = {
+            "A⁺": (pseudo_inverse, 1.0),
+            "0.606·A⁺": (Scaled(pseudo_inverse, FN_LOSSY), FN_LOSSY),
+        }
+        if real:  # zero filling is not A⁺ for real images: its own exact ratio per placement
+            models["zero filling"] = (torch.nn.Identity(), None)
+        for name, (model, factor) in models.items():
+            subject = Subject(
+                "model", lambda y, m=model, a=operator: m(a.A_adjoint(y)), PassCounter()
+            )
+            try:
+                result = _run_check("false_negative", config, ctx, subject, seed)
+            except Exception as error:  # a failed case; the other variants still run
+                cases.append(Case(f"{label} {name}: raised", None, 1.0, problem=_describe(error)))
+                continue
+            rows = result["per_placement"]
+            fractions = [exact_fractions(mask, pattern, r["row"], r["col"], real) for r in rows]
+            # exact relative recovery: c for c·A⁺, ρ_zf/ρ_A⁺ for zero filling
+            ratios = [factor if factor is not None else zf / v for v, zf in fractions]
+            if name == "A⁺":
+                off = [
+                    abs(r["visible_fraction"] - v)
+                    for r, (v, _) in zip(rows, fractions, strict=True)
+                ]
+                k = max(range(len(rows)), key=lambda i: off[i])
+                problem = f"off by {off[k]:.2g}" if off[k] > FN_EXACT else ""
+                cases.append(
+                    Case(
+                        f"{label}: ρ_A⁺ (worst of {len(rows)})",
+                        rows[k]["visible_fraction"],
+                        fractions[k][0],
+                        problem=problem,
+                    )
+                )
+            found = [r["relative_recovery"] for r in rows]
+            off = [
+                abs(f - e) if f is not None else math.inf
+                for f, e in zip(found, ratios, strict=True)
+            ]
+            k = max(range(len(rows)), key=lambda i: off[i])
+            problem = f"off by {off[k]:.2g}" if off[k] > FN_EXACT else ""
+            cases.append(
+                Case(f"{label} {name}: ρ/ρ_A⁺ (worst)", found[k], ratios[k], problem=problem)
+            )
+            # the exact decision; a tie within the tolerance would be no known answer
+            exact_missed = [
+                e * v < bar * v - 1e-5 for e, (v, _) in zip(ratios, fractions, strict=True)
+            ]
+            agree = sum(r["missed"] == m for r, m in zip(rows, exact_missed, strict=True))
+            cases.append(
+                Case(
+                    f"{label} {name}: decisions, {sum(exact_missed)} misses",
+                    float(agree),
+                    float(len(rows)),
+                )
+            )
+    return cases
+
+
 # ---------------------------------------------------------------- AutoAttack consistency
 
 
@@ -473,6 +726,56 @@ def autoattack_cases(count: int, seed: int) -> list[Case]:
     return cases
 
 
+# ---------------------------------------------------------------- ONNX corpus
+
+ONNX_PATTERNS = ("norms", "skips_conv_transpose")
+ONNX_TWIN_TOLERANCE = 0.01  # |ONNX figure / twin figure − 1| above it fails the case
+
+
+def onnx_corpus_cases(images: int, seed: int) -> list[Case]:
+    """worst_case (DEFAULT search, denoising) on ONNX exports at torch's default opset
+    (tests/fixtures/onnx_corpus.py, TorchScript-based exporter: lowered by onnx's version
+    converter before conversion) against their PyTorch twins: found = the converted model's
+    worst error, exact = the twin's, per level. Not a known answer but an equality: a
+    conversion that computes or differentiates otherwise is off by more than 1 %."""
+    import tempfile
+
+    from tests.fixtures import onnx_corpus
+
+    cases = []
+    side = onnx_corpus.SIDE
+    gen = torch.Generator().manual_seed(seed)
+    x = _images(images, side, gen).float()
+    y = x + 0.01 * torch.randn(x.shape, generator=gen, dtype=torch.float64).float()
+    operator = build_operator(DenoisingOperator(), (1, side, side))  # type: ignore[arg-type]
+    check = WorstCaseCheck()
+    with tempfile.TemporaryDirectory() as folder:
+        for name in ONNX_PATTERNS:
+            pattern = onnx_corpus.PATTERNS[name]
+            spec = ModelSpec.model_validate(pattern.spec())
+            path = onnx_corpus.export(name, Path(folder) / f"{name}.onnx")
+            figures = []
+            for model in (load_model(path, "onnx", spec, "cpu"), pattern.build()):
+                for parameter in model.parameters():
+                    parameter.requires_grad_(False)
+                subject = Subject(name, model, PassCounter())
+                outcomes = _search(check, subject, operator, y, x)  # type: ignore[arg-type]
+                figures.append({level: float(o.objective.max()) for level, o in outcomes.items()})
+            for level in check.levels:
+                found, exact = figures[0][level], figures[1][level]
+                off = abs(found / exact - 1.0)
+                problem = f"{off:.2%} from the twin" if off > ONNX_TWIN_TOLERANCE else ""
+                cases.append(
+                    Case(
+                        f"onnx {name} (opset {onnx_corpus.opset_of(path)}) δ={level:g} vs twin",
+                        found,
+                        exact,
+                        problem=problem,
+                    )
+                )
+    return cases
+
+
 # ---------------------------------------------------------------- driver
 
 
@@ -486,7 +789,12 @@ def known_answer_cases(
         ),
         "worst_case image ball": lambda: image_ball_cases(size, images, seed),
         "worst_case penalised": lambda: penalized_cases(size, images, seed),
+        "worst_case near-isotropic": lambda: near_isotropic_cases(size, images, seed),
+        "worst_case relu switch": lambda: relu_switch_cases(size, images, seed),
+        "false_negative mri": lambda: mri_false_negative_cases(size, images, seed),
         "minimal_perturbation": lambda: minimal_perturbation_cases(size, max(images, 8), seed),
+        "minimal_perturbation, many classes": lambda: low_ranked_cases(size, max(images, 4), seed),
+        "onnx corpus": lambda: onnx_corpus_cases(images, seed),
     }
     cases = []
     for name, section in sections.items():

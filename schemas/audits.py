@@ -142,7 +142,19 @@ class AuditStatus(BaseModel):
     progress: Progress
     verdict: Verdict | None = None
     error: Problem | None = None
-    attempts: int = 0
+    attempts: int = Field(
+        default=0,
+        ge=0,
+        description="The most tries any step of the audit a worker runs (planning, "
+        "finalising) has needed so far: 0 until a worker takes it, 1 unless a step was retried "
+        "(its worker or runner was killed); it never decreases",
+    )
+    cancel_requested: bool = Field(
+        default=False,
+        description="A cancel was asked for: true from the cancel's own answer on. A queued "
+        "audit is `cancelled` at once; a running one stops at its workers' next checkpoint "
+        "and then becomes `cancelled` (or ends as it was about to, if it was finishing)",
+    )
     priority: str = Field(default="normal", description="low | normal | high")
     shards: ShardProgress
     checks: list[CheckProgress] | None = Field(

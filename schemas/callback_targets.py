@@ -29,7 +29,11 @@ DEFAULT_PORTS = {"http": 80, "https": 443}
 # or hex (0x); checked first because glibc's inet_aton ignores anything after a space.
 _INET_ATON_FORM = re.compile(r"(?:0x[0-9a-f]*|[0-9]+)(?:\.(?:0x[0-9a-f]*|[0-9]+)){0,3}", re.I)
 # Special-purpose IPv6 prefixes that carry an IPv4 address: NAT64 (RFC 6052).
-_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+# IPv6 forms that carry an IPv4 address inside them; each is judged by the address it carries.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")  # well-known NAT64 prefix (RFC 6052)
+_NAT64_LOCAL = ipaddress.IPv6Network("64:ff9b:1::/48")  # local-use NAT64 (RFC 8215)
+_IPV4_COMPATIBLE = ipaddress.IPv6Network("::/96")  # deprecated IPv4-compatible (RFC 4291)
+_ISATAP_IDS = (0x00005EFE, 0x02005EFE)  # interface identifiers ::0:5efe:a.b.c.d (RFC 5214)
 
 
 class CallbackTargetRefused(ValueError):
@@ -129,15 +133,36 @@ def normalise_host(host: str) -> IPAddress | str:
     return host
 
 
+def embedded_ipv4(address: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """Every IPv4 address an IPv6 transition form carries: mapped, compatible, 6to4, Teredo
+    (its server and its de-obfuscated client), NAT64 (well-known and local-use prefixes),
+    ISATAP. A host that routes such an address may deliver it to the IPv4 address inside."""
+    low32 = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    found: list[ipaddress.IPv4Address] = []
+    if address.ipv4_mapped is not None:
+        found.append(address.ipv4_mapped)
+    if address in _IPV4_COMPATIBLE and int(address) > 1:
+        found.append(low32)
+    if address.sixtofour is not None:
+        found.append(address.sixtofour)
+    if address.teredo is not None:
+        found.extend(address.teredo)
+    if address in _NAT64 or address in _NAT64_LOCAL:
+        found.append(low32)
+    if (int(address) >> 32) & 0xFFFFFFFF in _ISATAP_IDS:
+        found.append(low32)
+    return found
+
+
 def forbidden_reason(address: IPAddress) -> str | None:
     """Why the address is inside (not a public unicast address), or None when it is public."""
     if isinstance(address, ipaddress.IPv6Address):
-        embedded = address.ipv4_mapped
-        if embedded is None and address in _NAT64:
-            embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
-        if embedded is not None:
+        for embedded in embedded_ipv4(address):
             reason = forbidden_reason(embedded)
-            return f"{reason} (embedded in {address})" if reason else None
+            if reason:
+                return f"{reason} (embedded in {address})"
+        if address.ipv4_mapped is not None or address in _NAT64 or address in _NAT64_LOCAL:
+            return None  # these reach exactly the (public) IPv4 address they carry
     for kind, hit in (
         ("an unspecified", address.is_unspecified),
         ("a loopback", address.is_loopback),

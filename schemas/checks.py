@@ -103,7 +103,10 @@ class WorstCaseSearch(StrictModel):
         "adaptively), 0.1 for adam and momentum (fixed)",
     )
     early_stop_tolerance: float = Field(
-        default=1e-3, ge=0.0, description="Stop a level when the objective gains less (relative)"
+        default=1e-3,
+        ge=0.0,
+        description="After half its steps, stop a level once every restart's iterate and best "
+        "point moved less than this (relative to the radius) over a check interval; 0: never",
     )
 
 
@@ -169,7 +172,12 @@ class LipschitzThreshold(RegressionBound):
 class LipschitzCheck(TaggedModel):
     kind: Literal["lipschitz"] = "lipschitz"
     iterations: int = Field(default=50, ge=1, le=10_000)
-    tolerance: float = Field(default=1e-4, ge=0.0)
+    tolerance: float = Field(
+        default=1e-4,
+        ge=0.0,
+        description="After half the iterations, stop an image once the accuracy its residual "
+        "proves is at most this (relative); a warning names images that end above it",
+    )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: LipschitzThreshold | None = None
 

@@ -128,8 +128,10 @@ class MinimalPerturbationSearch(StrictModel):
 
     attack: Literal["fmn", "ddn", "deepfool"] = Field(
         default="fmn",
-        description="The attack tried first; the inputs where it finds nothing go to the next "
-        "of FMN → DDN → DeepFool (cyclically; DDN for l2 only)",
+        description="The attack run first, on every input, with DeepFool over every class "
+        "(ddn: also DDN targeted at the nearest estimated class); the smallest verified point "
+        "is kept. The inputs where none finds anything go to the rest of FMN → DDN → DeepFool "
+        "(cyclically; DDN for l2 only)",
     )
     steps: int = Field(default=100, ge=1, le=10_000, description="Iterations per attack")
 

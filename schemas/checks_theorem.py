@@ -6,7 +6,7 @@ Each is one member of the `Check` union of schemas/checks.py, keyed by `kind`.""
 from __future__ import annotations
 
 from itertools import pairwise
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -49,8 +49,10 @@ class MissRateThreshold(RegressionBound):
 
 
 class FalseNegativeCheck(TaggedModel):
-    """Is a small lesion recovered? ρ = ⟨Ψ(A(x+z)+e) − Ψ(Ax+e), z⟩ / ‖z‖²; missed when
-    ρ < recovery_threshold (FNAF, Cheng et al. 2020; the theorem's part (b))."""
+    """Is a small lesion recovered? ρ = ⟨Ψ(A(x+z)+e) − Ψ(Ax+e), z⟩ / ‖z‖², held against what
+    the data carries, ρ_A⁺ (the recovery of the data-consistent reference A⁺): missed when
+    ρ < relative_threshold · ρ_A⁺; placements with ρ_A⁺ < min_visible_fraction are
+    unrecoverable and not judged (FNAF, Cheng et al. 2020; the theorem's part (b))."""
 
     kind: Literal["false_negative"] = "false_negative"
     lesion: Lesion = Field(default_factory=Lesion)
@@ -59,7 +61,28 @@ class FalseNegativeCheck(TaggedModel):
     positions: list[Position] | None = Field(
         default=None, max_length=1024, description="Explicit placements instead of random ones"
     )
-    recovery_threshold: float = Field(default=0.5, gt=0.0, le=1.0)
+    relative_threshold: float = Field(
+        default=0.8,
+        gt=0.0,
+        le=1.0,
+        description="Missed when ρ < relative_threshold · ρ_A⁺: the share of A⁺'s recovery "
+        "the network must keep",
+    )
+    min_visible_fraction: float = Field(
+        default=0.1,
+        gt=0.0,
+        le=1.0,
+        description="Placements whose ρ_A⁺ (the share of the lesion the data carries) is below "
+        "it are unrecoverable: not judged",
+    )
+    recovery_threshold: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=1.0,
+        description="Deprecated, the former name of relative_threshold: read as "
+        "relative_threshold when that is not given (the same rule where the data carries the "
+        "whole lesion, ρ_A⁺ = 1)",
+    )
     # search = "adversarial"
     steps: int = Field(default=20, ge=1, le=10_000)
     step_size: float = Field(default=0.1, gt=0.0, le=1.0, description="Relative to the bound")
@@ -72,6 +95,21 @@ class FalseNegativeCheck(TaggedModel):
     panels: int = Field(default=3, ge=0, le=32, description="Image panels of the worst misses")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: MissRateThreshold | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _former_threshold_name(cls, data: Any) -> Any:
+        """Requests written before relative_threshold keep validating: their
+        recovery_threshold becomes the relative threshold."""
+        if not isinstance(data, dict) or data.get("recovery_threshold") is None:
+            return data
+        if data.get("relative_threshold") is None:
+            return {**data, "relative_threshold": data["recovery_threshold"]}
+        if data["relative_threshold"] != data["recovery_threshold"]:
+            raise ValueError(
+                "recovery_threshold is the former name of relative_threshold: give one of them"
+            )
+        return data
 
 
 class SpuriousContrastThreshold(RegressionBound):

@@ -15,7 +15,11 @@ class ModelResource(BaseModel):
     id: str
     name: str
     status: ModelStatus
-    reason: str | None = None
+    reason: str | None = Field(
+        default=None,
+        description="`rejected`: why. `validating`: why it is still waiting when a worker "
+        "could not start its admission (e.g. no worker can sandbox models), else null",
+    )
     format: ModelFormat
     sha256: str
     size_bytes: int

@@ -22,6 +22,10 @@ OUT_DIR = "out"  # report.json and artifacts written by the runner
 PLAN_FILE = "plan.json"  # out/plan.json: the shards a `plan` job found (RunnerPlan)
 STOP_FILE = "STOP"  # created by the worker to ask a running child to stop (cooperatively)
 MAX_SHARDS = 10_000  # an audit planned into more shards is refused: raise images_per_shard
+# While an audit or shards job runs, the runner writes a `beat` event this often, except while
+# one call of the model has been running since the last beat without returning: the worker's
+# watchdog (workers.sandbox.child) stops a shard that stays silent too long.
+BEAT_SECONDS = 1.0
 
 
 class PlannedShard(BaseModel):
@@ -60,7 +64,9 @@ class RunnerJob(BaseModel):
 
 
 class RunnerEvent(BaseModel):
-    event: Literal["progress", "shard", "admitted", "rejected", "report", "plan", "done", "error"]
+    event: Literal[
+        "progress", "shard", "admitted", "rejected", "report", "plan", "done", "error", "beat"
+    ]
     fraction: float | None = None
     check: str | None = None
     message: str | None = None

@@ -36,11 +36,31 @@ class Settings(BaseSettings):
     # max_json_depth: arrays/objects nested deeper are refused with 400 `bad-request`
     # before the JSON is parsed.
     max_header_bytes: int = Field(default=16 * 1024, ge=1024)
+    # Slow clients (docs/security.md, "Slow clients"): a request's line and headers must arrive
+    # within header_timeout_seconds of its first byte (a new connection: of its opening); a body
+    # must bring at least min_body_bytes_per_second averaged over each body_window_seconds (a
+    # body that stops for a window fails it); an address holds at most
+    # max_connections_per_client connections at once (0: no bound, e.g. behind a proxy that
+    # bounds them itself). What is closed is logged (logger tightrope.edge).
+    header_timeout_seconds: float = Field(default=10.0, gt=0)
+    body_window_seconds: float = Field(default=30.0, gt=0)
+    min_body_bytes_per_second: int = Field(default=1024, ge=0)
+    max_connections_per_client: int = Field(default=256, ge=0)
     max_json_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     max_json_depth: int = Field(default=64, ge=1)
 
     # Execution
     sandbox: Literal["bwrap", "off"] = "bwrap"
+    # The bubblewrap binary: a name looked up on PATH, or a path (docs/security.md, "Without
+    # bubblewrap"). A worker runs a trivial command in the sandbox when it starts, says in its
+    # log and its heartbeat whether that worked, and /readyz reports it. A `.pt`, `.pt2` or
+    # `.onnx` upload that only workers without a working sandbox get waits with a reason for
+    # sandbox_wait_seconds after its upload, then is rejected with that reason.
+    bwrap: str = Field(default="bwrap", min_length=1)
+    sandbox_wait_seconds: float = Field(default=600.0, ge=0)
+    # /readyz answers 200 `degraded` instead of 503 when no live worker can sandbox (`.safetensors`
+    # models still run): `tightrope demo` on a machine without bubblewrap sets it.
+    ready_without_sandbox: bool = False
     audit_soft_time_limit: int = 3600
     audit_hard_time_limit: int = 3900
     # The probe's budget: an admission, and an audit's plan step (which probes the model through
@@ -50,6 +70,14 @@ class Settings(BaseSettings):
     admission_time_limit: int = Field(default=60, ge=1)
     audit_probe_multiple: float = Field(default=100_000, gt=0)
     audit_min_time_limit: int = Field(default=600, ge=1)
+    # The watchdog of a shard (docs/security.md, "Hung models"): the runner beats every second
+    # while it works, except while one call of the model runs without returning; a shard whose
+    # runner stays silent longer than watchdog_probe_multiple × the model's probe time per input
+    # × the largest batch it was called on, at least watchdog_min_seconds, is killed and its
+    # audit fails with `model-hung` (workers/execution/watchdog.py). The time limits above stay
+    # the backstop.
+    watchdog_probe_multiple: float = Field(default=50, gt=0)
+    watchdog_min_seconds: float = Field(default=30, ge=2)
     runner_memory_bytes: int = 16 * 1024 * 1024 * 1024
     # OMP/MKL/OpenBLAS threads of each sandboxed runner: a worker's CPU share. With K CPU
     # workers on a host of C cores, about C/K (1 for the scale-out benchmark).
@@ -69,6 +97,10 @@ class Settings(BaseSettings):
     # model copy and the audit's inputs, keyed by audit and model sha256); least recently used
     # go first. Each holds one model and the audit's datasets on disk under jobs_dir.
     worker_job_cache_entries: int = Field(default=4, ge=0)
+    # A worker keeps the runner of its last shard (the model loaded) only for the next shard of
+    # the same audit: it is ended when the audit has no shard left waiting, when the worker runs
+    # anything else, and after runner_idle_seconds without a next shard (docs/deployment.md).
+    runner_idle_seconds: float = Field(default=10, gt=0)
     # The module the sandboxed child runs (`python -m <module> <jobdir>`); tests swap in faults.
     runner_module: str = "workers.sandbox.runner"
 
@@ -109,6 +141,15 @@ class Settings(BaseSettings):
     # time (one request refreshes, the rest get the last answer meanwhile), this gateway's own
     # (a cancel, a new audit) at once. 0: off.
     poll_cache_seconds: float = Field(default=1.0, ge=0, le=60)
+    # Polls the workers keep fresh (docs/architecture.md): every process that writes an audit
+    # announces the change on a Redis pub/sub channel (service/db/audit_changes.py), and a
+    # gateway subscribed to it keeps an answer for up to poll_cache_subscribed_seconds (a
+    # safety net), forgetting it as soon as its audit changes. Not subscribed (Redis
+    # unreachable, connection lost, starting), it falls back to poll_cache_seconds. 0: no
+    # subscription. audit_changes_channel: the channel; empty: one per Redis database number
+    # of broker_url (`tightrope:<db>:audit-changes`).
+    poll_cache_subscribed_seconds: float = Field(default=60.0, ge=0, le=3600)
+    audit_changes_channel: str = ""
 
     # The gateway brings the schema to Alembic's head at start-up; turn off where a deployment
     # runs migrations as a separate step (several gateway replicas on one PostgreSQL).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,10 +12,10 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
-from sqlalchemy.orm import sessionmaker
 
 from schemas.problem import PROBLEM_MEDIA_TYPE
 from service.api import audits, datasets, health, models, signing_key
+from service.api.audit_feed import AuditChangeFeed, FeedCollector
 from service.api.auth import ApiKeyCache
 from service.api.body_limits import BodyLimitMiddleware
 from service.api.console import router as console_router
@@ -22,6 +24,7 @@ from service.api.gate import DatabaseGate
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.poll_cache import AuditListCache, CachedPollMiddleware, PollCache
 from service.api.problems import install_error_handlers, problem_responses
+from service.db.audit_changes import announced, announcing_sessionmaker, channel_name
 from service.db.migrate import upgrade_to_head
 from service.db.session import make_engine
 from service.queue.dispatch import Dispatcher
@@ -150,7 +153,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         pool_timeout=settings.db_pool_timeout_seconds,
     )
     gate = DatabaseGate(settings.db_pool_size, settings.db_queue_timeout_seconds)
-    sessions = sessionmaker(bind=engine, expire_on_commit=False)
+    # This gateway's own writes (a submit, a cancel) are announced to the others, as the
+    # workers' are (service/db/audit_changes.py).
+    sessions = announcing_sessionmaker(engine, settings)
+    polls = PollCache(settings.poll_cache_seconds)
+    lists = AuditListCache(settings.poll_cache_seconds)
+    # Polls kept until their audit changes, while subscribed (service/api/audit_feed.py).
+    feed = AuditChangeFeed(
+        settings.broker_url,
+        channel_name(settings),
+        polls,
+        lists,
+        long_ttl_seconds=settings.poll_cache_subscribed_seconds,
+    )
+    subscribe = (
+        settings.poll_cache_seconds > 0
+        and settings.poll_cache_subscribed_seconds > 0
+        and announced(settings)
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -162,9 +182,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Generated on the first start; the workers sign with the same file (shared data dir).
         app.state.signing_key = signing.load_or_create_private_key(signing.key_path(settings))
         gate.open()  # on this event loop
+        listening = asyncio.create_task(feed.run()) if subscribe else None
         try:
             yield
         finally:
+            if listening is not None:
+                listening.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await listening
             engine.dispose()
 
     app = FastAPI(
@@ -172,16 +197,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # The service's metrics are its own (/metrics). FastAPI's native OpenTelemetry asks
+        # on every request whether a provider is configured (about a fifth of a cached
+        # poll's CPU, docs/benchmarks.md "Polling clients"); none is.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = sessions
     app.state.db_gate = gate
     app.state.api_key_cache = ApiKeyCache(settings.api_key_cache_seconds)
-    app.state.poll_cache = PollCache(settings.poll_cache_seconds)
-    app.state.audit_list_cache = AuditListCache(settings.poll_cache_seconds)
+    app.state.poll_cache = polls
+    app.state.audit_list_cache = lists
+    app.state.audit_feed = feed
     app.state.dispatcher = Dispatcher.from_settings(settings)
     app.state.metrics = Metrics(sessions)
+    app.state.metrics.registry.register(FeedCollector(feed))
 
     install_error_handlers(app)
     app.openapi = lambda: _openapi_with_problem_media_type(app)  # type: ignore[method-assign]

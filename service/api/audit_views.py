@@ -38,6 +38,8 @@ STATUS_COLUMNS = (
     "verdict",
     "error",
     "attempts",
+    "plan_attempts",
+    "cancel_requested",
     "priority",
     "shards_total",
     "shards_done",
@@ -46,7 +48,7 @@ STATUS_COLUMNS = (
     "finished_at",
     "updated_at",
 )
-STATUS_VIEW_VERSION = "2"
+STATUS_VIEW_VERSION = "3"
 
 
 def status_etag(audit: Audit) -> str:

@@ -507,12 +507,13 @@ async def list_audits(
     key = list_cache_key(request.scope["query_string"])
     body = None if key is None else cache.get(tenant.id, key)
     if body is None:
+        token = cache.token()  # before the read: a change announced meanwhile keeps nothing
         page = await run_in_slot(
             request, list_page, tenant, status, model_id, page_size, page_token
         )
         body = page.model_dump_json().encode()
         if key is not None:
-            cache.put(tenant.id, key, body)
+            cache.put(tenant.id, key, body, token)
     return list_response(body)
 
 
@@ -579,6 +580,7 @@ async def read_audit(
 def _answer_poll(
     session: Session, tenant: Tenant, audit_id: str, if_none_match: str | None, cache: PollCache
 ) -> CachedPoll:
+    token = cache.token()  # before the read: a change announced meanwhile keeps nothing
     audit = get_owned_audit(session, tenant, audit_id, options=(_STATUS_ONLY,))
     # The tag comes from the columns, so a 304 (the usual answer to a poll) builds no body.
     etag = status_etag(audit)
@@ -587,7 +589,7 @@ def _answer_poll(
         # Per-check progress only for a planned audit: one grouped query, and only for a body.
         checks = check_progress(session, audit.id) if audit.shards_total > 0 else None
         body = to_status(audit, checks).model_dump_json().encode()
-    return cache.put(tenant.id, audit_id, etag, body)
+    return cache.put(tenant.id, audit_id, etag, body, token)
 
 
 @router.post(

@@ -5,7 +5,8 @@ Content-Length over `max_json_body_bytes` is answered 413 without reading a byte
 is counted as it arrives and refused 413 as soon as it passes the cap, and a JSON body nested
 deeper than `max_json_depth` is refused 400 before anything parses it (a JSON parser recurses
 per level; pydantic never sees the document). Multipart uploads stream on to service.api.uploads,
-which applies `max_upload_bytes` itself.
+which applies `max_upload_bytes` itself; their JSON `spec` field is held to the same depth by
+service.api.forms.parse_spec (`too_deep`).
 """
 
 from __future__ import annotations
@@ -34,6 +35,14 @@ def json_depth_exceeds(body: bytes, limit: int) -> bool:
         else:
             depth -= 1
     return False
+
+
+def too_deep(max_depth: int, what: str = "The JSON body") -> TightropeError:
+    """400 `bad-request`, like other JSON that cannot be read: `what` nests too deeply. The
+    same for a JSON body and for the JSON `spec` field of a multipart upload."""
+    return TightropeError(
+        f"{what} nests arrays or objects deeper than {max_depth} levels (TIGHTROPE_MAX_JSON_DEPTH)."
+    )
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -92,11 +101,7 @@ class BodyLimitMiddleware:
             if not message.get("more_body", False):
                 break
         if _is_json(content_type) and json_depth_exceeds(bytes(body), self.max_depth):
-            deep = TightropeError(  # 400 `bad-request`, like other JSON that cannot be read
-                f"The JSON body nests arrays or objects deeper than {self.max_depth} levels "
-                "(TIGHTROPE_MAX_JSON_DEPTH)."
-            )
-            await self._refuse(deep, scope, receive, send)
+            await self._refuse(too_deep(self.max_depth), scope, receive, send)
             return
 
         replayed = False

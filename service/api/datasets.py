@@ -80,7 +80,7 @@ async def upload_dataset(
     blobs: BlobsDep,
 ) -> DatasetResource:
     with await receive_upload(request, blobs, settings.max_upload_bytes) as staged:
-        spec = parse_spec(DatasetUploadSpec, staged.fields.get("spec"))
+        spec = parse_spec(DatasetUploadSpec, staged.fields.get("spec"), settings.max_json_depth)
         inspection = await run_in_threadpool(
             inspect_dataset, staged.path, spec.key, archive_limits(settings), spec.labels_key
         )

@@ -7,6 +7,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from schemas.archive_rules import ArchiveLimits
+from service.api.body_limits import json_depth_exceeds, too_deep
 from service.api.problems import ValidationFailed, describe, field_errors
 from service.settings import Settings
 
@@ -22,13 +23,17 @@ def archive_limits(settings: Settings) -> ArchiveLimits:
     return settings.archive_limits
 
 
-def parse_spec(model: type[SpecT], raw: str | None) -> SpecT:
-    """Validate the `spec` form field; errors name the field as `spec.<path>`."""
+def parse_spec(model: type[SpecT], raw: str | None, max_depth: int) -> SpecT:
+    """Validate the `spec` form field; errors name the field as `spec.<path>`. JSON nested
+    deeper than `max_depth` is a 400 `bad-request` before anything parses it, as a JSON body is
+    (service.api.body_limits)."""
     if raw is None:
         raise ValidationFailed(
             "The form has no 'spec' field: send the spec as JSON text.",
             errors=field_errors([{"loc": ["spec"], "msg": "Field required", "type": "missing"}]),
         )
+    if json_depth_exceeds(raw.encode("utf-8", "surrogatepass"), max_depth):
+        raise too_deep(max_depth, "The 'spec' field's JSON")
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:

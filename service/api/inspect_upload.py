@@ -41,6 +41,19 @@ SAFETENSORS_DTYPES = {
 }  # fmt: skip
 
 
+# What every refusal of a pickle says: the formats accepted, and how to save each.
+ACCEPTED_MODEL_FORMATS = (
+    "models must be TorchScript (torch.jit.save(torch.jit.script(model), 'model.pt')), "
+    "torch.export (torch.export.save(torch.export.export(model, (example,)), 'model.pt2')), "
+    "ONNX (torch.onnx.export(model, (example,), 'model.onnx')) or safetensors weights "
+    "(safetensors.torch.save_file(model.state_dict(), 'model.safetensors'), with "
+    "spec.architecture naming a registered architecture); see docs/models.md"
+)
+# Pickle protocols 2 to 5 start with PROTO (0x80) and the protocol number; torch.save without
+# its zip format (_use_new_zipfile_serialization=False) writes protocol 2.
+PICKLE_PROTOCOLS = frozenset(range(2, 6))
+
+
 @dataclass
 class ModelInspection:
     format: ModelFormat
@@ -68,8 +81,8 @@ def _zip_model_format(path: Path, limits: ArchiveLimits) -> ModelInspection:
         return ModelInspection(fmt, info)
     if f"{root}/data.pkl" in names:
         raise _refuse(
-            "this is a torch.save checkpoint (pickled Python objects), which is not accepted: "
-            "upload TorchScript (torch.jit.save), torch.export (.pt2) or .safetensors weights"
+            "this is a torch.save checkpoint (pickled Python objects, which run code when "
+            f"loaded), which is not accepted: {ACCEPTED_MODEL_FORMATS}"
         )
     raise _refuse("a zip archive that is neither a TorchScript nor a torch.export model")
 
@@ -119,6 +132,10 @@ def _looks_like_safetensors(path: Path) -> bool:
         return f.read(9)[8:9] == b"{"
 
 
+def _is_raw_pickle(head: bytes) -> bool:
+    return len(head) >= 2 and head[0] == 0x80 and head[1] in PICKLE_PROTOCOLS
+
+
 def inspect_model(path: Path, spec: ModelSpec, limits: ArchiveLimits) -> ModelInspection:
     """Detect and check the format of an uploaded model; InvalidUpload on anything else."""
     with open(path, "rb") as f:
@@ -129,6 +146,12 @@ def inspect_model(path: Path, spec: ModelSpec, limits: ArchiveLimits) -> ModelIn
         raise _refuse("a zip archive that does not start with a local file header")
     if head[:1] == ONNX_FIRST_BYTE and not _looks_like_safetensors(path):
         return ModelInspection("onnx", inspect_onnx(path))
+    if _is_raw_pickle(head) and not _looks_like_safetensors(path):
+        raise _refuse(
+            "this is a raw pickle (pickle.dump, or torch.save with "
+            "_use_new_zipfile_serialization=False): pickled Python objects run code when "
+            f"loaded, so a pickle is not accepted, whatever its extension: {ACCEPTED_MODEL_FORMATS}"
+        )
     header = read_safetensors_header(path)
     tensors = [name for name in header if name != "__metadata__"]
     if not tensors:

@@ -83,7 +83,7 @@ async def upload_model(
     dispatcher: DispatcherDep,
 ) -> ModelResource:
     with await receive_upload(request, blobs, settings.max_upload_bytes) as staged:
-        spec = parse_spec(ModelSpec, staged.fields.get("spec"))
+        spec = parse_spec(ModelSpec, staged.fields.get("spec"), settings.max_json_depth)
         inspection = await run_in_threadpool(
             inspect_model, staged.path, spec, archive_limits(settings)
         )

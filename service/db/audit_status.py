@@ -4,6 +4,7 @@ callback_url when it finishes. Outside service/api/ so the workers may use it.""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from schemas.audits import (
     TERMINAL_STATES,
@@ -32,8 +33,10 @@ def to_status(audit: Audit, checks: Sequence[CheckProgress] | None = None) -> Au
             message=audit.progress_message,
         ),
         verdict=audit.verdict,
-        error=Problem.model_validate(audit.error) if audit.error else None,
-        attempts=audit.attempts,
+        error=_problem(audit.error, base),
+        # The most tries any step needed: `attempts` restarts at 0 for the finalising step.
+        attempts=max(audit.attempts or 0, audit.plan_attempts or 0),
+        cancel_requested=bool(audit.cancel_requested),
         priority=audit.priority or "normal",
         shards=ShardProgress(done=audit.shards_done or 0, total=audit.shards_total or 0),
         checks=list(checks) if checks is not None else None,
@@ -47,3 +50,12 @@ def to_status(audit: Audit, checks: Sequence[CheckProgress] | None = None) -> Au
             cancel=None if terminal else f"{base}/cancel",
         ),
     )
+
+
+def _problem(error: dict[str, Any] | None, instance: str) -> Problem | None:
+    """The stored problem of a failed audit; its `instance` is the audit itself (RFC 9457: the
+    occurrence), as the gateway's own problems name the request path."""
+    if not error:
+        return None
+    problem = Problem.model_validate(error)
+    return problem if problem.instance else problem.model_copy(update={"instance": instance})

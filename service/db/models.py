@@ -145,6 +145,10 @@ class Audit(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # `attempts` counts the tries of the step the audit is in: planning, then (reset to 0 once
+    # the plan is stored) finalising. The planning tries are kept here, so the API's
+    # `attempts`, the most tries any of its steps needed, never goes back (migration 0007).
+    plan_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
 
     # Scale-out (docs/architecture.md, "Shards"): the queue its tasks go to (by device), its
@@ -219,3 +223,8 @@ class WorkerHeartbeat(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     current_audit_id: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Whether the worker can run uploaded code (workers.execution.sandbox_check, migration
+    # 0008): "bwrap" (its start-up probe of bubblewrap worked), "off" (TIGHTROPE_SANDBOX=off,
+    # unconfined) or "unavailable" (sandbox_problem says why); None: a worker that predates it.
+    sandbox: Mapped[str | None] = mapped_column(String(16), default=None)
+    sandbox_problem: Mapped[str | None] = mapped_column(Text, default=None)

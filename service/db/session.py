@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.audit_changes import announcing_sessionmaker
 from service.settings import get_settings
 
 
@@ -57,7 +58,9 @@ def get_engine() -> Engine:
 
 @lru_cache
 def get_sessionmaker() -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(), expire_on_commit=False)
+    """The process's sessions (workers, CLI): their commits announce the audits they changed
+    (service.db.audit_changes), so that gateways can keep polls' answers until then."""
+    return announcing_sessionmaker(get_engine(), get_settings())
 
 
 @contextmanager

@@ -152,11 +152,20 @@ def _false_negative(config: dict[str, Any], result: dict[str, Any]) -> str:
         f"{fmt(_get(result, 'miss_rate', 'ci_high'))}); lowest recovery ρ "
         f"{fmt(_get(result, 'recovery', 'min'))}."
     )
+    worst = result.get("worst_placement")
+    if isinstance(worst, dict):  # reports before issue 19 have no relative recovery
+        sentence += (
+            f" At the worst placement the network recovered {fmt(worst.get('recovery'))} of the "
+            f"lesion where the data-consistent reconstruction A⁺ recovers "
+            f"{fmt(worst.get('visible_fraction'))}: {fmt(worst.get('relative_recovery'))} of what "
+            f"the data carries (a miss is below {fmt(result.get('relative_threshold'))})."
+        )
     unrecoverable = int(_get(result, "unrecoverable", "count") or 0)
     if unrecoverable:
         sentence += (
-            f" {unrecoverable} placement(s) were left out: the measurements carry less than the "
-            f"recovery threshold of the lesion, so no stable reconstruction could return it."
+            f" {unrecoverable} placement(s) were left out: the measurements carry less than "
+            f"{fmt(result.get('min_visible_fraction'))} of the lesion, so no stable "
+            f"reconstruction could return it."
         )
     return sentence
 
@@ -218,12 +227,16 @@ def _minimal_perturbation(config: dict[str, Any], result: dict[str, Any]) -> str
     median = _get(result, "norms", "median")
     # not-found inputs count as +∞ (docs/reports.md): a null median means more than half of them
     shown = "+∞ (more than half of the inputs without an adversarial point found)"
+    # which attack of the ensemble found each input's smallest point (the per-input field too)
+    counts = result.get("found_by") or {}
+    found_by = ", ".join(f"{name} {count}" for name, count in counts.items())
     return (
         f"The smallest adversarial perturbations ({result.get('attack', '?')}, "
         f"{result.get('norm', '?')}) have a median norm of "
         f"{fmt(median) if median is not None else shown} (10 % below "
         f"{fmt(_get(result, 'norms', 'q10'))}); none found for "
-        f"{int(_get(result, 'not_found') or 0)} input(s)."
+        f"{int(_get(result, 'not_found') or 0)} input(s)"
+        + (f"; found by {found_by}." if found_by else ".")
     )
 
 

@@ -149,3 +149,23 @@ def render_junit(report: dict[str, Any]) -> str:
     _sanitize(root)
     ET.indent(root)
     return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+def render_error_junit(message: str) -> str:
+    """JUnit XML for a gate that could not produce a report (bad key, unreachable service,
+    rejected model): one errored test case naming the cause, so CI shows why."""
+    suite = ET.Element(
+        "testsuite", name="tightrope", tests="1", failures="0", errors="1", skipped="0"
+    )
+    suite.set("time", "0.000")
+    case = ET.SubElement(suite, "testcase", name="audit", classname="tightrope.gate")
+    case.set("time", "0.000")
+    error = ET.SubElement(case, "error", message=message, type="error")
+    error.text = message
+    root = ET.Element("testsuites", name="tightrope")
+    root.append(suite)
+    for key in ("tests", "failures", "errors", "skipped", "time"):
+        root.set(key, suite.get(key, "0"))
+    _sanitize(root)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -101,3 +102,89 @@ def gaps(thresholds: Sequence[float], count: int) -> list[float]:
     mids = [(a + b) / 2 for a, b in zip(values, values[1:], strict=False) if b - a > 1e-3]
     step = max(1, len(mids) // count)
     return mids[::step][:count]
+
+
+class LinearClassifier(torch.nn.Module):
+    """K-class linear classifier, logits W x + b (x flattened)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1) @ self.weight.T + self.bias
+
+
+def low_ranked_nearest(
+    classes: int,
+    value_range: tuple[float, float] = (0.0, 1.0),
+    count: int = 8,
+    seed: int = 0,
+    shape: tuple[int, int, int] = SHAPE,
+    misclassified: int = 2,
+) -> tuple[LinearClassifier, torch.Tensor, torch.Tensor]:
+    """A `classes`-class linear model (3 or more) whose nearest decision boundary, at every
+    input, belongs to the class with the LOWEST logit: w_t = w_y − s·v (v a unit vector) with a
+    small s, so that the gap z_y − z_t is the largest of all while the distance
+    (z_y − z_t)/‖w_y − w_t‖ = r is the smallest. Built in float64 around x₀ (near the middle of
+    the range): every other class k gets a distance r_k = r·U(1.6, 4) and the gap
+    r_k·‖w_y − w_k‖, class t a gap 1.5-3 times the largest of those; the inputs are x₀ plus
+    offsets of norm at most 0.2 r, so the order of distances and logits holds at each of them.
+    r lies between 1/300 and 1/10 of the width of the range. The first `misclassified` rows
+    carry a wrong label. The exact answers are for the caller to compute (and check)."""
+    if classes < 3:
+        raise ValueError("the lowest-ranked class differs from the runner-up from 3 classes on")
+    gen = torch.Generator().manual_seed(seed)
+    lo, hi = value_range
+    width = hi - lo
+    n = math.prod(shape)
+    weight = torch.randn((classes, n), generator=gen, dtype=torch.float64)
+    y, t = torch.randperm(classes, generator=gen)[:2].tolist()
+    x0 = (lo + hi) / 2 + (torch.rand(n, generator=gen, dtype=torch.float64) - 0.5) * 0.1 * width
+    r = width * 10 ** (-1 - 1.5 * float(torch.rand(1, generator=gen)))
+    distances = r * (1.6 + 2.4 * torch.rand(classes, generator=gen, dtype=torch.float64))
+    gaps = distances * (weight[y] - weight).norm(dim=1)
+    gaps[y] = 0.0
+    gaps[t] = float(gaps.max()) * (1.5 + 1.5 * float(torch.rand(1, generator=gen)))
+    v = torch.randn(n, generator=gen, dtype=torch.float64)
+    weight[t] = weight[y] - gaps[t] / r * v / v.norm()
+    bias = -gaps - weight @ x0  # logits at x₀: 0 for y, −gap for the others
+    offsets = torch.randn((count, n), generator=gen, dtype=torch.float64)
+    lengths = 0.2 * r * torch.rand(count, generator=gen, dtype=torch.float64)
+    x = x0 + offsets * (lengths / offsets.norm(dim=1))[:, None]
+    labels = torch.full((count,), y, dtype=torch.long)
+    labels[:misclassified] = (y + 1 + torch.arange(misclassified) % (classes - 1)) % classes
+    model = LinearClassifier(weight.float(), bias.float())
+    return model, x.float().view(count, *shape), labels
+
+
+def linear_minimal_l2(
+    model: LinearClassifier,
+    seen: torch.Tensor,
+    labels: torch.Tensor,
+    value_range: tuple[float, float],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float64 exact minimal ℓ2 norms of a linear model at `seen` (the images the model sees):
+    min over k ≠ y of (z_y − z_k)/‖w_y − w_k‖ for every correctly classified row (0 for the
+    others), after checking that the minimiser lies in the value range; and the class of the
+    nearest boundary (−1 for misclassified rows)."""
+    weight, bias = model.weight.double(), model.bias.double()
+    x = seen.flatten(1).double()
+    logits = x @ weight.T + bias
+    out = torch.zeros(len(x), dtype=torch.double)
+    nearest = torch.full((len(x),), -1, dtype=torch.long)
+    lo, hi = value_range
+    for row, label in enumerate(labels.tolist()):
+        if int(logits[row].argmax()) != label:
+            continue
+        normals = weight[label] - weight
+        gaps = logits[row, label] - logits[row]
+        norms = normals.norm(dim=1)
+        distance = torch.where(norms > 0, gaps / norms, torch.inf)
+        distance[label] = torch.inf
+        k = int(distance.argmin())
+        minimiser = x[row] - distance[k] * normals[k] / norms[k]
+        assert lo <= float(minimiser.min()) and float(minimiser.max()) <= hi  # box not active
+        out[row], nearest[row] = distance[k], k
+    return out, nearest

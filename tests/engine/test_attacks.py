@@ -8,7 +8,10 @@ import torch
 from tests.engine.worst_case_fixtures import (
     DenseOperator,
     MaskedFourierOperator,
+    ReluSwitch,
+    counting_subject,
     linear_subject,
+    near_isotropic_inverse,
     random_mask,
     zero_filled_subject,
 )
@@ -42,8 +45,10 @@ def test_linear_model_worst_case_reaches_top_singular_value() -> None:
         e = outcome.perturbation
         ratios.append(per_sample_norm(subject.reconstruct(e)) / per_sample_norm(e))
         assert torch.all(ratios[-1] <= sigma_max * (1 + 1e-5))
-    # levels run largest first: 0.05 is warm-started from 0.1, and every image is within 1 %
-    assert torch.all(ratios[0] >= 0.99 * sigma_max), (ratios, sigma_max)
+    # the scout searches 0.1 first, 0.05 starts from its best and 0.1 again from 0.05's: every
+    # image is within 1 % at both
+    for ratio in ratios:
+        assert torch.all(ratio >= 0.99 * sigma_max), (ratios, sigma_max)
 
 
 def test_ball_constraint_and_measured_entries_only() -> None:
@@ -138,8 +143,10 @@ def test_passes_are_counted_and_early_stopping_saves_steps() -> None:
     threat = ThreatModel(levels=(0.1, 0.2), target="reconstruction")
     settings = SearchSettings(steps=200, restarts=2, step_size=0.2, check_every=5)
     outcomes = worst_case_search(subject, operator, operator.A(x), x, threat, settings, [0, 1, 2])
+    # the largest level's steps include the scout's (it searched that level first)
     steps = sum(o.steps for o in outcomes)
-    assert all(o.steps < 200 for o in outcomes)  # a linear problem converges well before 200
+    # a linear problem settles well before 200 steps, but no level stops before half of them
+    assert 100 <= outcomes[0].steps < 200 and 200 <= outcomes[1].steps < 400
     # the clean reconstruction once per image, then restarts × images per step
     assert subject.counter.forward == 3 + steps * 2 * 3
     assert subject.counter.backward == steps * 2 * 3
@@ -252,17 +259,25 @@ def test_default_search_reaches_the_exact_penalised_maximiser(margin: float) -> 
     assert torch.all(reached >= 0.99) and torch.all(reached <= 1 + 1e-5), reached
 
 
-def test_levels_run_largest_first_and_a_stopped_search_keeps_the_finished_ones() -> None:
+def test_levels_run_smallest_first_and_a_stopped_search_keeps_the_finished_ones() -> None:
     operator, subject, x = _inverse_problem(0.2, rotated=True, value_range=(0.0, 1.0))
     y = operator.A(x)
     threat = ThreatModel(levels=(0.01, 0.1, 0.05))
     settings = SearchSettings(steps=20, check_every=5)
     everything = worst_case_search(subject, operator, y, x, threat, settings, [4, 5, 6])
     assert tuple(o.level for o in everything) == threat.levels  # the caller's order
-    # a stop requested during the first level searched (the largest) keeps that level only
+    # a stop requested during the scout (the largest level, first) keeps nothing
     stopped = worst_case_search(subject, operator, y, x, threat, settings, [4, 5, 6], lambda: True)
-    assert [o.level for o in stopped] == [0.1]
-    assert stopped[0].steps == 5  # the first check
+    assert stopped == []
+    # without early stopping, 4 checks per level of 20 steps and one after each level: the
+    # scout's 5, then a stop at the smallest level's first check
+    requests = iter([False] * 5 + [True])
+    fixed = SearchSettings(steps=20, check_every=5, early_stop_tolerance=0.0)
+    stopped = worst_case_search(
+        subject, operator, y, x, threat, fixed, [4, 5, 6], lambda: next(requests, True)
+    )
+    assert [o.level for o in stopped] == [0.01]
+    assert stopped[0].steps == 5  # its first check
 
 
 def test_ensemble_splits_restarts_and_names_the_winner() -> None:
@@ -317,3 +332,182 @@ def test_antithetic_starts_find_the_one_sided_worst_case() -> None:
         ratio = per_sample_norm(one_sided(y + e) - one_sided(y)) / per_sample_norm(e)
     assert torch.all(ratio >= 0.99 * gain), ratio
     assert torch.all(per_sample_norm(e) <= level * per_sample_norm(y) * (1 + 1e-6))
+
+
+# ------------------------------------------------------ the stopping rule, monotone levels
+
+DEFAULT_LEVELS = (0.01, 0.02, 0.05)  # WorstCaseCheck's
+
+
+@pytest.mark.parametrize(
+    ("size", "gain", "threshold", "seed", "rotated"),
+    [
+        (16, 1.02, 0.5, 0, True),  # issue 19: the old rule stopped at step 20, ratio 1.0001 of 3.09
+        (16, 1.02, 0.3, 1, False),  # the ReLU reachable at 0.02 too
+        (12, 1.02, 0.8, 2, True),  # barely reachable at 0.05
+        (8, 1.05, 0.3, 3, True),
+        (12, 1.1, 0.6, 4, False),
+        (8, 1.01, 0.5, 5, True),
+    ],
+)
+def test_default_search_finds_a_relu_that_switches_on_inside_the_ball(
+    size: int, gain: float, threshold: float, seed: int, rotated: bool
+) -> None:
+    """Ψ(y) = B y + c·relu(⟨v, y⟩ − t)·u, B of gain g along v and 1 (isotropic) elsewhere: the
+    exact worst ‖Ψ(y+e) − Ψ(y)‖ over ‖e‖ ≤ ρ is max(gρ, (g + c)ρ − c·a), a = t − ⟨v, y⟩
+    (ReluSwitch's docstring), at e = ±ρv; the Lipschitz ratio there is that over ρ."""
+    problem = ReluSwitch(size, gain, 4.0, threshold, images=3, seed=seed, rotated=rotated)
+    outcomes = worst_case_search(
+        problem.subject,
+        problem.operator,
+        problem.y,
+        problem.x,
+        ThreatModel(DEFAULT_LEVELS),
+        SearchSettings(),
+        [seed, seed + 1, seed + 2],
+    )
+    y_norm = per_sample_norm(problem.y.double())
+    switched = 0
+    for outcome in outcomes:
+        e = outcome.perturbation.double()
+        radius = outcome.level * y_norm
+        assert torch.all(per_sample_norm(e) <= radius * (1 + 1e-5))
+        exact = problem.exact_change(outcome.level)
+        change = problem.change(e)
+        ratio, exact_ratio = change / per_sample_norm(e), exact / radius
+        assert torch.all(change >= 0.99 * exact), (outcome.level, change / exact)
+        assert torch.all(change <= exact * (1 + 1e-4)), (outcome.level, change / exact)
+        assert torch.all(ratio >= 0.99 * exact_ratio), (outcome.level, ratio, exact_ratio)
+        switched += int((exact > gain * radius * 1.01).sum())
+    assert switched > 0  # the ReLU is within reach somewhere: the case tests what it claims
+
+
+@pytest.mark.parametrize("rotated", [False, True], ids=["diagonal", "rotated"])
+@pytest.mark.parametrize(
+    ("gap", "size", "seed", "floor"),
+    [(0.02, 16, 0, None), (0.02, 8, 1, None), (0.01, 12, 2, None), (0.02, 16, 3, 0.5)],
+)
+def test_default_search_holds_near_isotropic_linear_models_to_one_percent(
+    gap: float, size: int, seed: int, floor: float | None, rotated: bool
+) -> None:
+    """Ψ = B = A⁻¹ with σ₁(B) = 1 and every other singular value 1 − gap (or from 1 − gap down
+    to `floor`): the worst ‖Ψ(y+e) − x‖ over ‖e‖ ≤ δ‖y‖ is δ‖y‖, the Lipschitz ratio 1. The
+    old rule stopped these at about 1 − gap."""
+    gen = torch.Generator().manual_seed(seed)
+    n = size * size
+    a, b, _ = near_isotropic_inverse(n, gap, rotated, gen, floor)
+    shape = (1, size, size)
+    operator = DenseOperator(a.float(), shape)
+    subject = linear_subject(b.float(), shape)
+    x = torch.rand(3, *shape, generator=gen)
+    y = operator.A(x)
+    outcomes = worst_case_search(
+        subject, operator, y, x, ThreatModel(DEFAULT_LEVELS), SearchSettings(), [1, 2, 3]
+    )
+    for outcome in outcomes:
+        e = outcome.perturbation.double()
+        ratio = per_sample_norm(e @ b.T) / per_sample_norm(e)
+        assert torch.all(ratio >= 0.99) and torch.all(ratio <= 1 + 1e-5), (outcome.level, ratio)
+        error = per_sample_norm(subject.reconstruct(y + outcome.perturbation).double() - x)
+        exact = outcome.level * per_sample_norm(y.double())
+        assert torch.all(error >= 0.99 * exact), (outcome.level, error / exact)
+
+
+def test_no_level_stops_before_half_its_steps() -> None:
+    """A well-conditioned linear model settles within a few steps: the rule still runs half."""
+    operator, subject, x = _inverse_problem(1.0, rotated=True, value_range=(0.0, 1.0))
+    for steps in (20, 41, 100):
+        settings = SearchSettings(steps=steps, check_every=max(1, min(10, steps // 5)))
+        outcomes = worst_case_search(
+            subject, operator, operator.A(x), x, ThreatModel((0.01, 0.05)), settings, [1, 2, 3]
+        )
+        smallest, largest = outcomes
+        assert settings.min_steps() == -(-steps // 2)
+        assert settings.min_steps() <= smallest.steps < steps  # settled, then stopped
+        assert 2 * settings.min_steps() <= largest.steps < 2 * steps  # the scout's and its own
+
+
+def _shell(y0: torch.Tensor, level: float, width: float, height: float) -> Subject:
+    """Ψ(y) = y + h·k(‖y − y₀‖)·(y − y₀), k(r) = exp(−((r − p)/(w·p))²) with p = level·‖y₀‖ per
+    image: ‖Ψ(y₀+e) − Ψ(y₀)‖ = r(1 + h·k(r)), r = ‖e‖, p(1 + h) on the sphere of radius p (the
+    ball of `level`) and about r on spheres well outside it."""
+    images = y0.shape[0]
+
+    def reconstruct(y: torch.Tensor) -> torch.Tensor:
+        rows = y.shape[0] // images
+        offset = y - y0.repeat(rows, 1)
+        peak = level * y0.norm(dim=1, keepdim=True).repeat(rows, 1)
+        r = offset.norm(dim=1, keepdim=True)
+        bump = height * torch.exp(-(((r - peak) / (width * peak)) ** 2))
+        return (y + offset * bump).view(-1, *IMAGE_SHAPE)
+
+    return counting_subject(reconstruct)
+
+
+def test_a_larger_level_reports_the_smaller_ones_worst_when_its_search_ends_lower() -> None:
+    """The error peaks on the sphere of the 0.05 ball (radius p): p(1 + h) = 6p there, about
+    3p on the 0.15 sphere (k(3p) = e^(−44)). The 0.15 level's ascent goes out to its sphere
+    (the error grows outward at p), so its own search ends lower; it must report the 0.05
+    level's perturbation, evaluated at 0.15 (the same value), and say so (carried)."""
+    gen = torch.Generator().manual_seed(0)
+    operator = DenseOperator(torch.eye(24), IMAGE_SHAPE)
+    x = torch.rand(3, *IMAGE_SHAPE, generator=gen) + 0.5
+    y = operator.A(x)
+    subject = _shell(y, 0.05, width=0.3, height=5.0)
+    threat = ThreatModel(levels=(0.05, 0.15), target="reconstruction")
+    small, large = worst_case_search(subject, operator, y, x, threat, SearchSettings(), [1, 2, 3])
+
+    def change(e: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return per_sample_norm(subject.reconstruct(y + e) - subject.reconstruct(y))
+
+    peak = 0.05 * per_sample_norm(y)
+    torch.testing.assert_close(change(small.perturbation), 6 * peak, rtol=1e-4, atol=0)
+    assert torch.all(change(large.perturbation) >= change(small.perturbation) * (1 - 1e-6))
+    assert large.carried == [True, True, True] and small.carried == [False] * 3
+    torch.testing.assert_close(large.perturbation, small.perturbation, rtol=0, atol=0)
+    # the objective was evaluated at the larger level, and it is the same number
+    torch.testing.assert_close(large.objective, change(large.perturbation) ** 2, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("space", ["measurement", "image"])
+@pytest.mark.parametrize("target", ["ground_truth", "reconstruction"])
+def test_the_worst_objective_never_falls_from_one_level_to_the_next(
+    space: str, target: str
+) -> None:
+    """A nonlinear network, five levels, a small budget: whatever each level's search does, a
+    larger ball contains the smaller ones, so the worst error found must not fall."""
+    operator, x, _ = _linear_problem(seed=2)
+    y = operator.A(x)
+    levels = (0.02, 0.05, 0.1, 0.2, 0.4)
+    threat = ThreatModel(levels=levels, space=space, target=target)  # type: ignore[arg-type]
+    for steps, restarts in ((4, 1), (12, 2), (30, 4)):
+        settings = SearchSettings(steps=steps, restarts=restarts)
+        outcomes = worst_case_search(_tiny_network(7), operator, y, x, threat, settings, [1, 2, 3])
+        errors = []
+        for outcome in outcomes:
+            with torch.no_grad():
+                attacked = _tiny_network(7).reconstruct(y + outcome.perturbation)
+                reference = x if target == "ground_truth" else _tiny_network(7).reconstruct(y)
+            errors.append(per_sample_norm(attacked - reference) ** 2)
+            torch.testing.assert_close(outcome.objective, errors[-1], rtol=1e-4, atol=1e-7)
+        for smaller, larger in zip(errors, errors[1:], strict=False):
+            assert torch.all(larger >= smaller * (1 - 1e-5)), (steps, restarts, smaller, larger)
+
+
+def test_penalised_levels_pose_one_problem_and_never_lose_ground() -> None:
+    """Penalised, δ only scales the start and the reach: every level maximises the same
+    objective, and each starts from the previous level's best as it is, so its objective never
+    falls (the levels' values rise to the one maximiser)."""
+    operator, x, recon = _linear_problem(seed=6)
+    recon = recon * 0.3
+    subject = linear_subject(recon, IMAGE_SHAPE)
+    y = operator.A(x) + 0.3 * torch.randn(3, 16, generator=torch.Generator().manual_seed(8))
+    penalty = float(torch.linalg.svdvals(recon)[0] ** 2) * 1.5
+    threat = ThreatModel(levels=(0.01, 0.05, 0.2), formulation="penalized", penalty=penalty)
+    for steps in (3, 10, 100):
+        outcomes = worst_case_search(
+            subject, operator, y, x, threat, SearchSettings(steps=steps), [0, 1, 2]
+        )
+        for smaller, larger in zip(outcomes, outcomes[1:], strict=False):
+            assert torch.all(larger.objective >= smaller.objective - 1e-6 * smaller.objective.abs())

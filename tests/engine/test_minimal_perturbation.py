@@ -17,7 +17,16 @@ import torch
 
 from schemas.checks_classifier import MinimalPerturbationCheck
 from schemas.model_spec import ModelSpec
-from tests.engine.classifier_fixtures import SHAPE, LogitDifference, context, spec, subject
+from tests.engine.classifier_fixtures import (
+    SHAPE,
+    LogitDifference,
+    context,
+    linear_minimal_l2,
+    low_ranked_nearest,
+    spec,
+    subject,
+)
+from workers.engine import classifier_attacks
 from workers.engine.checks.minimal_perturbation import MinimalPerturbation, quantile
 from workers.engine.classifiers import ClassifierSubject
 from workers.engine.digits import digits
@@ -28,6 +37,9 @@ RANGES = [(0.0, 1.0), (-1.0, 1.0), (0.0, 255.0), (-300.0, 300.0)]
 ATTACKS = [("fmn", "l2"), ("ddn", "l2"), ("deepfool", "l2"), ("fmn", "linf"), ("deepfool", "linf")]
 MISCLASSIFIED = 2  # the first rows of every fixture carry a wrong label
 TOLERANCE = 2e-3  # relative, on every minimal norm of a linear model (the issue asked for 1 %)
+# below exact by at most the float32 resolution of the unit box (relative, at the smallest
+# distances of the fixtures: 1/1000 of the range); measured: never below
+FLOAT_ERROR = 1e-5
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "classifier"
 
 
@@ -156,15 +168,24 @@ def run(
 
 
 def assert_exact(
-    result: dict[str, Any], exact: torch.Tensor, attack: str, correct: torch.Tensor
+    result: dict[str, Any], exact: torch.Tensor, attack: str | set[str], correct: torch.Tensor
 ) -> None:
+    """Every correctly classified input within TOLERANCE above its exact norm and never below
+    it by more than float error (FLOAT_ERROR: below exact would be a point that is not
+    adversarial), credited to `attack` (one of them); every misclassified input at 0."""
+    allowed = {attack} if isinstance(attack, str) else attack
     for image, truth, right in zip(result["per_image"], exact.tolist(), correct, strict=True):
         if not right:
             assert image["norm"] == 0.0 and image["found_by"] is None
             continue
-        assert image["found_by"] == attack, image  # the configured attack itself, no fallback
+        assert image["found_by"] in allowed, image  # the configured attack itself, no fallback
         # measured: within 1.6e-4 (the bisection's margin past the boundary is 1e-4)
-        assert image["norm"] == pytest.approx(truth, rel=TOLERANCE), (image, truth)
+        assert truth * (1 - FLOAT_ERROR) <= image["norm"] <= truth * (1 + TOLERANCE), (
+            image,
+            truth,
+        )
+    counts = result["found_by"]
+    assert set(counts) <= allowed and sum(counts.values()) == int(correct.sum())
 
 
 @pytest.mark.parametrize("value_range", RANGES)
@@ -186,23 +207,124 @@ def test_two_class_linear_exact_at_every_value_range(
 @pytest.mark.parametrize("value_range", [(0.0, 1.0), (-300.0, 300.0)])
 @pytest.mark.parametrize(("attack", "norm"), ATTACKS)
 def test_multi_class_linear(attack: str, norm: str, value_range: tuple[float, float]) -> None:
-    """FMN and DeepFool find the nearest of three boundaries. DDN follows the cross-entropy,
-    which can settle on another class's boundary (one input of ten, 3.8 % above); its median
-    stays within 1 %."""
+    """FMN and DeepFool find the nearest of three boundaries themselves. DDN follows the
+    cross-entropy, which can settle on another class's boundary (alone: one input of ten, 3.8 %
+    above); the ensemble's DeepFool run, or DDN targeted at the nearest linearised boundary,
+    then gives the exact norm."""
     model, x, labels = multi_class(value_range)
     result, classifier = run(model, x, labels, {"attack": attack, "norm": norm}, value_range)
     correct = classifier.predict(x) == labels
     exact = exact_norms(classifier, x, labels, norm)
-    if attack != "ddn":
-        assert_exact(result, exact, attack, correct)
-        return
-    ratios = [
-        image["norm"] / truth
-        for image, truth in zip(result["per_image"], exact.tolist(), strict=True)
-        if truth > 0
-    ]
-    assert len(ratios) == int(correct.sum()) == result["found_by"]["ddn"]
-    assert all(1 - 1e-3 <= r <= 1.05 for r in ratios) and float(np.median(ratios)) <= 1.01
+    allowed = {"ddn", "deepfool"} if attack == "ddn" else {attack}
+    assert_exact(result, exact, allowed, correct)
+
+
+# (classes, value range, seed): 3 to 50 classes on every range, 1000 on a 1×4×4 input
+LOW_RANKED = [
+    (classes, value_range, seed)
+    for seed, (classes, value_range) in enumerate(
+        (classes, value_range) for classes in (3, 4, 12, 50) for value_range in RANGES
+    )
+] + [(1000, (0.0, 255.0), 16)]
+
+
+@pytest.mark.parametrize("attack", [None, "fmn", "ddn", "deepfool"])
+@pytest.mark.parametrize(("classes", "value_range", "seed"), LOW_RANKED)
+def test_nearest_boundary_of_the_lowest_ranked_class(
+    attack: str | None, classes: int, value_range: tuple[float, float], seed: int
+) -> None:
+    """The nearest boundary of every input belongs to the class with the LOWEST logit (checked
+    on the float64 construction). Default settings (`None`: the check's defaults), ℓ2: every
+    input within TOLERANCE of the exact norm, never below it. Before the ensemble (estimates
+    over the 9 runners-up, DeepFool only as a fallback): FMN 1.6-2.0× the exact norm in the
+    median with 12 and 50 classes, DDN 1.6-3.7× with 3 to 50."""
+    model, x, labels = low_ranked_nearest(classes, value_range, count=8, seed=seed)
+    check = {} if attack is None else {"attack": attack}
+    result, classifier = run(model, x, labels, check, value_range)
+    seen = classifier.from_unit(classifier.to_unit(x))
+    exact, nearest = linear_minimal_l2(model, seen, labels, value_range)
+    with torch.no_grad():
+        lowest = (seen.flatten(1).double() @ model.weight.double().T).add(model.bias).argmin(1)
+    correct = classifier.predict(x) == labels
+    assert int(correct.sum()) == len(x) - MISCLASSIFIED
+    assert all(int(nearest[i]) == int(lowest[i]) for i in range(len(x)) if correct[i])
+    # DeepFool always runs; DDN may lose to it (alone it settles on another boundary)
+    allowed = {attack or "fmn", "deepfool"}
+    assert_exact(result, exact, allowed, correct)
+    assert exact_norms(classifier, x, labels, "l2").tolist() == pytest.approx(exact.tolist())
+    found = [i["norm"] for i in result["per_image"] if i["found_by"]]
+    assert result["norms_found"]["median"] == pytest.approx(float(np.median([0, 0, *found])))
+
+
+@pytest.mark.parametrize("attack", ["fmn", "deepfool"])
+@pytest.mark.parametrize("classes", [4, 12])
+def test_nearest_boundary_of_the_lowest_ranked_class_linf(attack: str, classes: int) -> None:
+    """The same models in ℓ∞ (the nearest boundary is whichever minimises the gap over
+    ‖w_y − w_k‖₁; computed, not built): every input within TOLERANCE, never below."""
+    model, x, labels = low_ranked_nearest(classes, (-1.0, 1.0), count=8, seed=classes)
+    result, classifier = run(model, x, labels, {"attack": attack, "norm": "linf"}, (-1.0, 1.0))
+    correct = classifier.predict(x) == labels
+    exact = exact_norms(classifier, x, labels, "linf")
+    assert_exact(result, exact, {attack, "deepfool"}, correct)
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize(("classes", "elements"), [(12, 2**22), (1000, 2**22), (1000, 700)])
+def test_linearised_estimate_covers_every_class(norm: str, classes: int, elements: int) -> None:
+    """On a linear model the first estimate is exact: the class of the nearest boundary (the
+    lowest-ranked one here) and the step to it, whatever the chunking of the classes (700
+    input values: 5 classes per chunk of 8 inputs of 16)."""
+    model, x, labels = low_ranked_nearest(classes, (0.0, 1.0), count=8, seed=3, misclassified=0)
+    classifier = subject(model, spec(classes, (0.0, 1.0)))
+    u = classifier.to_unit(x)
+    original = classifier_attacks._JACOBIAN_ELEMENTS
+    classifier_attacks._JACOBIAN_ELEMENTS = elements
+    try:
+        step, margin, nearest = classifier_attacks.linearised_step(
+            classifier.box_model, u, labels, norm
+        )
+    finally:
+        classifier_attacks._JACOBIAN_ELEMENTS = original
+    weight, bias = model.weight.double(), model.bias.double()
+    logits = u.flatten(1).double() @ weight.T + bias
+    for row in range(len(x)):
+        y = int(labels[row])
+        normals = weight[y] - weight
+        duals = normals.norm(p=1 if norm == "linf" else 2, dim=1)
+        distances = (logits[row, y] - logits[row]) / duals
+        distances[y] = torch.inf
+        k = int(distances.argmin())
+        unit = normals[k].sign() if norm == "linf" else normals[k] / duals[k]
+        assert int(nearest[row]) == k
+        if norm == "l2":
+            assert k == int(logits[row].argmin())
+        expected = -distances[k] * unit
+        assert step[row].flatten().double().tolist() == pytest.approx(
+            expected.tolist(), rel=1e-4, abs=1e-6 * float(expected.abs().max())
+        )
+        runner_up = float((logits[row, y] - logits[row]).sort().values[1])
+        assert float(margin[row]) == pytest.approx(runner_up, rel=1e-4)
+
+
+def test_every_point_kept_is_verified_and_the_smallest() -> None:
+    """minimal_adversarial itself (DDN, which alone stops 1.6-2× above on this model): every
+    point it keeps lies in the box and is adversarial when the model is re-run on it, at the
+    exact norm within TOLERANCE."""
+    model, x, labels = low_ranked_nearest(12, (0.0, 1.0), count=8, seed=5, misclassified=0)
+    classifier = subject(model, spec(12, (0.0, 1.0)))
+    u = classifier.to_unit(x)
+    config = MinimalPerturbationCheck.model_validate({"attack": "ddn"})
+    with classifier_attacks.seeded(0, u.device):
+        outcome = classifier_attacks.minimal_adversarial(
+            classifier.box_model, u, labels, config.threat_model(), config.search_settings()
+        )
+    assert all(by in ("ddn", "deepfool") for by in outcome.found_by)
+    fooled = classifier_attacks.is_adversarial(classifier.box_model, outcome.points, labels)
+    assert bool(fooled.all())
+    assert float(outcome.points.min()) >= 0.0 and float(outcome.points.max()) <= 1.0
+    kept = classifier_attacks.perturbation_norm(outcome.points - u, "l2").double()
+    exact, _ = linear_minimal_l2(model, classifier.from_unit(u), labels, (0.0, 1.0))
+    assert ((kept / exact - 1).abs() <= TOLERANCE).all(), kept / exact
 
 
 @pytest.mark.parametrize(("attack", "norm"), ATTACKS)

@@ -103,7 +103,8 @@ class TightropeClient:
             if model["status"] != "validating":
                 return model
             if time.monotonic() > deadline:
-                raise TimeoutError(f"model {model_id} still validating after {timeout:.0f} s")
+                why = f": {model['reason']}" if model.get("reason") else ""
+                raise TimeoutError(f"model {model_id} still validating after {timeout:.0f} s{why}")
             time.sleep(poll)
 
     def submit_audit(

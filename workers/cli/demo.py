@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from rich.console import Console
 from workers.cli.stack import LocalStack
 
 # The reference model of the case study (docs/case-study.md), with a short audit.
-EXAMPLE_DIR = Path(__file__).resolve().parent.parent / "examples" / "reference"
+EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "reference"
 
 console = Console(stderr=True)
 
@@ -29,12 +30,23 @@ def _create_key(stack: LocalStack) -> str:
     return result.stdout.strip().splitlines()[-1]
 
 
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    # SIGTERM (a CI timeout, `kill`) unwinds like Ctrl-C, so the stack's processes, which run
+    # in sessions of their own, are stopped by the `finally` below instead of left running.
+    raise SystemExit(128 + signum)
+
+
 def run_demo(out_dir: Path) -> int:
     from workers.cli.client import ApiError, RemoteAuditFailed, TightropeClient, run_remote_audit
 
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     data_dir = Path(".tightrope") / "demo"
     shutil.rmtree(data_dir, ignore_errors=True)
-    stack = LocalStack(data_dir=data_dir.resolve())
+    # The demo's model is .safetensors, which runs without bubblewrap: a machine without it
+    # is ready for the demo (docs/security.md, "Without bubblewrap").
+    stack = LocalStack(
+        data_dir=data_dir.resolve(), extra_env={"TIGHTROPE_READY_WITHOUT_SANDBOX": "1"}
+    )
     console.print("starting the broker, the gateway and a worker…")
     try:
         stack.start()

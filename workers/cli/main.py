@@ -27,9 +27,17 @@ out = Console()
 err = Console(stderr=True)
 
 
-def _fail(message: str, code: int = 2) -> typer.Exit:
+class CliError(typer.Exit):
+    """An early exit whose cause was printed; `message` keeps it for files that report it."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(code)
+        self.message = message
+
+
+def _fail(message: str, code: int = 2) -> CliError:
     err.print(f"[red]error:[/red] {message}", highlight=False)
-    return typer.Exit(code)
+    return CliError(message, code)
 
 
 def _read_json(path: Path, what: str) -> Any:
@@ -265,6 +273,9 @@ def keys_revoke(
         match = or_(ApiKey.id == wanted, ApiKey.prefix.startswith(wanted, autoescape=True))
     with session_scope() as session:
         found = list(session.scalars(select(ApiKey).where(match)).all())
+        live = [k for k in found if k.revoked_at is None]
+        if len(found) > 1 and len(live) == 1:
+            found = live  # a prefix shared with keys already revoked names the live one
         if len(found) > 1:
             names = ", ".join(f"{k.id} ({k.prefix}…)" for k in found)
             raise _fail(f"{wanted!r} matches {len(found)} keys: {names}; name one by its id")
@@ -403,6 +414,8 @@ def submit(
     quiet: Annotated[bool, typer.Option(help="No progress bar")] = False,
 ) -> None:
     """Upload a model, submit an audit, follow it, and save its report."""
+    import httpx
+
     from workers.cli.client import ApiError, RemoteAuditFailed, TightropeClient, run_remote_audit
 
     if not key:
@@ -421,6 +434,8 @@ def submit(
         raise _fail(str(exc), exc.code) from None
     except (ApiError, TimeoutError) as exc:
         raise _fail(str(exc)) from None
+    except httpx.TransportError as exc:
+        raise _fail(f"cannot reach the service at {server}: {exc}") from None
     raise typer.Exit(0 if verdict in ("pass", "info") else 1)
 
 
@@ -485,12 +500,38 @@ def gate(
     try:
         verdict = _gate(model, spec, config, out_dir, server, key, sign_key, quiet, compare_with)
     except typer.Exit as exc:
-        raise typer.Exit(2 if exc.exit_code else 0) from None  # every early exit is an error
+        if not exc.exit_code:
+            raise typer.Exit(0) from None
+        # every early exit is an error (2), and CI still gets files that say why
+        _write_gate_error(out_dir, getattr(exc, "message", "the gate stopped early"))
+        raise typer.Exit(2) from None
     except Exception as exc:  # a crash must not read as a failed verdict (1)
-        raise _fail(f"{type(exc).__name__}: {exc}") from None
+        error = _fail(f"{type(exc).__name__}: {exc}")
+        _write_gate_error(out_dir, error.message)
+        raise error from None
     if not (out_dir / "junit.xml").is_file():
         err.print("warning: the service returned no junit.xml")
     raise typer.Exit(GATE_CODES.get(verdict, 2))
+
+
+def _write_gate_error(out_dir: Path, message: str) -> None:
+    """On exit 2: junit.xml with one errored test case and a report.json stating the error,
+    replacing any earlier run's files, so a CI step that reads them (`if: always()`) shows the
+    cause instead of finding nothing or a stale verdict."""
+    from service.reports.junit import render_error_junit
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "report.html").unlink(missing_ok=True)
+        (out_dir / "junit.xml").write_text(render_error_junit(message), encoding="utf-8")
+        error = {
+            "status": "error",
+            "verdict": None,
+            "error": {"title": "gate error", "detail": message},
+        }
+        (out_dir / "report.json").write_text(json.dumps(error, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:  # an unwritable --out is itself the error the user sees
+        err.print(f"[red]error:[/red] cannot write the error files to {out_dir}: {exc}")
 
 
 def _gate(
@@ -518,6 +559,8 @@ def _gate(
         (out_dir / "junit.xml").write_text(render_junit(report), encoding="utf-8")
         out.print(f"verdict: [bold]{report['verdict']}[/bold]")
         return str(report["verdict"])
+    import httpx
+
     from workers.cli.client import ApiError, RemoteAuditFailed, TightropeClient, run_remote_audit
 
     if not key:
@@ -542,6 +585,8 @@ def _gate(
         raise _fail(str(exc), exc.code) from None
     except (ApiError, TimeoutError, OSError) as exc:
         raise _fail(str(exc)) from None
+    except httpx.TransportError as exc:
+        raise _fail(f"cannot reach the service at {server}: {type(exc).__name__}: {exc}") from None
 
 
 @app.command()

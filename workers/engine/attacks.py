@@ -26,11 +26,26 @@ what a perfect optimiser's answer depends on) and its search settings (`SearchSe
 optimiser, steps, restarts, step size, early stopping) as two arguments, as the API's
 WorstCaseCheck is composed of WorstCaseThreatModel and WorstCaseSearch.
 
+Levels are searched from the SMALLEST up, and every perturbation feasible at a level is
+feasible at the next (its ball contains the smaller one): restart 0 of the next level starts
+at the level's worst perturbation as it is, its other warm restarts at the next best ones
+scaled to the new radius, the rest afresh on the sphere. The first step evaluates the start, so
+the worst objective found never falls from one level to the next (`LevelOutcome.carried` says
+where the search found nothing above the carried perturbation). In the penalised formulation δ
+only sets the scale of the start and of the reach: every level poses the same problem, and the
+carried start makes each level's objective at least the previous level's.
+
+Stopping (`SearchSettings.early_stop_tolerance`): a level never stops before
+MIN_STEPS_FRACTION of its steps; after that it stops at a check (every `check_every` steps) once
+every restart has settled: its iterate and its best point each moved less than
+`early_stop_tolerance` × the radius (or × ‖v‖ where that is larger: the penalised search) since
+the previous check. A small objective gain is not a stop: a slow climb (a power iteration on
+near-equal singular values, a ReLU not yet switched on) gains little per check while its
+iterate still moves.
+
 Speed: restarts and images share ONE forward/backward per step (batch index = restart * B +
-image); levels are searched from the largest down and the best restarts of a level seed the
-next one (scaled to its radius), the others start afresh on the sphere; a level stops early once
-the best objective stops improving. The loop never syncs with the device except at the
-early-stopping checks, every `check_every` steps.
+image). The loop never syncs with the device except at the checks, every `check_every` steps,
+which are also the only places the stopping rule costs anything (two norms per restart).
 """
 
 from __future__ import annotations
@@ -56,6 +71,8 @@ _PGD_SUCCESS_FRACTION = 0.75  # APGD's ρ: fewer rising steps than this in a win
 # above (λ below the squared local gain), and keeps the numbers finite
 PENALIZED_REACH = 1e4
 _TINY = 1e-12
+# a level runs at least this fraction of its steps before the stopping rule may end it
+MIN_STEPS_FRACTION = 0.5
 
 
 @dataclass(frozen=True)
@@ -95,8 +112,15 @@ class SearchSettings:
     steps: int = 100
     restarts: int = 4
     step_size: float | None = None  # relative to the radius δ‖y‖ (or δ‖x‖); None: per optimiser
-    early_stop_tolerance: float = 1e-3  # 0 disables early stopping
+    # a restart has settled when its iterate and its best point moved less than this × the
+    # radius over a check interval; a level stops (after MIN_STEPS_FRACTION of its steps) when
+    # every restart has settled. 0 disables early stopping
+    early_stop_tolerance: float = 1e-3
     check_every: int = 10  # steps between early-stopping checks (the only device syncs)
+
+    def min_steps(self) -> int:
+        """The steps a level runs before it may stop early."""
+        return max(1, math.ceil(MIN_STEPS_FRACTION * self.steps))
 
     @classmethod
     def from_check(cls, config: WorstCaseSearch) -> SearchSettings:
@@ -131,6 +155,9 @@ class LevelOutcome:
     objective: torch.Tensor  # [B], the search objective at the returned perturbation
     steps: int  # steps run before the level stopped
     found_by: list[str] = field(default_factory=list)  # per image: the optimiser of the winner
+    # per image: the worst perturbation is the smaller level's, as it is (this level's search
+    # found nothing above it); its objective was evaluated at this level, not copied
+    carried: list[bool] = field(default_factory=list)
 
 
 def per_sample_norm(t: torch.Tensor) -> torch.Tensor:
@@ -493,8 +520,9 @@ def worst_case_search(
 
     `y` are the measurements [B, ...] of the ground truth `x` [B, C, H, W]; `seeds` give one
     random stream per image (initialisation of the restarts). Levels are searched from the
-    largest down; the outcomes come back in the order of `threat.levels` (only the levels
-    finished when `should_stop` ended the search).
+    smallest up, each warm-started from the previous one (the module's docstring); the outcomes
+    come back in the order of `threat.levels` (only the levels finished when `should_stop` ended
+    the search: the smallest ones).
     """
     if len(seeds) != y.shape[0]:
         raise ValueError("one seed per image")
@@ -516,12 +544,13 @@ def worst_case_search(
     base_norm_all = base_norm.repeat(restarts)
     variable_shape = tuple(scale_source.shape[1:])
 
-    found: dict[float, LevelOutcome] = {}
-    previous: tuple[float, torch.Tensor, torch.Tensor] | None = None
-    for level in sorted(set(levels), reverse=True):
+    def search(
+        level: float, previous: _Found | None, scout: _Found | None
+    ) -> tuple[LevelOutcome, _Found]:
         radius = level * base_norm_all
         start = _initial_points(
             previous,
+            scout,
             threat.penalized,
             level,
             variable_shape,
@@ -544,17 +573,68 @@ def worst_case_search(
                 start,
                 batch,
                 should_stop,
+                carried=previous is not None,
             )
         outcome.level = level
+        return outcome, (level, all_v, all_objective)
+
+    ascending = sorted(set(levels))
+    scout: _Found | None = None
+    scouted: LevelOutcome | None = None
+    if len(ascending) > 1:
+        # the scout: the largest level from random starts, so that the smallest level (the
+        # first of the ascending pass) starts from its best, rescaled, rather than afresh
+        scouted, scout = search(ascending[-1], None, None)
+        if should_stop():
+            return []
+    found: dict[float, LevelOutcome] = {}
+    previous: _Found | None = None
+    for level in ascending:
+        outcome, previous = search(level, previous, scout)
+        if level == ascending[-1] and scouted is not None:
+            # the scout searched this level too: per image, the worse of the two perturbations
+            outcome = _worse(outcome, scouted)
         found[level] = outcome
-        previous = (level, all_v, all_objective)
         if should_stop():
             break
     return [found[level] for level in levels if level in found]
 
 
+# a searched level: its δ, and every restart's best point and objective ([R * B, ...], [R * B])
+_Found = tuple[float, torch.Tensor, torch.Tensor]
+
+
+def _worse(outcome: LevelOutcome, scouted: LevelOutcome) -> LevelOutcome:
+    """The largest level: per image, the perturbation with the larger objective of its ascending
+    search and of the scout (both searched this level; ties go to the ascending search); the
+    steps of both."""
+    take = scouted.objective > outcome.objective  # [B]
+
+    def pick(ours: torch.Tensor, theirs: torch.Tensor) -> torch.Tensor:
+        return torch.where(_per_sample(take, ours), theirs, ours)
+
+    chosen = take.tolist()
+    return LevelOutcome(
+        level=outcome.level,
+        perturbation=pick(outcome.perturbation, scouted.perturbation),
+        image_perturbation=(
+            None
+            if outcome.image_perturbation is None or scouted.image_perturbation is None
+            else pick(outcome.image_perturbation, scouted.image_perturbation)
+        ),
+        objective=torch.where(take, scouted.objective, outcome.objective),
+        steps=outcome.steps + scouted.steps,
+        found_by=[
+            theirs if t else ours
+            for ours, theirs, t in zip(outcome.found_by, scouted.found_by, chosen, strict=True)
+        ],
+        carried=[c and not t for c, t in zip(outcome.carried, chosen, strict=True)],
+    )
+
+
 def _initial_points(
-    previous: tuple[float, torch.Tensor, torch.Tensor] | None,
+    previous: _Found | None,
+    scout: _Found | None,
     penalized: bool,
     level: float,
     shape: tuple[int, ...],
@@ -564,20 +644,32 @@ def _initial_points(
     restarts: int,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    """[R * B, *shape]. After the first level, the best ⌈R/2⌉ restarts of the previous level
-    (ranked per image) seed restarts 0, 1, ..., rescaled to this level; the rest start afresh."""
+    """[R * B, *shape]: ⌈R/2⌉ warm restarts from the level searched before (ranked per image),
+    the rest afresh on the sphere.
+
+    The warm restarts: the source's worst perturbation, its mirror image, then its next best
+    ones, rescaled to this radius. The source is the smaller level just searched (`previous`):
+    its worst then starts restart 0 AS IT IS (feasible here: its ball is inside this one;
+    evaluated at this level's first step, its objective is a floor under this level's worst, so
+    the levels' curve is monotone). The smallest level's source is the scout (the largest level
+    searched from random starts). The mirror, −e: at a small level a network is near-linear and
+    the error at ±e ties, at a larger one its curvature decides which side is worse, so both go
+    up. A ball's maximiser scales with its radius; the penalised maximiser does not depend on δ
+    (no rescaling)."""
     b = len(generators)
-    if previous is None:
-        return _random_starts(shape, restarts, generators, space, radius, dtype).flatten(0, 1)
-    previous_level, best_v, best_objective = previous
     keep = math.ceil(restarts / 2)
-    # a ball's maximiser scales with its radius; the penalised maximiser does not depend on δ
-    scale = 1.0 if penalized else level / previous_level
-    ranked = best_objective.view(restarts, b).argsort(dim=0, descending=True)[:keep]  # [keep, B]
+    source = previous if previous is not None else scout
+    if source is None:
+        return _random_starts(shape, restarts, generators, space, radius, dtype).flatten(0, 1)
+    source_level, best_v, best_objective = source
+    ranked = best_objective.view(restarts, b).argsort(dim=0, descending=True)  # [R, B]
     per_restart = best_v.view(restarts, b, *shape)
     images = torch.arange(b, device=ranked.device)
-    warm = torch.stack([per_restart[ranked[k], images] for k in range(keep)])
-    warm = warm * scale
+    scale = 1.0 if penalized else level / source_level
+    worst = per_restart[ranked[0], images]
+    others = [per_restart[ranked[k], images] * scale for k in range(1, keep - 1)]
+    first = worst if previous is not None else worst * scale
+    warm = torch.stack([first, -worst * scale, *others][:keep])
     if keep == restarts:
         return warm.flatten(0, 1)
     fresh = _random_starts(shape, restarts - keep, generators, space, radius[keep * b :], dtype)
@@ -595,10 +687,13 @@ def _search_level(
     start: torch.Tensor,
     batch: int,
     should_stop: Callable[[], bool],
+    carried: bool = False,
 ) -> tuple[LevelOutcome, torch.Tensor, torch.Tensor]:
-    """One level. Returns the outcome and every restart's best point and objective."""
+    """One level. Returns the outcome and every restart's best point and objective. `carried`:
+    restart 0 starts at the smaller level's worst perturbation (as it is)."""
     penalized = threat.penalized
     v = start if penalized else space.into_ball(start, radius)
+    initial = v
     # 1 on measured entries (the operator's projection is a mask), None in image space
     mask = None if space.in_image else space.keep_in_range(torch.ones_like(v[:1]))
     optimizers = settings.restart_optimizers()
@@ -607,7 +702,11 @@ def _search_level(
         first = optimizers.index(name) * batch
         rows = slice(first, first + optimizers.count(name) * batch)
         groups.append(_Group(name, rows, v[rows], threat, settings, radius[rows], mask))
-    last_checked: torch.Tensor | None = None
+    early_stopping = settings.early_stop_tolerance > 0
+    min_steps = settings.min_steps()
+    # the iterates and best points at the previous check (the stopping rule's reference)
+    last_v: torch.Tensor | None = None
+    last_best: torch.Tensor | None = None
     steps_run = 0
 
     for step in range(settings.steps):
@@ -632,12 +731,14 @@ def _search_level(
             v = parts[0] if len(parts) == 1 else torch.cat(parts)
 
         if steps_run % settings.check_every == 0:
-            per_image = _best_objective(groups).view(-1, batch).amax(0)
-            if last_checked is not None and settings.early_stop_tolerance > 0:
-                gain = (per_image - last_checked) / last_checked.abs().clamp_min(_TINY)
-                if bool((gain < settings.early_stop_tolerance).all()):
-                    break
-            last_checked = per_image
+            if early_stopping:
+                with torch.no_grad():
+                    best_now = torch.cat([group.best_v for group in groups])
+                    if last_v is not None and last_best is not None and steps_run >= min_steps:
+                        settled = _settled(space, v, last_v, best_now, last_best, radius, settings)
+                        if bool(settled.all()):
+                            break
+                    last_v, last_best = v.detach().clone(), best_now
             if should_stop():
                 break
 
@@ -649,6 +750,9 @@ def _search_level(
         chosen = best_v.view(-1, batch, *best_v.shape[1:])[worst_restart, images]
         objective = best_objective.view(-1, batch)[worst_restart, images]
         measurement = space.to_measurement(chosen)
+        # the winner is restart 0 still at its start: the smaller level's perturbation
+        unmoved = per_sample_norm(best_v[:batch] - initial[:batch]) == 0
+        is_carried = (worst_restart == 0) & unmoved if carried else torch.zeros_like(unmoved)
     outcome = LevelOutcome(
         level=0.0,
         perturbation=measurement.detach(),
@@ -656,8 +760,28 @@ def _search_level(
         objective=objective.detach(),
         steps=steps_run,
         found_by=[optimizers[int(r)] for r in worst_restart.tolist()],
+        carried=[bool(c) for c in is_carried.tolist()],
     )
     return outcome, best_v.detach(), best_objective.detach()
+
+
+def _settled(
+    space: _SearchSpace,
+    v: torch.Tensor,
+    last_v: torch.Tensor,
+    best: torch.Tensor,
+    last_best: torch.Tensor,
+    radius: torch.Tensor,
+    settings: SearchSettings,
+) -> torch.Tensor:
+    """[R * B]: the restarts whose iterate and best point both moved less than
+    early_stop_tolerance × the scale (the radius, or ‖v‖ where larger: the penalised search)
+    since the previous check."""
+    scale = torch.maximum(radius, space.norm(best))
+    tolerance = settings.early_stop_tolerance * scale
+    moved = space.norm(v - last_v)
+    improved = space.norm(best - last_best)
+    return (moved < tolerance) & (improved < tolerance)
 
 
 def _best_objective(groups: Sequence[_Group]) -> torch.Tensor:

@@ -253,6 +253,10 @@ MINIMAL_ATTACKS = ("fmn", "ddn", "deepfool")
 # 1.2e-4 (relative) past the boundary crossing the bracket holds.
 BISECTION_STEPS = 16
 BOUNDARY_MARGIN = 1e-4
+# The ensemble keeps a later run's point only where it is smaller than the point kept so far by
+# more than this (relative): twice the refinement's tolerance, so that two runs that reached the
+# same boundary count as a tie, credited to the earlier run (the configured attack first).
+TIE = 2.5e-4
 # DeepFool's relative overshoot past the linearised boundary (adv-lib's default).
 DEEPFOOL_OVERSHOOT = 0.02
 # adv-lib's DeepFool adds this to every linearised distance (unit-box units).
@@ -268,8 +272,9 @@ FMN_STEP = 3.0
 # direction instead); much smaller ones blend every class's direction into the gradient, and DDN
 # settles 10-25 % above the nearest boundary of a linear 4-class model. 3 to 30 measured alike.
 DDN_MARGIN = 10.0
-# Classes the first estimate linearises towards: the runners-up by logit (DeepFool's usual top 10).
-_ESTIMATE_CLASSES = 9
+# The linearised estimates run over every class; the gradients of the logit differences come
+# from copies of the batch, at most this many input values at a time.
+_JACOBIAN_ELEMENTS = 2**22
 # Inputs whose estimates lie within this ratio share one library call (adv-lib takes init_norm,
 # α_init and overshoot as one number per call).
 _GROUP_RATIO = 2.0**0.5
@@ -298,34 +303,61 @@ def minimal_adversarial(
     threat: MinimalPerturbationThreatModel,
     search: MinimalPerturbationSearch,
 ) -> MinimalOutcome:
-    """adv-lib's minimum-norm attacks in `threat.norm`, `search.steps` iterations each, scaled to
-    each input, each point found refined to the decision boundary along its direction
-    (`to_boundary`); from `search.attack`, the next attack of `minimal_chain` for the inputs where
-    one finds nothing."""
+    """An ensemble of adv-lib's minimum-norm attacks in `threat.norm`, `search.steps` iterations
+    each, scaled to each input: `search.attack` and DeepFool over every class (`walk`, batched
+    gradients; credited as `deepfool`) on every input, for `ddn` also DDN targeted at the class
+    of the nearest linearised boundary where that is not the runner-up; the rest of
+    `minimal_chain` in turn for the inputs where none of these found anything. Every point
+    found is refined to the decision boundary along its direction (`to_boundary`) and verified
+    (the model re-run on the point, clipped to the box: the class changed); per input the
+    smallest verified point is kept, and the attack that found it (a later run replaces a point
+    only where it is smaller by more than TIE: ties go to the first run)."""
     norm, attack = threat.norm, search.attack
     problem = _Problem(model, u, labels, norm, search.steps)
+    chain = minimal_chain(attack, norm)
+    every = torch.arange(len(u), device=u.device)
+    best = torch.full((len(u),), float("inf"), device=u.device)
     points = u.clone()
     found_by: list[str | None] = [None] * len(u)
-    for name in minimal_chain(attack, norm):
-        rows = [row for row, by in enumerate(found_by) if by is None]
-        if not rows:
-            break
-        index = torch.tensor(rows, device=u.device)
-        found = problem.attack(name, index)
+    ran: set[str] = set()
+
+    def offer(name: str, rows: torch.Tensor, found: torch.Tensor) -> None:
+        """Refine, verify and keep the points of one run that beat the best so far."""
         # the libraries return the input where they found nothing; a point they found may lie
         # within float rounding of the boundary, where another batch may round it back
-        moved = (found != u[index]).flatten(1).any(dim=1)
-        for position, row in enumerate(rows):
-            if bool(moved[position]):
-                points[row] = found[position]
-                found_by[row] = name
-    hits = torch.tensor(
-        [row for row, by in enumerate(found_by) if by is not None],
-        device=u.device,
-        dtype=torch.long,
-    )
-    if len(hits):
-        points[hits] = to_boundary(model, u[hits], points[hits], labels[hits])
+        moved = (found != u[rows]).flatten(1).any(dim=1)
+        rows, found = rows[moved], found[moved]
+        if not len(rows):
+            return
+        refined = to_boundary(model, u[rows], found, labels[rows]).clamp(0.0, 1.0)
+        verified = is_adversarial(model, refined, labels[rows])
+        size = perturbation_norm(refined - u[rows], norm)
+        # a later run wins where it is smaller beyond the refinement's resolution (TIE)
+        better = verified & (size < best[rows] * (1 - TIE))
+        for position in better.nonzero().flatten().tolist():
+            row = int(rows[position])
+            points[row] = refined[position]
+            best[row] = size[position]
+            found_by[row] = name
+
+    offer(attack, every, problem.attack(attack, every))
+    ran.add(attack)
+    offer("deepfool", every, problem.walk(every))
+    if attack == "ddn":
+        aside = (problem.nearest != problem.runner_up).nonzero().flatten()
+        if len(aside):
+            offer("ddn", aside, problem.ddn(aside, targets=problem.nearest[aside]))
+    for name in chain:
+        rows = torch.tensor(
+            [row for row, by in enumerate(found_by) if by is None],
+            device=u.device,
+            dtype=torch.long,
+        )
+        if not len(rows):
+            break
+        if name not in ran:
+            offer(name, rows, problem.attack(name, rows))
+            ran.add(name)
     return MinimalOutcome(points=points, found_by=found_by)
 
 
@@ -387,7 +419,12 @@ class _Problem:
         steps: int,
     ) -> None:
         self.model, self.u, self.labels, self.norm, self.steps = model, u, labels, norm, steps
-        self.step, self.margin = linearised_step(model, u, labels, norm)
+        self.step, self.margin, self.nearest = linearised_step(model, u, labels, norm)
+        with torch.no_grad():
+            others = model(u).scatter(1, labels[:, None], float("-inf"))
+        self.runner_up = others.argmax(dim=1)
+        self._walk_points = u.clone()
+        self._walked = torch.zeros(len(u), dtype=torch.bool, device=u.device)
         # the farthest point of the box bounds every distance (and stands in where the gradient
         # vanishes and the estimate is infinite)
         far = torch.maximum(u, 1.0 - u)
@@ -420,11 +457,20 @@ class _Problem:
         return out
 
     def walk(self, rows: torch.Tensor) -> torch.Tensor:
-        """DeepFool restricted to the runner-up classes (as DeepFool itself on many classes),
-        at most `steps` steps, until the point is adversarial; the input where it never is.
-        Each linearised distance d gets DEEPFOOL_OVERSHOOT × the first one, d₀, added (adv-lib
-        adds 1e-4 instead), so that steps near the boundary still cross it, and the sum is
-        overshot by DEEPFOOL_OVERSHOOT: (d + 0.02 d₀)(1 + 0.02)."""
+        """DeepFool over every class with the batched gradients of `linearised_step` (adv-lib's
+        DeepFool takes one backward pass per class and step), at most `steps` steps, until the
+        point is adversarial; the input where it never is. Each linearised distance d gets
+        DEEPFOOL_OVERSHOOT × the first one, d₀, added (adv-lib adds 1e-4 instead), so that steps
+        near the boundary still cross it, and the sum is overshot by DEEPFOOL_OVERSHOOT:
+        (d + 0.02 d₀)(1 + 0.02). Deterministic: computed once per row (FMN's warm start and the
+        ensemble's DeepFool candidate share it)."""
+        todo_rows = rows[~self._walked[rows]]
+        if len(todo_rows):
+            self._walk_points[todo_rows] = self._walk(todo_rows)
+            self._walked[todo_rows] = True
+        return self._walk_points[rows]
+
+    def _walk(self, rows: torch.Tensor) -> torch.Tensor:
         view = (-1, *([1] * (self.u.dim() - 1)))
         labels, first = self.labels[rows], self.distance[rows]
 
@@ -442,7 +488,7 @@ class _Problem:
             todo = todo[~fooled]
             if not len(todo) or iteration + 1 == self.steps:
                 break
-            step, _ = linearised_step(self.model, point[todo], labels[todo], self.norm)
+            step, _, _ = linearised_step(self.model, point[todo], labels[todo], self.norm)
             point[todo] = (point[todo] + stretched(step, todo)).clamp(0.0, 1.0)
         return out
 
@@ -493,9 +539,10 @@ class _Problem:
                 out[sub] = run().detach()
         return out
 
-    def ddn(self, rows: torch.Tensor) -> torch.Tensor:
+    def ddn(self, rows: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """DDN (no 8-bit quantisation, which would move the norm) with its first norm the
-        estimated distance, on logits tempered to a clean margin of DDN_MARGIN."""
+        estimated distance, on logits tempered to a clean margin of DDN_MARGIN; with `targets`,
+        DDN targeted at those classes (adversarial for the untargeted problem too)."""
         u, labels = self.u[rows], self.labels[rows]
         out = u.clone()
         temperature = self.margin[rows].clamp_min(1e-6) / DDN_MARGIN
@@ -503,7 +550,8 @@ class _Problem:
             out[sub] = ddn(
                 _Tempered(self.model, temperature[sub]),
                 u[sub],
-                labels[sub],
+                labels[sub] if targets is None else targets[sub],
+                targeted=targets is not None,
                 steps=self.steps,
                 init_norm=init_norm,
                 levels=None,
@@ -513,31 +561,60 @@ class _Problem:
 
 def linearised_step(
     model: UnitBoxClassifier, u: torch.Tensor, labels: torch.Tensor, norm: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepFool's first step without overshoot (the perturbation to the nearest boundary of the
-    model linearised at u, towards the runner-up classes), and the clean margin (true logit minus
-    the largest other; negative when misclassified). The step is zero where no gradient flows."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DeepFool's first step without overshoot over EVERY class: the perturbation to the nearest
+    boundary of the model linearised at u, d = min over k ≠ y of |z_y − z_k| / ‖∇(z_y − z_k)‖_*
+    (‖·‖₂ for ℓ2, ‖·‖₁ for ℓ∞); the clean margin (true logit minus the largest other; negative
+    when misclassified); and the class k of that nearest linearised boundary. The step is zero
+    (and the class the runner-up) where no gradient flows.
+
+    Every class, not the runners-up by logit: the nearest boundary can belong to the class with
+    the lowest logit (a large gap over a small ‖∇(z_y − z_k)‖). The gradients of all K − 1 logit
+    differences come from copies of the batch, in chunks of at most _JACOBIAN_ELEMENTS input
+    values: K − 1 forward and backward passes per input, batched (counted as such)."""
     view = (-1, *([1] * (u.dim() - 1)))
-    x = u.clone().requires_grad_(True)
-    logits = model(x)
-    count = min(_ESTIMATE_CLASSES, logits.shape[1] - 1)
-    others = logits.detach().scatter(1, labels[:, None], float("-inf")).topk(count, dim=1).indices
-    gaps = logits.gather(1, labels[:, None]) - logits.gather(1, others)  # [B, count]
-    best = torch.full((len(u),), float("inf"), device=u.device)
+    batch = len(u)
+    with torch.no_grad():
+        logits = model(u)
+    classes = logits.shape[1]
+    others = logits.scatter(1, labels[:, None], float("-inf"))
+    runner_up = others.argmax(dim=1)
+    margin = logits.gather(1, labels[:, None])[:, 0] - others.max(dim=1).values
+    best = torch.full((batch,), float("inf"), device=u.device)
+    nearest = runner_up.clone()
     step = torch.zeros_like(u)
-    for k in range(count):
-        (gradient,) = torch.autograd.grad(gaps[:, k].sum(), x, retain_graph=k + 1 < count)
-        dual = torch.linalg.vector_norm(gradient.flatten(1), ord=1 if norm == "linf" else 2, dim=1)
-        distance = gaps[:, k].detach().abs() / dual  # inf where the gradient vanishes
+    candidates = torch.arange(classes, device=u.device)
+    chunk = max(1, min(classes, _JACOBIAN_ELEMENTS // max(1, u[0].numel() * batch)))
+    rows = torch.arange(batch, device=u.device)
+    for first in range(0, classes, chunk):
+        ks = candidates[first : first + chunk]  # [C]
+        x = u.repeat(len(ks), *([1] * (u.dim() - 1))).requires_grad_(True)  # [C·B, ...]
+        out = model(x).view(len(ks), batch, classes)
+        true = out.gather(2, labels.view(1, batch, 1).expand(len(ks), batch, 1))
+        other = out.gather(2, ks.view(-1, 1, 1).expand(len(ks), batch, 1))
+        gaps = (true - other)[..., 0]  # [C, B]: z_y − z_k at copy k
+        (gradient,) = torch.autograd.grad(gaps.sum(), x)
+        gradient = gradient.view(len(ks), *u.shape).detach()
+        flat = gradient.flatten(2)
+        dual = torch.linalg.vector_norm(flat, ord=1 if norm == "linf" else 2, dim=2)  # [C, B]
+        distance = gaps.detach().abs() / dual  # inf where the gradient vanishes (nan: k = y)
+        distance = torch.where(ks[:, None] == labels[None, :], float("inf"), distance)
+        distance = torch.nan_to_num(distance, nan=float("inf"))
+        value, position = distance.min(dim=0)  # [B]
+        closer = value < best
+        if not bool(closer.any()):
+            continue
+        g = gradient[position, rows]  # [B, ...]: the nearest class of this chunk
         # towards the other class: down the gradient of (true − other)
         if norm == "linf":
-            candidate = -gradient.sign() * distance.view(view)
+            candidate = -g.sign() * value.view(view)
         else:
-            candidate = -gradient * (distance / dual).view(view)
-        closer = distance < best
-        best = torch.where(closer, distance, best)
+            candidate = -g * (value / dual[position, rows]).view(view)
+        best = torch.where(closer, value, best)
+        nearest = torch.where(closer, ks[position], nearest)
         step = torch.where(closer.view(view), candidate, step)
-    return step.detach(), gaps[:, 0].detach()
+    step = torch.where(torch.isfinite(best).view(view), step, torch.zeros_like(step))
+    return torch.nan_to_num(step.detach()), margin.detach(), nearest
 
 
 def _bounded(estimate: torch.Tensor, far: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from workers.engine.liveness import MODEL_CALLS, batch_of
+
 
 class EngineInputError(ValueError):
     """The audit's inputs cannot work together (operator, dataset, model spec); the message says
@@ -30,9 +32,11 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def run_model(model: Callable[..., Any], *args: Any) -> Any:
     """model(*args), with what the model raises turned into ModelFailed (memory exhaustion
-    stays what it is: the runner reports it as the memory limit)."""
+    stays what it is: the runner reports it as the memory limit). The call is counted in
+    MODEL_CALLS: a call that never returns silences the runner's beat (workers.engine.liveness)."""
     try:
-        return model(*args)
+        with MODEL_CALLS.running(batch_of(args)):
+            return model(*args)
     except Exception as exc:
         if is_out_of_memory(exc):
             raise

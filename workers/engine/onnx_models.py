@@ -7,10 +7,15 @@ computes. Screening, in order:
 1. the protobuf: at most `MAX_ONNX_BYTES`, a ModelProto with opset imports, IR version 3 or
    newer, only the standard operator domains (`""`/`ai.onnx`), no ONNX functions, no tensor
    stored outside the file (external data), exactly one input and one output of a floating
-   type, and every operator supported by the converter (all unsupported ones are named at once);
+   type, and every operator supported by the converter (all unsupported ones are named at once),
+   if need be after `onnx.version_converter` brought the model down to an opset the converter
+   knows (`supported_opset`: the default export of torch 2.14 is opset 20, onnx2torch's rules
+   stop at `Reshape`/`Shape`/`Constant` 14–15);
 2. the converted graph: only onnx2torch's and torch.nn's modules and `getitem`;
-3. the same graph traced to aten operators on the probe input and checked against the policy
-   every other graph meets (`workers.engine.screening.screen_aten_graph`).
+3. the converted graph run on the probe input with every aten operator checked against the
+   policy every other graph meets, before it executes (`workers.engine.screening.
+   screen_aten_run`). A run, not a trace: `Reshape` reads its shape tensor's values, which a
+   trace (`make_fx`) cannot.
 """
 
 from __future__ import annotations
@@ -26,13 +31,16 @@ import torch
 from schemas.model_spec import ModelSpec
 from workers.engine.probe import PROBE_BATCH, PROBE_SEED, probe_input
 from workers.engine.rejection import ModelRejected
-from workers.engine.screening import GraphSummary, screen_aten_graph
+from workers.engine.screening import GraphSummary, screen_aten_run
 
 # protobuf cannot parse a message of 2 GiB or more; the gateway's upload limit is lower still.
 MAX_ONNX_BYTES = 2 * 1024**3 - 1
 MIN_IR_VERSION = 3  # onnx2torch's minimum
 STANDARD_DOMAINS = frozenset({"", "ai.onnx"})
 MAX_NAMED = 8
+# A model whose opset the converter lacks rules for is brought down with onnx's version
+# converter to the highest opset, at least this one, at which it has a rule for every operator.
+LOWEST_TARGET_OPSET = 13
 
 # Admission tolerance: the converted model's output may differ from onnxruntime's on the probe
 # input by at most ABSOLUTE_TOLERANCE + RELATIVE_TOLERANCE · max|onnxruntime output|.
@@ -82,12 +90,6 @@ def read_onnx(path: Path) -> Any:
     except onnx.checker.ValidationError as exc:
         raise ModelRejected(f"the ONNX model is not valid: {_message(exc)}") from exc
     _check_signature(proto)
-    missing = unsupported_operators(proto)
-    if missing:
-        raise ModelRejected(
-            f"the ONNX model uses operator(s) the converter to PyTorch does not support: "
-            f"{_listed(missing)}"
-        )
     return proto
 
 
@@ -181,12 +183,19 @@ def _check_signature(proto: Any) -> None:
             )
 
 
-def unsupported_operators(proto: Any) -> list[str]:
-    """Every operator of the model (sub-graphs included) the converter has no rule for."""
+def default_opset(proto: Any) -> int:
+    """The version of the standard domain the model imports."""
+    versions = {o.domain: o.version for o in proto.opset_import}
+    return int(versions.get("", versions.get("ai.onnx", 0)))
+
+
+def unsupported_operators(proto: Any, opset: int | None = None) -> list[str]:
+    """Every operator of the model (sub-graphs included) the converter has no rule for, at the
+    model's opset or at `opset` (for the standard domain) when given."""
     from onnx2torch.node_converters.registry import get_converter
 
     versions = {o.domain: o.version for o in proto.opset_import}
-    versions.setdefault("", versions.get("ai.onnx", 0))
+    versions[""] = default_opset(proto) if opset is None else opset
     missing: set[str] = set()
     for graph in _graphs(proto.graph):
         for node in graph.node:
@@ -197,6 +206,203 @@ def unsupported_operators(proto: Any) -> list[str]:
             except NotImplementedError:
                 missing.add(f"{node.op_type} (opset {version})")
     return sorted(missing)
+
+
+def supported_opset(proto: Any) -> Any:
+    """The model itself when the converter has a rule for each of its operators; else the model
+    brought down by `onnx.version_converter` to the highest opset (at least
+    LOWEST_TARGET_OPSET) at which it has. Raises ModelRejected naming the operators otherwise.
+
+    Lowering only rewrites operators whose semantics the ONNX standard says are the same at both
+    opsets (or adapts them); admission still compares the conversion with onnxruntime running
+    the original file, so a lowering that changed what the model computes would be refused."""
+    import onnx
+    from onnx import version_converter
+
+    missing = unsupported_operators(proto)
+    if not missing:
+        return proto
+    opset = default_opset(proto)
+    reason = (
+        "the ONNX model uses operator(s) the converter to PyTorch does not support: "
+        f"{_listed(missing)}"
+    )
+    targets = [
+        t
+        for t in range(opset - 1, LOWEST_TARGET_OPSET - 1, -1)
+        if not unsupported_operators(proto, t)
+    ]
+    if not targets:
+        never = sorted({m.split(" ")[0] for m in missing} - _converted_types(proto))
+        if never:
+            raise ModelRejected(f"{reason}; it has no rule for {_listed(never)} at any opset")
+        if opset > LOWEST_TARGET_OPSET:
+            raise ModelRejected(
+                f"{reason}, nor at any opset from {opset - 1} down to {LOWEST_TARGET_OPSET}"
+            )
+        raise ModelRejected(f"{reason}; export with opset_version=17")
+    failures = []
+    for target in targets[:3]:  # each try copies the model
+        try:
+            lowered = version_converter.convert_version(proto, target)
+            onnx.checker.check_model(lowered)
+        except Exception as exc:  # noqa: BLE001 - no adapter for one of its operators, ...
+            failures.append(f"opset {target}: {_message(exc)}")
+            continue
+        if not unsupported_operators(lowered):
+            return lowered
+        failures.append(f"opset {target}: {_listed(unsupported_operators(lowered))}")
+    raise ModelRejected(
+        f"{reason}, and onnx's version converter cannot bring it down to an opset the converter "
+        f"supports ({'; '.join(failures)[:500]}); export with opset_version=17"
+    )
+
+
+def prepare(proto: Any) -> Any:
+    """What the converter gets: the model, if need be rewritten so that onnx2torch converts it;
+    every rewrite computes exactly what the original computes (admission checks the conversion
+    against onnxruntime running the original file):
+    - `Gelu` (a standard function since opset 20; both exporters of torch 2.14 write it, and
+      onnx2torch has no rule for it) expanded into its defining `Erf`/`Tanh` formula;
+    - the opset lowered (`supported_opset`) when the converter lacks rules at the model's;
+    - `Reshape`'s `allowzero=1` (the default exporter's) dropped where the shape is a constant
+      with no 0, the only case where it means anything;
+    - shapes inferred with data propagation (`onnx.shape_inference`, `data_prop=True`), so that
+      the converter sees the static sizes a `Shape` → `Gather` → `Concat` chain computes (its
+      `LayerNormalization` rule needs them)."""
+    import onnx
+
+    proto = supported_opset(_expand_gelu(proto))
+    proto = _drop_meaningless_allowzero(proto)
+    try:
+        return onnx.shape_inference.infer_shapes(proto, data_prop=True)
+    except Exception:  # noqa: BLE001 - onnx2torch infers shapes itself, without data propagation
+        return proto
+
+
+_GELU_NONE = (
+    # y = x · (1 + erf(x / √2)) · ½
+    ("Mul", ("X", "c_rsqrt2"), "t"),
+    ("Erf", ("t",), "e"),
+    ("Add", ("e", "c_one"), "s"),
+    ("Mul", ("X", "s"), "m"),
+    ("Mul", ("m", "c_half"), "Y"),
+)
+_GELU_TANH = (
+    # y = x · (1 + tanh(√(2/π) · (x + 0.044715 x³))) · ½
+    ("Mul", ("X", "X"), "x2"),
+    ("Mul", ("x2", "X"), "x3"),
+    ("Mul", ("x3", "c_cubic"), "k"),
+    ("Add", ("X", "k"), "inner"),
+    ("Mul", ("inner", "c_sqrt2pi"), "t"),
+    ("Tanh", ("t",), "h"),
+    ("Add", ("h", "c_one"), "s"),
+    ("Mul", ("X", "s"), "m"),
+    ("Mul", ("m", "c_half"), "Y"),
+)
+_GELU_CONSTANTS = {
+    "c_rsqrt2": 0.5**0.5,
+    "c_one": 1.0,
+    "c_half": 0.5,
+    "c_cubic": 0.044715,
+    "c_sqrt2pi": (2.0 / 3.141592653589793) ** 0.5,
+}
+
+
+def _expand_gelu(proto: Any) -> Any:
+    """A copy of the model with every `Gelu` of its main graph replaced by its formula (ONNX's
+    own definition of the operator), in the element type of the `Gelu`'s input."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    if not any(n.op_type == "Gelu" and n.domain in STANDARD_DOMAINS for n in proto.graph.node):
+        return proto
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+    except Exception:  # noqa: BLE001 - the types then come from the graph input
+        inferred = proto
+    types = {
+        v.name: v.type.tensor_type.elem_type
+        for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]
+    }
+    types.update({t.name: t.data_type for t in proto.graph.initializer})
+    default_type = _value_summary(_graph_inputs(proto)[0])[0]
+    names = {v for n in proto.graph.node for v in [*n.input, *n.output]}
+    names |= {t.name for t in proto.graph.initializer} | {v.name for v in proto.graph.input}
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    nodes = []
+    for index, node in enumerate(proto.graph.node):
+        if node.op_type != "Gelu" or node.domain not in STANDARD_DOMAINS:
+            nodes.append(node)
+            continue
+        approximate = next(
+            (a.s.decode() for a in node.attribute if a.name == "approximate"), "none"
+        )
+        if approximate not in ("none", "tanh"):
+            nodes.append(node)  # invalid: onnx.checker has said so already
+            continue
+        elem_type = types.get(node.input[0]) or default_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(elem_type)
+        prefix = f"tightrope_gelu_{index}"
+        while any(name.startswith(prefix) for name in names):
+            prefix += "_"
+        local = {"X": node.input[0], "Y": node.output[0]}
+        for name, value in _GELU_CONSTANTS.items():
+            local[name] = f"{prefix}_{name}"
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.array(value, dtype=dtype), local[name])
+            )
+        formula = _GELU_TANH if approximate == "tanh" else _GELU_NONE
+        for step, (op, inputs, output) in enumerate(formula):
+            local.setdefault(output, f"{prefix}_{output}")
+            nodes.append(
+                helper.make_node(
+                    op, [local[i] for i in inputs], [local[output]], name=f"{prefix}_{step}"
+                )
+            )
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model
+
+
+def _drop_meaningless_allowzero(proto: Any) -> Any:
+    """`allowzero=1` makes a 0 in `Reshape`'s shape mean a dimension of size 0 instead of
+    "copy the input's": with a constant shape holding no 0 it changes nothing, and onnx2torch
+    refuses it. A copy of the model without it there (the main graph)."""
+    import onnx
+    from onnx import numpy_helper
+
+    constants = {t.name: t for t in proto.graph.initializer}
+    for node in proto.graph.node:
+        if node.op_type == "Constant" and node.domain in STANDARD_DOMAINS:
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                constants[node.output[0]] = value
+    meaningless = []
+    for index, node in enumerate(proto.graph.node):
+        if node.op_type != "Reshape" or node.domain not in STANDARD_DOMAINS:
+            continue
+        allowzero = [i for i, a in enumerate(node.attribute) if a.name == "allowzero" and a.i]
+        shape = constants.get(node.input[1]) if len(node.input) > 1 else None
+        if allowzero and shape is not None and (numpy_helper.to_array(shape) != 0).all():
+            meaningless.append((index, allowzero[0]))
+    if not meaningless:
+        return proto
+    model = onnx.ModelProto()
+    model.CopyFrom(proto)
+    for index, attribute in meaningless:
+        del model.graph.node[index].attribute[attribute]
+    return model
+
+
+def _converted_types(proto: Any) -> set[str]:
+    """The operator types of the model the converter has a rule for at some opset."""
+    from onnx2torch.node_converters.registry import _CONVERTER_REGISTRY
+
+    known = {d.operation_type for d in _CONVERTER_REGISTRY if d.domain == ""}
+    return {n.op_type for g in _graphs(proto.graph) for n in g.node} & known
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,17 +442,16 @@ def screen_converted(module: torch.fx.GraphModule, example: torch.Tensor | None)
         raise ModelRejected(f"the converted ONNX graph has a {node.op} node ({node.target})")
     graphs = 1
     if example is not None:
-        from torch.fx.experimental.proxy_tensor import make_fx
-
         try:
             with torch.no_grad():
-                traced = make_fx(module)(example)
+                screen_aten_run(module, (example,), "the converted ONNX graph")
+        except ModelRejected:
+            raise
         except Exception as exc:  # noqa: BLE001 - the model fails on its own input shape
             raise ModelRejected(
                 f"the converted ONNX model fails on an input of shape {list(example.shape)}: "
                 f"{_message(exc)}"
             ) from exc
-        screen_aten_graph(traced, "the converted ONNX graph")
         graphs += 1
     return GraphSummary(forward_op_count=count, methods_screened=graphs)
 
@@ -273,7 +478,9 @@ def load_onnx(
 ) -> tuple[torch.nn.Module, GraphSummary]:
     """Screen, convert and screen again; the converted module on `device`, in eval mode."""
     proto = read_onnx(path)
-    module = convert(proto)
+    convertible = prepare(proto)
+    module = convert(convertible)
+    module.meta["onnx_converted_opset"] = default_opset(convertible)
     summary = screen_converted(module, example_input(proto, spec, torch.device("cpu")))
     return module.to(device).eval(), summary
 
@@ -324,9 +531,12 @@ def verify_conversion(
             f"{RELATIVE_TOLERANCE:g} x the largest output magnitude {scale:.3g})"
         )
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
+    meta = getattr(module, "meta", {})
     return {
         "onnx_converter": converter_version(),
         "onnx_opsets": opsets,
+        # the opset converted (lower than the model's when onnx's version converter lowered it)
+        "onnx_converted_opset": meta.get("onnx_converted_opset", default_opset(proto)),
         "onnx_nodes": len(proto.graph.node),
         "onnx_max_difference": difference,
         "onnx_tolerance": tolerance,

@@ -13,7 +13,8 @@ Three layers, cheapest first:
    inputs, read with torch's weights-only unpickler, are checked here alone.
 3. After loading: `screen_torchscript_module` inlines every method of every submodule and
    checks every node against an allow-list; `screen_exported_program` does the same for the
-   exported graph's `call_function` targets.
+   exported graph's `call_function` targets; `screen_aten_run` checks every aten operator a
+   converted ONNX model dispatches on its probe input, before it runs.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from __future__ import annotations
 import io
 import json
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -351,17 +353,39 @@ def _exported_target_refusal(target: object) -> str | None:
     return f"calls {getattr(target, '__qualname__', target)!r}, which is not an aten operator"
 
 
-def screen_aten_graph(module: torch.fx.GraphModule, where: str) -> int:
-    """Screen a graph traced to aten operators (a converted ONNX model, traced on its probe
-    input) with the policy of exported programs; return its operator count."""
+def screen_aten_run(
+    function: Callable[..., Any], args: tuple[Any, ...], where: str
+) -> tuple[Any, int]:
+    """Run `function(*args)` with every aten operator it dispatches checked against the policy
+    of exported programs *before* it executes (a converted ONNX model, run on its probe input);
+    return the result and the number of operators run.
+
+    Unlike a trace (`make_fx`), the run sees real values, so operators whose output shape
+    depends on a tensor's values (an ONNX `Reshape` reading the shape tensor that `Shape`,
+    `Gather` and `Concat` computed) are screened like any other; and a refused operator raises
+    ModelRejected without having run."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
     count = 0
-    for node in module.graph.nodes:
-        if node.op in ("placeholder", "output", "get_attr"):
-            continue
-        if node.op != "call_function":
-            raise ModelRejected(f"{where} has a {node.op} node ({node.target})")
-        count += 1
-        refusal = _exported_target_refusal(node.target)
-        if refusal is not None:
-            raise ModelRejected(f"{where} {refusal}")
-    return count
+    refused: list[str] = []  # kept even if the code that called the operator swallows the raise
+
+    class _Screen(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal count
+            refusal = _exported_target_refusal(func)
+            if refusal is not None:
+                refused.append(f"{where} {refusal}")
+                raise ModelRejected(refused[-1])
+            count += 1
+            return func(*args, **(kwargs or {}))
+
+    try:
+        with _Screen():
+            result = function(*args)
+    except Exception:
+        if refused:
+            raise ModelRejected(refused[0]) from None
+        raise
+    if refused:
+        raise ModelRejected(refused[0])
+    return result, count

@@ -4,22 +4,29 @@ A model is a program: it may never return or may allocate without end, so every 
 can end is turned into a verdict (`ready` or `rejected` with a reason a person can act on),
 never left `validating`. The attempt count lives in `admission_info` while validating, so a model
 that keeps killing its worker is rejected after settings.max_attempts.
+
+A worker that cannot sandbox (workers.execution.sandbox_check) is not the model's fault: a model
+that needs the sandbox stays `validating` with a reason that says so, for another worker, and
+is rejected with that reason once it has waited settings.sandbox_wait_seconds since its upload.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from service.db.models import Model
+from service.db.heartbeats import SANDBOXED_FORMATS, sandbox_count
+from service.db.models import Model, utcnow
 from service.settings import Settings
 from workers.execution import jobs
 from workers.execution.audit_job import sandbox_for
-from workers.execution.heartbeat import set_current_work
+from workers.execution.heartbeat import set_current_work, worker_name
+from workers.execution.sandbox_check import current_state, mark_unavailable, needs_sandbox
 from workers.sandbox.bubblewrap import SandboxUnavailable
 from workers.sandbox.child import ChildOutcome, RunnerChild
 
@@ -68,22 +75,76 @@ def execute_admission(model_id: str, *, settings: Settings, session: Session) ->
             reason=f"gave up after {attempts} attempts: the admission never finished",
         )
         return "rejected"
+    if needs_sandbox(settings, model.format):
+        state = current_state(settings)
+        if state is not None and not state.works:
+            return _without_sandbox(session, settings, model, str(state.problem))
     _set_status(session, model_id, admission_info={"attempts": attempts + 1})
     set_current_work(model_id)
     job_dir = jobs.materialise_admission_job(settings, model, attempts + 1)
+    unavailable: str | None = None
     try:
         values = _run_admission(settings, job_dir, model.format)
     except SandboxUnavailable as exc:
-        # This worker's fault, not the model's: it stays `validating` (the attempt is given
-        # back) and the reconciler sends it again, to this or another worker, later.
-        log.error("cannot admit %s here: %s", model_id, exc)
+        # This worker's fault, not the model's: the attempt is given back.
+        unavailable = str(exc)
         _set_status(session, model_id, admission_info={"attempts": attempts})
-        return "sandbox-unavailable"
     finally:
         set_current_work(None)
         jobs.remove_job_dir(job_dir)
+    if unavailable is not None:
+        mark_unavailable(unavailable)
+        return _without_sandbox(session, settings, model, unavailable)
     _set_status(session, model_id, **values)
     return str(values["status"])
+
+
+def _without_sandbox(session: Session, settings: Settings, model: Model, problem: str) -> str:
+    """This worker cannot sandbox the model: it stays `validating` with a reason (the
+    reconciler sends it again, to this or another worker) until it has waited
+    sandbox_wait_seconds since its upload; then it is rejected with the reason."""
+    now = utcnow()
+    others = sandbox_count(session, settings.worker_stale_seconds, now=now, exclude=worker_name())
+    wait = settings.sandbox_wait_seconds
+    deadline = model.created_at + timedelta(seconds=wait)
+    log.warning(
+        "cannot admit %s here: this worker cannot sandbox models (%s); %d other live worker(s) can",
+        model.id,
+        problem,
+        others.able,
+    )
+    until = deadline.strftime("%Y-%m-%d %H:%M:%S UTC")
+    if now >= deadline:
+        if others.able:
+            why = (
+                f"no worker that can sandbox models took it within {wait:g} s (those that got "
+                "it cannot: bubblewrap is missing or not working there; "
+                f"{others.able} live worker(s) can)"
+            )
+        else:
+            why = (
+                "no worker can sandbox models: bubblewrap is missing or not working on every "
+                f"live worker, and the model waited {wait:g} s for one"
+            )
+        reason = (
+            f"{why}. {SANDBOXED_FORMATS} models run only in the sandbox: upload the model "
+            "again once the operator has made bubblewrap work on the workers"
+        )
+        _set_status(session, model.id, status="rejected", reason=reason)
+        return "rejected"
+    if others.able:
+        reason = (
+            "waiting for a worker that can sandbox models: the one that got it cannot "
+            f"(bubblewrap is missing or not working there), {others.able} live worker(s) can; "
+            f"refused at {until} if none has admitted it by then"
+        )
+    else:
+        reason = (
+            "no worker can sandbox models: bubblewrap is missing or not working on every live "
+            f"worker; the model waits for one until {until}, then is refused"
+        )
+    _set_status(session, model.id, reason=reason)
+    return "sandbox-unavailable"
 
 
 def _run_admission(settings: Settings, job_dir: Any, model_format: str) -> dict[str, Any]:

@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session
 
 from schemas.audits import TERMINAL_STATES
 from schemas.runner import RunnerEvent
+from schemas.wording import count_of
 from service.db.models import Audit, AuditShard, Model, utcnow
 from service.queue import broker as queue
 from service.queue.dispatch import get_dispatcher
@@ -36,6 +37,7 @@ from workers.execution.leases import (
     LeaseOutcome,
     acquire_lease,
     gave_up_problem,
+    monotone_progress,
     new_owner,
     release_lease,
     renew_lease,
@@ -130,23 +132,104 @@ def sandbox_for(settings: Settings, model_format: str) -> Sandbox:
         memory_bytes=settings.runner_memory_bytes,
         runs_uploaded_code=model_format != "safetensors",
         threads=settings.runner_threads,
+        bwrap=settings.bwrap,
     )
+
+
+@dataclass(frozen=True)
+class TimeLimit:
+    """An audit's wall-clock limit and where it comes from: `budget` (the audit's own
+    budget.wall_seconds), `default` (derived from the model's probe time, or the service's soft
+    limit) or `probe` (the plan step's budget to load and probe the model)."""
+
+    seconds: float
+    source: Literal["budget", "default", "probe"]
+    explanation: str
+
+
+def audit_time_limit_of(
+    settings: Settings, request: dict[str, Any], probe_seconds: float | None = None
+) -> TimeLimit:
+    """The wall-clock limit of the audit: the soft limit; tighter, what the measured probe time
+    says the audit needs (probe_seconds × audit_probe_multiple, at least audit_min_time_limit);
+    tighter still, the audit's own budget."""
+    soft = float(settings.audit_soft_time_limit)
+    limit = TimeLimit(
+        soft,
+        "default",
+        f"the default of an audit without budget.wall_seconds: the service's "
+        f"TIGHTROPE_AUDIT_SOFT_TIME_LIMIT ({soft:g} s; no probe time was measured)",
+    )
+    if probe_seconds is not None:
+        derived = max(
+            float(settings.audit_min_time_limit), probe_seconds * settings.audit_probe_multiple
+        )
+        limit = TimeLimit(
+            min(soft, derived),
+            "default",
+            f"the default of an audit without budget.wall_seconds, derived from the model's "
+            f"probe time: {probe_seconds:.4g} s × TIGHTROPE_AUDIT_PROBE_MULTIPLE "
+            f"({settings.audit_probe_multiple:g}), at least TIGHTROPE_AUDIT_MIN_TIME_LIMIT "
+            f"({settings.audit_min_time_limit} s), at most TIGHTROPE_AUDIT_SOFT_TIME_LIMIT "
+            f"({soft:g} s)",
+        )
+    wall = (request.get("budget") or {}).get("wall_seconds")
+    if wall and float(wall) <= limit.seconds:
+        return TimeLimit(float(wall), "budget", "set by the audit's budget.wall_seconds")
+    return limit
 
 
 def audit_time_limit(
     settings: Settings, request: dict[str, Any], probe_seconds: float | None = None
 ) -> float:
-    """The wall-clock limit of the audit: the soft limit; tighter, what the measured probe time
-    says the audit needs (probe_seconds × audit_probe_multiple, at least audit_min_time_limit);
-    tighter still, the audit's own budget."""
-    limit = float(settings.audit_soft_time_limit)
-    if probe_seconds is not None:
-        derived = max(
-            float(settings.audit_min_time_limit), probe_seconds * settings.audit_probe_multiple
+    """audit_time_limit_of's seconds."""
+    return audit_time_limit_of(settings, request, probe_seconds).seconds
+
+
+def time_limit_problem(
+    session: Session,
+    settings: Settings,
+    audit_id: str,
+    *,
+    ran_seconds: float | None,
+    shard: str | None = None,
+) -> dict[str, Any]:
+    """The `time-limit` problem of an audit that ran past its limit: what ran out of time (the
+    audit, or one of its shards) after how long, and the limit that bound it: its value and
+    its source (`extra`: limit_seconds, limit_source, shard), with what to change."""
+    row = session.execute(
+        select(Audit.request, Audit.probe_seconds).where(Audit.id == audit_id)
+    ).one_or_none()
+    request, probe_seconds = (row.request or {}, row.probe_seconds) if row else ({}, None)
+    limit = audit_time_limit_of(settings, request, probe_seconds)
+    what = f"shard {shard}" if shard else "the audit"
+    if ran_seconds is None:
+        ran = f"{what} could not start: the audit had used up its time limit"
+    elif shard and ran_seconds < limit.seconds:
+        ran = (
+            f"{what} timed out after {round(ran_seconds, 1):g} s, what was left of the audit's "
+            "time limit"
         )
-        limit = min(limit, derived)
-    wall = (request.get("budget") or {}).get("wall_seconds")
-    return min(limit, float(wall)) if wall else limit
+    else:
+        ran = f"{what} timed out after {round(ran_seconds, 1):g} s"
+    remedy = (
+        "raise budget.wall_seconds, or audit fewer or smaller images, fewer levels or restarts"
+        if limit.source == "budget"
+        else "set budget.wall_seconds to choose the limit, or audit fewer or smaller images, "
+        "fewer levels or restarts"
+    )
+    found = problem(
+        "time-limit",
+        "Time limit exceeded",
+        422,
+        f"{ran}; the audit's time limit is {limit.seconds:g} s, {limit.explanation}: {remedy}",
+    )
+    found["extra"] = {
+        "limit_seconds": limit.seconds,
+        "limit_source": limit.source,
+        **({"shard": shard} if shard else {}),
+    }
+    return found
 
 
 def wants_gpu(request: dict[str, Any]) -> bool:
@@ -203,11 +286,13 @@ class _Attempt:
             child.kill()
 
     def record_progress(self, event: RunnerEvent) -> None:
-        values: dict[str, Any] = {"progress_fraction": min(max(event.fraction or 0.0, 0.0), 1.0)}
-        if event.check is not None:
-            values["progress_check"] = event.check[:64]
-        if event.message is not None:
-            values["progress_message"] = event.message[:2000]
+        """Store the runner's progress, never lowering the audit's: the finalising runner
+        starts again from 0.0 ("preparing operator and images") after every shard is done."""
+        values = monotone_progress(
+            min(max(event.fraction or 0.0, 0.0), 1.0),
+            check=None if event.check is None else event.check[:64],
+            message=None if event.message is None else event.message[:2000],
+        )
         update_owned(self.session, self.audit_id, self.owner, **values)
 
     def record_shard(self, event: RunnerEvent) -> None:
@@ -303,10 +388,15 @@ class _Attempt:
             self.owner,
             shards_total=total,
             shards_done=total - waiting,
-            attempts=0,  # from here on, attempts count the finalising task's tries
-            progress_fraction=(total - waiting) / total,
+            # From here on, `attempts` counts the finalising task's tries (each step has
+            # max_attempts); the planning tries are kept, so the API's `attempts` (the most
+            # any step needed) never drops back to 0 (to_status).
+            plan_attempts=Audit.attempts,
+            attempts=0,
             progress_check=None,
-            progress_message=f"{total} shards planned",
+            **monotone_progress(
+                (total - waiting) / total, message=f"{count_of(total, 'shard')} planned"
+            ),
         )
         self.finished = True
         if not released:
@@ -521,6 +611,15 @@ def execute_audit(
             release_lease(session, audit_id, owner, attempts=max(audit.attempts - 1, 0))
             return "sharded"
         kind = "audit"  # every shard is stored: merge, sign, render
+        # Progress stays where the shards left it (1.0): the finalising runner's own count,
+        # which starts again from 0.0, never lowers it (monotone_progress); say what runs now.
+        update_owned(
+            session,
+            audit_id,
+            owner,
+            progress_check=None,
+            progress_message=f"merging {count_of(total, 'shard')} into the report",
+        )
     set_current_work(audit_id)
     try:
         attempt.job_dir = jobs.materialise_audit_job(session, settings, audit, model, kind=kind)
@@ -591,7 +690,7 @@ def _supervise_child(
     except SoftTimeLimitExceeded:
         child.kill()
         child.finish()
-        attempt.fail("time-limit", "Time limit exceeded", 422, f"timed out after {limit:g} s")
+        attempt.finish(status="failed", error=_timeout_problem(attempt, limit))
         return "failed"
     outcome = child.finish()
     if attempt.lease_lost:
@@ -602,20 +701,28 @@ def _supervise_child(
         attempt.finish(status="cancelled")
         return "cancelled"
     if outcome.timed_out:
-        attempt.fail("time-limit", "Time limit exceeded", 422, _timeout_detail(attempt, limit))
+        attempt.finish(status="failed", error=_timeout_problem(attempt, limit))
         return "failed"
     attempt.retry_or_give_up(outcome.returncode, outcome.stderr_tail, attempts)
     return _final_status(attempt)
 
 
-def _timeout_detail(attempt: _Attempt, limit: float) -> str:
+def _timeout_problem(attempt: _Attempt, limit: float) -> dict[str, Any]:
     if attempt.probe_bound:
-        return (
+        found = problem(
+            "time-limit",
+            "Time limit exceeded",
+            422,
             f"the model did not finish loading and its probe (one forward and input gradient "
             f"on 2 inputs) within {limit:g} s: it may never return; see the model's "
-            "admission_info"
+            "admission_info; the limit is the plan step's budget to load and probe the model "
+            "(TIGHTROPE_ADMISSION_TIME_LIMIT)",
         )
-    return f"timed out after {limit:g} s"
+        found["extra"] = {"limit_seconds": limit, "limit_source": "probe"}
+        return found
+    return time_limit_problem(
+        attempt.session, attempt.settings, attempt.audit_id, ran_seconds=limit
+    )
 
 
 def _final_status(attempt: _Attempt) -> str:

@@ -28,8 +28,15 @@ _heartbeat: Heartbeat | None = None
 @worker_ready.connect
 def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     global _heartbeat
+    # Imported here: it needs the task modules' dependencies, which this module must not load.
+    from workers.execution.sandbox_check import check_sandbox, watch_sandbox
+
     name = getattr(sender, "hostname", None) or "worker"
-    _heartbeat = Heartbeat(name, get_settings(), get_sessionmaker())
+    settings = get_settings()
+    # Before the first beat, so that every heartbeat says whether this worker can sandbox.
+    check_sandbox(settings, name)
+    watch_sandbox(settings)
+    _heartbeat = Heartbeat(name, settings, get_sessionmaker())
     _heartbeat.start()
 
 

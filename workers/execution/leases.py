@@ -14,7 +14,7 @@ import uuid
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import CursorResult, and_, or_, update
+from sqlalchemy import CursorResult, and_, case, or_, update
 from sqlalchemy.orm import Session
 
 from service.db.models import Audit
@@ -143,6 +143,24 @@ def update_owned(session: Session, audit_id: str, owner: str, **values: Any) -> 
         return True
     session.rollback()
     return False
+
+
+def monotone_progress(
+    fraction: Any, *, check: str | None = None, message: str | None = None
+) -> dict[str, Any]:
+    """The UPDATE values that store an audit's progress without ever lowering it: a fraction
+    below the stored one changes nothing (nor the check and message that came with it), so a
+    step that starts counting again (the finalising runner begins at 0.0) or a late write of
+    an older count never makes progress go backwards. `fraction` may be a SQL expression."""
+    lower = Audit.progress_fraction > fraction
+    values: dict[str, Any] = {
+        "progress_fraction": case((lower, Audit.progress_fraction), else_=fraction)
+    }
+    if check is not None:
+        values["progress_check"] = case((lower, Audit.progress_check), else_=check)
+    if message is not None:
+        values["progress_message"] = case((lower, Audit.progress_message), else_=message)
+    return values
 
 
 def release_lease(session: Session, audit_id: str, owner: str, **values: Any) -> bool:

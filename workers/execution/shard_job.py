@@ -7,7 +7,9 @@ the result the moment the child reports it. The worker that stores the last shar
 finalising task. A child that dies is retried (another token) until max_attempts; an error
 the engine reports fails the whole audit, since every other shard would meet it too.
 Cancellation: the child is asked to stop (STOP in its job directory, which the engine checks
-between shards), then killed after STOP_GRACE_SECONDS.
+between shards), then killed after STOP_GRACE_SECONDS. A child that stays silent longer than
+its watchdog allows (one call of the model that does not return; workers.execution.watchdog)
+is killed and fails the audit with `model-hung`, long before the audit's time limit.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from schemas.runner import STOP_FILE, RunnerEvent
-from service.db.models import Audit, Model, utcnow
+from service.db.models import Audit, AuditShard, Model, utcnow
 from service.settings import Settings
 from workers.execution import jobs
 from workers.execution.audit_job import (
@@ -37,10 +39,11 @@ from workers.execution.audit_job import (
     sandbox_for,
     send_safely,
     storage_full_problem,
+    time_limit_problem,
     wants_gpu,
 )
 from workers.execution.heartbeat import set_current_work
-from workers.execution.job_cache import JobCache
+from workers.execution.job_cache import JobCache, worker_cache
 from workers.execution.leases import gave_up_problem, new_owner
 from workers.execution.shard_leases import (
     ClaimedShard,
@@ -49,22 +52,13 @@ from workers.execution.shard_leases import (
     release_shard,
     renew_shard,
 )
+from workers.execution.watchdog import Watchdog, hung_problem, probe_time, watchdog_for
 from workers.sandbox.bubblewrap import SandboxUnavailable
 from workers.sandbox.child import RunnerChild
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_SECONDS = 2.0
-
-_cache: JobCache | None = None
-
-
-def worker_cache(settings: Settings) -> JobCache:
-    """This worker process's kept job directories."""
-    global _cache
-    if _cache is None:
-        _cache = JobCache(settings.worker_job_cache_entries)
-    return _cache
 
 
 @dataclass
@@ -213,9 +207,12 @@ def execute_shard(
     limit = _remaining_seconds(settings, audit, utcnow())
     if limit <= 0:
         run.fail_audit(
-            problem("time-limit", "Time limit exceeded", 422, "the audit ran past its time budget")
+            time_limit_problem(
+                session, settings, claimed.audit_id, ran_seconds=None, shard=claimed.shard_id
+            )
         )
         return "failed"
+    watchdog = watchdog_for(settings, probe_time(model.admission_info, audit.probe_seconds))
     set_current_work(claimed.audit_id)
     try:
         try:
@@ -229,7 +226,7 @@ def execute_shard(
                 raise
             run.fail_audit(storage_full_problem(str(exc)))
             return "failed"
-        return _supervise(run, audit.request, limit, model.format, cache)
+        return _supervise(run, audit.request, limit, model.format, cache, watchdog)
     finally:
         set_current_work(None)
         if run.job_dir != Path():
@@ -237,13 +234,19 @@ def execute_shard(
 
 
 def _supervise(
-    run: _ShardRun, request: dict[str, Any], limit: float, model_format: str, cache: JobCache
+    run: _ShardRun,
+    request: dict[str, Any],
+    limit: float,
+    model_format: str,
+    cache: JobCache,
+    watchdog: Watchdog,
 ) -> str:
     settings = run.settings
     # A child kept from this audit's previous shard on this worker runs the next one: no new
-    # process, no second import of torch, no second load of the model.
+    # process, no second import of torch, no second load of the model. A child kept for
+    # another audit is ended first: one runner (one loaded model) per worker at a time.
     child = cache.kept_child(run.job_dir)
-    if child is not None and not child.next_job(limit):
+    if child is not None and not child.next_job(limit, watchdog.limit):
         cache.drop_child(run.job_dir)
         child = None
     if child is None:
@@ -255,13 +258,14 @@ def _supervise(
                 time_limit=limit,
                 use_gpu=wants_gpu(request),
                 serve=True,
+                stall_limit=watchdog.limit,
             )
         except SandboxUnavailable as exc:
             # This worker cannot run shards; the model is not at fault: another worker may.
             log.error("sandbox unavailable: %s", exc)
             return _retry_or_give_up(run, f"the sandbox is unavailable on {run.worker}: {exc}")
     try:
-        return _follow(run, child, limit, cache)
+        return _follow(run, child, limit, cache, watchdog)
     except BaseException:
         # The database or the broker went away mid-shard: never leave the child running.
         cache.drop_child(run.job_dir)
@@ -270,7 +274,9 @@ def _supervise(
         raise
 
 
-def _follow(run: _ShardRun, child: RunnerChild, limit: float, cache: JobCache) -> str:
+def _follow(
+    run: _ShardRun, child: RunnerChild, limit: float, cache: JobCache, watchdog: Watchdog
+) -> str:
     settings = run.settings
     last_beat = time.monotonic()
     stop_asked_at: float | None = None
@@ -297,7 +303,14 @@ def _follow(run: _ShardRun, child: RunnerChild, limit: float, cache: JobCache) -
             child.kill()
             break
     if run.done and run.stored and not run.stop and child.alive():
-        cache.keep_child(run.job_dir, child)
+        if _shards_waiting(run.session, run.audit_id):
+            # idle, its model loaded, for this audit's next shard; ended after
+            # runner_idle_seconds if none comes to this worker
+            cache.keep_child(run.job_dir, child, idle_seconds=run.settings.runner_idle_seconds)
+        else:  # nothing of this audit is left to run here: the runner ends with it
+            cache.drop_child(run.job_dir)
+            child.kill()
+            child.finish()
         run.finished_shard()
         return "done"
     cache.drop_child(run.job_dir)
@@ -316,13 +329,25 @@ def _follow(run: _ShardRun, child: RunnerChild, limit: float, cache: JobCache) -
         )
         _cancel_if_asked(run)
         return "cancelled"
+    if outcome.stalled:
+        allowed = outcome.stall_seconds or watchdog.limit.floor
+        log.warning(
+            "audit %s shard %s: the runner was silent for %g s (%s): killed",
+            run.audit_id,
+            run.claimed.shard_id,
+            allowed,
+            watchdog.basis(outcome.largest_batch),
+        )
+        run.fail_audit(hung_problem(watchdog, run.claimed.shard_id, allowed, outcome.largest_batch))
+        return "failed"
     if outcome.timed_out:
         run.fail_audit(
-            problem(
-                "time-limit",
-                "Time limit exceeded",
-                422,
-                f"shard {run.claimed.shard_id} timed out after {limit:g} s",
+            time_limit_problem(
+                run.session,
+                run.settings,
+                run.audit_id,
+                ran_seconds=limit,
+                shard=run.claimed.shard_id,
             )
         )
         return "failed"
@@ -330,6 +355,18 @@ def _follow(run: _ShardRun, child: RunnerChild, limit: float, cache: JobCache) -
     if outcome.stderr_tail:
         detail += ": " + outcome.stderr_tail.splitlines()[-1][:500]
     return _retry_or_give_up(run, detail)
+
+
+def _shards_waiting(session: Session, audit_id: str) -> int:
+    """How many of the audit's shards wait for a worker (a kept runner may serve one)."""
+    return int(
+        session.scalar(
+            select(func.count())
+            .select_from(AuditShard)
+            .where(AuditShard.audit_id == audit_id, AuditShard.status == "queued")
+        )
+        or 0
+    )
 
 
 def _cancel_if_asked(run: _ShardRun) -> None:

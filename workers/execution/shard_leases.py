@@ -20,6 +20,7 @@ from sqlalchemy import CursorResult, and_, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from service.db.models import Audit, AuditShard
+from workers.execution.leases import monotone_progress
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 CANDIDATE_AUDITS = 8
@@ -202,8 +203,8 @@ def count_progress(session: Session, audit_id: str, now: datetime) -> tuple[int,
         .where(Audit.id == audit_id, Audit.status == "running")
         .values(
             shards_done=done_count,
-            progress_fraction=func.coalesce(
-                done_count * 1.0 / func.nullif(Audit.shards_total, 0), 0.0
+            **monotone_progress(
+                func.coalesce(done_count * 1.0 / func.nullif(Audit.shards_total, 0), 0.0)
             ),
             updated_at=now,
         )

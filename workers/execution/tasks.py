@@ -17,6 +17,7 @@ from workers.execution.admission import execute_admission
 from workers.execution.audit_job import execute_audit
 from workers.execution.callbacks import Delivery, backoff_seconds, deliver_callback
 from workers.execution.celery_app import app
+from workers.execution.job_cache import end_kept_runner
 from workers.execution.shard_job import execute_shard
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 
 @app.task(name=TASK_RUN_AUDIT, acks_late=True, reject_on_worker_lost=True)
 def run_audit(audit_id: str) -> str:
+    end_kept_runner()  # a plan or finalising runner never runs beside a kept shard runner
     with get_sessionmaker()() as session:
         return execute_audit(audit_id, settings=get_settings(), session=session)
 
@@ -39,6 +41,7 @@ def run_shard(self: Any, audit_id: str, queue: str) -> str:
 
 @app.task(name=TASK_ADMIT_MODEL, acks_late=True, reject_on_worker_lost=True)
 def admit_model(model_id: str) -> str:
+    end_kept_runner()  # nor does an admission's
     with get_sessionmaker()() as session:
         return execute_admission(model_id, settings=get_settings(), session=session)
 

@@ -198,7 +198,7 @@ CLASSIFIER_COLUMNS: dict[str, list[tuple[str, str, str | None]]] = {
 def _table(kind: str, finding: Finding) -> dict[str, Any] | None:
     if finding.result.get("task") == "classification" or kind == "adversarial":
         return _rows_table(CLASSIFIER_COLUMNS.get(kind), finding)
-    columns: Sequence[tuple[str, str, str | None]] | None = {
+    tables: dict[str, list[tuple[str, str, str | None]]] = {
         "worst_case": [
             ("relative error (max)", "relative_error", "max"),
             ("relative error (mean)", "relative_error", "mean"),
@@ -210,6 +210,8 @@ def _table(kind: str, finding: Finding) -> dict[str, Any] | None:
             # which search found the worst image, and how long the level ran
             ("worst found by", "worst_image", "optimizer"),
             ("steps (max)", "steps", "max"),
+            # images whose worst case is the smaller level's perturbation (monotone curve)
+            ("carried from level below", "carried", None),
         ],
         "random_noise": [
             ("relative error (mean)", "relative_error", "mean"),
@@ -219,8 +221,8 @@ def _table(kind: str, finding: Finding) -> dict[str, Any] | None:
             ("failure probability", "failure_probability", "estimate"),
             ("95 % upper bound", "failure_probability", "ci_high"),
         ],
-    }.get(kind)
-    return _rows_table(columns, finding)
+    }
+    return _rows_table(tables.get(kind), finding)
 
 
 def _rows_table(

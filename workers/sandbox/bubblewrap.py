@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,13 @@ THREADS_PER_CHILD = 2  # the default of TIGHTROPE_RUNNER_THREADS
 
 _PR_SET_PDEATHSIG = 1
 
+# The start-up probe (Sandbox.probe): a trivial command in the sandbox must end within this time.
+PROBE_TIMEOUT_SECONDS = 20.0
+
 
 class SandboxUnavailable(RuntimeError):
-    """bubblewrap is required but missing: refuse to run uploaded code unconfined."""
+    """bubblewrap is required but missing or not working: refuse to run uploaded code
+    unconfined."""
 
 
 @dataclass(frozen=True)
@@ -182,22 +187,29 @@ class Sandbox:
     # a machine without bubblewrap may still run them (clean environment and rlimits kept).
     runs_uploaded_code: bool = True
     threads: int = THREADS_PER_CHILD  # OMP/MKL/OpenBLAS threads of a child
+    bwrap: str = "bwrap"  # TIGHTROPE_BWRAP: a name looked up on PATH, or a path
 
     def confined(self) -> bool:
         """Whether children run inside bubblewrap."""
         if self.mode == "off":
             return False
-        return self.runs_uploaded_code or shutil.which("bwrap") is not None
+        return self.runs_uploaded_code or shutil.which(self.bwrap) is not None
+
+    def missing(self) -> str:
+        """Why bubblewrap cannot be found, as a sentence an operator can act on."""
+        named = "bwrap" if self.bwrap == "bwrap" else f"bwrap at {self.bwrap!r} (TIGHTROPE_BWRAP)"
+        return (
+            f"bubblewrap ({named}) is not installed: install it (the `bubblewrap` package), "
+            "or set TIGHTROPE_SANDBOX=off on a development machine (unsafe: uploaded models "
+            "then run unconfined)"
+        )
 
     def command(self, argv: Sequence[str], job_dir: Path, *, use_gpu: bool) -> list[str]:
         if not self.confined():
             return list(argv)
-        bwrap = shutil.which("bwrap")
+        bwrap = shutil.which(self.bwrap)
         if bwrap is None:
-            raise SandboxUnavailable(
-                "bubblewrap (bwrap) is not installed: install it, or set TIGHTROPE_SANDBOX=off "
-                "on a development machine (unsafe: uploaded models then run unconfined)"
-            )
+            raise SandboxUnavailable(self.missing())
         # Every NVIDIA node is bound, not only the pinned GPU's /dev/nvidiaN: the N of a node is
         # the driver's minor number, which need not match an nvidia-smi or CUDA index, and CUDA
         # run with some nodes missing may fail to start rather than skip them. The GPU is chosen
@@ -209,6 +221,48 @@ class Sandbox:
         return bwrap_command(
             argv, job_dir, self.hidden_dirs, gpu_nodes=nodes, bwrap=bwrap, threads=self.threads
         )
+
+    def probe(self, parent: Path, timeout: float = PROBE_TIMEOUT_SECONDS) -> str | None:
+        """Run a trivial command (the interpreter, doing nothing) in the sandbox the runner
+        gets, in a job directory made under `parent`: None when it works, otherwise why not.
+
+        bubblewrap may be installed and still fail: unprivileged user namespaces turned off
+        (`kernel.unprivileged_userns_clone=0`, a container without them), a seccomp profile
+        that refuses `unshare`, a binary that is not bubblewrap at all.
+        """
+        if self.mode == "off":
+            return None
+        bwrap = shutil.which(self.bwrap)
+        if bwrap is None:
+            return self.missing()
+        parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="sandbox-probe-", dir=parent) as job:
+            argv = [sys.executable, "-I", "-S", "-c", "pass"]
+            command = bwrap_command(argv, Path(job), self.hidden_dirs, bwrap=bwrap, threads=1)
+            try:
+                done = subprocess.run(
+                    command,
+                    cwd=job,
+                    env={"PATH": "/usr/bin:/bin"},
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=timeout,
+                    preexec_fn=limits_preexec(self.limits(use_gpu=False)),
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except subprocess.TimeoutExpired:
+                return f"bubblewrap ({bwrap}) did not run a trivial command within {timeout:g} s"
+            except OSError as exc:
+                return f"bubblewrap ({bwrap}) could not be started: {exc}"
+        if done.returncode != 0:
+            lines = done.stderr.decode(errors="replace").strip().splitlines()
+            said = f": {lines[-1][:300]}" if lines else ""
+            return (
+                f"bubblewrap ({bwrap}) cannot start a sandbox here (exit code "
+                f"{done.returncode}{said})"
+            )
+        return None
 
     def limits(self, *, use_gpu: bool) -> SandboxLimits:
         # CUDA reserves tens of GiB of virtual address space: RLIMIT_AS would break it.

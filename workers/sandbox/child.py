@@ -1,7 +1,11 @@
 """Drive one sandboxed runner child: start it, read its JSON-line events, enforce its deadline.
 
 The parent enforces the wall-clock limit (it kills the child's process group), so the limit
-holds whatever the Celery pool (the solo pool ignores Celery's own time limits).
+holds whatever the Celery pool (the solo pool ignores Celery's own time limits). With a
+`stall_limit` it is also the watchdog: a child that writes nothing (no event, no `beat`) for as
+long as that allows is killed too, and its outcome says `stalled`. The runner beats every
+BEAT_SECONDS while it works, except while one call of the model runs without returning, and
+says the largest batch it called the model on (schemas/runner.py, workers.engine.liveness).
 """
 
 from __future__ import annotations
@@ -35,8 +39,23 @@ _EOF = object()
 class ChildOutcome:
     returncode: int | None
     timed_out: bool
-    killed: bool  # killed by us (cancel, lost lease, deadline)
+    killed: bool  # killed by us (cancel, lost lease, deadline, watchdog)
     stderr_tail: str
+    stalled: bool = False  # killed by the watchdog: silent for stall_seconds
+    stall_seconds: float | None = None  # the silence the watchdog allowed (None: no watchdog)
+    largest_batch: int = 0  # the largest batch the runner said it called the model on
+
+
+@dataclass(frozen=True)
+class StallLimit:
+    """The watchdog's allowance: how long a runner may write nothing. `seconds_per_input` times
+    the largest batch the model was called on (as the runner's beats say), at least `floor`."""
+
+    floor: float
+    seconds_per_input: float = 0.0
+
+    def seconds(self, largest_batch: int) -> float:
+        return max(self.floor, self.seconds_per_input * largest_batch)
 
 
 class RunnerChild:
@@ -51,6 +70,7 @@ class RunnerChild:
         time_limit: float,
         use_gpu: bool,
         serve: bool = False,
+        stall_limit: StallLimit | None = None,
     ) -> None:
         argv = [sys.executable, "-m", runner_module, str(job_dir.resolve())]
         if serve:  # the child stays after its job and runs the next one when told (next_job)
@@ -59,10 +79,14 @@ class RunnerChild:
         self.started = time.monotonic()
         self.deadline = self.started + time_limit
         self.time_limit = time_limit
+        self.stall_limit = stall_limit
+        self.last_output = self.started  # when the child last wrote a line (its reader sets it)
+        self.largest_batch = 0  # kept across the jobs of a serving child: same model
         self._proc = sandbox.start(argv, job_dir, use_gpu=use_gpu, stdin=serve)
         self._lines: queue.Queue[object] = queue.Queue()
         self._stderr: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._timed_out = False
+        self._stalled = False
         self._killed = False
         assert self._proc.stdout is not None and self._proc.stderr is not None
         self._readers = [
@@ -79,6 +103,7 @@ class RunnerChild:
     def _pump_stdout(self, stream: IO[bytes]) -> None:
         # Lines are capped so that a child cannot exhaust the worker's memory with one line.
         while raw := stream.readline(MAX_EVENT_BYTES):
+            self.last_output = time.monotonic()
             if raw.endswith(b"\n"):
                 self._lines.put(raw)
             else:
@@ -92,18 +117,36 @@ class RunnerChild:
             self._stderr.append(raw.decode("utf-8", "replace").rstrip())
 
     def events(self, tick_seconds: float) -> Iterator[RunnerEvent | None]:
-        """Yield each event, or None every `tick_seconds` of silence; end when stdout closes.
+        """Yield each event, or None every `tick_seconds` of silence and for each `beat`; end
+        when stdout closes.
 
-        Past the deadline the child is killed and the iteration ends.
+        Past the deadline, or after `stall_seconds` without a line from the child (the
+        watchdog), the child is killed and the iteration ends.
         """
         while True:
-            remaining = self.deadline - time.monotonic()
+            now = time.monotonic()
+            remaining = self.deadline - now
             if remaining <= 0:
                 self._timed_out = True
                 self.kill()
                 return
+            wait = min(tick_seconds, remaining)
+            allowed = self.stall_seconds
+            if allowed is not None:
+                quiet = now - self.last_output
+                if quiet >= allowed and self._lines.empty():
+                    log.warning(
+                        "runner %d wrote nothing for %.1f s (watchdog: %g s): killing it",
+                        self.pid,
+                        quiet,
+                        allowed,
+                    )
+                    self._stalled = True
+                    self.kill()
+                    return
+                wait = min(wait, max(allowed - quiet, 0.01))
             try:
-                item = self._lines.get(timeout=min(tick_seconds, remaining))
+                item = self._lines.get(timeout=wait)
             except queue.Empty:
                 yield None
                 continue
@@ -111,18 +154,38 @@ class RunnerChild:
                 return
             assert isinstance(item, bytes)
             event = parse_event(item)
-            if event is not None:
-                yield event
+            if event is None:
+                continue
+            if event.event == "beat":
+                self._note_batch((event.info or {}).get("largest_batch"))
+                yield None
+                continue
+            yield event
+
+    @property
+    def stall_seconds(self) -> float | None:
+        """The silence the watchdog allows now (None: no watchdog)."""
+        if self.stall_limit is None:
+            return None
+        return self.stall_limit.seconds(self.largest_batch)
+
+    def _note_batch(self, batch: object) -> None:
+        # The child's word: a larger batch buys a longer allowance, never past the deadline.
+        if isinstance(batch, int) and not isinstance(batch, bool) and batch > self.largest_batch:
+            self.largest_batch = batch
 
     def alive(self) -> bool:
         return self._proc.poll() is None and not self._killed
 
-    def next_job(self, time_limit: float) -> bool:
+    def next_job(self, time_limit: float, stall_limit: StallLimit | None = None) -> bool:
         """Tell a serving child to run the job now in its job.json, within `time_limit`
-        seconds from now; False when it cannot be told (it exited)."""
+        seconds from now (and the watchdog's `stall_limit`); False when it cannot be told (it
+        exited)."""
         assert self._proc.stdin is not None
         self.deadline = time.monotonic() + time_limit
         self.time_limit = time_limit
+        self.stall_limit = stall_limit
+        self.last_output = time.monotonic()
         try:
             self._proc.stdin.write(b"next\n")
             self._proc.stdin.flush()
@@ -148,6 +211,9 @@ class RunnerChild:
             timed_out=self._timed_out,
             killed=self._killed,
             stderr_tail="\n".join(self._stderr),
+            stalled=self._stalled,
+            stall_seconds=self.stall_seconds,
+            largest_batch=self.largest_batch,
         )
 
 

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import IO, Any
@@ -20,6 +21,7 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from schemas.runner import (
+    BEAT_SECONDS,
     JOB_FILE,
     MAX_SHARDS,
     OUT_DIR,
@@ -35,6 +37,7 @@ from schemas.runner import (
 # each job's function)
 from workers.engine.errors import EngineInputError, is_out_of_memory
 from workers.engine.limits import archive_limits_in_force
+from workers.engine.liveness import MODEL_CALLS, ModelCalls
 
 REPORT_FILE = "report.json"
 # The status a failure maps to: 422 when the audit's own input is at fault.
@@ -43,15 +46,60 @@ INTERNAL_ERROR_STATUS = 500
 
 
 class EventStream:
-    """Writes events as JSON lines to a private descriptor, flushing each."""
+    """Writes events as JSON lines to a private descriptor, flushing each (one line at a time:
+    the beat thread writes too)."""
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
+        self._lock = threading.Lock()
 
     def emit(self, event: str, **fields: Any) -> None:
         line = RunnerEvent(event=event, **fields).model_dump_json(exclude_none=True)
-        self._stream.write(line + "\n")
-        self._stream.flush()
+        with self._lock:
+            self._stream.write(line + "\n")
+            self._stream.flush()
+
+
+class Beats:
+    """While a job runs, a `beat` event every `interval` seconds, unless one call of the model
+    has been running since the last beat without returning (the engine counts the calls in
+    MODEL_CALLS); and one at once when a call starts on a larger batch than any before, which
+    the worker's watchdog allows more time. The watchdog stops a shard whose runner stays
+    silent too long: a model that never returns is so told apart from a long audit, which
+    keeps beating."""
+
+    def __init__(
+        self, events: EventStream, interval: float = BEAT_SECONDS, calls: ModelCalls = MODEL_CALLS
+    ) -> None:
+        self._events = events
+        self._interval = interval
+        self._calls = calls
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="beats", daemon=True)
+
+    def __enter__(self) -> Beats:
+        self._calls.on_larger_batch = lambda batch: self.emit()
+        self.emit()  # at once: the job started
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._calls.on_larger_batch = None
+        self._stop.set()
+        self._thread.join()
+
+    def emit(self) -> None:
+        calls = self._calls
+        info = {"model_calls": calls.completed, "largest_batch": calls.largest_batch}
+        self._events.emit("beat", info=info)
+
+    def _beat(self) -> None:
+        seen = self._calls.completed
+        while not self._stop.wait(self._interval):
+            completed, running = self._calls.completed, self._calls.running_since
+            if running is None or completed != seen:
+                seen = completed
+                self.emit()
 
 
 def take_over_stdout() -> EventStream:
@@ -163,26 +211,27 @@ def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
         tmp.replace(path)
         events.emit("shard", shard_id=shard_id, file=f"{SHARDS_DIR}/{shard_id}.json")
 
-    report = api.run_audit(
-        job_dir / job.model_file,
-        job.model_format,
-        job.spec,
-        job.config,
-        # A serving child keeps the model it loaded for the next shards of the same audit.
-        loaded=_LOADED if job.kind == "shards" else None,
-        out_dir=out_dir,
-        model_sha256=job.model_sha256,
-        audit_id=job.audit_id,
-        model_id=job.model_id,
-        base_dir=job_dir,
-        completed_shards=load_completed_shards(job_dir),
-        on_progress=on_progress,
-        on_shard=on_shard,
-        # The worker asks a running child to stop by creating STOP in its job directory.
-        should_stop=(job_dir / STOP_FILE).exists,
-        only_shards=job.shard_ids if job.kind == "shards" else None,
-        reference=job.reference,
-    )
+    with Beats(events):
+        report = api.run_audit(
+            job_dir / job.model_file,
+            job.model_format,
+            job.spec,
+            job.config,
+            # A serving child keeps the model it loaded for the next shards of the same audit.
+            loaded=_LOADED if job.kind == "shards" else None,
+            out_dir=out_dir,
+            model_sha256=job.model_sha256,
+            audit_id=job.audit_id,
+            model_id=job.model_id,
+            base_dir=job_dir,
+            completed_shards=load_completed_shards(job_dir),
+            on_progress=on_progress,
+            on_shard=on_shard,
+            # The worker asks a running child to stop by creating STOP in its job directory.
+            should_stop=(job_dir / STOP_FILE).exists,
+            only_shards=job.shard_ids if job.kind == "shards" else None,
+            reference=job.reference,
+        )
     if job.kind == "shards":
         events.emit("done", info={"shards": report.get("shards", [])})
         return

@@ -658,6 +658,17 @@ INTERNAL_CALLBACKS = [
     "http://127.1/hook",
     "http://0x7f.1/hook",
     "http://[::ffff:127.0.0.1]/hook",
+    # IPv6 transition forms judged by the IPv4 address they embed
+    "http://[2002:7f00:1::]/",  # 6to4 of 127.0.0.1
+    "http://[2002:a9fe:a9fe::]/",  # 6to4 of 169.254.169.254
+    "http://[2002:c0a8:101::1]/hook",  # 6to4 of 192.168.1.1
+    "http://[2001:0:4136:e378:8000:63bf:80ff:fffe]/hook",  # Teredo, client 127.0.0.1
+    "http://[::127.0.0.1]/hook",  # IPv4-compatible
+    "http://[::a9fe:a9fe]/hook",  # IPv4-compatible 169.254.169.254
+    "http://[64:ff9b::a9fe:a9fe]/hook",  # NAT64 well-known prefix
+    "http://[64:ff9b:1::7f00:1]/hook",  # NAT64 local-use prefix
+    "http://[2606:2800:220:1:0:5efe:7f00:1]/hook",  # ISATAP of 127.0.0.1 on a public prefix
+    "http://[2606:2800:220:1:200:5efe:a00:1]/hook",  # ISATAP of 10.0.0.1
     "http://[::1]:8080/hook",
     "http://[::]/hook",
     "http://0.0.0.0/hook",
@@ -752,7 +763,12 @@ def test_public_callback_url_is_accepted(
     client: TestClient, auth: dict[str, str], model_id: str, fake_dns: dict[str, list[str]]
 ) -> None:
     # Only checked, never contacted: submission resolves, it sends nothing.
-    for url in ("http://93.184.216.34/hook", "https://public.example.test/hook?x=1"):
+    for url in (
+        "http://93.184.216.34/hook",
+        "https://public.example.test/hook?x=1",
+        "http://[2002:5db8:d822::1]/hook",  # 6to4 of the public 93.184.216.34
+        "http://[64:ff9b::5db8:d822]/hook",  # NAT64 of the same
+    ):
         response = submit(client, auth, audit_request(model_id, callback_url=url))
         assert response.status_code == 202, response.text
         with sessions_of(client)() as session:

@@ -124,3 +124,27 @@ def test_an_unreachable_database_is_503_with_retry_after(tmp_path: Path) -> None
         body = assert_problem(response, 503, "not-ready")
         assert "database is unreachable" in body["detail"]
         assert response.headers["retry-after"] == "5"
+
+
+def test_deeply_nested_json_in_an_uploads_spec_is_400_like_a_json_body(
+    client: TestClient, auth: dict[str, str], model_files: ModelFiles
+) -> None:
+    """The multipart `spec` field is held to the depth limit of JSON bodies (max_json_depth,
+    64): a 400 `bad-request` naming the limit, never a 422 "recursion limit" from the parser."""
+    for depth in (100, 30_000):  # past the limit; past the parser's own recursion limit
+        spec = '{"name": ' + "[" * depth + "]" * depth + "}"
+        response = upload_model(client, auth, model_files.torchscript, spec)
+        body = assert_problem(response, 400, "bad-request")
+        assert "deeper than 64 levels (TIGHTROPE_MAX_JSON_DEPTH)" in body["detail"], body
+        assert "'spec'" in body["detail"] and "recursion" not in body["detail"]
+        response = client.post(
+            "/v1/datasets",
+            headers=auth,
+            files={"file": ("x.npy", b"\x93NUMPY")},
+            data={"spec": spec},
+        )
+        assert_problem(response, 400, "bad-request")
+    # Nesting within the limit is read as before: a spec error names its field (422).
+    shallow = '{"name": ' + "[" * 10 + "]" * 10 + "}"
+    body = assert_problem(upload_model(client, auth, model_files.torchscript, shallow), 422)
+    assert body["errors"][0]["loc"][:2] == ["spec", "name"]

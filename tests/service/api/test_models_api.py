@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import redis
+import torch
 from fastapi.testclient import TestClient
 
 from service.db.models import Model
@@ -192,3 +194,26 @@ def test_bad_page_token_and_page_size(client: TestClient, auth: dict[str, str]) 
     assert body["errors"][0]["loc"] == ["query", "page_token"]
     body = assert_problem(client.get("/v1/models", headers=auth, params={"page_size": 0}), 422)
     assert body["errors"][0]["loc"] == ["query", "page_size"]
+
+
+def test_a_raw_pickle_is_refused_with_the_formats_and_how_to_save(
+    client: TestClient, auth: dict[str, str], tmp_path: Path
+) -> None:
+    """A `.pt` that is a raw pickle (torch.save without its zip format, or pickle.dump) is
+    refused for what it is, with the accepted formats and how to save each: not as "not a
+    .safetensors file"."""
+    legacy = tmp_path / "legacy.pt"
+    weights = {"conv.weight": torch.zeros(4, 1, 3, 3)}
+    torch.save(weights, legacy, _use_new_zipfile_serialization=False)
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"conv.weight": [0.0] * 36}, protocol=4))
+    latest = tmp_path / "latest.pt"
+    latest.write_bytes(pickle.dumps({"conv.weight": [0.0] * 36}, protocol=5))
+    for path in (legacy, plain, latest):
+        body = assert_problem(upload_model(client, auth, path), 422, "invalid-upload")
+        detail = body["detail"]
+        assert "not a .safetensors file" not in detail, detail
+        assert "raw pickle" in detail and "not accepted" in detail, detail
+        for how in ("torch.jit.save", "torch.export.save", "torch.onnx.export", "save_file"):
+            assert how in detail, (how, detail)
+    assert blobs(client) == []

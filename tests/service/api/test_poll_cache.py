@@ -1,9 +1,13 @@
-"""The poll cache (service/api/poll_cache.py): a worker's change is seen within
-poll_cache_seconds, this gateway's own change (a cancel) at once, another tenant never."""
+"""The poll cache (service/api/poll_cache.py): without the announcements of audit changes a
+worker's change is seen within poll_cache_seconds, this gateway's own change (a cancel) at
+once, another tenant never; with them, an announced change at once and nothing else expires
+the answer before poll_cache_subscribed_seconds (the real gateway over HTTP:
+test_poll_feed.py)."""
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,10 +15,14 @@ from typing import Any
 import pytest
 import redis
 from fastapi.testclient import TestClient
+from sqlalchemy import update
 
 from service.api import audits as audits_api
 from service.api.app import create_app
 from service.api.poll_cache import PollCache
+from service.db.audit_changes import announced
+from service.db.models import Audit
+from service.db.session import make_engine
 from tests.service.api.test_audits_api import audit_request, set_audit, submit
 from tests.service.conftest import ModelFiles, assert_problem, make_settings, new_key, ready_model
 
@@ -52,9 +60,64 @@ def test_entries_expire_are_forgotten_and_bounded() -> None:
 
 @pytest.fixture
 def cached_client(tmp_path: Path, database_url: str, broker: redis.Redis) -> Iterator[TestClient]:
-    settings = make_settings(tmp_path, database_url, poll_cache_seconds=TTL)
+    """A gateway that does not subscribe to audit changes: the short TTL alone."""
+    settings = make_settings(
+        tmp_path, database_url, poll_cache_seconds=TTL, poll_cache_subscribed_seconds=0
+    )
     with TestClient(create_app(settings)) as client:
         yield client
+
+
+def wait_subscribed(client: TestClient) -> None:
+    deadline = time.monotonic() + 10
+    while not client.app.state.audit_feed.subscribed:  # type: ignore[attr-defined]
+        assert time.monotonic() < deadline, "the gateway never subscribed to audit changes"
+        time.sleep(0.02)
+
+
+def test_subscribed_an_announced_change_is_seen_at_once_an_unannounced_one_is_kept(
+    tmp_path: Path,
+    database_url: str,
+    broker: redis.Redis,
+    model_files: ModelFiles,
+) -> None:
+    settings = make_settings(
+        tmp_path,
+        database_url,
+        poll_cache_seconds=TTL,
+        poll_cache_subscribed_seconds=60,
+        audit_changes_channel=f"test-changes-{uuid.uuid4().hex}",
+    )
+    with TestClient(create_app(settings)) as client:
+        wait_subscribed(client)
+        auth = new_key(client)
+        model_id = ready_model(client, auth, model_files.torchscript)
+        audit_id = submit(client, auth, audit_request(model_id)).json()["id"]
+        url = f"/v1/audits/{audit_id}"
+
+        def poll() -> str:
+            status: str = client.get(url, headers=auth).json()["status"]
+            return status
+
+        def listed() -> str:
+            status: str = client.get("/v1/audits", headers=auth).json()["items"][0]["status"]
+            return status
+
+        assert poll() == "queued" and listed() == "queued"
+        # A change nobody announced (written past the announcing sessions): kept well beyond
+        # poll_cache_seconds, which no longer expires anything.
+        engine = make_engine(settings.resolved_database_url)
+        with engine.begin() as conn:
+            conn.execute(update(Audit).where(Audit.id == audit_id).values(status="running"))
+        engine.dispose()
+        time.sleep(3 * TTL)
+        assert poll() == "queued" and listed() == "queued"
+        # An announced change (as a worker writes it): at once, the list with it.
+        set_audit(client, audit_id, progress_fraction=0.5)
+        deadline = time.monotonic() + 1.0
+        while poll() != "running" or listed() != "running":
+            assert time.monotonic() < deadline, "the announced change was not seen within 1 s"
+            time.sleep(0.01)
 
 
 def test_a_workers_change_is_seen_within_the_cache_time_a_cancel_at_once(
@@ -140,3 +203,20 @@ def test_the_audit_list_is_kept_too_and_this_gateways_own_writes_are_seen_at_onc
         assert client.get(f"/v1/audits?nonce={nonce}", headers=auth).status_code == 200
     assert len(queries) == before + 3
     assert client.app.state.audit_list_cache.bytes_held < 64 * 1024  # type: ignore[attr-defined]
+
+
+def test_without_a_redis_broker_nothing_is_announced_and_the_short_ttl_holds(
+    tmp_path: Path, database_url: str
+) -> None:
+    """`filesystem://` (one host without Redis): no announcements, no subscription; the app
+    starts and answers, and keeps polls for poll_cache_seconds only."""
+    settings = make_settings(
+        tmp_path, database_url, broker_url="filesystem://", poll_cache_seconds=TTL
+    )
+    assert not announced(settings)
+    with TestClient(create_app(settings)) as client:
+        with client.app.state.sessionmaker() as session:  # type: ignore[attr-defined]
+            assert not session.dispatch.after_commit  # no announcing hooks
+        time.sleep(0.2)
+        assert not client.app.state.audit_feed.subscribed  # type: ignore[attr-defined]
+        assert client.app.state.poll_cache.cache.long_ttl_seconds is None  # type: ignore[attr-defined]

@@ -137,3 +137,69 @@ def test_only_a_query_of_the_lists_own_parameters_is_a_cache_key() -> None:
     assert list_cache_key(b"page_token=") == "page_token="
     assert list_cache_key(b"status=queued&status=running") is None  # a parameter twice
     assert list_cache_key(b"nonce=1") is None  # made-up parameters make no new entries
+
+
+def test_an_invalidated_group_is_stale_at_once_and_refreshed_by_one_request() -> None:
+    clock = FakeClock()
+    polls = PollCache(1.0, clock=clock)
+    polls.cache.set_long_ttl(60.0)  # subscribed to announcements: kept until a change
+    polls.put("t", "a", '"1"', b"one")
+    polls.put("t", "b", '"1"', b"bee")
+    clock.now += 30.0
+    assert polls.peek("t", "a") is not None  # far past poll_cache_seconds
+    polls.changed("a")  # announced
+    assert polls.peek("t", "a") is None  # the middleware passes it to the route
+    assert polls.get("t", "a") is None  # which reads it anew ...
+    stale = polls.peek("t", "a")  # ... while the others get the last answer
+    assert stale is not None and stale.body == b"one"
+    clock.now += 0.5  # but for at most half a second
+    assert polls.peek("t", "a") is None and polls.get("t", "a") is None
+    assert polls.peek("t", "b") is not None  # another audit's answer is untouched
+    clock.now += 31.0  # the safety net: nothing outlives poll_cache_subscribed_seconds + grace
+    assert polls.peek("t", "b") is None
+
+
+def test_a_read_that_began_before_a_change_keeps_nothing() -> None:
+    clock = FakeClock()
+    polls = PollCache(1.0, clock=clock)
+    polls.cache.set_long_ttl(60.0)
+    token = polls.token()  # a poll starts reading audit "a" (the old row) ...
+    polls.changed("a")  # ... a worker's change is announced meanwhile ...
+    polls.put("t", "a", '"old"', b"old", token)  # ... and the old answer arrives: not kept
+    assert polls.peek("t", "a") is None
+    polls.put("t", "b", '"1"', b"bee", token)  # another audit did not change: kept
+    assert polls.peek("t", "b") is not None
+    fresh = polls.token()
+    polls.put("t", "a", '"new"', b"new", fresh)
+    entry = polls.peek("t", "a")
+    assert entry is not None and entry.body == b"new"
+    # cleared (the subscription lost or regained): every read in flight keeps nothing
+    polls.cache.clear()
+    polls.put("t", "a", '"new"', b"new", fresh)
+    assert polls.peek("t", "a") is None
+    # this gateway's own write: gone at once, and a read in flight keeps nothing
+    polls.put("t", "a", '"new"', b"new", polls.token())
+    before = polls.token()
+    polls.forget("a")
+    assert polls.peek("t", "a") is None
+    polls.put("t", "a", '"new"', b"new", before)
+    assert polls.peek("t", "a") is None
+
+
+def test_lists_are_invalidated_by_tenant_and_the_short_ttl_comes_back() -> None:
+    from service.api.poll_cache import AuditListCache
+
+    clock = FakeClock()
+    lists = AuditListCache(1.0, clock=clock)
+    lists.cache.set_long_ttl(60.0)
+    lists.put("t1", "", b"page1")
+    lists.put("t1", "status=queued", b"page1q")
+    lists.put("t2", "", b"page2")
+    clock.now += 10.0
+    lists.changed("t1")
+    assert lists.peek("t1", "") is None and lists.peek("t1", "status=queued") is None
+    assert lists.peek("t2", "") == b"page2"
+    lists.cache.set_long_ttl(None)  # the subscription is lost: entries written now are short
+    lists.put("t3", "", b"page3")
+    clock.now += 2.5  # past poll_cache_seconds and its grace
+    assert lists.peek("t3", "") is None

@@ -82,6 +82,20 @@ def test_an_infinite_median_norm_is_said_and_follows_the_verdict() -> None:
         assert comparison.at_least
 
 
+def test_the_minimal_norm_sentence_says_which_attack_found_the_points() -> None:
+    """The ensemble's count per attack (`found_by`) is said; a result without it says nothing."""
+    images = [
+        {"index": i, "norm": n, "found_by": by}
+        for i, (n, by) in enumerate([(0.2, "fmn"), (0.3, "deepfool"), (0.4, "fmn"), (0.0, None)])
+    ]
+    check = MinimalPerturbationCheck()
+    result = MinimalPerturbation().merge(check, [{"images": images}])
+    finding = _finding("minimal_perturbation", {}, result)
+    assert finding.sentence.endswith("; found by fmn 2, deepfool 1.")
+    result.pop("found_by")
+    assert "found by" not in _finding("minimal_perturbation", {}, result).sentence
+
+
 def test_findings_read_the_comparisons_and_never_recompute_them() -> None:
     """A result's comparisons are shown as written, even where its numbers would say otherwise:
     the check decided; a sentence is all findings add."""

@@ -95,6 +95,25 @@ def test_gate_errors_exit_2(inputs: Path, tmp_path: Path) -> None:
         "k",
     )
     assert unreachable.exit_code == 2
+    # every exit 2 leaves a junit.xml with one errored case and a report.json naming the cause
+    for out, cause in (("a", "config"), ("b", "not found"), ("c", "127.0.0.1:9")):
+        suite = ET.parse(tmp_path / out / "junit.xml").getroot()
+        assert suite.get("errors") == "1" and suite.get("failures") == "0", out
+        (error,) = suite.iter("error")
+        assert cause in error.get("message", ""), (out, error.attrib)
+        stated = json.loads((tmp_path / out / "report.json").read_text())
+        assert stated["status"] == "error" and stated["verdict"] is None
+        assert cause in stated["error"]["detail"], (out, stated)
+
+
+def test_gate_error_replaces_an_earlier_runs_verdict(inputs: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    assert _gate(inputs, _config(tmp_path, 1e6, "pass.json"), out).exit_code == 0
+    assert (out / "report.html").is_file()
+    again = _gate(inputs, tmp_path / "missing.json", out)
+    assert again.exit_code == 2
+    assert json.loads((out / "report.json").read_text())["status"] == "error"
+    assert not (out / "report.html").exists()
 
 
 def test_signed_local_audit_verifies_and_a_changed_byte_fails(inputs: Path, tmp_path: Path) -> None:

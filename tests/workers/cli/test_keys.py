@@ -122,6 +122,19 @@ def test_revoke_refuses_unknown_and_ambiguous_names(data_dir: Path) -> None:
     assert all(row[4] == "-" for row in _list().values())
 
 
+def test_a_prefix_shared_with_revoked_keys_names_the_live_one(data_dir: Path) -> None:
+    first, second = _create("acme"), _create("acme")
+    assert runner.invoke(app, ["keys", "revoke", first]).exit_code == 0
+    # "tr_" matches both keys, but only one is live: that one is meant
+    result = runner.invoke(app, ["keys", "revoke", "tr_"])
+    assert result.exit_code == 0, result.output
+    assert "revoked" in result.stdout and "already" not in result.stdout
+    assert not _authenticates(second)
+    # with both revoked, a shared prefix is ambiguous again, not "already revoked"
+    again = runner.invoke(app, ["keys", "revoke", "tr_"])
+    assert again.exit_code == 2 and "matches 2 keys" in again.stderr
+
+
 def test_list_of_an_empty_database(data_dir: Path) -> None:
     result = runner.invoke(app, ["keys", "list"])
     assert result.exit_code == 0, result.output

@@ -260,3 +260,45 @@ def test_the_runner_thread_count_is_a_setting(tmp_path: Path) -> None:
     assert child_environment(tmp_path)["OMP_NUM_THREADS"] == "2"  # the default
     cmd = bwrap_command(["true"], tmp_path, hidden_dirs=(), threads=3)
     assert cmd[cmd.index("OMP_NUM_THREADS") + 1] == "3"
+
+
+# -- the start-up probe (workers.execution.sandbox_check) ----------------------------------
+
+
+def test_the_probe_runs_a_trivial_command_in_the_real_sandbox(layout: dict[str, Path]) -> None:
+    sandbox = Sandbox(mode="bwrap", hidden_dirs=(layout["data"],), memory_bytes=1 << 30)
+    assert sandbox.probe(layout["data"] / "jobs") is None
+    assert sorted(os.listdir(layout["data"] / "jobs")) == ["aud_1-1", "aud_2-1"]  # cleaned up
+
+
+def test_the_probe_names_a_missing_bwrap_and_the_setting_that_named_it(
+    layout: dict[str, Path],
+) -> None:
+    missing = str(layout["data"] / "no-such-bwrap")
+    sandbox = Sandbox(
+        mode="bwrap", hidden_dirs=(layout["data"],), memory_bytes=1 << 30, bwrap=missing
+    )
+    problem = sandbox.probe(layout["data"] / "jobs")
+    assert problem is not None
+    assert "is not installed" in problem and missing in problem and "TIGHTROPE_BWRAP" in problem
+    with pytest.raises(SandboxUnavailable, match="TIGHTROPE_BWRAP"):
+        sandbox.command(["true"], layout["job"], use_gpu=False)
+
+
+def test_the_probe_catches_a_bwrap_that_is_installed_but_cannot_sandbox(
+    layout: dict[str, Path],
+) -> None:
+    """bubblewrap without unprivileged user namespaces (a container without them, a sysctl)
+    is installed and fails every start: the probe says so, in bwrap's own words."""
+    fake = layout["data"] / "bwrap"
+    fake.write_text(
+        "#!/bin/sh\necho 'bwrap: No permissions to creating new namespace' >&2\nexit 1\n"
+    )
+    fake.chmod(0o755)
+    sandbox = Sandbox(
+        mode="bwrap", hidden_dirs=(layout["data"],), memory_bytes=1 << 30, bwrap=str(fake)
+    )
+    problem = sandbox.probe(layout["data"] / "jobs")
+    assert problem is not None
+    assert "cannot start a sandbox here (exit code 1" in problem
+    assert "No permissions to creating new namespace" in problem

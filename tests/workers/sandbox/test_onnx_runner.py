@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 
 from service.db.models import Model
 from service.settings import Settings
-from tests.fixtures import model_factory
+from tests.fixtures import model_factory, onnx_corpus
 from tests.workers.conftest import add_audit, add_model
 from workers.execution import jobs
 from workers.execution.admission import execute_admission
@@ -72,3 +72,26 @@ def test_an_unsupported_operator_is_named_in_the_sandboxed_rejection(
     assert execute_admission(model.id, settings=settings, session=session) == "rejected"
     session.refresh(model)
     assert "Hardmax (opset 17)" in (model.reason or "")
+
+
+@pytest.mark.needs("bwrap")
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_reshape_export_at_the_default_opset_is_admitted_in_the_sandbox(
+    settings: Settings, session: Session, tmp_path: Path
+) -> None:
+    """`view(batch, -1)` exported at torch's default opset (20): Shape → Gather → Concat →
+    Reshape, which the screen runs rather than traces, in a graph onnx's version converter
+    brings down to an opset onnx2torch knows; admitted by the real runner under bubblewrap.
+    (One model: each sandboxed admission starts a runner, ~20 s on 2 cores; the default
+    exporter's models are covered by tests/engine/test_onnx_corpus.py.)"""
+    path = onnx_corpus.export("view", tmp_path / "view.onnx")
+    model = onnx_model(session, settings, path)
+    model.spec = onnx_corpus.PATTERNS["view"].spec()
+    session.commit()
+    assert execute_admission(model.id, settings=settings, session=session) == "ready", model.reason
+    session.refresh(model)
+    info = model.admission_info or {}
+    assert info["onnx_opsets"]["ai.onnx"] == onnx_corpus.DEFAULT_OPSET
+    assert info["onnx_converted_opset"] < onnx_corpus.DEFAULT_OPSET
+    assert info["onnx_max_difference"] <= info["onnx_tolerance"]
+    assert info["probe"] == "passed" and info["output_shape"] == [2, onnx_corpus.NUM_CLASSES]

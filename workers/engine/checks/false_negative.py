@@ -2,20 +2,22 @@
 part (b): false negatives occur with positive probability under random noise.)
 
 Recovery at a placement: ρ = ⟨Ψ(A(x+z)+e) − Ψ(Ax+e), z⟩ / ‖z‖², 1 for a perfect recovery, 0 for
-a lesion washed out; missed when ρ < recovery_threshold. `y = Ax + e₀` are the audit's
-measurements, so A(x+z) + e₀ = y + Az. Searches (docs/theorem.md):
+a lesion washed out. `y = Ax + e₀` are the audit's measurements, so A(x+z) + e₀ = y + Az.
+Searches (docs/theorem.md):
 
 - `random`: every placement is a trial (e = 0);
-- `adversarial`: per placement, projected sign-gradient descent on ρ over the lesion's pixel
+- `adversarial`: per placement, projected sign-gradient descent on ρ/ρ_A⁺ over the lesion's pixel
   values (each in [¼, 1] × contrast on its support) and, with measurement_delta > 0, a joint
   measurement perturbation ‖e‖ ≤ δ‖y‖;
 - `noise`: noise_samples Gaussian e with ‖e‖ = noise_level·‖y‖ per placement, every draw a trial.
 
-Only lesions the data carries are held against the network: next to ρ, every placement gets the
+The network is held against what the data carries: next to ρ, every placement gets the
 recovery of the data-consistent reference A⁺ (the minimum-norm solution), ρ_A⁺ = ⟨A⁺A z, z⟩ /
-‖z‖², its `visible_fraction` (A⁺ is linear, so x and e cancel). Where ρ_A⁺ < recovery_threshold
-the placement is `unrecoverable` and no trial: recovering more than the data holds would take
-the overperformance the theorem makes unstable.
+‖z‖², its `visible_fraction` (A⁺ is linear, so x and e cancel). A trial is a miss when
+ρ < relative_threshold · ρ_A⁺ (the network keeps less than that share of what A⁺ recovers):
+recovering more than the data holds would take the overperformance the theorem makes unstable,
+so ρ_A⁺, not 1, is the full score. Where ρ_A⁺ < min_visible_fraction the data essentially does
+not carry the lesion: the placement is `unrecoverable` and no trial.
 """
 
 from __future__ import annotations
@@ -54,9 +56,10 @@ from workers.engine.stats import clopper_pearson
 MIN_LESION_FRACTION = 0.25
 # Pixels around the lesion's bounding box in FNAF's lesion-window NMSE.
 WINDOW_MARGIN = 2
-# ρ ≥ threshold − RECOVERY_TOLERANCE counts as recovered (for ρ and ρ_A⁺ alike), so that a tie
-# is not decided by float rounding: ρ from float32 images errs by about 6e-8 / contrast, under
-# 1e-5 for lesions of 1 % contrast and more, and 1e-5 is far below any recovery that matters.
+# ρ ≥ bar − RECOVERY_TOLERANCE counts as reaching the bar (ρ against relative_threshold·ρ_A⁺,
+# ρ_A⁺ against min_visible_fraction), so that a tie is not decided by float rounding: ρ from
+# float32 images errs by about 6e-8 / contrast, under 1e-5 for lesions of 1 % contrast and
+# more, and 1e-5 is far below any recovery that matters.
 RECOVERY_TOLERANCE = 1e-5
 _TINY = 1e-12
 
@@ -68,9 +71,27 @@ def recovery(out_z: torch.Tensor, out: torch.Tensor, z: torch.Tensor) -> torch.T
 
 
 def is_recovered(rho: float, threshold: float) -> bool:
-    """ρ counts as recovered at `threshold`, ties within RECOVERY_TOLERANCE included; NaN and
-    infinite ρ never do."""
+    """ρ reaches `threshold`, ties within RECOVERY_TOLERANCE included; NaN and infinite ρ never
+    do."""
     return math.isfinite(rho) and rho >= threshold - RECOVERY_TOLERANCE
+
+
+def is_carried(visible: float, config: FalseNegativeCheck) -> bool:
+    """The placement is judged: the data carries at least min_visible_fraction of the lesion."""
+    return is_recovered(visible, config.min_visible_fraction)
+
+
+def is_kept(rho: float, visible: float, config: FalseNegativeCheck) -> bool:
+    """The network keeps enough of what A⁺ recovers: ρ ≥ relative_threshold · ρ_A⁺ (ties
+    within RECOVERY_TOLERANCE of ρ included; NaN never)."""
+    return is_recovered(rho, config.relative_threshold * visible)
+
+
+def relative_recovery(rho: float | None, visible: float, carried: bool) -> float | None:
+    """ρ / ρ_A⁺ at a judged placement (1: what A⁺ recovers); None elsewhere or for NaN ρ."""
+    if not carried or rho is None or not math.isfinite(rho) or visible <= 0.0:
+        return None
+    return rho / visible
 
 
 def visible_fraction(reference: RowSpaceProjector, z: torch.Tensor) -> torch.Tensor:
@@ -180,6 +201,14 @@ class FalseNegative:
         counted = [row for row in rows if row["recoverable"] and row["recovery_min"] is not None]
         recovery_sum = math.fsum(row["recovery_sum"] for row in counted)
         recovery_count = sum(row["recovery_count"] for row in counted)
+        # ρ_A⁺ is fixed per placement, so the relative recoveries are ρ's divided by it
+        relative = [row for row in counted if (row.get("visible_fraction") or 0.0) > 0.0]
+        relative_sum = math.fsum(row["recovery_sum"] / row["visible_fraction"] for row in relative)
+        relative_count = sum(row["recovery_count"] for row in relative)
+        worst = min(
+            relative, key=lambda row: row["recovery_min"] / row["visible_fraction"], default=None
+        )
+        visible = [row["visible_fraction"] for row in rows if "visible_fraction" in row]
         if trials:
             low, high = clopper_pearson(misses, trials)
             miss_rate = {"estimate": misses / trials, "ci_low": low, "ci_high": high}
@@ -187,12 +216,13 @@ class FalseNegative:
             miss_rate = {"estimate": None, "ci_low": None, "ci_high": None}
             warnings.append(
                 "no placement is recoverable: the measurements carry less than "
-                "recovery_threshold of every lesion, so no trial judges the network"
+                "min_visible_fraction of every lesion, so no trial judges the network"
             )
         result: dict[str, Any] = {
             "search": config.search,
             "lesion": config.lesion.model_dump(mode="json"),
-            "recovery_threshold": config.recovery_threshold,
+            "relative_threshold": config.relative_threshold,
+            "min_visible_fraction": config.min_visible_fraction,
             "recovery_tolerance": RECOVERY_TOLERANCE,
             "reference_method": shards[0].get("reference_method") if shards else None,
             "images": len({row["index"] for row in rows}),
@@ -208,6 +238,16 @@ class FalseNegative:
                 "mean": recovery_sum / recovery_count if recovery_count else None,
                 "min": min((row["recovery_min"] for row in counted), default=None),
             },
+            "relative_recovery": {
+                "mean": relative_sum / relative_count if relative_count else None,
+                "min": None if worst is None else worst["recovery_min"] / worst["visible_fraction"],
+            },
+            "visible_fraction": {
+                "mean": math.fsum(visible) / len(visible) if visible else None,
+                "min": min(visible, default=None),
+                "max": max(visible, default=None),
+            },
+            "worst_placement": None if worst is None else _worst_placement(worst),
             "per_placement": [
                 {k: v for k, v in row.items() if k not in _INTERNAL_KEYS} for row in rows
             ],
@@ -232,6 +272,18 @@ class FalseNegative:
 
 # per-placement values merge() sums and then drops
 _INTERNAL_KEYS = ("recovery_sum", "recovery_count", "nonfinite")
+
+
+def _worst_placement(row: dict[str, Any]) -> dict[str, Any]:
+    """The judged placement of the lowest relative recovery: both fractions side by side."""
+    return {
+        "index": row["index"],
+        "row": row["row"],
+        "col": row["col"],
+        "recovery": row["recovery_min"],
+        "visible_fraction": row["visible_fraction"],
+        "relative_recovery": row["recovery_min"] / row["visible_fraction"],
+    }
 
 
 def _search(
@@ -263,16 +315,21 @@ def _search(
         nmse = window_nmse(out_z, x + z, windows)
     values = rho.double().cpu().tolist()
     visible = visible_fraction(reference, z).cpu().tolist()
-    recoverable = [is_recovered(v, config.recovery_threshold) for v in visible]
+    recoverable = [is_carried(v, config) for v in visible]
     missed = [
-        r and not is_recovered(v, config.recovery_threshold)
-        for r, v in zip(recoverable, values, strict=True)
+        r and not is_kept(rho_k, v, config)
+        for r, rho_k, v in zip(recoverable, values, visible, strict=True)
     ]
     counted = [r and math.isfinite(v) for r, v in zip(recoverable, values, strict=True)]
+    relative = [
+        relative_recovery(rho_k, v, r)
+        for rho_k, v, r in zip(values, visible, recoverable, strict=True)
+    ]
     rows = {
         "recovery": [_finite(v) for v in values],
         "recovery_min": [_finite(v) for v in values],
         "visible_fraction": visible,
+        "relative_recovery": relative,
         "recoverable": recoverable,
         "recovery_sum": [v if c else 0.0 for v, c in zip(values, counted, strict=True)],
         "recovery_count": [int(c) for c in counted],
@@ -289,7 +346,21 @@ def _search(
         on_support = (z != 0).flatten(1).sum(1).clamp_min(1)
         rows["lesion_amplitude"] = (z.flatten(1).sum(1) / on_support).double().cpu().tolist()
         rows["lesion_norm"] = z.flatten(1).norm(dim=1).double().cpu().tolist()
-    return {"rows": rows, "score": values, "lesion": z, "out_z": out_z, "out": out}
+    return {
+        "rows": rows,
+        "score": _scores(values, visible),
+        "lesion": z,
+        "out_z": out_z,
+        "out": out,
+    }
+
+
+def _scores(values: Sequence[float | None], visible: Sequence[float]) -> list[float]:
+    """Panel order, lowest first: ρ/ρ_A⁺ (ρ alone where ρ_A⁺ is 0); NaN ρ is the worst."""
+    return [
+        -math.inf if rho is None or not math.isfinite(rho) else rho / v if v > 0.0 else rho
+        for rho, v in zip(values, visible, strict=True)
+    ]
 
 
 def _finite(value: float) -> float | None:
@@ -329,10 +400,11 @@ def _noise(
             worst_out.append(base[worst])
     # A⁺ is linear: its recovery of the lesion is the same under every noise draw
     visible = visible_fraction(reference, z).cpu().tolist()
-    recoverable = [is_recovered(v, config.recovery_threshold) for v in visible]
+    recoverable = [is_carried(v, config) for v in visible]
     carried = torch.tensor(recoverable, dtype=torch.bool).view(-1, 1)
+    bars = config.relative_threshold * torch.tensor(visible, dtype=torch.float64).view(-1, 1)
     finite = torch.isfinite(rhos)
-    missed = ~(finite & (rhos >= config.recovery_threshold - RECOVERY_TOLERANCE)) & carried
+    missed = ~(finite & (rhos >= bars - RECOVERY_TOLERANCE)) & carried
     safe = torch.where(finite, rhos, torch.zeros_like(rhos))
     trials = [config.noise_samples if r else 0 for r in recoverable]
     rows = {
@@ -355,10 +427,17 @@ def _noise(
         "misses": missed.sum(1).tolist(),
         "trials": trials,
     }
-    score = [v if v is not None else -math.inf for v in rows["recovery_min"]]
+    rows["relative_recovery_mean"] = [
+        relative_recovery(rho, v, r)
+        for rho, v, r in zip(rows["recovery_mean"], visible, recoverable, strict=True)
+    ]
+    rows["relative_recovery_min"] = [
+        relative_recovery(rho, v, r)
+        for rho, v, r in zip(rows["recovery_min"], visible, recoverable, strict=True)
+    ]
     return {
         "rows": rows,
-        "score": score,
+        "score": _scores(rows["recovery_min"], visible),
         "lesion": z,
         "out_z": torch.stack(worst_out_z),
         "out": torch.stack(worst_out),
@@ -373,16 +452,16 @@ def _adversarial(
     y: torch.Tensor,
     z: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Minimise ρ over the lesion's pixel values and (δ > 0) a measurement perturbation e;
-    returns per placement the lesion and e of the lowest ρ found among the lesions A⁺ recovers
-    (the lowest ρ overall while none is)."""
+    """Minimise ρ/ρ_A⁺ over the lesion's pixel values and (δ > 0) a measurement perturbation e;
+    returns per placement the lesion and e of the lowest ρ/ρ_A⁺ found among the lesions the
+    data carries (ρ_A⁺ ≥ min_visible_fraction; the lowest overall while none is)."""
     operator = ctx.operator
     count = z.shape[0]
     support_mask = (z != 0).to(z.dtype)
     fractions = torch.ones_like(z) * support_mask
     radius = config.measurement_delta * operator.norm(y)  # [1]
     e = torch.zeros(count, *y.shape[1:], device=y.device, dtype=y.dtype)
-    best_rho = torch.full((count,), math.inf, device=y.device)
+    best_score = torch.full((count,), math.inf, device=y.device, dtype=torch.float64)
     best_carried = torch.zeros(count, dtype=torch.bool, device=y.device)
     best_z, best_e = z.clone(), e.clone()
     y_all = y.expand(count, *y.shape[1:])
@@ -399,16 +478,28 @@ def _adversarial(
         subject.counter.backward += 2 * count
         with torch.no_grad():
             # moving weight off the measured pixels lowers ρ by hiding the lesion from the
-            # data, which is no miss: a carried lesion beats any lesion that is not
-            visible = visible_fraction(reference, lesion.detach()).to(y.device)
-            carried = visible >= config.recovery_threshold - RECOVERY_TOLERANCE
-            lower = rho.detach() < best_rho
+            # data, which is no miss: the objective is ρ/ρ_A⁺, and a carried lesion beats any
+            # lesion that is not
+            lesion = lesion.detach()
+            flat = lesion.double().flatten(1)
+            energy = flat.pow(2).sum(1).clamp_min(_TINY)
+            projected = reference(lesion).double().to(y.device)  # A⁺A z
+            visible = ((projected.flatten(1) * flat).sum(1) / energy).clamp(0.0, 1.0)
+            score = rho.detach().double() / visible.clamp_min(_TINY)
+            carried = visible >= config.min_visible_fraction - RECOVERY_TOLERANCE
+            lower = score < best_score
             better = torch.where(best_carried, carried & lower, carried | lower)
             best_carried = best_carried | carried
-            best_rho = torch.where(better, rho.detach(), best_rho)
-            best_z = torch.where(better.view(-1, 1, 1, 1), lesion.detach(), best_z)
+            best_score = torch.where(better, score, best_score)
+            best_z = torch.where(better.view(-1, 1, 1, 1), lesion, best_z)
             best_e = torch.where(better.view(-1, *([1] * (e.dim() - 1))), e.detach(), best_e)
-            fractions = fractions - config.step_size * grads[0].sign() * support_mask
+            # ∇(ρ/ρ_A⁺) ∝ ∇ρ − (ρ/ρ_A⁺)·∇ρ_A⁺, with ∇_z ρ_A⁺ = 2(A⁺A z − ρ_A⁺ z)/‖z‖² (A⁺A
+            # is symmetric) chained through z = z₀ ⊙ fractions; the step takes its sign
+            shape = (-1, *([1] * (lesion.dim() - 1)))
+            grad_visible = 2.0 * (projected - visible.view(shape) * lesion.double())
+            grad_visible = grad_visible / energy.view(shape) * z.double()
+            direction = grads[0].double() - score.view(shape) * grad_visible
+            fractions = fractions - config.step_size * direction.sign().to(z.dtype) * support_mask
             fractions = fractions.clamp(MIN_LESION_FRACTION, 1.0) * support_mask
             if e.requires_grad:
                 step = operator.project(grads[1])
@@ -440,11 +531,14 @@ def _panels(
         out = found["out"][k] if found["out"].shape[0] > 1 else found["out"][0]
         score = found["score"][k]
         p = placements[k]
-        caption = f"image {index}, lesion at ({p.row}, {p.col}): ρ = {score:.3f}"
+        rho = found["rows"]["recovery_min"][k]
+        shown_rho = "NaN" if rho is None else f"{rho:.3f}"
+        caption = f"image {index}, lesion at ({p.row}, {p.col}): ρ = {shown_rho}"
         records.append(
             panel_record(
                 score,
-                f"{caption} (A⁺: {found['rows']['visible_fraction'][k]:.3f})",
+                f"{caption}, A⁺: ρ_A⁺ = {found['rows']['visible_fraction'][k]:.3f}"
+                f" (ρ/ρ_A⁺ = {score:.3f})",
                 [
                     ("x + z", shown(x + lesion, complex_image)),
                     ("Ψ(A(x+z)+e)", shown(out_z, complex_image)),

@@ -1,6 +1,7 @@
-"""`minimal_perturbation`: the smallest adversarial perturbation of every input (adv-lib's FMN,
-DDN and DeepFool, scaled to each input and refined to the decision boundary), its distribution,
-and the accuracy-vs-ε curve it implies.
+"""`minimal_perturbation`: the smallest adversarial perturbation of every input (an ensemble of
+adv-lib's FMN, DDN and DeepFool, scaled to each input and refined to the decision boundary: the
+smallest verified point, and the attack that found it), its distribution, and the
+accuracy-vs-ε curve it implies.
 
 A misclassified input has minimal norm 0. Where no attack of the chain finds an adversarial
 point the norm is null: it counts as +∞ in the quantiles and as robust at every ε in the curve,
@@ -19,6 +20,7 @@ from schemas.verdicts import compare, judge
 from workers.engine.checks.classifier_common import classifier_inputs
 from workers.engine.classifier_attacks import (
     BATCH_IMAGES,
+    is_adversarial,
     minimal_adversarial,
     minimal_chain,
     perturbation_norm,
@@ -53,8 +55,10 @@ class MinimalPerturbation:
                     model, u[rows], labels[rows], config.threat_model(), config.search_settings()
                 )
                 sizes = perturbation_norm(outcome.points - u[rows], config.norm) * classifier.scale
+                # the model re-run on every point kept (x + δ in the value range): verified
+                fooled = is_adversarial(model, outcome.points, labels[rows]).tolist()
                 for position, row in enumerate(rows):
-                    if outcome.found_by[position] is not None:
+                    if outcome.found_by[position] is not None and fooled[position]:
                         norms[row] = float(sizes[position])
                         found_by[row] = outcome.found_by[position]
         images = [

@@ -80,7 +80,7 @@ class WorstCase:
         table = []
         files: dict[str, np.ndarray] = {}
         for k, level in enumerate(config.levels):
-            # levels are searched from the largest down: a cancelled search lacks the smallest
+            # levels are searched from the smallest up: a cancelled search lacks the largest
             rows = [
                 (image["index"], row)
                 for image in images
@@ -184,6 +184,8 @@ def _attack_images(
                 "level": outcome.level,
                 "steps": outcome.steps,
                 "optimizer": outcome.found_by[row],
+                # the worst perturbation is the smaller level's (this level found nothing above)
+                "carried": outcome.carried[row],
                 **{name: float(values[name][row]) for name in RAW},
             }
             for outcome, values in zip(outcomes, per_level, strict=True)
@@ -208,6 +210,8 @@ def _merge_level(level: float, rows: list[tuple[int, dict[str, Any]]]) -> dict[s
     # which optimiser's restart gave each image's worst case (an ensemble mixes them)
     found_by = Counter(str(r.get("optimizer", "unknown")) for _, r in rows)
     merged["found_by"] = dict(sorted(found_by.items()))
+    # images whose worst case here is the next smaller level's perturbation, evaluated here
+    merged["carried"] = sum(bool(r.get("carried", False)) for _, r in rows)
     worst = max(finite, key=lambda pair: pair[1]["relative_error"], default=None)
     merged["worst_image"] = (
         None
