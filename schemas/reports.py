@@ -27,6 +27,16 @@ class ModelIdentity(BaseModel):
     sha256: str
     format: str
     spec: dict[str, Any]
+    stochastic: bool | None = Field(
+        default=None,
+        description="The model's: two calls at the admission probe's input differ by more than "
+        "the tolerance (docs/models.md, 'Stochastic models'); absent when not measured",
+    )
+    output_spread: float | None = Field(
+        default=None,
+        description="Only for a stochastic model: the largest ‖Ψ₁(y) − Ψ₂(y)‖ / ‖Ψ₁(y)‖ over "
+        "the probe's inputs (null: the two outputs differ in shape or are not finite)",
+    )
 
 
 Direction = Literal["at_most", "at_least"]

@@ -24,6 +24,18 @@ class ModelResource(BaseModel):
     sha256: str
     size_bytes: int
     spec: ModelSpec
+    stochastic: bool | None = Field(
+        default=None,
+        description="Whether the model is a sampler: its admission probe ran it twice on the "
+        "same input and the outputs differed by more than the tolerance (docs/models.md, "
+        "'Stochastic models'); null until a probe measured it (validating, rejected before "
+        "its probe, or a measurement model whose probe waits for its first audit)",
+    )
+    output_spread: float | None = Field(
+        default=None,
+        description="The probe's measure: the largest ‖Ψ₁(y) − Ψ₂(y)‖ / ‖Ψ₁(y)‖ over its "
+        "inputs, two calls at the same input; 0 for a deterministic model on the CPU",
+    )
     created_at: datetime
     updated_at: datetime
 

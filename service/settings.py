@@ -137,9 +137,10 @@ class Settings(BaseSettings):
     # (service/api/refresh_cache.py). 0: no cache.
     api_key_cache_seconds: float = Field(default=5.0, ge=0)
     # How long the answer to a status poll, or to a page of the audit list, is reused by this
-    # gateway process (service/api/poll_cache.py): a worker's change is seen within twice this
-    # time (one request refreshes, the rest get the last answer meanwhile), this gateway's own
-    # (a cancel, a new audit) at once. 0: off.
+    # gateway process (service/api/poll_cache.py) while it does not hear the announcements of
+    # audit changes (below): a worker's change is then seen within twice this time (one
+    # request refreshes, the rest get the last answer meanwhile), this gateway's own (a
+    # cancel, a new audit) at once. 0: off.
     poll_cache_seconds: float = Field(default=1.0, ge=0, le=60)
     # Polls the workers keep fresh (docs/architecture.md): every process that writes an audit
     # announces the change on a Redis pub/sub channel (service/db/audit_changes.py), and a

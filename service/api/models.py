@@ -38,6 +38,9 @@ UPLOAD_BODY = multipart_upload_body(
 
 
 def to_resource(model: Model) -> ModelResource:
+    info = model.admission_info or {}
+    stochastic = info.get("stochastic")
+    spread = info.get("output_spread")
     return ModelResource(
         id=model.id,
         name=model.name,
@@ -47,6 +50,8 @@ def to_resource(model: Model) -> ModelResource:
         sha256=model.sha256,
         size_bytes=model.size_bytes,
         spec=ModelSpec.model_validate(model.spec),
+        stochastic=stochastic if isinstance(stochastic, bool) else None,
+        output_spread=float(spread) if isinstance(spread, int | float) else None,
         created_at=model.created_at,
         updated_at=model.updated_at,
     )

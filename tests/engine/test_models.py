@@ -230,3 +230,65 @@ def test_broken_or_mislabelled_files_are_rejected_not_raised(
     admission = admit(make(tmp_path), fmt, spec_of(spec))
     assert not admission.ok
     assert expected in str(admission.reason)
+
+
+# --- stochastic models (issue 26): two calls at the same input --------------------------------
+
+
+def test_a_sampler_is_admitted_as_stochastic_with_its_output_spread(tmp_path: Path) -> None:
+    """Ψ(y) = y + 0.05·ξ: the probe's two calls draw ξ₁, ξ₂ one after the other from torch's
+    generator, so the spread is max over the probe's inputs of 0.05‖ξ₁ − ξ₂‖ / ‖y + 0.05ξ₁‖,
+    computed here from the same draws."""
+    from workers.engine.probe import PROBE_BATCH, STOCHASTIC_TOLERANCE, probe_input, probe_model
+
+    path = mf.noisy_identity_torchscript(tmp_path / "noisy.pt", sigma=0.05)
+    spec = spec_of(mf.identity_spec())
+    model = load_model(path, "torchscript", spec)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(11)
+        info = probe_model(model, spec, torch.device("cpu"))
+        torch.manual_seed(11)
+        x, _ = probe_input(spec, torch.device("cpu"))
+        assert x is not None
+        first, second = torch.randn_like(x), torch.randn_like(x)
+    y1 = (x + 0.05 * first).flatten(1).double()
+    expected = (0.05 * (first - second).flatten(1).double().norm(dim=1) / y1.norm(dim=1)).max()
+    assert info["stochastic"] is True
+    assert info["output_spread"] == pytest.approx(float(expected), rel=1e-5)
+    # the order of magnitude: ‖ξ₁ − ξ₂‖ ≈ √(2n), ‖y‖ ≈ √(n/3) for y uniform in [0, 1]
+    assert 0.5 * 0.05 * 6**0.5 < info["output_spread"] < 2 * 0.05 * 6**0.5
+    assert info["output_spread"] > 1000 * STOCHASTIC_TOLERANCE and PROBE_BATCH == 2
+
+    admission = admit(path, "torchscript", spec)  # the admission's own probe says the same
+    assert admission.ok, admission.reason
+    assert admission.info["stochastic"] is True
+    assert 0.5 * 0.05 * 6**0.5 < admission.info["output_spread"] < 2 * 0.05 * 6**0.5
+
+
+def test_deterministic_models_are_admitted_as_not_stochastic(tmp_path: Path) -> None:
+    for path, spec in [
+        (mf.tiny_cnn_torchscript(tmp_path / "m.pt"), mf.tiny_cnn_spec()),
+        (mf.identity_torchscript(tmp_path / "i.pt"), mf.identity_spec()),
+        (mf.tiny_classifier_torchscript(tmp_path / "c.pt"), mf.classifier_spec(num_classes=3)),
+    ]:
+        admission = admit(path, "torchscript", spec_of(spec))
+        assert admission.ok, admission.reason
+        assert (admission.info["stochastic"], admission.info["output_spread"]) == (False, 0.0)
+
+
+def test_a_deferred_probe_does_not_claim_determinism(tmp_path: Path) -> None:
+    path = mf.linear_model_torchscript(tmp_path / "lin.pt", torch.eye(16), (1, 4, 4))
+    admission = admit(path, "torchscript", spec_of(mf.linear_spec((1, 4, 4))))
+    assert admission.info["probe"] == "deferred" and "stochastic" not in admission.info
+
+
+def test_output_spread_is_relative_per_input_and_tiny_noise_is_not_stochastic() -> None:
+    from workers.engine.probe import output_spread, stochasticity
+
+    a = torch.tensor([[3.0, 4.0], [1.0, 0.0]])
+    b = torch.tensor([[3.0, 4.5], [1.0, 0.0]])
+    assert output_spread(a, b) == pytest.approx(0.1)  # 0.5 / 5 for the first, 0 for the second
+    assert output_spread(torch.zeros(1, 2), torch.tensor([[0.0, 2.0]])) == 2.0  # absolute at 0
+    float_noise = stochasticity(a, a + 1e-7)  # float32 rounding of a deterministic model
+    assert float_noise["stochastic"] is False and 0 < float_noise["output_spread"] < 1e-6
+    assert stochasticity(a, a.flip(0))["stochastic"] is True

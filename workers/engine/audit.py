@@ -163,6 +163,14 @@ def run_audit_with_model(
         if only_shards is not None:
             return {"shards": [shard.shard_id for shard in shards]}
         checks = _merge(config, shards, records, out_dir)
+        # Is the model a sampler? Measured here, where the model is loaded, on the admission
+        # probe's input, outside the counted passes: a deterministic model's figures and cost
+        # do not change (docs/models.md, "Stochastic models").
+        sampling = _sampling(model, spec, ctx, config.seed)
+        _warn_if_stochastic(checks, "model", sampling, ctx.warnings)
+        if reference is not None:
+            reference_sampling = _sampling(reference.model, reference.spec, ctx, config.seed)
+            _warn_if_stochastic(checks, "reference", reference_sampling, ctx.warnings)
         # Compute time: each shard's own seconds (wherever it ran) plus this run's merge, so a
         # report assembled from shards of many workers counts all of them, once.
         ran_here = {shard_id for shard_id in records if shard_id not in (completed_shards or {})}
@@ -182,6 +190,7 @@ def run_audit_with_model(
                 "sha256": model_sha256,
                 "format": format,
                 "spec": spec.model_dump(mode="json"),
+                **_identity_fields(sampling),
             },
             config=config,
             device=device,
@@ -195,6 +204,63 @@ def run_audit_with_model(
     write_report(report, out_dir)
     progress(1.0, None, "report written")
     return report
+
+
+def _spread_words(spread: float | None) -> str:
+    return "beyond any bound" if spread is None else f"{spread:.3g}"
+
+
+def stochastic_warning(spread: float | None, subject: str = "model") -> str:
+    """The warning each check of a stochastic subject carries (docs/reports.md)."""
+    return (
+        f"the {subject} is stochastic (output spread {_spread_words(spread)} at a fixed input): "
+        "this figure counts its sampling noise as instability; it measures single draws of the "
+        "sampler, not its average reconstruction (docs/theorem.md, 'Stochastic models')"
+    )
+
+
+def _sampling(model: Any, spec: ModelSpec, ctx: AuditContext, seed: int) -> dict[str, Any] | None:
+    """`{"stochastic", "output_spread"}` of the model on the admission probe's input (through
+    the audit's operator), two calls from torch's generator seeded with the audit's seed; None
+    when the probe's input cannot be made or a call fails."""
+    from workers.engine.probe import measure_stochasticity, probe_input
+
+    try:
+        x, _ = probe_input(spec, ctx.device, ctx.operator)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - the checks have run; nothing here may fail the audit
+        return None
+    if x is None:
+        return None
+    return measure_stochasticity(model, x, seed)
+
+
+def _identity_fields(sampling: dict[str, Any] | None) -> dict[str, Any]:
+    """The report's `model.stochastic` (and `output_spread` when it is): absent when unmeasured."""
+    if sampling is None:
+        return {}
+    if not sampling["stochastic"]:
+        return {"stochastic": False}
+    return {"stochastic": True, "output_spread": sampling["output_spread"]}
+
+
+def _warn_if_stochastic(
+    checks: list[dict[str, Any]],
+    subject: str,
+    sampling: dict[str, Any] | None,
+    report_warnings: list[str],
+) -> None:
+    """A stochastic subject: every one of its checks, and the report, say so."""
+    if sampling is None or not sampling["stochastic"]:
+        return
+    warning = stochastic_warning(sampling["output_spread"], subject)
+    for check in checks:
+        if check.get("subject") == subject:
+            check.setdefault("warnings", []).append(warning)
+    report_warnings.append(
+        f"the {subject} is stochastic (output spread {_spread_words(sampling['output_spread'])} "
+        "at a fixed input, two calls): every figure of its checks counts its sampling noise as "
+        "instability; averaged searches for samplers are not built yet"
+    )
 
 
 def plan_audit(

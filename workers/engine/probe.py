@@ -1,6 +1,9 @@
 """The admission probe: run a loaded model once on a deterministic input of the declared shape
 and check what every audit relies on: a finite tensor of the right shape, and an input
-gradient (every check differentiates through the model)."""
+gradient (every check differentiates through the model). It runs the model a second time on the
+same input (timed, for the watchdog) without reseeding torch's generator in between, so the two
+outputs tell whether the model is stochastic (a sampler: dropout at inference, noise inputs,
+diffusion sampling): see `stochasticity` and docs/models.md."""
 
 from __future__ import annotations
 
@@ -17,6 +20,11 @@ from workers.engine.rejection import ModelRejected
 
 PROBE_BATCH = 2
 PROBE_SEED = 0
+# A model whose two outputs at the same input differ by more than this, relative to the first
+# (‖Ψ₁(y) − Ψ₂(y)‖ / ‖Ψ₁(y)‖, the largest over the probe's inputs), is stochastic. Float
+# nondeterminism of a deterministic model (reduction order, nondeterministic GPU kernels) stays
+# near 1e-7 in float32; a sampler's spread is its noise level over its output's size.
+STOCHASTIC_TOLERANCE = 1e-5
 
 
 def probe_input(
@@ -100,24 +108,27 @@ def probe_model(
     _check_output(output, spec)
     gradient_note = _check_gradient(output, x)
     cold_seconds = time.perf_counter() - started
+    warm_seconds, second = _warm_call(model, x)
     info: dict[str, Any] = {
         "probe": "passed",
         "probe_input": source,
         "probe_seconds": round(cold_seconds, 6),
-        "probe_warm_seconds": round(_warm_call_seconds(model, x), 6),
+        "probe_warm_seconds": round(warm_seconds, 6),
         "input_shape": list(x.shape),
         "output_shape": list(output.shape),
+        **stochasticity(output.detach(), second),
     }
     if gradient_note:
         info["probe_note"] = gradient_note
     return info
 
 
-def _warm_call_seconds(model: torch.nn.Module, x: torch.Tensor) -> float:
-    """The same forward and input gradient again, timed: the first call also pays one-off costs
-    (TorchScript profiles and optimises its first calls, allocators warm up), so this is what
-    a call of the model costs. The worker's watchdog scales its allowance from it
-    (workers.execution.watchdog)."""
+def _warm_call(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """The same forward and input gradient again, timed, and its output: the first call also
+    pays one-off costs (TorchScript profiles and optimises its first calls, allocators warm
+    up), so this is what a call of the model costs. The worker's watchdog scales its allowance
+    from it (workers.execution.watchdog). torch's generator is not reseeded between the two
+    calls: a sampler draws anew, which `stochasticity` measures."""
     x = x.detach().requires_grad_(True)
     started = time.perf_counter()
     try:
@@ -130,7 +141,57 @@ def _warm_call_seconds(model: torch.nn.Module, x: torch.Tensor) -> float:
                 f"(the sandbox's memory limit): {_message(exc)}"
             ) from exc
         raise ModelRejected(f"the model fails on a second probe call: {_message(exc)}") from exc
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    if not isinstance(output, torch.Tensor):
+        raise ModelRejected("the model returns no tensor on a second probe call")
+    return seconds, output.detach()
+
+
+def output_spread(first: torch.Tensor, second: torch.Tensor) -> float:
+    """max over the batch of ‖first − second‖ / ‖first‖ (per input; the absolute difference
+    where the first output is zero). 0 for identical outputs; inf when they differ in shape or
+    either is not finite."""
+    if first.shape != second.shape:
+        return float("inf")
+    a = first.detach().flatten(1).double()
+    b = second.detach().flatten(1).double()
+    difference = (a - b).norm(dim=1)
+    size = a.norm(dim=1)
+    relative = torch.where(size > 0, difference / torch.where(size > 0, size, 1.0), difference)
+    spread = float(relative.max()) if relative.numel() else 0.0
+    return spread if spread == spread else float("inf")  # NaN: not finite
+
+
+def stochasticity(first: torch.Tensor, second: torch.Tensor) -> dict[str, Any]:
+    """`{"stochastic", "output_spread"}` from two outputs of the model at the same input
+    (drawn with different states of torch's generator). The spread is kept to 6 significant
+    digits: a deterministic model's is 0.0 on the CPU."""
+    spread = output_spread(first, second)
+    return {
+        "stochastic": spread > STOCHASTIC_TOLERANCE,
+        "output_spread": float(f"{spread:.6g}") if spread != float("inf") else None,
+    }
+
+
+def measure_stochasticity(
+    model: Any, x: torch.Tensor, seed: int | None = None
+) -> dict[str, Any] | None:
+    """Run the model twice on `x` (no gradient) and return `stochasticity` of the outputs, or
+    None when a call fails. With `seed`, torch's generators are seeded once before the first
+    call (not between the two) in a forked state, so the caller's random state is untouched and
+    the spread of a model drawing from torch's generator is reproducible."""
+    devices = [x.device] if x.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            first = model(x)
+            second = model(x)
+        except Exception:  # noqa: BLE001 - uploaded code; the audit's checks report failures
+            return None
+    if not isinstance(first, torch.Tensor) or not isinstance(second, torch.Tensor):
+        return None
+    return stochasticity(first, second)
 
 
 def _check_output(output: object, spec: ModelSpec) -> None:

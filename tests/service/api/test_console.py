@@ -454,6 +454,15 @@ def test_models_and_datasets_pages(client: TestClient, settings: Settings) -> No
     assert models.status_code == 200
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in models.text
     assert "<script>alert" not in models.text
+    assert "model-stochastic" not in models.text  # a model with no probe facts: no badge
+    sampler = add_model(client, tenant, "sampler")
+    with _factory(client)() as session:
+        row = session.get(Model, sampler)
+        assert row is not None
+        row.admission_info = {"probe": "passed", "stochastic": True, "output_spread": 0.1224}
+        session.commit()
+    badge = client.get("/ui/models").text
+    assert badge.count('class="badge model-stochastic"') == 1 and "differ by 0.122" in badge
     datasets = client.get("/ui/datasets")
     assert datasets.status_code == 200 and "No datasets uploaded" in datasets.text
     assert client.get("/ui/models?page_token=nonsense").status_code == 422

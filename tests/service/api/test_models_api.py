@@ -217,3 +217,23 @@ def test_a_raw_pickle_is_refused_with_the_formats_and_how_to_save(
         for how in ("torch.jit.save", "torch.export.save", "torch.onnx.export", "save_file"):
             assert how in detail, (how, detail)
     assert blobs(client) == []
+
+
+def test_the_resource_says_whether_the_admission_found_a_sampler(
+    client: TestClient, auth: dict[str, str], model_files: ModelFiles
+) -> None:
+    """`stochastic` and `output_spread` come from the admission probe's facts; null before."""
+    body = upload_model(client, auth, model_files.torchscript).json()
+    assert (body["stochastic"], body["output_spread"]) == (None, None)  # validating
+    for info, expected in [
+        ({"probe": "passed", "stochastic": True, "output_spread": 0.122}, (True, 0.122)),
+        ({"probe": "passed", "stochastic": False, "output_spread": 0.0}, (False, 0.0)),
+        ({"probe": "deferred"}, (None, None)),
+    ]:
+        with sessions_of(client)() as session:
+            row = session.get(Model, body["id"])
+            assert row is not None
+            row.status, row.admission_info = "ready", info
+            session.commit()
+        read = client.get(f"/v1/models/{body['id']}", headers=auth).json()
+        assert (read["stochastic"], read["output_spread"]) == expected

@@ -20,4 +20,12 @@ def test_serve_uses_the_header_limited_server(monkeypatch: pytest.MonkeyPatch) -
     assert calls == [{"host": "127.0.0.1", "port": 8123}]
     options = service.api.server.uvicorn_options()
     assert options["http"].func is service.api.server.HeaderLimitedHttpToolsProtocol
-    assert options["http"].keywords == {"max_header_bytes": 16 * 1024}
+    keywords = options["http"].keywords
+    assert keywords["max_header_bytes"] == 16 * 1024
+    # the slow-client bounds (docs/security.md, "Slow clients") at their defaults
+    assert keywords["header_timeout"] == 10
+    assert keywords["body_window"] == 30
+    assert keywords["min_body_rate"] == 1024
+    expected_cap = service.api.server.per_client_cap(256)
+    assert keywords["max_connections_per_client"] == expected_cap
+    assert 0 < expected_cap <= 256
