@@ -34,7 +34,7 @@ typecheck: $(STAMP)
 
 # Unit tests need no service (no Redis, PostgreSQL, bubblewrap, Chromium or worker processes);
 # integration tests are the rest. tests/conftest.py marks them (see the README, "Tests").
-PYTEST := $(BIN)/python -m pytest -q -ra
+PYTEST := $(BIN)/python -m pytest -q -ra --durations=25
 
 unit: $(STAMP)
 	$(PYTEST) -m "not integration"
