@@ -292,7 +292,13 @@ def test_a_slow_upload_holds_no_database_slot_that_polls_need(tmp_path: Path) ->
         assert [poll.status_code for poll in polls] == [200, 200, 200], polls[-1].text
     finally:
         server.terminate()
-        server.wait(timeout=10)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            # once seen in CI (not reproduced): the gateway took over 10 s to stop after this
+            # test; what is tested above is the slot, so end it rather than fail here
+            server.kill()
+            server.wait(timeout=10)
 
 
 def test_a_client_that_leaves_mid_upload_is_logged_without_a_traceback(
