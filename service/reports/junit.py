@@ -142,13 +142,7 @@ def render_junit(report: dict[str, Any]) -> str:
     suite.set("errors", "0")
     suite.set("skipped", str(sum(f.subject == "reference" or not f.has_threshold for f in found)))
     suite.set("time", f"{float((report.get('cost') or {}).get('wall_seconds') or 0.0):.3f}")
-    root = ET.Element("testsuites", name="tightrope")
-    root.append(suite)
-    for key in ("tests", "failures", "errors", "skipped", "time"):
-        root.set(key, suite.get(key, "0"))
-    _sanitize(root)
-    ET.indent(root)
-    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+    return _document(suite)
 
 
 def render_error_junit(message: str) -> str:
@@ -162,6 +156,11 @@ def render_error_junit(message: str) -> str:
     case.set("time", "0.000")
     error = ET.SubElement(case, "error", message=message, type="error")
     error.text = message
+    return _document(suite)
+
+
+def _document(suite: ET.Element) -> str:
+    """The suite inside a <testsuites> root carrying its totals, sanitised and serialised."""
     root = ET.Element("testsuites", name="tightrope")
     root.append(suite)
     for key in ("tests", "failures", "errors", "skipped", "time"):
