@@ -36,11 +36,19 @@ typecheck: $(STAMP)
 # integration tests are the rest. tests/conftest.py marks them (see the README, "Tests").
 PYTEST := $(BIN)/python -m pytest -q -ra --durations=25
 
+# Unit tests are torch on small tensors: two pytest processes of one thread each use two cores
+# better than one process of two threads.
 unit: $(STAMP)
-	$(PYTEST) -m "not integration"
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTEST) -m "not integration and not serial" -n 2
+	$(PYTEST) -m "not integration and serial"
 
+# Most integration tests wait on processes (workers starting, sandboxed children importing
+# torch): two pytest processes overlap the waits (pytest-xdist; the longest tests first, see
+# tests/conftest.py; each process has its own Redis databases: tests/fixtures/redis_dbs.py).
+# Tests that hold timing bounds of a second or two (marked `serial`) run after them, alone.
 integration: $(STAMP)
-	$(PYTEST) -m integration
+	$(PYTEST) -m "integration and not serial" -n 2 --dist load
+	$(PYTEST) -m "integration and serial"
 
 # Under `make test` a missing service fails the tests that need it instead of skipping them.
 test: export TIGHTROPE_REQUIRE_SERVICES := 1

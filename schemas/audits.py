@@ -72,14 +72,30 @@ class AuditConfig(StrictModel):
         return found
 
 
+# Optional fields added after configs were first stored and signed: left out of a dump where
+# null, so configs and request hashes read as they did before each existed.
+_LATER_CHECK_FIELDS = ("sampler",)
+_LATER_THRESHOLD_FIELDS = ("max_regression", "max_hallucination_probability")
+
+
 def strip_unset_regressions(dumped: dict[str, Any]) -> dict[str, Any]:
-    """A dumped config without the `max_regression: null` of each check's threshold, so configs
-    and request hashes read as they did before comparisons existed."""
+    """A dumped config without the `max_regression: null` of each check's threshold (and the
+    other later fields above while null), so configs and request hashes read as they did before
+    comparisons (and samplers' settings) existed."""
     for check in dumped.get("checks", []):
-        threshold = check.get("threshold") if isinstance(check, dict) else None
-        if isinstance(threshold, dict) and threshold.get("max_regression", 0) is None:
-            del threshold["max_regression"]
+        if not isinstance(check, dict):
+            continue
+        _drop_nulls(check, _LATER_CHECK_FIELDS)
+        threshold = check.get("threshold")
+        if isinstance(threshold, dict):
+            _drop_nulls(threshold, _LATER_THRESHOLD_FIELDS)
     return dumped
+
+
+def _drop_nulls(part: dict[str, Any], names: tuple[str, ...]) -> None:
+    for name in names:
+        if name in part and part[name] is None:
+            del part[name]
 
 
 class CompareWith(StrictModel):

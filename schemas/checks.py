@@ -30,6 +30,12 @@ from schemas.checks_theorem import (
     MoreSamplesCheck,
 )
 from schemas.common import MAX_SEED, RegressionBound, StrictModel, TaggedModel, model_part
+from schemas.sampler import AveragingSettings
+
+SAMPLER_AVERAGING = (
+    "For a stochastic model: the average map's draws and replicates (docs/theorem.md, "
+    "'Auditing a sampler'); null: the defaults; ignored for a deterministic model"
+)
 
 # Each level is a relative size in (0, 10] (stated per item, so the schema says it too); that
 # they strictly increase is checked by `_check_levels` and stated in the description.
@@ -121,6 +127,7 @@ class WorstCaseCheck(WorstCaseSearch, WorstCaseThreatModel, _WorstCaseKind):
         default=None, ge=0, le=MAX_SEED, description="Default: the audit's seed"
     )
     threshold: WorstCaseThreshold | None = None
+    sampler: AveragingSettings | None = Field(default=None, description=SAMPLER_AVERAGING)
 
     @model_validator(mode="after")
     def _at_level_known(self) -> WorstCaseCheck:
@@ -180,6 +187,7 @@ class LipschitzCheck(TaggedModel):
     )
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: LipschitzThreshold | None = None
+    sampler: AveragingSettings | None = Field(default=None, description=SAMPLER_AVERAGING)
 
 
 Check = Annotated[

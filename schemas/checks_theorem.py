@@ -11,6 +11,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, model_validator
 
 from schemas.common import MAX_SEED, RegressionBound, StrictModel, TaggedModel, model_part
+from schemas.sampler import DrawSettings, HallucinationSettings
 
 LESION_SHAPES = ("disk", "square", "random_walk", "text")
 
@@ -95,6 +96,13 @@ class FalseNegativeCheck(TaggedModel):
     panels: int = Field(default=3, ge=0, le=32, description="Image panels of the worst misses")
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: MissRateThreshold | None = None
+    sampler: DrawSettings | None = Field(
+        default=None,
+        description="For a stochastic model: each placement is judged on `samples` single "
+        "draws against the R-draw average without the lesion, a miss rate over the sampler "
+        "(docs/theorem.md, 'Auditing a sampler'); null: the defaults; ignored for a "
+        "deterministic model",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -113,7 +121,23 @@ class FalseNegativeCheck(TaggedModel):
 
 
 class SpuriousContrastThreshold(RegressionBound):
-    max_spurious_contrast: float = Field(gt=0.0)
+    """At least one bound. max_hallucination_probability judges a stochastic model only (a
+    deterministic model has no hallucination probability: that bound is not compared)."""
+
+    max_spurious_contrast: float | None = Field(default=None, gt=0.0)
+    max_hallucination_probability: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Bound on the upper end of the 95 % interval of the hallucination "
+        "probability under the found perturbation (stochastic models)",
+    )
+
+    @model_validator(mode="after")
+    def _some_bound(self) -> SpuriousContrastThreshold:
+        if self.max_spurious_contrast is None and self.max_hallucination_probability is None:
+            raise ValueError("give max_spurious_contrast and/or max_hallucination_probability")
+        return self
 
 
 class FalsePositiveThreatModel(StrictModel):
@@ -149,6 +173,12 @@ class FalsePositiveCheck(FalsePositiveSearch, FalsePositiveThreatModel, _FalsePo
     panels: int = Field(default=3, ge=0, le=32)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: SpuriousContrastThreshold | None = None
+    sampler: HallucinationSettings | None = Field(
+        default=None,
+        description="For a stochastic model: the average map's search, and the hallucination "
+        "probability over `samples` single draws (docs/theorem.md, 'Auditing a sampler'); "
+        "null: the defaults; ignored for a deterministic model",
+    )
 
     def threat_model(self) -> FalsePositiveThreatModel:
         return model_part(self, FalsePositiveThreatModel)

@@ -21,6 +21,25 @@ class Cost(BaseModel):
     backward_passes: int
 
 
+class NoiseFloor(BaseModel):
+    """A stochastic model's output spread at fixed inputs (docs/reports.md, "Stochastic
+    models"): the root-mean-square distance of one draw from the average output."""
+
+    value: float | None = Field(
+        description="√(mean over the inputs y of E‖Ψ(y) − EΨ(y)‖²), the norm over the whole "
+        "output (σ√n for Ψ(y) = By + σξ with n output values); null when a draw is not finite"
+    )
+    ci_low: float | None
+    ci_high: float | None = Field(
+        description="With ci_low: the `confidence` interval (Student-t on the mean of "
+        "‖Ψ₁(y) − Ψ₂(y)‖²/2 over pairs of independent calls, ends square-rooted)"
+    )
+    confidence: float
+    draws_per_input: int = Field(description="Calls at each input, one input per call")
+    inputs: int = Field(description="Measurements of the audit's first images it was taken at")
+    definition: str = Field(description="The above, in words")
+
+
 class ModelIdentity(BaseModel):
     id: str | None = None
     name: str
@@ -35,7 +54,13 @@ class ModelIdentity(BaseModel):
     output_spread: float | None = Field(
         default=None,
         description="Only for a stochastic model: the largest ‖Ψ₁(y) − Ψ₂(y)‖ / ‖Ψ₁(y)‖ over "
-        "the probe's inputs (null: the two outputs differ in shape or are not finite)",
+        "the probe's inputs, Ψ₂ the first call that differs from the first (null: the two "
+        "outputs differ in shape or are not finite)",
+    )
+    noise_floor: NoiseFloor | None = Field(
+        default=None,
+        description="Only for a stochastic model audited for reconstruction: its output's "
+        "spread at fixed inputs, with an interval",
     )
 
 

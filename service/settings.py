@@ -101,6 +101,10 @@ class Settings(BaseSettings):
     # the same audit: it is ended when the audit has no shard left waiting, when the worker runs
     # anything else, and after runner_idle_seconds without a next shard (docs/deployment.md).
     runner_idle_seconds: float = Field(default=10, gt=0)
+    # A worker keeps one spare runner that has imported the engine and waits, empty, for its
+    # next job (workers/execution/warm_runner.py): a job starts seconds sooner, at the cost of
+    # one idle child's memory (docs/deployment.md).
+    warm_runner: bool = True
     # The module the sandboxed child runs (`python -m <module> <jobdir>`); tests swap in faults.
     runner_module: str = "workers.sandbox.runner"
 

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.fixtures.databases import postgres_database
-from tests.reporting.chromium import chromium_binary
+# Before torch is loaded (libgomp reads it once): idle OpenMP threads sleep instead of spinning.
+# The suite runs torch in its own process, in workers' runners and in CLI processes at once on
+# two cores; spinning threads then starve the ones with work (docs/benchmarks.md, "Idle OpenMP
+# threads"). Processes the tests start inherit it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from tests.fixtures.databases import postgres_database  # noqa: E402
+from tests.reporting.chromium import chromium_binary  # noqa: E402
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -98,6 +104,24 @@ def _needs(item: pytest.Item) -> frozenset[str]:
     return frozenset(needs)
 
 
+# The files of the longest tests (a minute or more each on 2 cores), started first: `make
+# integration` runs tests in two processes (pytest-xdist), and a long test started last would
+# leave the other process idle while it runs.
+LONGEST_FIRST = (
+    "tests/integration/test_make_demo.py",
+    "tests/integration/test_readme_commands.py",
+    "tests/integration/test_scale_out.py",
+    "tests/integration/test_faults.py",
+    "tests/integration/test_end_to_end.py",
+    "tests/integration/test_gate_compare.py",
+)
+
+
+def _longest_first(item: pytest.Item) -> int:
+    path = item.nodeid.split("::", 1)[0]
+    return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         needs = _needs(item)
@@ -105,6 +129,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         starts_processes = bool(set(getattr(item, "fixturenames", ())) & FIXTURE_NEEDS.keys())
         if needs or starts_processes:
             item.add_marker(pytest.mark.integration)
+    items.sort(key=_longest_first)  # stable: the order within and among the rest is kept
 
 
 @pytest.hookimpl(tryfirst=True)

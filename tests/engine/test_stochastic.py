@@ -1,6 +1,8 @@
-"""Stochastic models (issue 26, detection): the finalising step runs the model twice at the
-admission probe's input; a sampler's report says so on every check of it and at the top, a
-deterministic model's report only gains `model.stochastic: false`."""
+"""Stochastic models (issue 26): the audit runs the model at the admission probe's input
+before its checks; a sampler's report says so at the top, every check that audits the sampler
+says what it measures (`sampler`), every other one warns that it measures single draws; a
+deterministic model's report only gains `model.stochastic: false`. The known answers of the
+sampler's figures are in test_sampler_known_answers.py."""
 
 from __future__ import annotations
 
@@ -31,6 +33,11 @@ CONFIG = config(
         {"kind": "lipschitz", "iterations": 3},
     ],
 )
+# A check that does not audit samplers yet (it measures single draws): it carries the warning.
+SINGLE_DRAW_CHECK = {
+    "kind": "kernel", "neighbours": 1, "directions": 1, "scales": [0.2], "power_iterations": 3,
+    "cg_iterations": 5, "confirm": 0, "panels": 0,
+}  # fmt: skip
 
 
 def noisy_model(tmp_path: Path) -> torch.nn.Module:
@@ -39,8 +46,12 @@ def noisy_model(tmp_path: Path) -> torch.nn.Module:
     return load_model(path, "torchscript", SPEC)
 
 
-def audit(model: Any, out: Path) -> dict[str, Any]:
-    return run_audit_with_model(model, SPEC, CONFIG, out_dir=out, model_sha256="cd" * 32)
+def check_config(fields: dict[str, Any]) -> Any:
+    return config(checks=[fields]).checks[0]
+
+
+def audit(model: Any, out: Path, audit_config: Any = CONFIG) -> dict[str, Any]:
+    return run_audit_with_model(model, SPEC, audit_config, out_dir=out, model_sha256="cd" * 32)
 
 
 def expected_spread() -> float:
@@ -55,10 +66,13 @@ def expected_spread() -> float:
     return float((SIGMA * (first - second).flatten(1).double().norm(dim=1) / y1.norm(dim=1)).max())
 
 
-def test_a_sampler_report_carries_its_spread_and_a_warning_on_every_check(
+def test_a_sampler_report_carries_its_spread_and_says_what_each_check_measures(
     tmp_path: Path,
 ) -> None:
-    report = audit(noisy_model(tmp_path), tmp_path / "out")
+    with_kernel = CONFIG.model_copy(
+        update={"checks": [*CONFIG.checks, check_config(SINGLE_DRAW_CHECK)]}
+    )
+    report = audit(noisy_model(tmp_path), tmp_path / "out", with_kernel)
     Report.model_validate(report)
     spread = report["model"]["output_spread"]
     assert report["model"]["stochastic"] is True
@@ -66,17 +80,24 @@ def test_a_sampler_report_carries_its_spread_and_a_warning_on_every_check(
     assert spread > 1000 * STOCHASTIC_TOLERANCE
     warning = stochastic_warning(spread)
     assert "counts its sampling noise as instability" in warning and f"{spread:.3g}" in warning
-    assert [c["kind"] for c in report["checks"]] == ["random_noise", "worst_case", "lipschitz"]
-    for check in report["checks"]:
-        assert check["warnings"].count(warning) == 1, check["kind"]
-    assert any("stochastic" in w for w in report["warnings"])
+    kinds = [c["kind"] for c in report["checks"]]
+    assert kinds == ["random_noise", "worst_case", "lipschitz", "kernel"]
+    for check in report["checks"][:3]:  # these audit the sampler and say what they measure
+        assert check["sampler"]["measures"], check["kind"]
+        assert warning not in check["warnings"], check["kind"]
+    assert "sampler" not in report["checks"][3]
+    assert report["checks"][3]["warnings"].count(warning) == 1
+    (top,) = [w for w in report["warnings"] if "stochastic" in w]
+    assert top.endswith("measure single draws and count its sampling noise as instability: kernel")
+    assert report["model"]["noise_floor"]["value"] == pytest.approx(SIGMA * 16, rel=0.1)
     # reproducible: torch's generator is seeded with the audit's seed for the measurement
-    again = audit(noisy_model(tmp_path), tmp_path / "again")
+    again = audit(noisy_model(tmp_path), tmp_path / "again", with_kernel)
     assert again["model"] == report["model"]
+    assert canonical_json(again["checks"]) == canonical_json(report["checks"])
     assert (tmp_path / "out" / "report.json").read_text() == canonical_json(report)
     page = render_html(report, tmp_path / "out")
     assert 'id="model-stochastic"' in page and f"{spread:.3g}" in page
-    assert page.count("counts its sampling noise as instability") >= 1 + len(report["checks"])
+    assert page.count("counts its sampling noise as instability") >= 2
 
 
 def test_a_deterministic_model_report_only_gains_stochastic_false(tmp_path: Path) -> None:
@@ -112,7 +133,8 @@ def test_a_stochastic_reference_is_warned_about_on_its_own_checks(tmp_path: Path
     }
     assert by_subject["model"] and by_subject["reference"]
     assert not any("stochastic" in w for c in by_subject["model"] for w in c["warnings"])
-    assert all(
-        any(w.startswith("the reference is stochastic") for w in c["warnings"])
-        for c in by_subject["reference"]
-    )
+    assert not any("sampler" in c for c in by_subject["model"])
+    # the reference's checks audit it as a sampler, and the report says it is one
+    assert all(c["sampler"]["measures"] for c in by_subject["reference"])
+    assert any(w.startswith("the reference is stochastic") for w in report["warnings"])
+    assert "noise_floor" not in report["model"]

@@ -39,7 +39,7 @@ from workers.engine.context import Subject
 
 # check → (threat model, search, the check's own fields besides kind), in the wire's order
 COMPOSED: dict[type[BaseModel], tuple[type[BaseModel], type[BaseModel], list[str]]] = {
-    WorstCaseCheck: (WorstCaseThreatModel, WorstCaseSearch, ["seed", "threshold"]),
+    WorstCaseCheck: (WorstCaseThreatModel, WorstCaseSearch, ["seed", "threshold", "sampler"]),
     AdversarialCheck: (AdversarialThreatModel, AdversarialSearch, ["seed", "threshold"]),
     MinimalPerturbationCheck: (
         MinimalPerturbationThreatModel,
@@ -54,7 +54,7 @@ COMPOSED: dict[type[BaseModel], tuple[type[BaseModel], type[BaseModel], list[str
     FalsePositiveCheck: (
         FalsePositiveThreatModel,
         FalsePositiveSearch,
-        ["panels", "seed", "threshold"],
+        ["panels", "seed", "threshold", "sampler"],
     ),
 }
 
@@ -74,6 +74,7 @@ WIRE_ORDER = {
         "early_stop_tolerance",
         "seed",
         "threshold",
+        "sampler",
     ],
     AdversarialCheck: [
         "kind",
@@ -107,6 +108,7 @@ WIRE_ORDER = {
         "panels",
         "seed",
         "threshold",
+        "sampler",
     ],
 }
 

@@ -16,10 +16,11 @@ import torch
 from sqlalchemy import create_engine, select
 
 from service.db.models import AuditShard
+from tests.fixtures.redis_dbs import redis_db
 from workers.cli.client import TightropeClient
 from workers.cli.stack import LocalStack
 
-REDIS_DB = 13  # the integration tests' own database on the shared Redis
+REDIS_DB = redis_db(13)  # the integration tests' own database on the shared Redis
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_DB}"
 
 # Short leases and reconciliation so that fault recovery happens within seconds.

@@ -20,13 +20,14 @@ from typer.testing import CliRunner
 
 from service.signing import callbacks as callback_signing
 from service.signing import reports as signing
+from tests.fixtures.redis_dbs import redis_url
 from tests.integration.conftest import FAST_RECOVERY, MODEL_SPEC, SIZE, create_key
 from workers.cli.main import app
 from workers.cli.stack import LocalStack
 
 pytestmark = pytest.mark.integration
 
-GATE_REDIS = "redis://127.0.0.1:6379/9"  # this test's own database on the shared Redis
+GATE_REDIS = redis_url(9)  # this test's own database on the shared Redis
 
 
 @pytest.fixture

@@ -14,12 +14,13 @@ import httpx
 import pytest
 import redis
 
+from tests.fixtures.redis_dbs import redis_url
 from tests.integration.conftest import MODEL_SPEC, client_for, wait_until
 from workers.cli.stack import LocalStack
 
 pytestmark = [pytest.mark.integration, pytest.mark.needs("redis")]
 
-NO_SANDBOX_REDIS = "redis://127.0.0.1:6379/8"  # this file's own database on the shared Redis
+NO_SANDBOX_REDIS = redis_url(8)  # this file's own database on the shared Redis
 WAIT_SECONDS = 8  # TIGHTROPE_SANDBOX_WAIT_SECONDS here (600 by default)
 
 

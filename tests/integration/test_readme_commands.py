@@ -1,4 +1,5 @@
-"""What the README tells a user to type, run as written: `make demo` and the curl walkthrough.
+"""What the README tells a user to type, run as written: the curl walkthrough (`make demo`:
+test_make_demo.py, which shares these helpers).
 
 The commands are read out of the Makefile and README.md themselves, so a change that breaks
 them (or lets the README drift from the product) fails here. The only changes made to them:
@@ -57,7 +58,7 @@ def readme_section_code(heading: str) -> str:
     return "\n".join(readme_section_blocks(heading))
 
 
-def _workdir(tmp_path: Path) -> Path:
+def workdir(tmp_path: Path) -> Path:
     """A directory that looks like the repository root to the commands (the venv and the
     examples they name), so what they write lands here and not in the checkout."""
     work = tmp_path / "work"
@@ -67,7 +68,7 @@ def _workdir(tmp_path: Path) -> Path:
     return work
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
+def clean_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("TIGHTROPE_")}
     env.update(extra)
     return env
@@ -89,19 +90,6 @@ def run_until_done(
     return proc.returncode, output
 
 
-@pytest.mark.timeout(900)
-def test_make_demo_runs_the_demo_to_a_verdict(tmp_path: Path) -> None:
-    recipe = makefile_recipe("demo")
-    assert recipe == ["$(BIN)/tightrope demo --out demo-out"], recipe
-    argv = recipe[0].replace("$(BIN)", str(VENV_BIN)).split()
-    code, output = run_until_done(argv, _workdir(tmp_path), _clean_env(), timeout=780)
-    assert code == 0, output[-6000:]
-    report = json.loads((tmp_path / "work" / "demo-out" / "report.json").read_text())
-    assert report["verdict"] in ("pass", "fail", "info")
-    assert report["checks"], report
-    assert (tmp_path / "work" / "demo-out" / "report.html").stat().st_size > 0
-
-
 def _service_commands(port: int) -> list[list[str]]:
     """`tightrope serve` and `tightrope worker` of the README's "Running the service"."""
     commands = []
@@ -115,9 +103,9 @@ def _service_commands(port: int) -> list[list[str]]:
 
 @pytest.fixture
 def readme_service(tmp_path: Path, redis_client: object) -> Iterator[tuple[Path, int]]:
-    work = _workdir(tmp_path)
+    work = workdir(tmp_path)
     port = free_port()
-    env = _clean_env(TIGHTROPE_BROKER_URL=REDIS_URL)
+    env = clean_env(TIGHTROPE_BROKER_URL=REDIS_URL)
     processes = []
     logs = []
     for argv in _service_commands(port):
@@ -177,7 +165,7 @@ def test_the_readme_walkthrough_runs_as_written(readme_service: tuple[Path, int]
     done = subprocess.run(
         ["bash", "-uo", "pipefail", "-c", trap + script],
         cwd=work,
-        env=_clean_env(TIGHTROPE_BROKER_URL=REDIS_URL),
+        env=clean_env(TIGHTROPE_BROKER_URL=REDIS_URL),
         capture_output=True,
         text=True,
         timeout=780,

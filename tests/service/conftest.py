@@ -25,10 +25,11 @@ from service.queue.broker import ALL_QUEUES, broker_keys
 from service.settings import Settings
 from tests.fixtures import model_factory
 from tests.fixtures.databases import postgres_database
+from tests.fixtures.redis_dbs import redis_url
 
 torch.set_num_threads(1)
 
-REDIS_URL = "redis://127.0.0.1:6379/15"  # the gateway tests' own database on the shared Redis
+REDIS_URL = redis_url(15)  # the gateway tests' own database on the shared Redis
 UNREACHABLE_BROKER = "redis://127.0.0.1:1/0"  # nothing listens on port 1
 MAX_UPLOAD = 256 * 1024
 SPEC = model_factory.tiny_cnn_spec()

@@ -21,9 +21,10 @@ from service.db.models import Audit, Base, Model, Tenant, utcnow
 from service.db.session import make_engine
 from service.settings import Settings
 from service.storage.stores import BlobStore
+from tests.fixtures.redis_dbs import redis_url
 from workers.execution.supervisor import worker_command
 
-REDIS_URL = "redis://127.0.0.1:6379/12"  # the worker tests' own database on the shared Redis
+REDIS_URL = redis_url(12)  # the worker tests' own database on the shared Redis
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 SPEC = {

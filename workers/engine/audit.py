@@ -44,7 +44,7 @@ from workers.engine.labelled import load_labelled
 from workers.engine.operators import build_operator
 from workers.engine.registry import get_check
 from workers.engine.report import build_report, write_report
-from workers.engine.shards import Shard, plan_shards, shard_seed
+from workers.engine.shards import Shard, derive_seed, plan_shards, shard_seed
 from workers.engine.subjects import model_subject
 
 ProgressFn = Callable[[float, str | None, str | None], None]
@@ -154,6 +154,20 @@ def run_audit_with_model(
             _enable_rebuilding(
                 ctx, config, base_dir, model, spec, subjects, baseline_builder, reference
             )
+        # Is the model a sampler? Measured before any shard (every task of a distributed audit
+        # measures the same: torch's generator seeded with the audit's seed, in a forked state),
+        # on the admission probe's input, outside the counted passes: a deterministic model's
+        # figures and cost do not change (docs/models.md, "Stochastic models"). A sampler's
+        # checks then audit its average map (workers.engine.sampling).
+        sampling = _sampling(model, spec, ctx, config.seed)
+        reference_sampling = (
+            None
+            if reference is None
+            else _sampling(reference.model, reference.spec, ctx, config.seed)
+        )
+        if spec.task == "reconstruction":
+            _mark_stochastic(subjects, "model", sampling)
+            _mark_stochastic(subjects, "reference", reference_sampling)
         shards = plan_shards(config, ctx.images.shape[0], list(subjects))
         if only_shards is not None:
             shards = _select_shards(shards, only_shards)
@@ -162,15 +176,12 @@ def run_audit_with_model(
         )
         if only_shards is not None:
             return {"shards": [shard.shard_id for shard in shards]}
-        checks = _merge(config, shards, records, out_dir)
-        # Is the model a sampler? Measured here, where the model is loaded, on the admission
-        # probe's input, outside the counted passes: a deterministic model's figures and cost
-        # do not change (docs/models.md, "Stochastic models").
-        sampling = _sampling(model, spec, ctx, config.seed)
+        stochastic = {name for name, subject in subjects.items() if subject.stochastic}
+        checks = _merge(config, shards, records, out_dir, stochastic)
         _warn_if_stochastic(checks, "model", sampling, ctx.warnings)
         if reference is not None:
-            reference_sampling = _sampling(reference.model, reference.spec, ctx, config.seed)
             _warn_if_stochastic(checks, "reference", reference_sampling, ctx.warnings)
+        floor = _noise_floor(subjects["model"], ctx, config.seed) if "model" in stochastic else None
         # Compute time: each shard's own seconds (wherever it ran) plus this run's merge, so a
         # report assembled from shards of many workers counts all of them, once.
         ran_here = {shard_id for shard_id in records if shard_id not in (completed_shards or {})}
@@ -182,6 +193,8 @@ def run_audit_with_model(
             "forward_passes": sum(r["forward_passes"] for r in records.values()),
             "backward_passes": sum(r["backward_passes"] for r in records.values()),
         }
+        if floor is not None:  # the noise floor's calls, made here
+            cost["forward_passes"] += floor.pop("forward_passes")
         report = build_report(
             audit_id=audit_id,
             model={
@@ -191,6 +204,7 @@ def run_audit_with_model(
                 "format": format,
                 "spec": spec.model_dump(mode="json"),
                 **_identity_fields(sampling),
+                **({} if floor is None else {"noise_floor": floor}),
             },
             config=config,
             device=device,
@@ -221,9 +235,10 @@ def stochastic_warning(spread: float | None, subject: str = "model") -> str:
 
 def _sampling(model: Any, spec: ModelSpec, ctx: AuditContext, seed: int) -> dict[str, Any] | None:
     """`{"stochastic", "output_spread"}` of the model on the admission probe's input (through
-    the audit's operator), two calls from torch's generator seeded with the audit's seed; None
-    when the probe's input cannot be made or a call fails."""
-    from workers.engine.probe import measure_stochasticity, probe_input
+    the audit's operator), calls from torch's generator seeded with the audit's seed until two
+    differ (at most DETECTION_CALLS); None when the probe's input cannot be made or a call
+    fails."""
+    from workers.engine.probe import DETECTION_CALLS, measure_stochasticity, probe_input
 
     try:
         x, _ = probe_input(spec, ctx.device, ctx.operator)  # type: ignore[arg-type]
@@ -231,7 +246,30 @@ def _sampling(model: Any, spec: ModelSpec, ctx: AuditContext, seed: int) -> dict
         return None
     if x is None:
         return None
-    return measure_stochasticity(model, x, seed)
+    return measure_stochasticity(model, x, seed, DETECTION_CALLS)
+
+
+def _mark_stochastic(
+    subjects: dict[str, Subject], name: str, sampling: dict[str, Any] | None
+) -> None:
+    if name in subjects and sampling is not None and sampling["stochastic"]:
+        subjects[name] = replace(subjects[name], stochastic=True)
+
+
+def _noise_floor(subject: Subject, ctx: AuditContext, seed: int) -> dict[str, Any] | None:
+    """The model's noise floor (workers.engine.sampling.noise_floor) at the measurements of the
+    audit's first NOISE_FLOOR_INPUTS images, draws seeded with the audit's seed; its
+    `forward_passes` for the cost. None when a call fails (the checks have run already)."""
+    from workers.engine.sampling import NOISE_FLOOR_INPUTS, noise_floor, same_draws
+
+    before = subject.counter.forward
+    try:
+        y = ctx.measurements(range(min(NOISE_FLOOR_INPUTS, ctx.images.shape[0])))
+        with same_draws(derive_seed("noise_floor", seed), ctx.device):
+            floor = noise_floor(subject.reconstruct, y)
+    except Exception:  # noqa: BLE001 - uploaded code; nothing here may fail the audit
+        return None
+    return {**floor, "forward_passes": subject.counter.forward - before}
 
 
 def _identity_fields(sampling: dict[str, Any] | None) -> dict[str, Any]:
@@ -249,17 +287,28 @@ def _warn_if_stochastic(
     sampling: dict[str, Any] | None,
     report_warnings: list[str],
 ) -> None:
-    """A stochastic subject: every one of its checks, and the report, say so."""
+    """A stochastic subject: the report says so; each of its checks that audits the sampler
+    says what it measures in its `sampler` section, every other one carries the warning that
+    it measures single draws."""
     if sampling is None or not sampling["stochastic"]:
         return
     warning = stochastic_warning(sampling["output_spread"], subject)
+    single = []
     for check in checks:
-        if check.get("subject") == subject:
+        if check.get("subject") == subject and "sampler" not in check:
             check.setdefault("warnings", []).append(warning)
+            single.append(check["kind"])
+    spread = _spread_words(sampling["output_spread"])
     report_warnings.append(
-        f"the {subject} is stochastic (output spread {_spread_words(sampling['output_spread'])} "
-        "at a fixed input, two calls): every figure of its checks counts its sampling noise as "
-        "instability; averaged searches for samplers are not built yet"
+        f"the {subject} is stochastic (output spread {spread} at a fixed input, two calls): "
+        "its checks say in their `sampler` section what they measure of the sampler "
+        "(docs/theorem.md, 'Auditing a sampler')"
+        + (
+            "; these measure single draws and count its sampling noise as instability: "
+            + ", ".join(single)
+            if single
+            else ""
+        )
     )
 
 
@@ -402,15 +451,10 @@ def _run_shards(
         subject = subjects[shard.subject]
         before = (subject.counter.forward, subject.counter.backward)
         shard_started = time.perf_counter()
-        with pywarnings.catch_warnings():
+        seed = shard_seed(config.seed, check.seed, shard.seed_key)
+        with pywarnings.catch_warnings(), _sampler_draws(subject, seed, ctx.device):
             pywarnings.simplefilter("ignore", UserWarning)  # deepinv / torch chatter per batch
-            result = get_check(shard.kind).run(
-                check,
-                ctx,
-                subject,
-                shard.indices,
-                shard_seed(config.seed, check.seed, shard.seed_key),
-            )
+            result = get_check(shard.kind).run(check, ctx, subject, shard.indices, seed)
         record = {
             "shard_id": shard.shard_id,
             "check_index": shard.check_index,
@@ -434,8 +478,25 @@ def _run_shards(
     return records
 
 
+def _sampler_draws(
+    subject: Subject, seed: int, device: torch.device
+) -> contextlib.AbstractContextManager[None]:
+    """A stochastic subject's shard draws from torch's generator seeded with the shard's seed
+    (in a forked state): its report is reproducible wherever the shard runs. A deterministic
+    subject's shard runs as it always did."""
+    if not subject.stochastic:
+        return contextlib.nullcontext()
+    from workers.engine.sampling import same_draws
+
+    return same_draws(derive_seed("sampler", seed), device)
+
+
 def _merge(
-    config: AuditConfig, shards: list[Shard], records: dict[str, dict[str, Any]], out_dir: Path
+    config: AuditConfig,
+    shards: list[Shard],
+    records: dict[str, dict[str, Any]],
+    out_dir: Path,
+    stochastic: set[str] | None = None,
 ) -> list[dict[str, Any]]:
     groups: dict[tuple[int, str], list[dict[str, Any]]] = {}
     for shard in shards:  # shard order: the merge sees images in order
@@ -462,13 +523,15 @@ def _merge(
                 "artifacts": artifacts,
             }
         )
-    _add_empirical_lipschitz(checks)
+    _add_empirical_lipschitz(checks, stochastic or set())
     return checks
 
 
-def _add_empirical_lipschitz(checks: list[dict[str, Any]]) -> None:
+def _add_empirical_lipschitz(checks: list[dict[str, Any]], stochastic: set[str]) -> None:
     """Next to the Jacobian norm, the best ratio ‖Ψ(y+e) − Ψ(y)‖/‖e‖ the perturbation checks
-    of the same subject found: both are lower bounds of the local Lipschitz constant."""
+    of the same subject found: both are lower bounds of the local Lipschitz constant. For a
+    stochastic subject only the average map's ratios count (checks with a `sampler` section
+    that averages): a single draw's ratio measures its sampling noise, not the map."""
     for result in checks:
         if result["kind"] != "lipschitz":
             continue
@@ -476,6 +539,7 @@ def _add_empirical_lipschitz(checks: list[dict[str, Any]]) -> None:
             (level["lipschitz_lower_bound"]["max"], other["kind"], level["level"])
             for other in checks
             if other["subject"] == result["subject"]
+            and (other["subject"] not in stochastic or "draws" in other.get("sampler", {}))
             for level in other.get("levels", [])
             if isinstance(level.get("lipschitz_lower_bound"), dict)
             and level["lipschitz_lower_bound"].get("max") is not None

@@ -58,6 +58,9 @@ class Subject:
     name: str  # "model" | "baseline"
     reconstruct: Reconstructor
     counter: PassCounter = field(default_factory=PassCounter)
+    # A sampler (two calls at one input differ; workers.engine.probe): the checks that can
+    # audit one average its draws (workers.engine.sampling), the others warn.
+    stochastic: bool = False
 
 
 @dataclass

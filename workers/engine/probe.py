@@ -173,13 +173,24 @@ def stochasticity(first: torch.Tensor, second: torch.Tensor) -> dict[str, Any]:
     }
 
 
+# Calls of the model the audit makes at most, at the probe's input, before it calls a model
+# deterministic: two calls miss a sampler whose draws often agree (a structure planted with
+# probability 0.2 on each of 2 inputs: both calls agree with probability 0.8⁴ ≈ 0.41); 16
+# calls miss it with probability about 0.8³⁰ ≈ 0.001. Rarer draws can still go unseen.
+DETECTION_CALLS = 16
+
+
 def measure_stochasticity(
-    model: Any, x: torch.Tensor, seed: int | None = None
+    model: Any, x: torch.Tensor, seed: int | None = None, calls: int = 2
 ) -> dict[str, Any] | None:
     """Run the model twice on `x` (no gradient) and return `stochasticity` of the outputs, or
     None when a call fails. With `seed`, torch's generators are seeded once before the first
-    call (not between the two) in a forked state, so the caller's random state is untouched and
-    the spread of a model drawing from torch's generator is reproducible."""
+    call (not between the calls) in a forked state, so the caller's random state is untouched
+    and the spread of a model drawing from torch's generator is reproducible.
+
+    With `calls` > 2, while the outputs so far equal the first, call again (at most `calls` in
+    all): the first call that differs gives the spread (a deterministic model costs `calls`
+    calls; a sampler the first pair detects, two as before)."""
     devices = [x.device] if x.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         if seed is not None:
@@ -187,11 +198,19 @@ def measure_stochasticity(
         try:
             first = model(x)
             second = model(x)
+            if not isinstance(first, torch.Tensor) or not isinstance(second, torch.Tensor):
+                return None
+            found = stochasticity(first, second)
+            for _ in range(calls - 2):
+                if found["stochastic"]:
+                    break
+                later = model(x)
+                if not isinstance(later, torch.Tensor):
+                    return None
+                found = stochasticity(first, later)
         except Exception:  # noqa: BLE001 - uploaded code; the audit's checks report failures
             return None
-    if not isinstance(first, torch.Tensor) or not isinstance(second, torch.Tensor):
-        return None
-    return stochasticity(first, second)
+    return found
 
 
 def _check_output(output: object, spec: ModelSpec) -> None:

@@ -27,6 +27,7 @@ from workers.execution import jobs
 from workers.execution.audit_job import sandbox_for
 from workers.execution.heartbeat import set_current_work, worker_name
 from workers.execution.sandbox_check import current_state, mark_unavailable, needs_sandbox
+from workers.execution.warm_runner import start_runner
 from workers.sandbox.bubblewrap import SandboxUnavailable
 from workers.sandbox.child import ChildOutcome, RunnerChild
 
@@ -148,13 +149,21 @@ def _without_sandbox(session: Session, settings: Settings, model: Model, problem
 
 
 def _run_admission(settings: Settings, job_dir: Any, model_format: str) -> dict[str, Any]:
-    child = RunnerChild(  # raises SandboxUnavailable: handled by the caller
+    child = start_runner(  # raises SandboxUnavailable: handled by the caller
+        settings,
         sandbox_for(settings, model_format),
-        settings.runner_module,
         job_dir,
         time_limit=settings.admission_time_limit,
         use_gpu=False,  # probing needs no GPU, and RLIMIT_AS holds only on the CPU
     )
+    try:
+        return _decide(settings, child)
+    finally:
+        if child.job_dir != job_dir:  # a warm runner's own directory holds the job now
+            jobs.remove_job_dir(child.job_dir)
+
+
+def _decide(settings: Settings, child: RunnerChild) -> dict[str, Any]:
     decision: dict[str, Any] | None = None
     for event in child.events(tick_seconds=1.0):
         if event is None:
@@ -173,6 +182,8 @@ def _run_admission(settings: Settings, job_dir: Any, model_format: str) -> dict[
             decision = {"status": "rejected", "reason": reason}
         if decision is not None:
             break
+    if decision is not None:
+        child.kill()  # decided: nothing is left to wait for (an exit takes seconds with torch)
     outcome = child.finish()
     if decision is None:
         log.info("admission ended without a decision: %s", outcome.stderr_tail[-2000:])

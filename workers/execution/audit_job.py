@@ -44,6 +44,7 @@ from workers.execution.leases import (
     update_owned,
 )
 from workers.execution.shard_leases import PRIORITY_RANK, count_progress
+from workers.execution.warm_runner import start_runner
 from workers.reporting.finalise import finalise_report
 from workers.sandbox.bubblewrap import Sandbox, SandboxUnavailable, has_gpu
 from workers.sandbox.child import RunnerChild
@@ -253,6 +254,8 @@ class _Attempt:
     cancelled: bool = False
     planned: bool = False
     probe_bound: bool = False  # its time limit is the probe's budget, not the audit's
+    # where the step's time went (seconds by phase), for its log line
+    timings: dict[str, float] = field(default_factory=dict)
 
     def fail(self, kind: str, title: str, status: int, detail: str) -> None:
         self.finish(status="failed", error=problem(kind, title, status, detail))
@@ -419,9 +422,13 @@ class _Attempt:
             return
         verdict = report.get("verdict") if isinstance(report, dict) else None
         try:
+            started = time.monotonic()
             if isinstance(report, dict):
                 finalise_report(report, self.job_dir / "out", self.settings)
+            self.timings["sign and render"] = time.monotonic() - started
+            started = time.monotonic()
             jobs.import_outputs(self.session, self.settings, self.audit_id, self.job_dir)
+            self.timings["import"] = time.monotonic() - started
         except OSError as exc:
             if not is_storage_full(exc):
                 raise
@@ -621,8 +628,10 @@ def execute_audit(
             progress_message=f"merging {count_of(total, 'shard')} into the report",
         )
     set_current_work(audit_id)
+    step_started = time.monotonic()
     try:
         attempt.job_dir = jobs.materialise_audit_job(session, settings, audit, model, kind=kind)
+        attempt.timings["job"] = time.monotonic() - step_started
     except jobs.JobInputError as exc:
         set_current_work(None)
         attempt.fail("invalid-audit-input", "Invalid audit input", 422, str(exc))
@@ -644,6 +653,14 @@ def execute_audit(
     finally:
         set_current_work(None)
         jobs.remove_job_dir(attempt.job_dir)
+        phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in attempt.timings.items())
+        log.info(
+            "audit %s: %s step in %.2f s (%s)",
+            audit_id,
+            kind,
+            time.monotonic() - step_started,
+            phases,
+        )
 
 
 def _callback_url(session: Session, audit_id: str) -> str | None:
@@ -656,23 +673,30 @@ def _supervise_child(
 ) -> str:
     settings = attempt.settings
     try:
-        child = RunnerChild(
+        child = start_runner(
+            settings,
             sandbox_for(settings, model_format),
-            settings.runner_module,
             attempt.job_dir,
             time_limit=limit,
             use_gpu=wants_gpu(request),
         )
+        attempt.job_dir = child.job_dir  # a warm runner's own directory holds the job now
     except SandboxUnavailable as exc:
         # The worker's fault, not the audit's: tried again (on any worker) while attempts last.
         log.error("audit %s: sandbox unavailable: %s", attempt.audit_id, exc)
         attempt.retry_or_give_up(None, f"the sandbox is unavailable: {exc}", attempts)
         return _final_status(attempt)
-    last_beat = last_progress = time.monotonic()
+    last_beat = last_progress = child_started = time.monotonic()
+    first_event = True
     pending_progress: RunnerEvent | None = None
     try:
         for event in child.events(tick_seconds=min(settings.heartbeat_seconds, 1.0)):
             now = time.monotonic()
+            if event is not None and first_event:
+                attempt.timings["runner's first event"] = now - child_started
+                first_event = False
+            if event is not None and event.event in ("plan", "report"):
+                attempt.timings["runner"] = now - child_started
             if event is not None and event.event == "progress":
                 pending_progress = event  # the newest wins; older ones are dropped
             elif event is not None:
@@ -692,6 +716,10 @@ def _supervise_child(
         child.finish()
         attempt.finish(status="failed", error=_timeout_problem(attempt, limit))
         return "failed"
+    if attempt.finished:
+        # Its result is stored: the child has nothing left to do, and an interpreter with
+        # torch loaded takes seconds to exit on its own.
+        child.kill()
     outcome = child.finish()
     if attempt.lease_lost:
         return "lease_lost"

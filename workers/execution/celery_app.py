@@ -30,17 +30,23 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     global _heartbeat
     # Imported here: it needs the task modules' dependencies, which this module must not load.
     from workers.execution.sandbox_check import check_sandbox, watch_sandbox
+    from workers.execution.warm_runner import start_spare
 
     name = getattr(sender, "hostname", None) or "worker"
     settings = get_settings()
     # Before the first beat, so that every heartbeat says whether this worker can sandbox.
     check_sandbox(settings, name)
     watch_sandbox(settings)
+    # The first job's runner imports the engine while the worker waits for that job.
+    start_spare(settings)
     _heartbeat = Heartbeat(name, settings, get_sessionmaker())
     _heartbeat.start()
 
 
 @worker_shutdown.connect
 def _stop_heartbeat(**_: Any) -> None:
+    from workers.execution.warm_runner import end_spare
+
+    end_spare()
     if _heartbeat is not None:
         _heartbeat.stop()

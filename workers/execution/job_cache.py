@@ -135,6 +135,12 @@ class JobCache:
         self._evict()
         return path
 
+    def moved(self, old: Path, new: Path) -> None:
+        """The kept directory `old` now lives at `new` (a warm runner took its files)."""
+        for key, kept in self._entries.items():
+            if kept == old:
+                self._entries[key] = new
+
     def release(self, path: Path) -> None:
         """After a shard: drop the directory at once when nothing is to be kept."""
         if self.capacity == 0:

@@ -52,6 +52,7 @@ from workers.execution.shard_leases import (
     release_shard,
     renew_shard,
 )
+from workers.execution.warm_runner import start_runner
 from workers.execution.watchdog import Watchdog, hung_problem, probe_time, watchdog_for
 from workers.sandbox.bubblewrap import SandboxUnavailable
 from workers.sandbox.child import RunnerChild
@@ -251,15 +252,18 @@ def _supervise(
         child = None
     if child is None:
         try:
-            child = RunnerChild(
+            child = start_runner(
+                settings,
                 sandbox_for(settings, model_format),
-                settings.runner_module,
                 run.job_dir,
                 time_limit=limit,
                 use_gpu=wants_gpu(request),
                 serve=True,
                 stall_limit=watchdog.limit,
             )
+            if child.job_dir != run.job_dir:  # a warm runner's own directory holds it now
+                cache.moved(run.job_dir, child.job_dir)
+                run.job_dir = child.job_dir
         except SandboxUnavailable as exc:
             # This worker cannot run shards; the model is not at fault: another worker may.
             log.error("sandbox unavailable: %s", exc)

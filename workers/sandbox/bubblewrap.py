@@ -86,6 +86,11 @@ def child_environment(job_dir: Path, threads: int = THREADS_PER_CHILD) -> dict[s
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "OPENBLAS_NUM_THREADS": str(threads),
+        # Idle OpenMP threads sleep instead of spinning: with more runnable threads than cores
+        # (several workers, or a worker beside other work) spinning threads starve the ones
+        # with work, and a small network's call took 0.4-1.0 s instead of 0.04 s on a 2-core
+        # machine (docs/benchmarks.md, "Idle OpenMP threads").
+        "OMP_WAIT_POLICY": "PASSIVE",
         "MPLCONFIGDIR": str(job_dir / ".matplotlib"),
         "MPLBACKEND": "Agg",
     }

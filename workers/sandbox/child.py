@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import subprocess
 import sys
@@ -71,18 +72,26 @@ class RunnerChild:
         use_gpu: bool,
         serve: bool = False,
         stall_limit: StallLimit | None = None,
+        warm: bool = False,
     ) -> None:
         argv = [sys.executable, "-m", runner_module, str(job_dir.resolve())]
-        if serve:  # the child stays after its job and runs the next one when told (next_job)
+        if warm:  # imports the engine, then waits for its first job (begin)
+            argv.append("--warm")
+        elif serve:  # the child stays after its job and runs the next one when told (next_job)
             argv.append("--serve")
         self.job_dir = job_dir
+        self.sandbox = sandbox
+        self.runner_module = runner_module
+        self.use_gpu = use_gpu
+        self.waiting = warm  # a warm child not yet given its first job
         self.started = time.monotonic()
-        self.deadline = self.started + time_limit
+        # A warm child has no deadline until it is given a job.
+        self.deadline = math.inf if warm else self.started + time_limit
         self.time_limit = time_limit
         self.stall_limit = stall_limit
         self.last_output = self.started  # when the child last wrote a line (its reader sets it)
         self.largest_batch = 0  # kept across the jobs of a serving child: same model
-        self._proc = sandbox.start(argv, job_dir, use_gpu=use_gpu, stdin=serve)
+        self._proc = sandbox.start(argv, job_dir, use_gpu=use_gpu, stdin=serve or warm)
         self._lines: queue.Queue[object] = queue.Queue()
         self._stderr: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._timed_out = False
@@ -177,17 +186,33 @@ class RunnerChild:
     def alive(self) -> bool:
         return self._proc.poll() is None and not self._killed
 
+    def begin(
+        self, time_limit: float, *, serve: bool, stall_limit: StallLimit | None = None
+    ) -> bool:
+        """Give a warm child its first job, now in its job directory: it runs it within
+        `time_limit` seconds from now, and stays for further `shards` jobs when `serve`. False
+        when it cannot be told (it exited)."""
+        assert self.waiting, "begin() is for a warm child's first job"
+        self.waiting = False
+        self.started = time.monotonic()
+        return self._tell(b"serve\n" if serve else b"run\n", time_limit, stall_limit)
+
     def next_job(self, time_limit: float, stall_limit: StallLimit | None = None) -> bool:
         """Tell a serving child to run the job now in its job.json, within `time_limit`
         seconds from now (and the watchdog's `stall_limit`); False when it cannot be told (it
         exited)."""
+        return self._tell(b"next\n", time_limit, stall_limit)
+
+    def _tell(self, line: bytes, time_limit: float, stall_limit: StallLimit | None) -> bool:
         assert self._proc.stdin is not None
         self.deadline = time.monotonic() + time_limit
         self.time_limit = time_limit
         self.stall_limit = stall_limit
         self.last_output = time.monotonic()
+        if not self.alive():
+            return False
         try:
-            self._proc.stdin.write(b"next\n")
+            self._proc.stdin.write(line)
             self._proc.stdin.flush()
         except (BrokenPipeError, OSError, ValueError):
             return False

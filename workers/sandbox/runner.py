@@ -1,4 +1,8 @@
-"""The sandboxed child: `python -m workers.sandbox.runner <job_dir>`.
+"""The sandboxed child: `python -m workers.sandbox.runner <job_dir> [--serve|--warm]`.
+
+`--serve`: after a `shards` job, run the next one each time the worker writes a line on stdin.
+`--warm`: import the engine first, then wait on stdin for the worker to put a job into the
+(empty, private) job directory and say `run` or `serve` (workers.execution.warm_runner).
 
 Reads `job.json` (schemas.runner.RunnerJob), calls the engine, and reports on stdout one JSON
 line per schemas.runner.RunnerEvent. Anything the engine or the model prints goes to stderr:
@@ -10,6 +14,7 @@ code 1; the parent never has to interpret a bare traceback.
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import sys
@@ -272,12 +277,57 @@ def describe_failure(exc: BaseException) -> dict[str, Any]:
     }
 
 
+# What a warm runner imports before it is given a job: everything a job of any kind needs,
+# so that its job starts at once (torch and deepinv alone take seconds to import).
+WARM_IMPORTS = (
+    "torch",
+    "deepinv",
+    "workers.engine.api",
+    "workers.engine.audit",
+    "workers.engine.audit_probe",
+    "workers.engine.admission",
+    "workers.engine.models",
+    "workers.engine.operators",
+    "workers.engine.panels",
+    "scipy.stats",
+    # the reconstruction checks most audits name; the classifier attacks' libraries are
+    # imported by the audits that need them
+    "workers.engine.checks.random_noise",
+    "workers.engine.checks.worst_case",
+    "workers.engine.checks.lipschitz",
+    "workers.engine.checks.false_negative",
+    "workers.engine.checks.false_positive",
+)
+
+
+def warm_up() -> None:
+    for name in WARM_IMPORTS:
+        importlib.import_module(name)
+
+
+def wait_for_first_job() -> bool | None:
+    """--warm: import what jobs need, then wait for the worker to write the job into this
+    child's (empty until then) job directory and say `run` or `serve` on stdin. True: serve
+    (run further `shards` jobs when told); None: the worker closed stdin (no job will come)."""
+    warm_up()
+    line = sys.stdin.readline()
+    if not line:
+        return None
+    return line.strip() == "serve"
+
+
 def main(argv: list[str]) -> int:
     events = take_over_stdout()
     try:
-        serve = argv[1:] == ["--serve"]
-        if len(argv) != 1 and not serve:
-            raise ValueError("usage: python -m workers.sandbox.runner <job_dir> [--serve]")
+        mode = argv[1:]
+        if len(argv) < 1 or mode not in ([], ["--serve"], ["--warm"]):
+            raise ValueError("usage: python -m workers.sandbox.runner <job_dir> [--serve|--warm]")
+        serve = mode == ["--serve"]
+        if mode == ["--warm"]:
+            told = wait_for_first_job()
+            if told is None:
+                return 0
+            serve = told
         job_dir = Path(argv[0])
         job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
         # every archive the engine reads is held to the gateway's limits, which the job carries

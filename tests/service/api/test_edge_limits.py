@@ -32,6 +32,9 @@ from tests.service.conftest import (
     ready_model,
 )
 
+# timing bounds of a second or two: run alone, not beside other tests (Makefile)
+pytestmark = pytest.mark.serial
+
 MiB = 1024 * 1024
 
 

@@ -33,6 +33,7 @@ from service.db.migrate import upgrade_to_head
 from service.db.models import Artifact, Audit, Model
 from service.db.session import make_engine
 from service.reports.junit import MEDIA_TYPE as JUNIT_MEDIA_TYPE
+from tests.fixtures.redis_dbs import redis_url
 from tests.reporting.sample import make_report
 from tests.service.api.test_audits_api import audit_request
 from tests.service.api.test_poll_load import serve
@@ -45,7 +46,7 @@ GENERATOR_CONFIG: dict[str, Any] = {
     "post_hooks": [],  # no ruff run over the generated code: nothing here reads its style
 }
 CLIENT_PACKAGE = "tightrope_client"  # from the title, "Tightrope"
-OPENAPI_REDIS = "redis://127.0.0.1:6379/10"  # this file's own database on the shared Redis
+OPENAPI_REDIS = redis_url(10)  # this file's own database on the shared Redis
 HTML_MEDIA_TYPE = REPORT_FILES["report.html"].split(";")[0]
 
 

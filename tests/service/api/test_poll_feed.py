@@ -35,9 +35,13 @@ from service.db.models import Audit, AuditShard, Tenant, utcnow
 from service.db.session import make_engine
 from service.queue.dispatch import Dispatcher
 from service.settings import Settings
+from tests.fixtures.redis_dbs import redis_url
 from tests.service.api.test_uvicorn_smoke import free_port, wait_until_serving
 from tests.service.conftest import REDIS_URL
 from workers.execution import leases, shard_leases
+
+# timing bounds of a second or two: run alone, not beside other tests (Makefile)
+pytestmark = pytest.mark.serial
 
 LONG = "60"  # both cache times: only an announcement can make a change show within 1 s
 SHORT_TTL = 0.5
@@ -410,7 +414,7 @@ def test_a_gateway_that_cannot_reach_redis_uses_the_short_ttl(
         assert lag <= 2 * SHORT_TTL + 0.5
 
 
-WORKER_REDIS = "redis://127.0.0.1:6379/7"  # this test's own broker database
+WORKER_REDIS = redis_url(7)  # this test's own broker database
 
 
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)

@@ -30,6 +30,9 @@ from service.db.session import make_engine
 from tests.service.api.test_uvicorn_smoke import free_port, wait_until_serving
 from tests.service.conftest import REDIS_URL, assert_problem, make_settings, sessions_of
 
+# timing bounds of a second or two: run alone, not beside other tests (Makefile)
+pytestmark = pytest.mark.serial
+
 CLIENTS = 64
 LOAD_SECONDS = 3.0
 

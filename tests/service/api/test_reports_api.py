@@ -23,6 +23,7 @@ from service.settings import Settings
 from service.signing import callbacks as callback_signing
 from service.signing import reports as signing
 from service.storage.stores import sha256_file
+from tests.fixtures.redis_dbs import redis_url
 from tests.reporting.sample import make_report
 from tests.service.api.test_audits_api import audit_request, set_audit, submit
 from tests.service.conftest import (
@@ -38,7 +39,7 @@ from tests.service.conftest import (
     upload_model,
 )
 
-REPORTS_REDIS = "redis://127.0.0.1:6379/9"  # this file's own database on the shared Redis
+REPORTS_REDIS = redis_url(9)  # this file's own database on the shared Redis
 
 
 def _succeeded_audit(

@@ -54,12 +54,13 @@ from service.db.migrate import upgrade_to_head
 from service.db.models import Artifact, Audit, Dataset, Model, Tenant, WorkerHeartbeat
 from service.db.session import make_engine
 from tests.fixtures.databases import postgres_database
+from tests.fixtures.redis_dbs import redis_url
 from tests.reporting.sample import make_report
 from tests.service.api.test_audits_api import audit_request
 from tests.service.api.test_uvicorn_smoke import free_port, wait_until_serving
 from tests.service.conftest import SPEC, make_settings
 
-SCHEMATHESIS_REDIS = "redis://127.0.0.1:6379/11"  # this file's own database on the shared Redis
+SCHEMATHESIS_REDIS = redis_url(11)  # this file's own database on the shared Redis
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
 MAX_EXAMPLES = 10
 AUDIT_EXAMPLES = 100  # fuzzed audit requests (POST /v1/audits skips the coverage phase)

@@ -19,7 +19,8 @@ import pytest
 from tests.integration.conftest import REDIS_URL
 from workers.cli.stack import free_port
 
-pytestmark = pytest.mark.needs("redis")
+# timing bounds of a second or two: run alone, not beside other tests (Makefile)
+pytestmark = [pytest.mark.needs("redis"), pytest.mark.serial]
 
 SLOW_HEAD = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: "
 

@@ -40,7 +40,7 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 def runner_pids(root: int, module: str) -> list[int]:
     """The runner processes (`python -m <module> …`, not their bwrap) descending from `root`,
-    read from /proc; zombies have no command line and do not count."""
+    read from /proc; zombies have no command line and do not count, nor do warm spares."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -59,9 +59,18 @@ def runner_pids(root: int, module: str) -> list[int]:
                 argv = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if module.encode() in argv and not argv[0].endswith(b"bwrap"):
+            if module.encode() in argv and not argv[0].endswith(b"bwrap") and _has_job(argv):
                 found.append(pid)
     return found
+
+
+def _has_job(argv: list[bytes]) -> bool:
+    """Not a warm spare still waiting for its job (workers.execution.warm_runner): its job
+    directory is empty until the worker moves a job in, and a spare runs no model."""
+    if b"--warm" not in argv:
+        return True
+    job_dir = Path(argv[argv.index(b"--warm") - 1].decode())
+    return (job_dir / "job.json").exists()
 
 
 class RunnerCount:

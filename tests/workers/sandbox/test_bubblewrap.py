@@ -258,6 +258,7 @@ def test_the_runner_thread_count_is_a_setting(tmp_path: Path) -> None:
     env = child_environment(tmp_path, sandbox.threads)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == env["OPENBLAS_NUM_THREADS"] == "1"
     assert child_environment(tmp_path)["OMP_NUM_THREADS"] == "2"  # the default
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"  # idle threads sleep: no spinning when contended
     cmd = bwrap_command(["true"], tmp_path, hidden_dirs=(), threads=3)
     assert cmd[cmd.index("OMP_NUM_THREADS") + 1] == "3"
 

@@ -57,7 +57,13 @@ def test_a_sampler_is_flagged_on_its_resource_and_in_its_report(
     report = json.loads((job_dir / "out" / "report.json").read_text())
     assert report["model"]["stochastic"] is True
     assert 0.5 * SIGMA * 6**0.5 < report["model"]["output_spread"] < 2 * SIGMA * 6**0.5
+    # every check says what it measures of the sampler, or warns that it measures single draws
     assert report["checks"] and all(
-        any("counts its sampling noise as instability" in w for w in check["warnings"])
+        check.get("sampler", {}).get("measures")
+        or any("counts its sampling noise as instability" in w for w in check["warnings"])
         for check in report["checks"]
     )
+    # the audit's random_noise check audits the sampler: over the perturbation and the draws
+    assert any(check.get("sampler") for check in report["checks"])
+    # and the report carries the noise floor, with its interval
+    assert report["model"]["noise_floor"]

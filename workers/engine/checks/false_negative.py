@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from schemas.checks_theorem import FalseNegativeCheck
+from schemas.sampler import DrawSettings
 from schemas.verdicts import compare, judge
 from workers.engine.checks.random_noise import unit_noise
 from workers.engine.checks.theorem_common import (
@@ -48,8 +49,20 @@ from workers.engine.lesions import (
     support,
 )
 from workers.engine.nullspace import RowSpaceProjector, row_space_projector
+from workers.engine.sampling import averaged_subject, same_draws, single_draws
 from workers.engine.shards import derive_seed
 from workers.engine.stats import clopper_pearson
+
+# What the check measures for a stochastic model (the result's `sampler.measures`).
+SAMPLER_MEASURES = (
+    "a miss rate over the sampler's draws: at each placement (its lesion found by the search "
+    "under `adversarial`, which then runs on an average of `draws` calls, the same draws at "
+    "every step), `samples` separate calls give single draws Ψ(y + Az + e), each a trial judged "
+    "by ρ = ⟨Ψ(y + Az + e) − Ψ̄(y + e), z⟩ / ‖z‖² against the average Ψ̄ of `draws` calls without "
+    "the lesion; under `noise` every noise draw is a call drawing anew too (the rate is over "
+    "both), judged against the average at the same noise; miss_rate's Clopper–Pearson interval "
+    "is over placements × draws, and a threshold bounds its upper end"
+)
 
 # The adversarial search keeps every lesion pixel at least this fraction of its contrast, so
 # that the optimised lesion is still a lesion (ρ is undefined as z → 0).
@@ -178,12 +191,16 @@ class FalseNegative:
                 f"A⁺ by conjugate gradients stopped at {reference.iterations} iterations: "
                 "visible fractions may be underestimated"
             )
-        return {
+        result: dict[str, Any] = {
             "rows": rows,
             "panels": panels[: config.panels],
             "warnings": warnings,
             "reference_method": reference.method,
         }
+        if subject.stochastic:
+            settings = config.sampler or DrawSettings()
+            result["sampler"] = {"draws": settings.draws, "samples": settings.samples}
+        return result
 
     def merge(self, config: FalseNegativeCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
         rows = [row for shard in shards for row in shard["rows"]]
@@ -252,11 +269,15 @@ class FalseNegative:
                 {k: v for k, v in row.items() if k not in _INTERNAL_KEYS} for row in rows
             ],
         }
+        sampler = shards[0].get("sampler") if shards else None
+        if sampler is not None:
+            result["sampler"] = {**sampler, "measures": SAMPLER_MEASURES}
         comparisons = []
         # without trials nothing the data carries was tested: no comparison, verdict `info`
         if config.threshold is not None and trials:
-            # a search reports what it found; random noise is a probability: its upper bound
-            noise = config.search == "noise"
+            # a search reports what it found; random noise (or a sampler's draws) is a
+            # probability: its upper bound
+            noise = config.search == "noise" or sampler is not None
             comparisons.append(
                 compare(
                     "miss rate (upper 95 % bound)" if noise else "miss rate",
@@ -301,6 +322,8 @@ def _search(
     """Per-placement rows (lists over placements) plus the tensors of each placement's worst
     trial for the panels: `lesion`, `out_z`, `out`. Misses count only where the placement is
     recoverable (A⁺ recovers the lesion)."""
+    if subject.stochastic:
+        return _search_sampler(config, ctx, subject, reference, index, x, y, z, windows, seed)
     if config.search == "noise":
         return _noise(config, ctx, subject, reference, index, x, y, z, windows, seed)
     if config.search == "adversarial":
@@ -378,7 +401,10 @@ def _noise(
     z: torch.Tensor,
     windows: torch.Tensor,
     seed: int,
+    base_subject: Subject | None = None,
 ) -> dict[str, Any]:
+    """The `noise` search; `base_subject` reconstructs the lesion-free references Ψ(y + e)
+    (a sampler's average map; default the subject)."""
     count = z.shape[0]
     seeds = [derive_seed(seed, index, "noise", s) for s in range(config.noise_samples)]
     y_norm = ctx.operator.norm(y)
@@ -387,7 +413,7 @@ def _noise(
     worst_out_z, worst_out = [], []
     with torch.no_grad():
         noise = unit_noise(ctx, y.shape[1:], seeds, y_norm.expand(len(seeds)), config.noise_level)
-        base = subject.reconstruct(y + noise)  # [S]
+        base = (base_subject or subject).reconstruct(y + noise)  # [S]
         lesion_measurements = ctx.operator.A(z)
         for k in range(count):
             out_z = subject.reconstruct(y + lesion_measurements[k : k + 1] + noise)
@@ -398,6 +424,64 @@ def _noise(
             worst = int(torch.nan_to_num(rho, nan=-math.inf).argmin())
             worst_out_z.append(out_z[worst])
             worst_out.append(base[worst])
+    return _trial_rows(
+        config, reference, z, rhos, nmses, worst_out_z, worst_out, config.noise_samples
+    )
+
+
+def _search_sampler(
+    config: FalseNegativeCheck,
+    ctx: AuditContext,
+    subject: Subject,
+    reference: RowSpaceProjector,
+    index: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    z: torch.Tensor,
+    windows: torch.Tensor,
+    seed: int,
+) -> dict[str, Any]:
+    """`_search` for a stochastic subject (SAMPLER_MEASURES): every placement judged on single
+    draws against the average map without the lesion."""
+    settings = config.sampler or DrawSettings()
+    averaged = averaged_subject(subject, settings.draws)
+    if config.search == "noise":
+        return _noise(config, ctx, subject, reference, index, x, y, z, windows, seed, averaged)
+    if config.search == "adversarial":
+        searched = averaged_subject(
+            subject, settings.draws, derive_seed(seed, index, "search"), ctx.device
+        )
+        z, e = _adversarial(config, ctx, searched, reference, y, z)
+    else:
+        e = torch.zeros_like(y)
+    count, samples = z.shape[0], settings.samples
+    with torch.no_grad():
+        with same_draws(derive_seed(seed, index, "average"), ctx.device):
+            base = averaged.reconstruct(y + e).expand(count, *x.shape)
+        draws = single_draws(subject.reconstruct, y + ctx.operator.A(z) + e, samples)
+        rhos = torch.stack([recovery(draw, base, z) for draw in draws], 1).double().cpu()
+        nmses = torch.stack([window_nmse(draw, x + z, windows) for draw in draws], 1)
+        worst = torch.nan_to_num(rhos, nan=-math.inf).argmin(1).tolist()
+        worst_out_z = [draws[worst[k], k] for k in range(count)]
+        worst_out = [base[k] for k in range(count)]
+    return _trial_rows(
+        config, reference, z, rhos, nmses.double().cpu(), worst_out_z, worst_out, samples
+    )
+
+
+def _trial_rows(
+    config: FalseNegativeCheck,
+    reference: RowSpaceProjector,
+    z: torch.Tensor,
+    rhos: torch.Tensor,
+    nmses: torch.Tensor,
+    worst_out_z: list[torch.Tensor],
+    worst_out: list[torch.Tensor],
+    samples: int,
+) -> dict[str, Any]:
+    """Per-placement rows of `samples` trials each (ρ and the window NMSE [placements, samples],
+    float64), and each placement's worst trial for the panels."""
+    count = z.shape[0]
     # A⁺ is linear: its recovery of the lesion is the same under every noise draw
     visible = visible_fraction(reference, z).cpu().tolist()
     recoverable = [is_carried(v, config) for v in visible]
@@ -406,7 +490,7 @@ def _noise(
     finite = torch.isfinite(rhos)
     missed = ~(finite & (rhos >= bars - RECOVERY_TOLERANCE)) & carried
     safe = torch.where(finite, rhos, torch.zeros_like(rhos))
-    trials = [config.noise_samples if r else 0 for r in recoverable]
+    trials = [samples if r else 0 for r in recoverable]
     rows = {
         "miss_probability": [
             int(missed[k].sum()) / trials[k] if trials[k] else None for k in range(count)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from schemas.checks_theorem import FalsePositiveCheck
+from schemas.sampler import HallucinationSettings
 from schemas.verdicts import compare, judge
 from workers.engine.attacks import SearchSettings, ThreatModel, worst_case_search
 from workers.engine.checks.theorem_common import (
@@ -28,7 +29,27 @@ from workers.engine.checks.theorem_common import (
 )
 from workers.engine.context import ARTIFACT_FILES_KEY, AuditContext, Subject
 from workers.engine.lesions import magnitude
+from workers.engine.sampling import (
+    averaged_subject,
+    probability,
+    replicate_statistics,
+    same_draws,
+    single_draws,
+    summary_errors,
+)
 from workers.engine.shards import derive_seed
+
+# What the check measures for a stochastic model (the result's `sampler.measures`).
+SAMPLER_MEASURES = (
+    "the average map Ψ̄(y) = EΨ(y) and the sampler's single draws: the search ascends the window's "
+    "energy of an average of `draws` calls (the same draws at every step); the spurious contrast "
+    "of the perturbation found, Ψ̄(y+e) − Ψ̄(y) in the window, is re-evaluated on `replicates` "
+    "fresh averages (both from the same draws), `spurious_contrast` their mean and "
+    "`standard_error` its standard error; `hallucination` counts, over `samples` separate calls "
+    "per image at y and at y + e, the draws whose max |Ψ(y) − x| in the window (where the image "
+    "has no structure) exceeds `contrast` of the value range (a NaN output counts), with "
+    "Clopper–Pearson 95 % intervals over images × draws"
+)
 
 
 def flattest_window(image: torch.Tensor, side: int, complex_image: bool) -> tuple[int, int]:
@@ -93,6 +114,10 @@ class FalsePositive:
             step_size=search.step_size,
             early_stop_tolerance=0.0,
         )
+        if subject.stochastic:
+            return _run_on_sampler(
+                config, ctx, subject, indices, seed, x, y, windows, corners, threat, settings
+            )
         (outcome,) = worst_case_search(
             _windowed(subject, windows),
             ctx.operator,
@@ -166,21 +191,178 @@ class FalsePositive:
             else {"index": worst["index"], "spurious_contrast": worst["spurious_contrast"]},
             "per_image": rows,
         }
+        sampler = shards[0].get("sampler") if shards else None
+        if sampler is not None:  # a stochastic subject (SAMPLER_MEASURES)
+            result["standard_error"] = {
+                "spurious_contrast": summary_errors(
+                    contrasts, [r["standard_error"] for r in finite], ("mean", "max")
+                )
+            }
+            result["hallucination"] = _hallucination(sampler, rows)
+            result["sampler"] = {**sampler, "measures": SAMPLER_MEASURES}
         comparisons = []
-        if config.threshold is not None:
-            bound = config.threshold.max_spurious_contrast
+        threshold = config.threshold
+        if threshold is not None and threshold.max_spurious_contrast is not None:
+            bound = threshold.max_spurious_contrast
             largest = max(contrasts, default=None)
             comparisons.append(compare("largest spurious contrast", largest, bound))
-            if len(finite) < len(rows):  # NaN under a bounded perturbation: no bound holds
-                comparisons.append(
-                    compare("images whose reconstruction was NaN", len(rows) - len(finite), 0)
+        # a deterministic model has no hallucination probability (it hallucinates or not)
+        bound_probability = None if threshold is None else threshold.max_hallucination_probability
+        if bound_probability is not None and sampler is not None:
+            comparisons.append(
+                compare(
+                    "hallucination probability under the perturbation (upper 95 % bound)",
+                    result["hallucination"]["attacked"]["ci_high"],
+                    bound_probability,
                 )
+            )
+        if threshold is not None and len(finite) < len(rows):
+            # NaN under a bounded perturbation: no bound holds
+            comparisons.append(
+                compare("images whose reconstruction was NaN", len(rows) - len(finite), 0)
+            )
         judge(result, comparisons)
         result["warnings"] = warnings
         result[ARTIFACT_FILES_KEY] = worst_panels(
             shards, config.panels, "false_positive", lowest=False
         )
         return result
+
+
+def _hallucination(sampler: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The hallucination probabilities over images × draws, at y and at y + e."""
+    samples = int(sampler["samples"])
+    trials = samples * len(rows)
+    return {
+        "contrast": sampler["contrast"],
+        "samples_per_image": samples,
+        "clean": probability(sum(r["hallucinations"]["clean"] for r in rows), trials),
+        "attacked": probability(sum(r["hallucinations"]["attacked"] for r in rows), trials),
+    }
+
+
+def _run_on_sampler(
+    config: FalsePositiveCheck,
+    ctx: AuditContext,
+    subject: Subject,
+    indices: Sequence[int],
+    seed: int,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    windows: torch.Tensor,
+    corners: list[tuple[int, int]],
+    threat: ThreatModel,
+    settings: SearchSettings,
+) -> dict[str, Any]:
+    """`run` for a stochastic subject (SAMPLER_MEASURES)."""
+    sampler = config.sampler or HallucinationSettings()
+    complex_image = is_complex(ctx)
+    span = value_span(ctx)
+    side = min(config.window, *x.shape[-2:])
+    batch_key = (int(indices[0]), len(indices))
+    searched = averaged_subject(
+        subject, sampler.draws, derive_seed(seed, batch_key, "search"), ctx.device
+    )
+    (outcome,) = worst_case_search(
+        _windowed(searched, windows),
+        ctx.operator,
+        y,
+        x,
+        threat,
+        settings,
+        seeds=[derive_seed(seed, index, "false_positive") for index in indices],
+        should_stop=ctx.should_stop,
+    )
+    e = outcome.perturbation
+    averaged = averaged_subject(subject, sampler.draws)
+    peaks, energies = [], []
+    with torch.no_grad():
+        for replicate in range(sampler.replicates):
+            draw = derive_seed(seed, batch_key, "replicate", replicate)
+            with same_draws(draw, ctx.device):
+                clean = averaged.reconstruct(y)
+            with same_draws(draw, ctx.device):
+                attacked = averaged.reconstruct(y + e)
+            if replicate == 0:
+                shown_clean, shown_attacked = clean, attacked
+            inside = magnitude_batch(attacked - clean, complex_image) * windows[:, 0]
+            peaks.append(inside.flatten(1).abs().amax(1) / span)
+            energies.append(inside.flatten(1).pow(2).sum(1).div(side * side).sqrt() / span)
+        peak, peak_error = replicate_statistics(torch.stack(peaks))
+        rms, _ = replicate_statistics(torch.stack(energies))
+        relative = ctx.operator.norm(e) / ctx.operator.norm(y).clamp_min(1e-12)
+        counts = {
+            where: _hallucinated(
+                single_draws(subject.reconstruct, shifted, sampler.samples),
+                x,
+                windows,
+                span,
+                sampler.contrast,
+                complex_image,
+            )
+            for where, shifted in (("clean", y), ("attacked", y + e))
+        }
+    rows, panels = [], []
+    for k, index in enumerate(indices):
+        row, col = corners[k]
+        contrast = float(peak[k])
+        rows.append(
+            {
+                "index": int(index),
+                "row": row,
+                "col": col,
+                "spurious_contrast": contrast,
+                "standard_error": float(peak_error[k]),
+                "window_rms_contrast": float(rms[k]),
+                "relative_perturbation": float(relative[k]),
+                "hallucinations": {where: int(c[k]) for where, c in counts.items()},
+            }
+        )
+        if config.panels:
+            change = shown_attacked[k] - shown_clean[k]
+            panels.append(
+                panel_record(
+                    contrast,
+                    f"image {index}: spurious contrast {contrast:.3f} in the window "
+                    f"(averages of {sampler.draws} draws)",
+                    [
+                        ("Ψ̄(y)", shown(shown_clean[k], complex_image)),
+                        ("Ψ̄(y+e)", shown(shown_attacked[k], complex_image)),
+                        ("Ψ̄(y+e) − Ψ̄(y)", shown_difference(change, complex_image)),
+                    ],
+                    windows[k, 0].bool().cpu().numpy(),
+                    [False, False, True],
+                )
+            )
+    panels.sort(key=lambda p: -p["score"])
+    return {
+        "rows": rows,
+        "panels": panels[: config.panels],
+        "sampler": {
+            "draws": sampler.draws,
+            "replicates": sampler.replicates,
+            "samples": sampler.samples,
+            "contrast": sampler.contrast,
+        },
+    }
+
+
+def _hallucinated(
+    draws: torch.Tensor,
+    x: torch.Tensor,
+    windows: torch.Tensor,
+    span: float,
+    contrast: float,
+    complex_image: bool,
+) -> list[int]:
+    """Per image, the draws [S, B, ...] whose max |Ψ(y) − x| in the window exceeds `contrast`
+    of the value range (NaN counts: it is not below)."""
+    samples = draws.shape[0]
+    difference = (draws - x.unsqueeze(0)).flatten(0, 1)  # [S·B, C, H, W]
+    inside = magnitude_batch(difference, complex_image) * windows[:, 0].repeat(samples, 1, 1)
+    peak = inside.flatten(1).abs().amax(1) / span
+    above = ~(peak <= contrast)
+    return above.view(samples, -1).sum(0).tolist()
 
 
 def magnitude_batch(change: torch.Tensor, complex_image: bool) -> torch.Tensor:

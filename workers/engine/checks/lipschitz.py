@@ -30,10 +30,26 @@ from typing import Any
 import torch
 
 from schemas.checks import LipschitzCheck
+from schemas.sampler import AveragingSettings
 from schemas.verdicts import compare, judge
 from workers.engine.context import AuditContext, Subject
+from workers.engine.sampling import (
+    averaged_subject,
+    replicate_statistics,
+    same_draws,
+    summary_errors,
+)
 from workers.engine.shards import derive_seed
 from workers.engine.stats import summary
+
+# What the check measures for a stochastic model (the result's `sampler.measures`).
+SAMPLER_MEASURES = (
+    "the Jacobian spectral norm of the average map Ψ̄(y) = EΨ(y) (a lower bound of its local "
+    "Lipschitz constant): the Lanczos search runs on an average of `draws` calls (one fixed set "
+    "of draws), and the norm along the direction it found is re-evaluated on `replicates` fresh "
+    "averages; `jacobian_norm` is their mean, `standard_error` its standard error "
+    "(`search_jacobian_norm`: the search's own figure, on its own draws)"
+)
 
 # Lanczos vectors kept before an explicit restart from the Ritz vector (memory: RESTART × batch
 # × measurement size)
@@ -83,7 +99,22 @@ def jacobian_spectral_norms(
     tolerance: float,
 ) -> tuple[torch.Tensor, list[int], torch.Tensor]:
     """σ_max of J_Ψ at each row of y (measured entries only), the iterations each needed and the
-    accuracy its residual proves (module docstring; float64 [B]).
+    accuracy its residual proves (module docstring; float64 [B]); see `_lanczos`."""
+    sigma, used, accuracy, _ = _lanczos(ctx, subject, y, start, iterations, tolerance)
+    return sigma, used, accuracy
+
+
+def _lanczos(
+    ctx: AuditContext,
+    subject: Subject,
+    y: torch.Tensor,
+    start: torch.Tensor,
+    iterations: int,
+    tolerance: float,
+) -> tuple[torch.Tensor, list[int], torch.Tensor, torch.Tensor]:
+    """σ_max of J_Ψ at each row of y (measured entries only), the iterations each needed, the
+    accuracy its residual proves (module docstring; float64 [B]) and the last Ritz vector
+    (unit in the operator's norm, shaped like y): the direction the norm was found along.
 
     `start` is the initial direction per row. A row stops updating once its accuracy is at most
     `tolerance`, but not before half the iterations (at least 2): a residual bounds the distance
@@ -117,6 +148,7 @@ def jacobian_spectral_norms(
     used = [iterations] * rows
     min_iterations = min(iterations, max(2, math.ceil(iterations / 2)))
     q = unit(start.detach())
+    ritz = q
     basis: list[torch.Tensor] = []
     alphas: list[torch.Tensor] = []
     betas: list[torch.Tensor] = []
@@ -143,6 +175,9 @@ def jacobian_spectral_norms(
             used[row] = step
         done = done | newly_done
         if bool(done.all()) or step == iterations:
+            stacked = torch.stack(basis, dim=1)  # [B, k, ...]
+            weights = s.to(stacked.dtype).view(rows, -1, *([1] * (stacked.dim() - 2)))
+            ritz = unit(torch.nan_to_num((stacked * weights).sum(1)))
             break
         if len(basis) == RESTART:
             # restart from the Ritz vector: the best direction found so far
@@ -152,7 +187,7 @@ def jacobian_spectral_norms(
             basis, alphas, betas = [], [], []
             continue
         q = w / _batched(beta.clamp_min(1e-30).to(w.dtype), w)
-    return sigma, used, accuracy
+    return sigma, used, accuracy, ritz
 
 
 class Lipschitz:
@@ -176,6 +211,8 @@ class Lipschitz:
                 for index in indices
             ]
         ).to(ctx.device)
+        if subject.stochastic:
+            return _run_on_average(config, ctx, subject, y, start, indices, seed)
         sigma, used, accuracy = jacobian_spectral_norms(
             ctx, subject, y, start, config.iterations, config.tolerance
         )
@@ -228,11 +265,85 @@ class Lipschitz:
                 comparisons.append(
                     compare("images whose Jacobian norm is not finite", non_finite, 0)
                 )
-        result = {
+        result: dict[str, Any] = {
             "jacobian_norm": (
                 summary(norms, ("mean", "max")) if norms else {"mean": None, "max": None}
             ),
             "per_image": per_image,
             "warnings": warnings,
         }
+        sampler = shards[0].get("sampler") if shards else None
+        if sampler is not None:  # a stochastic subject: the average map's figures
+            finite = [row for row in per_image if row["jacobian_norm"] is not None]
+            result["standard_error"] = summary_errors(
+                [row["jacobian_norm"] for row in finite],
+                [_or_nan(row.get("standard_error")) for row in finite],
+                ("mean", "max"),
+            )
+            result["sampler"] = {**sampler, "measures": SAMPLER_MEASURES}
         return judge(result, comparisons)
+
+
+def _or_nan(value: float | None) -> float:
+    return math.nan if value is None else value
+
+
+def _finite(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+def jacobian_norms_along(
+    ctx: AuditContext, subject: Subject, y: torch.Tensor, direction: torch.Tensor
+) -> torch.Tensor:
+    """‖J_Ψ(y) v‖ per row (v unit in the operator's norm; the output's whole norm), float64
+    [B]: one forward pass and two backward passes (the double-backward trick of `gram`)."""
+    y = y.detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = subject.reconstruct(y)
+        probe = torch.zeros_like(out, requires_grad=True)
+        (jt_probe,) = torch.autograd.grad(out, y, grad_outputs=probe, create_graph=True)
+        (jv,) = torch.autograd.grad(jt_probe, probe, grad_outputs=direction.detach())
+    subject.counter.backward += 2 * y.shape[0]
+    size = ctx.operator.norm(direction).double().clamp_min(1e-30)
+    return jv.detach().flatten(1).double().norm(dim=1) / size
+
+
+def _run_on_average(
+    config: LipschitzCheck,
+    ctx: AuditContext,
+    subject: Subject,
+    y: torch.Tensor,
+    start: torch.Tensor,
+    indices: Sequence[int],
+    seed: int,
+) -> dict[str, Any]:
+    """A stochastic subject: Lanczos on an R-draw average, then the norm along the direction it
+    found on K fresh averages (SAMPLER_MEASURES)."""
+    settings = config.sampler or AveragingSettings()
+    averaged = averaged_subject(subject, settings.draws)
+    with same_draws(derive_seed(seed, "lipschitz", "search"), ctx.device):
+        sigma, used, accuracy, direction = _lanczos(
+            ctx, averaged, y, start, config.iterations, config.tolerance
+        )
+    along = []
+    for replicate in range(settings.replicates):
+        with same_draws(derive_seed(seed, "lipschitz", "replicate", replicate), ctx.device):
+            along.append(jacobian_norms_along(ctx, averaged, y, direction))
+    mean, error = replicate_statistics(torch.stack(along))
+    rows = []
+    for k, index in enumerate(indices):
+        found = float(sigma[k])
+        rows.append(
+            {
+                "index": int(index),
+                "jacobian_norm": _finite(float(mean[k])),
+                "standard_error": _finite(float(error[k])),
+                "search_jacobian_norm": _finite(found),
+                "iterations": used[k],
+                "accuracy": _finite(float(accuracy[k])) if math.isfinite(found) else None,
+            }
+        )
+    return {
+        "per_image": rows,
+        "sampler": {"draws": settings.draws, "replicates": settings.replicates},
+    }

@@ -55,6 +55,17 @@ INTERVAL_SCOPE = (
     "probability over these images, not for a population of images (those outside the audit)"
 )
 
+# What the check measures for a stochastic model (the result's `sampler.measures`).
+SAMPLER_MEASURES = (
+    "single draws of the sampler: every reconstruction of a noisy measurement is a call of its "
+    "own drawing anew (batched by samples of one image: a model drawing once per call shares "
+    "its draw within a batch of up to 32 samples), so the failure probability and its interval "
+    "are over both the perturbation and the sampler's draws; amplification and "
+    "lipschitz_lower_bound compare two draws (the clean reconstruction is one draw too) and "
+    "count the sampler's spread as change, which the noise floor (model.noise_floor) measures "
+    "on its own"
+)
+
 
 def unit_noise(
     ctx: AuditContext,
@@ -129,6 +140,8 @@ class RandomNoise:
                         "levels": levels,
                     }
                 )
+        if subject.stochastic:
+            return {"images": per_image, "sampler": {}}
         return {"images": per_image}
 
     def merge(self, config: RandomNoiseCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -168,6 +181,8 @@ class RandomNoise:
         judge(result, comparisons)
         if at_level is not None:
             result["verdict_level"] = at_level
+        if shards and shards[0].get("sampler") is not None:
+            result["sampler"] = {**shards[0]["sampler"], "measures": SAMPLER_MEASURES}
         result["warnings"] = warnings
         return result
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from schemas.checks import WorstCaseCheck
+from schemas.sampler import AveragingSettings
 from schemas.verdicts import compare, fmt, judge
 from workers.engine import metrics
 from workers.engine.attacks import (
@@ -29,6 +30,12 @@ from workers.engine.attacks import (
 from workers.engine.batching import run_in_batches
 from workers.engine.checks.random_noise import unit_noise
 from workers.engine.context import ARTIFACT_FILES_KEY, AuditContext, Subject
+from workers.engine.sampling import (
+    averaged_subject,
+    replicate_statistics,
+    same_draws,
+    summary_errors,
+)
 from workers.engine.shards import derive_seed
 
 REPORTED = {
@@ -40,6 +47,16 @@ REPORTED = {
     "gaussian_relative_error": ("mean", "max"),
 }
 RAW = (*REPORTED, "relative_perturbation")
+# What the check measures for a stochastic model (the result's `sampler.measures`).
+SAMPLER_MEASURES = (
+    "the average map Ψ̄(y) = EΨ(y): the search ascends an average of `draws` calls per step "
+    "(the same draws at every step, a sample-average approximation of the expectation over the "
+    "sampler); every figure of the perturbation found is re-evaluated on `replicates` fresh "
+    "averages, Ψ̄(y), Ψ̄(y+e) and the Gaussian comparison from the same draws (common random "
+    "numbers, so the sampler's noise shared by both cancels in their difference); the table "
+    "holds the replicates' mean and `standard_error` the standard error of each statistic (the "
+    "mean's over images, the extreme image's for max and min)"
+)
 
 
 class WorstCase:
@@ -72,7 +89,11 @@ class WorstCase:
             for level in config.levels
             if level in done
         ]
-        return {"images": images, "worst": worst, "warnings": warnings}
+        result: dict[str, Any] = {"images": images, "worst": worst, "warnings": warnings}
+        if subject.stochastic:
+            settings = config.sampler or AveragingSettings()
+            result["sampler"] = {"draws": settings.draws, "replicates": settings.replicates}
+        return result
 
     def merge(self, config: WorstCaseCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
         images = [image for shard in shards for image in shard["images"]]
@@ -110,6 +131,9 @@ class WorstCase:
             "levels": table,
         }
         judge(result, _comparisons(config, table))
+        sampler = shards[0].get("sampler") if shards else None
+        if sampler is not None:
+            result["sampler"] = {**sampler, "measures": SAMPLER_MEASURES}
         result["warnings"] = warnings
         result[ARTIFACT_FILES_KEY] = files
         return result
@@ -127,6 +151,8 @@ def _attack_images(
     complex_images = ctx.images.shape[1] == 2 and operator.kind == "mri"
     y = ctx.measurements(indices)
     x = ctx.images[list(indices)]
+    if subject.stochastic:
+        return _attack_average(config, ctx, subject, indices, seed, y, x)
     outcomes = worst_case_search(
         subject,
         operator,
@@ -196,6 +222,112 @@ def _attack_images(
     return {"images": images, "worst": worst}
 
 
+def _attack_average(
+    config: WorstCaseCheck,
+    ctx: AuditContext,
+    subject: Subject,
+    indices: Sequence[int],
+    seed: int,
+    y: torch.Tensor,
+    x: torch.Tensor,
+) -> dict[str, Any]:
+    """`_attack_images` for a stochastic subject: the search on its R-draw average, every
+    figure re-evaluated on K fresh averages (SAMPLER_MEASURES)."""
+    settings = config.sampler or AveragingSettings()
+    batch_key = (int(indices[0]), len(indices))
+    # the search ascends one fixed set of R draws (a deterministic objective it converges on);
+    # the figures below are re-evaluated on fresh draws, so a perturbation fitted to the
+    # search's draws does not inflate them
+    searched = averaged_subject(
+        subject, settings.draws, derive_seed(seed, batch_key, "search"), ctx.device
+    )
+    averaged = averaged_subject(subject, settings.draws)
+    operator = ctx.operator
+    complex_images = ctx.images.shape[1] == 2 and operator.kind == "mri"
+    outcomes = worst_case_search(
+        searched,
+        operator,
+        y,
+        x,
+        ThreatModel.from_check(config.threat_model()),
+        SearchSettings.from_check(config.search_settings()),
+        seeds=[derive_seed(seed, index, "worst_case") for index in indices],
+        should_stop=ctx.should_stop,
+    )
+    per_level: list[dict[str, torch.Tensor]] = []
+    per_level_errors: list[dict[str, torch.Tensor]] = []
+    worst: list[dict[str, Any]] = []
+    with torch.no_grad():
+        with same_draws(derive_seed(seed, batch_key, "clean"), ctx.device):
+            clean_error = metrics.relative_error(averaged.reconstruct(y), x)
+        y_norm = operator.norm(y)
+        for outcome in outcomes:
+            e = outcome.perturbation
+            e_norm = operator.norm(e).clamp_min(1e-30)
+            gaussian_seeds = [derive_seed(seed, i, outcome.level, "gaussian") for i in indices]
+            noise = unit_noise(ctx, y.shape[1:], gaussian_seeds, e_norm, 1.0)
+            replicates: list[dict[str, torch.Tensor]] = []
+            for replicate in range(settings.replicates):
+                draw = derive_seed(seed, batch_key, outcome.level, "replicate", replicate)
+                # the same draws at y, y + e and y + noise: their differences lose the noise
+                outputs = []
+                for shifted in (y, y + e, y + noise):
+                    with same_draws(draw, ctx.device):
+                        outputs.append(averaged.reconstruct(shifted))
+                clean, attacked, gaussian = outputs
+                if replicate == 0:
+                    shown_clean, shown_attacked = clean, attacked
+                change = per_sample_norm(attacked - clean)
+                clean_norm = per_sample_norm(clean).clamp_min(1e-12)
+                replicates.append(
+                    {
+                        "relative_error": metrics.relative_error(attacked, x),
+                        "psnr": metrics.psnr(attacked, x, ctx.value_range, complex_images),
+                        "ssim": metrics.ssim(attacked, x, ctx.value_range, complex_images),
+                        "amplification": (change / clean_norm) / (e_norm / y_norm),
+                        "lipschitz_lower_bound": change / e_norm,
+                        "gaussian_relative_error": metrics.relative_error(gaussian, x),
+                        "relative_perturbation": e_norm / y_norm,
+                    }
+                )
+            values, errors = {}, {}
+            for name in RAW:
+                values[name], errors[name] = replicate_statistics(
+                    torch.stack([r[name].double() for r in replicates])
+                )
+            per_level.append(values)
+            per_level_errors.append(errors)
+            position = int(torch.nan_to_num(values["relative_error"], nan=math.inf).argmax())
+            worst.append(
+                {
+                    "level": outcome.level,
+                    "index": int(indices[position]),
+                    "relative_error": float(values["relative_error"][position]),
+                    "perturbation": _encode(e[position]),
+                    "reconstruction": _encode(shown_attacked[position]),
+                    "original": _encode(x[position]),
+                    "clean": _encode(shown_clean[position]),
+                }
+            )
+    images = []
+    for row, index in enumerate(indices):
+        levels = [
+            {
+                "level": outcome.level,
+                "steps": outcome.steps,
+                "optimizer": outcome.found_by[row],
+                "carried": outcome.carried[row],
+                **{name: float(values[name][row]) for name in RAW},
+                "standard_error": {name: float(errors[name][row]) for name in REPORTED},
+            }
+            for outcome, values, errors in zip(outcomes, per_level, per_level_errors, strict=True)
+        ]
+        images.append(
+            {"index": int(index), "clean_relative_error": float(clean_error[row]), "levels": levels}
+        )
+    return {"images": images, "worst": worst}
+
+
 def _merge_level(level: float, rows: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
     finite = [(i, r) for i, r in rows if all(math.isfinite(r[name]) for name in RAW)]
     merged: dict[str, Any] = {"level": level, "non_finite": len(rows) - len(finite)}
@@ -205,6 +337,15 @@ def _merge_level(level: float, rows: list[tuple[int, dict[str, Any]]]) -> dict[s
     merged["relative_perturbation"] = {
         "max": _statistic("max", [r["relative_perturbation"] for _, r in finite])
     }
+    if any("standard_error" in r for _, r in rows):  # a stochastic subject's average map
+        merged["standard_error"] = {
+            name: summary_errors(
+                [r[name] for _, r in finite],
+                [r["standard_error"][name] for _, r in finite],
+                tuple(f for f in fields if f != "std"),
+            )
+            for name, fields in REPORTED.items()
+        }
     steps = [float(r["steps"]) for _, r in rows]
     merged["steps"] = {"mean": _statistic("mean", steps), "max": _statistic("max", steps)}
     # which optimiser's restart gave each image's worst case (an ensemble mixes them)
