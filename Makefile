@@ -39,15 +39,16 @@ PYTEST := $(BIN)/python -m pytest -q -ra --durations=25
 # Unit tests are torch on small tensors: two pytest processes of one thread each use two cores
 # better than one process of two threads.
 unit: $(STAMP)
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTEST) -m "not integration and not serial" -n 2
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(PYTEST) -m "not integration and not serial" -n 2 --dist worksteal
 	$(PYTEST) -m "not integration and serial"
 
 # Most integration tests wait on processes (workers starting, sandboxed children importing
-# torch): two pytest processes overlap the waits (pytest-xdist; the longest tests first, see
+# torch): two pytest processes overlap the waits (pytest-xdist; an idle one takes tests queued
+# for the other (worksteal); the longest tests first, see
 # tests/conftest.py; each process has its own Redis databases: tests/fixtures/redis_dbs.py).
 # Tests that hold timing bounds of a second or two (marked `serial`) run after them, alone.
 integration: $(STAMP)
-	$(PYTEST) -m "integration and not serial" -n 2 --dist load
+	$(PYTEST) -m "integration and not serial" -n 2 --dist worksteal
 	$(PYTEST) -m "integration and serial"
 
 # Under `make test` a missing service fails the tests that need it instead of skipping them.
