@@ -97,7 +97,11 @@ def test_a_sampler_report_carries_its_spread_and_says_what_each_check_measures(
     assert (tmp_path / "out" / "report.json").read_text() == canonical_json(report)
     page = render_html(report, tmp_path / "out")
     assert 'id="model-stochastic"' in page and f"{spread:.3g}" in page
-    assert page.count("counts its sampling noise as instability") >= 2
+    # the page says what each check measures of the sampler, and the noise floor with its
+    # interval (σ√n = 0.05·16 = 0.8 for this model, 16×16 outputs)
+    assert page.count("Of the sampler:") == 3  # not the kernel check, which warns instead
+    assert "counts its sampling noise as instability" in page
+    assert 'id="model-noise-floor"' in page and "95 % interval" in page
 
 
 def test_a_deterministic_model_report_only_gains_stochastic_false(tmp_path: Path) -> None:
