@@ -3,7 +3,8 @@
 The parent enforces the wall-clock limit (it kills the child's process group), so the limit
 holds whatever the Celery pool (the solo pool ignores Celery's own time limits). With a
 `stall_limit` it is also the watchdog: a child that writes nothing (no event, no `beat`) for as
-long as that allows is killed too, and its outcome says `stalled`. The runner beats every
+long as that allows, once it has written the first line of its job, is killed too, and its
+outcome says `stalled`. The runner beats every
 BEAT_SECONDS while it works, except while one call of the model runs without returning, and
 says the largest batch it called the model on (schemas/runner.py, workers.engine.liveness).
 """
@@ -90,6 +91,10 @@ class RunnerChild:
         self.time_limit = time_limit
         self.stall_limit = stall_limit
         self.last_output = self.started  # when the child last wrote a line (its reader sets it)
+        # The watchdog is armed by the runner's first line of a job: before it the child runs
+        # only our own code (imports, reading job.json), which a busy machine can slow down far
+        # past the watchdog's floor; a model loads and runs only after the first beat.
+        self.armed = False
         self.largest_batch = 0  # kept across the jobs of a serving child: same model
         self._proc = sandbox.start(argv, job_dir, use_gpu=use_gpu, stdin=serve or warm)
         self._lines: queue.Queue[object] = queue.Queue()
@@ -113,6 +118,7 @@ class RunnerChild:
         # Lines are capped so that a child cannot exhaust the worker's memory with one line.
         while raw := stream.readline(MAX_EVENT_BYTES):
             self.last_output = time.monotonic()
+            self.armed = True
             if raw.endswith(b"\n"):
                 self._lines.put(raw)
             else:
@@ -140,7 +146,7 @@ class RunnerChild:
                 self.kill()
                 return
             wait = min(tick_seconds, remaining)
-            allowed = self.stall_seconds
+            allowed = self.stall_seconds if self.armed else None
             if allowed is not None:
                 quiet = now - self.last_output
                 if quiet >= allowed and self._lines.empty():
@@ -205,6 +211,7 @@ class RunnerChild:
 
     def _tell(self, line: bytes, time_limit: float, stall_limit: StallLimit | None) -> bool:
         assert self._proc.stdin is not None
+        self.armed = False  # until the runner's first line of this job
         self.deadline = time.monotonic() + time_limit
         self.time_limit = time_limit
         self.stall_limit = stall_limit

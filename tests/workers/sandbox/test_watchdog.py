@@ -49,6 +49,19 @@ def test_a_silent_child_is_killed_by_the_watchdog_not_by_the_time_limit(
 
 
 @pytest.mark.needs("bwrap")
+def test_the_watchdog_counts_from_the_runners_first_line_not_from_its_start(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """Before its first line a runner runs only our own code (imports, which a busy machine can
+    slow past the floor): 3 s of silence then is no stall, with an allowance of 1 s."""
+    child = _run(settings, "tests.workers.fakes.slow_start", tmp_path / "job", StallLimit(1.0))
+    events = [e for e in child.events(tick_seconds=0.5) if e is not None]
+    outcome = child.finish()
+    assert [e.event for e in events] == ["progress", "done"]
+    assert outcome.returncode == 0 and not outcome.stalled and not outcome.killed
+
+
+@pytest.mark.needs("bwrap")
 def test_a_child_that_beats_outlives_the_watchdogs_time(settings: Settings, tmp_path: Path) -> None:
     child = _run(settings, "tests.workers.fakes.beats", tmp_path / "job", StallLimit(1.5, 0.5))
     events = list(child.events(tick_seconds=0.5))
