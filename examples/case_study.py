@@ -62,7 +62,9 @@ def main() -> None:
     if args.reuse and report_path.exists():
         report = json.loads(report_path.read_text())
     else:
-        report = _audit(spec, config, args.work)
+        report = audit_in_process(
+            REFERENCE / "model.safetensors", "safetensors", "reference", spec, config, args.work
+        )
     study = Study(spec, config, report, args.work)
     args.figures.mkdir(parents=True, exist_ok=True)
 
@@ -94,9 +96,17 @@ def _available_checks(raw: dict[str, Any]) -> AuditConfig:
     return AuditConfig.model_validate({**raw, "checks": kept})
 
 
-def _audit(spec: ModelSpec, config: AuditConfig, work: Path) -> dict[str, Any]:
+def audit_in_process(
+    model_path: Path,
+    model_format: str,
+    model_id: str,
+    spec: ModelSpec,
+    config: AuditConfig,
+    work: Path,
+) -> dict[str, Any]:
+    """The engine's audit of one model file into `work` (as `tightrope audit` runs it), with
+    its progress printed."""
     shutil.rmtree(work, ignore_errors=True)
-    model_path = REFERENCE / "model.safetensors"
     started = time.perf_counter()
 
     def progress(fraction: float, check: str | None, message: str | None) -> None:
@@ -105,12 +115,12 @@ def _audit(spec: ModelSpec, config: AuditConfig, work: Path) -> dict[str, Any]:
 
     return run_audit(
         model_path,
-        "safetensors",
+        model_format,
         spec,
         config,
         out_dir=work,
         model_sha256=hashlib.sha256(model_path.read_bytes()).hexdigest(),
-        model_id="reference",
+        model_id=model_id,
         on_progress=progress,
     )
 

@@ -13,6 +13,7 @@ from schemas.common import FileArray, StrictModel
 from schemas.datasets import DatasetRef, FileDataset
 from schemas.operators import Operator
 from schemas.problem import Problem
+from schemas.sampler import SamplerThreshold
 
 AuditState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 AuditPriority = Literal["low", "normal", "high"]
@@ -50,6 +51,12 @@ class AuditConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     budget: Budget = Field(default_factory=Budget)
     callback_url: AnyHttpUrl | None = None
+    sampler_threshold: SamplerThreshold | None = Field(
+        default=None,
+        description="Bounds on a stochastic model's own figures (the report's `model."
+        "noise_floor`), judged with the checks' verdicts; not compared for a deterministic "
+        "model (docs/theorem.md, 'Auditing a sampler')",
+    )
 
     @model_validator(mode="after")
     def _checks_fit_the_operator(self) -> AuditConfig:
@@ -76,12 +83,14 @@ class AuditConfig(StrictModel):
 # null, so configs and request hashes read as they did before each existed.
 _LATER_CHECK_FIELDS = ("sampler",)
 _LATER_THRESHOLD_FIELDS = ("max_regression", "max_hallucination_probability")
+_LATER_CONFIG_FIELDS = ("sampler_threshold",)
 
 
 def strip_unset_regressions(dumped: dict[str, Any]) -> dict[str, Any]:
     """A dumped config without the `max_regression: null` of each check's threshold (and the
     other later fields above while null), so configs and request hashes read as they did before
     comparisons (and samplers' settings) existed."""
+    _drop_nulls(dumped, _LATER_CONFIG_FIELDS)
     for check in dumped.get("checks", []):
         if not isinstance(check, dict):
             continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -11,6 +12,11 @@ from pydantic import BaseModel, ConfigDict, Field
 # so a huge integer is a 422 naming the field, not a failed audit. (The audit's own `seed` is
 # bounded tighter, at 2**31 - 1: the engine derives per-image seeds from it by arithmetic.)
 MAX_SEED = 2**63 - 1
+
+# A name the artifact store accepts: an artifact's file name, an audit's directory. The engine
+# writes no other artifact name (workers.engine.audit), the store serves none
+# (service.storage.stores).
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 class StrictModel(BaseModel):

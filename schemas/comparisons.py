@@ -5,7 +5,8 @@ second subject, `reference`, run on the same images, perturbation draws and seed
 model. Every check result of both is read for its headline figures (per level or ε where the
 check has levels): the quantity the check's threshold compares, taken at each level.
 `comparison_section` pairs them and judges each pair with `schemas.verdicts.compare_regression`
-against the check's `threshold.max_regression` (default `DEFAULT_MAX_REGRESSION`).
+against the check's `threshold.max_regression` (default `DEFAULT_MAX_REGRESSION`). A figure only
+a sampler's result has (`SAMPLER_FIGURES`) is compared when both models have it.
 Torch-free (docs/reports.md, "Comparing with a previous model")."""
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ def spec_problems(spec: ModelSpec, reference: ModelSpec) -> list[str]:
 
 # (quantity, level or None, value or None, "at_most": lower is better | "at_least")
 Figure = tuple[str, float | None, float | None, str]
+
+HALLUCINATION = "hallucination probability under the perturbation (upper 95 % bound)"
+# Figures only a stochastic model's result has: compared when both models have them (two
+# samplers); a deterministic model has none, so against one the figure is left out.
+SAMPLER_FIGURES = (HALLUCINATION,)
 
 
 def _get(data: Any, *path: str) -> float | None:
@@ -104,9 +110,19 @@ def headline_figures(result: Mapping[str, Any]) -> list[Figure]:
         miss = "ci_high" if result.get("search") == "noise" else "estimate"
         return [("miss rate", None, _get(result, "miss_rate", miss), "at_most")]
     if kind == "false_positive":
-        return [
+        figures: list[Figure] = [
             ("largest spurious contrast", None, _get(result, "spurious_contrast", "max"), "at_most")
         ]
+        if isinstance(result.get("hallucination"), Mapping):  # a sampler's (SAMPLER_FIGURES)
+            figures.append(
+                (
+                    HALLUCINATION,
+                    None,
+                    _get(result, "hallucination", "attacked", "ci_high"),
+                    "at_most",
+                )
+            )
+        return figures
     if kind == "kernel":
         return [("proven Lipschitz lower bound", None, _get(result, "best_lower_bound"), "at_most")]
     if kind == "more_samples":
@@ -154,6 +170,8 @@ def comparison_section(
         figures = []
         old_figures = {(q, lv): v for q, lv, v, _ in headline_figures(old)}
         for quantity, level, value, direction in headline_figures(new):
+            if quantity in SAMPLER_FIGURES and (quantity, level) not in old_figures:
+                continue  # the reference is no sampler: nothing to compare with
             label = quantity if level is None else f"{quantity} at {_level_name(new)} {fmt(level)}"
             figures.append(
                 compare_regression(

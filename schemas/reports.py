@@ -40,6 +40,31 @@ class NoiseFloor(BaseModel):
     definition: str = Field(description="The above, in words")
 
 
+Direction = Literal["at_most", "at_least"]
+
+
+class ThresholdComparison(BaseModel):
+    """One bound of a check's threshold against the value the check measured. `passed` is the
+    check's own reading: `measured <= bound` (`at_most`) or `measured >= bound` (`at_least`);
+    a missing (`null`) measurement does not pass unless the threshold says so
+    (minimal_perturbation's `unmeasured_median: "pass"`)."""
+
+    quantity: str = Field(description="What was measured, in words (unique within the check)")
+    measured: float | None
+    bound: float
+    direction: Direction
+    passed: bool
+    estimate: float | None = Field(
+        default=None,
+        description="Only for an estimated figure of a stochastic model (a mean over fresh "
+        "averages): the point estimate; `measured` is then the upper end of its 95 % interval "
+        "(docs/theorem.md, 'Verdicts on estimated figures')",
+    )
+    standard_error: float | None = Field(
+        default=None, description="With `estimate`: its standard error over the replicates"
+    )
+
+
 class ModelIdentity(BaseModel):
     id: str | None = None
     name: str
@@ -62,22 +87,12 @@ class ModelIdentity(BaseModel):
         description="Only for a stochastic model audited for reconstruction: its output's "
         "spread at fixed inputs, with an interval",
     )
-
-
-Direction = Literal["at_most", "at_least"]
-
-
-class ThresholdComparison(BaseModel):
-    """One bound of a check's threshold against the value the check measured. `passed` is the
-    check's own reading: `measured <= bound` (`at_most`) or `measured >= bound` (`at_least`);
-    a missing (`null`) measurement does not pass unless the threshold says so
-    (minimal_perturbation's `unmeasured_median: "pass"`)."""
-
-    quantity: str = Field(description="What was measured, in words (unique within the check)")
-    measured: float | None
-    bound: float
-    direction: Direction
-    passed: bool
+    comparisons: list[ThresholdComparison] | None = Field(
+        default=None,
+        description="Only with the config's `sampler_threshold` and a stochastic model: its "
+        "bounds against the model's own figures (`max_noise_floor` against the upper end of "
+        "the noise floor's interval); a failed one fails the audit",
+    )
 
 
 class CheckResult(BaseModel):

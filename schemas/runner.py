@@ -26,6 +26,9 @@ MAX_SHARDS = 10_000  # an audit planned into more shards is refused: raise image
 # one call of the model has been running since the last beat without returning: the worker's
 # watchdog (workers.sandbox.child) stops a shard that stays silent too long.
 BEAT_SECONDS = 1.0
+# Inputs of each call of the admission probe (workers.engine.probe): the worker's watchdog
+# divides the probe's timed calls by it (workers.execution.watchdog).
+PROBE_BATCH = 2
 
 
 class PlannedShard(BaseModel):

@@ -59,3 +59,17 @@ class HallucinationSettings(DrawSettings):
         description="A draw hallucinates when max |Ψ(y) − x| inside the window (where the "
         "image has no structure) exceeds this, relative to the value range",
     )
+
+
+class SamplerThreshold(StrictModel):
+    """Bounds on a stochastic model's own figures, the report's `model` section (the audit
+    config's `sampler_threshold`): judged only when the model is stochastic and audited for
+    reconstruction; a deterministic model has no noise floor, and the report says the bound was
+    not compared (docs/reports.md, "Stochastic models")."""
+
+    max_noise_floor: float = Field(
+        gt=0.0,
+        description="Bound on the upper end of the 95 % interval of `model.noise_floor`: the "
+        "root-mean-square distance of one draw from the average output at a fixed input, "
+        "absolute (in the output's units, the norm over the whole output), as reported",
+    )

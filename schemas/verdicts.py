@@ -111,12 +111,18 @@ def compare_regression(
 
 
 def report_verdict(
-    checks: Iterable[Mapping[str, Any]], comparison: Mapping[str, Any] | None = None
+    checks: Iterable[Mapping[str, Any]],
+    comparison: Mapping[str, Any] | None = None,
+    model_comparisons: Sequence[Mapping[str, Any]] | None = None,
 ) -> str:
     """The audit's verdict: from the check results of the model (and the baseline), and with a
     reference model from the comparison's verdict too (a regression fails the audit). The
-    reference's own check results are context; they do not decide the verdict."""
+    reference's own check results are context; they do not decide the verdict. The model's own
+    comparisons (`sampler_threshold`: the report's `model.comparisons`) count as one more
+    check."""
     verdicts = [c["verdict"] for c in checks if c.get("subject") != "reference"]
     if comparison is not None:
         verdicts.append(comparison["verdict"])
+    if model_comparisons:
+        verdicts.append(check_verdict(model_comparisons))
     return audit_verdict(verdicts)

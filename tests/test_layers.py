@@ -1,21 +1,53 @@
 """The layering of docs/architecture.md, checked on the source: the engine imports neither the
 service nor Celery; nothing but the HTTP layer imports the HTTP layer; the service never imports
-torch; the schemas import neither side; and no module-level import circle exists.
+torch; the schemas import neither side; only the engine imports torch; nothing outside the
+sandboxed runner and the CLI's in-process audit imports the engine; the engine's torch-free
+helpers (workers.shared) import neither the engine nor torch; and no module-level import circle
+exists. Also: every
+problem type has one definition, the table of schemas/problem.py, which docs/http-api.md lists.
 
 Static: the imports are read with `ast` from every file (function-local imports included, for
 the first four rules), nothing is imported. The CLI starts the gateway by name
-(importlib.import_module("service.api.server")), which is no import of a library.
+(importlib.import_module("service.api.server")), which is no import of a library. Only the table
+of problem types is imported (schemas.problem, torch-free).
 """
 
 from __future__ import annotations
 
 import ast
+import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+
+from schemas.problem import LEGACY_SLUGS, PROBLEM_TYPES
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("service", "schemas", "workers")
 HEAVY = ("torch", "torchvision", "deepinv")
+# HEAVY and the libraries built on torch the engine uses: importing one imports torch.
+TORCH_STACK = (*HEAVY, "onnx2torch", "safetensors.torch", "adv_lib", "pyautoattack")
+ENGINE = "workers.engine"
+SHARED = "workers.shared"  # the engine's torch-free helpers, for the engine and the rest alike
+# The modules outside the engine that may import it, and why. The engine (torch, deepinv, the
+# audited model) runs in the sandboxed runner, or in the user's own process when the CLI audits
+# a model file; everything else (the gateway, the Celery worker, the report renderer) imports
+# the torch-free helpers of workers.shared instead.
+ENGINE_IMPORTERS = {
+    "workers.sandbox.runner": "the sandboxed runner's entry: it runs the engine in bubblewrap "
+    "(and counts the model's calls with workers.engine.liveness for its beat)",
+    "workers.cli.main": "the CLI's in-process `tightrope audit`: the engine on a local model "
+    "file, imported inside that command only",
+}
+# The modules outside the engine that may import TORCH_STACK themselves, and why: none. The
+# runner and the CLI's audit reach torch through the engine (the runner's warm-up also imports
+# it by name, workers.sandbox.runner.WARM_IMPORTS, which is no import statement).
+TORCH_IMPORTERS: dict[str, str] = {}
+# The one module that may import the route modules: it includes their routers in the app.
+APP_FACTORY = "service.api.app"
+ROUTE_DECORATORS = frozenset(
+    {"get", "post", "put", "patch", "delete", "head", "options", "trace", "api_route"}
+)
 
 
 def _module_name(path: Path) -> str:
@@ -103,6 +135,42 @@ def _violations(sources: list[str], forbidden: tuple[str, ...]) -> list[str]:
     )
 
 
+def _routers(tree: ast.Module) -> set[str]:
+    """The module-level names bound to an `APIRouter(...)`."""
+    found: set[str] = set()
+    for node in tree.body:
+        value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+        if not isinstance(value, ast.Call):
+            continue
+        func = value.func
+        name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+        if name == "APIRouter":
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found.update(t.id for t in targets if isinstance(t, ast.Name))
+    return found
+
+
+def is_route_module(module: str) -> bool:
+    """A module of the HTTP layer that defines an APIRouter with routes (`@router.get(...)`)."""
+    if not _within(module, "service.api"):
+        return False
+    tree = ast.parse(SOURCES[module].read_text(encoding="utf-8"))
+    routers = _routers(tree)
+    return any(
+        isinstance(decorator, ast.Call)
+        and isinstance(decorator.func, ast.Attribute)
+        and decorator.func.attr in ROUTE_DECORATORS
+        and isinstance(decorator.func.value, ast.Name)
+        and decorator.func.value.id in routers
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+        for decorator in node.decorator_list
+    )
+
+
+ROUTE_MODULES = tuple(sorted(m for m in SOURCES if is_route_module(m)))
+
+
 def test_the_sources_are_found() -> None:
     assert {"service.api.app", "workers.engine.audit", "schemas.reports"} <= SOURCES.keys()
 
@@ -117,6 +185,25 @@ def test_only_the_http_layer_imports_the_http_layer() -> None:
     assert _violations(outside, ("service.api",)) == []
 
 
+def test_the_route_modules_are_found() -> None:
+    assert {
+        "service.api.audits",
+        "service.api.models",
+        "service.api.datasets",
+        "service.api.console.routes",
+    } <= set(ROUTE_MODULES)
+    # the modules the routes and the console share are no route modules
+    assert not {"service.api.rules.audits", "service.api.deps", APP_FACTORY} & set(ROUTE_MODULES)
+
+
+def test_only_the_app_factory_imports_a_route_module() -> None:
+    """A route module speaks HTTP and is included by the app factory, never used as a library:
+    what the routes and the console share lives in a module of its own (service.api.rules,
+    service.api.deps, ...), so the console calls the same home as the API, not its routes."""
+    others = [m for m in SOURCES if m != APP_FACTORY]
+    assert _violations(others, ROUTE_MODULES) == []
+
+
 def test_the_service_never_imports_torch() -> None:
     service = [m for m in SOURCES if _within(m, "service")]
     assert _violations(service, HEAVY) == []
@@ -125,6 +212,48 @@ def test_the_service_never_imports_torch() -> None:
 def test_the_schemas_import_neither_side() -> None:
     schemas = [m for m in SOURCES if _within(m, "schemas")]
     assert _violations(schemas, ("service", "workers", *HEAVY)) == []
+
+
+def test_only_the_engine_imports_torch() -> None:
+    outside = [m for m in SOURCES if not _within(m, ENGINE) and m not in TORCH_IMPORTERS]
+    assert _violations(outside, TORCH_STACK) == []
+
+
+def test_only_the_sandboxed_runner_and_the_cli_audit_import_the_engine() -> None:
+    outside = [m for m in SOURCES if not _within(m, ENGINE) and m not in ENGINE_IMPORTERS]
+    assert _violations(outside, (ENGINE,)) == []
+
+
+def test_every_allowed_importer_is_needed() -> None:
+    """An allowance nobody uses any more goes: the lists say who imports, not who once did."""
+    assert {m for m in ENGINE_IMPORTERS if _violations([m], (ENGINE,))} == ENGINE_IMPORTERS.keys()
+    assert {m for m in TORCH_IMPORTERS if _violations([m], TORCH_STACK)} == TORCH_IMPORTERS.keys()
+
+
+def test_the_engine_importers_load_torch_only_when_they_run_the_engine() -> None:
+    """The CLI imports the engine inside its `audit` command (`tightrope serve` never loads
+    torch); the runner, at module level, only the torch-free counter of model calls (the engine
+    itself inside each job's function)."""
+    assert sorted(
+        name
+        for module in ENGINE_IMPORTERS
+        for name in imports(module, module_level=True)
+        if _within(name, ENGINE)
+    ) == ["workers.engine.liveness"]
+
+
+def test_the_shared_helpers_import_neither_the_engine_nor_torch() -> None:
+    shared = [m for m in SOURCES if _within(m, SHARED)]
+    assert {f"{SHARED}.errors", f"{SHARED}.arrays", f"{SHARED}.panels"} <= set(shared)
+    assert _violations(shared, (ENGINE, "service", "celery", *TORCH_STACK)) == []
+
+
+def test_the_engine_imports_no_other_part_of_the_workers() -> None:
+    """The engine's own modules, workers.shared and schemas only: it runs without the Celery
+    side, the report renderer, the sandbox or the CLI."""
+    engine = [m for m in SOURCES if _within(m, ENGINE)]
+    others = ("workers.execution", "workers.reporting", "workers.sandbox", "workers.cli")
+    assert _violations(engine, others) == []
 
 
 def _graph() -> dict[str, set[str]]:
@@ -185,3 +314,78 @@ def test_no_import_circles() -> None:
 def test_the_circle_finder_finds_a_circle() -> None:
     graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
     assert _cycles(graph) == [["a", "b", "c"]]
+
+
+# The table of problem types, and the string literals that equal a slug without naming a problem:
+# (module, literal) -> how often it may appear there.
+PROBLEM_TABLE = "schemas.problem"
+SLUGS_THAT_ARE_NO_PROBLEM = {
+    ("workers.execution.leases", "busy"): 1,  # LeaseOutcome.BUSY
+    ("workers.execution.audit_job", "busy"): 1,  # execute_audit's answer for a missing audit
+    ("workers.sandbox.runner", "internal"): 1,  # the cause of the runner's error event
+}
+
+
+def _problem_spellings(module: str, source: str) -> tuple[list[str], Counter[str]]:
+    """What in `source` spells a problem type outside the table: uses of PROBLEM_BASE and
+    "/problems/" URIs (always wrong), and string literals equal to a slug (counted: a few are
+    other words, SLUGS_THAT_ARE_NO_PROBLEM)."""
+    slugs = PROBLEM_TYPES.keys() | LEGACY_SLUGS.keys()
+    wrong: list[str] = []
+    literals: Counter[str] = Counter()
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", 0)
+        if (isinstance(node, ast.Name) and node.id == "PROBLEM_BASE") or (
+            isinstance(node, ast.alias) and node.name == "PROBLEM_BASE"
+        ):
+            wrong.append(f"{module}:{line}: PROBLEM_BASE (make the problem from its table entry)")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if "/problems/" in node.value:
+                wrong.append(f"{module}:{line}: a problem URI {node.value!r}")
+            elif node.value in slugs:
+                literals[node.value] += 1
+    return wrong, literals
+
+
+def test_no_problem_type_is_spelled_outside_its_table() -> None:
+    wrong: list[str] = []
+    for module, path in SOURCES.items():
+        if module == PROBLEM_TABLE:
+            continue
+        found, literals = _problem_spellings(module, path.read_text(encoding="utf-8"))
+        wrong += found
+        wrong += [
+            f"{module}: {slug!r} spelled {count}× (use schemas.problem's entry)"
+            for slug, count in sorted(literals.items())
+            if count > SLUGS_THAT_ARE_NO_PROBLEM.get((module, slug), 0)
+        ]
+    assert wrong == []
+
+
+def test_the_problem_spelling_finder_finds_spellings() -> None:
+    source = (
+        "from schemas.problem import PROBLEM_BASE\n"
+        "a = {'type': PROBLEM_BASE + 'time-limit', 'status': 422}\n"
+        "b = problem('model-not-ready', 'Model not ready', 422, 'gone')\n"
+        "c = 'https://tightrope.dev/problems/internal'\n"
+        "status, type, title = 409, 'conflict', 'Conflict'\n"
+    )
+    wrong, literals = _problem_spellings("planted", source)
+    assert sorted(w.split(":")[1] for w in wrong) == ["1", "2", "4"]
+    assert literals == {"time-limit": 1, "model-not-ready": 1, "conflict": 1}
+
+
+def _documented_problem_types() -> list[tuple[str, str]]:
+    """(status, slug) of every row of the tables under "## Problem types" in docs/http-api.md."""
+    text = (ROOT / "docs" / "http-api.md").read_text(encoding="utf-8")
+    section = text.split("\n## Problem types\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^\| (\d{3}|any) \| `([a-z-]+)` \|", section, flags=re.MULTILINE)
+
+
+def test_the_documented_problem_types_are_the_table() -> None:
+    rows = _documented_problem_types()
+    assert {slug for _, slug in rows} == PROBLEM_TYPES.keys()
+    # a slug listed in both tables (the gateway's and a failed audit's) has the one status
+    for status, slug in rows:
+        defined = PROBLEM_TYPES[slug].status
+        assert status == ("any" if defined is None else str(defined)), (slug, status)

@@ -18,7 +18,7 @@ from service.api import audits, datasets, health, models, signing_key
 from service.api.audit_feed import AuditChangeFeed, FeedCollector
 from service.api.auth import ApiKeyCache
 from service.api.body_limits import BodyLimitMiddleware
-from service.api.console import router as console_router
+from service.api.console.routes import router as console_router
 from service.api.forms import UPLOAD_SPEC_MODELS
 from service.api.gate import DatabaseGate
 from service.api.metrics import Metrics, MetricsMiddleware

@@ -19,6 +19,7 @@ from service.api.gate import DatabaseGate
 from service.db.models import Tenant
 from service.queue.dispatch import Dispatcher
 from service.settings import Settings
+from service.signing import reports as signing
 from service.storage.stores import ArtifactStore, BlobStore
 
 T = TypeVar("T")
@@ -68,6 +69,14 @@ async def get_db(request: Request) -> AsyncIterator[Session]:
     """A session for the whole request (session_in_slot): for routes that answer quickly."""
     async with session_in_slot(request) as session:
         yield session
+
+
+def public_key_of(request: Request) -> Any:
+    """The report-signing key loaded (or created) at start-up by the app's lifespan."""
+    state = request.app.state
+    if getattr(state, "signing_key", None) is None:  # an app used without its lifespan
+        state.signing_key = signing.load_or_create_private_key(signing.key_path(state.settings))
+    return state.signing_key.public_key()
 
 
 def get_blobs(request: Request) -> BlobStore:

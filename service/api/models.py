@@ -2,31 +2,21 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from fastapi import APIRouter, Query, Response
 from starlette.concurrency import run_in_threadpool
 
 from schemas.model_spec import ModelSpec
 from schemas.resources import ModelList, ModelResource
-from service.api.deps import (
-    BlobsDep,
-    DispatcherDep,
-    PageTokenQuery,
-    SessionDep,
-    SettingsDep,
-    TenantDep,
-    TenantLookupDep,
-    session_in_slot,
-)
-from service.api.forms import archive_limits, multipart_upload_body, parse_spec
+from service.api.deps import DispatcherDep, PageTokenQuery, SessionDep, TenantDep, TenantLookupDep
+from service.api.forms import multipart_upload_body
 from service.api.inspect_upload import inspect_model
-from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, paginate, split_page
-from service.api.problems import NotFound, problem_responses, response_header
-from service.api.uploads import receive_upload
-from service.db.models import Model, Tenant, utcnow
+from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from service.api.problems import problem_responses
+from service.api.rules import resources as rules
+from service.api.upload_flow import UploadsDep, upload_route
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -37,84 +27,26 @@ UPLOAD_BODY = multipart_upload_body(
 )
 
 
-def to_resource(model: Model) -> ModelResource:
-    info = model.admission_info or {}
-    stochastic = info.get("stochastic")
-    spread = info.get("output_spread")
-    return ModelResource(
-        id=model.id,
-        name=model.name,
-        status=model.status,
-        reason=model.reason,
-        format=model.format,
-        sha256=model.sha256,
-        size_bytes=model.size_bytes,
-        spec=ModelSpec.model_validate(model.spec),
-        stochastic=stochastic if isinstance(stochastic, bool) else None,
-        output_spread=float(spread) if isinstance(spread, int | float) else None,
-        created_at=model.created_at,
-        updated_at=model.updated_at,
-    )
-
-
-def get_owned_model(session: Session, tenant: Tenant, model_id: str) -> Model:
-    """A live model of this tenant; another tenant's model is as unknown as a missing one."""
-    model = session.get(Model, model_id)
-    if model is None or model.tenant_id != tenant.id or model.deleted_at is not None:
-        raise NotFound(f"No model {model_id!r}.")
-    return model
-
-
 @router.post(
     "",
-    status_code=202,
-    response_model=ModelResource,
-    openapi_extra=UPLOAD_BODY,
-    responses={
-        202: {
-            "description": "Stored as `validating`; a worker admits (`ready`) or rejects it",
-            "headers": {"Location": response_header("The model: /v1/models/{id}")},
-        },
-        **problem_responses(400, 401, 413, 415, 422, 503),
-    },
-    summary="Upload a model; a worker admits or rejects it",
+    **upload_route(
+        202,
+        ModelResource,
+        UPLOAD_BODY,
+        "Stored as `validating`; a worker admits (`ready`) or rejects it",
+        "The model: /v1/models/{id}",
+        summary="Upload a model; a worker admits or rejects it",
+    ),
 )
 async def upload_model(
-    request: Request,
-    response: Response,
-    tenant: TenantLookupDep,
-    settings: SettingsDep,
-    blobs: BlobsDep,
-    dispatcher: DispatcherDep,
+    response: Response, tenant: TenantLookupDep, uploads: UploadsDep, dispatcher: DispatcherDep
 ) -> ModelResource:
-    with await receive_upload(request, blobs, settings.max_upload_bytes) as staged:
-        spec = parse_spec(ModelSpec, staged.fields.get("spec"), settings.max_json_depth)
-        inspection = await run_in_threadpool(
-            inspect_model, staged.path, spec, archive_limits(settings)
-        )
-        staged.commit(blobs)
-
-    def store(session: Session) -> Model:
-        model = Model(
-            tenant_id=tenant.id,
-            name=spec.name,
-            spec=spec.model_dump(mode="json"),
-            format=inspection.format,
-            sha256=staged.sha256,
-            size_bytes=staged.size,
-            status="validating",
-            admission_info={"upload": inspection.info, "filename": staged.filename},
-        )
-        session.add(model)
-        session.commit()
-        return model
-
-    async with session_in_slot(request) as session:
-        model = await run_in_threadpool(store, session)
+    build = partial(rules.new_model, tenant)
+    model = await uploads.receive_and_store(ModelSpec, inspect_model, build)
     # After the commit: if this send fails, the reconciler finds the model in `validating`.
     await run_in_threadpool(dispatcher.admission, model.id)
     response.headers["Location"] = f"/v1/models/{model.id}"
-    return to_resource(model)
+    return rules.model_resource(model)
 
 
 @router.get("", response_model=ModelList, responses=problem_responses(401, 422, 503))
@@ -131,17 +63,12 @@ def list_models(
         ),
     ] = None,
 ) -> ModelList:
-    query = select(Model).where(Model.tenant_id == tenant.id, Model.deleted_at.is_(None))
-    if sha256 is not None:
-        query = query.where(Model.sha256 == sha256)
-    query = paginate(query, Model.created_at, Model.id, page_token, page_size)
-    rows, next_token = split_page(list(session.scalars(query)), page_size)
-    return ModelList(items=[to_resource(m) for m in rows], next_page_token=next_token)
+    return rules.model_page(session, tenant, page_size, page_token, sha256)
 
 
 @router.get("/{model_id}", response_model=ModelResource, responses=problem_responses(401, 404, 503))
 def read_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelResource:
-    return to_resource(get_owned_model(session, tenant, model_id))
+    return rules.model_resource(rules.get_owned_model(session, tenant, model_id))
 
 
 @router.delete(
@@ -152,7 +79,5 @@ def read_model(model_id: str, tenant: TenantDep, session: SessionDep) -> ModelRe
 )
 def delete_model(model_id: str, tenant: TenantDep, session: SessionDep) -> Response:
     """Soft delete: the row stays for the audits that name it; the model is gone for clients."""
-    model = get_owned_model(session, tenant, model_id)
-    model.deleted_at = utcnow()
-    session.commit()
+    rules.delete_owned_model(session, tenant, model_id)
     return Response(status_code=204)

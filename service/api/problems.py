@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
@@ -19,17 +19,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
-from schemas.problem import PROBLEM_BASE, PROBLEM_MEDIA_TYPE, FieldError, Problem
+from schemas import problem as problems
+from schemas.problem import PROBLEM_MEDIA_TYPE, FieldError, Problem, ProblemType
 
 log = logging.getLogger(__name__)
 
 
 class TightropeError(Exception):
-    """A problem a client caused or can act on. `type` is a stable slug under PROBLEM_BASE."""
+    """A problem a client caused or can act on; `kind` is its entry in the table of problem
+    types (schemas.problem.PROBLEM_TYPES), which gives its slug, title and status."""
 
-    status: int = 400
-    type: str = "bad-request"
-    title: str = "Bad request"
+    kind: ClassVar[ProblemType] = problems.BAD_REQUEST
 
     def __init__(
         self,
@@ -45,24 +45,31 @@ class TightropeError(Exception):
         self.headers = dict(headers or {})
         self.extra = extra
 
+    @property
+    def status(self) -> int:
+        assert self.kind.status is not None
+        return self.kind.status
+
+    @property
+    def type(self) -> str:
+        return self.kind.slug
+
+    @property
+    def title(self) -> str:
+        return self.kind.title
+
     def problem(self, instance: str | None = None) -> Problem:
-        return Problem(
-            type=PROBLEM_BASE + self.type,
-            title=self.title,
-            status=self.status,
-            detail=self.detail,
-            instance=instance,
-            errors=self.errors,
-            extra=self.extra,
+        return self.kind.problem(
+            self.detail, instance=instance, errors=self.errors, extra=self.extra
         )
 
 
 class MalformedRequest(TightropeError):
-    status, type, title = 400, "malformed-request", "The request could not be parsed"
+    kind = problems.MALFORMED_REQUEST
 
 
 class Unauthorized(TightropeError):
-    status, type, title = 401, "unauthorized", "Missing or invalid API key"
+    kind = problems.UNAUTHORIZED
 
     def __init__(self, detail: str) -> None:
         # RFC 6750: a 401 for bearer auth names the scheme the client must use.
@@ -70,51 +77,51 @@ class Unauthorized(TightropeError):
 
 
 class NotFound(TightropeError):
-    status, type, title = 404, "not-found", "Not found"
+    kind = problems.NOT_FOUND
 
 
 class Conflict(TightropeError):
-    status, type, title = 409, "conflict", "Conflict with the resource's state"
+    kind = problems.CONFLICT
 
 
 class ModelNotReady(Conflict):
-    type, title = "model-not-ready", "The model is not ready for audits"
+    kind = problems.MODEL_NOT_READY
 
 
 class AuditFinished(Conflict):
-    type, title = "audit-finished", "The audit has already finished"
+    kind = problems.AUDIT_FINISHED
 
 
 class ReportNotReady(Conflict):
-    type, title = "report-not-ready", "The report is not ready"
+    kind = problems.REPORT_NOT_READY
 
 
 class RangeNotSatisfiableError(TightropeError):
-    status, type, title = 416, "range-not-satisfiable", "Range not satisfiable"
+    kind = problems.RANGE_NOT_SATISFIABLE
 
 
 class PreconditionFailed(TightropeError):
-    status, type, title = 412, "precondition-failed", "Precondition failed"
+    kind = problems.PRECONDITION_FAILED
 
 
 class PayloadTooLarge(TightropeError):
-    status, type, title = 413, "payload-too-large", "Request body too large"
+    kind = problems.PAYLOAD_TOO_LARGE
 
 
 class UnsupportedMediaType(TightropeError):
-    status, type, title = 415, "unsupported-media-type", "Unsupported media type"
+    kind = problems.UNSUPPORTED_MEDIA_TYPE
 
 
 class ValidationFailed(TightropeError):
-    status, type, title = 422, "validation-failed", "The request is not valid"
+    kind = problems.VALIDATION_FAILED
 
 
 class InvalidUpload(TightropeError):
-    status, type, title = 422, "invalid-upload", "The uploaded file was refused"
+    kind = problems.INVALID_UPLOAD
 
 
 class IdempotencyKeyReused(TightropeError):
-    status, type, title = 422, "idempotency-key-reused", "Idempotency-Key reused with another body"
+    kind = problems.IDEMPOTENCY_KEY_REUSED
 
 
 # Seconds a tenant told `too-many-audits` should wait before it submits again.
@@ -125,7 +132,7 @@ class TooManyAudits(TightropeError):
     """The tenant already has tenant_max_queued_audits audits waiting to start (docs/http-api.md,
     "Fair share and quotas"): nothing was stored; the client retries after Retry-After."""
 
-    status, type, title = 429, "too-many-audits", "Too many audits waiting"
+    kind = problems.TOO_MANY_AUDITS
 
     def __init__(self, limit: int, queued: int) -> None:
         super().__init__(
@@ -137,7 +144,7 @@ class TooManyAudits(TightropeError):
 
 
 class NotReady(TightropeError):
-    status, type, title = 503, "not-ready", "The service is not ready"
+    kind = problems.NOT_READY
 
 
 # Seconds a client told `busy` should wait before it retries.
@@ -148,7 +155,7 @@ class ServiceBusy(TightropeError):
     """Every database slot stayed taken for the whole wait (service.api.gate), or no pooled
     connection came in time: the request did nothing; the client retries after Retry-After."""
 
-    status, type, title = 503, "busy", "The service is busy"
+    kind = problems.BUSY
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail, headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
@@ -179,25 +186,30 @@ def describe(errors: Sequence[FieldError]) -> str:
     return "; ".join(parts) + more
 
 
-_STATUS_SLUGS = {
-    400: ("bad-request", "Bad request"),
-    401: ("unauthorized", "Missing or invalid API key"),
-    404: ("not-found", "Not found"),
-    405: ("method-not-allowed", "Method not allowed"),
-    406: ("not-acceptable", "Not acceptable"),
-    409: ("conflict", "Conflict with the resource's state"),
-    413: ("payload-too-large", "Request body too large"),
-    415: ("unsupported-media-type", "Unsupported media type"),
-    422: ("validation-failed", "The request is not valid"),
+# The problem type of each status the web framework raises itself (any other: `http-error`).
+_FRAMEWORK_ERRORS: dict[int, ProblemType] = {
+    kind.status: kind
+    for kind in (
+        problems.BAD_REQUEST,
+        problems.UNAUTHORIZED,
+        problems.NOT_FOUND,
+        problems.METHOD_NOT_ALLOWED,
+        problems.NOT_ACCEPTABLE,
+        problems.CONFLICT,
+        problems.PAYLOAD_TOO_LARGE,
+        problems.UNSUPPORTED_MEDIA_TYPE,
+        problems.VALIDATION_FAILED,
+    )
+    if kind.status is not None
 }
 
 
 _DESCRIPTIONS = {
-    **{status: title for status, (_, title) in _STATUS_SLUGS.items()},
+    **{status: kind.title for status, kind in _FRAMEWORK_ERRORS.items()},
     412: "Precondition failed",
     416: "Range not satisfiable (with `Content-Range: bytes */<size>`)",
     429: "Too many audits waiting (with Retry-After)",
-    500: "Internal error",
+    500: problems.INTERNAL_ERROR.title,
     503: "Not ready, or busy (with Retry-After)",
 }
 
@@ -238,15 +250,15 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
 
 async def _on_http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    slug, title = _STATUS_SLUGS.get(exc.status_code, ("http-error", "HTTP error"))
+    kind = _FRAMEWORK_ERRORS.get(exc.status_code)
+    title = kind.title if kind is not None else problems.HTTP_ERROR.title
     detail = exc.detail if isinstance(exc.detail, str) else title
-    problem = Problem(
-        type=PROBLEM_BASE + slug,
-        title=title,
-        status=exc.status_code,
-        detail=detail,
-        instance=request.url.path,
-    )
+    if kind is not None:
+        problem = kind.problem(detail, instance=request.url.path)
+    else:
+        problem = problems.HTTP_ERROR.problem(
+            detail, status=exc.status_code, instance=request.url.path
+        )
     headers = dict(exc.headers or {})
     if exc.status_code == 405:
         # Starlette names only the methods of the one route it tried.
@@ -300,11 +312,8 @@ async def _on_client_gone(request: Request, exc: Exception) -> JSONResponse:
 async def _on_unexpected(request: Request, exc: Exception) -> JSONResponse:
     # The traceback goes to the log only: internals (paths, SQL, secrets) never reach a client.
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    problem = Problem(
-        type=PROBLEM_BASE + "internal-error",
-        title="Internal error",
-        status=500,
-        detail="The server failed to handle the request; it has been logged. Retry later.",
+    problem = problems.INTERNAL_ERROR.problem(
+        "The server failed to handle the request; it has been logged. Retry later.",
         instance=request.url.path,
     )
     return problem_response(problem)

@@ -7,12 +7,10 @@ check the signature. The callback secret is the tenant's own and needs its API k
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import APIRouter, Request, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from service.api.deps import SettingsDep, TenantDep
+from service.api.deps import SettingsDep, TenantDep, public_key_of
 from service.api.problems import problem_responses
 from service.signing import callbacks as callback_signing
 from service.signing import reports as signing
@@ -48,14 +46,6 @@ class CallbackSecret(BaseModel):
     secret: str = Field(description="This tenant's HMAC-SHA256 key")
     header: str = Field(description="The request header a delivery's signature is in")
     scheme: str = Field(description="How the header's value is built")
-
-
-def public_key_of(request: Request) -> Any:
-    """The key loaded (or created) at start-up by the app's lifespan."""
-    state = request.app.state
-    if getattr(state, "signing_key", None) is None:  # an app used without its lifespan
-        state.signing_key = signing.load_or_create_private_key(signing.key_path(state.settings))
-    return state.signing_key.public_key()
 
 
 @router.get(

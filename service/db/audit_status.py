@@ -14,7 +14,7 @@ from schemas.audits import (
     Progress,
     ShardProgress,
 )
-from schemas.problem import Problem
+from schemas.problem import Problem, read_stored
 from service.db.models import Audit
 
 
@@ -53,9 +53,11 @@ def to_status(audit: Audit, checks: Sequence[CheckProgress] | None = None) -> Au
 
 
 def _problem(error: dict[str, Any] | None, instance: str) -> Problem | None:
-    """The stored problem of a failed audit; its `instance` is the audit itself (RFC 9457: the
-    occurrence), as the gateway's own problems name the request path."""
+    """The stored problem of a failed audit, read as the table of problem types defines it
+    today (schemas.problem.read_stored: an older `internal` reads as `internal-error`); its
+    `instance` is the audit itself (RFC 9457: the occurrence), as the gateway's own problems
+    name the request path."""
     if not error:
         return None
-    problem = Problem.model_validate(error)
+    problem = read_stored(error)
     return problem if problem.instance else problem.model_copy(update={"instance": instance})

@@ -7,6 +7,13 @@ every measured value and its bound. A check without a threshold is informational
 per compared figure (`comparison`), failing on a regression beyond `max_regression`; the
 reference model's own check results are skipped (context, not the gate). Torch-free: the
 gateway renders it on the fly from report.json, the CLI writes it as junit.xml.
+
+A stochastic model (docs/reports.md, "Stochastic models"): the suite's properties carry its
+noise floor with its interval; each check's test case carries its `sampler` figures as
+properties (draws, replicates, samples, standard errors, probabilities with their intervals,
+an estimate and standard error next to each bound judged on an interval's end) and says in
+its output what it measures of the sampler; with `sampler_threshold`, one more test case
+(`model sampler_threshold`) judges the model's own figures.
 """
 
 from __future__ import annotations
@@ -47,6 +54,95 @@ def _comparison_text(c: Comparison) -> str:
     return f"{c.quantity}: measured {fmt(c.measured, 6)} {c.relation} bound {fmt(c.bound, 6)}"
 
 
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _probability_figures(name: str, data: Any) -> list[tuple[str, str]]:
+    """A probability of the report ({count, trials, estimate, ci_low, ci_high}) as properties."""
+    if not isinstance(data, dict):
+        return []
+    return [
+        (f"sampler: {name}", fmt(_number(data.get("estimate")), 6)),
+        (f"sampler: {name} ci_low", fmt(_number(data.get("ci_low")), 6)),
+        (f"sampler: {name} ci_high", fmt(_number(data.get("ci_high")), 6)),
+        (f"sampler: {name} trials", fmt(_number(data.get("trials")), 6)),
+    ]
+
+
+def sampler_figures(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """A stochastic subject's figures of one check result, as (name, value) properties: its
+    settings, the standard errors of the average map's figures and the probabilities over its
+    draws with their intervals. [] for a deterministic subject's result (no `sampler`)."""
+    sampler = result.get("sampler")
+    if not isinstance(sampler, dict):
+        return []
+    out = [
+        (f"sampler: {key}", fmt(_number(sampler.get(key)), 6))
+        for key in ("draws", "replicates", "samples", "contrast")
+        if _number(sampler.get(key)) is not None
+    ]
+    errors = result.get("standard_error")
+    kind = result.get("kind")
+    if kind == "lipschitz" and isinstance(errors, dict):
+        out.append(
+            (
+                "sampler: standard error of the largest Jacobian spectral norm",
+                fmt(_number(errors.get("max")), 6),
+            )
+        )
+    if kind == "false_positive" and isinstance(errors, dict):
+        contrast = errors.get("spurious_contrast") or {}
+        out.append(
+            (
+                "sampler: standard error of the largest spurious contrast",
+                fmt(_number(contrast.get("max")), 6),
+            )
+        )
+    if kind == "worst_case":
+        for row in result.get("levels") or []:
+            level_errors = row.get("standard_error") if isinstance(row, dict) else None
+            if not isinstance(level_errors, dict):
+                continue
+            level = fmt(_number(row.get("level")))
+            for name in ("relative_error", "lipschitz_lower_bound"):
+                out.append(
+                    (
+                        f"sampler: standard error of the largest {name} at level {level}",
+                        fmt(_number((level_errors.get(name) or {}).get("max")), 6),
+                    )
+                )
+    hallucination = result.get("hallucination")
+    if isinstance(hallucination, dict):
+        for where in ("clean", "attacked"):
+            out += _probability_figures(
+                f"hallucination probability ({where})", hallucination.get(where)
+            )
+    if kind == "false_negative":
+        out += _probability_figures("miss rate over the draws", result.get("miss_rate"))
+    return out
+
+
+def _comparison_figures(c: dict[str, Any]) -> list[tuple[str, str]]:
+    """A bound judged on an interval's end: the estimate and standard error behind it."""
+    if c.get("estimate") is None and c.get("standard_error") is None:
+        return []
+    quantity = c.get("quantity", "?")
+    return [
+        (f"estimate: {quantity}", fmt(_number(c.get("estimate")), 6)),
+        (f"standard error: {quantity}", fmt(_number(c.get("standard_error")), 6)),
+    ]
+
+
+def _sampler_lines(result: dict[str, Any]) -> list[str]:
+    sampler = result.get("sampler")
+    if not isinstance(sampler, dict) or not sampler.get("measures"):
+        return []
+    lines = [f"Of the sampler: {sampler['measures']}"]
+    lines += [f"{name}: {value}" for name, value in sampler_figures(result)]
+    return lines
+
+
 def _testcase(suite: ET.Element, finding: Finding) -> bool:
     """Add the test case; True when it failed."""
     case = ET.SubElement(
@@ -64,6 +160,15 @@ def _testcase(suite: ET.Element, finding: Finding) -> bool:
             properties, "property", name=f"measured: {c.quantity}", value=fmt(c.measured, 6)
         )
         ET.SubElement(properties, "property", name=f"bound: {c.quantity}", value=fmt(c.bound, 6))
+    extra = [
+        pair
+        for c in finding.result.get("comparisons") or []
+        if isinstance(c, dict)
+        for pair in _comparison_figures(c)
+    ] + sampler_figures(finding.result)
+    for name, value in extra:
+        ET.SubElement(properties, "property", name=name, value=value)
+    sampler = _sampler_lines(finding.result)
     if finding.subject == "reference" or not finding.has_threshold:
         reason = (
             "context: the reference model's own result (compare_with)"
@@ -71,18 +176,18 @@ def _testcase(suite: ET.Element, finding: Finding) -> bool:
             else "informational: the check has no threshold"
         )
         ET.SubElement(case, "skipped", message=reason)
-        ET.SubElement(case, "system-out").text = finding.sentence
+        ET.SubElement(case, "system-out").text = "\n".join([finding.sentence, *sampler])
         return False
     if finding.verdict == "fail":
         failed = [c for c in finding.comparisons if not c.passed] or finding.comparisons
         message = "; ".join(_comparison_text(c) for c in failed) or "the check failed"
         failure = ET.SubElement(case, "failure", message=message, type="threshold")
         failure.text = "\n".join(
-            [finding.sentence, *(_comparison_text(c) for c in finding.comparisons)]
+            [finding.sentence, *(_comparison_text(c) for c in finding.comparisons), *sampler]
         )
         return True
     ET.SubElement(case, "system-out").text = "\n".join(
-        [finding.sentence, *(_comparison_text(c) for c in finding.comparisons)]
+        [finding.sentence, *(_comparison_text(c) for c in finding.comparisons), *sampler]
     )
     return False
 
@@ -122,6 +227,56 @@ def _regression_cases(suite: ET.Element, comparison: dict[str, Any]) -> tuple[in
     return cases, failures
 
 
+def _noise_floor_properties(model: dict[str, Any]) -> list[tuple[str, str]]:
+    """The suite's properties of a stochastic model: stochastic, spread, noise floor."""
+    if model.get("stochastic") is not True:
+        return []
+    out = [
+        ("model_stochastic", "true"),
+        ("model_output_spread", fmt(_number(model.get("output_spread")), 6)),
+    ]
+    floor = model.get("noise_floor")
+    if isinstance(floor, dict):
+        for key in ("value", "ci_low", "ci_high", "confidence", "draws_per_input", "inputs"):
+            out.append((f"noise_floor_{key}", fmt(_number(floor.get(key)), 6)))
+    return out
+
+
+def _model_case(suite: ET.Element, model: dict[str, Any]) -> tuple[int, int]:
+    """The model's own comparisons (`sampler_threshold`) as one test case; (cases, failures)."""
+    raw = model.get("comparisons")
+    if not isinstance(raw, list) or not raw:
+        return 0, 0
+    comparisons = [Comparison.from_report(c) for c in raw if isinstance(c, dict)]
+    case = ET.SubElement(
+        suite,
+        "testcase",
+        name="model sampler_threshold",
+        classname="tightrope.model",
+        time=f"{0.0:.3f}",
+    )
+    properties = ET.SubElement(case, "properties")
+    for c in comparisons:
+        ET.SubElement(
+            properties, "property", name=f"measured: {c.quantity}", value=fmt(c.measured, 6)
+        )
+        ET.SubElement(properties, "property", name=f"bound: {c.quantity}", value=fmt(c.bound, 6))
+    floor = model.get("noise_floor")
+    lines = [_comparison_text(c) for c in comparisons]
+    if isinstance(floor, dict):
+        lines.append(
+            f"noise floor {fmt(_number(floor.get('value')), 6)} (95 % interval "
+            f"{fmt(_number(floor.get('ci_low')), 6)} to {fmt(_number(floor.get('ci_high')), 6)})"
+        )
+    failed = [c for c in comparisons if not c.passed]
+    if failed:
+        message = "; ".join(_comparison_text(c) for c in failed)
+        ET.SubElement(case, "failure", message=message, type="threshold").text = "\n".join(lines)
+        return 1, 1
+    ET.SubElement(case, "system-out").text = "\n".join(lines)
+    return 1, 0
+
+
 def render_junit(report: dict[str, Any]) -> str:
     found = findings(report)
     suite = ET.Element("testsuite", name="tightrope")
@@ -135,10 +290,13 @@ def render_junit(report: dict[str, Any]) -> str:
         ("seed", report.get("seed")),
     ):
         ET.SubElement(properties, "property", name=name, value="" if value is None else str(value))
+    for name, text in _noise_floor_properties(model):
+        ET.SubElement(properties, "property", name=name, value=text)
     failures = sum(_testcase(suite, finding) for finding in found)
+    model_cases, model_failures = _model_case(suite, model)
     cases, regressions = _regression_cases(suite, report.get("comparison") or {})
-    suite.set("tests", str(len(found) + cases))
-    suite.set("failures", str(failures + regressions))
+    suite.set("tests", str(len(found) + model_cases + cases))
+    suite.set("failures", str(failures + model_failures + regressions))
     suite.set("errors", "0")
     suite.set("skipped", str(sum(f.subject == "reference" or not f.has_threshold for f in found)))
     suite.set("time", f"{float((report.get('cost') or {}).get('wall_seconds') or 0.0):.3f}")

@@ -14,8 +14,9 @@ import tempfile
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
+from schemas.common import SAFE_NAME
+
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 CHUNK = 1024 * 1024
 

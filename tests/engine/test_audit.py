@@ -10,9 +10,9 @@ import torch
 from schemas.reports import Report
 from tests.engine.tiny_models import Identity, config, spec
 from workers.engine.audit import plan_audit, run_audit_with_model
-from workers.engine.errors import AuditCancelled, EngineInputError
 from workers.engine.report import canonical_json
 from workers.engine.shards import plan_shards, shard_seed
+from workers.shared.errors import AuditCancelled, EngineInputError
 
 
 class TinyNet(torch.nn.Module):

@@ -15,7 +15,7 @@ from schemas.reports import Report
 from schemas.verdicts import compare_regression
 from tests.engine.tiny_models import Identity, config, spec
 from workers.engine.audit import Reference, plan_audit, run_audit_with_model
-from workers.engine.errors import EngineInputError
+from workers.shared.errors import EngineInputError
 
 SPEC = spec((1, 16, 16), "image")
 CHECKS = [

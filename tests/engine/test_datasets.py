@@ -10,7 +10,7 @@ from pydantic import TypeAdapter
 from schemas.datasets import DatasetRef
 from tests.engine.tiny_models import spec
 from workers.engine.datasets import fit_images_to_spec, load_images
-from workers.engine.errors import EngineInputError
+from workers.shared.errors import EngineInputError
 
 REFS = TypeAdapter(DatasetRef)
 

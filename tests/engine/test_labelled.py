@@ -17,8 +17,8 @@ from tests.engine.tiny_models import spec as reconstruction_spec
 from workers.engine.audit import run_audit_with_model
 from workers.engine.datasets import load_images
 from workers.engine.digits import digits
-from workers.engine.errors import EngineInputError
 from workers.engine.labelled import load_labelled
+from workers.shared.errors import EngineInputError
 
 
 def test_digits_are_seeded_balanced_and_in_range() -> None:

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from schemas.checks_theorem import Lesion, Position
-from workers.engine.errors import EngineInputError
 from workers.engine.lesions import (
     candidate_mask,
     explicit_placements,
@@ -12,6 +11,7 @@ from workers.engine.lesions import (
     random_placements,
     support,
 )
+from workers.shared.errors import EngineInputError
 
 
 def _connected(pattern: torch.Tensor) -> bool:

@@ -239,7 +239,8 @@ def test_a_sampler_is_admitted_as_stochastic_with_its_output_spread(tmp_path: Pa
     """Ψ(y) = y + 0.05·ξ: the probe's two calls draw ξ₁, ξ₂ one after the other from torch's
     generator, so the spread is max over the probe's inputs of 0.05‖ξ₁ − ξ₂‖ / ‖y + 0.05ξ₁‖,
     computed here from the same draws."""
-    from workers.engine.probe import PROBE_BATCH, STOCHASTIC_TOLERANCE, probe_input, probe_model
+    from schemas.runner import PROBE_BATCH
+    from workers.engine.probe import STOCHASTIC_TOLERANCE, probe_input, probe_model
 
     path = mf.noisy_identity_torchscript(tmp_path / "noisy.pt", sigma=0.05)
     spec = spec_of(mf.identity_spec())

@@ -11,7 +11,7 @@ from schemas.checks_theorem import MoreSamplesCheck
 from tests.engine.tiny_models import Identity, config, spec
 from workers.engine.audit import run_audit_with_model
 from workers.engine.checks.more_samples import sampling_levels
-from workers.engine.errors import EngineInputError
+from workers.shared.errors import EngineInputError
 
 # real images (A embeds x as (x, 0)): PSNR then sees the sign of the reconstruction
 SPEC = spec((1, 16, 16), "adjoint")

@@ -9,8 +9,8 @@ import torch
 from pydantic import TypeAdapter
 
 from schemas.operators import Operator
-from workers.engine.errors import EngineInputError
 from workers.engine.operators import build_operator
+from workers.shared.errors import EngineInputError
 
 OPERATORS = TypeAdapter(Operator)
 

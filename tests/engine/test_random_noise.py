@@ -8,9 +8,9 @@ import torch
 from schemas.operators import InpaintingOperator
 from tests.engine.tiny_models import GainAlong, Identity, config, spec
 from workers.engine.audit import run_audit_with_model
-from workers.engine.checks.random_noise import unit_noise
 from workers.engine.context import AuditContext
 from workers.engine.datasets import load_images
+from workers.engine.noise import unit_noise
 from workers.engine.operators import build_operator
 from workers.engine.stats import clopper_pearson
 

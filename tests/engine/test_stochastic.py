@@ -15,7 +15,7 @@ import torch
 from schemas.reports import Report
 from tests.engine.tiny_models import Identity, config, spec
 from tests.fixtures import model_factory as mf
-from workers.engine.audit import run_audit_with_model, stochastic_warning
+from workers.engine.audit import SINGLE_DRAW_MEASURES, run_audit_with_model, stochastic_warning
 from workers.engine.models import load_model
 from workers.engine.probe import STOCHASTIC_TOLERANCE, probe_input
 from workers.engine.report import canonical_json
@@ -33,7 +33,8 @@ CONFIG = config(
         {"kind": "lipschitz", "iterations": 3},
     ],
 )
-# A check that does not audit samplers yet (it measures single draws): it carries the warning.
+# A check that measures single draws of a sampler: it carries the warning, and its `sampler`
+# section says what a single draw means there.
 SINGLE_DRAW_CHECK = {
     "kind": "kernel", "neighbours": 1, "directions": 1, "scales": [0.2], "power_iterations": 3,
     "cg_iterations": 5, "confirm": 0, "panels": 0,
@@ -78,15 +79,20 @@ def test_a_sampler_report_carries_its_spread_and_says_what_each_check_measures(
     assert report["model"]["stochastic"] is True
     assert spread == pytest.approx(expected_spread(), rel=1e-5)
     assert spread > 1000 * STOCHASTIC_TOLERANCE
-    warning = stochastic_warning(spread)
+    warning = stochastic_warning(spread, kind="kernel")
     assert "counts its sampling noise as instability" in warning and f"{spread:.3g}" in warning
+    assert warning.endswith(SINGLE_DRAW_MEASURES["kernel"])
     kinds = [c["kind"] for c in report["checks"]]
     assert kinds == ["random_noise", "worst_case", "lipschitz", "kernel"]
     for check in report["checks"][:3]:  # these audit the sampler and say what they measure
         assert check["sampler"]["measures"], check["kind"]
-        assert warning not in check["warnings"], check["kind"]
-    assert "sampler" not in report["checks"][3]
-    assert report["checks"][3]["warnings"].count(warning) == 1
+        assert "single_draws" not in check["sampler"], check["kind"]
+        assert not any("counts its sampling noise" in w for w in check["warnings"])
+    # the kernel check measures single draws: it says what one means there, and warns
+    kernel = report["checks"][3]
+    assert kernel["sampler"] == {"single_draws": True, "measures": SINGLE_DRAW_MEASURES["kernel"]}
+    assert "compare two draws" in kernel["sampler"]["measures"]
+    assert kernel["warnings"].count(warning) == 1
     (top,) = [w for w in report["warnings"] if "stochastic" in w]
     assert top.endswith("measure single draws and count its sampling noise as instability: kernel")
     assert report["model"]["noise_floor"]["value"] == pytest.approx(SIGMA * 16, rel=0.1)
@@ -99,7 +105,7 @@ def test_a_sampler_report_carries_its_spread_and_says_what_each_check_measures(
     assert 'id="model-stochastic"' in page and f"{spread:.3g}" in page
     # the page says what each check measures of the sampler, and the noise floor with its
     # interval (σ√n = 0.05·16 = 0.8 for this model, 16×16 outputs)
-    assert page.count("Of the sampler:") == 3  # not the kernel check, which warns instead
+    assert page.count("Of the sampler:") == 4  # the kernel check's: single draws
     assert "counts its sampling noise as instability" in page
     assert 'id="model-noise-floor"' in page and "95 % interval" in page
 

@@ -12,8 +12,8 @@ from tests.engine.classifier_fixtures import context, linear_case, spec, subject
 from tests.engine.tiny_models import GainAlong
 from workers.engine.checks.universal import Universal, split
 from workers.engine.context import ARTIFACT_FILES_KEY, PassCounter, Subject
-from workers.engine.errors import EngineInputError
 from workers.engine.shards import plan_shards
+from workers.shared.errors import EngineInputError
 
 KIND = Universal()
 

@@ -111,7 +111,7 @@ def test_two_workers_share_one_audit_and_match_the_one_worker_report(
         request = sharded_request(model_id, images=6)
 
         shared = client.wait_audit(client.submit_audit(request)["id"], timeout=300)
-        assert shared["status"] == "succeeded", shared
+        assert shared["status"] == "succeeded", shared.get("error")
         assert shared["shards"]["done"] == shared["shards"]["total"] >= 6
         rows = shard_rows(stack, shared["id"])
         assert len(rows) == shared["shards"]["total"]
@@ -122,7 +122,7 @@ def test_two_workers_share_one_audit_and_match_the_one_worker_report(
 
         stack.kill("worker1")
         alone = client.wait_audit(client.submit_audit(request)["id"], timeout=300)
-        assert alone["status"] == "succeeded", alone
+        assert alone["status"] == "succeeded", alone.get("error")
         assert alone["shards"]["done"] == alone["shards"]["total"] == shared["shards"]["total"]
         alone_workers = {row["worker"].split("@")[0] for row in shard_rows(stack, alone["id"])}
         assert alone_workers == {"worker0-cpu1"}
@@ -146,7 +146,7 @@ def test_redis_flushed_between_shards(
         assert redis_client.dbsize() > 0  # shard tokens wait in the broker
         redis_client.flushdb()
         final = client.wait_audit(audit_id, timeout=240)
-        assert final["status"] == "succeeded", final
+        assert final["status"] == "succeeded", final.get("error")
         assert final["shards"]["done"] == final["shards"]["total"] == 4
         assert client.get_report(audit_id)["checks"][0]["images"] == 4
 
@@ -242,7 +242,7 @@ def test_postgresql_restart_mid_audit(make_stack, model_file: Path) -> None:
                 final = poll() or final
                 time.sleep(0.3)
             print(f"during the restart the gateway answered: {during}")
-            assert final["status"] == "succeeded", final
+            assert final["status"] == "succeeded", final.get("error")
             assert final["shards"]["done"] == final["shards"]["total"] == 4
             rows = shard_rows(stack, audit_id)
             assert [row["status"] for row in rows] == ["done"] * 4
@@ -375,7 +375,7 @@ def test_a_small_audit_of_another_tenant_starts_while_a_big_one_runs(
         small_final = wait_until(small_finished, 300, "the small audit finished")
         big_then = big.get_audit(big_id)
 
-        assert small_final["status"] == "succeeded", small_final
+        assert small_final["status"] == "succeeded", small_final.get("error")
         assert small_final["shards"]["done"] == small_final["shards"]["total"] == 2
         assert big_then["status"] == "running", big_then
         assert big_then["shards"]["total"] == 12

@@ -29,14 +29,14 @@ from service.api.problems import InvalidUpload
 from service.settings import Settings
 from service.storage.stores import BlobStore
 from tests.fixtures import model_factory as mf
-from workers.engine.arrays import load_array
 from workers.engine.datasets import load_images
-from workers.engine.errors import EngineInputError
 from workers.engine.labelled import load_labelled
-from workers.engine.limits import archive_limits, archive_limits_in_force
 from workers.engine.rejection import ModelRejected
 from workers.engine.screening import screen_archive
 from workers.execution.jobs import materialise_admission_job
+from workers.shared.arrays import load_array
+from workers.shared.errors import EngineInputError
+from workers.shared.limits import archive_limits, archive_limits_in_force
 
 # Small limits, as a deployment might set them: the cases stay small and fast.
 LIMITS = ArchiveLimits(max_entries=64, max_uncompressed_bytes=16 * 1024**2)

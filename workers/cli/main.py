@@ -340,9 +340,9 @@ def _run_local_audit(
         raise _fail(f"model file not found: {model}")
     private_key = _load_sign_key(sign_key) if sign_key is not None else None
     from workers.engine.api import run_audit
-    from workers.engine.errors import EngineInputError
     from workers.engine.rejection import ModelRejected
     from workers.engine.screening import detect_format
+    from workers.shared.errors import EngineInputError
 
     fmt = detect_format(model)
     if fmt is None:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import time
 import warnings as pywarnings
 from collections.abc import Callable, Iterator
@@ -22,11 +21,13 @@ import torch
 from schemas.audits import AuditConfig
 from schemas.checks import Baseline
 from schemas.checks_classifier import task_problems
+from schemas.common import SAFE_NAME
 from schemas.comparisons import comparison_section, spec_problems
 from schemas.datasets import BuiltinDataset
 from schemas.model_spec import ModelSpec
 from schemas.operators import DenoisingOperator
 from schemas.verdicts import check_verdict
+from schemas.verdicts import compare as threshold_comparison
 from workers.engine.baselines import build_baseline
 from workers.engine.classifiers import classifier_subject
 from workers.engine.context import (
@@ -39,13 +40,13 @@ from workers.engine.context import (
 )
 from workers.engine.datasets import fit_images_to_spec, load_images, scale_to_range
 from workers.engine.devices import resolve_device
-from workers.engine.errors import AuditCancelled, EngineInputError
 from workers.engine.labelled import load_labelled
 from workers.engine.operators import build_operator
 from workers.engine.registry import get_check
 from workers.engine.report import build_report, write_report
 from workers.engine.shards import Shard, derive_seed, plan_shards, shard_seed
 from workers.engine.subjects import model_subject
+from workers.shared.errors import AuditCancelled, EngineInputError
 
 ProgressFn = Callable[[float, str | None, str | None], None]
 ShardFn = Callable[[str, dict[str, Any]], None]
@@ -69,11 +70,6 @@ def subject_names(config: AuditConfig, compare: bool) -> list[str]:
         + (["reference"] if compare else [])
         + (["baseline"] if config.baseline is not None else [])
     )
-
-
-# Artifact names the service accepts (service.storage.stores.SAFE_NAME; the engine cannot
-# import it).
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 
 
 @contextlib.contextmanager
@@ -195,6 +191,7 @@ def run_audit_with_model(
         }
         if floor is not None:  # the noise floor's calls, made here
             cost["forward_passes"] += floor.pop("forward_passes")
+        model_comparisons = _sampler_comparisons(config, "model" in stochastic, floor, ctx.warnings)
         report = build_report(
             audit_id=audit_id,
             model={
@@ -205,6 +202,7 @@ def run_audit_with_model(
                 "spec": spec.model_dump(mode="json"),
                 **_identity_fields(sampling),
                 **({} if floor is None else {"noise_floor": floor}),
+                **({} if model_comparisons is None else {"comparisons": model_comparisons}),
             },
             config=config,
             device=device,
@@ -224,13 +222,52 @@ def _spread_words(spread: float | None) -> str:
     return "beyond any bound" if spread is None else f"{spread:.3g}"
 
 
-def stochastic_warning(spread: float | None, subject: str = "model") -> str:
-    """The warning each check of a stochastic subject carries (docs/reports.md)."""
-    return (
+# What a single draw means in each check that does not audit a sampler's average map or
+# probabilities: the `sampler.measures` of its result, and the end of its warning.
+_DIFFERENCE = (
+    "a difference of two calls includes the sampler's spread, about √2 times the noise floor "
+    "(model.noise_floor) in norm, and counts it as change"
+)
+SINGLE_DRAW_MEASURES = {
+    "kernel": "single draws: every reconstruction (of x, of x + z for the null-space detail, "
+    "of each pair's images, and the confirmation search's) is one call of the sampler, so the "
+    "hallucination figure and each certificate's output distance compare two draws ("
+    + _DIFFERENCE
+    + "); a certificate's recovery errors are those of one draw each, so its bound is proven "
+    "for those draws, not for the average map or for every draw",
+    "more_samples": "single draws: the PSNR at each sampling level is that of one call per "
+    "image, below the average map's by the sampler's spread, and a fall between two levels "
+    "compares two draws per image, so the spread alone can make (or hide) a fall of up to "
+    "about the noise floor's share of the error",
+    "random_noise": "single draws: each prediction is one call of the model, so the accuracy "
+    "and failure probability count the sampler's own label changes as errors under noise",
+    "adversarial": "single draws: each prediction (the attack's and the judged one) is one call "
+    "of the model, so the robust accuracy counts the sampler's own label changes as "
+    "adversarial errors, and the attack's gradients are those of single draws",
+    "minimal_perturbation": "single draws: each prediction is one call of the model, so a "
+    "label change the sampler makes on its own shortens the minimal norm found",
+    "universal": "single draws: each prediction is one call of the model, so the fooling rate "
+    "counts the sampler's own label changes as fooled predictions",
+}
+SINGLE_DRAW_DEFAULT = (
+    "single draws: every output is one call of the sampler, so the figures count its sampling "
+    "noise as instability"
+)
+
+
+def stochastic_warning(
+    spread: float | None, subject: str = "model", kind: str | None = None
+) -> str:
+    """The warning each check of a stochastic subject that measures single draws carries
+    (docs/reports.md); with `kind`, it ends by saying what a single draw means there."""
+    warning = (
         f"the {subject} is stochastic (output spread {_spread_words(spread)} at a fixed input): "
         "this figure counts its sampling noise as instability; it measures single draws of the "
         "sampler, not its average reconstruction (docs/theorem.md, 'Stochastic models')"
     )
+    if kind is None:
+        return warning
+    return f"{warning}. Here: {SINGLE_DRAW_MEASURES.get(kind, SINGLE_DRAW_DEFAULT)}"
 
 
 def _sampling(model: Any, spec: ModelSpec, ctx: AuditContext, seed: int) -> dict[str, Any] | None:
@@ -272,6 +309,29 @@ def _noise_floor(subject: Subject, ctx: AuditContext, seed: int) -> dict[str, An
     return {**floor, "forward_passes": subject.counter.forward - before}
 
 
+def _sampler_comparisons(
+    config: AuditConfig,
+    stochastic: bool,
+    floor: dict[str, Any] | None,
+    report_warnings: list[str],
+) -> list[dict[str, Any]] | None:
+    """The report's `model.comparisons` (None without `sampler_threshold`): `max_noise_floor`
+    against the upper end of the noise floor's interval, for a stochastic model audited for
+    reconstruction (a floor that could not be measured does not pass); otherwise not compared,
+    and the report says so."""
+    threshold = config.sampler_threshold
+    if threshold is None:
+        return None
+    if not stochastic:
+        report_warnings.append(
+            "sampler_threshold.max_noise_floor is not compared: the model is not audited as a "
+            "sampler (deterministic, or not a reconstruction model), so it has no noise floor"
+        )
+        return None
+    high = None if floor is None else floor.get("ci_high")
+    return [threshold_comparison("noise floor (upper 95 % bound)", high, threshold.max_noise_floor)]
+
+
 def _identity_fields(sampling: dict[str, Any] | None) -> dict[str, Any]:
     """The report's `model.stochastic` (and `output_spread` when it is): absent when unmeasured."""
     if sampling is None:
@@ -289,15 +349,22 @@ def _warn_if_stochastic(
 ) -> None:
     """A stochastic subject: the report says so; each of its checks that audits the sampler
     says what it measures in its `sampler` section, every other one carries the warning that
-    it measures single draws."""
+    it measures single draws, and its `sampler` section says what a single draw means there
+    (SINGLE_DRAW_MEASURES)."""
     if sampling is None or not sampling["stochastic"]:
         return
-    warning = stochastic_warning(sampling["output_spread"], subject)
     single = []
     for check in checks:
         if check.get("subject") == subject and "sampler" not in check:
-            check.setdefault("warnings", []).append(warning)
-            single.append(check["kind"])
+            kind = str(check["kind"])
+            check.setdefault("warnings", []).append(
+                stochastic_warning(sampling["output_spread"], subject, kind)
+            )
+            check["sampler"] = {
+                "single_draws": True,
+                "measures": SINGLE_DRAW_MEASURES.get(kind, SINGLE_DRAW_DEFAULT),
+            }
+            single.append(kind)
     spread = _spread_words(sampling["output_spread"])
     report_warnings.append(
         f"the {subject} is stochastic (output spread {spread} at a fixed input, two calls): "
@@ -554,7 +621,7 @@ def _write_artifact(out_dir: Path, name: str, content: Any) -> str:
     is_array = isinstance(content, torch.Tensor | np.ndarray | list)
     if is_array and not name.endswith(".npy"):
         name += ".npy"
-    if not _SAFE_NAME.match(name):
+    if not SAFE_NAME.match(name):
         raise ValueError(f"artifact name {name!r} is not a safe file name")
     if is_array:
         array = content.detach().cpu().numpy() if isinstance(content, torch.Tensor) else content

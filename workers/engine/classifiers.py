@@ -14,7 +14,8 @@ import torch
 
 from schemas.model_spec import ModelSpec
 from workers.engine.context import PassCounter, Subject
-from workers.engine.errors import EngineInputError, run_model
+from workers.engine.liveness import run_model
+from workers.shared.errors import EngineInputError
 
 
 class UnitBoxClassifier(torch.nn.Module):

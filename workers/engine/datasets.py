@@ -11,9 +11,9 @@ from deepinv.utils.phantoms import generate_shepp_logan
 
 from schemas.datasets import BuiltinDataset, DatasetRef, FileDataset, UploadedDataset
 from schemas.model_spec import ModelSpec
-from workers.engine.arrays import load_array
 from workers.engine.digits import digits
-from workers.engine.errors import EngineInputError
+from workers.shared.arrays import load_array
+from workers.shared.errors import EngineInputError
 
 
 def load_images(ref: DatasetRef, base_dir: Path | None = None) -> torch.Tensor:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from workers.engine.errors import EngineInputError
+from workers.shared.errors import EngineInputError
 
 
 def resolve_device(requested: str | torch.device) -> torch.device:

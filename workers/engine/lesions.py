@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from schemas.checks_theorem import Lesion, Position
-from workers.engine.errors import EngineInputError
+from workers.shared.errors import EngineInputError
 
 # A footprint pixel counts as foreground when its value is this far above the range's low end.
 FOREGROUND_FRACTION = 0.05

@@ -1,7 +1,7 @@
 """Whether the audited model is stuck in one call: what the runner's `beat` reads.
 
-Every call of an audited model goes through `workers.engine.errors.run_model`, which counts it
-here with the size of its batch. The runner (workers.sandbox.runner) writes a `beat` event every
+Every call of an audited model goes through `run_model`, which counts it here with the size of
+its batch. The runner (workers.sandbox.runner) writes a `beat` event every
 BEAT_SECONDS unless one call has been running since its last beat without returning, and one
 at once when a call starts on a larger batch than any before (the worker's watchdog allows a
 call time in proportion to its batch). Torch-free, and cheap: a few attribute writes per call.
@@ -12,6 +12,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
+
+from workers.shared.errors import ModelFailed, is_out_of_memory
 
 
 class ModelCalls:
@@ -54,3 +57,16 @@ def batch_of(args: tuple[object, ...]) -> int | None:
         return int(shape[0]) if shape is not None and len(shape) > 0 else None
     except (TypeError, ValueError):
         return None
+
+
+def run_model(model: Callable[..., Any], *args: Any) -> Any:
+    """model(*args), with what the model raises turned into ModelFailed (memory exhaustion
+    stays what it is: the runner reports it as the memory limit). The call is counted in
+    MODEL_CALLS: a call that never returns silences the runner's beat."""
+    try:
+        with MODEL_CALLS.running(batch_of(args)):
+            return model(*args)
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise
+        raise ModelFailed(f"the model raised {type(exc).__name__}: {str(exc)[:500]}") from exc

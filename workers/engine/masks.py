@@ -9,7 +9,7 @@ import warnings
 import torch
 from deepinv.physics.generator import EquispacedMaskGenerator, RandomMaskGenerator
 
-from workers.engine.errors import EngineInputError
+from workers.shared.errors import EngineInputError
 
 # Golden angle in radians: successive radial spokes never repeat and cover k-space evenly.
 _GOLDEN_ANGLE = math.pi * (math.sqrt(5.0) - 1.0) / 2.0

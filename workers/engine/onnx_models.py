@@ -29,7 +29,8 @@ from typing import Any
 import torch
 
 from schemas.model_spec import ModelSpec
-from workers.engine.probe import PROBE_BATCH, PROBE_SEED, probe_input
+from schemas.runner import PROBE_BATCH
+from workers.engine.probe import PROBE_SEED, probe_input
 from workers.engine.rejection import ModelRejected
 from workers.engine.screening import GraphSummary, screen_aten_run
 

@@ -18,9 +18,9 @@ from deepinv.physics.functional import gaussian_blur
 
 from schemas import operators as ops
 from schemas.common import FileArray, UploadedArray
-from workers.engine.arrays import load_array_ref
-from workers.engine.errors import EngineInputError
 from workers.engine.masks import line_mask, radial_mask, variable_density_mask
+from workers.shared.arrays import load_array_ref
+from workers.shared.errors import EngineInputError
 
 # Dense Gaussian matrices cost m·n floats: cap them at 64 MiB (float32).
 MAX_MATRIX_ENTRIES = 2**24

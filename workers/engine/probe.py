@@ -14,11 +14,11 @@ import torch
 
 from schemas.common import FileArray, UploadedArray
 from schemas.model_spec import ModelSpec
-from workers.engine.errors import EngineInputError, is_out_of_memory
+from schemas.runner import PROBE_BATCH
 from workers.engine.operators import LinearOperator, build_operator
 from workers.engine.rejection import ModelRejected
+from workers.shared.errors import EngineInputError, is_out_of_memory
 
-PROBE_BATCH = 2
 PROBE_SEED = 0
 # A model whose two outputs at the same input differ by more than this, relative to the first
 # (‖Ψ₁(y) − Ψ₂(y)‖ / ‖Ψ₁(y)‖, the largest over the probe's inputs), is stochastic. Float

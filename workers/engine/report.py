@@ -70,7 +70,7 @@ def build_report(
         "config": canonical_config(config),
         "environment": environment(device),
         "seed": config.seed,
-        "verdict": report_verdict(checks, comparison),
+        "verdict": report_verdict(checks, comparison, model.get("comparisons")),
         "cost": cost,
         "checks": checks,
         "warnings": warnings,

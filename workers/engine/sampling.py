@@ -9,6 +9,7 @@
 - `single_draws`: S separate calls per input, for probabilities over the sampler's draws.
 - `noise_floor`: the output's spread at fixed inputs, with a confidence interval.
 - `probability`: a count over trials with its Clopper–Pearson interval.
+- `compare_estimate`: an estimated figure against a bound, judged on its interval's upper end.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from scipy.stats import t as student_t
 
+from schemas.verdicts import compare, fmt
 from workers.engine.context import PassCounter, Subject
 from workers.engine.stats import clopper_pearson
 
@@ -234,3 +236,53 @@ def summary_errors(
         else:
             out[field] = None
     return out
+
+
+def interval_factor(replicates: int, confidence: float = CONFIDENCE) -> float:
+    """t such that estimate ± t·SE is the `confidence` interval of a mean over `replicates`
+    replicates: Student's t quantile with K − 1 degrees of freedom (2.365 for K = 8, 95 %).
+    Conservative for a mean over images, whose standard error pools more degrees of freedom."""
+    return float(student_t.ppf(0.5 + confidence / 2, max(1, replicates - 1)))
+
+
+def compare_estimate(
+    quantity: str,
+    estimate: float | None,
+    standard_error: float | None,
+    replicates: int,
+    bound: float,
+) -> tuple[dict[str, Any], str | None]:
+    """A sampler's estimated figure (a mean over `replicates` fresh averages) against an
+    `at_most` bound, judged on the upper end of its 95 % interval, estimate + t·SE
+    (`interval_factor`; docs/theorem.md, "Verdicts on estimated figures"): the check passes
+    only when the bound lies above the whole interval. The comparison also carries the
+    `estimate` and its `standard_error`. The warning (None when the verdict is decided by the
+    interval) says when the bound lies inside the interval: the verdict is then `fail` whether
+    or not the estimate is below the bound, and more replicates or draws would narrow it."""
+    finite = (
+        estimate is not None
+        and standard_error is not None
+        and math.isfinite(estimate)
+        and math.isfinite(standard_error)
+    )
+    factor = interval_factor(replicates)
+    upper = estimate + factor * standard_error if finite else None  # type: ignore[operator]
+    comparison = compare(f"{quantity} (upper 95 % bound)", upper, bound)
+    comparison["estimate"] = estimate if estimate is None or math.isfinite(estimate) else None
+    comparison["standard_error"] = (
+        standard_error if standard_error is None or math.isfinite(standard_error) else None
+    )
+    warning = None
+    if upper is not None:
+        low = estimate - factor * standard_error  # type: ignore[operator]
+        if low <= bound < upper:
+            side = "below" if estimate <= bound else "above"  # type: ignore[operator]
+            warning = (
+                f"{quantity}: the bound {fmt(bound)} lies inside the 95 % interval "
+                f"[{fmt(low)}, {fmt(upper)}] of the sampler's estimate {fmt(estimate)} "
+                f"(standard error {fmt(standard_error)} over {replicates} replicates; the "
+                f"estimate is {side} the bound): the verdict reads the interval's upper end "
+                "and fails; more replicates (sampler.replicates) or draws (sampler.draws) "
+                "narrow the interval"
+            )
+    return comparison, warning

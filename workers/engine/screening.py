@@ -42,8 +42,8 @@ from schemas.archive_rules import (
     zip_model_format,
 )
 from schemas.model_spec import ModelFormat
-from workers.engine.limits import archive_limits
 from workers.engine.rejection import ModelRejected
+from workers.shared.limits import archive_limits
 
 MAX_SAFETENSORS_HEADER_BYTES = 100 * 1024**2
 # An ONNX ModelProto starts with its ir_version (field 1, varint): every ONNX writer serialises
@@ -204,7 +204,7 @@ def _is_zip(path: Path) -> bool:
 def screen_archive(path: Path, fmt: ModelFormat, limits: ArchiveLimits | None = None) -> None:
     """Layers 1 and 2 for an archive format: raises ModelRejected, loads nothing. A zip is held
     to schemas.archive_rules (the gateway's rules) with `limits`, by default those in force
-    (workers.engine.limits: the job's)."""
+    (workers.shared.limits: the job's)."""
     check_declared_format(path, fmt)
     if fmt == "safetensors":
         _screen_safetensors_header(path)

@@ -6,7 +6,8 @@ import torch
 
 from schemas.model_spec import ModelSpec
 from workers.engine.context import Operator, PassCounter, Subject
-from workers.engine.errors import EngineInputError, run_model
+from workers.engine.liveness import run_model
+from workers.shared.errors import EngineInputError
 
 
 def model_subject(

@@ -22,7 +22,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from schemas import problem as problems
 from schemas.audits import TERMINAL_STATES
+from schemas.problem import ProblemType
 from schemas.runner import RunnerEvent
 from schemas.wording import count_of
 from service.db.models import Audit, AuditShard, Model, utcnow
@@ -33,7 +35,6 @@ from service.storage.stores import ArtifactStore
 from workers.execution import jobs
 from workers.execution.heartbeat import set_current_work
 from workers.execution.leases import (
-    PROBLEM_BASE,
     LeaseOutcome,
     acquire_lease,
     gave_up_problem,
@@ -74,19 +75,12 @@ def send_safely(send: Callable[..., object], *args: Any) -> None:
         log.warning("could not send %s%r", getattr(send, "__name__", ""), args, exc_info=True)
 
 
-def problem(kind: str, title: str, status: int, detail: str) -> dict[str, Any]:
-    return {"type": PROBLEM_BASE + kind, "title": title, "status": status, "detail": detail}
-
-
 def storage_full_problem(detail: str) -> dict[str, Any]:
     """The data directory (job directories, artifacts) ran out of space: the service's fault,
     not the audit's; the audit can be submitted again once an operator made room."""
-    return problem(
-        "storage-full",
-        "Storage full",
-        507,
+    return problems.STORAGE_FULL.document(
         f"the service's data directory is full ({detail}); nothing of this audit's report was "
-        "published; submit it again later",
+        "published; submit it again later"
     )
 
 
@@ -94,32 +88,31 @@ def runner_error_problem(
     settings: Settings, event: RunnerEvent, *, what: str = "the audit", where: str = ""
 ) -> dict[str, Any]:
     """The problem an `error` event of the runner fails an audit with: storage full, memory
-    limit, the input's fault (422) or the engine's (500). `what` names what ran (in the memory
-    detail), `where` prefixes the detail (a shard names itself)."""
+    limit, the model's or the input's fault (422) or the engine's (500). `what` names what ran
+    (in the memory detail), `where` prefixes the detail (a shard names itself). The title is
+    the problem type's, not the event's `message`."""
     info = event.info or {}
     if info.get("cause") == "storage":
         return storage_full_problem(event.reason or "no space left on device")
     if info.get("cause") == "model":
-        return problem(
-            "model-failed",
-            event.message or "The model failed its probe",
-            422,
+        return problems.MODEL_FAILED.document(
             where
             + "the audited model failed its probe through this audit's operator: "
-            + (event.reason or "no reason given"),
+            + (event.reason or "no reason given")
         )
     if info.get("cause") == "memory":
-        detail = (
+        return problems.MEMORY_LIMIT.document(
             f"{what} exceeded the memory limit of {settings.runner_memory_bytes} "
             "bytes: audit fewer or smaller images, or fewer restarts"
         )
-        return problem("memory-limit", "Memory limit exceeded", 422, detail)
-    status = 422 if info.get("status") == 422 else 500
-    kind = "invalid-audit-input" if status == 422 else "internal"
-    title = event.message or ("Invalid audit input" if status == 422 else "Internal error")
-    return problem(
-        kind, title, status, where + (event.reason or "the runner failed without a reason")
-    )
+    kind = problems.INVALID_AUDIT_INPUT if info.get("status") == 422 else problems.INTERNAL_ERROR
+    return kind.document(where + (event.reason or "the runner failed without a reason"))
+
+
+def model_not_ready_detail(model_id: str) -> str:
+    """The detail of `model-not-ready` when a worker takes an audit of a model that was deleted
+    or is no longer `ready` (the audit and its shards say the same)."""
+    return f"model {model_id} is not ready"
 
 
 def is_storage_full(exc: BaseException) -> bool:
@@ -219,18 +212,14 @@ def time_limit_problem(
         else "set budget.wall_seconds to choose the limit, or audit fewer or smaller images, "
         "fewer levels or restarts"
     )
-    found = problem(
-        "time-limit",
-        "Time limit exceeded",
-        422,
+    return problems.TIME_LIMIT.document(
         f"{ran}; the audit's time limit is {limit.seconds:g} s, {limit.explanation}: {remedy}",
+        extra={
+            "limit_seconds": limit.seconds,
+            "limit_source": limit.source,
+            **({"shard": shard} if shard else {}),
+        },
     )
-    found["extra"] = {
-        "limit_seconds": limit.seconds,
-        "limit_source": limit.source,
-        **({"shard": shard} if shard else {}),
-    }
-    return found
 
 
 def wants_gpu(request: dict[str, Any]) -> bool:
@@ -257,8 +246,8 @@ class _Attempt:
     # where the step's time went (seconds by phase), for its log line
     timings: dict[str, float] = field(default_factory=dict)
 
-    def fail(self, kind: str, title: str, status: int, detail: str) -> None:
-        self.finish(status="failed", error=problem(kind, title, status, detail))
+    def fail(self, kind: ProblemType, detail: str) -> None:
+        self.finish(status="failed", error=kind.document(detail))
 
     def finish(self, **values: Any) -> None:
         values.setdefault("finished_at", utcnow())
@@ -341,7 +330,7 @@ class _Attempt:
         every shard is already stored (an audit resumed after an upgrade)."""
         plan = jobs.read_plan(self.job_dir)
         if plan is None or not plan.shards:
-            self.fail("internal", "Internal error", 500, "the runner's shard plan is unreadable")
+            self.fail(problems.INTERNAL_ERROR, "the runner's shard plan is unreadable")
             return
         now = utcnow()
         known = {
@@ -416,9 +405,7 @@ class _Attempt:
         try:
             report = json.loads(report_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as exc:
-            self.fail(
-                "internal", "Internal error", 500, f"the runner's report is unreadable: {exc}"
-            )
+            self.fail(problems.INTERNAL_ERROR, f"the runner's report is unreadable: {exc}")
             return
         verdict = report.get("verdict") if isinstance(report, dict) else None
         try:
@@ -606,9 +593,7 @@ def execute_audit(
         return "cancelled"
     model = session.get(Model, audit.model_id)
     if model is None or model.status != "ready" or model.deleted_at is not None:
-        attempt.fail(
-            "model-not-ready", "Model not ready", 422, f"model {audit.model_id} is not ready"
-        )
+        attempt.fail(problems.MODEL_NOT_READY, model_not_ready_detail(audit.model_id))
         return "failed"
     kind: Literal["plan", "audit"] = "plan"
     if audit.shards_total > 0:
@@ -634,7 +619,7 @@ def execute_audit(
         attempt.timings["job"] = time.monotonic() - step_started
     except jobs.JobInputError as exc:
         set_current_work(None)
-        attempt.fail("invalid-audit-input", "Invalid audit input", 422, str(exc))
+        attempt.fail(problems.INVALID_AUDIT_INPUT, str(exc))
         return "failed"
     except OSError as exc:
         set_current_work(None)
@@ -737,17 +722,13 @@ def _supervise_child(
 
 def _timeout_problem(attempt: _Attempt, limit: float) -> dict[str, Any]:
     if attempt.probe_bound:
-        found = problem(
-            "time-limit",
-            "Time limit exceeded",
-            422,
+        return problems.TIME_LIMIT.document(
             f"the model did not finish loading and its probe (one forward and input gradient "
             f"on 2 inputs) within {limit:g} s: it may never return; see the model's "
             "admission_info; the limit is the plan step's budget to load and probe the model "
             "(TIGHTROPE_ADMISSION_TIME_LIMIT)",
+            extra={"limit_seconds": limit, "limit_source": "probe"},
         )
-        found["extra"] = {"limit_seconds": limit, "limit_source": "probe"}
-        return found
     return time_limit_problem(
         attempt.session, attempt.settings, attempt.audit_id, ran_seconds=limit
     )

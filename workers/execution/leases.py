@@ -17,10 +17,10 @@ from typing import Any
 from sqlalchemy import CursorResult, and_, case, or_, update
 from sqlalchemy.orm import Session
 
+from schemas import problem as problems
 from service.db.models import Audit
 
 LEASABLE_STATES = ("queued", "running")
-PROBLEM_BASE = "https://tightrope.dev/problems/"
 
 
 class LeaseOutcome(enum.Enum):
@@ -35,13 +35,10 @@ def new_owner() -> str:
 
 
 def gave_up_problem(attempts: int) -> dict[str, Any]:
-    return {
-        "type": PROBLEM_BASE + "attempts-exhausted",
-        "title": "Audit failed",
-        "status": 500,
-        "detail": f"gave up after {attempts} attempts: each one ended without a result "
-        "(the worker or the runner was killed)",
-    }
+    return problems.ATTEMPTS_EXHAUSTED.document(
+        f"gave up after {attempts} attempts: each one ended without a result "
+        "(the worker or the runner was killed)"
+    )
 
 
 def _rowcount(result: Any) -> int:

@@ -25,6 +25,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from schemas import problem as problems
 from schemas.runner import STOP_FILE, RunnerEvent
 from service.db.models import Audit, AuditShard, Model, utcnow
 from service.settings import Settings
@@ -34,7 +35,7 @@ from workers.execution.audit_job import (
     audit_time_limit,
     end_unleased_audit,
     is_storage_full,
-    problem,
+    model_not_ready_detail,
     runner_error_problem,
     sandbox_for,
     send_safely,
@@ -199,11 +200,7 @@ def execute_shard(
     )
     model = session.get(Model, audit.model_id)
     if model is None or model.status != "ready" or model.deleted_at is not None:
-        run.fail_audit(
-            problem(
-                "model-not-ready", "Model not ready", 422, f"model {audit.model_id} is not ready"
-            )
-        )
+        run.fail_audit(problems.MODEL_NOT_READY.document(model_not_ready_detail(audit.model_id)))
         return "failed"
     limit = _remaining_seconds(settings, audit, utcnow())
     if limit <= 0:
@@ -220,7 +217,7 @@ def execute_shard(
             run.job_dir = cache.job_dir(session, settings, audit, model, owner.split(":")[1])
             jobs.write_shard_job(run.job_dir, [claimed.shard_id])
         except jobs.JobInputError as exc:
-            run.fail_audit(problem("invalid-audit-input", "Invalid audit input", 422, str(exc)))
+            run.fail_audit(problems.INVALID_AUDIT_INPUT.document(str(exc)))
             return "failed"
         except OSError as exc:
             if not is_storage_full(exc):

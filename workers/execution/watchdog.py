@@ -22,11 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from schemas import problem as problems
+from schemas.runner import PROBE_BATCH
 from service.settings import Settings
-from workers.execution.leases import PROBLEM_BASE
 from workers.sandbox.child import StallLimit
-
-PROBE_BATCH = 2  # inputs of the probe's calls (workers.engine.probe.PROBE_BATCH; torch-free here)
 
 
 @dataclass(frozen=True)
@@ -87,15 +86,10 @@ def hung_problem(
     watchdog: Watchdog, shard_id: str, allowed: float, largest_batch: int
 ) -> dict[str, Any]:
     """The problem of an audit whose shard the watchdog stopped: the model's fault (422)."""
-    return {
-        "type": PROBLEM_BASE + "model-hung",
-        "title": "Model hung",
-        "status": 422,
-        "detail": (
-            f"shard {shard_id}: a call of the model made no progress for {allowed:g} s, the "
-            f"most the watchdog allows ({watchdog.basis(largest_batch)}): the model hangs, or "
-            "is far slower on the audit's inputs than on its probe; its runner was stopped so "
-            "that it does not hold a worker"
-        ),
-        "extra": {"watchdog_seconds": allowed},
-    }
+    return problems.MODEL_HUNG.document(
+        f"shard {shard_id}: a call of the model made no progress for {allowed:g} s, the "
+        f"most the watchdog allows ({watchdog.basis(largest_batch)}): the model hangs, or "
+        "is far slower on the audit's inputs than on its probe; its runner was stopped so "
+        "that it does not hold a worker",
+        extra={"watchdog_seconds": allowed},
+    )

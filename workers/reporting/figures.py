@@ -1,9 +1,9 @@
 """The report's figures as PNG bytes: error-vs-level curves here; image panels are drawn by
-workers.engine.panels (the theorem checks draw theirs with it too).
+workers.shared.panels (the theorem checks draw theirs with it too).
 
 matplotlib's object API on the Agg canvas (no pyplot: no global state, safe in any thread, no
-display). Arrays come from the audit's .npy artifacts, read by the engine's one array reader
-(workers.engine.arrays.load_array: no pickles) and size-capped.
+display). Arrays come from the audit's .npy artifacts, read by the one array reader the engine
+uses too (workers.shared.arrays.load_array: no pickles) and size-capped.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from workers.engine.arrays import load_array
-from workers.engine.errors import EngineInputError
+from workers.shared.arrays import load_array
+from workers.shared.errors import EngineInputError
 
 MAX_ARRAY_ELEMENTS = 4 * 1024 * 1024  # a panel never needs more; bigger files are skipped
 DPI = 96

@@ -22,8 +22,8 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from service.reports.findings import Finding, findings, fmt
-from workers.engine.panels import Panel, panels_png
 from workers.reporting.figures import Curve, artifact_array, curves_png
+from workers.shared.panels import Panel, panels_png
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPORT_HTML = "report.html"

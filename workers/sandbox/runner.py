@@ -38,11 +38,11 @@ from schemas.runner import (
     RunnerPlan,
 )
 
-# torch-free: the error classes and the archive limits only (the engine itself is imported by
-# each job's function)
-from workers.engine.errors import EngineInputError, is_out_of_memory
-from workers.engine.limits import archive_limits_in_force
+# torch-free at module level: the model-call counter the beat reads, and the shared error
+# classes and archive limits (the engine itself is imported by each job's function)
 from workers.engine.liveness import MODEL_CALLS, ModelCalls
+from workers.shared.errors import EngineInputError, is_out_of_memory
+from workers.shared.limits import archive_limits_in_force
 
 REPORT_FILE = "report.json"
 # The status a failure maps to: 422 when the audit's own input is at fault.
@@ -150,7 +150,6 @@ def serve_next_jobs(job_dir: Path, events: EventStream) -> None:
 
 def run_plan(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
     from workers.engine import api
-    from workers.engine.errors import EngineInputError
 
     if job.config is None:
         raise ValueError("job.json: a plan job needs a config")
@@ -288,7 +287,7 @@ WARM_IMPORTS = (
     "workers.engine.admission",
     "workers.engine.models",
     "workers.engine.operators",
-    "workers.engine.panels",
+    "workers.shared.panels",
     "scipy.stats",
     # the reconstruction checks most audits name; the classifier attacks' libraries are
     # imported by the audits that need them

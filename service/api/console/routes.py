@@ -2,8 +2,11 @@
 key, the tenant's audits (status, verdict, model, progress, filters, pages), an audit with its
 report, two audits side by side, models and datasets.
 
-Every page reads through the same tenant-scoped queries as the API (`list_audits`,
-`get_owned_audit`, ...): another tenant's audit is a 404 here as there. Pages are HTML (Jinja2,
+Every page reads through the same tenant-scoped rules as the API (service/api/rules/:
+`list_page`, `get_owned_audit`, ...), never through a route module: another tenant's audit is a
+404 here as there. The routes that need a signed-in user (or the user's audit) take it as a
+dependency (`SignedIn`, `OwnedAudit`); without one the dependency answers (the sign-in redirect,
+an error page) and the route never runs. Pages are HTML (Jinja2,
 autoescape on) under a CSP that allows only this origin's stylesheet and script, no inline
 code and no request elsewhere; the embedded report keeps the report's own CSP. None of these
 routes is in the OpenAPI description.
@@ -13,38 +16,62 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, get_args
 from urllib.parse import quote
 
-from fastapi import APIRouter, Form, Query, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
+from fastapi.routing import APIRoute
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from schemas.audits import TERMINAL_STATES, AuditState, AuditStatus
-from service.api import audits as audits_api
-from service.api import datasets as datasets_api
-from service.api import models as models_api
 from service.api.audit_views import check_progress, to_status
 from service.api.console import sessions
 from service.api.console.charts import compare_charts
 from service.api.console.sessions import ConsoleUser
-from service.api.deps import SessionDep, SettingsDep
+from service.api.deps import SessionDep, SettingsDep, public_key_of
+from service.api.http_headers import REPORT_HTML_CSP, report_response, security_headers
 from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 from service.api.problems import TightropeError
-from service.api.signing_key import public_key_of
+from service.api.rules import audits as rules
+from service.api.rules.resources import dataset_page, model_page
 from service.db.models import Artifact, Audit, Model
 from service.reports.findings import findings, fmt
 from service.reports.junit import MEDIA_TYPE as JUNIT_MEDIA_TYPE
 from service.reports.junit import render_junit
+from service.settings import Settings
 from service.signing import reports as signing
-from service.storage.stores import SAFE_NAME
 
-router = APIRouter(prefix="/ui", include_in_schema=False)
+
+class Answered(Exception):
+    """A dependency's answer in place of the route's: the sign-in redirect, an error page."""
+
+    def __init__(self, response: Response) -> None:
+        super().__init__(response.status_code)
+        self.response = response
+
+
+class ConsoleRoute(APIRoute):
+    """A console route: sends the answer a dependency raised (`Answered`) as its own."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def answer(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Answered as answered:
+                return answered.response
+
+        return answer
+
+
+router = APIRouter(prefix="/ui", include_in_schema=False, route_class=ConsoleRoute)
 
 HERE = Path(__file__).resolve().parent
 STATIC_FILES = {
@@ -58,7 +85,7 @@ CONSOLE_CSP = (
     "frame-ancestors 'none'"
 )
 # The embedded report: the report's own policy (no script, no request), framed by us only.
-EMBEDDED_REPORT_CSP = f"{audits_api.REPORT_HTML_CSP}; frame-ancestors 'self'"
+EMBEDDED_REPORT_CSP = f"{REPORT_HTML_CSP}; frame-ancestors 'self'"
 PAGE_HEADERS = {
     "Content-Security-Policy": CONSOLE_CSP,
     "X-Content-Type-Options": "nosniff",
@@ -121,9 +148,31 @@ def _to_sign_in(request: Request) -> RedirectResponse:
     return RedirectResponse(f"/ui/sign-in{query}", status_code=303, headers=PAGE_HEADERS)
 
 
-def _signed_in(session: Session, request: Request) -> ConsoleUser | RedirectResponse:
+def signed_in(request: Request, session: SessionDep) -> ConsoleUser:
+    """The signed-in user; without one, the route answers with the sign-in page's redirect."""
     user = sessions.current_user(session, request)
-    return user if user is not None else _to_sign_in(request)
+    if user is None:
+        raise Answered(_to_sign_in(request))
+    return user
+
+
+SignedIn = Annotated[ConsoleUser, Depends(signed_in)]
+
+
+def _own(session: Session, user: ConsoleUser, audit_id: str) -> Audit:
+    """The user's audit; another tenant's (or none) is the API's 404, as an error page."""
+    try:
+        return rules.get_owned_audit(session, user.tenant, audit_id)
+    except TightropeError as exc:
+        raise Answered(_problem_page(user, exc)) from None
+
+
+def owned_audit(audit_id: str, user: SignedIn, session: SessionDep) -> Audit:
+    """The signed-in user's audit of the path's `audit_id`."""
+    return _own(session, user, audit_id)
+
+
+OwnedAudit = Annotated[Audit, Depends(owned_audit)]
 
 
 def _safe_next(value: str | None) -> str:
@@ -226,16 +275,13 @@ def _model_names(session: Session, user: ConsoleUser, ids: set[str]) -> dict[str
 
 @router.get("/audits", response_class=HTMLResponse)
 def audits_page(
-    request: Request,
     session: SessionDep,
+    user: SignedIn,
     status: str | None = None,
     model_id: str | None = None,
     page_token: str | None = None,
     page_size: str | None = None,
 ) -> Response:
-    user = _signed_in(session, request)
-    if not isinstance(user, ConsoleUser):
-        return user
     size = _page_size(page_size)
     if status and status not in STATES:
         return _error(user, 422, f"Unknown status {status!r}; choose one of the list.")
@@ -244,7 +290,7 @@ def audits_page(
     if model_id and len(model_id) > MAX_ID_LENGTH:
         return _error(user, 422, "That is not a model id.")
     try:
-        listed = audits_api.list_page(
+        listed = rules.list_page(
             session,
             user.tenant,
             status=status or None,  # checked against STATES above
@@ -254,7 +300,7 @@ def audits_page(
         )
     except TightropeError as exc:
         return _problem_page(user, exc)
-    models = models_api.list_models(user.tenant, session, page_size=MAX_FILTER_MODELS)
+    models = model_page(session, user.tenant, page_size=MAX_FILTER_MODELS, page_token=None)
     names = {m.id: m.name for m in models.items}
     names.update(_model_names(session, user, {a.model_id for a in listed.items} - set(names)))
     filters = {"status": status or "", "model_id": model_id or ""}
@@ -317,7 +363,7 @@ def _read_report(audit: Audit, artifact_root: Path) -> dict[str, Any] | None:
     if audit.status != "succeeded" or not audit.report_path:
         return None
     try:
-        path = audits_api.path_inside(artifact_root, audit.report_path)
+        path = rules.path_inside(artifact_root, audit.report_path)
         report = json.loads(path.read_text(encoding="utf-8"))
     except (TightropeError, OSError, ValueError):
         return None
@@ -337,23 +383,10 @@ def _signature_state(request: Request, report: dict[str, Any]) -> tuple[str, str
     return "invalid", "The signature does not verify with this service's key"
 
 
-def _owned(session: Session, user: ConsoleUser, audit_id: str) -> Audit | TightropeError:
-    try:
-        return audits_api.get_owned_audit(session, user.tenant, audit_id)
-    except TightropeError as exc:
-        return exc
-
-
 @router.get("/audits/{audit_id}", response_class=HTMLResponse)
 def audit_page(
-    audit_id: str, request: Request, session: SessionDep, settings: SettingsDep
+    request: Request, session: SessionDep, settings: SettingsDep, user: SignedIn, audit: OwnedAudit
 ) -> Response:
-    user = _signed_in(session, request)
-    if not isinstance(user, ConsoleUser):
-        return user
-    audit = _owned(session, user, audit_id)
-    if isinstance(audit, TightropeError):
-        return _problem_page(user, audit)
     checks = check_progress(session, audit.id) if audit.shards_total > 0 else None
     view = to_status(audit, checks)
     model = session.get(Model, audit.model_id)
@@ -392,17 +425,9 @@ def audit_page(
     )
 
 
-def _report_download(
-    audit_id: str, request: Request, session: Session, settings: Any, name: str
-) -> Response:
-    user = _signed_in(session, request)
-    if not isinstance(user, ConsoleUser):
-        return user
-    audit = _owned(session, user, audit_id)
-    if isinstance(audit, TightropeError):
-        return _problem_page(user, audit)
+def _report_download(user: ConsoleUser, audit: Audit, settings: Settings, name: str) -> Response:
     try:
-        file = audits_api.report_file(audit, settings.artifact_dir, name)
+        file = report_response(rules.report_path(audit, settings.artifact_dir, name), name)
     except TightropeError as exc:
         return _problem_page(user, exc)
     file.headers["X-Content-Type-Options"] = "nosniff"
@@ -413,29 +438,19 @@ def _report_download(
 
 
 @router.get("/audits/{audit_id}/report.json")
-def report_json(
-    audit_id: str, request: Request, session: SessionDep, settings: SettingsDep
-) -> Response:
-    return _report_download(audit_id, request, session, settings, "report")
+def report_json(settings: SettingsDep, user: SignedIn, audit: OwnedAudit) -> Response:
+    return _report_download(user, audit, settings, "report")
 
 
 @router.get("/audits/{audit_id}/report.html")
-def report_html(
-    audit_id: str, request: Request, session: SessionDep, settings: SettingsDep
-) -> Response:
-    return _report_download(audit_id, request, session, settings, "report.html")
+def report_html(settings: SettingsDep, user: SignedIn, audit: OwnedAudit) -> Response:
+    return _report_download(user, audit, settings, "report.html")
 
 
 @router.get("/audits/{audit_id}/report.junit.xml")
 def report_junit(
-    audit_id: str, request: Request, session: SessionDep, settings: SettingsDep
+    audit_id: str, settings: SettingsDep, user: SignedIn, audit: OwnedAudit
 ) -> Response:
-    user = _signed_in(session, request)
-    if not isinstance(user, ConsoleUser):
-        return user
-    audit = _owned(session, user, audit_id)
-    if isinstance(audit, TightropeError):
-        return _problem_page(user, audit)
     if audit.status != "succeeded":
         return _error(user, 409, f"Audit {audit_id!r} is {audit.status}; no report yet.")
     report = _read_report(audit, settings.artifact_dir)
@@ -453,22 +468,18 @@ def report_junit(
 
 @router.get("/audits/{audit_id}/artifacts/{name}")
 def artifact(
-    audit_id: str, name: str, request: Request, session: SessionDep, settings: SettingsDep
+    audit_id: str,
+    name: str,
+    session: SessionDep,
+    settings: SettingsDep,
+    user: SignedIn,
+    audit: OwnedAudit,
 ) -> Response:
-    user = _signed_in(session, request)
-    if not isinstance(user, ConsoleUser):
-        return user
-    audit = _owned(session, user, audit_id)
-    if isinstance(audit, TightropeError):
-        return _problem_page(user, audit)
-    row = session.get(Artifact, (audit.id, name)) if SAFE_NAME.match(name) else None
     try:
-        path = audits_api.path_inside(settings.artifact_dir, row.path) if row is not None else None
+        row, path = rules.artifact_file(session, audit, settings.artifact_dir, name)
     except TightropeError:
-        path = None
-    if row is None or path is None or not path.is_file():
         return _error(user, 404, f"Audit {audit_id!r} has no artifact {name!r}.")
-    headers = audits_api.security_headers(row.media_type) or {}
+    headers = security_headers(row.media_type) or {}
     # Always a download: an artifact is never rendered as a page of this origin.
     return FileResponse(
         path,
@@ -483,20 +494,13 @@ def compare_page(
     request: Request,
     session: SessionDep,
     settings: SettingsDep,
+    user: SignedIn,
     id: Annotated[list[str] | None, Query()] = None,
 ) -> Response:
-    user = _signed_in(session, request)
-    if not isinstance(user, ConsoleUser):
-        return user
     ids = [i for i in (id or []) if i]
     if len(ids) != 2 or ids[0] == ids[1]:
         return _error(user, 422, "Choose exactly two different audits to compare.")
-    audits: list[Audit] = []
-    for audit_id in ids:
-        owned = _owned(session, user, audit_id)
-        if isinstance(owned, TightropeError):
-            return _problem_page(user, owned)
-        audits.append(owned)
+    audits = [_own(session, user, audit_id) for audit_id in ids]
     reports = {
         label: _read_report(a, settings.artifact_dir)
         for label, a in zip(("A", "B"), audits, strict=True)
@@ -529,20 +533,18 @@ def compare_page(
 
 
 @router.get("/models", response_class=HTMLResponse)
-def models_page(request: Request, session: SessionDep, page_token: str | None = None) -> Response:
-    return _listing_page(request, session, page_token, models_api.list_models, "models", "Models")
+def models_page(session: SessionDep, user: SignedIn, page_token: str | None = None) -> Response:
+    return _listing_page(session, user, page_token, model_page, "models", "Models")
 
 
 @router.get("/datasets", response_class=HTMLResponse)
-def datasets_page(request: Request, session: SessionDep, page_token: str | None = None) -> Response:
-    return _listing_page(
-        request, session, page_token, datasets_api.list_datasets, "datasets", "Datasets"
-    )
+def datasets_page(session: SessionDep, user: SignedIn, page_token: str | None = None) -> Response:
+    return _listing_page(session, user, page_token, dataset_page, "datasets", "Datasets")
 
 
 def _listing_page(
-    request: Request,
     session: Session,
+    user: ConsoleUser,
     page_token: str | None,
     list_items: Callable[..., Any],
     nav: str,
@@ -550,11 +552,10 @@ def _listing_page(
 ) -> Response:
     """One page of the tenant's models or datasets, through the API's own scoped listing;
     `nav` names the template (`<nav>.html.j2`) and the list it receives."""
-    user = _signed_in(session, request)
-    if not isinstance(user, ConsoleUser):
-        return user
     try:
-        listed = list_items(user.tenant, session, page_token=page_token or None)
+        listed = list_items(
+            session, user.tenant, page_size=DEFAULT_PAGE_SIZE, page_token=page_token or None
+        )
     except TightropeError as exc:
         return _problem_page(user, exc)
     return _page(

@@ -11,7 +11,7 @@ from sqlalchemy import event, insert, select, text
 from sqlalchemy.orm import Session
 
 from benchmarks.audit_list import seed
-from service.api.audits import list_page
+from service.api.rules.audits import list_page
 from service.db.migrate import upgrade_to_head
 from service.db.models import Audit, Tenant
 from service.db.session import make_engine

@@ -751,7 +751,7 @@ def test_unresolvable_callback_host_is_refused(
     assert body["errors"][0]["loc"] == ["body", "callback_url"]
     assert "does not resolve" in body["detail"]
     # a resolver that hangs costs the request at most the resolution timeout
-    monkeypatch.setattr("service.api.audits.CALLBACK_RESOLVE_SECONDS", 0.2)
+    monkeypatch.setattr("service.api.rules.audits.CALLBACK_RESOLVE_SECONDS", 0.2)
     started = time.monotonic()
     slow = submit(client, auth, audit_request(model_id, callback_url="http://slow.example.test/"))
     assert time.monotonic() - started < 1.5

@@ -26,7 +26,7 @@ from schemas.audits import AuditRequest
 from schemas.canonical import canonical_json
 from schemas.problem import PROBLEM_MEDIA_TYPE
 from service.api.app import create_app
-from service.api.audits import REPORT_FILES
+from service.api.http_headers import REPORT_FILES
 from service.api.signing_key import PEM_MEDIA_TYPE
 from service.db.keys import create_api_key
 from service.db.migrate import upgrade_to_head

@@ -33,11 +33,12 @@ from tests.workers.conftest import (
     wait_for,
     worker_env,
 )
-from workers.engine.errors import EngineInputError, ModelFailed, run_model
+from workers.engine.liveness import run_model
 from workers.execution import jobs
 from workers.execution.audit_job import sandbox_for
 from workers.sandbox.child import RunnerChild
 from workers.sandbox.runner import describe_failure
+from workers.shared.errors import EngineInputError, ModelFailed
 
 StartProcess = Callable[[list[str], dict[str, str]], Popen[bytes]]
 

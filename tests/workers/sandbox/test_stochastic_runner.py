@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from service.api.models import to_resource
+from service.api.rules.resources import model_resource
 from service.settings import Settings
 from tests.fixtures import model_factory
 from tests.workers.conftest import add_audit, add_model
@@ -39,7 +39,7 @@ def test_a_sampler_is_flagged_on_its_resource_and_in_its_report(
     )
     assert execute_admission(model.id, settings=settings, session=session) == "ready"
     session.refresh(model)
-    resource = to_resource(model)
+    resource = model_resource(model)
     # 16×16 inputs uniform in [0, 1]: ‖ξ₁ − ξ₂‖ ≈ √(2·256), ‖y‖ ≈ √(256/3), so ≈ 0.05·√6
     assert resource.stochastic is True and resource.output_spread is not None
     assert 0.5 * SIGMA * 6**0.5 < resource.output_spread < 2 * SIGMA * 6**0.5

@@ -8,7 +8,7 @@ import torch
 
 from workers.engine.classifiers import ClassifierSubject
 from workers.engine.context import AuditContext, Subject
-from workers.engine.errors import EngineInputError
+from workers.shared.errors import EngineInputError
 
 
 def as_classifier(subject: Subject, kind: str) -> ClassifierSubject:

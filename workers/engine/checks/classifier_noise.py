@@ -17,6 +17,7 @@ import torch
 from schemas.checks import RandomNoiseCheck
 from workers.engine.checks.classifier_common import classifier_inputs
 from workers.engine.context import AuditContext, Subject
+from workers.engine.noise import unit_noise
 from workers.engine.shards import derive_seed
 from workers.engine.stats import clopper_pearson
 
@@ -30,10 +31,8 @@ def run(
     subject: Subject,
     indices: Sequence[int],
     seed: int,
-    draw_noise: Any,
 ) -> dict[str, Any]:
-    """Per image and level: samples, misclassified samples, flipped predictions.
-    `draw_noise` is random_noise.unit_noise (passed in: that module dispatches here)."""
+    """Per image and level: samples, misclassified samples, flipped predictions."""
     classifier, _, labels = classifier_inputs(ctx, subject, indices, "random_noise")
     lo, hi = classifier.value_range
     per_image = []
@@ -48,7 +47,7 @@ def run(
                 for start in range(0, config.samples, CHUNK):
                     samples = range(start, min(start + CHUNK, config.samples))
                     seeds = [derive_seed(seed, index, level, s) for s in samples]
-                    e = draw_noise(ctx, x.shape[1:], seeds, x_norm, level)
+                    e = unit_noise(ctx, x.shape[1:], seeds, x_norm, level)
                     predicted = classifier.predict((x + e).clamp(lo, hi))
                     wrong += int((predicted != labels[row]).sum())
                     flipped += int((predicted != clean).sum())

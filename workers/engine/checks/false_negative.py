@@ -31,7 +31,6 @@ import torch
 from schemas.checks_theorem import FalseNegativeCheck
 from schemas.sampler import DrawSettings
 from schemas.verdicts import compare, judge
-from workers.engine.checks.random_noise import unit_noise
 from workers.engine.checks.theorem_common import (
     is_complex,
     panel_record,
@@ -48,6 +47,7 @@ from workers.engine.lesions import (
     random_placements,
     support,
 )
+from workers.engine.noise import unit_noise
 from workers.engine.nullspace import RowSpaceProjector, row_space_projector
 from workers.engine.sampling import averaged_subject, same_draws, single_draws
 from workers.engine.shards import derive_seed

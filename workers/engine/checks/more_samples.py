@@ -24,8 +24,8 @@ from schemas.verdicts import compare, judge
 from workers.engine import metrics
 from workers.engine.checks.theorem_common import is_complex
 from workers.engine.context import AuditContext, Subject
-from workers.engine.errors import EngineInputError
 from workers.engine.operators import build_operator
+from workers.shared.errors import EngineInputError
 
 METRICS = ("psnr", "ssim", "relative_error")
 

@@ -2,7 +2,7 @@
 error and the probability that it exceeds τ (the universal instability theorem, part (b)).
 
 The noise is uniform on the sphere of radius δ‖y‖ over the measured entries: an isotropic
-Gaussian draw on those entries, normalised to norm exactly δ‖y‖ (unit_noise). The failure
+Gaussian draw on those entries, normalised to norm exactly δ‖y‖ (workers.engine.noise). The failure
 probability's Clopper–Pearson interval is over images × samples of the audited images: it
 describes the noise on these images, not a population of images.
 
@@ -23,6 +23,7 @@ from workers.engine import metrics
 from workers.engine.checks import classifier_noise
 from workers.engine.classifiers import ClassifierSubject
 from workers.engine.context import AuditContext, Subject
+from workers.engine.noise import unit_noise
 from workers.engine.shards import derive_seed
 from workers.engine.stats import clopper_pearson
 
@@ -58,31 +59,13 @@ INTERVAL_SCOPE = (
 # What the check measures for a stochastic model (the result's `sampler.measures`).
 SAMPLER_MEASURES = (
     "single draws of the sampler: every reconstruction of a noisy measurement is a call of its "
-    "own drawing anew (batched by samples of one image: a model drawing once per call shares "
-    "its draw within a batch of up to 32 samples), so the failure probability and its interval "
-    "are over both the perturbation and the sampler's draws; amplification and "
+    "own on that one measurement (batch 1), drawing anew, so every perturbation gets an "
+    "independent draw even from a model that draws once per call; the failure probability and "
+    "its interval are over both the perturbation and the sampler's draws; amplification and "
     "lipschitz_lower_bound compare two draws (the clean reconstruction is one draw too) and "
     "count the sampler's spread as change, which the noise floor (model.noise_floor) measures "
     "on its own"
 )
-
-
-def unit_noise(
-    ctx: AuditContext,
-    shape: Sequence[int],
-    seeds: Sequence[int],
-    y_norm: torch.Tensor,
-    level: float,
-) -> torch.Tensor:
-    """Noise uniform on the sphere ‖e‖ = δ‖y‖ over the measured entries, one sample per seed:
-    a standard Gaussian is isotropic, so projected and normalised it is uniform on the sphere
-    of the measured subspace. Drawn on the CPU so every device sees the same numbers."""
-    noise = torch.stack(
-        [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds]
-    ).to(ctx.device)
-    noise = ctx.operator.project(noise)
-    scale = level * y_norm / ctx.operator.norm(noise).clamp_min(1e-12)
-    return noise * scale.view(-1, *([1] * len(shape)))
 
 
 class RandomNoise:
@@ -97,13 +80,16 @@ class RandomNoise:
         seed: int,
     ) -> dict[str, Any]:
         if isinstance(subject, ClassifierSubject):  # accuracy per level instead of errors
-            return classifier_noise.run(config, ctx, subject, indices, seed, unit_noise)
+            return classifier_noise.run(config, ctx, subject, indices, seed)
         operator = ctx.operator
         complex_images = ctx.images.shape[1] == 2 and operator.kind == "mri"
         per_image = []
+        # a sampler: one call per measurement, so each perturbation (and each image's clean
+        # reconstruction) gets a draw of its own whatever the model draws per call
+        reconstruct = _one_call_each if subject.stochastic else _batched_call
         with torch.no_grad():
             y_all = ctx.measurements(indices)
-            clean_all = subject.reconstruct(y_all)
+            clean_all = reconstruct(subject, y_all)
             for row, index in enumerate(indices):
                 y, x, clean = (
                     y_all[row : row + 1],
@@ -119,7 +105,7 @@ class RandomNoise:
                         samples = range(start, min(start + CHUNK, config.samples))
                         seeds = [derive_seed(seed, index, level, s) for s in samples]
                         e = unit_noise(ctx, y.shape[1:], seeds, y_norm, level)
-                        out = subject.reconstruct(y + e)
+                        out = reconstruct(subject, y + e)
                         target = x.expand_as(out)
                         change = (out - clean).flatten(1).norm(dim=1)
                         e_norm = operator.norm(e)
@@ -185,6 +171,15 @@ class RandomNoise:
             result["sampler"] = {**shards[0]["sampler"], "measures": SAMPLER_MEASURES}
         result["warnings"] = warnings
         return result
+
+
+def _batched_call(subject: Subject, y: torch.Tensor) -> torch.Tensor:
+    return subject.reconstruct(y)
+
+
+def _one_call_each(subject: Subject, y: torch.Tensor) -> torch.Tensor:
+    """A sampler's reconstructions, one call per row: independent draws per row."""
+    return torch.cat([subject.reconstruct(y[row : row + 1]) for row in range(y.shape[0])])
 
 
 def _level_sums(level: float, values: dict[str, list[float]], tau: float) -> dict[str, Any]:

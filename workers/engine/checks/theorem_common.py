@@ -13,7 +13,7 @@ import torch
 
 from workers.engine.context import AuditContext
 from workers.engine.lesions import magnitude
-from workers.engine.panels import Panel, panels_png
+from workers.shared.panels import Panel, panels_png
 
 
 def is_complex(ctx: AuditContext) -> bool:

@@ -37,8 +37,8 @@ from workers.engine import metrics
 from workers.engine.classifier_attacks import perturbation_norm, seeded
 from workers.engine.classifiers import ClassifierSubject
 from workers.engine.context import ARTIFACT_FILES_KEY, AuditContext, Subject
-from workers.engine.errors import EngineInputError
 from workers.engine.stats import clopper_pearson
+from workers.shared.errors import EngineInputError
 
 BATCH = 128
 # Cross-entropy beyond which an input counts as fooled for good (nats): it stops pulling on u.

@@ -28,10 +28,12 @@ from workers.engine.attacks import (
     worst_case_search,
 )
 from workers.engine.batching import run_in_batches
-from workers.engine.checks.random_noise import unit_noise
 from workers.engine.context import ARTIFACT_FILES_KEY, AuditContext, Subject
+from workers.engine.noise import unit_noise
 from workers.engine.sampling import (
     averaged_subject,
+    compare_estimate,
+    interval_factor,
     replicate_statistics,
     same_draws,
     summary_errors,
@@ -130,8 +132,9 @@ class WorstCase:
             "clean_relative_error": {"mean": math.fsum(clean) / len(clean), "max": max(clean)},
             "levels": table,
         }
-        judge(result, _comparisons(config, table))
         sampler = shards[0].get("sampler") if shards else None
+        replicates = None if sampler is None else int(sampler["replicates"])
+        judge(result, _comparisons(config, table, replicates, warnings))
         if sampler is not None:
             result["sampler"] = {**sampler, "measures": SAMPLER_MEASURES}
         result["warnings"] = warnings
@@ -147,79 +150,25 @@ def _attack_images(
     seed: int,
 ) -> dict[str, Any]:
     """Search, then measure every level's worst perturbation for a batch of images."""
-    operator = ctx.operator
-    complex_images = ctx.images.shape[1] == 2 and operator.kind == "mri"
     y = ctx.measurements(indices)
     x = ctx.images[list(indices)]
     if subject.stochastic:
         return _attack_average(config, ctx, subject, indices, seed, y, x)
-    outcomes = worst_case_search(
-        subject,
-        operator,
-        y,
-        x,
-        ThreatModel.from_check(config.threat_model()),
-        SearchSettings.from_check(config.search_settings()),
-        seeds=[derive_seed(seed, index, "worst_case") for index in indices],
-        should_stop=ctx.should_stop,
-    )
+    outcomes = _search(config, ctx, subject, indices, seed, y, x)
     per_level: list[dict[str, torch.Tensor]] = []
     worst: list[dict[str, Any]] = []
     with torch.no_grad():
         clean = subject.reconstruct(y)
-        clean_norm = per_sample_norm(clean).clamp_min(1e-12)
-        y_norm = operator.norm(y)
         for outcome in outcomes:
             e = outcome.perturbation
-            e_norm = operator.norm(e).clamp_min(1e-30)
+            noise = _gaussian_like(ctx, seed, indices, outcome.level, y, e)
             attacked = subject.reconstruct(y + e)
-            # a Gaussian perturbation of the same norm: how much worse than chance is the attack
-            gaussian_seeds = [derive_seed(seed, i, outcome.level, "gaussian") for i in indices]
-            noise = unit_noise(ctx, y.shape[1:], gaussian_seeds, e_norm, 1.0)
-            change = per_sample_norm(attacked - clean)
-            values = {
-                "relative_error": metrics.relative_error(attacked, x),
-                "psnr": metrics.psnr(attacked, x, ctx.value_range, complex_images),
-                "ssim": metrics.ssim(attacked, x, ctx.value_range, complex_images),
-                "amplification": (change / clean_norm) / (e_norm / y_norm),
-                "lipschitz_lower_bound": change / e_norm,
-                "gaussian_relative_error": metrics.relative_error(
-                    subject.reconstruct(y + noise), x
-                ),
-                "relative_perturbation": e_norm / y_norm,
-            }
+            gaussian = subject.reconstruct(y + noise)
+            values = _figures(ctx, x, y, e, clean, attacked, gaussian)
             per_level.append(values)
-            position = int(torch.nan_to_num(values["relative_error"], nan=math.inf).argmax())
-            worst.append(
-                {
-                    "level": outcome.level,
-                    "index": int(indices[position]),
-                    "relative_error": float(values["relative_error"][position]),
-                    "perturbation": _encode(e[position]),
-                    "reconstruction": _encode(attacked[position]),
-                    # for the report's image panels: x, Ψ(y), Ψ(y+e) and their difference
-                    "original": _encode(x[position]),
-                    "clean": _encode(clean[position]),
-                }
-            )
+            worst.append(_worst_of(outcome.level, indices, values, e, x, clean, attacked))
         clean_error = metrics.relative_error(clean, x).double().cpu().tolist()
-    images = []
-    for row, index in enumerate(indices):
-        levels = [
-            {
-                "level": outcome.level,
-                "steps": outcome.steps,
-                "optimizer": outcome.found_by[row],
-                # the worst perturbation is the smaller level's (this level found nothing above)
-                "carried": outcome.carried[row],
-                **{name: float(values[name][row]) for name in RAW},
-            }
-            for outcome, values in zip(outcomes, per_level, strict=True)
-        ]
-        images.append(
-            {"index": int(index), "clean_relative_error": clean_error[row], "levels": levels}
-        )
-    return {"images": images, "worst": worst}
+    return {"images": _images(indices, outcomes, per_level, clean_error), "worst": worst}
 
 
 def _attack_average(
@@ -242,30 +191,16 @@ def _attack_average(
         subject, settings.draws, derive_seed(seed, batch_key, "search"), ctx.device
     )
     averaged = averaged_subject(subject, settings.draws)
-    operator = ctx.operator
-    complex_images = ctx.images.shape[1] == 2 and operator.kind == "mri"
-    outcomes = worst_case_search(
-        searched,
-        operator,
-        y,
-        x,
-        ThreatModel.from_check(config.threat_model()),
-        SearchSettings.from_check(config.search_settings()),
-        seeds=[derive_seed(seed, index, "worst_case") for index in indices],
-        should_stop=ctx.should_stop,
-    )
+    outcomes = _search(config, ctx, searched, indices, seed, y, x)
     per_level: list[dict[str, torch.Tensor]] = []
     per_level_errors: list[dict[str, torch.Tensor]] = []
     worst: list[dict[str, Any]] = []
     with torch.no_grad():
         with same_draws(derive_seed(seed, batch_key, "clean"), ctx.device):
             clean_error = metrics.relative_error(averaged.reconstruct(y), x)
-        y_norm = operator.norm(y)
         for outcome in outcomes:
             e = outcome.perturbation
-            e_norm = operator.norm(e).clamp_min(1e-30)
-            gaussian_seeds = [derive_seed(seed, i, outcome.level, "gaussian") for i in indices]
-            noise = unit_noise(ctx, y.shape[1:], gaussian_seeds, e_norm, 1.0)
+            noise = _gaussian_like(ctx, seed, indices, outcome.level, y, e)
             replicates: list[dict[str, torch.Tensor]] = []
             for replicate in range(settings.replicates):
                 draw = derive_seed(seed, batch_key, outcome.level, "replicate", replicate)
@@ -277,19 +212,7 @@ def _attack_average(
                 clean, attacked, gaussian = outputs
                 if replicate == 0:
                     shown_clean, shown_attacked = clean, attacked
-                change = per_sample_norm(attacked - clean)
-                clean_norm = per_sample_norm(clean).clamp_min(1e-12)
-                replicates.append(
-                    {
-                        "relative_error": metrics.relative_error(attacked, x),
-                        "psnr": metrics.psnr(attacked, x, ctx.value_range, complex_images),
-                        "ssim": metrics.ssim(attacked, x, ctx.value_range, complex_images),
-                        "amplification": (change / clean_norm) / (e_norm / y_norm),
-                        "lipschitz_lower_bound": change / e_norm,
-                        "gaussian_relative_error": metrics.relative_error(gaussian, x),
-                        "relative_perturbation": e_norm / y_norm,
-                    }
-                )
+                replicates.append(_figures(ctx, x, y, e, clean, attacked, gaussian))
             values, errors = {}, {}
             for name in RAW:
                 values[name], errors[name] = replicate_statistics(
@@ -297,35 +220,130 @@ def _attack_average(
                 )
             per_level.append(values)
             per_level_errors.append(errors)
-            position = int(torch.nan_to_num(values["relative_error"], nan=math.inf).argmax())
             worst.append(
-                {
-                    "level": outcome.level,
-                    "index": int(indices[position]),
-                    "relative_error": float(values["relative_error"][position]),
-                    "perturbation": _encode(e[position]),
-                    "reconstruction": _encode(shown_attacked[position]),
-                    "original": _encode(x[position]),
-                    "clean": _encode(shown_clean[position]),
-                }
+                _worst_of(outcome.level, indices, values, e, x, shown_clean, shown_attacked)
             )
+    images = _images(
+        indices, outcomes, per_level, clean_error.double().cpu().tolist(), per_level_errors
+    )
+    return {"images": images, "worst": worst}
+
+
+def _search(
+    config: WorstCaseCheck,
+    ctx: AuditContext,
+    subject: Subject,
+    indices: Sequence[int],
+    seed: int,
+    y: torch.Tensor,
+    x: torch.Tensor,
+) -> list[Any]:
+    """The ascending-level search of the check's threat model, one seed per image."""
+    return worst_case_search(
+        subject,
+        ctx.operator,
+        y,
+        x,
+        ThreatModel.from_check(config.threat_model()),
+        SearchSettings.from_check(config.search_settings()),
+        seeds=[derive_seed(seed, index, "worst_case") for index in indices],
+        should_stop=ctx.should_stop,
+    )
+
+
+def _gaussian_like(
+    ctx: AuditContext,
+    seed: int,
+    indices: Sequence[int],
+    level: float,
+    y: torch.Tensor,
+    e: torch.Tensor,
+) -> torch.Tensor:
+    """A Gaussian perturbation of each found perturbation's norm: how much worse than chance
+    the attack is."""
+    e_norm = ctx.operator.norm(e).clamp_min(1e-30)
+    gaussian_seeds = [derive_seed(seed, i, level, "gaussian") for i in indices]
+    return unit_noise(ctx, y.shape[1:], gaussian_seeds, e_norm, 1.0)
+
+
+def _figures(
+    ctx: AuditContext,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    e: torch.Tensor,
+    clean: torch.Tensor,
+    attacked: torch.Tensor,
+    gaussian: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Every RAW figure per image: reconstructions of y, y + e and y + Gaussian noise."""
+    operator = ctx.operator
+    complex_images = ctx.images.shape[1] == 2 and operator.kind == "mri"
+    e_norm = operator.norm(e).clamp_min(1e-30)
+    y_norm = operator.norm(y)
+    change = per_sample_norm(attacked - clean)
+    clean_norm = per_sample_norm(clean).clamp_min(1e-12)
+    return {
+        "relative_error": metrics.relative_error(attacked, x),
+        "psnr": metrics.psnr(attacked, x, ctx.value_range, complex_images),
+        "ssim": metrics.ssim(attacked, x, ctx.value_range, complex_images),
+        "amplification": (change / clean_norm) / (e_norm / y_norm),
+        "lipschitz_lower_bound": change / e_norm,
+        "gaussian_relative_error": metrics.relative_error(gaussian, x),
+        "relative_perturbation": e_norm / y_norm,
+    }
+
+
+def _worst_of(
+    level: float,
+    indices: Sequence[int],
+    values: dict[str, torch.Tensor],
+    e: torch.Tensor,
+    x: torch.Tensor,
+    clean: torch.Tensor,
+    attacked: torch.Tensor,
+) -> dict[str, Any]:
+    """The level's worst image: its figure and, for the report's image panels, x, Ψ(y),
+    Ψ(y+e) and the perturbation."""
+    position = int(torch.nan_to_num(values["relative_error"], nan=math.inf).argmax())
+    return {
+        "level": level,
+        "index": int(indices[position]),
+        "relative_error": float(values["relative_error"][position]),
+        "perturbation": _encode(e[position]),
+        "reconstruction": _encode(attacked[position]),
+        "original": _encode(x[position]),
+        "clean": _encode(clean[position]),
+    }
+
+
+def _images(
+    indices: Sequence[int],
+    outcomes: list[Any],
+    per_level: list[dict[str, torch.Tensor]],
+    clean_error: list[float],
+    per_level_errors: list[dict[str, torch.Tensor]] | None = None,
+) -> list[dict[str, Any]]:
+    """Per image, every level's figures (and standard errors, for a sampler's average)."""
     images = []
     for row, index in enumerate(indices):
-        levels = [
-            {
+        levels = []
+        for position, (outcome, values) in enumerate(zip(outcomes, per_level, strict=True)):
+            level = {
                 "level": outcome.level,
                 "steps": outcome.steps,
                 "optimizer": outcome.found_by[row],
+                # the worst perturbation is the smaller level's (this level found nothing above)
                 "carried": outcome.carried[row],
                 **{name: float(values[name][row]) for name in RAW},
-                "standard_error": {name: float(errors[name][row]) for name in REPORTED},
             }
-            for outcome, values, errors in zip(outcomes, per_level, per_level_errors, strict=True)
-        ]
+            if per_level_errors is not None:
+                errors = per_level_errors[position]
+                level["standard_error"] = {name: float(errors[name][row]) for name in REPORTED}
+            levels.append(level)
         images.append(
-            {"index": int(index), "clean_relative_error": float(clean_error[row]), "levels": levels}
+            {"index": int(index), "clean_relative_error": clean_error[row], "levels": levels}
         )
-    return {"images": images, "worst": worst}
+    return images
 
 
 def _merge_level(level: float, rows: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
@@ -378,34 +396,70 @@ def _statistic(field: str, values: list[float]) -> float | None:
     return max(values) if field == "max" else min(values)
 
 
-def _comparisons(config: WorstCaseCheck, table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _comparisons(
+    config: WorstCaseCheck,
+    table: list[dict[str, Any]],
+    replicates: int | None = None,
+    warnings: list[str] | None = None,
+) -> list[dict[str, Any]]:
     """The threshold's bounds against the table. A level without a finite measurement (stopped
-    before it was searched, or every output NaN) has nothing below the bound: it fails."""
+    before it was searched, or every output NaN) has nothing below the bound: it fails.
+
+    With `replicates` (a stochastic subject: the table holds estimates with standard errors),
+    each bound judges the upper end of the estimate's 95 % interval (`compare_estimate`), and a
+    bound inside the interval adds a warning to `warnings`."""
     threshold = config.threshold
     if threshold is None:
         return []
     comparisons = []
+
+    def add(quantity: str, row: dict[str, Any] | None, name: str, bound: float) -> None:
+        value = None if row is None else row[name]["max"]
+        if replicates is None:
+            comparisons.append(compare(quantity, value, bound))
+            return
+        error = None if row is None else row.get("standard_error", {}).get(name, {}).get("max")
+        comparison, warning = compare_estimate(quantity, value, error, replicates, bound)
+        comparisons.append(comparison)
+        if warning is not None and warnings is not None:
+            warnings.append(warning)
+
     if threshold.max_relative_error is not None:
         at_level = threshold.at_level or config.levels[-1]
         row = next((row for row in table if row["level"] == at_level), None)
-        worst = None if row is None else row["relative_error"]["max"]
-        comparisons.append(
-            compare(
-                f"worst-case relative error at level {fmt(at_level)}",
-                worst,
-                threshold.max_relative_error,
-            )
+        add(
+            f"worst-case relative error at level {fmt(at_level)}",
+            row,
+            "relative_error",
+            threshold.max_relative_error,
         )
     if threshold.max_lipschitz is not None:
         bounds = [row["lipschitz_lower_bound"]["max"] for row in table]
-        largest = None if not bounds or None in bounds else max(bounds)
-        comparisons.append(
-            compare("empirical Lipschitz lower bound", largest, threshold.max_lipschitz)
-        )
+        if not bounds or None in bounds:
+            add("empirical Lipschitz lower bound", None, "", threshold.max_lipschitz)
+        else:  # the level with the largest bound (a sampler's: the largest upper end)
+            largest = max(table, key=lambda row: _upper_end(row, replicates))
+            add(
+                "empirical Lipschitz lower bound",
+                largest,
+                "lipschitz_lower_bound",
+                threshold.max_lipschitz,
+            )
     non_finite = sum(row["non_finite"] for row in table)
     if non_finite:  # a NaN under a bounded perturbation is as unstable as it gets
         comparisons.append(compare("outputs that were NaN or infinite", non_finite, 0))
     return comparisons
+
+
+def _upper_end(row: dict[str, Any], replicates: int | None) -> float:
+    """The row's largest Lipschitz lower bound, for a sampler the upper end of its interval."""
+    value = float(row["lipschitz_lower_bound"]["max"])
+    if replicates is None:
+        return value
+    error = row.get("standard_error", {}).get("lipschitz_lower_bound", {}).get("max")
+    if error is None or not math.isfinite(error):
+        return math.inf
+    return value + interval_factor(replicates) * error
 
 
 def _encode(array: torch.Tensor) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from schemas.archive_rules import (
     read_npy,
 )
 from schemas.common import FileArray, UploadedArray
-from workers.engine.errors import EngineInputError
-from workers.engine.limits import archive_limits
+from workers.shared.errors import EngineInputError
+from workers.shared.limits import archive_limits
 
 
 def resolve_path(file: str, base_dir: Path | None) -> Path:
@@ -42,7 +42,7 @@ def load_array(
     """The array in an `.npy` file, or `key` (default: the first array) of an `.npz` file.
 
     Held to schemas.archive_rules, the rules the gateway applied at upload: an `.npz` passes
-    the archive checks with `limits` (by default those in force: workers.engine.limits) and
+    the archive checks with `limits` (by default those in force: workers.shared.limits) and
     holds only arrays; the array is plain and real-valued (no pickles, objects or complex
     numbers) and finite (unless `allow_non_finite`); with `images`, it is a dataset's images
     (schemas.archive_rules.images_shape). Raises EngineInputError, naming the file. With
