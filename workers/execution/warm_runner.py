@@ -108,11 +108,26 @@ def _end(child: RunnerChild | None) -> None:
 
 
 def _move_contents(source: Path, target: Path) -> None:
-    """Move every entry of `source` into the empty `target` (renames: one file system), and
-    remove `source`."""
+    """Move every entry of `source` into `target` (renames: one file system), and remove
+    `source`. The target is a spare's directory: empty but for the runner's own scratch in its
+    HOME (`.cache`, `.config`, written while it imported). A job directory that a runner used
+    before (one kept for an audit's next shard) has such entries too: directories merge, and
+    where both hold a file the spare's stays, since the spare may have it open."""
     for entry in os.listdir(source):
-        os.rename(source / entry, target / entry)
+        moving, there = source / entry, target / entry
+        if not there.exists() and not there.is_symlink():
+            os.rename(moving, there)
+        elif _plain_dir(moving) and _plain_dir(there):
+            _move_contents(moving, there)
+        elif _plain_dir(moving):
+            shutil.rmtree(moving)
+        else:
+            moving.unlink()
     source.rmdir()
+
+
+def _plain_dir(path: Path) -> bool:
+    return path.is_dir() and not path.is_symlink()
 
 
 def start_runner(
