@@ -4,7 +4,8 @@ torch; the schemas import neither side; only the engine imports torch; nothing o
 sandboxed runner and the CLI's in-process audit imports the engine; the engine's torch-free
 helpers (workers.shared) import neither the engine nor torch; and no module-level import circle
 exists. Also: every
-problem type has one definition, the table of schemas/problem.py, which docs/http-api.md lists.
+problem type has one definition, the table of schemas/problem.py, which docs/http-api.md lists;
+and no status of an audit or a shard changes outside the lifecycle module (service.db.lifecycle).
 
 Static: the imports are read with `ast` from every file (function-local imports included, for
 the first four rules), nothing is imported. The CLI starts the gateway by name
@@ -320,7 +321,7 @@ def test_the_circle_finder_finds_a_circle() -> None:
 # (module, literal) -> how often it may appear there.
 PROBLEM_TABLE = "schemas.problem"
 SLUGS_THAT_ARE_NO_PROBLEM = {
-    ("workers.execution.leases", "busy"): 1,  # LeaseOutcome.BUSY
+    ("service.db.lifecycle", "busy"): 1,  # LeaseOutcome.BUSY
     ("workers.execution.audit_job", "busy"): 1,  # execute_audit's answer for a missing audit
     ("workers.sandbox.runner", "internal"): 1,  # the cause of the runner's error event
 }
@@ -389,3 +390,89 @@ def test_the_documented_problem_types_are_the_table() -> None:
     for status, slug in rows:
         defined = PROBLEM_TYPES[slug].status
         assert status == ("any" if defined is None else str(defined)), (slug, status)
+
+
+# The one module that writes an audit's or a shard's status (and the lease and progress columns
+# that go with it), for the gateway and the workers alike (docs/architecture.md, "The lifecycle
+# of an audit"). Migrations (alembic/) and tests write rows as they need.
+LIFECYCLE = "service.db.lifecycle"
+STATUS_ROWS = frozenset({"Audit", "AuditShard"})
+
+
+def _names_a_status_row(node: ast.expr) -> bool:
+    """`Audit`, `AuditShard` or `models.Audit`..., `Audit.__table__`."""
+    while isinstance(node, ast.Attribute) and node.attr == "__table__":
+        node = node.value
+    name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", None)
+    return name in STATUS_ROWS
+
+
+def _status_writes(module: str, source: str) -> list[str]:
+    """What in `source` changes an audit's or a shard's row outside the lifecycle module:
+    `update(Audit...)`/`insert(AuditShard...)` (any UPDATE or INSERT of those tables), a new
+    `Audit(...)`/`AuditShard(...)` given a status, and an assignment to `x.status` (of any
+    object but `self`: a class's own field, such as an exception's, is no row)."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if name in ("update", "insert") and node.args and _names_a_status_row(node.args[0]):
+                found.append(f"{module}:{line}: {name}({ast.unparse(node.args[0])})")
+            elif name in STATUS_ROWS and any(k.arg == "status" for k in node.keywords):
+                found.append(f"{module}:{line}: {name}(status=...)")
+        targets: list[ast.expr] = []
+        if isinstance(node, ast.Assign):
+            targets = list(node.targets)
+        elif isinstance(node, ast.AugAssign | ast.AnnAssign):
+            targets = [node.target]
+        while targets:
+            target = targets.pop()
+            if isinstance(target, ast.Tuple | ast.List):
+                targets.extend(target.elts)
+            elif (
+                isinstance(target, ast.Attribute)
+                and target.attr == "status"
+                and not (isinstance(target.value, ast.Name) and target.value.id == "self")
+            ):
+                found.append(f"{module}:{line}: {ast.unparse(target)} = ...")
+    return found
+
+
+def test_no_status_changes_outside_the_lifecycle_module() -> None:
+    assert LIFECYCLE in SOURCES
+    wrong = [
+        found
+        for module, path in SOURCES.items()
+        if module != LIFECYCLE and not _within(module, "schemas")
+        for found in _status_writes(module, path.read_text(encoding="utf-8"))
+    ]
+    assert wrong == []
+
+
+def test_the_lifecycle_module_writes_the_statuses() -> None:
+    """The finder sees the lifecycle's own writes: the rule above is not vacuous."""
+    found = _status_writes(LIFECYCLE, SOURCES[LIFECYCLE].read_text(encoding="utf-8"))
+    assert any("update(Audit)" in f for f in found)
+    assert any("update(AuditShard)" in f for f in found)
+    assert any("AuditShard(status=...)" in f for f in found)
+    assert any("Audit(status=...)" in f for f in found)
+
+
+def test_the_status_write_finder_finds_writes() -> None:
+    source = (
+        "from sqlalchemy import insert, update\n"
+        "from service.db import models\n"
+        "session.execute(update(Audit).where(Audit.id == a).values(status='failed'))\n"
+        "session.execute(update(models.AuditShard).values(lease_owner=None))\n"
+        "session.execute(insert(AuditShard.__table__), rows)\n"
+        "session.add(AuditShard(audit_id=a, shard_id=s, status='done'))\n"
+        "shard.status, shard.result = 'done', result\n"
+        "audit.status = 'cancelled'\n"
+        "self.status = 404\n"  # an object's own field, no row
+        "session.add(AuditShard(audit_id=a, shard_id=s))\n"  # no status given
+        "session.execute(update(Model).values(status='ready'))\n"  # another table
+    )
+    found = _status_writes("planted", source)
+    assert sorted(int(f.split(":")[1]) for f in found) == [3, 4, 5, 6, 7, 8]

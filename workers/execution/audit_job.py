@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import func, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from schemas import problem as problems
@@ -27,24 +26,31 @@ from schemas.audits import TERMINAL_STATES
 from schemas.problem import ProblemType
 from schemas.runner import RunnerEvent
 from schemas.wording import count_of
-from service.db.models import Audit, AuditShard, Model, utcnow
+from service.db.lifecycle import (
+    LeaseOutcome,
+    acquire_lease,
+    cancel_waiting_shards,
+    count_progress,
+    end_shard_phase,
+    gave_up_problem,
+    hold_for_fair_share,
+    monotone_progress,
+    record_probe_seconds,
+    release_lease,
+    renew_lease,
+    stage_planned_shards,
+    store_shard_result,
+    update_owned,
+)
+from service.db.models import Audit, Model, utcnow
 from service.queue import broker as queue
 from service.queue.dispatch import get_dispatcher
 from service.settings import Settings
 from service.storage.stores import ArtifactStore
 from workers.execution import jobs
 from workers.execution.heartbeat import set_current_work
-from workers.execution.leases import (
-    LeaseOutcome,
-    acquire_lease,
-    gave_up_problem,
-    monotone_progress,
-    new_owner,
-    release_lease,
-    renew_lease,
-    update_owned,
-)
-from workers.execution.shard_leases import PRIORITY_RANK, count_progress
+from workers.execution.leases import new_owner
+from workers.execution.shard_leases import PRIORITY_RANK
 from workers.execution.warm_runner import start_runner
 from workers.reporting.finalise import finalise_report
 from workers.sandbox.bubblewrap import Sandbox, SandboxUnavailable, has_gpu
@@ -292,37 +298,14 @@ class _Attempt:
         if result is None:
             log.warning("audit %s: unreadable shard %r", self.audit_id, event.shard_id)
             return
-        exists = self.session.get(AuditShard, (self.audit_id, event.shard_id))
-        if exists is not None and exists.status == "done":
-            return
-        if exists is not None:
-            exists.status, exists.result, exists.finished_at = "done", result, utcnow()
-        else:
-            self.session.add(
-                AuditShard(
-                    audit_id=self.audit_id,
-                    shard_id=event.shard_id,
-                    status="done",
-                    result=result,
-                    finished_at=utcnow(),
-                )
-            )
-        try:
-            self.session.commit()
-        except IntegrityError:  # stored meanwhile by a concurrent attempt: same result
-            self.session.rollback()
+        store_shard_result(self.session, self.audit_id, event.shard_id or "", result)
 
     def record_probe(self, event: RunnerEvent) -> None:
         """Keep the probe time the plan step measured: the audit's default limit derives from it."""
         probe = (event.info or {}).get("probe") or {}
         seconds = probe.get("probe_seconds")
         if isinstance(seconds, int | float) and seconds >= 0:
-            self.session.execute(
-                update(Audit)
-                .where(Audit.id == self.audit_id)
-                .values(probe_seconds=float(seconds))
-                .execution_options(synchronize_session=False)
-            )
+            record_probe_seconds(self.session, self.audit_id, float(seconds))
 
     def record_plan(self) -> None:
         """Store the planned shards as rows (keeping any stored before), release the audit
@@ -332,46 +315,9 @@ class _Attempt:
         if plan is None or not plan.shards:
             self.fail(problems.INTERNAL_ERROR, "the runner's shard plan is unreadable")
             return
-        now = utcnow()
-        known = {
-            shard_id: status
-            for shard_id, status in self.session.execute(
-                select(AuditShard.shard_id, AuditShard.status).where(
-                    AuditShard.audit_id == self.audit_id
-                )
-            )
-        }
-        waiting = 0
-        for position, shard in enumerate(plan.shards):
-            values = {
-                "queue": self.route[0],
-                "position": position,
-                "check_index": shard.check_index,
-                "kind": shard.kind[:64],
-                "subject": shard.subject[:32],
-            }
-            if shard.shard_id in known:
-                self.session.execute(
-                    update(AuditShard)
-                    .where(
-                        AuditShard.audit_id == self.audit_id,
-                        AuditShard.shard_id == shard.shard_id,
-                    )
-                    .values(**values)
-                    .execution_options(synchronize_session=False)
-                )
-                waiting += known[shard.shard_id] != "done"
-                continue
-            self.session.add(
-                AuditShard(
-                    audit_id=self.audit_id,
-                    shard_id=shard.shard_id,
-                    status="queued",
-                    enqueued_at=now,
-                    **values,
-                )
-            )
-            waiting += 1
+        waiting = stage_planned_shards(
+            self.session, self.audit_id, plan.shards, self.route[0], utcnow()
+        )
         total = len(plan.shards)
         # Rows and the release stand or fall together: a task that lost the audit adds none.
         released = release_lease(
@@ -464,17 +410,6 @@ class _Attempt:
         self.finish(status="failed", error=problem_dict)
 
 
-def cancel_waiting_shards(session: Session, audit_id: str) -> None:
-    """A finished audit's waiting shards will never run: their tokens then find nothing."""
-    session.execute(
-        update(AuditShard)
-        .where(AuditShard.audit_id == audit_id, AuditShard.status == "queued")
-        .values(status="cancelled")
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-
-
 def running_audits(session: Session, tenant_id: str) -> int:
     return int(
         session.scalar(
@@ -516,21 +451,13 @@ def end_unleased_audit(
     error: dict[str, Any] | None = None,
 ) -> bool:
     """End an audit in its shard phase (no task holds its lease): failed by a shard, or
-    cancelled. Conditional, so the first ending wins; its waiting shards are cancelled."""
-    ended = session.execute(
-        update(Audit)
-        .where(
-            Audit.id == audit_id,
-            Audit.status.in_(("queued", "running")),
-            Audit.lease_owner.is_(None),
-        )
-        .values(status=status, error=error, finished_at=utcnow(), updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
+    cancelled (service.db.lifecycle.end_shard_phase, committed here), then its callback and
+    its tenant's waiting audits. Conditional, so the first ending wins; its waiting shards are
+    cancelled."""
+    ended = end_shard_phase(session, audit_id, status=status, error=error, now=utcnow())
     session.commit()
-    if ended.rowcount != 1:  # type: ignore[attr-defined]
+    if not ended:
         return False
-    cancel_waiting_shards(session, audit_id)
     row = session.execute(select(Audit.tenant_id, Audit.request).where(Audit.id == audit_id)).one()
     if (row.request or {}).get("callback_url"):
         send_safely(sends.callback, audit_id)
@@ -560,13 +487,7 @@ def execute_audit(
     ):
         # Fair share: it waits. Marking it as freshly sent keeps the reconciler from re-sending
         # it at once; the tenant's next finishing audit wakes it (wake_waiting_audits).
-        session.execute(
-            update(Audit)
-            .where(Audit.id == audit_id, Audit.status == "queued")
-            .values(enqueued_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        session.commit()
+        hold_for_fair_share(session, audit_id, utcnow())
         return "waiting"
     outcome = acquire_lease(
         session,

@@ -6,9 +6,9 @@ it was enqueued (Redis restarted without persistence, or was flushed), a model s
 token was lost, and an audit whose shards are all stored but whose finalising message was lost
 (or never sent: the worker died between storing the last shard and sending it).
 
-Each row is claimed by a conditional UPDATE that also moves its timestamp, so two
-reconcilers running at once re-enqueue it once; a duplicate message would be harmless anyway,
-since the task's lease refuses it.
+Each row is claimed by a conditional UPDATE that also moves its timestamp (written by
+service.db.lifecycle, as every status), so two reconcilers running at once re-enqueue it once;
+a duplicate message would be harmless anyway, since the task's lease refuses it.
 """
 
 from __future__ import annotations
@@ -18,19 +18,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
+from service.db.lifecycle import (
+    BATCH,
+    expired_shard_condition,
+    requeue_expired_audits,
+    requeue_expired_shard,
+    resend_stale_queued,
+    resend_stale_shard,
+    resend_unfinalised,
+    stale_shard_condition,
+)
 from service.db.models import Audit, AuditShard, Model
 from service.queue import broker as queue
 from service.queue.dispatch import get_dispatcher
 from service.settings import Settings, get_settings
-from workers.execution.leases import expired_lease_condition
-from workers.execution.shard_leases import expired_shard_condition, stale_shard_condition
 
 log = logging.getLogger(__name__)
-
-BATCH = 500
 
 
 @dataclass
@@ -40,33 +46,6 @@ class ReconcileResult:
     models: list[str] = field(default_factory=list)
     shards: list[str] = field(default_factory=list)  # "<audit>/<shard>" given a new token
     finalising: list[str] = field(default_factory=list)  # audits sent to be finalised
-
-
-def _stale_queued_condition(cutoff: datetime):
-    return and_(
-        Audit.status == "queued",
-        Audit.lease_owner.is_(None),
-        or_(
-            Audit.enqueued_at < cutoff,
-            and_(Audit.enqueued_at.is_(None), Audit.created_at < cutoff),
-        ),
-    )
-
-
-def _claim_audits(session: Session, condition, values: dict[str, object]) -> list[str]:
-    """Ids matching `condition`, each moved by an UPDATE that re-checks it (first one wins)."""
-    claimed: list[str] = []
-    for audit_id in session.scalars(select(Audit.id).where(condition).limit(BATCH)).all():
-        result = session.execute(
-            update(Audit)
-            .where(Audit.id == audit_id, condition)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        session.commit()
-        if result.rowcount == 1:  # type: ignore[attr-defined]
-            claimed.append(audit_id)
-    return claimed
 
 
 def stalled_admission_seconds(settings: Settings) -> float:
@@ -94,15 +73,9 @@ def reconcile_once(
 
     # A dead worker's audit goes back to `queued`: if this message is lost too, the
     # stale-queued rule below picks it up again after requeue_after_seconds.
-    result.expired_leases = _claim_audits(
-        session,
-        expired_lease_condition(now),
-        {"status": "queued", "lease_owner": None, "lease_expires_at": None, "enqueued_at": now},
-    )
+    result.expired_leases = requeue_expired_audits(session, now)
     cutoff = now - timedelta(seconds=settings.requeue_after_seconds)
-    result.lost_messages = _claim_audits(
-        session, _stale_queued_condition(cutoff), {"enqueued_at": now}
-    )
+    result.lost_messages = resend_stale_queued(session, cutoff, now)
 
     model_cutoff = now - timedelta(seconds=stalled_admission_seconds(settings))
     stalled = and_(
@@ -121,7 +94,7 @@ def reconcile_once(
 
     tokens_in = count_tokens or (lambda name: queue.tokens_waiting(settings, name))
     shard_tokens = _reclaim_shards(session, now, cutoff, result, tokens_in)
-    result.finalising = _claim_audits(session, _unfinalised_condition(cutoff), {"updated_at": now})
+    result.finalising = resend_unfinalised(session, cutoff, now)
 
     audits = result.expired_leases + result.lost_messages + result.finalising
     routes = _routes(session, [*audits, *shard_tokens])
@@ -156,20 +129,6 @@ def _routes(session: Session, audit_ids: list[str]) -> dict[str, tuple[str, str]
     return {audit_id: (queue_name, priority) for audit_id, queue_name, priority in rows}
 
 
-def _unfinalised_condition(cutoff: datetime):
-    """Planned audits nobody holds, quiet since `cutoff`, with no shard waiting or running."""
-    unfinished = exists().where(
-        AuditShard.audit_id == Audit.id, AuditShard.status.in_(("queued", "running"))
-    )
-    return and_(
-        Audit.status == "running",
-        Audit.lease_owner.is_(None),
-        Audit.shards_total > 0,
-        Audit.updated_at < cutoff,
-        ~unfinished,
-    )
-
-
 def _reclaim_shards(
     session: Session,
     now: datetime,
@@ -186,15 +145,8 @@ def _reclaim_shards(
     )
     tokens: dict[str, int] = {}
 
-    def claim(condition, values: dict[str, object], audit_id: str, shard_id: str) -> bool:
-        moved = session.execute(
-            update(AuditShard)
-            .where(AuditShard.audit_id == audit_id, AuditShard.shard_id == shard_id, condition)
-            .values(**values)
-            .execution_options(synchronize_session=False)
-        )
-        session.commit()
-        if moved.rowcount != 1:  # type: ignore[attr-defined]
+    def claimed(moved: bool, audit_id: str, shard_id: str) -> bool:
+        if not moved:
             return False
         result.shards.append(f"{audit_id}/{shard_id}")
         tokens[audit_id] = tokens.get(audit_id, 0) + 1
@@ -206,8 +158,7 @@ def _reclaim_shards(
         .where(expired, AuditShard.audit_id.in_(live_audit))
         .limit(BATCH)
     ).all():
-        back = {"status": "queued", "lease_owner": None, "lease_expires_at": None}
-        claim(expired, {**back, "enqueued_at": now}, audit_id, shard_id)
+        claimed(requeue_expired_shard(session, audit_id, shard_id, now), audit_id, shard_id)
 
     stale = stale_shard_condition(cutoff)
     found = session.execute(
@@ -223,7 +174,8 @@ def _reclaim_shards(
         left = allowance[queue_name]
         if left is not None and left <= 0:
             continue
-        if claim(stale, {"enqueued_at": now}, audit_id, shard_id) and left is not None:
+        moved = resend_stale_shard(session, audit_id, shard_id, cutoff, now)
+        if claimed(moved, audit_id, shard_id) and left is not None:
             allowance[queue_name] = left - 1
     return tokens
 

@@ -1,6 +1,7 @@
 """One shard of an audit, run by whichever worker took its token.
 
-The worker leases the fairest waiting shard of its queue (workers.execution.shard_leases),
+The worker leases the fairest waiting shard of its queue (workers.execution.shard_leases;
+the lease and every status it writes: service.db.lifecycle),
 runs it in a sandboxed child from a job directory it keeps for the audit
 (workers.execution.job_cache), and stores
 the result the moment the child reports it. The worker that stores the last shard sends the
@@ -27,6 +28,7 @@ from sqlalchemy.orm import Session
 
 from schemas import problem as problems
 from schemas.runner import STOP_FILE, RunnerEvent
+from service.db.lifecycle import count_progress, gave_up_problem, release_shard, renew_shard
 from service.db.models import Audit, AuditShard, Model, utcnow
 from service.settings import Settings
 from workers.execution import jobs
@@ -45,14 +47,8 @@ from workers.execution.audit_job import (
 )
 from workers.execution.heartbeat import set_current_work
 from workers.execution.job_cache import JobCache, worker_cache
-from workers.execution.leases import gave_up_problem, new_owner
-from workers.execution.shard_leases import (
-    ClaimedShard,
-    claim_shard,
-    count_progress,
-    release_shard,
-    renew_shard,
-)
+from workers.execution.leases import new_owner
+from workers.execution.shard_leases import ClaimedShard, claim_shard
 from workers.execution.warm_runner import start_runner
 from workers.execution.watchdog import Watchdog, hung_problem, probe_time, watchdog_for
 from workers.sandbox.bubblewrap import SandboxUnavailable

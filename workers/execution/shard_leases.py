@@ -1,4 +1,4 @@
-"""Leases on shard rows, and the fair choice of which shard a worker runs next.
+"""The fair choice of which shard a worker runs next, and its claim.
 
 A shard message names no shard: it is a token that makes one worker of a queue run one shard,
 and the database picks which (docs/architecture.md, "Shards: one audit over many workers").
@@ -6,21 +6,22 @@ The tenant with the fewest shards running goes first; between tenants running as
 higher priority, then the older audit; within a tenant, its higher-priority audits first, then
 the oldest, in plan order.
 So a tenant's 200-shard audit cannot hold back another tenant's 2-shard audit for more than
-the shard each worker is running. Every change is one conditional UPDATE, committed at once,
-so two workers cannot both take a shard, and a worker that lost its lease writes nothing.
+the shard each worker is running. Taking a shard is one conditional UPDATE, committed at once
+(service.db.lifecycle.take_shard, with the shard's renewal, release and expiry), so two
+workers cannot both take a shard.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import CursorResult, and_, func, or_, select, update
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
+from service.db.lifecycle import take_shard
 from service.db.models import Audit, AuditShard
-from workers.execution.leases import monotone_progress
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 CANDIDATE_AUDITS = 8
@@ -34,11 +35,6 @@ class ClaimedShard:
     audit_id: str
     shard_id: str
     attempts: int
-
-
-def _rowcount(result: Any) -> int:
-    assert isinstance(result, CursorResult)
-    return result.rowcount
 
 
 def _waiting(queue: str) -> Any:
@@ -120,25 +116,7 @@ def claim_shard(
             .limit(4)
         ).all()
         for shard_id in shard_ids:
-            taken = session.execute(
-                update(AuditShard)
-                .where(
-                    AuditShard.audit_id == audit_id,
-                    AuditShard.shard_id == shard_id,
-                    AuditShard.status == "queued",
-                )
-                .values(
-                    status="running",
-                    started_at=now,
-                    lease_owner=owner,
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    heartbeat_at=now,
-                    attempts=AuditShard.attempts + 1,
-                )
-                .execution_options(synchronize_session=False)
-            )
-            session.commit()
-            if _rowcount(taken) == 1:
+            if take_shard(session, audit_id, shard_id, owner, now=now, lease_seconds=lease_seconds):
                 attempts = session.scalar(
                     select(AuditShard.attempts).where(
                         AuditShard.audit_id == audit_id, AuditShard.shard_id == shard_id
@@ -146,84 +124,3 @@ def claim_shard(
                 )
                 return ClaimedShard(audit_id, shard_id, int(attempts or 1))
     return None
-
-
-def _owned(audit_id: str, shard_id: str, owner: str) -> Any:
-    return and_(
-        AuditShard.audit_id == audit_id,
-        AuditShard.shard_id == shard_id,
-        AuditShard.lease_owner == owner,
-        AuditShard.status == "running",
-    )
-
-
-def renew_shard(
-    session: Session, audit_id: str, shard_id: str, owner: str, *, now: datetime, seconds: float
-) -> bool:
-    """Extend the lease; False when `owner` no longer holds it (it must stop at once)."""
-    renewed = session.execute(
-        update(AuditShard)
-        .where(_owned(audit_id, shard_id, owner))
-        .values(lease_expires_at=now + timedelta(seconds=seconds), heartbeat_at=now)
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    return _rowcount(renewed) == 1
-
-
-def release_shard(
-    session: Session, audit_id: str, shard_id: str, owner: str, **values: Any
-) -> bool:
-    """End `owner`'s lease, writing `values` (done + result, queued again, cancelled)."""
-    changed = session.execute(
-        update(AuditShard)
-        .where(_owned(audit_id, shard_id, owner))
-        .values(lease_owner=None, lease_expires_at=None, **values)
-        .execution_options(synchronize_session=False)
-    )
-    if _rowcount(changed) == 1:
-        session.commit()
-        return True
-    session.rollback()
-    return False
-
-
-def count_progress(session: Session, audit_id: str, now: datetime) -> tuple[int, int]:
-    """Store the audit's finished-shard count and progress; returns (done, total)."""
-    done_count = (
-        select(func.count())
-        .select_from(AuditShard)
-        .where(AuditShard.audit_id == audit_id, AuditShard.status == "done")
-        .scalar_subquery()
-    )
-    # One statement computes and stores the count: the last of two workers finishing at
-    # once sees both shards, whichever order their transactions commit in.
-    session.execute(
-        update(Audit)
-        .where(Audit.id == audit_id, Audit.status == "running")
-        .values(
-            shards_done=done_count,
-            **monotone_progress(
-                func.coalesce(done_count * 1.0 / func.nullif(Audit.shards_total, 0), 0.0)
-            ),
-            updated_at=now,
-        )
-        .execution_options(synchronize_session=False)
-    )
-    session.commit()
-    row = session.execute(
-        select(Audit.shards_done, Audit.shards_total).where(Audit.id == audit_id)
-    ).one_or_none()
-    return (int(row[0]), int(row[1])) if row is not None else (0, 0)
-
-
-def expired_shard_condition(now: datetime) -> Any:
-    return and_(AuditShard.status == "running", AuditShard.lease_expires_at < now)
-
-
-def stale_shard_condition(cutoff: datetime) -> Any:
-    """Shards waiting since before `cutoff` (their token may be lost) of live audits."""
-    return and_(
-        AuditShard.status == "queued",
-        or_(AuditShard.enqueued_at < cutoff, AuditShard.enqueued_at.is_(None)),
-    )

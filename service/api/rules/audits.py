@@ -15,11 +15,10 @@ import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import exists, func, select, update
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, load_only
 from sqlalchemy.orm.interfaces import ORMOption
@@ -44,7 +43,8 @@ from service.api.problems import (
     ValidationFailed,
 )
 from service.api.rules.resources import get_owned_dataset
-from service.db.models import Artifact, Audit, AuditShard, Model, Tenant, utcnow
+from service.db import lifecycle
+from service.db.models import Artifact, Audit, Model, Tenant, utcnow
 from service.queue.broker import DEFAULT_PRIORITY, audit_queue
 from service.settings import Settings
 
@@ -280,13 +280,12 @@ def submit(
     check_fits_model(session, tenant, request, model)
     check_reference(session, tenant, request, model)
     check_quota(session, settings, tenant)
-    audit = Audit(
+    audit = lifecycle.new_audit(
         tenant_id=tenant.id,
         model_id=request.model_id,
         request=canonical,
         request_hash=request_hash,
         idempotency_key=idempotency_key,
-        status="queued",
         queue=audit_queue(request.device),
         priority=request.priority,
         enqueued_at=utcnow(),
@@ -338,54 +337,15 @@ def list_page(
 
 def cancel(session: Session, tenant: Tenant, audit_id: str) -> tuple[Audit, bool]:
     """Cancel the tenant's audit (409 once finished), committed. A queued audit ends at once;
-    a running one stops at its next checkpoint. Gives the audit (not yet refreshed) and whether
-    it ended here, in which case no worker will touch it again: the caller announces it."""
+    a running one stops at its next checkpoint (service.db.lifecycle.cancel). Gives the audit
+    (not yet refreshed) and whether it ended here, in which case no worker will touch it
+    again: the caller announces it."""
     audit = get_owned_audit(session, tenant, audit_id)
     if audit.status in TERMINAL_STATES:
         raise AuditFinished(f"Audit {audit_id!r} has already {audit.status}; nothing to cancel.")
-    now = utcnow()
-    ended_now = False
-    # Conditional updates: a worker may take the audit between our read and our write.
-    cancelled_queued = session.execute(
-        update(Audit)
-        .where(Audit.id == audit_id, Audit.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now, updated_at=now)
-    )
-    if cancelled_queued.rowcount == 0:  # type: ignore[attr-defined]
-        requested = session.execute(
-            update(Audit)
-            .where(Audit.id == audit_id, Audit.status.not_in(TERMINAL_STATES))
-            .values(cancel_requested=True, updated_at=now)
-        )
-        if requested.rowcount == 1:  # type: ignore[attr-defined]
-            # Running: no worker may claim its waiting shards any more; the workers running
-            # one stop it themselves (they see cancel_requested), and finished ones stay done.
-            session.execute(
-                update(AuditShard)
-                .where(AuditShard.audit_id == audit_id, AuditShard.status == "queued")
-                .values(status="cancelled", finished_at=now)
-            )
-            ended_now = _end_if_no_shard_runs(session, audit_id, now)
+    ended = lifecycle.cancel(session, audit_id, utcnow())
     session.commit()
-    return audit, cancelled_queued.rowcount == 1 or ended_now  # type: ignore[attr-defined]
-
-
-def _end_if_no_shard_runs(session: Session, audit_id: str, now: datetime) -> bool:
-    """An audit in its shard phase (no task holds it) with no shard running has nobody left to
-    notice the cancel: it ends here. With a shard running, that shard's worker ends it."""
-    running_shard = exists().where(AuditShard.audit_id == audit_id, AuditShard.status == "running")
-    ended = session.execute(
-        update(Audit)
-        .where(
-            Audit.id == audit_id,
-            Audit.status == "running",
-            Audit.lease_owner.is_(None),
-            Audit.shards_total > 0,
-            ~running_shard,
-        )
-        .values(status="cancelled", finished_at=now, updated_at=now)
-    )
-    return bool(ended.rowcount == 1)  # type: ignore[attr-defined]
+    return audit, ended
 
 
 def path_inside(root: Path, relative: str) -> Path:

@@ -28,6 +28,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from benchmarks.poll_load import seed_rows
+from service.db import lifecycle
 from service.db.audit_changes import announcing_sessionmaker
 from service.db.keys import create_api_key
 from service.db.migrate import upgrade_to_head
@@ -175,10 +176,10 @@ def test_a_change_written_as_a_worker_writes_it_is_seen_within_a_second(
         now = utcnow()
         lags: dict[str, float] = {}
         with worker_sessions() as session:
-            outcome = leases.acquire_lease(
+            outcome = lifecycle.acquire_lease(
                 session, audit_id, owner, now=now, lease_seconds=60, max_attempts=3
             )
-            assert outcome is leases.LeaseOutcome.ACQUIRED
+            assert outcome is lifecycle.LeaseOutcome.ACQUIRED
             lags["running"] = wait_until(
                 lambda: poll.status()["status"] == "running", 1.0, "running"
             )
@@ -186,8 +187,8 @@ def test_a_change_written_as_a_worker_writes_it_is_seen_within_a_second(
                 lambda: poll.listed()["status"] == "running", 1.0, "running in the list"
             )
 
-            leases.update_owned(
-                session, audit_id, owner, **leases.monotone_progress(0.25, check="noise")
+            lifecycle.update_owned(
+                session, audit_id, owner, **lifecycle.monotone_progress(0.25, check="noise")
             )
             lags["progress"] = wait_until(
                 lambda: poll.status()["progress"]["fraction"] == 0.25, 1.0, "progress"
@@ -205,10 +206,10 @@ def test_a_change_written_as_a_worker_writes_it_is_seen_within_a_second(
             )
             claimed = shard_leases.claim_shard(session, queue, owner, now=now, lease_seconds=60)
             assert claimed is not None
-            shard_leases.release_shard(
+            lifecycle.release_shard(
                 session, audit_id, claimed.shard_id, owner, status="done", result={}
             )
-            shard_leases.count_progress(session, audit_id, now)
+            lifecycle.count_progress(session, audit_id, now)
             lags["shards"] = wait_until(
                 lambda: poll.status()["shards"] == {"done": 1, "total": 2}, 1.0, "a shard done"
             )
@@ -222,7 +223,7 @@ def test_a_change_written_as_a_worker_writes_it_is_seen_within_a_second(
                 lambda: poll.status()["cancel_requested"] is True, 1.0, "cancel requested"
             )
 
-            leases.release_lease(
+            lifecycle.release_lease(
                 session,
                 audit_id,
                 owner,

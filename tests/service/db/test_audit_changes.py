@@ -18,6 +18,7 @@ import redis
 from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db import lifecycle
 from service.db.audit_changes import (
     AuditChanges,
     Publisher,
@@ -101,21 +102,21 @@ def test_the_workers_writes_are_announced_with_audit_and_tenant(
     owner = leases.new_owner()
     now = utcnow()
     with worker_sessions() as session:
-        taken = leases.acquire_lease(
+        taken = lifecycle.acquire_lease(
             session, audit_id, owner, now=now, lease_seconds=30, max_attempts=3
         )
-        assert taken is leases.LeaseOutcome.ACQUIRED
+        assert taken is lifecycle.LeaseOutcome.ACQUIRED
         # one message per commit (acquire_lease commits once)
         assert listener.messages() == [{"audits": [[audit_id, tenant_id]]}]
 
-        assert leases.update_owned(
-            session, audit_id, owner, **leases.monotone_progress(0.25, check="noise")
+        assert lifecycle.update_owned(
+            session, audit_id, owner, **lifecycle.monotone_progress(0.25, check="noise")
         )
-        assert leases.renew_lease(session, audit_id, owner, now=now, lease_seconds=30)
+        assert lifecycle.renew_lease(session, audit_id, owner, now=now, lease_seconds=30)
         assert listener.messages() == [{"audits": [[audit_id, tenant_id]]}] * 2
 
         # a write that is rolled back (another owner) changes nothing and announces nothing
-        assert not leases.update_owned(session, audit_id, "someone-else", progress_message="x")
+        assert not lifecycle.update_owned(session, audit_id, "someone-else", progress_message="x")
         assert listener.messages() == []
 
         # shards: planned (ORM rows), claimed, stored, counted
@@ -128,13 +129,13 @@ def test_the_workers_writes_are_announced_with_audit_and_tenant(
         session.commit()
         claimed = shard_leases.claim_shard(session, queue, owner, now=now, lease_seconds=30)
         assert claimed is not None and claimed.audit_id == audit_id
-        assert shard_leases.release_shard(
+        assert lifecycle.release_shard(
             session, audit_id, claimed.shard_id, owner, status="done", result={"v": 1}
         )
-        assert shard_leases.count_progress(session, audit_id, now) == (1, 2)
+        assert lifecycle.count_progress(session, audit_id, now) == (1, 2)
         assert listener.messages() == [{"audits": [[audit_id, tenant_id]]}] * 4
 
-        assert leases.release_lease(
+        assert lifecycle.release_lease(
             session, audit_id, owner, status="succeeded", finished_at=now + timedelta(seconds=1)
         )
         assert listener.messages() == [{"audits": [[audit_id, tenant_id]]}]

@@ -15,6 +15,7 @@ from sqlalchemy import event, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.audit_status import to_status
+from service.db.lifecycle import monotone_progress
 from service.db.models import Audit, Model, utcnow
 from service.settings import Settings
 from tests.fixtures.model_factory import tiny_cnn_spec, tiny_cnn_torchscript
@@ -22,7 +23,6 @@ from tests.workers.conftest import REQUEST, add_audit, add_model
 from tests.workers.execution.test_shard_job import CPU, planned_audit
 from workers.execution.audit_job import Sends, execute_audit
 from workers.execution.job_cache import JobCache
-from workers.execution.leases import monotone_progress
 from workers.execution.shard_job import execute_shard
 
 pytestmark = pytest.mark.needs("bwrap")  # real sandboxed children

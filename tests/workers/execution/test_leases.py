@@ -5,12 +5,20 @@ from __future__ import annotations
 import threading
 from datetime import timedelta
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Audit, utcnow
+from service.db.lifecycle import (
+    LeaseOutcome,
+    acquire_lease,
+    cancel,
+    end_shard_phase,
+    release_lease,
+    renew_lease,
+)
+from service.db.models import Audit, AuditShard, utcnow
 from service.settings import Settings
 from tests.workers.conftest import add_audit, add_model
-from workers.execution.leases import LeaseOutcome, acquire_lease, release_lease, renew_lease
 
 
 def _acquire(session: Session, audit_id: str, owner: str, now=None, max_attempts: int = 3):  # type: ignore[no-untyped-def]
@@ -77,3 +85,72 @@ def test_attempts_are_capped(settings: Settings, session: Session) -> None:
     assert row is not None and row.status == "failed" and row.attempts == 3
     assert row.error is not None and "gave up after 3 attempts" in row.error["detail"]
     assert row.lease_owner is None
+
+
+def _shard_phase(session: Session, settings: Settings, shards: dict[str, str]) -> str:
+    """An audit in its shard phase (running, no lease holder) with shards in these states."""
+    audit = add_audit(
+        session, add_model(session, settings), status="running", shards_total=len(shards)
+    )
+    for position, (shard_id, status) in enumerate(shards.items()):
+        session.add(
+            AuditShard(
+                audit_id=audit.id, shard_id=shard_id, status=status, queue="q", position=position
+            )
+        )
+    session.commit()
+    return audit.id
+
+
+def _shards(session: Session, audit_id: str) -> dict[str, tuple[str, bool]]:
+    rows = session.scalars(select(AuditShard).where(AuditShard.audit_id == audit_id))
+    return {r.shard_id: (r.status, r.finished_at is not None) for r in rows}
+
+
+def test_ending_a_shard_phase_is_one_function_and_a_cancelled_shard_has_a_finish_time(
+    settings: Settings, session: Session
+) -> None:
+    """Issue 22: the gateway's and the workers' endings of a shard-phase audit are one
+    (end_shard_phase); the gateway's version won where they differed: a shard cancelled
+    because its audit ended has a finish time, whoever ended it."""
+    audit_id = _shard_phase(session, settings, {"a": "done", "b": "running", "c": "queued"})
+    now = utcnow()
+    # the gateway's cancel leaves an audit with a running shard to that shard's worker
+    assert not end_shard_phase(
+        session, audit_id, status="cancelled", now=now, unless_a_shard_runs=True
+    )
+    session.commit()
+    # a worker's ending (a shard's error) ends it whatever runs elsewhere; the first one wins
+    assert end_shard_phase(session, audit_id, status="failed", now=now, error={"detail": "x"})
+    session.commit()
+    assert not end_shard_phase(session, audit_id, status="cancelled", now=now)
+    session.commit()
+    audit = session.get(Audit, audit_id, populate_existing=True)
+    assert audit is not None
+    assert (audit.status, audit.error, audit.finished_at is not None) == (
+        "failed",
+        {"detail": "x"},
+        True,
+    )
+    assert _shards(session, audit_id) == {
+        "a": ("done", False),
+        "b": ("running", False),
+        "c": ("cancelled", True),
+    }
+
+
+def test_the_gateways_cancel_ends_a_shard_phase_with_no_shard_running(
+    settings: Settings, session: Session
+) -> None:
+    audit_id = _shard_phase(session, settings, {"a": "done", "b": "queued"})
+    assert cancel(session, audit_id, utcnow())
+    session.commit()
+    audit = session.get(Audit, audit_id, populate_existing=True)
+    assert audit is not None
+    assert (audit.status, audit.cancel_requested, audit.finished_at is not None) == (
+        "cancelled",
+        True,
+        True,
+    )
+    assert _shards(session, audit_id) == {"a": ("done", False), "b": ("cancelled", True)}
+    assert not cancel(session, audit_id, utcnow())  # finished: nothing changes

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
+from service.db.lifecycle import release_shard
 from service.db.models import Audit, AuditShard, Model, utcnow
 from service.settings import Settings
 from tests.workers.conftest import add_audit, add_model, wait_for
@@ -20,7 +21,7 @@ from workers.execution.audit_job import end_unleased_audit, execute_audit
 from workers.execution.job_cache import JobCache
 from workers.execution.reconciler import reconcile_once
 from workers.execution.shard_job import execute_shard
-from workers.execution.shard_leases import claim_shard, release_shard
+from workers.execution.shard_leases import claim_shard
 
 pytestmark = pytest.mark.needs("bwrap")  # real sandboxed children
 
