@@ -45,6 +45,7 @@ from service.api.rules import audits as rules
 from service.api.rules.audits import RETRY_AFTER_SECONDS, STATUS_ONLY, get_owned_audit, list_page
 from service.api.stored_files import StoredFileResponse
 from service.db.models import Audit, Tenant
+from service.db.stored_request import stored_callback_url
 from service.reports.junit import MEDIA_TYPE as JUNIT_MEDIA_TYPE
 from service.reports.junit import render_junit
 
@@ -299,7 +300,7 @@ def cancel_audit(
     request.app.state.poll_cache.forget(audit_id)
     request.app.state.audit_list_cache.forget_tenant(tenant.id)
     session.refresh(audit)
-    if ended_here and audit.request.get("callback_url"):
+    if ended_here and stored_callback_url(audit.request, audit_id=audit.id):
         # No worker will touch this audit again: announce it from here (after the commit).
         dispatcher.callback(audit.id)
     return to_status(audit)

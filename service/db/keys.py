@@ -12,7 +12,7 @@ import secrets
 import weakref
 from typing import Protocol
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from service.db.models import ApiKey, Tenant, utcnow
@@ -68,10 +68,41 @@ def create_api_key(session: Session, tenant_name: str) -> str:
 def revoke_api_key(session: Session, secret: str) -> bool:
     """Revoke a key by its secret; returns whether a live key was found. Commits."""
     key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(secret)))
-    if key is None or key.revoked_at is not None:
+    return key is not None and revoke_key(session, key)
+
+
+def revoke_key(session: Session, key: ApiKey) -> bool:
+    """Revoke a key found by find_api_keys; False when it was revoked already. Commits, and
+    tells this process's key caches at once."""
+    if key.revoked_at is not None:
         return False
     key.revoked_at = utcnow()
     session.commit()
     for listener in list(_revocation_listeners):
         listener.forget(key.key_hash)
     return True
+
+
+def list_api_keys(session: Session, tenant_name: str | None = None) -> list[tuple[ApiKey, str]]:
+    """Every key (of one tenant, when named) with its tenant's name, oldest first."""
+    query = (
+        select(ApiKey, Tenant.name)
+        .join(Tenant, Tenant.id == ApiKey.tenant_id)
+        .order_by(ApiKey.created_at, ApiKey.id)
+    )
+    if tenant_name is not None:
+        query = query.where(Tenant.name == tenant_name)
+    return [(key, name) for key, name in session.execute(query).all()]
+
+
+def find_api_keys(session: Session, wanted: str) -> list[ApiKey]:
+    """The keys `wanted` names: the whole secret (found by its hash, as the gateway does), or
+    a key's id (key_…) or the start of its prefix (tr_…). A prefix shared with keys already
+    revoked names the one live key; more than one key found means `wanted` is ambiguous."""
+    if len(wanted) > DISPLAY_PREFIX_LENGTH and not wanted.startswith("key_"):
+        match = ApiKey.key_hash == hash_key(wanted)
+    else:
+        match = or_(ApiKey.id == wanted, ApiKey.prefix.startswith(wanted, autoescape=True))
+    found = list(session.scalars(select(ApiKey).where(match)).all())
+    live = [key for key in found if key.revoked_at is None]
+    return live if len(found) > 1 and len(live) == 1 else found

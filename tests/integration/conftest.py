@@ -47,7 +47,13 @@ def redis_client() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def make_stack(tmp_path: Path, redis_client: redis.Redis) -> Iterator:
+def make_stack(
+    tmp_path: Path, redis_client: redis.Redis, request: pytest.FixtureRequest
+) -> Iterator:
+    if "database_url" in request.fixturenames:
+        # Set up first, so torn down last: the stacks stop before their database is dropped
+        # (else a failed test's logs end in the workers' "database does not exist").
+        request.getfixturevalue("database_url")
     stacks: list[LocalStack] = []
 
     def make(

@@ -209,25 +209,16 @@ def keys_list(
 ) -> None:
     """List API keys, oldest first: id, prefix, tenant, created, revoked (never the secret,
     which is not stored)."""
-    from sqlalchemy import select
-
+    from service.db.keys import list_api_keys
     from service.db.migrate import upgrade_to_head
-    from service.db.models import ApiKey, Tenant
     from service.db.session import session_scope
     from service.settings import get_settings
 
     upgrade_to_head(get_settings().resolved_database_url)
-    query = (
-        select(ApiKey, Tenant.name)
-        .join(Tenant, Tenant.id == ApiKey.tenant_id)
-        .order_by(ApiKey.created_at, ApiKey.id)
-    )
-    if tenant is not None:
-        query = query.where(Tenant.name == tenant)
     with session_scope() as session:
         rows = [
             (key.id, key.prefix, name, _when(key.created_at), _when(key.revoked_at))
-            for key, name in session.execute(query).all()
+            for key, name in list_api_keys(session, tenant)
         ]
     _print_database()
     if not rows:
@@ -253,11 +244,8 @@ def keys_revoke(
     """Revoke an API key: requests with it are refused (401) from then on; a running gateway
     may accept it for up to TIGHTROPE_API_KEY_CACHE_SECONDS more. Exit 0 when revoked (or
     already revoked), 1 when no key matches, 2 when several do."""
-    from sqlalchemy import or_, select
-
-    from service.db.keys import DISPLAY_PREFIX_LENGTH, hash_key
+    from service.db.keys import find_api_keys, revoke_key
     from service.db.migrate import upgrade_to_head
-    from service.db.models import ApiKey, utcnow
     from service.db.session import session_scope
     from service.settings import get_settings
 
@@ -266,26 +254,17 @@ def keys_revoke(
     wanted = key.strip().removesuffix("…")
     if not wanted:
         raise _fail("name a key: its id, its prefix or the key itself")
-    if len(wanted) > DISPLAY_PREFIX_LENGTH and not wanted.startswith("key_"):
-        # the whole secret: found by its hash, as the gateway does
-        match = ApiKey.key_hash == hash_key(wanted)
-    else:
-        match = or_(ApiKey.id == wanted, ApiKey.prefix.startswith(wanted, autoescape=True))
     with session_scope() as session:
-        found = list(session.scalars(select(ApiKey).where(match)).all())
-        live = [k for k in found if k.revoked_at is None]
-        if len(found) > 1 and len(live) == 1:
-            found = live  # a prefix shared with keys already revoked names the live one
+        found = find_api_keys(session, wanted)
         if len(found) > 1:
             names = ", ".join(f"{k.id} ({k.prefix}…)" for k in found)
             raise _fail(f"{wanted!r} matches {len(found)} keys: {names}; name one by its id")
         if not found:
             raise _fail(f"no API key matches {wanted!r} (see `tightrope keys list`)", 1)
         target = found[0]
-        if target.revoked_at is not None:
+        if not revoke_key(session, target):
             out.print(f"{target.id} ({target.prefix}…) was already revoked", highlight=False)
             return
-        target.revoked_at = utcnow()
     out.print(f"revoked {target.id} ({target.prefix}…)", highlight=False)
 
 

@@ -24,9 +24,9 @@ from service.db.heartbeats import SANDBOXED_FORMATS, sandbox_count
 from service.db.models import Model, utcnow
 from service.settings import Settings
 from workers.execution import jobs
-from workers.execution.audit_job import sandbox_for
 from workers.execution.heartbeat import set_current_work, worker_name
 from workers.execution.sandbox_check import current_state, mark_unavailable, needs_sandbox
+from workers.execution.steps import sandbox_for
 from workers.execution.warm_runner import start_runner
 from workers.sandbox.bubblewrap import SandboxUnavailable
 from workers.sandbox.child import ChildOutcome, RunnerChild

@@ -3,26 +3,25 @@
 The task process never imports torch: all the numerical work happens in the runner child,
 whose JSON-line events this module turns into row updates. The lease is renewed on every
 heartbeat (the event loop wakes up at least every heartbeat_seconds, even while the child is
-silent), and cancellation and a lost lease are noticed at the same moments.
+silent), and cancellation and a lost lease are noticed at the same moments (the loop, which
+the shard step shares: workers.execution.steps.follow_child).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from celery.exceptions import SoftTimeLimitExceeded
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from schemas import problem as problems
-from schemas.audits import TERMINAL_STATES
+from schemas.audits import TERMINAL_STATES, AuditRequest
 from schemas.problem import ProblemType
 from schemas.runner import RunnerEvent
 from schemas.wording import count_of
@@ -31,7 +30,6 @@ from service.db.lifecycle import (
     acquire_lease,
     cancel_waiting_shards,
     count_progress,
-    end_shard_phase,
     gave_up_problem,
     hold_for_fair_share,
     monotone_progress,
@@ -43,194 +41,38 @@ from service.db.lifecycle import (
     update_owned,
 )
 from service.db.models import Audit, Model, utcnow
+from service.db.stored_request import StoredRequestInvalid, stored_callback_url, stored_request
 from service.queue import broker as queue
-from service.queue.dispatch import get_dispatcher
 from service.settings import Settings
 from service.storage.stores import ArtifactStore
 from workers.execution import jobs
 from workers.execution.heartbeat import set_current_work
 from workers.execution.leases import new_owner
-from workers.execution.shard_leases import PRIORITY_RANK
+from workers.execution.steps import (
+    AfterBeat,
+    Sends,
+    audit_time_limit,
+    follow_child,
+    is_storage_full,
+    model_not_ready_detail,
+    runner_error_problem,
+    running_audits,
+    sandbox_for,
+    send_safely,
+    storage_full_problem,
+    time_limit_problem,
+    wake_waiting_audits,
+    wants_gpu,
+)
 from workers.execution.warm_runner import start_runner
 from workers.reporting.finalise import finalise_report
-from workers.sandbox.bubblewrap import Sandbox, SandboxUnavailable, has_gpu
+from workers.sandbox.bubblewrap import SandboxUnavailable
 from workers.sandbox.child import RunnerChild
 
 log = logging.getLogger(__name__)
 
 PROGRESS_INTERVAL_SECONDS = 0.5  # at most ~2 progress writes per second
-
-
-@dataclass(frozen=True)
-class Sends:
-    """The messages the execution sends (tests record them instead): audit(audit_id, queue,
-    priority), shards(audit_id, queue, priority, count), callback(audit_id)."""
-
-    audit: Callable[..., object] = field(default_factory=lambda: get_dispatcher().audit)
-    # (audit_id, queue, priority, count)
-    shards: Callable[..., object] = field(default_factory=lambda: get_dispatcher().shards)
-    callback: Callable[[str], object] = field(default_factory=lambda: get_dispatcher().callback)
-
-
-def send_safely(send: Callable[..., object], *args: Any) -> None:
-    """A broker outage never costs the work: the reconciler re-sends audit and shard messages
-    from the rows later; a callback that cannot be enqueued is only that callback lost."""
-    try:
-        send(*args)
-    except Exception:
-        log.warning("could not send %s%r", getattr(send, "__name__", ""), args, exc_info=True)
-
-
-def storage_full_problem(detail: str) -> dict[str, Any]:
-    """The data directory (job directories, artifacts) ran out of space: the service's fault,
-    not the audit's; the audit can be submitted again once an operator made room."""
-    return problems.STORAGE_FULL.document(
-        f"the service's data directory is full ({detail}); nothing of this audit's report was "
-        "published; submit it again later"
-    )
-
-
-def runner_error_problem(
-    settings: Settings, event: RunnerEvent, *, what: str = "the audit", where: str = ""
-) -> dict[str, Any]:
-    """The problem an `error` event of the runner fails an audit with: storage full, memory
-    limit, the model's or the input's fault (422) or the engine's (500). `what` names what ran
-    (in the memory detail), `where` prefixes the detail (a shard names itself). The title is
-    the problem type's, not the event's `message`."""
-    info = event.info or {}
-    if info.get("cause") == "storage":
-        return storage_full_problem(event.reason or "no space left on device")
-    if info.get("cause") == "model":
-        return problems.MODEL_FAILED.document(
-            where
-            + "the audited model failed its probe through this audit's operator: "
-            + (event.reason or "no reason given")
-        )
-    if info.get("cause") == "memory":
-        return problems.MEMORY_LIMIT.document(
-            f"{what} exceeded the memory limit of {settings.runner_memory_bytes} "
-            "bytes: audit fewer or smaller images, or fewer restarts"
-        )
-    kind = problems.INVALID_AUDIT_INPUT if info.get("status") == 422 else problems.INTERNAL_ERROR
-    return kind.document(where + (event.reason or "the runner failed without a reason"))
-
-
-def model_not_ready_detail(model_id: str) -> str:
-    """The detail of `model-not-ready` when a worker takes an audit of a model that was deleted
-    or is no longer `ready` (the audit and its shards say the same)."""
-    return f"model {model_id} is not ready"
-
-
-def is_storage_full(exc: BaseException) -> bool:
-    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def sandbox_for(settings: Settings, model_format: str) -> Sandbox:
-    return Sandbox(
-        mode=settings.sandbox,
-        hidden_dirs=(settings.data_dir,),
-        memory_bytes=settings.runner_memory_bytes,
-        runs_uploaded_code=model_format != "safetensors",
-        threads=settings.runner_threads,
-        bwrap=settings.bwrap,
-    )
-
-
-@dataclass(frozen=True)
-class TimeLimit:
-    """An audit's wall-clock limit and where it comes from: `budget` (the audit's own
-    budget.wall_seconds), `default` (derived from the model's probe time, or the service's soft
-    limit) or `probe` (the plan step's budget to load and probe the model)."""
-
-    seconds: float
-    source: Literal["budget", "default", "probe"]
-    explanation: str
-
-
-def audit_time_limit_of(
-    settings: Settings, request: dict[str, Any], probe_seconds: float | None = None
-) -> TimeLimit:
-    """The wall-clock limit of the audit: the soft limit; tighter, what the measured probe time
-    says the audit needs (probe_seconds × audit_probe_multiple, at least audit_min_time_limit);
-    tighter still, the audit's own budget."""
-    soft = float(settings.audit_soft_time_limit)
-    limit = TimeLimit(
-        soft,
-        "default",
-        f"the default of an audit without budget.wall_seconds: the service's "
-        f"TIGHTROPE_AUDIT_SOFT_TIME_LIMIT ({soft:g} s; no probe time was measured)",
-    )
-    if probe_seconds is not None:
-        derived = max(
-            float(settings.audit_min_time_limit), probe_seconds * settings.audit_probe_multiple
-        )
-        limit = TimeLimit(
-            min(soft, derived),
-            "default",
-            f"the default of an audit without budget.wall_seconds, derived from the model's "
-            f"probe time: {probe_seconds:.4g} s × TIGHTROPE_AUDIT_PROBE_MULTIPLE "
-            f"({settings.audit_probe_multiple:g}), at least TIGHTROPE_AUDIT_MIN_TIME_LIMIT "
-            f"({settings.audit_min_time_limit} s), at most TIGHTROPE_AUDIT_SOFT_TIME_LIMIT "
-            f"({soft:g} s)",
-        )
-    wall = (request.get("budget") or {}).get("wall_seconds")
-    if wall and float(wall) <= limit.seconds:
-        return TimeLimit(float(wall), "budget", "set by the audit's budget.wall_seconds")
-    return limit
-
-
-def audit_time_limit(
-    settings: Settings, request: dict[str, Any], probe_seconds: float | None = None
-) -> float:
-    """audit_time_limit_of's seconds."""
-    return audit_time_limit_of(settings, request, probe_seconds).seconds
-
-
-def time_limit_problem(
-    session: Session,
-    settings: Settings,
-    audit_id: str,
-    *,
-    ran_seconds: float | None,
-    shard: str | None = None,
-) -> dict[str, Any]:
-    """The `time-limit` problem of an audit that ran past its limit: what ran out of time (the
-    audit, or one of its shards) after how long, and the limit that bound it: its value and
-    its source (`extra`: limit_seconds, limit_source, shard), with what to change."""
-    row = session.execute(
-        select(Audit.request, Audit.probe_seconds).where(Audit.id == audit_id)
-    ).one_or_none()
-    request, probe_seconds = (row.request or {}, row.probe_seconds) if row else ({}, None)
-    limit = audit_time_limit_of(settings, request, probe_seconds)
-    what = f"shard {shard}" if shard else "the audit"
-    if ran_seconds is None:
-        ran = f"{what} could not start: the audit had used up its time limit"
-    elif shard and ran_seconds < limit.seconds:
-        ran = (
-            f"{what} timed out after {round(ran_seconds, 1):g} s, what was left of the audit's "
-            "time limit"
-        )
-    else:
-        ran = f"{what} timed out after {round(ran_seconds, 1):g} s"
-    remedy = (
-        "raise budget.wall_seconds, or audit fewer or smaller images, fewer levels or restarts"
-        if limit.source == "budget"
-        else "set budget.wall_seconds to choose the limit, or audit fewer or smaller images, "
-        "fewer levels or restarts"
-    )
-    return problems.TIME_LIMIT.document(
-        f"{ran}; the audit's time limit is {limit.seconds:g} s, {limit.explanation}: {remedy}",
-        extra={
-            "limit_seconds": limit.seconds,
-            "limit_source": limit.source,
-            **({"shard": shard} if shard else {}),
-        },
-    )
-
-
-def wants_gpu(request: dict[str, Any]) -> bool:
-    device = request.get("device", "auto")
-    return device == "cuda" or (device == "auto" and has_gpu())
+REPORT_WRITTEN = "report written"  # a finished audit's message, as the engine's last progress says
 
 
 @dataclass
@@ -375,6 +217,10 @@ class _Attempt:
             verdict=verdict if verdict in ("pass", "fail", "info", "error") else "error",
             report_path=f"{self.audit_id}/report.json",
             progress_fraction=1.0,
+            # said here, not left to the runner's last progress event, which the throttle
+            # drops when the report follows it within PROGRESS_INTERVAL_SECONDS
+            progress_check=None,
+            progress_message=REPORT_WRITTEN,
             error=None,
         )
 
@@ -408,61 +254,6 @@ class _Attempt:
         if stderr_tail:
             problem_dict["detail"] += ": " + stderr_tail.splitlines()[-1][:500]
         self.finish(status="failed", error=problem_dict)
-
-
-def running_audits(session: Session, tenant_id: str) -> int:
-    return int(
-        session.scalar(
-            select(func.count())
-            .select_from(Audit)
-            .where(Audit.tenant_id == tenant_id, Audit.status == "running")
-        )
-        or 0
-    )
-
-
-def wake_waiting_audits(session: Session, settings: Settings, tenant_id: str, sends: Sends) -> None:
-    """A tenant's audit finished: start as many of its waiting audits as its share allows
-    (highest priority, then oldest). The reconciler is the fallback if this message is lost."""
-    if not tenant_id:
-        return
-    free = settings.tenant_max_running_audits - running_audits(session, tenant_id)
-    if free <= 0:
-        return
-    waiting = session.execute(
-        select(Audit.id, Audit.queue, Audit.priority, Audit.created_at).where(
-            Audit.tenant_id == tenant_id, Audit.status == "queued", Audit.lease_owner.is_(None)
-        )
-    ).all()
-    order = sorted(
-        waiting, key=lambda row: (PRIORITY_RANK.get(row.priority, 1), row.created_at, row.id)
-    )
-    for row in order[:free]:
-        send_safely(sends.audit, row.id, row.queue, row.priority)
-
-
-def end_unleased_audit(
-    session: Session,
-    settings: Settings,
-    audit_id: str,
-    sends: Sends,
-    *,
-    status: str,
-    error: dict[str, Any] | None = None,
-) -> bool:
-    """End an audit in its shard phase (no task holds its lease): failed by a shard, or
-    cancelled (service.db.lifecycle.end_shard_phase, committed here), then its callback and
-    its tenant's waiting audits. Conditional, so the first ending wins; its waiting shards are
-    cancelled."""
-    ended = end_shard_phase(session, audit_id, status=status, error=error, now=utcnow())
-    session.commit()
-    if not ended:
-        return False
-    row = session.execute(select(Audit.tenant_id, Audit.request).where(Audit.id == audit_id)).one()
-    if (row.request or {}).get("callback_url"):
-        send_safely(sends.callback, audit_id)
-    wake_waiting_audits(session, settings, row.tenant_id, sends)
-    return True
 
 
 def execute_audit(
@@ -508,13 +299,25 @@ def execute_audit(
     attempt = _Attempt(audit_id, owner, settings, session, Path(), sends)
     attempt.tenant_id = audit.tenant_id
     attempt.route = (audit.queue, audit.priority)
-    attempt.callback_url = (audit.request or {}).get("callback_url")
+    request: AuditRequest | None = None
+    unreadable = ""
+    try:
+        request = stored_request(audit.request, audit_id=audit_id)
+    except StoredRequestInvalid as exc:
+        unreadable = str(exc)
+    if request is not None and request.callback_url is not None:
+        attempt.callback_url = str(request.callback_url)
     if audit.cancel_requested:
         attempt.finish(status="cancelled")
         return "cancelled"
     model = session.get(Model, audit.model_id)
     if model is None or model.status != "ready" or model.deleted_at is not None:
         attempt.fail(problems.MODEL_NOT_READY, model_not_ready_detail(audit.model_id))
+        return "failed"
+    if request is None:
+        # Stored by a version whose request the schema no longer accepts: it cannot run, and
+        # would fail the same way on every retry.
+        attempt.fail(problems.INVALID_AUDIT_INPUT, unreadable)
         return "failed"
     kind: Literal["plan", "audit"] = "plan"
     if audit.shards_total > 0:
@@ -549,12 +352,12 @@ def execute_audit(
         attempt.finish(status="failed", error=storage_full_problem(str(exc)))
         return "failed"
     try:
-        limit = audit_time_limit(settings, audit.request, audit.probe_seconds)
+        limit = audit_time_limit(settings, request, audit.probe_seconds)
         if kind == "plan" and settings.admission_time_limit < limit:
             # The plan step loads the model and probes it first: the probe's short budget.
             limit = float(settings.admission_time_limit)
             attempt.probe_bound = True
-        result = _supervise_child(attempt, audit.request, audit.attempts, model.format, limit)
+        result = _supervise_child(attempt, request, audit.attempts, model.format, limit)
         return "planned" if attempt.planned else result
     finally:
         set_current_work(None)
@@ -570,12 +373,12 @@ def execute_audit(
 
 
 def _callback_url(session: Session, audit_id: str) -> str | None:
-    request = session.scalar(select(Audit.request).where(Audit.id == audit_id))
-    return (request or {}).get("callback_url")
+    stored = session.scalar(select(Audit.request).where(Audit.id == audit_id))
+    return stored_callback_url(stored, audit_id=audit_id)
 
 
 def _supervise_child(
-    attempt: _Attempt, request: dict[str, Any], attempts: int, model_format: str, limit: float
+    attempt: _Attempt, request: AuditRequest, attempts: int, model_format: str, limit: float
 ) -> str:
     settings = attempt.settings
     try:
@@ -592,31 +395,8 @@ def _supervise_child(
         log.error("audit %s: sandbox unavailable: %s", attempt.audit_id, exc)
         attempt.retry_or_give_up(None, f"the sandbox is unavailable: {exc}", attempts)
         return _final_status(attempt)
-    last_beat = last_progress = child_started = time.monotonic()
-    first_event = True
-    pending_progress: RunnerEvent | None = None
     try:
-        for event in child.events(tick_seconds=min(settings.heartbeat_seconds, 1.0)):
-            now = time.monotonic()
-            if event is not None and first_event:
-                attempt.timings["runner's first event"] = now - child_started
-                first_event = False
-            if event is not None and event.event in ("plan", "report"):
-                attempt.timings["runner"] = now - child_started
-            if event is not None and event.event == "progress":
-                pending_progress = event  # the newest wins; older ones are dropped
-            elif event is not None:
-                attempt.handle(event)
-            if pending_progress is not None and now - last_progress >= PROGRESS_INTERVAL_SECONDS:
-                attempt.record_progress(pending_progress)
-                pending_progress, last_progress = None, now
-            if attempt.finished:
-                break
-            if now - last_beat >= settings.heartbeat_seconds:
-                attempt.heartbeat(child)
-                last_beat = now
-                if attempt.lease_lost or attempt.cancelled:
-                    break
+        follow_child(child, _AuditEvents(attempt), heartbeat_seconds=settings.heartbeat_seconds)
     except SoftTimeLimitExceeded:
         child.kill()
         child.finish()
@@ -639,6 +419,48 @@ def _supervise_child(
         return "failed"
     attempt.retry_or_give_up(outcome.returncode, outcome.stderr_tail, attempts)
     return _final_status(attempt)
+
+
+@dataclass
+class _AuditEvents:
+    """The plan or finalise step's part of follow_child: each event into the audit's row
+    (progress at most every PROGRESS_INTERVAL_SECONDS, the newest winning), its timings, and
+    the audit's lease renewed on every beat."""
+
+    attempt: _Attempt
+    started: float = field(default_factory=time.monotonic)
+    first_event: bool = True
+    pending_progress: RunnerEvent | None = None
+    last_progress: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.last_progress = self.started
+
+    def on_event(self, event: RunnerEvent | None) -> bool:
+        attempt, now = self.attempt, time.monotonic()
+        if event is not None and self.first_event:
+            attempt.timings["runner's first event"] = now - self.started
+            self.first_event = False
+        if event is not None and event.event in ("plan", "report"):
+            attempt.timings["runner"] = now - self.started
+        if event is not None and event.event == "progress":
+            self.pending_progress = event  # the newest wins; older ones are dropped
+        elif event is not None:
+            attempt.handle(event)
+        if (
+            self.pending_progress is not None
+            and now - self.last_progress >= PROGRESS_INTERVAL_SECONDS
+        ):
+            attempt.record_progress(self.pending_progress)
+            self.pending_progress, self.last_progress = None, now
+        return attempt.finished
+
+    def beat_due(self) -> bool:
+        return True
+
+    def beat(self, child: RunnerChild) -> AfterBeat:
+        self.attempt.heartbeat(child)
+        return "stop" if self.attempt.lease_lost or self.attempt.cancelled else "go on"
 
 
 def _timeout_problem(attempt: _Attempt, limit: float) -> dict[str, Any]:

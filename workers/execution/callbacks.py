@@ -39,6 +39,7 @@ from schemas.callback_targets import (
 )
 from service.db.audit_status import to_status
 from service.db.models import Audit
+from service.db.stored_request import stored_callback_url
 from service.settings import Settings
 from service.signing import callbacks as callback_signing
 
@@ -126,7 +127,7 @@ def deliver_callback(
     audit = session.get(Audit, audit_id, populate_existing=True)
     if audit is None:
         return Outcome(Delivery.SKIPPED, "no such audit")
-    url = (audit.request or {}).get("callback_url")
+    url = stored_callback_url(audit.request, audit_id=audit.id)
     if not url:
         return Outcome(Delivery.SKIPPED, "the audit has no callback_url")
     if audit.status not in TERMINAL_STATES:

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from schemas.audits import AuditConfig
+from schemas.audits import AuditConfig, AuditRequest
 from schemas.comparisons import ReferenceModel
 from schemas.model_spec import ModelSpec
 from schemas.runner import (
@@ -31,6 +31,7 @@ from schemas.runner import (
     RunnerPlan,
 )
 from service.db.models import Artifact, Audit, AuditShard, Dataset, Model
+from service.db.stored_request import StoredRequestInvalid, stored_request
 from service.settings import Settings
 from service.storage.stores import ArtifactStore, BlobStore, sha256_file
 
@@ -60,6 +61,14 @@ def _fresh_dir(path: Path) -> Path:
     return path
 
 
+def _request(audit: Audit) -> AuditRequest:
+    """The audit's stored request, typed; one that no longer validates cannot be run (422)."""
+    try:
+        return stored_request(audit.request, audit_id=audit.id)
+    except StoredRequestInvalid as exc:
+        raise JobInputError(str(exc)) from exc
+
+
 def _copy_model(settings: Settings, model: Model, job_dir: Path, stem: str = "model") -> str:
     source = BlobStore(settings.blob_dir).path(model.sha256)
     if not source.is_file():
@@ -73,13 +82,13 @@ def _copy_reference(
     session: Session, settings: Settings, audit: Audit, job_dir: Path
 ) -> ReferenceModel | None:
     """The model of the request's `compare_with`, copied as `reference.<ext>` (None without)."""
-    compare_with = audit.request.get("compare_with")
-    if not isinstance(compare_with, dict):
+    compare_with = _request(audit).compare_with
+    if compare_with is None:
         return None
-    model = session.get(Model, compare_with.get("model_id"))
+    model = session.get(Model, compare_with.model_id)
     if model is None or model.tenant_id != audit.tenant_id or model.status != "ready":
         raise JobInputError(
-            f"compare_with.model_id: model {compare_with.get('model_id')!r} is not a ready model"
+            f"compare_with.model_id: model {compare_with.model_id!r} is not a ready model"
         )
     return ReferenceModel(
         file=_copy_model(settings, model, job_dir, stem="reference"),
@@ -116,7 +125,10 @@ def _labels_key(session: Session, dataset_id: str) -> str | None:
 def localise_config(
     session: Session, settings: Settings, audit: Audit, job_dir: Path
 ) -> AuditConfig:
-    """The audit's config with every uploaded dataset or array replaced by a copied file."""
+    """The audit's config with every uploaded dataset or array replaced by a copied file: the
+    stored document (checked by the typed read first) rewritten, then validated as the engine's
+    AuditConfig."""
+    _request(audit)
     request = dict(audit.request)
     # AuditRequest fields the engine does not read (compare_with: RunnerJob.reference)
     for service_only in ("model_id", "priority", "compare_with"):
@@ -231,10 +243,10 @@ def read_plan(job_dir: Path) -> RunnerPlan | None:
 
 def reference_sha256(session: Session, audit: Audit) -> str | None:
     """The sha256 of the audit's `compare_with` model, from the database (None without)."""
-    compare_with = audit.request.get("compare_with")
-    if not isinstance(compare_with, dict):
+    compare_with = _request(audit).compare_with
+    if compare_with is None:
         return None
-    model = session.get(Model, compare_with.get("model_id"))
+    model = session.get(Model, compare_with.model_id)
     return None if model is None else model.sha256
 
 

@@ -15,8 +15,8 @@ import threading
 import time
 
 from service.settings import Settings
-from workers.execution.audit_job import sandbox_for
 from workers.execution.heartbeat import SandboxState, sandbox_state, set_sandbox_state
+from workers.execution.steps import sandbox_for
 
 log = logging.getLogger(__name__)
 

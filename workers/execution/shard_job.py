@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -27,15 +26,23 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from schemas import problem as problems
+from schemas.audits import AuditRequest
 from schemas.runner import STOP_FILE, RunnerEvent
 from service.db.lifecycle import count_progress, gave_up_problem, release_shard, renew_shard
 from service.db.models import Audit, AuditShard, Model, utcnow
+from service.db.stored_request import StoredRequestInvalid, stored_request
 from service.settings import Settings
 from workers.execution import jobs
-from workers.execution.audit_job import (
+from workers.execution.heartbeat import set_current_work
+from workers.execution.job_cache import JobCache, worker_cache
+from workers.execution.leases import new_owner
+from workers.execution.shard_leases import ClaimedShard, claim_shard
+from workers.execution.steps import (
+    AfterBeat,
     Sends,
     audit_time_limit,
     end_unleased_audit,
+    follow_child,
     is_storage_full,
     model_not_ready_detail,
     runner_error_problem,
@@ -45,10 +52,6 @@ from workers.execution.audit_job import (
     time_limit_problem,
     wants_gpu,
 )
-from workers.execution.heartbeat import set_current_work
-from workers.execution.job_cache import JobCache, worker_cache
-from workers.execution.leases import new_owner
-from workers.execution.shard_leases import ClaimedShard, claim_shard
 from workers.execution.warm_runner import start_runner
 from workers.execution.watchdog import Watchdog, hung_problem, probe_time, watchdog_for
 from workers.sandbox.bubblewrap import SandboxUnavailable
@@ -157,10 +160,12 @@ def _ask_to_stop(job_dir: Path) -> None:
         (job_dir / STOP_FILE).touch()
 
 
-def _remaining_seconds(settings: Settings, audit: Audit, now: datetime) -> float:
+def _remaining_seconds(
+    settings: Settings, audit: Audit, request: AuditRequest, now: datetime
+) -> float:
     """The child's wall-clock limit: the soft limit, or what is left of the audit's budget."""
-    limit = audit_time_limit(settings, audit.request, audit.probe_seconds)
-    wall = (audit.request.get("budget") or {}).get("wall_seconds")
+    limit = audit_time_limit(settings, request, audit.probe_seconds)
+    wall = request.budget.wall_seconds
     if wall and audit.started_at is not None:
         limit = min(limit, float(wall) - (now - audit.started_at).total_seconds())
     return limit
@@ -198,7 +203,12 @@ def execute_shard(
     if model is None or model.status != "ready" or model.deleted_at is not None:
         run.fail_audit(problems.MODEL_NOT_READY.document(model_not_ready_detail(audit.model_id)))
         return "failed"
-    limit = _remaining_seconds(settings, audit, utcnow())
+    try:
+        request = stored_request(audit.request, audit_id=claimed.audit_id)
+    except StoredRequestInvalid as exc:
+        run.fail_audit(problems.INVALID_AUDIT_INPUT.document(str(exc)))
+        return "failed"
+    limit = _remaining_seconds(settings, audit, request, utcnow())
     if limit <= 0:
         run.fail_audit(
             time_limit_problem(
@@ -220,7 +230,7 @@ def execute_shard(
                 raise
             run.fail_audit(storage_full_problem(str(exc)))
             return "failed"
-        return _supervise(run, audit.request, limit, model.format, cache, watchdog)
+        return _supervise(run, request, limit, model.format, cache, watchdog)
     finally:
         set_current_work(None)
         if run.job_dir != Path():
@@ -229,7 +239,7 @@ def execute_shard(
 
 def _supervise(
     run: _ShardRun,
-    request: dict[str, Any],
+    request: AuditRequest,
     limit: float,
     model_format: str,
     cache: JobCache,
@@ -274,31 +284,12 @@ def _supervise(
 def _follow(
     run: _ShardRun, child: RunnerChild, limit: float, cache: JobCache, watchdog: Watchdog
 ) -> str:
-    settings = run.settings
-    last_beat = time.monotonic()
-    stop_asked_at: float | None = None
-    for event in child.events(tick_seconds=min(settings.heartbeat_seconds, 1.0)):
-        if event is not None:
-            if event.event == "shard":
-                run.store(event)
-            elif event.event == "done":
-                run.done = True
-                break  # the child waits for its next job
-            elif event.event == "error" and not run.stop:
-                run.record_error(event)
-        if run.failed or run.lease_lost:
-            child.kill()
-            break
-        now = time.monotonic()
-        # Once the result is stored the lease is released: nothing is left to renew.
-        if not run.stored and now - last_beat >= settings.heartbeat_seconds:
-            run.heartbeat(child)
-            last_beat = now
-            if run.stop and stop_asked_at is None:
-                stop_asked_at = now
-        if stop_asked_at is not None and now - stop_asked_at >= STOP_GRACE_SECONDS:
-            child.kill()
-            break
+    follow_child(
+        child,
+        _ShardEvents(run, child),
+        heartbeat_seconds=run.settings.heartbeat_seconds,
+        stop_grace_seconds=STOP_GRACE_SECONDS,
+    )
     if run.done and run.stored and not run.stop and child.alive():
         if _shards_waiting(run.session, run.audit_id):
             # idle, its model loaded, for this audit's next shard; ended after
@@ -352,6 +343,39 @@ def _follow(
     if outcome.stderr_tail:
         detail += ": " + outcome.stderr_tail.splitlines()[-1][:500]
     return _retry_or_give_up(run, detail)
+
+
+@dataclass
+class _ShardEvents:
+    """The shard step's part of follow_child: the result stored the moment it comes, an error
+    failing the audit, the shard's lease renewed until its result is stored, and a cancel or
+    a lost lease winding the child down (STOP, then a kill after STOP_GRACE_SECONDS)."""
+
+    run: _ShardRun
+    child: RunnerChild
+
+    def on_event(self, event: RunnerEvent | None) -> bool:
+        run = self.run
+        if event is not None:
+            if event.event == "shard":
+                run.store(event)
+            elif event.event == "done":
+                run.done = True
+                return True  # the child waits for its next job
+            elif event.event == "error" and not run.stop:
+                run.record_error(event)
+        if run.failed or run.lease_lost:
+            self.child.kill()
+            return True
+        return False
+
+    def beat_due(self) -> bool:
+        # Once the result is stored the lease is released: nothing is left to renew.
+        return not self.run.stored
+
+    def beat(self, child: RunnerChild) -> AfterBeat:
+        self.run.heartbeat(child)
+        return "wind down" if self.run.stop else "go on"
 
 
 def _shards_waiting(session: Session, audit_id: str) -> int:

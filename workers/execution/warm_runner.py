@@ -40,7 +40,7 @@ spares_used = 0  # how many jobs a spare ran (tests and logs read it)
 
 def default_sandbox(settings: Settings) -> Sandbox:
     # Imported here: audit_job imports this module.
-    from workers.execution.audit_job import sandbox_for
+    from workers.execution.steps import sandbox_for
 
     return sandbox_for(settings, "torchscript")
 

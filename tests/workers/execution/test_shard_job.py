@@ -17,11 +17,12 @@ from service.db.models import Audit, AuditShard, Model, utcnow
 from service.settings import Settings
 from tests.workers.conftest import add_audit, add_model, wait_for
 from tests.workers.execution.test_audit_job import Recorded
-from workers.execution.audit_job import end_unleased_audit, execute_audit
+from workers.execution.audit_job import execute_audit
 from workers.execution.job_cache import JobCache
 from workers.execution.reconciler import reconcile_once
 from workers.execution.shard_job import execute_shard
 from workers.execution.shard_leases import claim_shard
+from workers.execution.steps import end_unleased_audit
 
 pytestmark = pytest.mark.needs("bwrap")  # real sandboxed children
 

@@ -250,7 +250,7 @@ def test_has_gpu_respects_a_worker_without_gpu(
 
 def test_the_runner_thread_count_is_a_setting(tmp_path: Path) -> None:
     from service.settings import Settings
-    from workers.execution.audit_job import sandbox_for
+    from workers.execution.steps import sandbox_for
     from workers.sandbox.bubblewrap import bwrap_command, child_environment
 
     sandbox = sandbox_for(Settings(data_dir=tmp_path, runner_threads=1), "torchscript")

@@ -15,7 +15,7 @@ from tests.fixtures import model_factory, onnx_corpus
 from tests.workers.conftest import add_audit, add_model
 from workers.execution import jobs
 from workers.execution.admission import execute_admission
-from workers.execution.audit_job import sandbox_for
+from workers.execution.steps import sandbox_for
 from workers.sandbox.child import RunnerChild
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")

@@ -35,7 +35,7 @@ from tests.workers.conftest import (
 )
 from workers.engine.liveness import run_model
 from workers.execution import jobs
-from workers.execution.audit_job import sandbox_for
+from workers.execution.steps import sandbox_for
 from workers.sandbox.child import RunnerChild
 from workers.sandbox.runner import describe_failure
 from workers.shared.errors import EngineInputError, ModelFailed

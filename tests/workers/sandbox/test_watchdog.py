@@ -13,7 +13,7 @@ import pytest
 
 from service.settings import Settings
 from workers.engine.liveness import ModelCalls
-from workers.execution.audit_job import sandbox_for
+from workers.execution.steps import sandbox_for
 from workers.sandbox.child import RunnerChild, StallLimit
 from workers.sandbox.runner import Beats, EventStream
 
