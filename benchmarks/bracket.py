@@ -23,13 +23,12 @@ that gave it; U/L; the seconds and the peak resident memory growth (sampled from
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
+import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,10 +54,15 @@ from workers.engine.models import load_model
 from workers.engine.operators import build_operator
 
 ROOT = Path(__file__).resolve().parents[1]
+# the lower bound is the bounds tests' own search (tests/engine/bounds/search.py)
+sys.path.insert(0, str(ROOT))
+from tests.engine.bounds.search import found_worst  # noqa: E402
+
 REFERENCE = ROOT / "examples" / "reference"
 CLASSIFIER = ROOT / "examples" / "classifier"
 FRESH_SEED = 4242  # phantoms no training chunk nor shipped audit uses
 FULL_CROWN_MAX_SIZE = 16  # above: IBP on the image, CROWN on a few pixels only
+SEARCH_SAMPLES = 128  # random points of the ball before the gradient ascent
 
 
 class PeakRSS:
@@ -115,83 +119,10 @@ class Row:
         return self.upper / self.found if self.found > 0 else math.inf
 
 
-# --- the search (lower bound) -------------------------------------------------------------
-
-
-def _project(e: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return e.clamp(-radius, radius)
-    size = e.flatten(1).norm(dim=1).clamp_min(1e-300)
-    return e * (radius / size).clamp(max=1.0).view(-1, *([1] * (e.dim() - 1)))
-
-
-def _on_boundary(e: torch.Tensor, radius: float, norm: str) -> torch.Tensor:
-    if norm == "linf":
-        return radius * e.sign()
-    size = e.flatten(1).norm(dim=1).clamp_min(1e-300)
-    return e * (radius / size).view(-1, *([1] * (e.dim() - 1)))
-
-
-def found_worst(
-    net: nn.Module,
-    y: torch.Tensor,
-    radius: float,
-    norm: str,
-    into: Callable[[torch.Tensor], torch.Tensor],
-    *,
-    samples: int = 128,
-    restarts: int = 8,
-    steps: int = 40,
-    seed: int = 0,
-) -> float:
-    """The largest ‖Ψ(into(y + e)) − Ψ(into(y))‖₂ found over ‖e‖_p ≤ ε; `net` in float64."""
-    generator = torch.Generator().manual_seed(seed)
-    shape = y.shape[1:]
-    with torch.no_grad():
-        clean = net(into(y))
-
-    def change(e: torch.Tensor) -> torch.Tensor:
-        return (net(into(y + e)) - clean).flatten(1).norm(dim=1)
-
-    best = 0.0
-    with torch.no_grad():
-        for _ in range(max(1, samples // 64)):
-            e = torch.randn(64, *shape, generator=generator, dtype=torch.float64)
-            best = max(best, float(change(_on_boundary(e, radius, norm)).max()))
-    e = _on_boundary(
-        torch.randn(restarts, *shape, generator=generator, dtype=torch.float64), radius, norm
-    )
-    step = 0.25 * radius
-    for k in range(steps):
-        e.requires_grad_(True)
-        value = change(e)
-        (grad,) = torch.autograd.grad(value.sum(), e)
-        best = max(best, float(value.detach().max()))
-        with torch.no_grad():
-            if norm == "linf":
-                direction = grad.sign()
-            else:
-                size = grad.flatten(1).norm(dim=1).clamp_min(1e-300)
-                direction = grad / size.view(-1, *([1] * (grad.dim() - 1)))
-            e = _project(e + step * direction, radius, norm)
-            dead = grad.flatten(1).abs().sum(dim=1) == 0
-            if bool(dead.any()):
-                fresh = torch.randn(
-                    int(dead.sum()), *shape, generator=generator, dtype=torch.float64
-                )
-                e[dead] = _on_boundary(fresh, radius, norm)
-        if k == steps // 2:
-            step /= 4
-    with torch.no_grad():
-        best = max(best, float(change(e).max()))
-    return best
-
-
-def _float64(model: nn.Module) -> nn.Module:
-    net = copy.deepcopy(model).double().eval()
-    for p in net.parameters():
-        p.requires_grad_(False)
-    return net
+def _search_settings(args: argparse.Namespace) -> dict[str, int]:
+    """The lower bound's search: the bounds tests' own (random points, then projected gradient
+    ascent, in a float64 copy of the model), at this script's sizes."""
+    return {"samples": SEARCH_SAMPLES, "restarts": args.restarts, "steps": args.steps}
 
 
 class Pixels(nn.Module):
@@ -263,7 +194,6 @@ def unet_case(args: argparse.Namespace) -> list[Row]:
     x = random_ellipses(1, size, FRESH_SEED).double()
     y = operator.A(x).flatten(1)[:, mask]  # measured entries
     y_norm = float(y.norm())
-    net = _float64(model)
     full = size <= FULL_CROWN_MAX_SIZE
     rows = torch.arange(args.rows) + (size // 2) * size + (size - args.rows) // 2
     print(
@@ -284,11 +214,9 @@ def unet_case(args: argparse.Namespace) -> list[Row]:
                 upper, method = _certify(model, inputs, args.intermediate)
             else:
                 upper, method = _rows_crown(model, inputs, rows)
-        searched = Pixels(net, rows) if not full else net
+        searched = Pixels(model, rows) if not full else model
         with PeakRSS() as search:
-            found = found_worst(
-                searched, y, eps, "l2", lambda v: K.fn(v), restarts=args.restarts, steps=args.steps
-            )
+            found = found_worst(searched, y, eps, "l2", into=K.fn, **_search_settings(args))
         if not full:
             with PeakRSS() as ibp_cost:
                 ibp_u, _ = _ibp_only(model, inputs)
@@ -351,7 +279,6 @@ def classifier_case(args: argparse.Namespace) -> list[Row]:
         with torch.no_grad():
             gap = float((model(images) - shipped(images)).abs().max())
         print(f"  bounding the same weights with .mean as AdaptiveAvgPool2d(1) (max |Δ| {gap:.1e})")
-    net = _float64(model)
     out: list[Row] = []
     for norm in ("linf", "l2"):
         for radius in args.radii:
@@ -360,9 +287,7 @@ def classifier_case(args: argparse.Namespace) -> list[Row]:
                 with PeakRSS() as bound:
                     upper, method = _certify(model, ball(x, radius, norm), args.intermediate)
                 with PeakRSS() as search:
-                    found = found_worst(
-                        net, x, radius, norm, lambda v: v, restarts=args.restarts, steps=args.steps
-                    )
+                    found = found_worst(model, x, radius, norm, **_search_settings(args))
                 row = Row(
                     f"classifier digit {i} (label {int(labels[i])})",
                     f"{radius:g} {'ℓ∞' if norm == 'linf' else 'ℓ2'}",

@@ -143,6 +143,16 @@ def renew_lease(
     return _rowcount(renewed) == 1
 
 
+def _commit_if_one_row(session: Session, result: Any) -> bool:
+    """Commit when the conditional UPDATE matched its one row (the owner still holds the
+    lease), else roll back everything staged with it."""
+    if _rowcount(result) == 1:
+        session.commit()
+        return True
+    session.rollback()
+    return False
+
+
 def update_owned(session: Session, audit_id: str, owner: str, **values: Any) -> bool:
     """Write columns of an audit, and commit, only while `owner` holds its lease."""
     changed = session.execute(
@@ -153,11 +163,7 @@ def update_owned(session: Session, audit_id: str, owner: str, **values: Any) -> 
     )
     # Whatever else the caller staged in this transaction (artifact rows) stands or falls with
     # the lease: a task that lost its audit writes nothing.
-    if _rowcount(changed) == 1:
-        session.commit()
-        return True
-    session.rollback()
-    return False
+    return _commit_if_one_row(session, changed)
 
 
 def monotone_progress(
@@ -356,11 +362,7 @@ def release_shard(
         .values(lease_owner=None, lease_expires_at=None, **values)
         .execution_options(synchronize_session=False)
     )
-    if _rowcount(changed) == 1:
-        session.commit()
-        return True
-    session.rollback()
-    return False
+    return _commit_if_one_row(session, changed)
 
 
 def count_progress(session: Session, audit_id: str, now: datetime) -> tuple[int, int]:
