@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint typecheck unit integration services install clean
+.PHONY: demo test lint typecheck unit integration services install mlserver clean
 
 $(STAMP): pyproject.toml build-constraints.txt
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
@@ -18,6 +18,20 @@ $(STAMP): pyproject.toml build-constraints.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# MLServer (a third-party Open Inference Protocol server) in a venv of its own: its FastAPI
+# pin (<0.116) clashes with ours. The endpoint tests start it on loopback (tests/workers/
+# endpoints/test_mlserver.py); created once, about a minute and 330 MB.
+MLSERVER_VENV := .venv-mlserver
+MLSERVER_STAMP := $(MLSERVER_VENV)/.installed
+
+$(MLSERVER_STAMP):
+	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "Python 3.11 is required"'
+	test -x $(MLSERVER_VENV)/bin/python || $(PYTHON) -m venv $(MLSERVER_VENV)
+	$(MLSERVER_VENV)/bin/pip install --quiet --disable-pip-version-check mlserver==1.7.1
+	touch $(MLSERVER_STAMP)
+
+mlserver: $(MLSERVER_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/tightrope demo --out demo-out
@@ -47,7 +61,7 @@ unit: $(STAMP)
 # for the other (worksteal); the longest tests first, see
 # tests/conftest.py; each process has its own Redis databases: tests/fixtures/redis_dbs.py).
 # Tests that hold timing bounds of a second or two (marked `serial`) run after them, alone.
-integration: $(STAMP)
+integration: $(STAMP) $(MLSERVER_STAMP)
 	$(PYTEST) -m "integration and not serial" -n 2 --dist worksteal
 	$(PYTEST) -m "integration and serial"
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from logging.config import fileConfig
 
 from alembic import context
-from service.db.models import Base
 from service.db.session import make_engine
+from service.db.tables import Base
 from service.settings import get_settings
 
 config = context.config

@@ -41,8 +41,8 @@ from workers.engine.attacks import (
     worst_case_search,
 )
 from workers.engine.context import Operator, PassCounter, Subject
-from workers.engine.datasets import random_ellipses
-from workers.engine.models import load_model
+from workers.engine.ground_truth import random_ellipses
+from workers.engine.model_loading import load_model
 from workers.engine.operators import build_operator
 from workers.engine.subjects import model_subject
 

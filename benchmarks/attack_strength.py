@@ -77,7 +77,7 @@ from workers.engine.attacks import SearchSettings, ThreatModel, worst_case_searc
 from workers.engine.classifiers import classifier_subject
 from workers.engine.context import AuditContext, PassCounter, Subject
 from workers.engine.digits import digits
-from workers.engine.models import load_model
+from workers.engine.model_loading import load_model
 from workers.engine.operators import build_operator
 from workers.engine.registry import get_check
 

@@ -3,7 +3,7 @@ index range scan.
 
 Seeds one tenant with `--audits` audits (default 100,000; one in a thousand `running`, one in a
 hundred `failed`, one in ten of a second model) and a second tenant with a tenth as many, then
-times the query of `GET /v1/audits` (service.api.rules.audits.list_page, as the route runs it
+times the query of `GET /v1/audits` (service.domain.audit_rules.list_page, as the route runs it
 on a cache miss) for the first page, a page in the middle and the last page (keyset tokens), with
 and without filters. Prints the median of `--repeats` runs of each in milliseconds, and the
 ratio of the deepest page to the first: keyset pagination makes it about 1, where an offset (or
@@ -33,12 +33,12 @@ from sqlalchemy import delete, insert, select, text  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
 from benchmarks.poll_load import ready_model  # noqa: E402
-from service.api.pagination import encode_token  # noqa: E402
-from service.api.rules.audits import list_page  # noqa: E402
 from service.db.keys import get_or_create_tenant  # noqa: E402
 from service.db.migrate import upgrade_to_head  # noqa: E402
-from service.db.models import Audit, Model, Tenant, utcnow  # noqa: E402
 from service.db.session import make_engine  # noqa: E402
+from service.db.tables import Audit, Model, Tenant, utcnow  # noqa: E402
+from service.domain.audit_rules import list_page  # noqa: E402
+from service.domain.pagination import encode_token  # noqa: E402
 
 PAGE_SIZE = 20
 BATCH = 10_000

@@ -48,9 +48,9 @@ from workers.engine.bounds import (
     through_linear_map,
     trace,
 )
-from workers.engine.datasets import random_ellipses
 from workers.engine.digits import digits
-from workers.engine.models import load_model
+from workers.engine.ground_truth import random_ellipses
+from workers.engine.model_loading import load_model
 from workers.engine.operators import build_operator
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -33,7 +33,7 @@ from workers.engine.classifier_attacks import NormBall, run_ball_attack
 from workers.engine.classifiers import classifier_subject
 from workers.engine.context import AuditContext, PassCounter
 from workers.engine.digits import digits
-from workers.engine.models import load_model
+from workers.engine.model_loading import load_model
 from workers.engine.operators import build_operator
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "classifier"

@@ -30,7 +30,7 @@ import torch
 from schemas.audits import AuditConfig
 from schemas.model_spec import ModelSpec
 from workers.engine.audit import plan_audit, run_audit_with_model
-from workers.engine.models import load_model
+from workers.engine.model_loading import load_model
 from workers.engine.report import canonical_json
 
 REFERENCE = Path(__file__).resolve().parents[1] / "examples" / "reference"

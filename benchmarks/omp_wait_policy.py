@@ -30,7 +30,7 @@ import json, sys, time
 sys.path.insert(0, {repo!r})
 import torch
 from schemas.model_spec import ModelSpec
-from workers.engine.models import load_model
+from workers.engine.model_loading import load_model
 reference = {reference!r}
 spec = ModelSpec.model_validate(json.loads(open(reference + "/spec.json").read()))
 model = load_model(reference + "/model.safetensors", "safetensors", spec)

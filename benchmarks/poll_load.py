@@ -61,8 +61,8 @@ from sqlalchemy.orm import Session  # noqa: E402
 from service.db.audit_changes import announcing_sessionmaker  # noqa: E402
 from service.db.keys import create_api_key, get_or_create_tenant  # noqa: E402
 from service.db.migrate import upgrade_to_head  # noqa: E402
-from service.db.models import Audit, Model  # noqa: E402
 from service.db.session import make_engine  # noqa: E402
+from service.db.tables import Audit, Model  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}

@@ -56,8 +56,8 @@ import redis  # noqa: E402
 from sqlalchemy import select  # noqa: E402
 from sqlalchemy.orm import Session  # noqa: E402
 
-from service.db.models import Audit, AuditShard, WorkerHeartbeat, utcnow  # noqa: E402
 from service.db.session import make_engine  # noqa: E402
+from service.db.tables import Audit, AuditShard, WorkerHeartbeat, utcnow  # noqa: E402
 from workers.cli.client import TightropeClient  # noqa: E402
 from workers.cli.stack import LocalStack  # noqa: E402
 
@@ -70,7 +70,8 @@ TICKS = os.sysconf("SC_CLK_TCK")
 # What a shard child imports before it computes anything (workers.sandbox.runner -> engine).
 IMPORT_PROBE = (
     "import time; t = time.perf_counter(); import torch; a = time.perf_counter() - t; "
-    "import workers.sandbox.runner; from workers.engine import api; import workers.engine.audit; "
+    "import workers.sandbox.runner; from workers.engine import entry_points; "
+    "import workers.engine.audit; "
     "from workers.engine.registry import get_check; get_check('worst_case'); "
     "print(a, time.perf_counter() - t)"
 )

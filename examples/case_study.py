@@ -29,11 +29,11 @@ from train_reference_model import plot_loss  # examples/, beside this script
 import workers.engine.checks  # noqa: F401 - registers the engine's checks
 from schemas.audits import AuditConfig
 from schemas.model_spec import ModelSpec
-from workers.engine.api import run_audit
 from workers.engine.baselines import build_baseline
-from workers.engine.datasets import load_images, scale_to_range
+from workers.engine.entry_points import run_audit
+from workers.engine.ground_truth import load_images, scale_to_range
 from workers.engine.lesions import Placement, lesion_image, support
-from workers.engine.models import load_model
+from workers.engine.model_loading import load_model
 from workers.engine.operators import LinearOperator, build_operator
 from workers.engine.registry import CHECKS
 from workers.engine.shards import derive_seed, shard_seed

@@ -27,8 +27,8 @@ import workers.engine.checks  # noqa: F401 - registers the engine's checks
 from schemas.audits import AuditConfig
 from schemas.model_spec import ModelSpec
 from workers.engine.baselines import build_baseline
-from workers.engine.datasets import load_images, scale_to_range
-from workers.engine.models import load_model
+from workers.engine.ground_truth import load_images, scale_to_range
+from workers.engine.model_loading import load_model
 from workers.engine.operators import build_operator
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -27,7 +27,7 @@ from schemas.checks_theorem import Lesion
 from schemas.model_spec import ModelSpec
 from schemas.operators import MRIOperator
 from workers.engine.architectures import build_architecture
-from workers.engine.datasets import random_ellipses
+from workers.engine.ground_truth import random_ellipses
 from workers.engine.lesions import lesion_image, random_placements, support
 from workers.engine.nullspace import null_component
 from workers.engine.operators import LinearOperator, build_operator

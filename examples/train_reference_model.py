@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from schemas.model_spec import ModelSpec
 from schemas.operators import MRIOperator
 from workers.engine.architectures import build_architecture
-from workers.engine.datasets import random_ellipses
+from workers.engine.ground_truth import random_ellipses
 from workers.engine.operators import LinearOperator, build_operator
 
 HERE = Path(__file__).resolve().parent / "reference"

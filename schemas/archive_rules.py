@@ -5,7 +5,7 @@ The gateway applies these rules when a model or dataset is uploaded (service.api
 service.api.inspect_dataset) and the engine applies them again when the sandboxed runner reads
 the same file (workers.engine.screening, workers.shared.arrays), with the same `ArchiveLimits`:
 the gateway takes them from its settings, and the worker copies its settings' limits into the
-job it hands the runner (schemas.runner.RunnerJob.archive_limits). So an upload the gateway
+job it hands the runner (schemas.runner.RunnerRequest.archive_limits). So an upload the gateway
 accepts is never refused by an audit for a reason these rules state, and a file that reaches the
 engine another way (the local CLI) meets the same checks.
 

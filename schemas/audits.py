@@ -81,7 +81,7 @@ class AuditConfig(StrictModel):
 
 # Optional fields added after configs were first stored and signed: left out of a dump where
 # null, so configs and request hashes read as they did before each existed.
-_LATER_CHECK_FIELDS = ("sampler",)
+_LATER_CHECK_FIELDS = ("sampler", "certify")
 _LATER_THRESHOLD_FIELDS = ("max_regression", "max_hallucination_probability")
 _LATER_CONFIG_FIELDS = ("sampler_threshold",)
 

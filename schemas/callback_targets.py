@@ -203,9 +203,17 @@ def _getaddrinfo(host: str, port: int, timeout: float) -> list[IPAddress]:
     return found
 
 
-def check_target(url: str, allow: AllowList, *, timeout: float) -> Target:
+def check_target(
+    url: str,
+    allow: AllowList,
+    *,
+    timeout: float,
+    purpose: str = "callbacks",
+    setting: str = "TIGHTROPE_CALLBACK_ALLOW",
+) -> Target:
     """Resolve the URL's host and check every address; raise CallbackTargetRefused if any is
-    inside and the allow-list does not name the destination."""
+    inside and the allow-list does not name the destination. `purpose` and `setting` word the
+    refusal (the endpoint client checks its destinations with the same rules)."""
     try:
         parts = urlsplit(url)
         port = parts.port
@@ -232,7 +240,7 @@ def check_target(url: str, allow: AllowList, *, timeout: float) -> Target:
             if reason and not allow.allows_address(address, port):
                 shown = "" if name == str(address) else f"{name!r} resolves to "
                 raise CallbackTargetRefused(
-                    f"{shown}{reason}; callbacks may not reach internal addresses "
-                    "(an operator can allow one with TIGHTROPE_CALLBACK_ALLOW)"
+                    f"{shown}{reason}; {purpose} may not reach internal addresses "
+                    f"(an operator can allow one with {setting})"
                 )
     return Target(scheme=scheme, host=name, port=port, addresses=tuple(addresses))

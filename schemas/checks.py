@@ -116,6 +116,23 @@ class WorstCaseSearch(StrictModel):
     )
 
 
+class CertifySettings(StrictModel):
+    """Certified upper bounds beside the search's found values (docs/theorem.md, "Brackets"):
+    per image and level, U ≥ sup over the level's ball of ‖Ψ(y+e) − Ψ(y)‖, so the worst case
+    lies in the bracket [found, U]. A threshold is then `proven` when U is below it."""
+
+    intermediate: Literal["ibp", "crown"] = Field(
+        default="ibp",
+        description="The hidden units' bounds CROWN relaxes with: ibp (fast, loose behind a "
+        "dense map or an ℓ2 ball) or crown (one backward pass per hidden unit; tight, costly)",
+    )
+    unproven: Literal["fail", "pass"] = Field(
+        default="fail",
+        description="The verdict of a threshold the search passes but the bound does not prove "
+        "(found below it, U above): fail (the default: a pass must be a proof) or pass",
+    )
+
+
 class _WorstCaseKind(TaggedModel):
     kind: Literal["worst_case"] = "worst_case"
 
@@ -128,12 +145,32 @@ class WorstCaseCheck(WorstCaseSearch, WorstCaseThreatModel, _WorstCaseKind):
     )
     threshold: WorstCaseThreshold | None = None
     sampler: AveragingSettings | None = Field(default=None, description=SAMPLER_AVERAGING)
+    certify: CertifySettings | None = Field(
+        default=None,
+        description="Certified upper bounds beside the search: per level the bracket "
+        "[found, U] of the worst case, and the verdict `proven` when U is below the threshold "
+        "(docs/theorem.md, 'Brackets'); null: no bounds",
+    )
 
     @model_validator(mode="after")
     def _at_level_known(self) -> WorstCaseCheck:
         t = self.threshold
         if t is not None and t.at_level is not None and t.at_level not in self.levels:
             raise ValueError("threshold.at_level must be one of levels")
+        return self
+
+    @model_validator(mode="after")
+    def _certifiable(self) -> WorstCaseCheck:
+        if self.certify is None:
+            return self
+        if self.formulation != "ball":
+            raise ValueError("certify needs formulation 'ball': a penalised search has no ball")
+        t = self.threshold
+        if self.space == "image" and t is not None and t.max_lipschitz is not None:
+            raise ValueError(
+                "certify with space 'image' cannot prove max_lipschitz (a ratio per unit of "
+                "measurement perturbation); use space 'measurement' or max_relative_error"
+            )
         return self
 
     def threat_model(self) -> WorstCaseThreatModel:
@@ -176,6 +213,21 @@ class LipschitzThreshold(RegressionBound):
     max_jacobian_norm: float = Field(gt=0.0)
 
 
+class LipschitzCertifySettings(CertifySettings):
+    """The lipschitz check's certified bounds (docs/theorem.md, "Brackets"): per image, U ≥ the
+    largest Jacobian spectral norm ‖J_Ψ‖₂ anywhere on the ball ‖e‖ ≤ radius·‖y‖ around its
+    measurement, hence a Lipschitz constant of Ψ on that ball; the norm at y lies in [found, U].
+    A threshold is then `proven` when U is below it."""
+
+    radius: float = Field(
+        default=0.01,
+        gt=0.0,
+        le=10.0,
+        description="The ball's radius relative to ‖y‖ over the measured entries, as "
+        "worst_case's levels (ε = radius·‖y‖)",
+    )
+
+
 class LipschitzCheck(TaggedModel):
     kind: Literal["lipschitz"] = "lipschitz"
     iterations: int = Field(default=50, ge=1, le=10_000)
@@ -188,6 +240,13 @@ class LipschitzCheck(TaggedModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     threshold: LipschitzThreshold | None = None
     sampler: AveragingSettings | None = Field(default=None, description=SAMPLER_AVERAGING)
+    certify: LipschitzCertifySettings | None = Field(
+        default=None,
+        description="Certified upper bounds beside the measured norms: per image the bracket "
+        "[found, U] of the largest Jacobian norm over a ball around its measurement, and the "
+        "verdict `proven` when U is below the threshold (docs/theorem.md, 'Brackets'); "
+        "null: no bounds",
+    )
 
 
 Check = Annotated[

@@ -1,9 +1,10 @@
 """RFC 9457 problem details, and the one table of the problem types this service writes.
 
-Every problem document, the gateway's answers (service.api.problems) and the `error` of a
-failed audit (workers.execution), is made by `ProblemType.problem` or `.document` from an entry
-of `PROBLEM_TYPES`: one slug, one title, one status each (docs/http-api.md, "Problem types",
-lists the same slugs; tests/test_layers.py checks both, and that no slug is spelled elsewhere).
+Every problem document, the gateway's answers (the domain errors of service.domain.errors,
+rendered by service.api.problems) and the `error` of a failed audit (workers.execution), is made
+by `ProblemType.problem` or `.document` from an entry of `PROBLEM_TYPES`: one slug, one title,
+one status each (docs/http-api.md, "Problem types", lists the same slugs; tests/test_layers.py
+checks both, and that no slug is spelled elsewhere).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _define(slug: str, status: int | None, title: str) -> ProblemType:
     return PROBLEM_TYPES[slug]
 
 
-# Answers of the gateway (service.api.problems raises them).
+# Answers of the gateway (the domain errors of service.domain.errors).
 BAD_REQUEST = _define("bad-request", 400, "Bad request")
 MALFORMED_REQUEST = _define("malformed-request", 400, "The request could not be parsed")
 UNAUTHORIZED = _define("unauthorized", 401, "Missing or invalid API key")
@@ -127,6 +128,16 @@ MEMORY_LIMIT = _define("memory-limit", 422, "Memory limit exceeded")
 INVALID_AUDIT_INPUT = _define("invalid-audit-input", 422, "Invalid audit input")
 ATTEMPTS_EXHAUSTED = _define("attempts-exhausted", 500, "Audit failed")
 STORAGE_FULL = _define("storage-full", 507, "Storage full")
+# The object store (TIGHTROPE_STORAGE_URL) cannot be reached, or refuses the service: the
+# gateway answers it (with Retry-After) when an upload or a download needs the store; an audit
+# fails with it only when the store refuses the workers (credentials, a missing bucket).
+STORAGE_UNAVAILABLE = _define("storage-unavailable", 503, "The object store is unavailable")
+# An endpoint model's audit (docs/models.md, "Endpoint models"): the vendor's endpoint could
+# not be queried enough (it kept failing, time-outs, its circuit breaker stayed open), or the
+# audit's query budget was spent before the checks had their queries. Either way the audit
+# fails rather than passing on too few answers.
+ENDPOINT_UNAVAILABLE = _define("endpoint-unavailable", 502, "The model's endpoint failed")
+QUERY_BUDGET_EXHAUSTED = _define("query-budget-exhausted", 422, "The audit's query budget is spent")
 
 # Slugs an older version stored in failed audits, and what they read as now.
 LEGACY_SLUGS: dict[str, ProblemType] = {"internal": INTERNAL_ERROR}

@@ -12,6 +12,11 @@ from schemas.audits import Verdict
 
 SCHEMA_VERSION = "1.0"
 
+# A check's verdict: the audit's, plus `proven` (a pass whose threshold certified upper bounds
+# prove: worst_case or lipschitz with `certify`), which counts as a pass wherever verdicts
+# are read.
+CheckVerdict = Literal["pass", "proven", "fail", "info", "error"]
+
 Subject = Literal["model", "reference", "baseline"]
 
 
@@ -98,7 +103,10 @@ class ModelIdentity(BaseModel):
 class CheckResult(BaseModel):
     kind: str
     subject: Subject
-    verdict: Verdict
+    verdict: CheckVerdict = Field(
+        description="pass, fail or info as its comparisons decide; `proven`: every comparison "
+        "passed and certified upper bounds prove the threshold (a pass)"
+    )
     comparisons: list[ThresholdComparison] = Field(
         default_factory=list,
         description="The threshold's comparisons; the verdict is computed from them alone",

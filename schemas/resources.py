@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from schemas.datasets import DatasetFormat
+from schemas.endpoints import EndpointView
 from schemas.model_spec import ModelFormat, ModelSpec, ModelStatus
 
 
@@ -20,10 +21,19 @@ class ModelResource(BaseModel):
         description="`rejected`: why. `validating`: why it is still waiting when a worker "
         "could not start its admission (e.g. no worker can sandbox models), else null",
     )
-    format: ModelFormat
-    sha256: str
+    format: ModelFormat | Literal["endpoint"] = Field(
+        description="The uploaded file's format, or `endpoint`: a model audited through its "
+        "inference endpoint (docs/models.md, 'Endpoint models')"
+    )
+    sha256: str = Field(
+        description="The uploaded file's sha256; an endpoint model's: of its URL, name and "
+        "version (schemas.endpoints.endpoint_identity)"
+    )
     size_bytes: int
     spec: ModelSpec
+    endpoint: EndpointView | None = Field(
+        default=None, description="An endpoint model's endpoint and limits (never its secret)"
+    )
     stochastic: bool | None = Field(
         default=None,
         description="Whether the model is a sampler: its admission probe ran it twice on the "

@@ -1,8 +1,9 @@
 """The protocol between a Celery task and its sandboxed runner child
 (`python -m workers.sandbox.runner`).
 
-The task writes `job.json` into a fresh job directory, starts the child with that directory as
-its only writable place, and reads JSON lines (`RunnerEvent`) from the child's stdout.
+The task writes its request (`RunnerRequest`) as `job.json` into a fresh job directory, starts
+the child with that directory as its only writable place, and reads JSON lines (`RunnerEvent`)
+from the child's stdout.
 """
 
 from __future__ import annotations
@@ -44,10 +45,11 @@ class RunnerPlan(BaseModel):
     shards: list[PlannedShard]
 
 
-class RunnerJob(BaseModel):
-    """`admit` a model; `plan` an audit (out/plan.json); run the `shards` named in shard_ids
-    (each result to shards/); or `audit`: run what is not in shards/ yet, merge, write the
-    report (the finalising step, once every shard is stored)."""
+class RunnerRequest(BaseModel):
+    """What a task asks of its runner child (job.json in the job directory): `admit` a model;
+    `plan` an audit (out/plan.json); run the `shards` named in shard_ids (each result to
+    shards/); or `audit`: run what is not in shards/ yet, merge, write the report (the
+    finalising step, once every shard is stored)."""
 
     kind: Literal["admit", "audit", "plan", "shards"]
     model_file: str = Field(description="Path relative to the job directory")

@@ -48,27 +48,45 @@ def compare(
     }
 
 
-def check_verdict(comparisons: Sequence[Mapping[str, Any]]) -> str:
+# The verdicts of a check that count as passing: `proven` is a pass whose threshold a certified
+# upper bound proves (worst_case or lipschitz with `certify`: docs/theorem.md, "Brackets").
+PASSING = ("pass", "proven")
+
+
+def check_verdict(comparisons: Sequence[Mapping[str, Any]], proven: bool = False) -> str:
     """`info` without comparisons (no threshold, or nothing the threshold applies to);
-    `fail` when any comparison failed; `pass` otherwise."""
+    `fail` when any comparison failed; `proven` when every comparison passed and the check
+    proved its whole threshold by certified bounds (`proven`); `pass` otherwise."""
     if not comparisons:
         return "info"
-    return "pass" if all(c["passed"] for c in comparisons) else "fail"
+    if not all(c["passed"] for c in comparisons):
+        return "fail"
+    return "proven" if proven else "pass"
 
 
-def judge(result: dict[str, Any], comparisons: list[dict[str, Any]]) -> dict[str, Any]:
+def proven_by(result: Mapping[str, Any]) -> bool:
+    """Whether a check result proved its threshold by certified bounds: its `certify` section
+    says `proof: "proven"` (worst_case or lipschitz with `certify`; docs/reports.md)."""
+    section = result.get("certify")
+    return isinstance(section, Mapping) and section.get("proof") == "proven"
+
+
+def judge(
+    result: dict[str, Any], comparisons: list[dict[str, Any]], proven: bool = False
+) -> dict[str, Any]:
     """Put the comparisons and the verdict computed from them into a check's result."""
     result["comparisons"] = comparisons
-    result["verdict"] = check_verdict(comparisons)
+    result["verdict"] = check_verdict(comparisons, proven)
     return result
 
 
 def audit_verdict(verdicts: Iterable[str]) -> str:
-    """`fail` if any check fails; `pass` if one passes and none fails; `info` otherwise."""
+    """`fail` if any check fails; `pass` if one passes (or is `proven`) and none fails; `info`
+    otherwise. The audit's verdict is never `proven`: that is a check's."""
     seen = set(verdicts)
     if "fail" in seen:
         return "fail"
-    if "pass" in seen:
+    if seen & set(PASSING):
         return "pass"
     return "info"
 

@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from schemas.archive_rules import DEFAULT_ARCHIVE_LIMITS, ArchiveLimits
@@ -108,14 +108,33 @@ class Settings(BaseSettings):
     # The module the sandboxed child runs (`python -m <module> <jobdir>`); tests swap in faults.
     runner_module: str = "workers.sandbox.runner"
 
+    # Where blobs (models, datasets), reports and artifacts are kept (service/storage/objects.py,
+    # docs/deployment.md "Object storage"): empty, the data directory (blobs/, artifacts/);
+    # `s3://bucket/prefix`, an S3-compatible bucket, with storage_endpoint_url for a service
+    # other than AWS (MinIO, Ceph) and credentials from the usual chain (AWS_ACCESS_KEY_ID…,
+    # a profile, an instance role). Job directories stay local to each worker, which keeps the
+    # blobs it fetched in a cache of at most worker_blob_cache_bytes under data_dir.
+    storage_url: str = ""
+    storage_endpoint_url: str | None = None
+    storage_region: str | None = None
+    storage_multipart_threshold: int = Field(default=64 * 1024 * 1024, ge=5 * 1024 * 1024)
+    worker_blob_cache_bytes: int = Field(default=20 * 1024 * 1024 * 1024, ge=0)
+    # With a bucket: 0 streams every download through the gateway; N > 0 answers a download of
+    # an artifact or of report.json with a 307 to a presigned URL of the object, valid N seconds
+    # (the client must reach the bucket's endpoint). Documents (report.html, SVG) still come
+    # through the gateway, with their Content-Security-Policy.
+    storage_presign_seconds: int = Field(default=0, ge=0, le=7 * 24 * 3600)
+
     # Ed25519 key that signs reports; default <data_dir>/signing/ed25519.pem
-    # (service.signing.reports).
+    # (service.reports.signatures).
     signing_key_path: Path | None = None
 
     # callback_url deliveries (workers.execution.callbacks, docs/reports.md): the master secret the
     # per-tenant HMAC secrets derive from (default: generated in <data_dir>/signing/), the time
     # one POST may take, how often a failed delivery is tried, the first retry's delay.
     callback_secret: str | None = None
+    # …or a file holding it (a secret file every machine is given), read once at start
+    callback_secret_path: Path | None = None
     callback_timeout_seconds: float = 10.0
     callback_max_attempts: int = 6
     callback_backoff_seconds: float = 2.0
@@ -124,8 +143,26 @@ class Settings(BaseSettings):
     # `[v6]:port`, IP addresses or CIDR networks. Empty: only public addresses.
     callback_allow: str = Field(default="", description="Internal callback destinations allowed")
 
+    # Endpoint models (docs/models.md, "Endpoint models"; docs/security.md, "Endpoints"): the
+    # destinations a worker may query although they are internal, read like callback_allow
+    # (empty: only public addresses; loopback, private, link-local and metadata addresses are
+    # refused), and the key that encrypts the endpoints' auth secrets at rest (a Fernet key,
+    # urlsafe base64 of 32 bytes; default: generated in <data_dir>/signing/endpoint-key), or a
+    # file holding it. Gateway and workers must have the same values.
+    endpoint_allow: str = Field(default="", description="Internal endpoint destinations allowed")
+    endpoint_secret_key: str | None = None
+    endpoint_secret_key_path: Path | None = None
+    # The query budget of an endpoint model's audit (docs/models.md, "Endpoint models"): the
+    # inputs its workers may send to the endpoint, retries included, when the audit asks for
+    # no other (endpoint_query_budget), and the most any one audit of a tenant may ask for
+    # (tenant_max_endpoint_queries); the default must fit under the cap. An audit that spends
+    # its budget before it has queried enough fails with `query-budget-exhausted`.
+    endpoint_query_budget: int = Field(default=100_000, ge=1)
+    tenant_max_endpoint_queries: int = Field(default=1_000_000, ge=1)
+
     # Database work of the gateway (docs/architecture.md, "Many polling clients"): at most
-    # db_pool_size requests use the database at once (each holds one pooled connection); the
+    # db_pool_size requests use the database at once (the database slots of
+    # service/api/db_slots.py; each holds one pooled connection); the
     # others queue, without a thread, for up to db_queue_timeout_seconds and are then answered
     # 503 `busy` with Retry-After. db_max_overflow extra connections serve work outside
     # requests (the /metrics collector); a checkout waits at most db_pool_timeout_seconds.
@@ -160,6 +197,15 @@ class Settings(BaseSettings):
     # runs migrations as a separate step (several gateway replicas on one PostgreSQL).
     auto_migrate: bool = True
 
+    @field_validator("storage_url")
+    @classmethod
+    def _check_storage_url(cls, value: str) -> str:
+        if value:
+            from service.storage.objects import parse_storage_url
+
+            parse_storage_url(value)  # a bad URL stops the start, naming the setting
+        return value
+
     @field_validator("callback_allow")
     @classmethod
     def _parse_callback_allow(cls, value: str) -> str:
@@ -177,6 +223,39 @@ class Settings(BaseSettings):
     @property
     def callback_allow_list(self) -> AllowList:
         return parse_allow_list(self.callback_allow)
+
+    @field_validator("endpoint_allow")
+    @classmethod
+    def _parse_endpoint_allow(cls, value: str) -> str:
+        parse_allow_list(value)  # a bad entry stops the start
+        return value
+
+    @model_validator(mode="after")
+    def _query_budget_under_cap(self) -> Settings:
+        if self.endpoint_query_budget > self.tenant_max_endpoint_queries:
+            raise ValueError(
+                f"endpoint_query_budget ({self.endpoint_query_budget}) is above "
+                f"tenant_max_endpoint_queries ({self.tenant_max_endpoint_queries}): the default "
+                "query budget of an audit must fit under the per-tenant cap"
+            )
+        return self
+
+    def endpoint_query_budget_for(self, requested: int | None) -> int:
+        """The query budget of one audit: the requested one (or the default), which must not
+        exceed the per-tenant cap (ValueError naming both)."""
+        budget = self.endpoint_query_budget if requested is None else requested
+        if budget < 1:
+            raise ValueError(f"a query budget of {budget}: at least 1 query")
+        if budget > self.tenant_max_endpoint_queries:
+            raise ValueError(
+                f"a query budget of {budget} queries is above this tenant's cap of "
+                f"{self.tenant_max_endpoint_queries} (TIGHTROPE_TENANT_MAX_ENDPOINT_QUERIES)"
+            )
+        return budget
+
+    @property
+    def endpoint_allow_list(self) -> AllowList:
+        return parse_allow_list(self.endpoint_allow)
 
     @property
     def resolved_database_url(self) -> str:

@@ -18,7 +18,7 @@ import pytest
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from tests.fixtures.databases import postgres_database  # noqa: E402
-from tests.reporting.chromium import chromium_binary  # noqa: E402
+from tests.service.reports.chromium import chromium_binary  # noqa: E402
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -77,11 +77,18 @@ def _bwrap_works() -> bool:
     return done.returncode == 0
 
 
+MLSERVER_BINARY = Path(__file__).resolve().parent.parent / ".venv-mlserver" / "bin" / "mlserver"
+
 SERVICES: dict[str, tuple[Callable[[], bool], str]] = {
     "redis": (lambda: _port_open(6379), "Redis on 127.0.0.1:6379"),
     "postgresql": (lambda: _port_open(5432), "PostgreSQL on 127.0.0.1:5432"),
     "bwrap": (_bwrap_works, "a working bubblewrap (bwrap)"),
     "chromium": (lambda: chromium_binary() is not None, "a headless Chromium"),
+    # a third-party Open Inference Protocol server, in its own venv (`make mlserver`)
+    "mlserver": (
+        lambda: os.access(MLSERVER_BINARY, os.X_OK),
+        "MLServer in .venv-mlserver (make mlserver)",
+    ),
 }
 _available: dict[str, bool] = {}
 _needs_key = pytest.StashKey[frozenset[str]]()
@@ -111,6 +118,7 @@ LONGEST_FIRST = (
     "tests/integration/test_make_demo.py",
     "tests/integration/test_readme_commands.py",
     "tests/integration/test_scale_out.py",
+    "tests/integration/test_object_storage.py",
     "tests/integration/test_faults.py",
     "tests/integration/test_end_to_end.py",
     "tests/integration/test_gate_compare.py",

@@ -1,16 +1,18 @@
 """The layering of docs/architecture.md, checked on the source: the engine imports neither the
-service nor Celery; nothing but the HTTP layer imports the HTTP layer; the service never imports
-torch; the schemas import neither side; only the engine imports torch; nothing outside the
-sandboxed runner and the CLI's in-process audit imports the engine; the engine's torch-free
-helpers (workers.shared) import neither the engine nor torch; and no module-level import circle
-exists. Also: every
-problem type has one definition, the table of schemas/problem.py, which docs/http-api.md lists;
-and no status of an audit or a shard changes outside the lifecycle module (service.db.lifecycle).
+service nor Celery; nothing but the HTTP layer imports the HTTP layer, and nothing but the app
+factory a route module; the rules (service.domain) import nothing of the HTTP layer, and no part
+of service/ but the HTTP layer imports FastAPI or Starlette; the service imports nothing of the
+workers and never torch; the schemas import neither side; only the engine imports torch;
+nothing outside the sandboxed runner and the CLI's in-process audit imports the engine; the
+engine's torch-free helpers (workers.shared) import neither the engine nor torch; and no
+module-level import circle exists. Also: every problem type has one definition, the table of
+schemas/problem.py, which docs/http-api.md lists; and no status of an audit or a shard changes
+outside the lifecycle module (service.db.lifecycle).
 
-Static: the imports are read with `ast` from every file (function-local imports included, for
-the first four rules), nothing is imported. The CLI starts the gateway by name
-(importlib.import_module("service.api.server")), which is no import of a library. Only the table
-of problem types is imported (schemas.problem, torch-free).
+Static: the imports are read with `ast` from every file (function-local imports included, but
+where a rule reads the module level only), nothing is imported. The CLI starts the gateway by
+name (importlib.import_module("service.api.server")), which is no import of a library. Only the
+table of problem types is imported (schemas.problem, torch-free).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ ENGINE_IMPORTERS = {
 TORCH_IMPORTERS: dict[str, str] = {}
 # The one module that may import the route modules: it includes their routers in the app.
 APP_FACTORY = "service.api.app"
+# The rules of the API's resources and the domain errors they raise, outside the HTTP layer.
+DOMAIN = "service.domain"
+HTTP_FRAMEWORK = ("fastapi", "starlette", "uvicorn")
 ROUTE_DECORATORS = frozenset(
     {"get", "post", "put", "patch", "delete", "head", "options", "trace", "api_route"}
 )
@@ -188,21 +193,46 @@ def test_only_the_http_layer_imports_the_http_layer() -> None:
 
 def test_the_route_modules_are_found() -> None:
     assert {
-        "service.api.audits",
-        "service.api.models",
-        "service.api.datasets",
+        "service.api.audit_routes",
+        "service.api.model_routes",
+        "service.api.dataset_routes",
         "service.api.console.routes",
     } <= set(ROUTE_MODULES)
     # the modules the routes and the console share are no route modules
-    assert not {"service.api.rules.audits", "service.api.deps", APP_FACTORY} & set(ROUTE_MODULES)
+    assert not {"service.domain.audit_rules", "service.api.deps", APP_FACTORY} & set(ROUTE_MODULES)
 
 
 def test_only_the_app_factory_imports_a_route_module() -> None:
     """A route module speaks HTTP and is included by the app factory, never used as a library:
-    what the routes and the console share lives in a module of its own (service.api.rules,
-    service.api.deps, ...), so the console calls the same home as the API, not its routes."""
+    what the routes and the console share lives in a module of its own (the rules of
+    service.domain, service.api.deps, ...), so the console calls the same home as the API, not
+    its routes."""
     others = [m for m in SOURCES if m != APP_FACTORY]
     assert _violations(others, ROUTE_MODULES) == []
+
+
+def test_the_rules_import_nothing_of_the_http_layer() -> None:
+    """The rules (service.domain: audit_rules, resource_rules, the errors they raise, page
+    tokens) take a session and a tenant and raise domain errors; the API and the console render
+    those. So they import neither the HTTP layer nor the web framework."""
+    domain = [m for m in SOURCES if _within(m, DOMAIN)]
+    assert {f"{DOMAIN}.audit_rules", f"{DOMAIN}.resource_rules", f"{DOMAIN}.errors"} <= set(domain)
+    assert _violations(domain, ("service.api", *HTTP_FRAMEWORK)) == []
+
+
+def test_only_the_http_layer_imports_the_web_framework() -> None:
+    """The shared parts of service/ (db, domain, storage, queue, signing, reports, settings) are
+    what the workers import: no FastAPI, no Starlette, no uvicorn."""
+    shared = [m for m in SOURCES if _within(m, "service") and not _within(m, "service.api")]
+    assert _violations(shared, HTTP_FRAMEWORK) == []
+
+
+def test_the_service_imports_nothing_of_the_workers() -> None:
+    """Imports point from the workers to the shared parts of service/, never back: what both
+    sides need lives in service/ (or schemas/), what only the workers need in workers/ (such as
+    the report.html renderer, which draws with workers.shared)."""
+    service = [m for m in SOURCES if _within(m, "service")]
+    assert _violations(service, ("workers",)) == []
 
 
 def test_the_service_never_imports_torch() -> None:
@@ -400,7 +430,7 @@ STATUS_ROWS = frozenset({"Audit", "AuditShard"})
 
 
 def _names_a_status_row(node: ast.expr) -> bool:
-    """`Audit`, `AuditShard` or `models.Audit`..., `Audit.__table__`."""
+    """`Audit`, `AuditShard` or `tables.Audit`..., `Audit.__table__`."""
     while isinstance(node, ast.Attribute) and node.attr == "__table__":
         node = node.value
     name = node.id if isinstance(node, ast.Name) else getattr(node, "attr", None)
@@ -463,9 +493,9 @@ def test_the_lifecycle_module_writes_the_statuses() -> None:
 def test_the_status_write_finder_finds_writes() -> None:
     source = (
         "from sqlalchemy import insert, update\n"
-        "from service.db import models\n"
+        "from service.db import tables\n"
         "session.execute(update(Audit).where(Audit.id == a).values(status='failed'))\n"
-        "session.execute(update(models.AuditShard).values(lease_owner=None))\n"
+        "session.execute(update(tables.AuditShard).values(lease_owner=None))\n"
         "session.execute(insert(AuditShard.__table__), rows)\n"
         "session.add(AuditShard(audit_id=a, shard_id=s, status='done'))\n"
         "shard.status, shard.result = 'done', result\n"

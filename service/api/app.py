@@ -12,15 +12,16 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic.json_schema import models_json_schema
+from starlette.concurrency import run_in_threadpool
 
 from schemas.problem import PROBLEM_MEDIA_TYPE
-from service.api import audits, datasets, health, models, signing_key
+from service.api import audit_routes, dataset_routes, health, model_routes, signing_key
 from service.api.audit_feed import AuditChangeFeed, FeedCollector
 from service.api.auth import ApiKeyCache
 from service.api.body_limits import BodyLimitMiddleware
 from service.api.console.routes import router as console_router
+from service.api.db_slots import DatabaseSlots
 from service.api.forms import UPLOAD_SPEC_MODELS
-from service.api.gate import DatabaseGate
 from service.api.metrics import Metrics, MetricsMiddleware
 from service.api.poll_cache import AuditListCache, CachedPollMiddleware, PollCache
 from service.api.problems import install_error_handlers, problem_responses
@@ -28,9 +29,10 @@ from service.db.audit_changes import announced, announcing_sessionmaker, channel
 from service.db.migrate import upgrade_to_head
 from service.db.session import make_engine
 from service.queue.dispatch import Dispatcher
+from service.reports import signatures as signing
 from service.settings import Settings, get_settings
-from service.signing import reports as signing
-from service.storage.stores import ArtifactStore, BlobStore
+from service.storage.startup import check_gateway_start
+from service.storage.stores import artifact_store, blob_store
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +154,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_seconds,
     )
-    gate = DatabaseGate(settings.db_pool_size, settings.db_queue_timeout_seconds)
+    db_slots = DatabaseSlots(settings.db_pool_size, settings.db_queue_timeout_seconds)
     # This gateway's own writes (a submit, a cancel) are announced to the others, as the
     # workers' are (service/db/audit_changes.py).
     sessions = announcing_sessionmaker(engine, settings)
@@ -177,11 +179,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         if settings.auto_migrate:
             upgrade_to_head(settings.resolved_database_url)
-        app.state.blobs = BlobStore(settings.blob_dir)
-        app.state.artifacts = ArtifactStore(settings.artifact_dir)
+        # The object store (the data directory, or a bucket): checked before serving, so wrong
+        # credentials or a missing bucket stop the start with a message naming the setting.
+        app.state.blobs = blob_store(settings)
+        app.state.artifacts = artifact_store(settings)
+        # …and the ids of this gateway's signing key and callback secret are published there,
+        # for workers that share no disk to compare theirs with (service/storage/startup.py).
+        await run_in_threadpool(check_gateway_start, settings)
         # Generated on the first start; the workers sign with the same file (shared data dir).
         app.state.signing_key = signing.load_or_create_private_key(signing.key_path(settings))
-        gate.open()  # on this event loop
+        db_slots.open()  # on this event loop
         listening = asyncio.create_task(feed.run()) if subscribe else None
         try:
             yield
@@ -205,7 +212,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = sessions
-    app.state.db_gate = gate
+    app.state.db_slots = db_slots
     app.state.api_key_cache = ApiKeyCache(settings.api_key_cache_seconds)
     app.state.poll_cache = polls
     app.state.audit_list_cache = lists
@@ -227,9 +234,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(MetricsMiddleware, metrics=lambda: app.state.metrics)
     for router in (
         health.router,
-        models.router,
-        datasets.router,
-        audits.router,
+        model_routes.router,
+        model_routes.endpoint_router,
+        dataset_routes.router,
+        audit_routes.router,
         signing_key.router,
         console_router,  # /ui: the web console (HTML, not in the OpenAPI description)
     ):

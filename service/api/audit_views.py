@@ -10,9 +10,10 @@ from sqlalchemy.orm import Session
 
 from schemas.audits import CheckProgress
 
-# to_status lives outside the HTTP layer: the workers' callbacks send the same view.
-from service.db.audit_status import to_status
-from service.db.models import Audit, AuditShard
+# to_status lives outside the HTTP layer: the workers' callbacks send the same view, and the
+# audit rules (service.domain.audit_rules) read only its columns for a page of audits.
+from service.db.audit_status import STATUS_COLUMNS, to_status
+from service.db.tables import Audit, AuditShard
 
 __all__ = [
     "STATUS_COLUMNS",
@@ -23,31 +24,12 @@ __all__ = [
     "to_status",
 ]
 
-# The columns `to_status` reads: a poll loads these (not the request JSON) and its ETag hashes
-# them, so a 304 is answered without building the body. Change STATUS_VIEW_VERSION whenever
-# to_status or AuditStatus renders the same columns differently. The per-check progress of a
-# single audit's body is counted from its AuditShard rows, not read from these columns: it
-# changes only when a shard finishes, and that bumps `shards_done`, so the tag still follows.
-STATUS_COLUMNS = (
-    "id",
-    "model_id",
-    "status",
-    "progress_fraction",
-    "progress_check",
-    "progress_message",
-    "verdict",
-    "error",
-    "attempts",
-    "plan_attempts",
-    "cancel_requested",
-    "priority",
-    "shards_total",
-    "shards_done",
-    "created_at",
-    "started_at",
-    "finished_at",
-    "updated_at",
-)
+# STATUS_COLUMNS (service.db.audit_status): the columns `to_status` reads. A poll loads these
+# (not the request JSON) and its ETag hashes them, so a 304 is answered without building the body.
+# Change STATUS_VIEW_VERSION whenever to_status or AuditStatus renders the same columns
+# differently. The per-check progress of a single audit's body is counted from its AuditShard
+# rows, not read from these columns: it changes only when a shard finishes, and that bumps
+# `shards_done`, so the tag still follows.
 STATUS_VIEW_VERSION = "3"
 
 

@@ -14,10 +14,10 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session, make_transient_to_detached
 
-from service.api.problems import Unauthorized
 from service.api.refresh_cache import RefreshingCache
 from service.db.keys import KEY_PREFIX, hash_key, listen_for_revocations
-from service.db.models import ApiKey, Tenant
+from service.db.tables import ApiKey, Tenant
+from service.domain.errors import Unauthorized
 
 
 def bearer_token(authorization: str | None) -> str:

@@ -15,7 +15,8 @@ import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.problems import PayloadTooLarge, TightropeError, problem_response
+from service.api.problems import problem_response
+from service.domain.errors import PayloadTooLarge, TightropeError
 
 # A JSON string, escapes included: its brackets do not nest.
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')

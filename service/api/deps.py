@@ -15,11 +15,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.auth import ApiKeyCache, authenticate, cached_tenant
-from service.api.gate import DatabaseGate
-from service.db.models import Tenant
+from service.api.db_slots import DatabaseSlots
+from service.db.tables import Tenant
 from service.queue.dispatch import Dispatcher
+from service.reports import signatures as signing
 from service.settings import Settings
-from service.signing import reports as signing
 from service.storage.stores import ArtifactStore, BlobStore
 
 T = TypeVar("T")
@@ -32,12 +32,12 @@ def get_settings(request: Request) -> Settings:
 
 @asynccontextmanager
 async def session_in_slot(request: Request) -> AsyncIterator[Session]:
-    """A session, while holding one of the gate's slots (service.api.gate). Made on the event
-    loop (no I/O until the first query); closed, whatever happened, in a worker thread (the
+    """A session, while holding one of the database slots (service.api.db_slots). Made on the
+    event loop (no I/O until the first query); closed, whatever happened, in a worker thread (the
     close returns the connection to the pool) before the slot is given back."""
-    gate: DatabaseGate = request.app.state.db_gate
+    db_slots: DatabaseSlots = request.app.state.db_slots
     factory: sessionmaker[Session] = request.app.state.sessionmaker
-    async with gate.slot():
+    async with db_slots.slot():
         session = factory()
         try:
             yield session
@@ -50,18 +50,18 @@ async def session_in_slot(request: Request) -> AsyncIterator[Session]:
 
 
 async def run_in_slot(request: Request, work: Callable[..., T], *args: Any) -> T:
-    """`work(session, *args)` in one worker thread, holding one of the gate's slots: the session
+    """`work(session, *args)` in one worker thread, holding one of the database slots: the session
     is made, used and closed in that thread (one thread hop, where `session_in_slot` takes
     two). For the hot reads (a poll, a page of the list). A cancelled request still waits for
     the thread, so the connection is back in the pool before the slot is."""
-    gate: DatabaseGate = request.app.state.db_gate
+    db_slots: DatabaseSlots = request.app.state.db_slots
     factory: sessionmaker[Session] = request.app.state.sessionmaker
 
     def in_thread() -> T:
         with factory() as session:
             return work(session, *args)
 
-    async with gate.slot():
+    async with db_slots.slot():
         return await anyio.to_thread.run_sync(in_thread)
 
 
@@ -100,7 +100,7 @@ BlobsDep = Annotated[BlobStore, Depends(get_blobs)]
 ArtifactsDep = Annotated[ArtifactStore, Depends(get_artifacts)]
 DispatcherDep = Annotated[Dispatcher, Depends(get_dispatcher)]
 
-# The `page_token` of the list routes, as service.api.pagination reads it.
+# The `page_token` of the list routes, as service.domain.pagination reads it.
 PageTokenQuery = Annotated[
     str | None,
     Query(

@@ -8,7 +8,8 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.archive_rules import ArchiveLimits
 from service.api.body_limits import json_depth_exceeds, too_deep
-from service.api.problems import ValidationFailed, describe, field_errors
+from service.api.problems import describe, field_errors
+from service.domain.errors import ValidationFailed
 from service.settings import Settings
 
 SpecT = TypeVar("SpecT", bound=BaseModel)

@@ -18,9 +18,10 @@ from sqlalchemy.orm import Session
 
 from service.api.deps import SessionDep, SettingsDep
 from service.api.metrics import CONTENT_TYPE, Metrics
-from service.api.problems import NotReady, problem_responses, retry_after_header
+from service.api.problems import problem_responses, retry_after_header
 from service.db.heartbeats import SANDBOXED_FORMATS, SandboxCount, sandbox_count
-from service.db.models import WorkerHeartbeat, utcnow
+from service.db.tables import WorkerHeartbeat, utcnow
+from service.domain.errors import NotReady
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

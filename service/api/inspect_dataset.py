@@ -29,7 +29,7 @@ from schemas.archive_rules import (
     read_npy,
 )
 from schemas.datasets import DatasetFormat
-from service.api.problems import InvalidUpload
+from service.domain.errors import InvalidUpload
 
 
 @dataclass

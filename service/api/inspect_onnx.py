@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from service.api.problems import InvalidUpload
+from service.domain.errors import InvalidUpload
 
 # Wire types of the protobuf encoding.
 VARINT, I64, LEN, I32 = 0, 1, 2, 5

@@ -30,7 +30,7 @@ from schemas.archive_rules import (
 from schemas.model_spec import REGISTERED_ARCHITECTURES, ModelFormat, ModelSpec
 from schemas.problem import FieldError
 from service.api.inspect_onnx import inspect_onnx
-from service.api.problems import InvalidUpload
+from service.domain.errors import InvalidUpload
 
 # An ONNX ModelProto starts with its ir_version (field 1, varint), as every ONNX writer orders it.
 ONNX_FIRST_BYTE = b"\x08"

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from schemas.audits import AuditState
-from service.db.models import Audit
+from service.db.tables import Audit
 
 log = logging.getLogger(__name__)
 

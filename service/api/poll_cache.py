@@ -204,7 +204,7 @@ _LIST_ROUTE = SimpleNamespace(path=LIST_PATH)
 class CachedPollMiddleware:
     """Answers `GET /v1/audits/{id}` and `GET /v1/audits` before routing when both the key and
     the answer are in this process's caches: the same bytes and headers as the routes
-    (service/api/audits.py `read_audit`, `list_audits`) at a fraction of the cost. Anything
+    (service/api/audit_routes.py `read_audit`, `list_audits`) at a fraction of the cost. Anything
     else (no or unknown key, an expired or missing entry, a tag-only entry the request does not
     match) goes to the route, which authenticates and reads the database as usual."""
 

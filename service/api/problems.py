@@ -1,15 +1,17 @@
-"""Domain errors and their one rendering: RFC 9457 `application/problem+json`.
+"""The one rendering of errors: RFC 9457 `application/problem+json`.
 
-Routes raise `TightropeError` subclasses; `install_error_handlers` turns them, FastAPI's
-validation errors, Starlette's HTTP errors and anything unexpected into problem documents, so a
-client always gets a stable `type`, a `title` and a `detail` it can act on, never a stack trace.
+The rules and the routes raise the domain errors of service.domain.errors (`TightropeError`
+subclasses); `install_error_handlers` turns them, FastAPI's validation errors, Starlette's HTTP
+errors, the database's failures and anything unexpected into problem documents, so a client
+always gets a stable `type`, a `title` and a `detail` it can act on, never a stack trace.
+`problem_responses` documents those answers in the OpenAPI description.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
 import sqlalchemy.exc
 from fastapi import FastAPI, Request
@@ -21,144 +23,19 @@ from starlette.routing import Match
 
 from schemas import problem as problems
 from schemas.problem import PROBLEM_MEDIA_TYPE, FieldError, Problem, ProblemType
+from service.domain.errors import (
+    BUSY_RETRY_AFTER_SECONDS,
+    MalformedRequest,
+    NotFound,
+    NotReady,
+    ServiceBusy,
+    StorageUnavailableError,
+    TightropeError,
+    ValidationFailed,
+)
+from service.storage.objects import ObjectMissing, StorageError, StorageFull
 
 log = logging.getLogger(__name__)
-
-
-class TightropeError(Exception):
-    """A problem a client caused or can act on; `kind` is its entry in the table of problem
-    types (schemas.problem.PROBLEM_TYPES), which gives its slug, title and status."""
-
-    kind: ClassVar[ProblemType] = problems.BAD_REQUEST
-
-    def __init__(
-        self,
-        detail: str,
-        *,
-        errors: Sequence[FieldError] | None = None,
-        headers: Mapping[str, str] | None = None,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        super().__init__(detail)
-        self.detail = detail
-        self.errors = list(errors) if errors is not None else None
-        self.headers = dict(headers or {})
-        self.extra = extra
-
-    @property
-    def status(self) -> int:
-        assert self.kind.status is not None
-        return self.kind.status
-
-    @property
-    def type(self) -> str:
-        return self.kind.slug
-
-    @property
-    def title(self) -> str:
-        return self.kind.title
-
-    def problem(self, instance: str | None = None) -> Problem:
-        return self.kind.problem(
-            self.detail, instance=instance, errors=self.errors, extra=self.extra
-        )
-
-
-class MalformedRequest(TightropeError):
-    kind = problems.MALFORMED_REQUEST
-
-
-class Unauthorized(TightropeError):
-    kind = problems.UNAUTHORIZED
-
-    def __init__(self, detail: str) -> None:
-        # RFC 6750: a 401 for bearer auth names the scheme the client must use.
-        super().__init__(detail, headers={"WWW-Authenticate": 'Bearer realm="tightrope"'})
-
-
-class NotFound(TightropeError):
-    kind = problems.NOT_FOUND
-
-
-class Conflict(TightropeError):
-    kind = problems.CONFLICT
-
-
-class ModelNotReady(Conflict):
-    kind = problems.MODEL_NOT_READY
-
-
-class AuditFinished(Conflict):
-    kind = problems.AUDIT_FINISHED
-
-
-class ReportNotReady(Conflict):
-    kind = problems.REPORT_NOT_READY
-
-
-class RangeNotSatisfiableError(TightropeError):
-    kind = problems.RANGE_NOT_SATISFIABLE
-
-
-class PreconditionFailed(TightropeError):
-    kind = problems.PRECONDITION_FAILED
-
-
-class PayloadTooLarge(TightropeError):
-    kind = problems.PAYLOAD_TOO_LARGE
-
-
-class UnsupportedMediaType(TightropeError):
-    kind = problems.UNSUPPORTED_MEDIA_TYPE
-
-
-class ValidationFailed(TightropeError):
-    kind = problems.VALIDATION_FAILED
-
-
-class InvalidUpload(TightropeError):
-    kind = problems.INVALID_UPLOAD
-
-
-class IdempotencyKeyReused(TightropeError):
-    kind = problems.IDEMPOTENCY_KEY_REUSED
-
-
-# Seconds a tenant told `too-many-audits` should wait before it submits again.
-TOO_MANY_AUDITS_RETRY_AFTER_SECONDS = 30
-
-
-class TooManyAudits(TightropeError):
-    """The tenant already has tenant_max_queued_audits audits waiting to start (docs/http-api.md,
-    "Fair share and quotas"): nothing was stored; the client retries after Retry-After."""
-
-    kind = problems.TOO_MANY_AUDITS
-
-    def __init__(self, limit: int, queued: int) -> None:
-        super().__init__(
-            f"This tenant has {queued} audits queued; the limit is {limit}. Submit again once "
-            "some have started (poll GET /v1/audits?status=queued), or cancel some.",
-            headers={"Retry-After": str(TOO_MANY_AUDITS_RETRY_AFTER_SECONDS)},
-            extra={"limit": limit, "queued": queued},
-        )
-
-
-class NotReady(TightropeError):
-    kind = problems.NOT_READY
-
-
-# Seconds a client told `busy` should wait before it retries.
-BUSY_RETRY_AFTER_SECONDS = 1
-
-
-class ServiceBusy(TightropeError):
-    """Every database slot stayed taken for the whole wait (service.api.gate), or no pooled
-    connection came in time: the request did nothing; the client retries after Retry-After."""
-
-    kind = problems.BUSY
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail, headers={"Retry-After": str(BUSY_RETRY_AFTER_SECONDS)})
 
 
 def problem_response(problem: Problem, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -290,6 +167,26 @@ async def _on_database_down(request: Request, exc: Exception) -> JSONResponse:
     return problem_response(down.problem(instance=request.url.path), down.headers)
 
 
+async def _on_storage_error(request: Request, exc: Exception) -> JSONResponse:
+    # The object store (service/storage/objects.py) failed a read or a write this request
+    # needed: the upload is not stored, the download not sent (nothing half of either).
+    if isinstance(exc, ObjectMissing):  # gone between the lookup and the read
+        gone = NotFound("No such file.")
+        return problem_response(gone.problem(instance=request.url.path))
+    log.warning("object store failed on %s %s: %s", request.method, request.url.path, exc)
+    if isinstance(exc, StorageFull):
+        full = problems.STORAGE_FULL.problem(
+            "The service's object store is full; nothing was stored. Retry later.",
+            instance=request.url.path,
+        )
+        return problem_response(full)
+    down = StorageUnavailableError(
+        "The service's object store is unavailable for the moment; nothing was stored or sent. "
+        "Retry after Retry-After."
+    )
+    return problem_response(down.problem(instance=request.url.path), down.headers)
+
+
 async def _on_unstorable_value(request: Request, exc: Exception) -> JSONResponse:
     # psycopg refuses a NUL character in text (and similar values no column can hold): the
     # request's fault, and the transaction is rolled back, so nothing was stored.
@@ -327,6 +224,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(sqlalchemy.exc.OperationalError, _on_database_down)
     app.add_exception_handler(sqlalchemy.exc.InterfaceError, _on_database_down)
     app.add_exception_handler(sqlalchemy.exc.DataError, _on_unstorable_value)
+    app.add_exception_handler(StorageError, _on_storage_error)
     app.add_exception_handler(ClientDisconnect, _on_client_gone)
     app.add_exception_handler(Exception, _on_unexpected)
 

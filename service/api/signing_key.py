@@ -12,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from service.api.deps import SettingsDep, TenantDep, public_key_of
 from service.api.problems import problem_responses
+from service.reports import signatures as signing
 from service.signing import callbacks as callback_signing
-from service.signing import reports as signing
 
 router = APIRouter(prefix="/v1", tags=["signing"])
 
@@ -27,7 +27,7 @@ class PEMResponse(Response):
 
 
 class SigningKey(BaseModel):
-    """The body of GET /v1/signing-key (service.signing.reports.public_key_document)."""
+    """The body of GET /v1/signing-key (service.reports.signatures.public_key_document)."""
 
     # These state the body's keys; a key added to the body later is never dropped.
     model_config = ConfigDict(extra="allow")

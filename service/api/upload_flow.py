@@ -76,7 +76,7 @@ class Uploads:
             spec = parse_spec(spec_model, staged.fields.get("spec"), settings.max_json_depth)
             limits = archive_limits(settings)
             inspection = await run_in_threadpool(inspect, staged.path, spec, limits)
-            staged.commit(blobs)
+            await run_in_threadpool(staged.commit, blobs)
 
         def store(session: Session) -> RowT:
             row = build(spec, inspection, staged)

@@ -26,7 +26,7 @@ from python_multipart.multipart import (
 )
 from starlette.requests import Request
 
-from service.api.problems import (
+from service.domain.errors import (
     MalformedRequest,
     PayloadTooLarge,
     UnsupportedMediaType,
@@ -51,16 +51,12 @@ class StagedUpload:
     fields: dict[str, str] = field(default_factory=dict)
     committed: bool = False
 
-    def commit(self, store: BlobStore) -> Path:
-        """Move the file into the content-addressed store (a no-op if the blob exists)."""
-        final = store.path(self.sha256)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
-            self.path.unlink(missing_ok=True)
-        else:
-            os.replace(self.path, final)
+    def commit(self, store: BlobStore) -> str:
+        """Move the file into the content-addressed store (a no-op if the blob exists); its
+        key. Blocking (an upload to a bucket): run it in a thread."""
+        key = store.commit_staged(self.path, self.sha256)
         self.committed = True
-        return final
+        return key
 
     def discard(self) -> None:
         if not self.committed:

@@ -35,7 +35,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, sessionmaker
 from sqlalchemy.sql import operators
 from sqlalchemy.sql.elements import BinaryExpression, BindParameter, BooleanClauseList
 
-from service.db.models import Audit, AuditShard
+from service.db.tables import Audit, AuditShard
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,30 @@ from schemas.audits import (
     ShardProgress,
 )
 from schemas.problem import Problem, read_stored
-from service.db.models import Audit
+from service.db.tables import Audit
+
+# The columns `to_status` reads: a poll or a page of audits loads only these (not the request
+# JSON), and a poll's ETag hashes them (service/api/audit_views.py, STATUS_VIEW_VERSION).
+STATUS_COLUMNS = (
+    "id",
+    "model_id",
+    "status",
+    "progress_fraction",
+    "progress_check",
+    "progress_message",
+    "verdict",
+    "error",
+    "attempts",
+    "plan_attempts",
+    "cancel_requested",
+    "priority",
+    "shards_total",
+    "shards_done",
+    "created_at",
+    "started_at",
+    "finished_at",
+    "updated_at",
+)
 
 
 def to_status(audit: Audit, checks: Sequence[CheckProgress] | None = None) -> AuditStatus:

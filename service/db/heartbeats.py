@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.models import WorkerHeartbeat, utcnow
+from service.db.tables import WorkerHeartbeat, utcnow
 
 # What a `.pt`, `.pt2` or `.onnx` model needs: its code runs only in the sandbox.
 SANDBOXED_FORMATS = "TorchScript .pt, torch.export .pt2 and ONNX .onnx"

@@ -15,7 +15,7 @@ from typing import Protocol
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from service.db.models import ApiKey, Tenant, utcnow
+from service.db.tables import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "tr_"
 # Enough of the secret to find a key in logs and listings; far too little to guess the rest.

@@ -29,7 +29,7 @@ from sqlalchemy.orm import Session
 from schemas import problem as problems
 from schemas.audits import TERMINAL_STATES
 from schemas.runner import PlannedShard
-from service.db.models import Audit, AuditShard, utcnow
+from service.db.tables import Audit, AuditShard, utcnow
 
 LEASABLE_STATES = ("queued", "running")
 BATCH = 500  # rows the reconciler claims per condition and pass

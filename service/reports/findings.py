@@ -16,7 +16,15 @@ from typing import Any
 
 from schemas.verdicts import fmt
 
-__all__ = ["Comparison", "Finding", "check_indices", "findings", "fmt"]
+__all__ = [
+    "Comparison",
+    "Finding",
+    "bracket_lines",
+    "bracket_rows",
+    "check_indices",
+    "findings",
+    "fmt",
+]
 
 
 @dataclass(frozen=True)
@@ -124,6 +132,87 @@ def _worst_case(config: dict[str, Any], result: dict[str, Any]) -> str:
         f"{fmt(_get(row, 'relative_error', 'max'))}{search}, against "
         f"{fmt(_get(result, 'clean_relative_error', 'max'))} without perturbation and "
         f"{fmt(_get(row, 'gaussian_relative_error', 'max'))} for random noise of the same size."
+    ) + _bracket_sentence(result)
+
+
+PROOF_WORDS = {
+    "proven": "the certified bounds prove the threshold",
+    "unproven": "the certified bounds do not prove the threshold",
+    "refuted": "the search already exceeds the threshold",
+    "unavailable": "no certified bound",
+}
+
+
+def bracket_rows(result: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    """A check's brackets with `certify` (docs/reports.md): (where, what is bracketed, the
+    bracket) per worst_case level ("level 0.05"), or lipschitz's one ("radius 0.01"); [] without
+    `certify`."""
+    section = result.get("certify")
+    if not isinstance(section, dict):
+        return []
+    certified = result.get("certified")
+    if isinstance(certified, dict):  # lipschitz: one bracket, over a ball of `radius`
+        where = f"radius {fmt(_get(section, 'radius'))}"
+        return [(where, "Jacobian norm over the ball", certified)]
+    rows = []
+    for row in result.get("levels") or []:
+        bracket = row.get("certified") if isinstance(row, dict) else None
+        if isinstance(bracket, dict):
+            rows.append((f"level {fmt(_get(row, 'level'))}", "change per unit radius", bracket))
+    return rows
+
+
+def bracket_lines(result: dict[str, Any]) -> list[str]:
+    """A check with `certify`: each bracket in words, found ≤ truth ≤ U (docs/reports.md,
+    "worst_case", "lipschitz"), then the proof; [] without it."""
+    section = result.get("certify")
+    if not isinstance(section, dict):
+        return []
+    lines = []
+    for where, what, bracket in bracket_rows(result):
+        proven = bracket.get("proven")
+        state = "" if proven is None else ("; proven" if proven else "; not proven")
+        error = ""
+        if isinstance(bracket.get("relative_error"), dict):
+            error = (
+                f"; relative error [{fmt(_get(bracket, 'relative_error', 'found'), 6)}, "
+                f"{fmt(_get(bracket, 'relative_error', 'upper'), 6)}]"
+            )
+        lines.append(
+            f"bracket at {where}: {what} "
+            f"[{fmt(_get(bracket, 'found'), 6)}, {fmt(_get(bracket, 'upper'), 6)}] "
+            f"(U/L {fmt(_get(bracket, 'ratio'))}){error}{state}"
+        )
+    proof = section.get("proof")
+    summary = f"proof: {proof or 'none (no threshold)'}"
+    if proof in PROOF_WORDS:
+        summary += f" ({PROOF_WORDS[proof]}"
+        if proof == "unproven":
+            summary += f"; certify.unproven = {section.get('unproven')!r}"
+        summary += ")"
+    if section.get("reason"):
+        summary += f"; {section['reason']}"
+    if section.get("proven_level") is not None:
+        summary += f"; proven up to level {fmt(_get(section, 'proven_level'))}"
+    return [*lines, summary]
+
+
+def _bracket_sentence(result: dict[str, Any]) -> str:
+    section = result.get("certify")
+    if not isinstance(section, dict):
+        return ""
+    if section.get("reason"):
+        return f" No certified bound: {section['reason']}."
+    rows = [r for r in result.get("levels") or [] if isinstance(r, dict)]
+    bracket = rows[-1].get("certified") if rows else None
+    if not isinstance(bracket, dict):
+        return ""
+    words = PROOF_WORDS.get(str(section.get("proof")), "")
+    return (
+        f" Certified ({section.get('intermediate')} intermediate bounds): at level "
+        f"{fmt(_get(rows[-1], 'level'))} the worst change per unit radius lies in "
+        f"[{fmt(_get(bracket, 'found'))}, {fmt(_get(bracket, 'upper'))}]"
+        + (f"; {words}." if words else ".")
     )
 
 
@@ -138,6 +227,17 @@ def _lipschitz(config: dict[str, Any], result: dict[str, Any]) -> str:
         sentence += (
             f" The {empirical.get('check')} check found a ratio ‖Ψ(y+e) − Ψ(y)‖/‖e‖ of "
             f"{fmt(empirical.get('value'))} (level {fmt(empirical.get('level'))})."
+        )
+    section = result.get("certify")
+    bracket = result.get("certified")
+    if isinstance(section, dict) and section.get("reason"):
+        sentence += f" No certified bound: {section['reason']}."
+    elif isinstance(section, dict) and isinstance(bracket, dict):
+        words = PROOF_WORDS.get(str(section.get("proof")), "")
+        sentence += (
+            f" Certified ({section.get('intermediate')} intermediate bounds): over the ball of "
+            f"radius {fmt(_get(section, 'radius'))}·‖y‖ around each image the Jacobian norm is "
+            f"at most {fmt(_get(bracket, 'upper'))}" + (f"; {words}." if words else ".")
         )
     return sentence
 

@@ -8,6 +8,10 @@ per compared figure (`comparison`), failing on a regression beyond `max_regressi
 reference model's own check results are skipped (context, not the gate). Torch-free: the
 gateway renders it on the fly from report.json, the CLI writes it as junit.xml.
 
+A worst_case or lipschitz check with `certify`: its test case's text shows each bracket [found,
+U] (per level; lipschitz's over its ball) with U/L and whether it is proven, and the proof (a
+`proven` check passes).
+
 A stochastic model (docs/reports.md, "Stochastic models"): the suite's properties carry its
 noise floor with its interval; each check's test case carries its `sampler` figures as
 properties (draws, replicates, samples, standard errors, probabilities with their intervals,
@@ -22,7 +26,14 @@ import re
 import xml.etree.ElementTree as ET
 from typing import Any
 
-from service.reports.findings import Comparison, Finding, findings, fmt
+from service.reports.findings import (
+    Comparison,
+    Finding,
+    bracket_lines,
+    bracket_rows,
+    findings,
+    fmt,
+)
 
 MEDIA_TYPE = "application/xml"
 
@@ -143,6 +154,21 @@ def _sampler_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _bracket_properties(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """A check with `certify`: the proof and each bracket (per worst_case level, lipschitz's
+    one) as properties."""
+    section = result.get("certify")
+    if not isinstance(section, dict):
+        return []
+    out = [("certified: proof", str(section.get("proof") or "none"))]
+    for where, _, bracket in bracket_rows(result):
+        out += [
+            (f"certified: found at {where}", fmt(_number(bracket.get("found")), 6)),
+            (f"certified: upper at {where}", fmt(_number(bracket.get("upper")), 6)),
+        ]
+    return out
+
+
 def _testcase(suite: ET.Element, finding: Finding) -> bool:
     """Add the test case; True when it failed."""
     case = ET.SubElement(
@@ -168,7 +194,9 @@ def _testcase(suite: ET.Element, finding: Finding) -> bool:
     ] + sampler_figures(finding.result)
     for name, value in extra:
         ET.SubElement(properties, "property", name=name, value=value)
-    sampler = _sampler_lines(finding.result)
+    for name, value in _bracket_properties(finding.result):
+        ET.SubElement(properties, "property", name=name, value=value)
+    sampler = _sampler_lines(finding.result) + bracket_lines(finding.result)
     if finding.subject == "reference" or not finding.has_threshold:
         reason = (
             "context: the reference model's own result (compare_with)"

@@ -31,9 +31,17 @@ def master_secret_path(settings: Settings) -> Path:
 
 
 def master_secret(settings: Settings) -> bytes:
-    """The configured secret, or the generated one (created 0600 by the first process)."""
+    """The configured secret (TIGHTROPE_CALLBACK_SECRET, or the file at
+    TIGHTROPE_CALLBACK_SECRET_PATH), or the generated one (created 0600 by the first process)."""
     if settings.callback_secret:
         return settings.callback_secret.encode("utf-8")
+    if settings.callback_secret_path is not None:
+        value = settings.callback_secret_path.read_text(encoding="utf-8").strip()
+        if not value:
+            raise RuntimeError(
+                f"TIGHTROPE_CALLBACK_SECRET_PATH: the file {settings.callback_secret_path} is empty"
+            )
+        return value.encode("utf-8")
     path = master_secret_path(settings)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
@@ -49,6 +57,11 @@ def master_secret(settings: Settings) -> bytes:
             return value.encode("ascii")
         time.sleep(0.01)
     raise RuntimeError(f"the callback secret file {path} is empty")
+
+
+def secret_id(settings: Settings) -> str:
+    """Names the master secret without revealing it (compared across machines at start)."""
+    return hmac.new(master_secret(settings), b"tightrope-secret-id", hashlib.sha256).hexdigest()
 
 
 def tenant_secret(settings: Settings, tenant_id: str) -> str:

@@ -18,8 +18,8 @@ from schemas.model_spec import ModelSpec
 from schemas.reports import Report
 from tests.engine.classifier_fixtures import context, gaps, linear_case, spec, subject
 from tests.fixtures import model_factory
-from workers.engine.api import run_audit
 from workers.engine.checks.adversarial import Adversarial
+from workers.engine.entry_points import run_audit
 
 KIND = Adversarial()
 

@@ -9,7 +9,7 @@ import torch
 from tests.engine.tiny_models import Identity, config, spec
 from workers.engine.audit import run_audit_with_model
 from workers.engine.checks.false_positive import flattest_window
-from workers.engine.datasets import random_ellipses
+from workers.engine.ground_truth import random_ellipses
 
 
 def test_the_window_goes_where_the_image_is_flat() -> None:

@@ -10,7 +10,7 @@ import torch
 from tests.engine.tiny_models import Identity, Linear, config, spec
 from workers.engine.audit import run_audit_with_model
 from workers.engine.checks.kernel import ETA_MARGIN, certify, nearest_neighbours
-from workers.engine.datasets import random_ellipses
+from workers.engine.ground_truth import random_ellipses
 
 SIDE = 8  # images 8×8: A is a 64×64 matrix
 SMALL = 0.01  # the smallest singular value of A

@@ -15,8 +15,8 @@ from tests.engine.classifier_fixtures import LogitDifference, spec
 from tests.engine.tiny_models import Identity
 from tests.engine.tiny_models import spec as reconstruction_spec
 from workers.engine.audit import run_audit_with_model
-from workers.engine.datasets import load_images
 from workers.engine.digits import digits
+from workers.engine.ground_truth import load_images
 from workers.engine.labelled import load_labelled
 from workers.shared.errors import EngineInputError
 

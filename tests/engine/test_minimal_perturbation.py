@@ -30,7 +30,7 @@ from workers.engine import classifier_attacks
 from workers.engine.checks.minimal_perturbation import MinimalPerturbation, quantile
 from workers.engine.classifiers import ClassifierSubject
 from workers.engine.digits import digits
-from workers.engine.models import load_model
+from workers.engine.model_loading import load_model
 
 KIND = MinimalPerturbation()
 RANGES = [(0.0, 1.0), (-1.0, 1.0), (0.0, 255.0), (-300.0, 300.0)]

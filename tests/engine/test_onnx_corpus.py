@@ -17,7 +17,7 @@ from schemas.model_spec import ModelSpec
 from tests.engine.test_onnx_models import assert_figures_close, audit_both
 from tests.fixtures import onnx_corpus as corpus
 from workers.engine import onnx_models
-from workers.engine.models import ModelRejected, admit, load_model
+from workers.engine.model_loading import ModelRejected, admit, load_model
 
 torch.set_num_threads(1)
 warnings.filterwarnings("ignore", message=".*TorchScript.*")

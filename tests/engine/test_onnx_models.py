@@ -16,8 +16,8 @@ from schemas.audits import AuditConfig
 from schemas.model_spec import ModelSpec
 from tests.fixtures import model_factory as mf
 from workers.engine import onnx_models
-from workers.engine.api import run_audit
-from workers.engine.models import ModelRejected, admit, load_model
+from workers.engine.entry_points import run_audit
+from workers.engine.model_loading import ModelRejected, admit, load_model
 from workers.engine.screening import detect_format
 
 torch.set_num_threads(1)

@@ -9,7 +9,7 @@ from schemas.operators import InpaintingOperator
 from tests.engine.tiny_models import GainAlong, Identity, config, spec
 from workers.engine.audit import run_audit_with_model
 from workers.engine.context import AuditContext
-from workers.engine.datasets import load_images
+from workers.engine.ground_truth import load_images
 from workers.engine.noise import unit_noise
 from workers.engine.operators import build_operator
 from workers.engine.stats import clopper_pearson

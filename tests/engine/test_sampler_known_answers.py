@@ -26,8 +26,8 @@ from tests.engine.tiny_models import config, spec
 from tests.fixtures import model_factory as mf
 from workers.engine.audit import run_audit_with_model
 from workers.engine.checks.false_positive import flattest_window
-from workers.engine.datasets import load_images
-from workers.engine.models import load_model
+from workers.engine.ground_truth import load_images
+from workers.engine.model_loading import load_model
 from workers.engine.report import canonical_json
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")

@@ -12,7 +12,7 @@ import torch
 
 from schemas.model_spec import ModelSpec
 from tests.fixtures import model_factory as mf
-from workers.engine.models import admit
+from workers.engine.model_loading import admit
 from workers.engine.rejection import ModelRejected
 from workers.engine.screening import (
     detect_format,

@@ -16,7 +16,7 @@ from schemas.reports import Report
 from tests.engine.tiny_models import Identity, config, spec
 from tests.fixtures import model_factory as mf
 from workers.engine.audit import SINGLE_DRAW_MEASURES, run_audit_with_model, stochastic_warning
-from workers.engine.models import load_model
+from workers.engine.model_loading import load_model
 from workers.engine.probe import STOCHASTIC_TOLERANCE, probe_input
 from workers.engine.report import canonical_json
 from workers.reporting.html import render_html

@@ -16,7 +16,7 @@ from schemas.model_spec import ModelSpec
 from schemas.reports import Report
 from service.reports.findings import findings
 from workers.cli.main import app
-from workers.engine.api import run_audit
+from workers.engine.entry_points import run_audit
 
 SPEC = {
     "name": "blur-net",

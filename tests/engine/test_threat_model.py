@@ -39,7 +39,11 @@ from workers.engine.context import Subject
 
 # check → (threat model, search, the check's own fields besides kind), in the wire's order
 COMPOSED: dict[type[BaseModel], tuple[type[BaseModel], type[BaseModel], list[str]]] = {
-    WorstCaseCheck: (WorstCaseThreatModel, WorstCaseSearch, ["seed", "threshold", "sampler"]),
+    WorstCaseCheck: (
+        WorstCaseThreatModel,
+        WorstCaseSearch,
+        ["seed", "threshold", "sampler", "certify"],
+    ),
     AdversarialCheck: (AdversarialThreatModel, AdversarialSearch, ["seed", "threshold"]),
     MinimalPerturbationCheck: (
         MinimalPerturbationThreatModel,
@@ -75,6 +79,7 @@ WIRE_ORDER = {
         "seed",
         "threshold",
         "sampler",
+        "certify",
     ],
     AdversarialCheck: [
         "kind",

@@ -13,8 +13,8 @@ import torch
 from schemas.audits import AuditConfig
 from schemas.model_spec import ModelFormat, ModelSpec
 from schemas.operators import MRIOperator
-from workers.engine.datasets import random_ellipses
-from workers.engine.models import admit, load_model
+from workers.engine.ground_truth import random_ellipses
+from workers.engine.model_loading import admit, load_model
 from workers.engine.operators import build_operator
 
 REFERENCE = Path(__file__).resolve().parents[2] / "examples" / "reference"

@@ -16,7 +16,7 @@ import redis
 import torch
 from sqlalchemy import create_engine, select
 
-from service.db.models import AuditShard
+from service.db.tables import AuditShard
 from tests.fixtures.redis_dbs import redis_db
 from workers.cli.client import TightropeClient
 from workers.cli.stack import LocalStack
@@ -57,7 +57,11 @@ def make_stack(
     stacks: list[LocalStack] = []
 
     def make(
-        database_url: str, workers: int = 1, broker: str = REDIS_URL, **env: str
+        database_url: str,
+        workers: int = 1,
+        broker: str = REDIS_URL,
+        private_dirs: bool = False,
+        **env: str,
     ) -> LocalStack:
         stack = LocalStack(
             data_dir=tmp_path / f"data{len(stacks)}",
@@ -65,6 +69,7 @@ def make_stack(
             database_url=database_url,
             workers=workers,
             extra_env={**FAST_RECOVERY, **env},
+            private_dirs=private_dirs,
         )
         stacks.append(stack)
         if workers:

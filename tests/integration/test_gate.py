@@ -18,8 +18,8 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
+from service.reports import signatures as signing
 from service.signing import callbacks as callback_signing
-from service.signing import reports as signing
 from tests.fixtures.redis_dbs import redis_url
 from tests.integration.conftest import FAST_RECOVERY, MODEL_SPEC, SIZE, create_key
 from workers.cli.main import app

@@ -26,7 +26,7 @@ import pytest
 import redis
 from sqlalchemy import create_engine, func, select
 
-from service.db.models import Artifact
+from service.db.tables import Artifact
 from tests.integration.conftest import (
     audit_request,
     client_for,

@@ -22,18 +22,18 @@ from schemas.archive_rules import (
 )
 from schemas.datasets import FileDataset
 from schemas.model_spec import ModelSpec
-from schemas.runner import JOB_FILE, RunnerJob
+from schemas.runner import JOB_FILE, RunnerRequest
 from service.api.inspect_dataset import inspect_dataset
 from service.api.inspect_upload import inspect_model
-from service.api.problems import InvalidUpload
+from service.domain.errors import InvalidUpload
 from service.settings import Settings
 from service.storage.stores import BlobStore
 from tests.fixtures import model_factory as mf
-from workers.engine.datasets import load_images
+from workers.engine.ground_truth import load_images
 from workers.engine.labelled import load_labelled
 from workers.engine.rejection import ModelRejected
 from workers.engine.screening import screen_archive
-from workers.execution.jobs import materialise_admission_job
+from workers.execution.job_dirs import materialise_admission_job
 from workers.shared.arrays import load_array
 from workers.shared.errors import EngineInputError
 from workers.shared.limits import archive_limits, archive_limits_in_force
@@ -395,7 +395,7 @@ def test_the_defaults_are_the_settings_defaults() -> None:
 
 
 def test_an_old_job_without_limits_gets_the_defaults() -> None:
-    job = RunnerJob.model_validate(
+    job = RunnerRequest.model_validate(
         {
             "kind": "admit",
             "model_file": "model.pt",
@@ -419,7 +419,7 @@ def test_the_worker_writes_its_settings_limits_into_the_job(tmp_path: Path) -> N
         id="mdl_1", sha256=sha256, format="torchscript", spec=mf.tiny_cnn_spec()
     )
     job_dir = materialise_admission_job(settings, model, 1)  # type: ignore[arg-type]
-    job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+    job = RunnerRequest.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
     assert job.archive_limits == ArchiveLimits(
         max_entries=7, max_uncompressed_bytes=12345, max_compression_ratio=50.0
     )

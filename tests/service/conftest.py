@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.api.app import create_app
 from service.db.keys import create_api_key
-from service.db.models import Model
+from service.db.tables import Model
 from service.queue.broker import ALL_QUEUES, broker_keys
 from service.settings import Settings
 from tests.fixtures import model_factory

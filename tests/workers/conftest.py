@@ -17,8 +17,8 @@ import pytest
 import redis
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Audit, Base, Model, Tenant, utcnow
 from service.db.session import make_engine
+from service.db.tables import Audit, Base, Model, Tenant, utcnow
 from service.settings import Settings
 from service.storage.stores import BlobStore
 from tests.fixtures.redis_dbs import redis_url

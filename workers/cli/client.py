@@ -144,7 +144,9 @@ class TightropeClient:
             time.sleep(poll)
 
     def get_report(self, audit_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/audits/{audit_id}/report")
+        # a deployment may send the report on to a presigned URL of its bucket (307, another
+        # host: httpx does not carry the API key there)
+        return self._json("GET", f"/v1/audits/{audit_id}/report", follow_redirects=True)
 
     def get_report_file(self, audit_id: str, name: str) -> bytes | None:
         """`report.html` or `report.junit.xml` of a succeeded audit; None when not there."""

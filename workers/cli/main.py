@@ -22,6 +22,8 @@ from rich.console import Console
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 keys_app = typer.Typer(no_args_is_help=True, help="API keys.")
 app.add_typer(keys_app, name="keys")
+storage_app = typer.Typer(no_args_is_help=True, help="The object store (TIGHTROPE_STORAGE_URL).")
+app.add_typer(storage_app, name="storage")
 
 out = Console()
 err = Console(stderr=True)
@@ -66,7 +68,21 @@ def serve(
     # The gateway is an entry point the CLI starts, not a library it uses: imported by name so
     # that nothing outside service.api depends on the HTTP layer (tests/test_layers.py).
     server = importlib.import_module("service.api.server")
+    _check_start("gateway")
     server.run(host=host, port=port)
+
+
+def _check_start(role: str) -> None:
+    """Refuse to start (exit 2, the cause on stderr) when the object store cannot be used, or,
+    for a worker, when its signing key or callback secret is not the gateway's."""
+    from service.settings import get_settings
+    from service.storage.startup import StartRefused, check_gateway_start, check_worker_start
+
+    check = check_gateway_start if role == "gateway" else check_worker_start
+    try:
+        check(get_settings())
+    except StartRefused as exc:
+        raise _fail(f"the {role} cannot start: {exc}") from None
 
 
 @app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
@@ -142,7 +158,46 @@ def worker(
             )
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor: %(message)s")
+    _check_start("worker")
     raise typer.Exit(supervise_workers(children, ["--loglevel", loglevel, *extra]))
+
+
+@storage_app.command("migrate")
+def storage_migrate(
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(help="The local data directory to copy from (default: TIGHTROPE_DATA_DIR)"),
+    ] = None,
+) -> None:
+    """Copy a data directory's blobs, reports and artifacts into the bucket of
+    TIGHTROPE_STORAGE_URL, verifying every object (read back, sha256). Safe to run twice:
+    objects already there with the same sha256 are checked and left as they are."""
+    from service.settings import get_settings
+    from service.storage.migrate import migrate
+    from service.storage.objects import StorageError, object_store
+
+    settings = get_settings()
+    if not settings.storage_url:
+        raise _fail("TIGHTROPE_STORAGE_URL is empty: set it to the bucket to copy into (s3://…)")
+    source = data_dir or settings.data_dir
+    if not source.is_dir():
+        raise _fail(f"no data directory at {source}")
+    target = object_store(settings)
+    try:
+        target.check()
+        report = migrate(source, target, progress=lambda key: err.print(f"copied {key}"))
+    except StorageError as exc:
+        raise _fail(f"{exc} (nothing is lost: run the command again)") from None
+    out.print(
+        f"{report.copied} copied ({report.bytes_copied} bytes), {report.already} already there "
+        f"and verified, {len(report.problems)} problem(s) → {target.description}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    for problem in report.problems:
+        err.print(f"[red]problem:[/red] {problem}", highlight=False, markup=True)
+    if report.problems:
+        raise typer.Exit(1)
 
 
 @app.command("worker-health")
@@ -153,8 +208,8 @@ def worker_health() -> None:
 
     from sqlalchemy import select
 
-    from service.db.models import WorkerHeartbeat
     from service.db.session import session_scope
+    from service.db.tables import WorkerHeartbeat
     from service.settings import get_settings
 
     fresh_after = datetime.now(UTC) - timedelta(seconds=get_settings().worker_stale_seconds)
@@ -318,7 +373,7 @@ def _run_local_audit(
     if not model.is_file():
         raise _fail(f"model file not found: {model}")
     private_key = _load_sign_key(sign_key) if sign_key is not None else None
-    from workers.engine.api import run_audit
+    from workers.engine.entry_points import run_audit
     from workers.engine.rejection import ModelRejected
     from workers.engine.screening import detect_format
     from workers.shared.errors import EngineInputError
@@ -363,7 +418,7 @@ def _run_local_audit(
             raise _fail(str(exc)) from None
     if private_key is not None:
         from schemas.canonical import canonical_json
-        from service.signing.reports import sign_report
+        from service.reports.signatures import sign_report
 
         report = sign_report(report, private_key)
         (out_dir / "report.json").write_text(canonical_json(report), encoding="utf-8")
@@ -374,7 +429,7 @@ def _run_local_audit(
 
 
 def _load_sign_key(path: Path) -> Any:
-    from service.signing.reports import KeyFormatError, load_or_create_private_key
+    from service.reports.signatures import KeyFormatError, load_or_create_private_key
 
     try:
         return load_or_create_private_key(path)
@@ -428,8 +483,8 @@ def verify(
 ) -> None:
     """Check a report's Ed25519 signature: exit 0 when valid, 1 when not (any changed byte of
     its content fails), 2 when a file cannot be read."""
-    from service.signing.reports import KeyFormatError, load_public_key
-    from service.signing.reports import verify as verify_signature
+    from service.reports.signatures import KeyFormatError, load_public_key
+    from service.reports.signatures import verify as verify_signature
 
     document = _read_json(report, "report")
     try:
@@ -444,7 +499,9 @@ def verify(
     out.print(f"valid: {report} signed by key {document['signature']['key_id']}", highlight=False)
 
 
-GATE_CODES = {"pass": 0, "info": 0, "fail": 1}
+# An audit's verdict is pass, fail or info; a check's may be `proven` too, a pass (a
+# worst_case threshold proven by certified bounds), should a service ever answer it.
+GATE_CODES = {"pass": 0, "proven": 0, "info": 0, "fail": 1}
 
 
 @app.command()
@@ -493,6 +550,18 @@ def gate(
     raise typer.Exit(GATE_CODES.get(verdict, 2))
 
 
+def _print_brackets(report: dict[str, Any]) -> None:
+    """Each check with certified bounds (worst_case's `certify`): its verdict and brackets."""
+    from service.reports.findings import bracket_lines, findings
+
+    for finding in findings(report):
+        lines = bracket_lines(finding.result)
+        if lines:
+            out.print(f"{finding.name}: {finding.verdict}", markup=False, highlight=False)
+            for line in lines:
+                out.print(f"  {line}", markup=False, highlight=False)
+
+
 def _write_gate_error(out_dir: Path, message: str) -> None:
     """On exit 2: junit.xml with one errored test case and a report.json stating the error,
     replacing any earlier run's files, so a CI step that reads them (`if: always()`) shows the
@@ -537,6 +606,7 @@ def _gate(
         report = _run_local_audit(model, spec, config, out_dir, quiet, sign_key, reference)
         (out_dir / "junit.xml").write_text(render_junit(report), encoding="utf-8")
         out.print(f"verdict: [bold]{report['verdict']}[/bold]")
+        _print_brackets(report)
         return str(report["verdict"])
     import httpx
 

@@ -53,6 +53,10 @@ class LocalStack:
     database_url: str | None = None  # None: the SQLite file in data_dir
     workers: int = 1
     extra_env: dict[str, str] = field(default_factory=dict)
+    # Every process its own data directory, <data_dir>/<process name>, as on machines that share
+    # no disk: the files they share go through the object store (TIGHTROPE_STORAGE_URL in
+    # extra_env). False: the stack's data directory for all, as on one host.
+    private_dirs: bool = False
     api_url: str = ""
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -60,9 +64,14 @@ class LocalStack:
     def log_dir(self) -> Path:
         return self.data_dir / "logs"
 
-    def env(self) -> dict[str, str]:
+    def process_dir(self, name: str) -> Path:
+        """The data directory of the process `name` (its own with private_dirs)."""
+        return self.data_dir / name if self.private_dirs else self.data_dir
+
+    def env(self, name: str | None = None) -> dict[str, str]:
+        """The environment of the process `name` (None: a command run beside the stack)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("TIGHTROPE_")}
-        env["TIGHTROPE_DATA_DIR"] = str(self.data_dir)
+        env["TIGHTROPE_DATA_DIR"] = str(self.data_dir if name is None else self.process_dir(name))
         if self.broker_url:
             env["TIGHTROPE_BROKER_URL"] = self.broker_url
         if self.database_url:
@@ -72,9 +81,10 @@ class LocalStack:
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.process_dir(name).mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
-            argv, env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            argv, env=self.env(name), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
         log.close()
         self.processes[name] = proc

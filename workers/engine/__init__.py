@@ -2,5 +2,5 @@
 torch-free helpers that the rest of workers/ uses too (errors, arrays, limits, panels) live in
 workers.shared.
 
-Entry points for the runner and the local CLI live in workers.engine.api.
+Entry points for the runner and the local CLI live in workers.engine.entry_points.
 """

@@ -1,7 +1,7 @@
 """Running an audit on a model already in memory: shards, merge, report.
 
-`run_audit_with_model` is what the runner (through workers.engine.api.run_audit) and the tests
-call. Every shard's result is handed to `on_shard` as it finishes, in an envelope that also
+`run_audit_with_model` is what the runner (through workers.engine.entry_points.run_audit) and the
+tests call. Every shard's result is handed to `on_shard` as it finishes, in an envelope that also
 carries its cost, so a resumed audit (`completed_shards`) reproduces the same report."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from schemas.comparisons import comparison_section, spec_problems
 from schemas.datasets import BuiltinDataset
 from schemas.model_spec import ModelSpec
 from schemas.operators import DenoisingOperator
-from schemas.verdicts import check_verdict
+from schemas.verdicts import check_verdict, proven_by
 from schemas.verdicts import compare as threshold_comparison
 from workers.engine.baselines import build_baseline
 from workers.engine.classifiers import classifier_subject
@@ -38,8 +38,8 @@ from workers.engine.context import (
     Reconstructor,
     Subject,
 )
-from workers.engine.datasets import fit_images_to_spec, load_images, scale_to_range
 from workers.engine.devices import resolve_device
+from workers.engine.ground_truth import fit_images_to_spec, load_images, scale_to_range
 from workers.engine.labelled import load_labelled
 from workers.engine.operators import build_operator
 from workers.engine.registry import get_check
@@ -585,7 +585,8 @@ def _merge(
                 "kind": check.kind,
                 "subject": subject,
                 "comparisons": comparisons,
-                "verdict": check_verdict(comparisons),  # computed from the comparisons alone
+                # computed from the comparisons alone (and, with `certify`, the proof)
+                "verdict": check_verdict(comparisons, proven_by(merged)),
                 "warnings": list(merged.get("warnings", [])),
                 "artifacts": artifacts,
             }

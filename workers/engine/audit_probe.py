@@ -10,7 +10,7 @@ from typing import Any
 
 from schemas.audits import AuditConfig
 from schemas.model_spec import ModelFormat, ModelSpec
-from workers.engine.models import load_model, resolve_device
+from workers.engine.model_loading import load_model, resolve_device
 from workers.engine.operators import build_operator
 from workers.engine.probe import probe_model
 

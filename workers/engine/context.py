@@ -61,6 +61,11 @@ class Subject:
     # A sampler (two calls at one input differ; workers.engine.probe): the checks that can
     # audit one average its draws (workers.engine.sampling), the others warn.
     stochastic: bool = False
+    # The network behind `reconstruct`, for certified bounds (worst_case's `certify`): the
+    # torch module and what it reads, "measurement" (y), "adjoint" (A* y) or "image" (y as an
+    # image). None for a subject that is no network of ours (the baseline, an average of draws).
+    network: Any = None
+    network_input: str | None = None
 
 
 @dataclass

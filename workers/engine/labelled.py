@@ -11,8 +11,8 @@ import torch
 
 from schemas.archive_rules import DEFAULT_LABELS_KEY, InputRefused, labels_summary
 from schemas.datasets import BuiltinDataset, DatasetRef, FileDataset
-from workers.engine.datasets import load_images
 from workers.engine.digits import digits
+from workers.engine.ground_truth import load_images
 from workers.shared.arrays import load_array, resolve_path
 from workers.shared.errors import EngineInputError
 

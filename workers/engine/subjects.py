@@ -41,4 +41,11 @@ def model_subject(
             )
         return out
 
-    return Subject(name="model", reconstruct=reconstruct, counter=counter)
+    network = model if isinstance(model, torch.nn.Module) else None
+    return Subject(
+        name="model",
+        reconstruct=reconstruct,
+        counter=counter,
+        network=network,
+        network_input=spec.input if network is not None else None,
+    )

@@ -9,6 +9,7 @@ the shard step shares: workers.execution.steps.follow_child).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -40,12 +41,14 @@ from service.db.lifecycle import (
     store_shard_result,
     update_owned,
 )
-from service.db.models import Audit, Model, utcnow
 from service.db.stored_request import StoredRequestInvalid, stored_callback_url, stored_request
+from service.db.tables import Audit, Model, utcnow
 from service.queue import broker as queue
 from service.settings import Settings
-from service.storage.stores import ArtifactStore
-from workers.execution import jobs
+from service.storage.objects import StorageError, StorageUnavailable
+from service.storage.stores import artifact_store
+from workers.execution import job_dirs
+from workers.execution.finalise import finalise_report
 from workers.execution.heartbeat import set_current_work
 from workers.execution.leases import new_owner
 from workers.execution.steps import (
@@ -60,12 +63,12 @@ from workers.execution.steps import (
     sandbox_for,
     send_safely,
     storage_full_problem,
+    storage_problem,
     time_limit_problem,
     wake_waiting_audits,
     wants_gpu,
 )
 from workers.execution.warm_runner import start_runner
-from workers.reporting.finalise import finalise_report
 from workers.sandbox.bubblewrap import SandboxUnavailable
 from workers.sandbox.child import RunnerChild
 
@@ -136,7 +139,7 @@ class _Attempt:
         update_owned(self.session, self.audit_id, self.owner, **values)
 
     def record_shard(self, event: RunnerEvent) -> None:
-        result = jobs.read_shard(self.job_dir, event.shard_id or "")
+        result = job_dirs.read_shard(self.job_dir, event.shard_id or "")
         if result is None:
             log.warning("audit %s: unreadable shard %r", self.audit_id, event.shard_id)
             return
@@ -153,7 +156,7 @@ class _Attempt:
         """Store the planned shards as rows (keeping any stored before), release the audit
         (still `running`) and send one token per waiting shard, or the finalising task when
         every shard is already stored (an audit resumed after an upgrade)."""
-        plan = jobs.read_plan(self.job_dir)
+        plan = job_dirs.read_plan(self.job_dir)
         if plan is None or not plan.shards:
             self.fail(problems.INTERNAL_ERROR, "the runner's shard plan is unreadable")
             return
@@ -202,15 +205,27 @@ class _Attempt:
                 finalise_report(report, self.job_dir / "out", self.settings)
             self.timings["sign and render"] = time.monotonic() - started
             started = time.monotonic()
-            jobs.import_outputs(self.session, self.settings, self.audit_id, self.job_dir)
+            job_dirs.import_outputs(self.session, self.settings, self.audit_id, self.job_dir)
             self.timings["import"] = time.monotonic() - started
         except OSError as exc:
             if not is_storage_full(exc):
                 raise
             # No Artifact row was committed: nothing half-written is ever served.
             self.session.rollback()
-            ArtifactStore(self.settings.artifact_dir).remove_audit(self.audit_id)
+            artifact_store(self.settings).remove_audit(self.audit_id)
             self.finish(status="failed", error=storage_full_problem(str(exc)))
+            return
+        except StorageUnavailable as exc:
+            # No Artifact row was committed and the audit is not `succeeded`: what reached
+            # the store is served by nothing; the next attempt writes it again.
+            self.session.rollback()
+            self.wait_for_storage(exc)
+            return
+        except StorageError as exc:
+            self.session.rollback()
+            with contextlib.suppress(StorageError):
+                artifact_store(self.settings).remove_audit(self.audit_id)
+            self.finish(status="failed", error=storage_problem(exc))
             return
         self.finish(
             status="succeeded",
@@ -223,6 +238,20 @@ class _Attempt:
             progress_message=REPORT_WRITTEN,
             error=None,
         )
+
+    def wait_for_storage(self, exc: StorageUnavailable) -> None:
+        """The object store is unreachable: the step is given back (queued, its attempt not
+        spent) and the reconciler sends it again after requeue_after_seconds."""
+        log.warning("audit %s waits for the object store: %s", self.audit_id, exc)
+        release_lease(
+            self.session,
+            self.audit_id,
+            self.owner,
+            status="queued",
+            enqueued_at=utcnow(),
+            attempts=Audit.attempts - 1,
+        )
+        self.finished = True
 
     def record_error(self, event: RunnerEvent) -> None:
         self.finish(status="failed", error=runner_error_problem(self.settings, event))
@@ -339,9 +368,9 @@ def execute_audit(
     set_current_work(audit_id)
     step_started = time.monotonic()
     try:
-        attempt.job_dir = jobs.materialise_audit_job(session, settings, audit, model, kind=kind)
+        attempt.job_dir = job_dirs.materialise_audit_job(session, settings, audit, model, kind=kind)
         attempt.timings["job"] = time.monotonic() - step_started
-    except jobs.JobInputError as exc:
+    except job_dirs.JobInputError as exc:
         set_current_work(None)
         attempt.fail(problems.INVALID_AUDIT_INPUT, str(exc))
         return "failed"
@@ -350,6 +379,14 @@ def execute_audit(
         if not is_storage_full(exc):
             raise
         attempt.finish(status="failed", error=storage_full_problem(str(exc)))
+        return "failed"
+    except StorageUnavailable as exc:
+        set_current_work(None)
+        attempt.wait_for_storage(exc)
+        return "waiting"
+    except StorageError as exc:
+        set_current_work(None)
+        attempt.finish(status="failed", error=storage_problem(exc))
         return "failed"
     try:
         limit = audit_time_limit(settings, request, audit.probe_seconds)
@@ -361,7 +398,7 @@ def execute_audit(
         return "planned" if attempt.planned else result
     finally:
         set_current_work(None)
-        jobs.remove_job_dir(attempt.job_dir)
+        job_dirs.remove_job_dir(attempt.job_dir)
         phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in attempt.timings.items())
         log.info(
             "audit %s: %s step in %.2f s (%s)",

@@ -38,8 +38,8 @@ from schemas.callback_targets import (
     check_target,
 )
 from service.db.audit_status import to_status
-from service.db.models import Audit
 from service.db.stored_request import stored_callback_url
+from service.db.tables import Audit
 from service.settings import Settings
 from service.signing import callbacks as callback_signing
 

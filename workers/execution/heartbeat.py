@@ -17,7 +17,7 @@ from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import WorkerHeartbeat, utcnow
+from service.db.tables import WorkerHeartbeat, utcnow
 from service.settings import Settings
 from workers.execution.reconciler import reconcile_once
 

@@ -31,7 +31,7 @@ from service.db.lifecycle import (
     resend_unfinalised,
     stale_shard_condition,
 )
-from service.db.models import Audit, AuditShard, Model
+from service.db.tables import Audit, AuditShard, Model
 from service.queue import broker as queue
 from service.queue.dispatch import get_dispatcher
 from service.settings import Settings, get_settings

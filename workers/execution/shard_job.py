@@ -3,7 +3,7 @@
 The worker leases the fairest waiting shard of its queue (workers.execution.shard_leases;
 the lease and every status it writes: service.db.lifecycle),
 runs it in a sandboxed child from a job directory it keeps for the audit
-(workers.execution.job_cache), and stores
+(workers.execution.job_dir_cache), and stores
 the result the moment the child reports it. The worker that stores the last shard sends the
 finalising task. A child that dies is retried (another token) until max_attempts; an error
 the engine reports fails the whole audit, since every other shard would meet it too.
@@ -29,12 +29,13 @@ from schemas import problem as problems
 from schemas.audits import AuditRequest
 from schemas.runner import STOP_FILE, RunnerEvent
 from service.db.lifecycle import count_progress, gave_up_problem, release_shard, renew_shard
-from service.db.models import Audit, AuditShard, Model, utcnow
 from service.db.stored_request import StoredRequestInvalid, stored_request
+from service.db.tables import Audit, AuditShard, Model, utcnow
 from service.settings import Settings
-from workers.execution import jobs
+from service.storage.objects import StorageError, StorageUnavailable
+from workers.execution import job_dirs
 from workers.execution.heartbeat import set_current_work
-from workers.execution.job_cache import JobCache, worker_cache
+from workers.execution.job_dir_cache import JobDirCache, worker_cache
 from workers.execution.leases import new_owner
 from workers.execution.shard_leases import ClaimedShard, claim_shard
 from workers.execution.steps import (
@@ -49,6 +50,7 @@ from workers.execution.steps import (
     sandbox_for,
     send_safely,
     storage_full_problem,
+    storage_problem,
     time_limit_problem,
     wants_gpu,
 )
@@ -100,7 +102,7 @@ class _ShardRun:
                 self.claimed.shard_id,
             )
             return
-        result = jobs.read_shard(self.job_dir, event.shard_id)
+        result = job_dirs.read_shard(self.job_dir, event.shard_id)
         if result is None:
             log.warning("audit %s: unreadable shard %r", self.audit_id, event.shard_id)
             return
@@ -180,7 +182,7 @@ def execute_shard(
     worker: str = "worker",
     owner: str | None = None,
     sends: Sends | None = None,
-    cache: JobCache | None = None,
+    cache: JobDirCache | None = None,
 ) -> str:
     """Run the fairest waiting shard of `queue_name`; returns "idle" (none waiting), "done",
     "retry", "failed", "cancelled" or "lease_lost". `hint` (the audit whose plan sent this
@@ -221,14 +223,19 @@ def execute_shard(
     try:
         try:
             run.job_dir = cache.job_dir(session, settings, audit, model, owner.split(":")[1])
-            jobs.write_shard_job(run.job_dir, [claimed.shard_id])
-        except jobs.JobInputError as exc:
+            job_dirs.write_shard_job(run.job_dir, [claimed.shard_id])
+        except job_dirs.JobInputError as exc:
             run.fail_audit(problems.INVALID_AUDIT_INPUT.document(str(exc)))
             return "failed"
         except OSError as exc:
             if not is_storage_full(exc):
                 raise
             run.fail_audit(storage_full_problem(str(exc)))
+            return "failed"
+        except StorageUnavailable as exc:
+            return _wait_for_storage(run, exc)
+        except StorageError as exc:
+            run.fail_audit(storage_problem(exc))
             return "failed"
         return _supervise(run, request, limit, model.format, cache, watchdog)
     finally:
@@ -242,7 +249,7 @@ def _supervise(
     request: AuditRequest,
     limit: float,
     model_format: str,
-    cache: JobCache,
+    cache: JobDirCache,
     watchdog: Watchdog,
 ) -> str:
     settings = run.settings
@@ -282,7 +289,7 @@ def _supervise(
 
 
 def _follow(
-    run: _ShardRun, child: RunnerChild, limit: float, cache: JobCache, watchdog: Watchdog
+    run: _ShardRun, child: RunnerChild, limit: float, cache: JobDirCache, watchdog: Watchdog
 ) -> str:
     follow_child(
         child,
@@ -394,6 +401,25 @@ def _cancel_if_asked(run: _ShardRun) -> None:
     cancel = run.session.scalar(select(Audit.cancel_requested).where(Audit.id == run.audit_id))
     if cancel:
         end_unleased_audit(run.session, run.settings, run.audit_id, run.sends, status="cancelled")
+
+
+def _wait_for_storage(run: _ShardRun, exc: StorageUnavailable) -> str:
+    """The object store is unreachable (the model or a dataset could not be fetched): the
+    shard waits, queued again without spending an attempt; the reconciler sends it a new
+    token after requeue_after_seconds, so it runs once the store is back."""
+    log.warning(
+        "shard %s of %s waits for the object store: %s", run.claimed.shard_id, run.audit_id, exc
+    )
+    release_shard(
+        run.session,
+        run.audit_id,
+        run.claimed.shard_id,
+        run.owner,
+        status="queued",
+        attempts=AuditShard.attempts - 1,
+        enqueued_at=utcnow(),
+    )
+    return "retry"
 
 
 def _retry_or_give_up(run: _ShardRun, detail: str) -> str:

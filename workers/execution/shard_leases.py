@@ -21,7 +21,7 @@ from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from service.db.lifecycle import take_shard
-from service.db.models import Audit, AuditShard
+from service.db.tables import Audit, AuditShard
 
 PRIORITY_RANK = {"high": 0, "normal": 1, "low": 2}
 CANDIDATE_AUDITS = 8

@@ -24,10 +24,11 @@ from schemas import problem as problems
 from schemas.audits import AuditRequest
 from schemas.runner import RunnerEvent
 from service.db.lifecycle import end_shard_phase
-from service.db.models import Audit, utcnow
 from service.db.stored_request import StoredRequestInvalid, stored_callback_url, stored_request
+from service.db.tables import Audit, utcnow
 from service.queue.dispatch import get_dispatcher
 from service.settings import Settings
+from service.storage.objects import StorageError, StorageFull, StorageRefused
 from workers.execution.shard_leases import PRIORITY_RANK
 from workers.sandbox.bubblewrap import Sandbox, has_gpu
 from workers.sandbox.child import RunnerChild
@@ -62,6 +63,23 @@ def storage_full_problem(detail: str) -> dict[str, Any]:
         f"the service's data directory is full ({detail}); nothing of this audit's report was "
         "published; submit it again later"
     )
+
+
+def storage_problem(exc: StorageError) -> dict[str, Any]:
+    """The problem an audit fails with when the object store fails it for good: full
+    (`storage-full`, as a full data directory), refusing the workers (`storage-unavailable`:
+    credentials, a missing bucket), or holding a corrupted object (`internal-error`). An
+    unreachable store (StorageUnavailable) fails nothing: the step waits for it instead."""
+    if isinstance(exc, StorageFull):
+        return problems.STORAGE_FULL.document(
+            f"the service's object store is full ({exc}); nothing of this audit's report was "
+            "published; submit it again later"
+        )
+    if isinstance(exc, StorageRefused):
+        return problems.STORAGE_UNAVAILABLE.document(
+            f"the service's object store refused the worker: {exc}"
+        )
+    return problems.INTERNAL_ERROR.document(f"the service's object store failed: {exc}")
 
 
 def runner_error_problem(

@@ -13,11 +13,11 @@ from service.queue.broker import (
     TASK_SEND_CALLBACK,
 )
 from service.settings import get_settings
-from workers.execution.admission import execute_admission
+from workers.execution.admission_job import execute_admission
 from workers.execution.audit_job import execute_audit
 from workers.execution.callbacks import Delivery, backoff_seconds, deliver_callback
 from workers.execution.celery_app import app
-from workers.execution.job_cache import end_kept_runner
+from workers.execution.job_dir_cache import end_kept_runner
 from workers.execution.shard_job import execute_shard
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,7 @@
-"""Reports people read: the self-contained report.html (html.py, figures.py, templates/) and
-the worker's last step on a finished report (finalise.py: sign, render). Torch-free: the Celery
-process and the local CLI both use it; the JUnit renderer and the signatures live in service/
-(service.reports.junit, service.signing.reports) because the gateway needs them too."""
+"""report.html, the self-contained page people read (html.py, figures.py, templates/), rendered
+by the workers' finalising step (workers.execution.finalise) and the local CLI. Torch-free.
+
+It lives in workers/, not beside the rest of the report code in service.reports (findings,
+JUnit, signatures: what the gateway needs too), because it draws with the engine's torch-free
+helpers of workers.shared (the image panels the engine draws as well, the one array reader),
+and no module of service/ imports workers/ (tests/test_layers.py)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,8 +39,25 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def curves_png(title: str, ylabel: str, curves: list[Curve]) -> bytes | None:
-    """Lines of a quantity against the relative perturbation level; None when nothing to plot."""
+@dataclass(frozen=True)
+class Band:
+    """A shaded range per level, [low, high] (a bracket: found below, certified above)."""
+
+    label: str
+    levels: list[float]
+    low: list[float | None]
+    high: list[float | None]
+
+
+# a band reaching above this many times the curves' largest value is cut at the axis' top
+BAND_CLIP = 10.0
+
+
+def curves_png(
+    title: str, ylabel: str, curves: list[Curve], bands: Sequence[Band] = ()
+) -> bytes | None:
+    """Lines of a quantity against the relative perturbation level, and shaded bands (clipped
+    at BAND_CLIP times the lines' largest value); None when no line has a value."""
     drawable = [c for c in curves if any(v is not None and math.isfinite(v) for v in c.values)]
     if not drawable:
         return None
@@ -54,6 +72,20 @@ def curves_png(title: str, ylabel: str, curves: list[Curve]) -> bytes | None:
         ]
         xs, ys = zip(*points, strict=True)
         ax.plot(xs, ys, curve.style, marker=curve.marker, label=curve.label)
+    top = max(v for c in drawable for v in c.values if v is not None and math.isfinite(v))
+    for band in bands:
+        spans = [
+            (lv, lo, min(hi, BAND_CLIP * top) if top > 0 else hi)
+            for lv, lo, hi in zip(band.levels, band.low, band.high, strict=True)
+            if lo is not None and hi is not None and math.isfinite(lo) and math.isfinite(hi)
+        ]
+        if spans:
+            xs, lows, highs = zip(*spans, strict=True)
+            # each level's bracket as a bar, the band between levels shaded
+            ax.vlines(xs, lows, highs, linewidth=6, alpha=0.35, color="C3", label=band.label)
+            if len(xs) > 1:
+                ax.fill_between(xs, lows, highs, alpha=0.15, color="C3")
+            ax.plot(xs, highs, ":", marker="v", color="C3")
     if min(levels) > 0 and max(levels) / min(levels) >= 10:
         ax.set_xscale("log")
     ax.set_xlabel("relative perturbation level δ")

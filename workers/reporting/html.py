@@ -21,14 +21,16 @@ from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
-from service.reports.findings import Finding, findings, fmt
-from workers.reporting.figures import Curve, artifact_array, curves_png
+from service.reports.findings import Finding, bracket_lines, bracket_rows, findings, fmt
+from workers.reporting.figures import BAND_CLIP, Band, Curve, artifact_array, curves_png
 from workers.shared.panels import Panel, panels_png
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPORT_HTML = "report.html"
 REPORT_JSON = "report.json"
 SUBJECT_LABEL = {"model": "network", "reference": "reference model", "baseline": "baseline"}
+# The kinds whose `certify` brackets get a table (docs/reports.md)
+BRACKETED = ("worst_case", "lipschitz")
 
 
 @dataclass
@@ -65,8 +67,30 @@ def _series(result: dict[str, Any], quantity: str, statistic: str) -> tuple[list
     return [float(row.get("level", 0.0)) for row in rows], values
 
 
+def _bracket_band(finding: Finding) -> Band | None:
+    """worst_case with `certify`: the certified relative error above the found one per level."""
+    if not isinstance(finding.result.get("certify"), dict):
+        return None
+    levels, low, high = [], [], []
+    for row in _levels(finding.result):
+        bracket = row.get("certified")
+        error = bracket.get("relative_error") if isinstance(bracket, dict) else None
+        if not isinstance(error, dict):
+            continue
+        levels.append(float(row.get("level", 0.0)))
+        low.append(_number(error.get("found")))
+        high.append(_number(error.get("upper")))
+    who = SUBJECT_LABEL.get(finding.subject, finding.subject)
+    return Band(f"{who}: certified bracket", levels, low, high) if levels else None
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _error_curves(kind: str, group: list[Finding]) -> Figure | None:
     curves: list[Curve] = []
+    bands: list[Band] = []
     for finding in group:
         who = SUBJECT_LABEL.get(finding.subject, finding.subject)
         if kind == "worst_case":
@@ -74,13 +98,16 @@ def _error_curves(kind: str, group: list[Finding]) -> Figure | None:
             curves.append(Curve(f"{who}: worst case", levels, worst))
             levels, gaussian = _series(finding.result, "gaussian_relative_error", "max")
             curves.append(Curve(f"{who}: random noise, same size", levels, gaussian, "--", "s"))
+            band = _bracket_band(finding)
+            if band is not None:
+                bands.append(band)
         else:
             levels, mean = _series(finding.result, "relative_error", "mean")
             curves.append(Curve(f"{who}: mean", levels, mean))
             levels, largest = _series(finding.result, "relative_error", "max")
             curves.append(Curve(f"{who}: largest", levels, largest, "--", "s"))
     title = "worst-case perturbation" if kind == "worst_case" else "random noise"
-    uri = _data_uri(curves_png(title, "relative error ‖Ψ(y+e) − x‖/‖x‖", curves))
+    uri = _data_uri(curves_png(title, "relative error ‖Ψ(y+e) − x‖/‖x‖", curves, bands))
     if uri is None:
         return None
     caption = (
@@ -90,7 +117,62 @@ def _error_curves(kind: str, group: list[Finding]) -> Figure | None:
         else "Relative error under random noise (uniform on the sphere) of each relative size: "
         "mean and largest."
     )
+    if bands:
+        caption += (
+            " The bar from the worst case found up to the certified upper bound (‖Ψ(y) − x‖ + "
+            f"U)/‖x‖ is the bracket the worst case lies in (cut at {BAND_CLIP:g} times the "
+            "largest curve value where it reaches higher: see the bracket table)."
+        )
     return Figure("Error against perturbation level", uri, caption)
+
+
+def _bracket_table(finding: Finding) -> dict[str, Any] | None:
+    """A check with `certify`: per bracket (worst_case's levels, lipschitz's ball) found ≤ truth
+    ≤ U, U/L, proven, cost; worst_case adds the relative error's bracket."""
+    section = finding.result.get("certify")
+    if not isinstance(section, dict):
+        return None
+    lipschitz = finding.kind == "lipschitz"
+    rows = []
+    for where, _, bracket in bracket_rows(finding.result):
+        error = bracket.get("relative_error") or {}
+        proven = bracket.get("proven")
+        cells = [
+            fmt(_number(bracket.get("found"))),
+            fmt(_number(bracket.get("upper"))),
+            fmt(_number(bracket.get("ratio"))),
+            *(
+                []
+                if lipschitz
+                else [fmt(_number(error.get("found"))), fmt(_number(error.get("upper")))]
+            ),
+            "n/a" if proven is None else ("proven" if proven else "not proven"),
+            fmt(_number(bracket.get("seconds"))),
+            fmt(_number(bracket.get("peak_memory_bytes"))),
+        ]
+        rows.append({"level": where.split(" ", 1)[1], "cells": cells})
+    who = SUBJECT_LABEL.get(finding.subject, finding.subject)
+    found, upper = (
+        ("found L (norm at y)", "certified U (over the ball)")
+        if lipschitz
+        else ("found L (change / ε)", "certified U / ε")
+    )
+    return {
+        "title": f"{who}: certified bracket ({section.get('intermediate')} intermediate bounds)",
+        "headers": [
+            found,
+            upper,
+            "U/L",
+            *([] if lipschitz else ["relative error found", "relative error certified"]),
+            "threshold",
+            "bound seconds",
+            "peak memory (bytes)",
+        ],
+        "rows": rows,
+        "level_header": "radius (relative to ‖y‖)" if lipschitz else "level δ",
+        "note": " ".join(bracket_lines(finding.result)[-1:])
+        + f". Memory: {section.get('memory_measure')}.",
+    }
 
 
 def _artifact(finding: Finding, directory: Path, suffix: str) -> Any:
@@ -280,6 +362,9 @@ def build_sections(report: dict[str, Any], directory: Path) -> list[CheckSection
             table = _table(section.kind, finding)
             if table is not None:
                 section.tables.append(table)
+            bracket = _bracket_table(finding) if section.kind in BRACKETED else None
+            if bracket is not None:
+                section.tables.append(bracket)
     return [sections[i] for i in sorted(sections)]
 
 
@@ -303,7 +388,7 @@ def render_html(report: dict[str, Any], directory: Path) -> str:
     all_findings = [f for s in sections for f in s.findings]
     counts = {
         verdict: sum(f.verdict == verdict for f in all_findings)
-        for verdict in ("fail", "pass", "info")
+        for verdict in ("fail", "pass", "info", "proven")
     }
     return (
         _environment()

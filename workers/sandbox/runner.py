@@ -4,7 +4,7 @@
 `--warm`: import the engine first, then wait on stdin for the worker to put a job into the
 (empty, private) job directory and say `run` or `serve` (workers.execution.warm_runner).
 
-Reads `job.json` (schemas.runner.RunnerJob), calls the engine, and reports on stdout one JSON
+Reads `job.json` (schemas.runner.RunnerRequest), calls the engine, and reports on stdout one JSON
 line per schemas.runner.RunnerEvent. Anything the engine or the model prints goes to stderr:
 the event stream lives on a private copy of the original stdout, so it cannot be forged or
 corrupted by prints. Every failure, including a MemoryError, ends in an `error` event and exit
@@ -34,8 +34,8 @@ from schemas.runner import (
     SHARDS_DIR,
     STOP_FILE,
     RunnerEvent,
-    RunnerJob,
     RunnerPlan,
+    RunnerRequest,
 )
 
 # torch-free at module level: the model-call counter the beat reads, and the shared error
@@ -124,10 +124,12 @@ def load_completed_shards(job_dir: Path) -> dict[str, dict[str, Any]]:
     return shards
 
 
-def run_admission(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
-    from workers.engine import api
+def run_admission(job: RunnerRequest, job_dir: Path, events: EventStream) -> None:
+    from workers.engine import entry_points
 
-    admission = api.admit_model(job_dir / job.model_file, job.model_format, job.spec, device="cpu")
+    admission = entry_points.admit_model(
+        job_dir / job.model_file, job.model_format, job.spec, device="cpu"
+    )
     if admission.ok:
         events.emit("admitted", info=admission.info)
     else:
@@ -142,21 +144,23 @@ def serve_next_jobs(job_dir: Path, events: EventStream) -> None:
     """--serve: after the first job, run the job in job.json again each time the worker
     writes a line to stdin; end at end of input (the worker closed it, or died)."""
     while sys.stdin.readline():
-        job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+        job = RunnerRequest.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
         if job.kind != "shards":
             raise ValueError("a serving runner runs `shards` jobs only")
         run_audit(job, job_dir, events)
 
 
-def run_plan(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
-    from workers.engine import api
+def run_plan(job: RunnerRequest, job_dir: Path, events: EventStream) -> None:
+    from workers.engine import entry_points
 
     if job.config is None:
         raise ValueError("job.json: a plan job needs a config")
     probe = _probe_before_planning(job, job_dir, events)
     if probe is None:
         return
-    shards = api.plan_audit(job.spec, job.config, job_dir, compare=job.reference is not None)
+    shards = entry_points.plan_audit(
+        job.spec, job.config, job_dir, compare=job.reference is not None
+    )
     if len(shards) > MAX_SHARDS:
         raise EngineInputError(
             f"the audit splits into {len(shards)} shards, more than {MAX_SHARDS}: raise "
@@ -170,7 +174,7 @@ def run_plan(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
 
 
 def _probe_before_planning(
-    job: RunnerJob, job_dir: Path, events: EventStream
+    job: RunnerRequest, job_dir: Path, events: EventStream
 ) -> dict[str, Any] | None:
     """The model's probe through the audit's operator; None (and an error event naming the
     model) when the model fails it. The worker gives the plan child the probe's short time
@@ -194,8 +198,8 @@ def _probe_before_planning(
     return {"probe": facts}
 
 
-def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
-    from workers.engine import api
+def run_audit(job: RunnerRequest, job_dir: Path, events: EventStream) -> None:
+    from workers.engine import entry_points
 
     if job.config is None:
         raise ValueError("job.json: an audit job needs a config")
@@ -216,7 +220,7 @@ def run_audit(job: RunnerJob, job_dir: Path, events: EventStream) -> None:
         events.emit("shard", shard_id=shard_id, file=f"{SHARDS_DIR}/{shard_id}.json")
 
     with Beats(events):
-        report = api.run_audit(
+        report = entry_points.run_audit(
             job_dir / job.model_file,
             job.model_format,
             job.spec,
@@ -281,11 +285,11 @@ def describe_failure(exc: BaseException) -> dict[str, Any]:
 WARM_IMPORTS = (
     "torch",
     "deepinv",
-    "workers.engine.api",
+    "workers.engine.entry_points",
     "workers.engine.audit",
     "workers.engine.audit_probe",
-    "workers.engine.admission",
-    "workers.engine.models",
+    "workers.engine.admission_result",
+    "workers.engine.model_loading",
     "workers.engine.operators",
     "workers.shared.panels",
     "scipy.stats",
@@ -328,7 +332,7 @@ def main(argv: list[str]) -> int:
                 return 0
             serve = told
         job_dir = Path(argv[0])
-        job = RunnerJob.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+        job = RunnerRequest.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
         # every archive the engine reads is held to the gateway's limits, which the job carries
         with archive_limits_in_force(job.archive_limits):
             if job.kind == "admit":

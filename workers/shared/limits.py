@@ -1,6 +1,6 @@
 """The archive limits the engine holds files to (schemas.archive_rules.ArchiveLimits).
 
-The sandboxed runner sets them from its job (schemas.runner.RunnerJob.archive_limits, which the
+The sandboxed runner sets them from its job (schemas.runner.RunnerRequest.archive_limits, which the
 worker fills from its settings, the gateway's values) for as long as it runs the job; anything
 else (the local CLI, tests) gets the defaults, which are the settings' defaults. torch-free.
 """

@@ -2,7 +2,7 @@
 key, the tenant's audits (status, verdict, model, progress, filters, pages), an audit with its
 report, two audits side by side, models and datasets.
 
-Every page reads through the same tenant-scoped rules as the API (service/api/rules/:
+Every page reads through the same tenant-scoped rules as the API (service/domain/:
 `list_page`, `get_owned_audit`, ...), never through a route module: another tenant's audit is a
 404 here as there. The routes that need a signed-in user (or the user's audit) take it as a
 dependency (`SignedIn`, `OwnedAudit`); without one the dependency answers (the sign-in redirect,
@@ -34,18 +34,20 @@ from service.api.audit_views import check_progress, to_status
 from service.api.console import sessions
 from service.api.console.charts import compare_charts
 from service.api.console.sessions import ConsoleUser
-from service.api.deps import SessionDep, SettingsDep, public_key_of
+from service.api.deps import ArtifactsDep, SessionDep, public_key_of
 from service.api.http_headers import REPORT_HTML_CSP, report_response, security_headers
-from service.api.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
-from service.api.problems import TightropeError
-from service.api.rules import audits as rules
-from service.api.rules.resources import dataset_page, model_page
-from service.db.models import Artifact, Audit, Model
+from service.api.stored_files import StoredObjectResponse
+from service.db.tables import Artifact, Audit, Model
+from service.domain import audit_rules as rules
+from service.domain.errors import TightropeError
+from service.domain.pagination import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
+from service.domain.resource_rules import dataset_page, model_page
+from service.reports import signatures as signing
 from service.reports.findings import findings, fmt
 from service.reports.junit import MEDIA_TYPE as JUNIT_MEDIA_TYPE
 from service.reports.junit import render_junit
-from service.settings import Settings
-from service.signing import reports as signing
+from service.storage.objects import StorageError
+from service.storage.stores import ArtifactStore
 
 
 class Answered(Exception):
@@ -359,13 +361,13 @@ def progress(
     )
 
 
-def _read_report(audit: Audit, artifact_root: Path) -> dict[str, Any] | None:
+def _read_report(audit: Audit, artifacts: ArtifactStore) -> dict[str, Any] | None:
     if audit.status != "succeeded" or not audit.report_path:
         return None
     try:
-        path = rules.path_inside(artifact_root, audit.report_path)
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except (TightropeError, OSError, ValueError):
+        key, info = rules.report_file(audit, artifacts, "report")
+        report = json.loads(artifacts.read_bytes(key, info.sha256).decode("utf-8"))
+    except (TightropeError, OSError, ValueError, StorageError):
         return None
     return report if isinstance(report, dict) else None
 
@@ -385,17 +387,17 @@ def _signature_state(request: Request, report: dict[str, Any]) -> tuple[str, str
 
 @router.get("/audits/{audit_id}", response_class=HTMLResponse)
 def audit_page(
-    request: Request, session: SessionDep, settings: SettingsDep, user: SignedIn, audit: OwnedAudit
+    request: Request,
+    session: SessionDep,
+    stored: ArtifactsDep,
+    user: SignedIn,
+    audit: OwnedAudit,
 ) -> Response:
     checks = check_progress(session, audit.id) if audit.shards_total > 0 else None
     view = to_status(audit, checks)
     model = session.get(Model, audit.model_id)
-    report = _read_report(audit, settings.artifact_dir)
-    has_html = (
-        report is not None
-        and audit.report_path is not None
-        and (settings.artifact_dir / audit.report_path).with_name("report.html").is_file()
-    )
+    report = _read_report(audit, stored)
+    has_html = report is not None and _has_report_html(audit, stored)
     artifacts = session.scalars(
         select(Artifact.name).where(Artifact.audit_id == audit.id).order_by(Artifact.name)
     ).all()
@@ -425,9 +427,19 @@ def audit_page(
     )
 
 
-def _report_download(user: ConsoleUser, audit: Audit, settings: Settings, name: str) -> Response:
+def _has_report_html(audit: Audit, artifacts: ArtifactStore) -> bool:
     try:
-        file = report_response(rules.report_path(audit, settings.artifact_dir, name), name)
+        rules.report_file(audit, artifacts, "report.html")
+    except TightropeError:
+        return False
+    return True
+
+
+def _report_download(
+    user: ConsoleUser, audit: Audit, artifacts: ArtifactStore, name: str
+) -> Response:
+    try:
+        file = report_response(artifacts, rules.report_file(audit, artifacts, name), name)
     except TightropeError as exc:
         return _problem_page(user, exc)
     file.headers["X-Content-Type-Options"] = "nosniff"
@@ -438,22 +450,22 @@ def _report_download(user: ConsoleUser, audit: Audit, settings: Settings, name: 
 
 
 @router.get("/audits/{audit_id}/report.json")
-def report_json(settings: SettingsDep, user: SignedIn, audit: OwnedAudit) -> Response:
-    return _report_download(user, audit, settings, "report")
+def report_json(artifacts: ArtifactsDep, user: SignedIn, audit: OwnedAudit) -> Response:
+    return _report_download(user, audit, artifacts, "report")
 
 
 @router.get("/audits/{audit_id}/report.html")
-def report_html(settings: SettingsDep, user: SignedIn, audit: OwnedAudit) -> Response:
-    return _report_download(user, audit, settings, "report.html")
+def report_html(artifacts: ArtifactsDep, user: SignedIn, audit: OwnedAudit) -> Response:
+    return _report_download(user, audit, artifacts, "report.html")
 
 
 @router.get("/audits/{audit_id}/report.junit.xml")
 def report_junit(
-    audit_id: str, settings: SettingsDep, user: SignedIn, audit: OwnedAudit
+    audit_id: str, artifacts: ArtifactsDep, user: SignedIn, audit: OwnedAudit
 ) -> Response:
     if audit.status != "succeeded":
         return _error(user, 409, f"Audit {audit_id!r} is {audit.status}; no report yet.")
-    report = _read_report(audit, settings.artifact_dir)
+    report = _read_report(audit, artifacts)
     if report is None:
         return _error(user, 404, f"Audit {audit_id!r} has no readable report.")
     return Response(
@@ -471,29 +483,29 @@ def artifact(
     audit_id: str,
     name: str,
     session: SessionDep,
-    settings: SettingsDep,
+    artifacts: ArtifactsDep,
     user: SignedIn,
     audit: OwnedAudit,
 ) -> Response:
     try:
-        row, path = rules.artifact_file(session, audit, settings.artifact_dir, name)
+        row, info = rules.artifact_file(session, audit, artifacts, name)
     except TightropeError:
         return _error(user, 404, f"Audit {audit_id!r} has no artifact {name!r}.")
-    headers = security_headers(row.media_type) or {}
+    headers = {**(security_headers(row.media_type) or {}), "X-Content-Type-Options": "nosniff"}
     # Always a download: an artifact is never rendered as a page of this origin.
-    return FileResponse(
-        path,
-        media_type=row.media_type,
-        filename=name,
-        headers={**headers, "X-Content-Type-Options": "nosniff"},
-    )
+    local = artifacts.local_path(row.path)
+    if local is None:
+        return StoredObjectResponse(
+            artifacts.objects, info, media_type=row.media_type, filename=name, headers=headers
+        )
+    return FileResponse(local, media_type=row.media_type, filename=name, headers=headers)
 
 
 @router.get("/compare", response_class=HTMLResponse)
 def compare_page(
     request: Request,
     session: SessionDep,
-    settings: SettingsDep,
+    artifacts: ArtifactsDep,
     user: SignedIn,
     id: Annotated[list[str] | None, Query()] = None,
 ) -> Response:
@@ -502,8 +514,7 @@ def compare_page(
         return _error(user, 422, "Choose exactly two different audits to compare.")
     audits = [_own(session, user, audit_id) for audit_id in ids]
     reports = {
-        label: _read_report(a, settings.artifact_dir)
-        for label, a in zip(("A", "B"), audits, strict=True)
+        label: _read_report(a, artifacts) for label, a in zip(("A", "B"), audits, strict=True)
     }
     names = _model_names(session, user, {a.model_id for a in audits})
     columns = []

@@ -1,5 +1,5 @@
 """Console sign-in: a random session token in an HttpOnly, SameSite=Strict cookie (Secure over
-HTTPS), mapped server side to the API key it signed in with (service.db.models.ConsoleSession,
+HTTPS), mapped server side to the API key it signed in with (service.db.tables.ConsoleSession,
 which stores only the token's sha256). Revoking the key ends its sessions at once; signing out
 deletes the row. docs/console.md, "Sign-in and sessions".
 
@@ -22,7 +22,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from service.db.keys import KEY_PREFIX, hash_key
-from service.db.models import ApiKey, ConsoleSession, Tenant, utcnow
+from service.db.tables import ApiKey, ConsoleSession, Tenant, utcnow
 
 SESSION_COOKIE = "tightrope_console"
 FORM_COOKIE = "tightrope_console_form"

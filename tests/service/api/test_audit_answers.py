@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from service.db.models import utcnow
-from tests.service.api.test_audits_api import (
+from service.db.tables import utcnow
+from tests.service.api.test_audit_routes import (
     audit_request,
     model_id,  # noqa: F401  (a fixture)
     set_audit,

@@ -11,10 +11,10 @@ from sqlalchemy import event, insert, select, text
 from sqlalchemy.orm import Session
 
 from benchmarks.audit_list import seed
-from service.api.rules.audits import list_page
 from service.db.migrate import upgrade_to_head
-from service.db.models import Audit, Tenant
 from service.db.session import make_engine
+from service.db.tables import Audit, Tenant
+from service.domain.audit_rules import list_page
 
 AUDITS = 3_000
 

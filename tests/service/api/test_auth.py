@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from service.db.keys import create_api_key, hash_key, revoke_api_key
-from service.db.models import ApiKey, Tenant
+from service.db.tables import ApiKey, Tenant
 from tests.service.conftest import assert_problem, sessions_of
 
 # The routes under /v1 that need no API key (docs/http-api.md): whoever holds a report can

@@ -9,7 +9,7 @@ import numpy as np
 from fastapi.testclient import TestClient
 
 from tests.fixtures import model_factory
-from tests.service.api.test_datasets_api import npz_bytes, upload
+from tests.service.api.test_dataset_routes import npz_bytes, upload
 from tests.service.conftest import assert_problem, set_model_status, upload_model
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from service.db.models import Audit
-from tests.service.api.test_audits_api import audit_request, submit
+from service.db.tables import Audit
+from tests.service.api.test_audit_routes import audit_request, submit
 from tests.service.conftest import (
     SPEC,
     ModelFiles,

@@ -24,11 +24,11 @@ from service.api.app import create_app
 from service.api.console.routes import CONSOLE_CSP, EMBEDDED_REPORT_CSP
 from service.api.console.sessions import FORM_COOKIE, SESSION_COOKIE
 from service.db.keys import create_api_key, revoke_api_key
-from service.db.models import Artifact, Audit, ConsoleSession, Model, Tenant, utcnow
+from service.db.tables import Artifact, Audit, ConsoleSession, Model, Tenant, utcnow
+from service.reports import signatures as signing
 from service.settings import Settings
-from service.signing import reports as signing
-from tests.reporting.sample import make_report
 from tests.service.conftest import SPEC, sessions_of
+from tests.service.reports.sample import make_report
 
 # The helpers below write rows through a TestClient's app or a sessionmaker of their own.
 Sessions = TestClient | sessionmaker[Session]

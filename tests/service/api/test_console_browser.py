@@ -4,7 +4,7 @@ screen, another tenant's audit refused, sign out; no console error and no reques
 the origin. Takes the screenshot of docs/console.md (written there with
 TIGHTROPE_UPDATE_SCREENSHOTS=1).
 
-Needs Chromium, like tests/reporting/test_browser.py: under `make test` or CI
+Needs Chromium, like tests/workers/reporting/test_browser.py: under `make test` or CI
 (TIGHTROPE_REQUIRE_SERVICES) a missing Chromium fails this test, never skips it silently."""
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.migrate import upgrade_to_head
-from service.db.models import Audit
 from service.db.session import make_engine
+from service.db.tables import Audit
 from service.settings import Settings
-from tests.reporting.chromium import Browser
 from tests.service.api.test_console import add_audit, add_model, new_tenant, scaled_report
 from tests.service.api.test_poll_load import serve
+from tests.service.reports.chromium import Browser
 from workers.reporting.html import render_html
 
 SCREENSHOT = Path(__file__).resolve().parents[3] / "docs" / "console.png"

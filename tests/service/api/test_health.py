@@ -8,7 +8,7 @@ from datetime import timedelta
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
-from service.db.models import Audit, WorkerHeartbeat, utcnow
+from service.db.tables import Audit, WorkerHeartbeat, utcnow
 from service.settings import Settings
 from tests.service.conftest import UNREACHABLE_BROKER, assert_problem, new_key, sessions_of
 

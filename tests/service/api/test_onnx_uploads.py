@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.api.inspect_onnx import inspect_onnx
-from service.api.problems import InvalidUpload
+from service.domain.errors import InvalidUpload
 from tests.fixtures import model_factory
 from tests.service.conftest import MAX_UPLOAD, assert_problem, upload_model
 

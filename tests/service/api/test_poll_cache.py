@@ -17,13 +17,13 @@ import redis
 from fastapi.testclient import TestClient
 from sqlalchemy import update
 
-from service.api import audits as audits_api
+from service.api import audit_routes as audits_api
 from service.api.app import create_app
 from service.api.poll_cache import PollCache
 from service.db.audit_changes import announced
-from service.db.models import Audit
 from service.db.session import make_engine
-from tests.service.api.test_audits_api import audit_request, set_audit, submit
+from service.db.tables import Audit
+from tests.service.api.test_audit_routes import audit_request, set_audit, submit
 from tests.service.conftest import ModelFiles, assert_problem, make_settings, new_key, ready_model
 
 # long enough that a few requests and a database write fit inside it on a loaded 2-core machine

@@ -32,8 +32,8 @@ from service.db import lifecycle
 from service.db.audit_changes import announcing_sessionmaker
 from service.db.keys import create_api_key
 from service.db.migrate import upgrade_to_head
-from service.db.models import Audit, AuditShard, Tenant, utcnow
 from service.db.session import make_engine
+from service.db.tables import Audit, AuditShard, Tenant, utcnow
 from service.queue.dispatch import Dispatcher
 from service.settings import Settings
 from tests.fixtures.redis_dbs import redis_url

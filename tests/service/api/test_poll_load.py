@@ -25,8 +25,8 @@ from benchmarks.poll_load import seed_rows as seed
 from service.api.app import create_app
 from service.db.keys import hash_key
 from service.db.migrate import upgrade_to_head
-from service.db.models import ApiKey, utcnow
 from service.db.session import make_engine
+from service.db.tables import ApiKey, utcnow
 from tests.service.api.test_uvicorn_smoke import free_port, wait_until_serving
 from tests.service.conftest import REDIS_URL, assert_problem, make_settings, sessions_of
 
@@ -139,7 +139,8 @@ def test_many_pollers_queue_instead_of_failing(tmp_path: Path, db_url: str) -> N
         assert failures == [], (failures[:5], statuses)
         assert statuses[500] == 0 and statuses[200] + statuses[304] > CLIENTS, statuses
         # The load queued rather than timed out: a request waits for a slot (milliseconds
-        # here), never for a pooled connection (where 64 threads deadlocked, see the gate).
+        # here), never for a pooled connection (where 64 threads deadlocked: see
+        # service/api/db_slots.py).
         assert statuses[503] == 0, statuses
         # Right after the load the service answers at once.
         started = time.monotonic()
@@ -156,18 +157,18 @@ def test_a_request_without_a_slot_in_time_is_busy(tmp_path: Path, database_url: 
         with sessions_of(client)() as session:
             secret, audit_id = seed(session, f"busy-{uuid.uuid4().hex[:8]}")
         headers = {"Authorization": f"Bearer {secret}"}
-        gate: Any = client.app.state.db_gate  # type: ignore[attr-defined]
+        db_slots: Any = client.app.state.db_slots  # type: ignore[attr-defined]
         assert client.portal is not None
-        client.portal.call(gate._semaphore.acquire)  # another request holds the only slot
+        client.portal.call(db_slots._semaphore.acquire)  # another request holds the only slot
         try:
             busy = client.get(f"/v1/audits/{audit_id}", headers=headers)
             assert_problem(busy, 503, "busy")
             assert busy.headers["retry-after"] == "1"
             assert_problem(client.get("/v1/audits", headers=headers), 503, "busy")
         finally:
-            client.portal.call(gate._semaphore.release)
+            client.portal.call(db_slots._semaphore.release)
         assert client.get(f"/v1/audits/{audit_id}", headers=headers).status_code == 200
-        assert gate.in_use == 0  # every request gave its slot back
+        assert db_slots.in_use == 0  # every request gave its slot back
 
 
 def test_no_pooled_connection_in_time_is_busy_not_500(tmp_path: Path, database_url: str) -> None:

@@ -9,7 +9,7 @@ import threading
 from service.api.auth import ApiKeyCache
 from service.api.poll_cache import PollCache, list_cache_key
 from service.api.refresh_cache import RefreshingCache
-from service.db.models import Tenant, utcnow
+from service.db.tables import Tenant, utcnow
 
 
 class FakeClock:

@@ -17,15 +17,14 @@ from fastapi.testclient import TestClient
 
 from schemas.canonical import canonical_json
 from service.api.app import create_app
-from service.db.models import Artifact
+from service.db.tables import Artifact
 from service.queue.broker import QUEUE_ADMISSION
+from service.reports import signatures as signing
 from service.settings import Settings
 from service.signing import callbacks as callback_signing
-from service.signing import reports as signing
 from service.storage.stores import sha256_file
 from tests.fixtures.redis_dbs import redis_url
-from tests.reporting.sample import make_report
-from tests.service.api.test_audits_api import audit_request, set_audit, submit
+from tests.service.api.test_audit_routes import audit_request, set_audit, submit
 from tests.service.conftest import (
     ModelFiles,
     assert_problem,
@@ -38,6 +37,7 @@ from tests.service.conftest import (
     sessions_of,
     upload_model,
 )
+from tests.service.reports.sample import make_report
 
 REPORTS_REDIS = redis_url(9)  # this file's own database on the shared Redis
 
@@ -98,7 +98,7 @@ def test_html_artifacts_get_the_report_pages_security_headers(
                 Artifact(
                     audit_id=audit_id,
                     name=name,
-                    # as the workers record it (workers/execution/jobs.py: import_outputs)
+                    # as the workers record it (workers/execution/job_dirs.py: import_outputs)
                     media_type=mimetypes.guess_type(name)[0] or "application/octet-stream",
                     sha256="0" * 64,
                     size_bytes=len(content),

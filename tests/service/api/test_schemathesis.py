@@ -47,18 +47,18 @@ from sqlalchemy.orm import Session
 
 from schemas.canonical import canonical_json
 from service.api.app import create_app
-from service.api.audits import AUDIT_REQUEST_EXAMPLES
-from service.api.pagination import encode_token
+from service.api.audit_routes import AUDIT_REQUEST_EXAMPLES
 from service.db.keys import create_api_key
 from service.db.migrate import upgrade_to_head
-from service.db.models import Artifact, Audit, Dataset, Model, Tenant, WorkerHeartbeat
 from service.db.session import make_engine
+from service.db.tables import Artifact, Audit, Dataset, Model, Tenant, WorkerHeartbeat
+from service.domain.pagination import encode_token
 from tests.fixtures.databases import postgres_database
 from tests.fixtures.redis_dbs import redis_url
-from tests.reporting.sample import make_report
-from tests.service.api.test_audits_api import audit_request
+from tests.service.api.test_audit_routes import audit_request
 from tests.service.api.test_uvicorn_smoke import free_port, wait_until_serving
 from tests.service.conftest import SPEC, make_settings
+from tests.service.reports.sample import make_report
 
 SCHEMATHESIS_REDIS = redis_url(11)  # this file's own database on the shared Redis
 HOOKS = Path(__file__).with_name("schemathesis_hooks.py")
@@ -223,6 +223,10 @@ UPLOADS = ("upload_model_v1_models_post", "upload_dataset_v1_datasets_post")
 #   tenant, the checks, operator and dataset must fit the model's task (a row's spec), and a
 #   callback host must resolve to a public address (docs/http-api.md): 422s of a valid schema.
 SUBMIT_AUDIT = "submit_audit_v1_audits_post"
+# - an endpoint model: its spec's fields depend on its task (a classifier's `num_classes`), and
+#   its URL's host must resolve to an address the deployment lets workers reach
+#   (TIGHTROPE_ENDPOINT_ALLOW): 422s of a valid schema.
+REGISTER_ENDPOINT = "register_endpoint_v1_endpoint_models_post"
 
 
 def config(seeded: Seeded) -> str:
@@ -283,8 +287,8 @@ def config(seeded: Seeded) -> str:
             **NOT_POSITIVE,
         ),
     ]
-    for upload in UPLOADS:
-        lines += operation(upload, **NOT_POSITIVE)
+    for operation_id in (*UPLOADS, REGISTER_ENDPOINT):
+        lines += operation(operation_id, **NOT_POSITIVE)
     return "\n".join(lines) + "\n"
 
 

@@ -27,8 +27,8 @@ from service.db.audit_changes import (
     channel_name,
 )
 from service.db.migrate import upgrade_to_head
-from service.db.models import Audit, AuditShard, utcnow
 from service.db.session import make_engine
+from service.db.tables import Audit, AuditShard, utcnow
 from service.settings import Settings
 from tests.service.conftest import REDIS_URL, make_settings
 from workers.execution import leases, shard_leases

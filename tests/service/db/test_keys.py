@@ -12,8 +12,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import keys
 from service.db.migrate import upgrade_to_head
-from service.db.models import ApiKey
 from service.db.session import make_engine
+from service.db.tables import ApiKey
 
 
 @pytest.fixture

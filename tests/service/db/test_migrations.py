@@ -1,4 +1,4 @@
-"""The Alembic migrations build exactly the tables of service/db/models.py, idempotently."""
+"""The Alembic migrations build exactly the tables of service/db/tables.py, idempotently."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
 from service.db.migrate import alembic_config, upgrade_to_head
-from service.db.models import Base
 from service.db.session import make_engine
+from service.db.tables import Base
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])

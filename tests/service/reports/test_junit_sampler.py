@@ -12,7 +12,7 @@ from typing import Any
 from schemas.reports import Report
 from schemas.verdicts import compare
 from service.reports.junit import render_junit
-from tests.reporting.sample import make_report
+from tests.service.reports.sample import make_report
 
 FLOOR = {
     "value": 0.8,

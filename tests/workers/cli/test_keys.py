@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from service.api.auth import authenticate
-from service.api.problems import Unauthorized
 from service.db import session as db_session
+from service.domain.errors import Unauthorized
 from service.settings import get_settings
 from workers.cli.main import app
 

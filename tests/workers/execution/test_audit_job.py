@@ -11,12 +11,12 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from service.db.models import Artifact, Audit, AuditShard, Model
+from service.db.tables import Artifact, Audit, AuditShard, Model
 from service.settings import Settings
 from tests.workers.conftest import REQUEST, add_audit, add_model, wait_for
-from workers.execution.admission import execute_admission
+from workers.execution.admission_job import execute_admission
 from workers.execution.audit_job import Sends, execute_audit
-from workers.execution.job_cache import JobCache
+from workers.execution.job_dir_cache import JobDirCache
 from workers.execution.shard_job import execute_shard
 
 pytestmark = pytest.mark.needs("bwrap")  # real sandboxed children
@@ -70,7 +70,7 @@ def test_an_audit_is_planned_sharded_and_finalised_with_its_artifacts(
         ("lipschitz-1", "queued", 1),
     ]
 
-    cache = JobCache(capacity=2)
+    cache = JobDirCache(capacity=2)
     outcomes = [
         execute_shard(
             audit.id,

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from schemas.callback_targets import check_target
 from service.db import session as db_session
-from service.db.models import Audit
+from service.db.tables import Audit
 from service.settings import Settings, get_settings
 from service.signing import callbacks as callback_signing
 from tests.workers.conftest import REQUEST, add_audit, add_model, fast_settings

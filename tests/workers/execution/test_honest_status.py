@@ -16,13 +16,13 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.audit_status import to_status
 from service.db.lifecycle import monotone_progress
-from service.db.models import Audit, Model, utcnow
+from service.db.tables import Audit, Model, utcnow
 from service.settings import Settings
 from tests.fixtures.model_factory import tiny_cnn_spec, tiny_cnn_torchscript
 from tests.workers.conftest import REQUEST, add_audit, add_model
 from tests.workers.execution.test_shard_job import CPU, planned_audit
 from workers.execution.audit_job import Sends, execute_audit
-from workers.execution.job_cache import JobCache
+from workers.execution.job_dir_cache import JobDirCache
 from workers.execution.shard_job import execute_shard
 
 pytestmark = pytest.mark.needs("bwrap")  # real sandboxed children
@@ -109,7 +109,7 @@ def test_progress_and_attempts_never_go_back_through_a_real_audit(
 
         run = {"settings": settings, "session": worker, "sends": QUIET}
         assert execute_audit(audit.id, **run) == "planned"  # type: ignore[arg-type]
-        cache = JobCache(1)
+        cache = JobDirCache(1)
         try:
             assert execute_shard(audit.id, CPU, cache=cache, **run) == "done"  # type: ignore[arg-type]
         finally:
@@ -135,7 +135,7 @@ def test_a_shard_out_of_budget_names_the_budget(settings: Settings, session: Ses
     settings = settings.model_copy(update={"runner_module": "tests.workers.fakes.sleep"})
     request = dict(REQUEST, budget={"wall_seconds": 2.0})
     audit = planned_audit(session, add_model(session, settings), 1, request=request)
-    cache = JobCache(0)
+    cache = JobDirCache(0)
     assert execute_shard(audit.id, CPU, settings=settings, session=session, cache=cache) == (
         "failed"
     )
@@ -162,9 +162,9 @@ def test_a_shard_out_of_the_default_limit_names_the_probe_time(
         update={"runner_module": "tests.workers.fakes.sleep", "audit_min_time_limit": 2}
     )
     audit = planned_audit(session, add_model(session, settings), 1, probe_seconds=0.00001)
-    assert execute_shard(audit.id, CPU, settings=settings, session=session, cache=JobCache(0)) == (
-        "failed"
-    )
+    assert execute_shard(
+        audit.id, CPU, settings=settings, session=session, cache=JobDirCache(0)
+    ) == ("failed")
     row = _reload(session, audit.id)
     assert row.error is not None
     detail = row.error["detail"]
@@ -184,9 +184,9 @@ def test_a_shard_that_finds_the_budget_spent_names_it(settings: Settings, sessio
         request=request,
         started_at=utcnow() - timedelta(seconds=60),
     )
-    assert execute_shard(audit.id, CPU, settings=settings, session=session, cache=JobCache(0)) == (
-        "failed"
-    )
+    assert execute_shard(
+        audit.id, CPU, settings=settings, session=session, cache=JobDirCache(0)
+    ) == ("failed")
     row = _reload(session, audit.id)
     assert row.error is not None and row.error["type"].endswith("/time-limit")
     assert row.error["detail"].startswith(

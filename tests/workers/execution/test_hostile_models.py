@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from service.db.models import Audit, Model
+from service.db.tables import Audit, Model
 from service.settings import Settings
 from tests.fixtures.hostile_models import (
     allocates_without_end_torchscript,
     never_returns_torchscript,
 )
 from tests.workers.conftest import REQUEST, add_audit, add_model
-from workers.execution.admission import execute_admission
+from workers.execution.admission_job import execute_admission
 from workers.execution.audit_job import execute_audit
 
 pytestmark = pytest.mark.needs("bwrap")  # the real sandboxed runner

@@ -16,7 +16,7 @@ from service.db.lifecycle import (
     release_lease,
     renew_lease,
 )
-from service.db.models import Audit, AuditShard, utcnow
+from service.db.tables import Audit, AuditShard, utcnow
 from service.settings import Settings
 from tests.workers.conftest import add_audit, add_model
 

@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from sqlalchemy.orm import Session
 
-from service.db.models import Audit, Model, utcnow
+from service.db.tables import Audit, Model, utcnow
 from service.settings import Settings
 from tests.workers.conftest import add_audit, add_model
 from workers.execution.reconciler import reconcile_once

@@ -15,7 +15,7 @@ import pytest
 import redis
 from sqlalchemy.orm import Session
 
-from service.db.models import Audit
+from service.db.tables import Audit
 from service.queue.broker import QUEUE_CPU, make_celery
 from service.settings import Settings
 from tests.fixtures.hostile_models import hangs_unless_pairs_torchscript
@@ -27,7 +27,7 @@ from tests.workers.conftest import (
     wait_for,
     worker_env,
 )
-from workers.execution.admission import execute_admission
+from workers.execution.admission_job import execute_admission
 
 pytestmark = [
     pytest.mark.needs("redis", "bwrap"),

@@ -17,11 +17,11 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.models import Model, WorkerHeartbeat, utcnow
+from service.db.tables import Model, WorkerHeartbeat, utcnow
 from service.settings import Settings
 from tests.workers.conftest import add_model, celery_worker_argv, wait_for, worker_env
 from workers.execution import heartbeat, sandbox_check
-from workers.execution.admission import execute_admission
+from workers.execution.admission_job import execute_admission
 from workers.execution.heartbeat import SandboxState, sandbox_state, set_sandbox_state
 from workers.execution.sandbox_check import (
     REPROBE_SECONDS,

@@ -13,12 +13,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db.lifecycle import release_shard
-from service.db.models import Audit, AuditShard, Model, utcnow
+from service.db.tables import Audit, AuditShard, Model, utcnow
 from service.settings import Settings
 from tests.workers.conftest import add_audit, add_model, wait_for
 from tests.workers.execution.test_audit_job import Recorded
 from workers.execution.audit_job import execute_audit
-from workers.execution.job_cache import JobCache
+from workers.execution.job_dir_cache import JobDirCache
 from workers.execution.reconciler import reconcile_once
 from workers.execution.shard_job import execute_shard
 from workers.execution.shard_leases import claim_shard
@@ -143,7 +143,7 @@ def test_a_shard_whose_child_dies_is_retried_then_fails_the_audit(
 ) -> None:
     settings = _with(settings, runner_module="tests.workers.fakes.crash", max_attempts=2)
     audit = planned_audit(session, add_model(session, settings), 3)
-    sends, cache = Recorded(), JobCache(1)
+    sends, cache = Recorded(), JobDirCache(1)
     run = {"settings": settings, "session": session, "sends": sends, "cache": cache}
     assert execute_shard(audit.id, CPU, **run) == "retry"  # type: ignore[arg-type]
     assert sends.sent == [("shards", (audit.id, CPU, "normal", 1))]  # type: ignore[attr-defined]
@@ -163,7 +163,7 @@ def test_an_error_the_engine_reports_fails_the_audit_at_once(
 ) -> None:
     settings = _with(settings, runner_module="tests.workers.fakes.hog", runner_memory_bytes=1 << 30)
     audit = planned_audit(session, add_model(session, settings), 2)
-    cache = JobCache(0)
+    cache = JobDirCache(0)
     outcome = execute_shard(audit.id, CPU, settings=settings, session=session, cache=cache)
     assert outcome == "failed"
     row = _audit(session, audit.id)
@@ -186,7 +186,7 @@ def test_cancelling_stops_a_running_shard_and_ends_the_audit(
     def work() -> None:
         with sessions() as own:
             outcome.append(
-                execute_shard(audit.id, CPU, settings=settings, session=own, cache=JobCache(0))
+                execute_shard(audit.id, CPU, settings=settings, session=own, cache=JobDirCache(0))
             )
 
     worker = threading.Thread(target=work)

@@ -9,13 +9,13 @@ from sqlalchemy.orm import Session
 
 from schemas.runner import PlannedShard
 from service.db.lifecycle import stage_planned_shards
-from service.db.models import Audit, utcnow
+from service.db.tables import Audit, utcnow
 from service.settings import Settings
 from tests.workers.conftest import REQUEST, add_audit, add_model
 from tests.workers.execution.test_audit_job import Recorded
 from workers.execution.audit_job import execute_audit
 from workers.execution.callbacks import Delivery, deliver_callback
-from workers.execution.job_cache import JobCache
+from workers.execution.job_dir_cache import JobDirCache
 from workers.execution.shard_job import execute_shard
 
 # A check kind this version does not know, and a callback the audit asked for.
@@ -90,7 +90,7 @@ def test_the_shard_step_fails_an_unreadable_stored_request(
         settings=settings,
         session=session,
         sends=sends,
-        cache=JobCache(capacity=1),
+        cache=JobDirCache(capacity=1),
     )
 
     assert outcome == "failed"

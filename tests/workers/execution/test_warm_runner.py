@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from service.db.models import Model
+from service.db.tables import Model
 from service.settings import Settings
 from tests.fixtures import model_factory as mf
 from tests.workers.conftest import add_model
 from workers.execution import warm_runner
-from workers.execution.admission import execute_admission
+from workers.execution.admission_job import execute_admission
 
 pytestmark = [
     pytest.mark.needs("bwrap"),

@@ -16,7 +16,7 @@ import redis
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.models import Audit, WorkerHeartbeat, utcnow
+from service.db.tables import Audit, WorkerHeartbeat, utcnow
 from service.queue.broker import QUEUE_ADMISSION, QUEUE_CPU, make_celery
 from service.queue.dispatch import Dispatcher
 from service.settings import Settings

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from service.db.models import Model
+from service.db.tables import Model
 from service.settings import Settings
 from tests.fixtures import model_factory, onnx_corpus
 from tests.workers.conftest import add_audit, add_model
-from workers.execution import jobs
-from workers.execution.admission import execute_admission
+from workers.execution import job_dirs
+from workers.execution.admission_job import execute_admission
 from workers.execution.steps import sandbox_for
 from workers.sandbox.child import RunnerChild
 
@@ -46,7 +46,7 @@ def test_an_onnx_model_is_admitted_and_audited_in_the_sandbox(
     assert info["format"] == "onnx" and info["onnx_max_difference"] <= info["onnx_tolerance"]
 
     audit = add_audit(session, model, attempts=1)
-    job_dir = jobs.materialise_audit_job(session, settings, audit, model)
+    job_dir = job_dirs.materialise_audit_job(session, settings, audit, model)
     assert (job_dir / "model.onnx").is_file()
     child = RunnerChild(
         sandbox_for(settings, "onnx"), "workers.sandbox.runner", job_dir, time_limit=300,

@@ -19,7 +19,7 @@ import torch
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from service.db.models import Audit, Model
+from service.db.tables import Audit, Model
 from service.queue.broker import QUEUE_ADMISSION, QUEUE_CPU, make_celery
 from service.settings import Settings
 from service.storage.stores import BlobStore
@@ -34,7 +34,7 @@ from tests.workers.conftest import (
     worker_env,
 )
 from workers.engine.liveness import run_model
-from workers.execution import jobs
+from workers.execution import job_dirs
 from workers.execution.steps import sandbox_for
 from workers.sandbox.child import RunnerChild
 from workers.sandbox.runner import describe_failure
@@ -44,7 +44,7 @@ StartProcess = Callable[[list[str], dict[str, str]], Popen[bytes]]
 
 
 def test_an_exception_becomes_an_error_event_not_a_bare_traceback(tmp_path: Path) -> None:
-    (tmp_path / "job.json").write_text('{"kind": "audit"}')  # not a valid RunnerJob
+    (tmp_path / "job.json").write_text('{"kind": "audit"}')  # not a valid RunnerRequest
     done = subprocess.run(
         [sys.executable, "-m", "workers.sandbox.runner", str(tmp_path)],
         capture_output=True,
@@ -77,7 +77,7 @@ def test_a_sandboxed_audit_streams_progress_shards_and_a_report(
     settings: Settings, session: Session, tiny_model: Model
 ) -> None:
     audit = add_audit(session, tiny_model, attempts=1)
-    job_dir = jobs.materialise_audit_job(session, settings, audit, tiny_model)
+    job_dir = job_dirs.materialise_audit_job(session, settings, audit, tiny_model)
     child = RunnerChild(
         sandbox_for(settings, "torchscript"),
         "workers.sandbox.runner",

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from service.api.rules.resources import model_resource
+from service.domain.resource_rules import model_resource
 from service.settings import Settings
 from tests.fixtures import model_factory
 from tests.workers.conftest import add_audit, add_model
-from workers.execution import jobs
-from workers.execution.admission import execute_admission
+from workers.execution import job_dirs
+from workers.execution.admission_job import execute_admission
 from workers.execution.steps import sandbox_for
 from workers.sandbox.child import RunnerChild
 
@@ -45,7 +45,7 @@ def test_a_sampler_is_flagged_on_its_resource_and_in_its_report(
     assert 0.5 * SIGMA * 6**0.5 < resource.output_spread < 2 * SIGMA * 6**0.5
 
     audit = add_audit(session, model, attempts=1)
-    job_dir = jobs.materialise_audit_job(session, settings, audit, model)
+    job_dir = job_dirs.materialise_audit_job(session, settings, audit, model)
     child = RunnerChild(
         sandbox_for(settings, "torchscript"), "workers.sandbox.runner", job_dir, time_limit=300,
         use_gpu=False,

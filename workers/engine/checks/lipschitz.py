@@ -19,6 +19,9 @@ values the power iteration's estimate creeps up by less than the tolerance per i
 still short of σ_max. Unlike the power iteration's, Lanczos' Ritz value reaches the top of a
 cluster of near-equal singular values in a few iterations (a Krylov space of a matrix with two
 distinct eigenvalues has dimension 2).
+
+With `certify`, each shard then bounds the norm over a ball around every measurement from above
+(`lipschitz_bracket`; docs/theorem.md, "Brackets").
 """
 
 from __future__ import annotations
@@ -31,7 +34,11 @@ import torch
 
 from schemas.checks import LipschitzCheck
 from schemas.sampler import AveragingSettings
-from schemas.verdicts import compare, judge
+from schemas.verdicts import compare, judge, proven_by
+from workers.engine.checks.lipschitz_bracket import (
+    certify_lipschitz_shard,
+    merge_lipschitz_bracket,
+)
 from workers.engine.context import AuditContext, Subject
 from workers.engine.sampling import (
     averaged_subject,
@@ -213,7 +220,23 @@ class Lipschitz:
             ]
         ).to(ctx.device)
         if subject.stochastic:
-            return _run_on_average(config, ctx, subject, y, start, indices, seed)
+            result = _run_on_average(config, ctx, subject, y, start, indices, seed)
+        else:
+            result = self._measure(config, ctx, subject, y, start, indices)
+        if config.certify is not None:  # the bracket's upper ends (lipschitz_bracket)
+            rows = result["per_image"]
+            result["certify"] = certify_lipschitz_shard(config, ctx, subject, indices, rows)
+        return result
+
+    def _measure(
+        self,
+        config: LipschitzCheck,
+        ctx: AuditContext,
+        subject: Subject,
+        y: torch.Tensor,
+        start: torch.Tensor,
+        indices: Sequence[int],
+    ) -> dict[str, Any]:
         sigma, used, accuracy = jacobian_spectral_norms(
             ctx, subject, y, start, config.iterations, config.tolerance
         )
@@ -294,7 +317,12 @@ class Lipschitz:
                 ("mean", "max"),
             )
             result["sampler"] = {**sampler, "measures": SAMPLER_MEASURES}
-        return judge(result, comparisons)
+        if config.certify is None:
+            return judge(result, comparisons)
+        section, bracket, certified = merge_lipschitz_bracket(config, shards, comparisons, warnings)
+        result["certify"] = section
+        result["certified"] = bracket
+        return judge(result, comparisons + certified, proven_by(result))
 
 
 def _largest_error(per_image: list[dict[str, Any]]) -> float | None:

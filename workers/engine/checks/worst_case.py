@@ -19,7 +19,7 @@ import torch
 
 from schemas.checks import WorstCaseCheck
 from schemas.sampler import AveragingSettings
-from schemas.verdicts import compare, fmt, judge
+from schemas.verdicts import compare, fmt, judge, proven_by
 from workers.engine import metrics
 from workers.engine.attacks import (
     SearchSettings,
@@ -28,6 +28,7 @@ from workers.engine.attacks import (
     worst_case_search,
 )
 from workers.engine.batching import run_in_batches
+from workers.engine.checks.bracket import certify_shard, merge_bracket
 from workers.engine.context import ARTIFACT_FILES_KEY, AuditContext, Subject
 from workers.engine.noise import unit_noise
 from workers.engine.sampling import (
@@ -95,6 +96,9 @@ class WorstCase:
         if subject.stochastic:
             settings = config.sampler or AveragingSettings()
             result["sampler"] = {"draws": settings.draws, "replicates": settings.replicates}
+        if config.certify is not None:  # the bracket's upper ends (workers.engine.checks.bracket)
+            searched = [int(image["index"]) for image in images]
+            result["certify"] = certify_shard(config, ctx, subject, searched, images)
         return result
 
     def merge(self, config: WorstCaseCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -134,7 +138,13 @@ class WorstCase:
         }
         sampler = shards[0].get("sampler") if shards else None
         replicates = None if sampler is None else int(sampler["replicates"])
-        judge(result, _comparisons(config, table, replicates, warnings))
+        comparisons = _comparisons(config, table, replicates, warnings)
+        if config.certify is None:
+            judge(result, comparisons)
+        else:
+            section, certified = merge_bracket(config, shards, images, table, comparisons, warnings)
+            result["certify"] = section
+            judge(result, comparisons + certified, proven_by(result))
         if sampler is not None:
             result["sampler"] = {**sampler, "measures": SAMPLER_MEASURES}
         result["warnings"] = warnings
