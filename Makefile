@@ -66,8 +66,15 @@ integration: $(STAMP) $(MLSERVER_STAMP)
 	$(PYTEST) -m "integration and serial"
 
 # Under `make test` a missing service fails the tests that need it instead of skipping them.
+# MLServer's venv (mostly download and unpacking) is built while the unit tests run, not
+# before the integration tests; its log is shown if it fails.
+MLSERVER_LOG := $(MLSERVER_VENV).log
 test: export TIGHTROPE_REQUIRE_SERVICES := 1
-test: $(STAMP) services lint typecheck unit integration
+test: $(STAMP) services lint typecheck
+	@$(MAKE) --no-print-directory mlserver > $(MLSERVER_LOG) 2>&1 & build=$$!; \
+	$(MAKE) --no-print-directory unit; unit=$$?; \
+	if ! wait $$build; then cat $(MLSERVER_LOG); echo "make mlserver failed"; exit 1; fi; \
+	test $$unit -eq 0 && $(MAKE) --no-print-directory integration
 
 clean:
 	rm -rf .tightrope demo-out .pytest_cache .mypy_cache .ruff_cache
