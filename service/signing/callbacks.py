@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import time
 from pathlib import Path
 
 from service.settings import Settings
+from service.signing.generated_files import generated_secret
 
 HEADER = "Tightrope-Signature"
 SCHEME = "v1"
@@ -43,19 +43,9 @@ def master_secret(settings: Settings) -> bytes:
             )
         return value.encode("utf-8")
     path = master_secret_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(32))
-    for _ in range(50):  # another process may be between creating the file and writing it
-        value = path.read_text().strip()
-        if value:
-            return value.encode("ascii")
-        time.sleep(0.01)
+    generated = generated_secret(path, lambda: secrets.token_hex(32))
+    if generated is not None:
+        return generated.encode("ascii")
     raise RuntimeError(f"the callback secret file {path} is empty")
 
 

@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import secrets
-import time
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from service.settings import Settings
+from service.signing.generated_files import generated_secret
 
 VERSION = "v1"
 NONCE_BYTES = 12
@@ -63,19 +62,11 @@ def secret_key(settings: Settings) -> bytes:
         where = f"TIGHTROPE_ENDPOINT_SECRET_KEY_PATH ({settings.endpoint_secret_key_path})"
         return _decode_key(settings.endpoint_secret_key_path.read_text(encoding="utf-8"), where)
     path = key_path(settings)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
-    else:
-        with os.fdopen(fd, "w") as f:
-            f.write(base64.urlsafe_b64encode(secrets.token_bytes(32)).decode("ascii"))
-    for _ in range(50):  # another process may be between creating the file and writing it
-        text = path.read_text(encoding="utf-8").strip()
-        if text:
-            return _decode_key(text, str(path))
-        time.sleep(0.01)
+    text = generated_secret(
+        path, lambda: base64.urlsafe_b64encode(secrets.token_bytes(32)).decode("ascii")
+    )
+    if text is not None:
+        return _decode_key(text, str(path))
     raise SecretKeyError(f"the endpoint key file {path} is empty")
 
 

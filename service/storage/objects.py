@@ -98,6 +98,23 @@ def _sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
+def _copy_checked(source: Path, dest: Path, sha256: str | None, corrupt: str) -> None:
+    """Copy `source` to `dest` through a hidden temporary file beside it, renamed into place
+    only when the bytes have `sha256` (when given); else ObjectCorrupt(`corrupt`)."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".partial-{dest.name}-")
+    try:
+        h = hashlib.sha256()
+        with os.fdopen(fd, "wb") as out, open(source, "rb") as f:
+            for chunk in iter(lambda: f.read(CHUNK), b""):
+                h.update(chunk)
+                out.write(chunk)
+        if sha256 is not None and h.hexdigest() != sha256:
+            raise ObjectCorrupt(corrupt)
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 class ObjectStore(ABC):
     """Objects under keys (`blobs/ab/ab…`, `artifacts/<audit>/<name>`); `child(prefix)` is the
     same store seen from a sub-prefix."""
@@ -180,24 +197,10 @@ class LocalObjectStore(ObjectStore):
     def local_path(self, key: str) -> Path | None:
         return self.path(key)
 
-    def _stage(self, final: Path) -> tuple[int, str]:
-        final.parent.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(dir=final.parent, prefix=f".partial-{final.name}-")
-
     def put_file(self, key: str, source: Path, sha256: str | None = None) -> ObjectInfo:
         final = self.path(key)
-        fd, tmp = self._stage(final)
-        try:
-            h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as f:
-                for chunk in iter(lambda: f.read(CHUNK), b""):
-                    h.update(chunk)
-                    out.write(chunk)
-            if sha256 is not None and h.hexdigest() != sha256:
-                raise ObjectCorrupt(f"{source} changed while it was stored under {key}")
-            os.replace(tmp, final)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _copy_checked(source, final, sha256, f"{source} changed while it was stored under {key}")
         info = self.head(key)
         assert info is not None
         return info
@@ -212,18 +215,7 @@ class LocalObjectStore(ObjectStore):
         source = self.path(key)
         if not source.is_file():
             raise ObjectMissing(f"no object {key} in {self.description}")
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".partial-{dest.name}-")
-        try:
-            h = hashlib.sha256()
-            with os.fdopen(fd, "wb") as out, open(source, "rb") as f:
-                for chunk in iter(lambda: f.read(CHUNK), b""):
-                    h.update(chunk)
-                    out.write(chunk)
-            if sha256 is not None and h.hexdigest() != sha256:
-                raise ObjectCorrupt(f"the object {key} does not have its sha256 {sha256}")
-            os.replace(tmp, dest)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        _copy_checked(source, dest, sha256, f"the object {key} does not have its sha256 {sha256}")
 
     def read_bytes(self, key: str, sha256: str | None = None) -> bytes:
         try:
