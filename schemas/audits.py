@@ -28,6 +28,14 @@ class Budget(StrictModel):
     images_per_shard: int = Field(
         default=16, ge=1, le=4096, description="Images per unit of work stored as it finishes"
     )
+    queries: int | None = Field(
+        default=None,
+        ge=1,
+        le=10**9,
+        description="An endpoint model's audit: the most inputs its workers may send to the "
+        "endpoint, retries included (default: the service's `endpoint_query_budget`; at most "
+        "the tenant's cap). Ignored for uploaded models",
+    )
 
 
 class AuditConfig(StrictModel):

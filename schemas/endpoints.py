@@ -45,6 +45,12 @@ RESERVED_HEADERS = frozenset(
     }
 )
 MAX_URL_LENGTH = 2000
+# The checks an endpoint model's audit can run: forward passes only, or a query-only search
+# (docs/models.md, "What a query-only audit can and cannot prove"). Others need gradients or
+# the weights: a request naming one is a 422.
+QUERY_ONLY_CHECKS = frozenset(
+    {"random_noise", "worst_case", "false_negative", "minimal_perturbation", "adversarial"}
+)
 MAX_SECRET_LENGTH = 8192
 
 # The limits' defaults and caps (docs/models.md, "Endpoint models": "Limits").
@@ -202,9 +208,15 @@ class EndpointView(EndpointTarget):
     limits: EndpointLimits = Field(default_factory=EndpointLimits)
 
 
-def endpoint_identity(target: EndpointTarget) -> str:
-    """The sha256 that names an endpoint model in place of a file's (`GET /v1/models?sha256=`):
-    of its URL, model name and version, and the tensors it names."""
+def endpoint_identity_bytes(target: EndpointTarget) -> bytes:
+    """What names an endpoint model: its URL, model name and version, and the tensors it names
+    (no secret, no limits). A job directory holds these bytes in place of a model file."""
     fields = [target.url, target.model_name, target.model_version]
     fields += [target.input_name, target.output_name]
-    return hashlib.sha256(json.dumps(fields).encode("utf-8")).hexdigest()
+    return json.dumps(fields).encode("utf-8")
+
+
+def endpoint_identity(target: EndpointTarget) -> str:
+    """The sha256 that names an endpoint model in place of a file's (`GET /v1/models?sha256=`):
+    of endpoint_identity_bytes."""
+    return hashlib.sha256(endpoint_identity_bytes(target)).hexdigest()

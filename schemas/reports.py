@@ -70,12 +70,30 @@ class ThresholdComparison(BaseModel):
     )
 
 
+class EndpointIdentity(BaseModel):
+    """An endpoint model's endpoint (docs/models.md, "Endpoint models"); never its secret."""
+
+    url: str = Field(description="The inference endpoint's base URL")
+    model_name: str = Field(description="The model's name at the endpoint")
+    model_version: str | None = Field(
+        default=None, description="The model's version at the endpoint; null: its default"
+    )
+
+
 class ModelIdentity(BaseModel):
     id: str | None = None
     name: str
-    sha256: str
-    format: str
+    sha256: str = Field(
+        description="The model file's sha256; an endpoint model's: the hash of its URL, name, "
+        "version and tensor names"
+    )
+    format: str = Field(description="The uploaded file's format, or `endpoint`")
     spec: dict[str, Any]
+    endpoint: EndpointIdentity | None = Field(
+        default=None,
+        description="Only for an endpoint model (`format: endpoint`), audited by queries alone: "
+        "where it was queried",
+    )
     stochastic: bool | None = Field(
         default=None,
         description="The model's: two calls at the admission probe's input differ by more than "
@@ -147,6 +165,67 @@ class Comparison(BaseModel):
     verdict: Verdict = Field(description="`fail` when any figure regressed beyond its bound")
 
 
+class QueryCounts(BaseModel):
+    """What the queries of one check at one level cost (workers/shared/query_ledger.py)."""
+
+    check: str = Field(description="The check's kind, or `probe` for the admission probe")
+    level: float | None = Field(description="The level δ; null where the check has none")
+    sent: int = Field(description="Inputs sent, every attempt counted (retries included)")
+    answered: int = Field(description="Inputs the endpoint answered with a valid output")
+    requests: int
+    failures: int = Field(description="Attempts that failed (HTTP error, time-out, bad answer)")
+    retries: int = Field(description="Attempts after a failure")
+
+
+class QueryImageCount(BaseModel):
+    check: str
+    level: float | None
+    image: int = Field(description="The audited image's index")
+    answered: int
+
+
+class QueryLatency(BaseModel):
+    p50: float | None = Field(description="Median latency of an answered request, seconds")
+    p99: float | None
+    max: float | None
+
+
+class ShardQueries(BaseModel):
+    shard: str = Field(description="The shard's id")
+    check: str = Field(description="Its check's kind")
+    images: list[int] = Field(description="The audited images (indices) its result covers")
+    sent: int
+    answered: int
+    failures: int
+
+
+class Queries(BaseModel):
+    """An endpoint model's query ledger, merged over the audit's shards (docs/reports.md,
+    "Queries of an endpoint audit")."""
+
+    query_only: bool = Field(description="True: the model was audited by queries alone")
+    budget: int | None = Field(description="The most inputs the audit could send")
+    sent: int = Field(description="Inputs sent, retries included: what the budget caps")
+    answered: int
+    requests: int
+    failures: int
+    retries: int
+    latency_seconds: QueryLatency
+    by_check: list[QueryCounts] = Field(description="Per check and level")
+    by_image: list[QueryImageCount] = Field(description="Answered inputs per check, level, image")
+    failures_by_cause: dict[str, int] = Field(
+        description="Failed attempts per cause (`http 503`, `timeout`, `connection`, ...)"
+    )
+    drawn: int | None = Field(
+        default=None,
+        description="How much of the budget the audit's steps drew in all (at least `sent`: "
+        "the difference is what attempts lost with a worker sent, or drew and never sent)",
+    )
+    by_shard: list[ShardQueries] = Field(
+        default_factory=list, description="Per stored shard: its check, images and queries"
+    )
+
+
 class Report(BaseModel):
     schema_version: str = SCHEMA_VERSION
     audit_id: str | None = None
@@ -162,5 +241,9 @@ class Report(BaseModel):
     )
     comparison: Comparison | None = Field(
         default=None, description="Only with compare_with: the model against the reference"
+    )
+    queries: Queries | None = Field(
+        default=None,
+        description="Only for an endpoint model: what its queries cost (absent for uploads)",
     )
     signature: dict[str, str] | None = None

@@ -17,8 +17,17 @@ from schemas.audits import AuditConfig
 from schemas.comparisons import ReferenceModel
 from schemas.model_spec import ModelFormat, ModelSpec
 
+# What a job's model is: an uploaded file's format, or `endpoint` (schemas.endpoints: the
+# model answers queries relayed by the worker; its "file" holds the endpoint's identity).
+JobModelFormat = ModelFormat | Literal["endpoint"]
+# The event a runner sends for one batch of endpoint queries (workers.engine.relay_client).
+QUERY_EVENT = "query"
+
 JOB_FILE = "job.json"
 SHARDS_DIR = "shards"  # finished shard results: shards/<shard_id>.json (inputs and outputs)
+# An endpoint model's relayed queries: queries/<n>.in.npy (the runner's batch) and
+# queries/<n>.out.npy (the endpoint's answers, written by the worker)
+QUERIES_DIR = "queries"
 OUT_DIR = "out"  # report.json and artifacts written by the runner
 PLAN_FILE = "plan.json"  # out/plan.json: the shards a `plan` job found (RunnerPlan)
 STOP_FILE = "STOP"  # created by the worker to ask a running child to stop (cooperatively)
@@ -53,7 +62,7 @@ class RunnerRequest(BaseModel):
 
     kind: Literal["admit", "audit", "plan", "shards"]
     model_file: str = Field(description="Path relative to the job directory")
-    model_format: ModelFormat
+    model_format: JobModelFormat
     model_sha256: str
     spec: ModelSpec
     audit_id: str | None = None
@@ -70,7 +79,16 @@ class RunnerRequest(BaseModel):
 
 class RunnerEvent(BaseModel):
     event: Literal[
-        "progress", "shard", "admitted", "rejected", "report", "plan", "done", "error", "beat"
+        "progress",
+        "shard",
+        "admitted",
+        "rejected",
+        "report",
+        "plan",
+        "done",
+        "error",
+        "beat",
+        "query",
     ]
     fraction: float | None = None
     check: str | None = None

@@ -122,6 +122,8 @@ LONGEST_FIRST = (
     "tests/integration/test_faults.py",
     "tests/integration/test_end_to_end.py",
     "tests/integration/test_gate_compare.py",
+    "tests/workers/execution/test_endpoint_steps.py",
+    "tests/integration/test_endpoint_audit.py",
 )
 
 

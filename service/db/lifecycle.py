@@ -215,6 +215,30 @@ def record_probe_seconds(session: Session, audit_id: str, seconds: float) -> Non
     )
 
 
+def draw_queries(session: Session, audit_id: str, inputs: int, budget: int) -> bool:
+    """Draw `inputs` from an endpoint audit's query budget, unless that would exceed `budget`:
+    one atomic conditional update (the audit's steps draw at once on several workers)."""
+    changed = session.execute(
+        update(Audit)
+        .where(Audit.id == audit_id, Audit.queries_drawn + inputs <= budget)
+        .values(queries_drawn=Audit.queries_drawn + inputs)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+    return changed.rowcount == 1  # type: ignore[attr-defined]
+
+
+def give_back_queries(session: Session, audit_id: str, inputs: int) -> None:
+    """What a step drew from the query budget and did not send."""
+    session.execute(
+        update(Audit)
+        .where(Audit.id == audit_id)
+        .values(queries_drawn=Audit.queries_drawn - inputs)
+        .execution_options(synchronize_session=False)
+    )
+    session.commit()
+
+
 # --- Shards: the plan, the results the planning or finalising task stores ----------------------
 
 

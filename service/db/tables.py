@@ -163,6 +163,10 @@ class Audit(Base):
     # Seconds of the model's probe (2 inputs, forward and input gradient) measured by the plan
     # step; each audit's default time limit is derived from it (docs/security.md).
     probe_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    # An endpoint model's audit: the query ledger of its plan step (workers.shared.query_ledger)
+    plan_queries: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    # ... and how much of its query budget its steps have drawn (workers.execution.query_budget)
+    queries_drawn: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     shards_total: Mapped[int] = mapped_column(Integer, default=0)
     shards_done: Mapped[int] = mapped_column(Integer, default=0)
 

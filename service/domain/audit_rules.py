@@ -30,7 +30,7 @@ from schemas.checks_classifier import task_problems
 from schemas.common import SAFE_NAME, FileArray, UploadedArray
 from schemas.comparisons import spec_problems
 from schemas.datasets import DIGIT_CLASSES, BuiltinDataset, FileDataset, UploadedDataset
-from schemas.endpoints import ENDPOINT_FORMAT
+from schemas.endpoints import ENDPOINT_FORMAT, QUERY_ONLY_CHECKS
 from schemas.model_spec import ModelSpec
 from schemas.problem import FieldError
 from service.db import lifecycle
@@ -161,14 +161,48 @@ def check_model(
         raise ModelNotReady(
             f"Model {model_id!r}{role} was rejected: {model.reason or 'no reason given'}"
         )
-    if model.format == ENDPOINT_FORMAT:
-        # issue 24's first stage: endpoints are registered and probed, not yet audited
+    if model.format == ENDPOINT_FORMAT and field != ("model_id",):
+        # a comparison runs both models on the same inputs through the runner's own code;
+        # an endpoint is audited, never the reference it is compared with
         raise ValidationFailed(
-            f"{name}: model {model_id!r} is an endpoint model; the service does not audit "
-            "endpoint models yet (docs/models.md, 'Endpoint models')",
+            f"{name}: model {model_id!r} is an endpoint model; compare_with takes an "
+            "uploaded model (docs/models.md, 'Endpoint models')",
             errors=[FieldError(loc=["body", *field], msg="an endpoint model", type="value_error")],
         )
     return model
+
+
+def check_endpoint_audit(settings: Settings, request: AuditRequest, model: Model) -> None:
+    """An endpoint model's audit: only the checks a query-only audit can run, and a query
+    budget within the tenant's cap (422 naming the field)."""
+    if model.format != ENDPOINT_FORMAT:
+        return
+    errors = [
+        FieldError(
+            loc=["body", "checks", index, "kind"],
+            msg=f"{check.kind!r} needs the model's gradients or weights; an endpoint model's "
+            f"audit runs only {', '.join(sorted(QUERY_ONLY_CHECKS))}",
+            type="value_error",
+        )
+        for index, check in enumerate(request.checks)
+        if check.kind not in QUERY_ONLY_CHECKS
+    ]
+    asked = request.budget.queries
+    cap = settings.tenant_max_endpoint_queries
+    if asked is not None and asked > cap:
+        errors.append(
+            FieldError(
+                loc=["body", "budget", "queries"],
+                msg=f"{asked} queries is more than the {cap} any one audit may send",
+                type="value_error",
+            )
+        )
+    if errors:
+        raise ValidationFailed(
+            f"model {model.id!r} is an endpoint model, audited by queries alone: "
+            + "; ".join(e.msg for e in errors),
+            errors=errors,
+        )
 
 
 def check_reference(session: Session, tenant: Tenant, request: AuditRequest, model: Model) -> None:
@@ -289,6 +323,7 @@ def submit(
     check_callback_url(settings, request)
     model = check_model(session, tenant, request.model_id)
     check_fits_model(session, tenant, request, model)
+    check_endpoint_audit(settings, request, model)
     check_reference(session, tenant, request, model)
     check_quota(session, settings, tenant)
     audit = lifecycle.new_audit(

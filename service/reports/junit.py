@@ -18,12 +18,17 @@ properties (draws, replicates, samples, standard errors, probabilities with thei
 an estimate and standard error next to each bound judged on an interval's end) and says in
 its output what it measures of the sampler; with `sampler_threshold`, one more test case
 (`model sampler_threshold`) judges the model's own figures.
+
+An endpoint model's query-only audit (the report's `queries`): the suite's properties say so
+(`query_only`, `query_budget`, `queries_sent`, ...), and the suite's <system-out> and the end
+of the queried model's test cases' text say "query-only audit, budget N" and what was sent.
 """
 
 from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from typing import Any
 
 from service.reports.findings import (
@@ -169,8 +174,54 @@ def _bracket_properties(result: dict[str, Any]) -> list[tuple[str, str]]:
     return out
 
 
-def _testcase(suite: ET.Element, finding: Finding) -> bool:
-    """Add the test case; True when it failed."""
+def _count(value: Any) -> str:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else "n/a"
+
+
+def query_properties(report: dict[str, Any]) -> list[tuple[str, str]]:
+    """An endpoint model's audit (`queries`, docs/reports.md, "Queries of an endpoint audit"):
+    the suite's properties saying it was query-only, its budget and what was sent; [] for an
+    uploaded model."""
+    queries = report.get("queries")
+    if not isinstance(queries, dict):
+        return []
+    return [
+        ("query_only", "true" if queries.get("query_only", True) is not False else "false"),
+        ("query_budget", _count(queries.get("budget"))),
+        ("queries_sent", _count(queries.get("sent"))),
+        ("queries_answered", _count(queries.get("answered"))),
+        ("query_failures", _count(queries.get("failures"))),
+        ("query_retries", _count(queries.get("retries"))),
+    ]
+
+
+def query_lines(report: dict[str, Any]) -> list[str]:
+    """The words an endpoint model's audit adds to the queried model's test cases and the
+    suite's output; [] for an uploaded model."""
+    queries = report.get("queries")
+    if not isinstance(queries, dict):
+        return []
+    model = report.get("model")
+    endpoint = model.get("endpoint") if isinstance(model, dict) else None
+    where = ""
+    if isinstance(endpoint, dict) and endpoint.get("url"):
+        version = endpoint.get("model_version")
+        where = (
+            f" through its endpoint {endpoint.get('url')} (model {endpoint.get('model_name')}"
+            f"{'' if version is None else ' ' + str(version)})"
+        )
+    return [
+        f"query-only audit, budget {_count(queries.get('budget'))}: the model was audited"
+        f"{where} by queries alone, {_count(queries.get('sent'))} queries sent, "
+        f"{_count(queries.get('answered'))} answered, {_count(queries.get('failures'))} failed "
+        f"({_count(queries.get('retries'))} retries)",
+        "A worst case found by queries is a lower bound on the true worst case: a fail is "
+        "proof, a pass is weaker evidence than a white-box pass.",
+    ]
+
+
+def _testcase(suite: ET.Element, finding: Finding, notes: Sequence[str] = ()) -> bool:
+    """Add the test case (`notes`: lines to end its output with); True when it failed."""
     case = ET.SubElement(
         suite,
         "testcase",
@@ -196,7 +247,7 @@ def _testcase(suite: ET.Element, finding: Finding) -> bool:
         ET.SubElement(properties, "property", name=name, value=value)
     for name, value in _bracket_properties(finding.result):
         ET.SubElement(properties, "property", name=name, value=value)
-    sampler = _sampler_lines(finding.result) + bracket_lines(finding.result)
+    sampler = _sampler_lines(finding.result) + bracket_lines(finding.result) + list(notes)
     if finding.subject == "reference" or not finding.has_threshold:
         reason = (
             "context: the reference model's own result (compare_with)"
@@ -318,9 +369,13 @@ def render_junit(report: dict[str, Any]) -> str:
         ("seed", report.get("seed")),
     ):
         ET.SubElement(properties, "property", name=name, value="" if value is None else str(value))
-    for name, text in _noise_floor_properties(model):
+    for name, text in _noise_floor_properties(model) + query_properties(report):
         ET.SubElement(properties, "property", name=name, value=text)
-    failures = sum(_testcase(suite, finding) for finding in found)
+    # an endpoint model's audit: its test cases (the queried model's) say it was query-only
+    notes = query_lines(report)
+    failures = sum(
+        _testcase(suite, finding, notes if finding.subject == "model" else ()) for finding in found
+    )
     model_cases, model_failures = _model_case(suite, model)
     cases, regressions = _regression_cases(suite, report.get("comparison") or {})
     suite.set("tests", str(len(found) + model_cases + cases))
@@ -328,6 +383,8 @@ def render_junit(report: dict[str, Any]) -> str:
     suite.set("errors", "0")
     suite.set("skipped", str(sum(f.subject == "reference" or not f.has_threshold for f in found)))
     suite.set("time", f"{float((report.get('cost') or {}).get('wall_seconds') or 0.0):.3f}")
+    if notes:
+        ET.SubElement(suite, "system-out").text = "\n".join(notes)
     return _document(suite)
 
 

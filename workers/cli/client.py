@@ -91,6 +91,10 @@ class TightropeClient:
             files = {"file": (path.name, f, "application/octet-stream")}
             return self._json("POST", "/v1/datasets", files=files, data={"spec": json.dumps(spec)})
 
+    def register_endpoint(self, registration: dict[str, Any]) -> dict[str, Any]:
+        """Register a model by its inference endpoint (POST /v1/endpoint-models)."""
+        return self._json("POST", "/v1/endpoint-models", json=registration)
+
     def get_model(self, model_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/models/{model_id}")
 

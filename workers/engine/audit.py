@@ -39,6 +39,7 @@ from workers.engine.context import (
     Subject,
 )
 from workers.engine.devices import resolve_device
+from workers.engine.endpoint_model import check_query_only_config, is_query_only, query_scope
 from workers.engine.ground_truth import fit_images_to_spec, load_images, scale_to_range
 from workers.engine.labelled import load_labelled
 from workers.engine.operators import build_operator
@@ -46,7 +47,7 @@ from workers.engine.registry import get_check
 from workers.engine.report import build_report, write_report
 from workers.engine.shards import Shard, derive_seed, plan_shards, shard_seed
 from workers.engine.subjects import model_subject
-from workers.shared.errors import AuditCancelled, EngineInputError
+from workers.shared.errors import AuditCancelled, EndpointQueryFailed, EngineInputError
 
 ProgressFn = Callable[[float, str | None, str | None], None]
 ShardFn = Callable[[str, dict[str, Any]], None]
@@ -122,11 +123,17 @@ def run_audit_with_model(
     `{"shards": [ids run]}`: no merge, no report.
 
     With `reference`, that model is a second subject on the same images, draws and seeds, and
-    the report gets a `comparison` (schemas.comparisons)."""
+    the report gets a `comparison` (schemas.comparisons).
+
+    An endpoint model (workers.engine.endpoint_model) runs only the checks that need no
+    gradients or weights (EngineInputError otherwise), each shard's queries charged to its
+    check."""
     started = time.perf_counter()
     progress = on_progress or (lambda fraction, check, message: None)
     stop = should_stop or (lambda: False)
     device = resolve_device(config.device)
+    if is_query_only(model) or (reference is not None and is_query_only(reference.model)):
+        check_query_only_config(config)
     out_dir.mkdir(parents=True, exist_ok=True)
     with deterministic():
         progress(0.0, None, "preparing operator and images")
@@ -167,8 +174,18 @@ def run_audit_with_model(
         shards = plan_shards(config, ctx.images.shape[0], list(subjects))
         if only_shards is not None:
             shards = _select_shards(shards, only_shards)
+        modules = {"model": model, "reference": None if reference is None else reference.model}
         records = _run_shards(
-            config, ctx, subjects, shards, completed_shards or {}, progress, on_shard, stop, started
+            config,
+            ctx,
+            subjects,
+            shards,
+            completed_shards or {},
+            progress,
+            on_shard,
+            stop,
+            started,
+            modules,
         )
         if only_shards is not None:
             return {"shards": [shard.shard_id for shard in shards]}
@@ -279,6 +296,8 @@ def _sampling(model: Any, spec: ModelSpec, ctx: AuditContext, seed: int) -> dict
 
     try:
         x, _ = probe_input(spec, ctx.device, ctx.operator)  # type: ignore[arg-type]
+    except EndpointQueryFailed:
+        raise  # a query that failed never passes for a measurement
     except Exception:  # noqa: BLE001 - the checks have run; nothing here may fail the audit
         return None
     if x is None:
@@ -304,6 +323,8 @@ def _noise_floor(subject: Subject, ctx: AuditContext, seed: int) -> dict[str, An
         y = ctx.measurements(range(min(NOISE_FLOOR_INPUTS, ctx.images.shape[0])))
         with same_draws(derive_seed("noise_floor", seed), ctx.device):
             floor = noise_floor(subject.reconstruct, y)
+    except EndpointQueryFailed:
+        raise
     except Exception:  # noqa: BLE001 - uploaded code; nothing here may fail the audit
         return None
     return {**floor, "forward_passes": subject.counter.forward - before}
@@ -502,7 +523,10 @@ def _run_shards(
     on_shard: ShardFn | None,
     should_stop: Callable[[], bool],
     started: float,
+    modules: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
+    """Run the shards not completed; an endpoint model's queries in a shard are charged to the
+    shard's check (`modules`: each subject's model, where it is one)."""
     records: dict[str, dict[str, Any]] = {}
     limit = config.budget.wall_seconds
     for position, shard in enumerate(shards, start=1):
@@ -519,7 +543,8 @@ def _run_shards(
         before = (subject.counter.forward, subject.counter.backward)
         shard_started = time.perf_counter()
         seed = shard_seed(config.seed, check.seed, shard.seed_key)
-        with pywarnings.catch_warnings(), _sampler_draws(subject, seed, ctx.device):
+        charged = query_scope((modules or {}).get(shard.subject), shard.kind)
+        with pywarnings.catch_warnings(), _sampler_draws(subject, seed, ctx.device), charged:
             pywarnings.simplefilter("ignore", UserWarning)  # deepinv / torch chatter per batch
             result = get_check(shard.kind).run(check, ctx, subject, shard.indices, seed)
         record = {

@@ -10,6 +10,7 @@ from typing import Any
 from schemas.audits import AuditConfig
 from schemas.comparisons import ReferenceModel
 from schemas.model_spec import ModelFormat, ModelSpec
+from schemas.runner import JobModelFormat
 from workers.engine.admission_result import Admission
 
 __all__ = ["Admission", "ProgressFn", "ShardFn", "admit_model", "plan_audit", "run_audit"]
@@ -27,7 +28,7 @@ def admit_model(path: Path, fmt: ModelFormat, spec: ModelSpec, device: str = "cp
 
 def run_audit(
     model_path: Path,
-    fmt: ModelFormat,
+    fmt: JobModelFormat,
     spec: ModelSpec,
     config: AuditConfig,
     *,
@@ -53,6 +54,10 @@ def run_audit(
     `{"shards": [...]}` without merging. `loaded` (model key → model) keeps the loaded model
     between calls of one process. `reference` (`compare_with`): the model compared with, its
     `file` relative to `base_dir` (or absolute), audited as a second subject.
+
+    Format `endpoint`: the model is queried through the process's query client
+    (workers.engine.endpoint_model.install_query_client); only the checks of
+    schemas.endpoints.QUERY_ONLY_CHECKS run (EngineInputError for the others).
     """
     from workers.engine.audit import Reference, resolve_device, run_audit_with_model
     from workers.engine.model_loading import load_model

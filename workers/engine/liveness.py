@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from workers.shared.errors import ModelFailed, is_out_of_memory
+from workers.shared.errors import EndpointQueryFailed, ModelFailed, is_out_of_memory
 
 
 class ModelCalls:
@@ -66,6 +66,8 @@ def run_model(model: Callable[..., Any], *args: Any) -> Any:
     try:
         with MODEL_CALLS.running(batch_of(args)):
             return model(*args)
+    except EndpointQueryFailed:
+        raise  # an endpoint's query failed: the endpoint's problem, not the model's answer
     except Exception as exc:
         if is_out_of_memory(exc):
             raise

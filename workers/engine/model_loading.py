@@ -3,7 +3,9 @@
 `load_model` is what an audit uses; `admit` is what the sandboxed runner calls for a new upload
 (through `workers.engine.entry_points.admit_model`). Both screen the file first
 (workers.engine.screening): TorchScript and `.pt2` archives are code, and are only ever loaded
-inside the sandbox.
+inside the sandbox. An endpoint model (format `endpoint`) has no file to screen: `load_model`
+gives the module that queries its endpoint through the process's query client
+(workers.engine.endpoint_model).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from schemas.model_spec import ModelFormat, ModelSpec
+from schemas.runner import JobModelFormat
 from workers.engine.admission_result import Admission
 from workers.engine.architectures import build_architecture
 from workers.engine.devices import resolve_device
@@ -40,10 +43,18 @@ class LoadedModel:
 
 
 def load_model(
-    path: Path, fmt: ModelFormat, spec: ModelSpec, device: str | torch.device = "cpu"
+    path: Path, fmt: JobModelFormat, spec: ModelSpec, device: str | torch.device = "cpu"
 ) -> torch.nn.Module:
     """Screen and load a model: eval mode, parameters frozen (the audit differentiates with
-    respect to inputs only). Raises ModelRejected with a reason a person can act on."""
+    respect to inputs only). Raises ModelRejected with a reason a person can act on.
+
+    Format `endpoint`: the endpoint model of the installed query client
+    (workers.engine.endpoint_model.endpoint_module); `path` holds the endpoint's identity and is
+    not read. Raises EngineInputError when no client is installed."""
+    if fmt == "endpoint":
+        from workers.engine.endpoint_model import endpoint_module
+
+        return endpoint_module(spec)
     return _load_screened(Path(path), fmt, spec, resolve_device(device)).module
 
 

@@ -115,9 +115,14 @@ def query_worst_case_search(
     settings: QuerySearchSettings,
     seeds: Sequence[int],
     should_stop: Callable[[], bool] = lambda: False,
+    on_level: Callable[[float], None] | None = None,
 ) -> list[LevelOutcome]:
     """`workers.engine.attacks.worst_case_search` with queries only: the same threat model (the
-    ball formulation), the same outcomes (one per level, in `threat.levels`' order)."""
+    ball formulation), the same outcomes (one per level, in `threat.levels`' order).
+
+    `on_level(level)` is called as each level's search starts (levels ascending; the clean
+    reconstruction before the first is not in any level): an endpoint model charges the queries
+    that follow to that level."""
     if threat.penalized:
         raise ValueError("the query-only search solves the ball formulation only")
     if len(seeds) != y.shape[0]:
@@ -140,6 +145,8 @@ def query_worst_case_search(
     found: dict[float, LevelOutcome] = {}
     previous: tuple[float, torch.Tensor, torch.Tensor] | None = None  # level, best v, f
     for level in sorted(set(threat.levels)):
+        if on_level is not None:
+            on_level(level)
         radius = (level * base_norm).repeat(restarts).to(dtype)
         # starts: restart 0 at the smaller level's worst as it is, the others random
         starts = torch.stack(

@@ -51,6 +51,7 @@ from workers.execution import job_dirs
 from workers.execution.finalise import finalise_report
 from workers.execution.heartbeat import set_current_work
 from workers.execution.leases import new_owner
+from workers.execution.query_relay import QueryRelay, endpoint_identity, relay_for, report_queries
 from workers.execution.steps import (
     AfterBeat,
     Sends,
@@ -96,6 +97,9 @@ class _Attempt:
     probe_bound: bool = False  # its time limit is the probe's budget, not the audit's
     # where the step's time went (seconds by phase), for its log line
     timings: dict[str, float] = field(default_factory=dict)
+    relay: QueryRelay | None = None  # an endpoint model's: answers the runner's queries
+    model: Model | None = None
+    request: AuditRequest | None = None
 
     def fail(self, kind: ProblemType, detail: str) -> None:
         self.finish(status="failed", error=kind.document(detail))
@@ -176,6 +180,7 @@ class _Attempt:
             # any step needed) never drops back to 0 (to_status).
             plan_attempts=Audit.attempts,
             attempts=0,
+            **({} if self.relay is None else {"plan_queries": self.relay.ledger.to_json()}),
             progress_check=None,
             **monotone_progress(
                 (total - waiting) / total, message=f"{count_of(total, 'shard')} planned"
@@ -199,6 +204,8 @@ class _Attempt:
             self.fail(problems.INTERNAL_ERROR, f"the runner's report is unreadable: {exc}")
             return
         verdict = report.get("verdict") if isinstance(report, dict) else None
+        if isinstance(report, dict) and self.relay is not None:
+            self.add_queries(report)
         try:
             started = time.monotonic()
             if isinstance(report, dict):
@@ -238,6 +245,19 @@ class _Attempt:
             progress_message=REPORT_WRITTEN,
             error=None,
         )
+
+    def add_queries(self, report: dict[str, Any]) -> None:
+        """An endpoint model's report: its query ledger and where the endpoint answers (before
+        it is signed and rendered; the runner never saw either)."""
+        assert self.relay is not None and self.model is not None and self.request is not None
+        self.relay.settle()  # its queries are all answered: `drawn` is final
+        audit = self.session.get(Audit, self.audit_id, populate_existing=True)
+        assert audit is not None
+        report["queries"] = report_queries(
+            self.settings, self.session, audit, self.model, self.request, self.relay.ledger
+        )
+        if isinstance(report.get("model"), dict):
+            report["model"]["endpoint"] = endpoint_identity(self.model)
 
     def wait_for_storage(self, exc: StorageUnavailable) -> None:
         """The object store is unreachable: the step is given back (queued, its attempt not
@@ -388,6 +408,8 @@ def execute_audit(
         set_current_work(None)
         attempt.finish(status="failed", error=storage_problem(exc))
         return "failed"
+    attempt.model, attempt.request = model, request
+    attempt.relay = relay_for(settings, session, audit, model, request)
     try:
         limit = audit_time_limit(settings, request, audit.probe_seconds)
         if kind == "plan" and settings.admission_time_limit < limit:
@@ -398,6 +420,8 @@ def execute_audit(
         return "planned" if attempt.planned else result
     finally:
         set_current_work(None)
+        if attempt.relay is not None:
+            attempt.relay.close()
         job_dirs.remove_job_dir(attempt.job_dir)
         phases = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in attempt.timings.items())
         log.info(
@@ -425,6 +449,7 @@ def _supervise_child(
             attempt.job_dir,
             time_limit=limit,
             use_gpu=wants_gpu(request),
+            relay=attempt.relay,
         )
         attempt.job_dir = child.job_dir  # a warm runner's own directory holds the job now
     except SandboxUnavailable as exc:
@@ -434,6 +459,7 @@ def _supervise_child(
         return _final_status(attempt)
     try:
         follow_child(child, _AuditEvents(attempt), heartbeat_seconds=settings.heartbeat_seconds)
+        child.wait_for_query()
     except SoftTimeLimitExceeded:
         child.kill()
         child.finish()

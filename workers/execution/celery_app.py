@@ -6,6 +6,7 @@ Imports no torch.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery.signals import worker_ready, worker_shutdown
@@ -19,6 +20,9 @@ app = make_celery(get_settings())
 # The worker imports the task modules when it starts (they import `app` from here, never the
 # other way round: one registration, no import circle).
 app.conf.imports = ("workers.execution.tasks",)
+# One line per endpoint query at INFO would drown what the worker says: its failures are logged
+# by the client and counted in the audit's ledger.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 # A solo worker runs one task at a time; the audit itself runs in a child process.
 app.conf.worker_concurrency = 1
 

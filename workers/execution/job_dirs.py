@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session
 
 from schemas.audits import AuditConfig, AuditRequest
 from schemas.comparisons import ReferenceModel
+from schemas.endpoints import ENDPOINT_FORMAT, EndpointView, endpoint_identity_bytes
 from schemas.model_spec import ModelSpec
 from schemas.runner import (
     JOB_FILE,
@@ -73,6 +74,13 @@ def _request(audit: Audit) -> AuditRequest:
 
 
 def _copy_model(settings: Settings, model: Model, job_dir: Path, stem: str = "model") -> str:
+    if model.format == ENDPOINT_FORMAT:
+        # No file: the endpoint's identity (its sha256 is the model's), which the runner's
+        # engine does not read; its queries go through the worker (workers.execution.query_relay).
+        name = stem + ".endpoint.json"
+        view = EndpointView.model_validate(model.endpoint)
+        (job_dir / name).write_bytes(endpoint_identity_bytes(view))
+        return name
     name = stem + MODEL_EXTENSIONS.get(model.format, "")
     try:
         worker_blobs(settings).copy_to(model.sha256, job_dir / name)

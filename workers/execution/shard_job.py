@@ -37,6 +37,7 @@ from workers.execution import job_dirs
 from workers.execution.heartbeat import set_current_work
 from workers.execution.job_dir_cache import JobDirCache, worker_cache
 from workers.execution.leases import new_owner
+from workers.execution.query_relay import QueryRelay, relay_for
 from workers.execution.shard_leases import ClaimedShard, claim_shard
 from workers.execution.steps import (
     AfterBeat,
@@ -79,6 +80,7 @@ class _ShardRun:
     stop: bool = False  # cancel or lost lease: the child is being stopped
     lease_lost: bool = False
     failed: bool = False  # the audit was failed by this shard's error
+    relay: QueryRelay | None = None  # an endpoint model's: answers the runner's queries
 
     @property
     def audit_id(self) -> str:
@@ -106,6 +108,10 @@ class _ShardRun:
         if result is None:
             log.warning("audit %s: unreadable shard %r", self.audit_id, event.shard_id)
             return
+        if self.relay is not None:
+            # the worker's count of this shard's queries goes with its result (never the
+            # runner's word): a shard run again replaces it, so nothing is counted twice
+            result = {**result, "queries": self.relay.ledger.to_json()}
         now = utcnow()
         if release_shard(
             self.session,
@@ -237,9 +243,12 @@ def execute_shard(
         except StorageError as exc:
             run.fail_audit(storage_problem(exc))
             return "failed"
+        run.relay = relay_for(settings, session, audit, model, request)
         return _supervise(run, request, limit, model.format, cache, watchdog)
     finally:
         set_current_work(None)
+        if run.relay is not None:
+            run.relay.close()
         if run.job_dir != Path():
             cache.release(run.job_dir)
 
@@ -278,6 +287,7 @@ def _supervise(
             # This worker cannot run shards; the model is not at fault: another worker may.
             log.error("sandbox unavailable: %s", exc)
             return _retry_or_give_up(run, f"the sandbox is unavailable on {run.worker}: {exc}")
+    child.relay = run.relay  # this job's (a kept child served another shard's before)
     try:
         return _follow(run, child, limit, cache, watchdog)
     except BaseException:
@@ -297,6 +307,7 @@ def _follow(
         heartbeat_seconds=run.settings.heartbeat_seconds,
         stop_grace_seconds=STOP_GRACE_SECONDS,
     )
+    child.wait_for_query()
     if run.done and run.stored and not run.stop and child.alive():
         if _shards_waiting(run.session, run.audit_id):
             # idle, its model loaded, for this audit's next shard; ended after

@@ -98,6 +98,19 @@ def runner_error_problem(
             + "the audited model failed its probe through this audit's operator: "
             + (event.reason or "no reason given")
         )
+    if info.get("cause") == "endpoint":
+        return problems.ENDPOINT_UNAVAILABLE.document(
+            where
+            + "the model's endpoint could not answer the audit's queries: "
+            + (event.reason or "no reason given")
+        )
+    if info.get("cause") == "query-budget":
+        return problems.QUERY_BUDGET_EXHAUSTED.document(
+            where
+            + "the audit spent its query budget before it had queried enough (raise "
+            + "budget.queries, or audit fewer images, levels or restarts): "
+            + (event.reason or "no reason given")
+        )
     if info.get("cause") == "memory":
         return problems.MEMORY_LIMIT.document(
             f"{what} exceeded the memory limit of {settings.runner_memory_bytes} "

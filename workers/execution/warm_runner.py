@@ -23,7 +23,7 @@ from pathlib import Path
 from service.settings import Settings
 from workers.execution.heartbeat import sandbox_state
 from workers.sandbox.bubblewrap import Sandbox, SandboxUnavailable
-from workers.sandbox.child import RunnerChild, StallLimit
+from workers.sandbox.child import QueryAnswerer, RunnerChild, StallLimit
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def start_runner(
     use_gpu: bool,
     serve: bool = False,
     stall_limit: StallLimit | None = None,
+    relay: QueryAnswerer | None = None,
 ) -> RunnerChild:
     """A runner child running the job in `job_dir`: the warm spare when it fits, else a child
     started now. With the spare, the job's files now live in the spare's directory: the caller
@@ -170,7 +171,9 @@ def start_runner(
             use_gpu=use_gpu,
             serve=serve,
             stall_limit=stall_limit,
+            relay=relay,
         )
+    child.relay = relay
     if _keeping:
         start_spare(settings)
     return child

@@ -96,6 +96,46 @@ def curves_png(
     return _png(fig)
 
 
+@dataclass(frozen=True)
+class BudgetPoint:
+    """One worst_case level of a query-only audit: the queries the search had sent up to and
+    including it (cumulative over the levels in ascending order), the largest error found."""
+
+    level: float
+    queries: int
+    error: float
+
+
+def budget_png(points: Sequence[BudgetPoint]) -> bytes | None:
+    """What the query budget bought: the largest error found at each level against the
+    cumulative queries sent to find it, each point labelled with its level; None without a
+    finite point."""
+    drawable = [p for p in points if math.isfinite(p.error)]
+    if not drawable:
+        return None
+    fig = Figure(figsize=(6.0, 3.6))
+    ax = fig.add_subplot()
+    xs = [p.queries for p in drawable]
+    ys = [p.error for p in drawable]
+    ax.plot(xs, ys, "-", marker="o", label="worst case found (a lower bound)")
+    for point in drawable:
+        ax.annotate(
+            f"δ = {point.level:g}",
+            (point.queries, point.error),
+            textcoords="offset points",
+            xytext=(4, 6),
+            fontsize="small",
+        )
+    ax.set_xlim(left=0)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("queries sent by the worst-case search (cumulative over levels)")
+    ax.set_ylabel("largest relative error found")
+    ax.set_title("what the budget bought")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return _png(fig)
+
+
 def artifact_array(path: Path) -> np.ndarray | None:
     """A .npy artifact as float64 (NaN and infinities drawn as 0), or None if it is missing,
     pickled, huge or not numeric: a figure the report cannot draw is left out."""

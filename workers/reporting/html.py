@@ -8,12 +8,18 @@ panels of the worst case, and the provenance. Figures are PNG data URIs, so the 
 mailed or archived alone. Jinja2 escapes every value (autoescape on), and a
 Content-Security-Policy allows no script and no request: a model name such as
 `<script>…</script>` is shown as text.
+
+An endpoint model's query-only audit (the report's `queries`) says so under the model's name,
+and gets a section "Queries": the ledger per check and level, latency, failures by cause, and
+the figure "what the budget bought" (worst_case's error per level against its cumulative
+queries).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +28,15 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from service.reports.findings import Finding, bracket_lines, bracket_rows, findings, fmt
-from workers.reporting.figures import BAND_CLIP, Band, Curve, artifact_array, curves_png
+from workers.reporting.figures import (
+    BAND_CLIP,
+    Band,
+    BudgetPoint,
+    Curve,
+    artifact_array,
+    budget_png,
+    curves_png,
+)
 from workers.shared.panels import Panel, panels_png
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -368,6 +382,137 @@ def build_sections(report: dict[str, Any], directory: Path) -> list[CheckSection
     return [sections[i] for i in sorted(sections)]
 
 
+# The columns of the query table: a `by_check` row's counts (docs/reports.md, "Queries")
+QUERY_COUNTS = ("sent", "answered", "requests", "failures", "retries")
+QUERY_CHECK = "worst_case"
+
+
+def _count(value: Any) -> int | None:
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _count_text(value: Any) -> str:
+    count = _count(value)
+    return "n/a" if count is None else str(count)
+
+
+def _mapping(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _query_rows(queries: dict[str, Any]) -> list[dict[str, Any]]:
+    return [row for row in queries.get("by_check") or [] if isinstance(row, dict)]
+
+
+def _worst_errors(report: dict[str, Any]) -> list[tuple[float, float]]:
+    """(level, largest relative error) of the queried model's worst_case results: the largest
+    over its worst_case checks where several have the same level (the ledger counts them as
+    one)."""
+    out: list[tuple[float, float]] = []
+    for finding in findings(report):
+        if finding.kind != QUERY_CHECK or finding.subject != "model":
+            continue
+        levels, errors = _series(finding.result, "relative_error", "max")
+        for level, error in zip(levels, errors, strict=True):
+            if error is None:
+                continue
+            for position, (known, largest) in enumerate(out):
+                if math.isclose(known, level, rel_tol=1e-9, abs_tol=0.0):
+                    out[position] = (known, max(largest, error))
+                    break
+            else:
+                out.append((level, error))
+    return out
+
+
+def budget_points(report: dict[str, Any]) -> list[BudgetPoint]:
+    """Per worst_case level, ascending: the queries worst_case sent up to and including it
+    (its `by_check` rows) and the largest error the report found there; [] without a
+    worst_case check or its queries."""
+    queries = report.get("queries")
+    if not isinstance(queries, dict):
+        return []
+    errors = _worst_errors(report)
+    if not errors:
+        return []
+    sent_by_level = sorted(
+        (float(row["level"]), _count(row.get("sent")) or 0)
+        for row in _query_rows(queries)
+        if row.get("check") == QUERY_CHECK and _number(row.get("level")) is not None
+    )
+    points, cumulative = [], 0
+    for level, sent in sent_by_level:
+        cumulative += sent
+        error = next(
+            (e for known, e in errors if math.isclose(known, level, rel_tol=1e-9, abs_tol=0.0)),
+            None,
+        )
+        if error is not None:
+            points.append(BudgetPoint(level, cumulative, error))
+    return points
+
+
+@dataclass
+class QueriesSection:
+    """What the page shows of an endpoint model's query ledger (`queries`)."""
+
+    url: str | None
+    model_name: str | None
+    model_version: str | None
+    budget: int | None
+    sent: int | None
+    totals: list[str]
+    rows: list[dict[str, Any]]
+    latency: dict[str, str]
+    causes: list[tuple[str, str]]
+    figure: Figure | None
+
+
+def queries_section(report: dict[str, Any]) -> QueriesSection | None:
+    """The query-only audit's section, or None for a report without `queries` (an upload)."""
+    queries = report.get("queries")
+    if not isinstance(queries, dict):
+        return None
+    endpoint = _mapping(_mapping(report.get("model")).get("endpoint"))
+    rows = [
+        {
+            "check": str(row.get("check", "?")),
+            "level": "—" if row.get("level") is None else fmt(_number(row.get("level"))),
+            "cells": [_count_text(row.get(key)) for key in QUERY_COUNTS],
+        }
+        for row in _query_rows(queries)
+    ]
+    latency = _mapping(queries.get("latency_seconds"))
+    causes = _mapping(queries.get("failures_by_cause"))
+    figure = None
+    uri = _data_uri(budget_png(budget_points(report)))
+    if uri is not None:
+        figure = Figure(
+            "What the budget bought",
+            uri,
+            "Per level δ of the worst-case search, in ascending order: the queries it had sent "
+            "up to and including that level (retries counted), against the largest relative "
+            "error it found there. Each is a real perturbation the model fails on, so a lower "
+            "bound on the true worst case: more queries might find a larger one.",
+        )
+
+    def text(value: Any) -> str | None:
+        return None if value is None else str(value)
+
+    return QueriesSection(
+        url=text(endpoint.get("url")),
+        model_name=text(endpoint.get("model_name")),
+        model_version=text(endpoint.get("model_version")),
+        budget=_count(queries.get("budget")),
+        sent=_count(queries.get("sent")),
+        totals=[_count_text(queries.get(key)) for key in QUERY_COUNTS],
+        rows=rows,
+        latency={key: fmt(_number(latency.get(key))) for key in ("p50", "p99", "max")},
+        causes=[(str(cause), str(count)) for cause, count in sorted(causes.items())],
+        figure=figure,
+    )
+
+
 def _environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
@@ -393,7 +538,13 @@ def render_html(report: dict[str, Any], directory: Path) -> str:
     return (
         _environment()
         .get_template("report.html.j2")
-        .render(report=report, sections=sections, counts=counts, model=report.get("model") or {})
+        .render(
+            report=report,
+            sections=sections,
+            counts=counts,
+            model=report.get("model") or {},
+            queries=queries_section(report),
+        )
     )
 
 

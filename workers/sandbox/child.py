@@ -23,7 +23,7 @@ from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Protocol
 
 from pydantic import ValidationError
 
@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 STDERR_TAIL_LINES = 40
 MAX_EVENT_BYTES = 1024 * 1024
 _EOF = object()
+
+
+class QueryAnswerer(Protocol):
+    """Answers a runner's `query` event (workers.execution.query_relay): the reply line for
+    the runner's stdin, once the answers are in the job directory."""
+
+    def answer(self, event: RunnerEvent, job_dir: Path) -> bytes: ...
 
 
 @dataclass
@@ -74,6 +81,7 @@ class RunnerChild:
         serve: bool = False,
         stall_limit: StallLimit | None = None,
         warm: bool = False,
+        relay: QueryAnswerer | None = None,
     ) -> None:
         argv = [sys.executable, "-m", runner_module, str(job_dir.resolve())]
         if warm:  # imports the engine, then waits for its first job (begin)
@@ -96,7 +104,12 @@ class RunnerChild:
         # past the watchdog's floor; a model loads and runs only after the first beat.
         self.armed = False
         self.largest_batch = 0  # kept across the jobs of a serving child: same model
-        self._proc = sandbox.start(argv, job_dir, use_gpu=use_gpu, stdin=serve or warm)
+        # Who answers the runner's endpoint queries (an endpoint model's job); set per job.
+        self.relay = relay
+        self._query: threading.Thread | None = None  # the query being answered, if any
+        self._stdin_lock = threading.Lock()
+        stdin = serve or warm or relay is not None
+        self._proc = sandbox.start(argv, job_dir, use_gpu=use_gpu, stdin=stdin)
         self._lines: queue.Queue[object] = queue.Queue()
         self._stderr: deque[str] = deque(maxlen=STDERR_TAIL_LINES)
         self._timed_out = False
@@ -146,7 +159,8 @@ class RunnerChild:
                 self.kill()
                 return
             wait = min(tick_seconds, remaining)
-            allowed = self.stall_seconds if self.armed else None
+            # While the worker answers a query the runner waits on it: not the model's silence.
+            allowed = self.stall_seconds if self.armed and not self.querying else None
             if allowed is not None:
                 quiet = now - self.last_output
                 if quiet >= allowed and self._lines.empty():
@@ -171,11 +185,53 @@ class RunnerChild:
             event = parse_event(item)
             if event is None:
                 continue
+            if event.event == "query":
+                self._answer_query(event)
+                yield None
+                continue
             if event.event == "beat":
                 self._note_batch((event.info or {}).get("largest_batch"))
                 yield None
                 continue
             yield event
+
+    @property
+    def querying(self) -> bool:
+        return self._query is not None and self._query.is_alive()
+
+    def _answer_query(self, event: RunnerEvent) -> None:
+        """Answer the runner's query in a thread of its own, so that the step's loop keeps
+        renewing its lease and noticing cancels while the endpoint takes its time."""
+        relay = self.relay
+        if relay is None:
+            info = event.info or {}
+            reply = {"id": info.get("id"), "ok": False, "reason": "this job relays no queries"}
+            self._write(json.dumps(reply).encode() + b"\n")
+            return
+
+        def answer() -> None:
+            line = relay.answer(event, self.job_dir)
+            self.last_output = time.monotonic()
+            self._write(line)
+
+        self._query = threading.Thread(target=answer, name="query", daemon=True)
+        self._query.start()
+
+    def _write(self, line: bytes) -> bool:
+        if self._proc.stdin is None or not self.alive():
+            return False
+        try:
+            with self._stdin_lock:
+                self._proc.stdin.write(line)
+                self._proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            return False
+        return True
+
+    def wait_for_query(self, timeout: float = 30.0) -> None:
+        """Wait for a query still being answered (the step closes its client after it)."""
+        if self._query is not None:
+            self._query.join(timeout)
 
     @property
     def stall_seconds(self) -> float | None:
@@ -216,14 +272,7 @@ class RunnerChild:
         self.time_limit = time_limit
         self.stall_limit = stall_limit
         self.last_output = time.monotonic()
-        if not self.alive():
-            return False
-        try:
-            self._proc.stdin.write(line)
-            self._proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            return False
-        return True
+        return self._write(line)
 
     def kill(self) -> None:
         self._killed = True

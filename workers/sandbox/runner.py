@@ -41,13 +41,14 @@ from schemas.runner import (
 # torch-free at module level: the model-call counter the beat reads, and the shared error
 # classes and archive limits (the engine itself is imported by each job's function)
 from workers.engine.liveness import MODEL_CALLS, ModelCalls
-from workers.shared.errors import EngineInputError, is_out_of_memory
+from workers.shared.errors import EndpointQueryFailed, EngineInputError, is_out_of_memory
 from workers.shared.limits import archive_limits_in_force
 
 REPORT_FILE = "report.json"
 # The status a failure maps to: 422 when the audit's own input is at fault.
 INPUT_ERROR_STATUS = 422
 INTERNAL_ERROR_STATUS = 500
+ENDPOINT_ERROR_STATUS = 502
 
 
 class EventStream:
@@ -127,6 +128,8 @@ def load_completed_shards(job_dir: Path) -> dict[str, dict[str, Any]]:
 def run_admission(job: RunnerRequest, job_dir: Path, events: EventStream) -> None:
     from workers.engine import entry_points
 
+    if job.model_format == "endpoint":  # the worker probes endpoints itself
+        raise ValueError("an endpoint model is admitted by the worker, not a runner")
     admission = entry_points.admit_model(
         job_dir / job.model_file, job.model_format, job.spec, device="cpu"
     )
@@ -261,6 +264,16 @@ def describe_failure(exc: BaseException) -> dict[str, Any]:
             "reason": f"{type(exc).__name__}: {exc}",
             "info": {"status": INTERNAL_ERROR_STATUS, "cause": "storage"},
         }
+    if isinstance(exc, EndpointQueryFailed):
+        spent = exc.budget_spent
+        return {
+            "message": "Query budget spent" if spent else "Endpoint failed",
+            "reason": str(exc),
+            "info": {
+                "status": INPUT_ERROR_STATUS if spent else ENDPOINT_ERROR_STATUS,
+                "cause": "query-budget" if spent else "endpoint",
+            },
+        }
     if is_out_of_memory(exc):
         return {
             "message": "Memory limit exceeded",
@@ -319,6 +332,15 @@ def wait_for_first_job() -> bool | None:
     return line.strip() == "serve"
 
 
+def relay_queries(job_dir: Path, events: EventStream) -> None:
+    """An endpoint model's job: the engine's EndpointModule asks the worker, which queries the
+    endpoint for it (workers.sandbox.query_relay); the runner itself has no network."""
+    from workers.engine.endpoint_model import install_query_client
+    from workers.sandbox.query_relay import RelayedQueries
+
+    install_query_client(RelayedQueries(job_dir, events, sys.stdin))
+
+
 def main(argv: list[str]) -> int:
     events = take_over_stdout()
     try:
@@ -333,6 +355,8 @@ def main(argv: list[str]) -> int:
             serve = told
         job_dir = Path(argv[0])
         job = RunnerRequest.model_validate_json((job_dir / JOB_FILE).read_text(encoding="utf-8"))
+        if job.model_format == "endpoint":
+            relay_queries(job_dir, events)
         # every archive the engine reads is held to the gateway's limits, which the job carries
         with archive_limits_in_force(job.archive_limits):
             if job.kind == "admit":

@@ -25,3 +25,13 @@ def is_out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError)
         and ("can't allocate memory" in str(exc) or "out of memory" in str(exc).lower())
     )
+
+
+class EndpointQueryFailed(Exception):
+    """An endpoint model's query could not be answered (the endpoint failed past its retries,
+    answered wrongly, or the audit's query budget is spent): the audit fails with a named
+    problem (`endpoint-unavailable`, `query-budget-exhausted`), never counts it as stability."""
+
+    def __init__(self, message: str, *, budget_spent: bool = False) -> None:
+        super().__init__(message)
+        self.budget_spent = budget_spent

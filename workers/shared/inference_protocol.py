@@ -4,8 +4,14 @@ MLServer and TorchServe speak), for auditing a model through its endpoint (docs/
 
 What it speaks: `GET /v2/models/{name}[/versions/{v}]` (metadata), `.../ready`, and
 `POST .../infer` with JSON tensors (`FP32` data, its shape and datatype; an answer's tensor may
-be any numeric datatype, its data flat or nested). What it holds to, per client (one per
-audit step):
+be any numeric datatype, its data flat or nested), or with the protocol's **binary tensor data
+extension** where the server offers it (Triton's and KServe's: a JSON header, then the
+tensors' raw little-endian bytes; `Inference-Header-Content-Length` names the header's length,
+`parameters.binary_data_size` each tensor's bytes). The client's `binary` setting: `"auto"`
+(the default) tries binary on the first infer request and falls back to JSON for the client's
+life when the server refuses it (400, 415, 422) or answers plain JSON; `"always"` and
+`"never"` do not negotiate. A JSON answer is accepted in every mode. What it holds to, per
+client (one per audit step):
 
 - **limits** (`schemas.endpoints.EndpointLimits`): inputs per request (larger batches are
   split, the parts sent concurrently), requests per second (evenly spaced, no bursts), requests
@@ -47,7 +53,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 import httpx
@@ -83,6 +89,11 @@ NUMERIC_DATATYPES = {
 }
 MAX_ANSWER_BYTES = 512 * 1024 * 1024
 _EXCERPT = 200
+# the binary tensor data extension: the JSON header's length, in requests and answers
+HEADER_LENGTH = "Inference-Header-Content-Length"
+# answers to a binary request that say the server does not read the extension (auto falls back)
+BINARY_REFUSALS = frozenset({400, 415, 422})
+Binary = Literal["auto", "always", "never"]
 
 
 class EndpointError(Exception):
@@ -213,6 +224,21 @@ class CircuitBreaker:
                 self._opened_at = self._clock()
                 self._trial = False
 
+    def abstain(self) -> None:
+        """An attempt that says nothing of the endpoint's health (the binary negotiation's
+        refusal): neither a failure nor a success; a half-open trial is handed back."""
+        with self._lock:
+            self._trial = False
+
+
+class _BinaryUnsupported(Exception):
+    """The binary negotiation's request was refused (400, 415, 422) or answered without the
+    output's data: the server does not read the extension; the request goes again as JSON."""
+
+
+class _NoData(EndpointAnswerInvalid):
+    """The answer's output tensor carries neither `data` nor binary data."""
+
 
 class _Retry(Exception):
     """One attempt failed in a way worth another: `cause` for the ledger, `wait` if the
@@ -255,8 +281,12 @@ class InferenceClient:
         retry: RetryPolicy | None = None,
         breaker: BreakerPolicy | None = None,
         resolve_timeout: float = 5.0,
+        binary: Binary = "auto",
     ) -> None:
+        if binary not in ("auto", "always", "never"):
+            raise ValueError(f"binary is 'auto', 'always' or 'never', not {binary!r}")
         self.target = target
+        self.binary = binary
         self.limits = limits or EndpointLimits()
         self.ledger = ledger if ledger is not None else QueryLedger()
         self.retry = retry or RetryPolicy()
@@ -278,6 +308,15 @@ class InferenceClient:
             max_workers=self.limits.concurrency, thread_name_prefix="endpoint"
         )
         self._metadata: ModelMetadata | None = None
+        # the infer requests' encoding: None until auto's negotiation has decided
+        self._encoding: str | None = {"auto": None, "always": "binary", "never": "json"}[binary]
+        self._negotiation = threading.Lock()
+
+    @property
+    def encoding(self) -> str | None:
+        """How infer requests are sent: "binary", "json", or None while `binary="auto"` has not
+        negotiated yet."""
+        return self._encoding
 
     def __repr__(self) -> str:  # never the secret
         header = None if self._auth is None else self._auth[0]
@@ -363,6 +402,8 @@ class InferenceClient:
         batch = np.ascontiguousarray(inputs, dtype=np.float32)
         if batch.ndim < 1 or batch.shape[0] == 0:
             raise ValueError("infer needs a batch of at least one input")
+        if not np.isfinite(batch).all():
+            raise ValueError("infer needs finite inputs (JSON has no NaN or infinity)")
         owners: list[int | None] = list(images) if images is not None else [None] * len(batch)
         if len(owners) != len(batch):
             raise ValueError("one image per input")
@@ -391,26 +432,90 @@ class InferenceClient:
         scope: Scope,
         expect: Sequence[int] | None,
     ) -> np.ndarray:
-        body: dict[str, Any] = {
-            "inputs": [
-                {
-                    "name": name,
-                    "shape": list(part.shape),
-                    "datatype": "FP32",
-                    "data": part.ravel().tolist(),
-                }
-            ]
-        }
-        if output is not None:
-            body["outputs"] = [{"name": output}]
-        content = json.dumps(body, allow_nan=False).encode("utf-8")
-
-        def check(response: httpx.Response) -> np.ndarray:
-            return _output(response, output, len(part), expect, self._redact)
-
-        return self._request(
-            "POST", self._model_path() + "/infer", content, scope, owners, answer=check
+        if self._encoding is None:
+            with self._negotiation:  # one request negotiates; the others wait for its answer
+                if self._encoding is None:
+                    return self._negotiate(part, owners, name, output, scope, expect)
+        values, _ = self._send_part(
+            part, owners, name, output, scope, expect, binary=self._encoding == "binary"
         )
+        return values
+
+    def _negotiate(
+        self,
+        part: np.ndarray,
+        owners: list[int | None],
+        name: str,
+        output: str | None,
+        scope: Scope,
+        expect: Sequence[int] | None,
+    ) -> np.ndarray:
+        """Auto's first infer request: binary; a refusal or an answer without the binary data
+        decides JSON for the client's life (the refused request is in the ledger: its inputs
+        were sent; the breaker does not count it), a binary answer decides binary."""
+        try:
+            values, binary = self._send_part(
+                part, owners, name, output, scope, expect, binary=True, negotiating=True
+            )
+        except _BinaryUnsupported:
+            self._encoding = "json"
+            values, _ = self._send_part(part, owners, name, output, scope, expect, binary=False)
+            return values
+        self._encoding = "binary" if binary else "json"
+        return values
+
+    def _send_part(
+        self,
+        part: np.ndarray,
+        owners: list[int | None],
+        name: str,
+        output: str | None,
+        scope: Scope,
+        expect: Sequence[int] | None,
+        *,
+        binary: bool,
+        negotiating: bool = False,
+    ) -> tuple[np.ndarray, bool]:
+        """One request's outputs, and whether they came as binary data."""
+        tensor: dict[str, Any] = {"name": name, "shape": list(part.shape), "datatype": "FP32"}
+        body: dict[str, Any] = {"inputs": [tensor]}
+        headers: dict[str, str] = {}
+        raw = b""
+        if binary:
+            raw = np.ascontiguousarray(part, dtype="<f4").tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            if output is not None:
+                body["outputs"] = [{"name": output, "parameters": {"binary_data": True}}]
+            else:  # the only output, its name unknown: every output as binary data
+                body["parameters"] = {"binary_data_output": True}
+        else:
+            tensor["data"] = part.ravel().tolist()
+            if output is not None:
+                body["outputs"] = [{"name": output}]
+        content = json.dumps(body, allow_nan=False).encode("utf-8")
+        if binary:
+            headers[HEADER_LENGTH] = str(len(content))
+            content += raw
+
+        def check(response: httpx.Response) -> tuple[np.ndarray, bool]:
+            try:
+                return _output(response, output, len(part), expect, self._redact)
+            except _NoData:
+                if negotiating:
+                    raise _BinaryUnsupported("the answer has no data for the output") from None
+                raise
+
+        result: tuple[np.ndarray, bool] = self._request(
+            "POST",
+            self._model_path() + "/infer",
+            content,
+            scope,
+            owners,
+            answer=check,
+            headers=headers,
+            negotiating=negotiating,
+        )
+        return result
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -422,9 +527,12 @@ class InferenceClient:
         scope: Scope,
         owners: list[int | None],
         answer: Callable[[httpx.Response], Any] | None = None,
+        headers: dict[str, str] | None = None,
+        negotiating: bool = False,
     ) -> Any:
         """Send with the limits, retries, breaker and ledger; return `answer(response)` (or the
-        response) for a 200."""
+        response) for a 200. `negotiating`: a refusal of the binary extension raises
+        _BinaryUnsupported (charged to the ledger as sent, not to the breaker)."""
         policy = self.retry
         for attempt in range(policy.attempts):
             self.breaker.before()
@@ -435,8 +543,11 @@ class InferenceClient:
             started = time.monotonic()
             try:
                 with self._in_flight:
-                    response = self._classified(method, path, content)
+                    response = self._classified(method, path, content, headers, negotiating)
                 result = answer(response) if answer is not None else response
+            except _BinaryUnsupported:
+                self.breaker.abstain()
+                raise
             except _Retry as failure:
                 self.ledger.failed(scope, failure.cause)
                 self.breaker.failed(failure.cause)
@@ -465,10 +576,18 @@ class InferenceClient:
     def _where(self, path: str) -> str:
         return f"{self.target.url}{path}"
 
-    def _classified(self, method: str, path: str, content: bytes | None) -> httpx.Response:
-        """One attempt: the 200 response, else _Retry or a final EndpointError."""
+    def _classified(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        headers: dict[str, str] | None = None,
+        negotiating: bool = False,
+    ) -> httpx.Response:
+        """One attempt: the 200 response, else _Retry, _BinaryUnsupported (`negotiating`) or a
+        final EndpointError."""
         try:
-            response = self._send(method, path, content)
+            response = self._send(method, path, content, headers)
         except httpx.TimeoutException:
             raise _Retry("timeout", f"no answer within {self.limits.timeout_seconds:g} s") from None
         except httpx.TransportError as exc:
@@ -477,6 +596,8 @@ class InferenceClient:
         if code == 200:
             return response
         excerpt = self._redact(response.text[:_EXCERPT])
+        if negotiating and code in BINARY_REFUSALS:
+            raise _BinaryUnsupported(f"answered {code}: {excerpt}")
         if code in RETRYABLE_STATUS:
             wait = retry_after_seconds(response.headers.get("retry-after"))
             raise _Retry(f"http {code}", f"answered {code}: {excerpt}", wait)
@@ -507,13 +628,23 @@ class InferenceClient:
                     ) from None
             return self._pinned
 
-    def _send(self, method: str, path: str, content: bytes | None) -> httpx.Response:
+    def _send(
+        self,
+        method: str,
+        path: str,
+        content: bytes | None,
+        extra: dict[str, str] | None = None,
+    ) -> httpx.Response:
         """One HTTP request to the checked (pinned) address."""
         pinned = self._target()
         url = httpx.URL(self.target.url + path)
         headers = {"Host": url.netloc.decode("ascii"), "User-Agent": USER_AGENT}
         if content is not None:
+            # a binary body too: it starts with its JSON header, and a server without the
+            # extension then fails to read it as JSON (MLServer: 422), where an octet-stream
+            # body can make it fail otherwise (MLServer 1.7: a 500, which would be retried)
             headers["Content-Type"] = "application/json"
+        headers.update(extra or {})
         if self._auth is not None:
             headers[self._auth[0]] = self._auth[1]
         extensions = {"sni_hostname": pinned.host} if pinned.scheme == "https" else {}
@@ -575,40 +706,82 @@ def _output(
     batch: int,
     expect: Sequence[int] | None,
     redact: Callable[[str], str],
-) -> np.ndarray:
-    """The answer's output tensor as float32 [batch, ...]; EndpointAnswerInvalid otherwise."""
-    body = _json(response, redact)
+) -> tuple[np.ndarray, bool]:
+    """The answer's output tensor as float32 [batch, ...], and whether it came as binary data;
+    EndpointAnswerInvalid otherwise."""
+    body, tail = _answer_parts(response, redact)
     outputs = body.get("outputs") if isinstance(body, dict) else None
     if not isinstance(outputs, list) or not outputs:
         raise EndpointAnswerInvalid("the answer has no `outputs`")
     if name is None:
         if len(outputs) != 1:
             raise EndpointAnswerInvalid(f"the answer has {len(outputs)} outputs: name one")
-        tensor = outputs[0]
+        index = 0
     else:
-        found = [t for t in outputs if isinstance(t, dict) and t.get("name") == name]
+        found = [i for i, t in enumerate(outputs) if isinstance(t, dict) and t.get("name") == name]
         if not found:
             raise EndpointAnswerInvalid(f"the answer has no output {name!r}")
-        tensor = found[0]
+        index = found[0]
+    sizes = [_binary_size(t) for t in outputs]
+    tensor = outputs[index]
     try:
         datatype = str(tensor["datatype"])
         shape = [int(d) for d in tensor["shape"]]
-        data = tensor["data"]
     except (KeyError, TypeError, ValueError):
-        raise EndpointAnswerInvalid(
-            "an output tensor needs `datatype`, `shape` and `data` (the binary-data extension "
-            "is not asked for)"
-        ) from None
+        raise EndpointAnswerInvalid("an output tensor needs `datatype` and `shape`") from None
     if datatype not in NUMERIC_DATATYPES or datatype == "BOOL":
         raise EndpointAnswerInvalid(f"the output's datatype {datatype} is not a number type")
+    if any(d < 0 for d in shape):
+        raise EndpointAnswerInvalid(f"wrong shape: the output says shape {shape}")
+    if tail is None and sizes[index] is not None:
+        raise EndpointAnswerInvalid(
+            f"the output says it is binary data ({sizes[index]} bytes) but the answer has no "
+            f"{HEADER_LENGTH} header"
+        )
+    if tail is not None:
+        declared = sum(size for size in sizes if size is not None)
+        if declared > len(tail):
+            raise EndpointAnswerInvalid(
+                f"the binary answer is truncated: its outputs declare {declared} bytes of "
+                f"binary data, the body holds {len(tail)} after the JSON header"
+            )
+        if declared < len(tail):
+            raise EndpointAnswerInvalid(
+                f"the binary answer is oversized: the body holds {len(tail)} bytes after the "
+                f"JSON header, its outputs declare {declared}"
+            )
+    size = sizes[index]
+    if tail is not None and size is not None:
+        dtype = np.dtype(NUMERIC_DATATYPES[datatype]).newbyteorder("<")
+        if size != math.prod(shape) * dtype.itemsize:
+            raise EndpointAnswerInvalid(
+                f"wrong shape: the output says shape {shape} of {datatype} "
+                f"({math.prod(shape) * dtype.itemsize} bytes) but binary_data_size is {size}"
+            )
+        offset = sum(s for s in sizes[:index] if s is not None)
+        values = np.frombuffer(tail, dtype=dtype, count=math.prod(shape), offset=offset)
+        return _checked(values.astype(np.float64), shape, batch, expect), True
+    if "data" not in tensor:
+        raise _NoData(
+            "an output tensor needs `data`, or binary data (`parameters.binary_data_size` and "
+            f"the {HEADER_LENGTH} header)"
+        )
     try:
-        values = np.asarray(data, dtype=np.float64).ravel()
+        values = np.asarray(tensor["data"], dtype=np.float64).ravel()
     except (TypeError, ValueError):
         raise EndpointAnswerInvalid("the output's data is not a list of numbers") from None
-    if any(d < 0 for d in shape) or math.prod(shape) != values.size:
+    if math.prod(shape) != values.size:
         raise EndpointAnswerInvalid(
             f"wrong shape: the output says shape {shape} but holds {values.size} values"
         )
+    return _checked(values, shape, batch, expect), False
+
+
+def _checked(
+    values: np.ndarray, shape: list[int], batch: int, expect: Sequence[int] | None
+) -> np.ndarray:
+    """The output's values (float64, flat, as many as `shape` holds) as float32 [batch, ...],
+    if the shape is the batch's and the one expected and every value is finite."""
     wanted = [batch, *expect] if expect is not None else None
     if not shape or shape[0] != batch or (wanted is not None and shape != wanted):
         expected = wanted if wanted is not None else f"[{batch}, ...]"
@@ -619,3 +792,44 @@ def _output(
             f"non-finite output: {bad} of {values.size} values are NaN or infinite"
         )
     return values.reshape(shape).astype(np.float32)
+
+
+def _answer_parts(
+    response: httpx.Response, redact: Callable[[str], str]
+) -> tuple[Any, bytes | None]:
+    """The answer's JSON, and the bytes after it where the answer is binary (its
+    `Inference-Header-Content-Length` header names the JSON's length), else None."""
+    raw = response.headers.get(HEADER_LENGTH)
+    if raw is None:
+        return _json(response, redact), None
+    content = response.content
+    text = raw.strip()
+    if not text.isdigit():
+        raise EndpointAnswerInvalid(
+            f"the answer's {HEADER_LENGTH} is not a length: {redact(text[:_EXCERPT])!r}"
+        )
+    length = int(text)
+    if not 0 < length <= len(content):
+        raise EndpointAnswerInvalid(
+            f"the binary answer is truncated: its {HEADER_LENGTH} is {length}, the body has "
+            f"{len(content)} bytes"
+        )
+    try:
+        body = json.loads(content[:length])
+    except ValueError:
+        excerpt = content[: min(length, _EXCERPT)].decode("utf-8", "replace")
+        raise EndpointAnswerInvalid(
+            f"the binary answer's header is not JSON: {redact(excerpt)!r}"
+        ) from None
+    return body, content[length:]
+
+
+def _binary_size(tensor: Any) -> int | None:
+    """An output's `parameters.binary_data_size` (None: its data is JSON)."""
+    parameters = tensor.get("parameters") if isinstance(tensor, dict) else None
+    size = parameters.get("binary_data_size") if isinstance(parameters, dict) else None
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise EndpointAnswerInvalid(f"an output's binary_data_size {size!r} is not a byte count")
+    return size

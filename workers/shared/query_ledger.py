@@ -22,7 +22,7 @@ import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 # One query's place in the audit: the check, the level (None where the check has none), the
 # image (None for queries that serve no one image: the admission's probe).
@@ -70,14 +70,26 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
+class BudgetSource(Protocol):
+    """Where a ledger draws its budget from when several share one (the shards of an audit on
+    several workers: workers.execution.query_budget)."""
+
+    def take(self, inputs: int) -> int:
+        """Grant at least `inputs` more inputs (it may grant more, in advance), or 0."""
+        ...
+
+
 @dataclass
 class QueryLedger:
     """Thread-safe: the client's threads charge it concurrently. `budget`: the most inputs
     this ledger may send (None: no cap); `spent_before`: what earlier shards of the audit spent
-    of the same budget."""
+    of the same budget. With a `source`, the budget is shared: every input sent is drawn from
+    it first (`budget` then only names the shared budget in messages and the ledger)."""
 
     budget: int | None = None
     spent_before: int = 0
+    source: BudgetSource | None = None
+    granted: int = 0  # drawn from the source and not yet sent (`unspent` at the end)
     _by_scope: dict[Scope, _Counts] = field(default_factory=dict)
     _by_image: Counter[tuple[str, float | None, int]] = field(default_factory=Counter)
     _latencies: list[float] = field(default_factory=list)
@@ -97,7 +109,16 @@ class QueryLedger:
         QueryBudgetExhausted, sending nothing, if that would exceed the budget."""
         with self._lock:
             spent = self.spent_before + sum(c.sent for c in self._by_scope.values())
-            if self.budget is not None and spent + inputs > self.budget:
+            if self.source is not None:
+                if self.granted < inputs:
+                    self.granted += self.source.take(inputs - self.granted)
+                if self.granted < inputs:
+                    raise QueryBudgetExhausted(
+                        f"the query budget of {self.budget} is spent (the audit's steps have "
+                        f"drawn all of it; this request needs {inputs} more)"
+                    )
+                self.granted -= inputs
+            elif self.budget is not None and spent + inputs > self.budget:
                 raise QueryBudgetExhausted(
                     f"the query budget of {self.budget} is spent ({spent} sent; this request "
                     f"needs {inputs} more)"

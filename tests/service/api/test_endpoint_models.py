@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.db.tables import Model
 from service.queue.broker import QUEUE_ADMISSION
+from service.settings import Settings
 from service.signing.endpoint_secrets import SecretUnreadable, decrypt
 from tests.service.api.test_audit_routes import audit_request
 from tests.service.conftest import (
@@ -148,11 +149,50 @@ def test_registration_needs_a_key_and_json(client: TestClient, auth: dict[str, s
     assert_problem(response, 422)
 
 
-def test_an_endpoint_model_is_not_audited_yet(client: TestClient, auth: dict[str, str]) -> None:
+def test_an_endpoint_model_is_audited_by_the_query_only_checks(
+    client: TestClient, auth: dict[str, str], broker: redis.Redis
+) -> None:
     model_id = client.post("/v1/endpoint-models", headers=auth, json=BODY).json()["id"]
     set_model_status(client, model_id, "ready")
+    query_only = [
+        {"kind": "random_noise", "levels": [0.01]},
+        {"kind": "worst_case", "levels": [0.01]},
+    ]
+    response = client.post(
+        "/v1/audits",
+        headers=auth,
+        json=audit_request(model_id, checks=query_only, budget={"queries": 5000}),
+    )
+    assert response.status_code == 202, response.text
+
+    # a check that needs gradients or weights is named, with what an endpoint can run
     response = client.post("/v1/audits", headers=auth, json=audit_request(model_id))
     problem = assert_problem(response, 422, "validation-failed")
-    assert "endpoint model" in problem["detail"]
+    assert "endpoint model" in problem["detail"] and "random_noise" in problem["detail"]
+    assert problem["errors"][0]["loc"] == ["body", "checks", 0, "kind"]
+    assert "'lipschitz' needs the model's gradients or weights" in problem["errors"][0]["msg"]
+
+    # a budget over the tenant's cap
+    too_many = Settings().tenant_max_endpoint_queries + 1
+    response = client.post(
+        "/v1/audits",
+        headers=auth,
+        json=audit_request(model_id, checks=query_only, budget={"queries": too_many}),
+    )
+    problem = assert_problem(response, 422, "validation-failed")
+    assert problem["errors"][0]["loc"] == ["body", "budget", "queries"]
+
+    # an endpoint is never the model compared with
+    uploaded = client.post("/v1/endpoint-models", headers=auth, json=with_(model_name="other"))
+    other_id = uploaded.json()["id"]
+    set_model_status(client, other_id, "ready")
+    response = client.post(
+        "/v1/audits",
+        headers=auth,
+        json=audit_request(model_id, checks=query_only, compare_with={"model_id": other_id}),
+    )
+    problem = assert_problem(response, 422, "validation-failed")
+    assert "compare_with takes an uploaded model" in problem["detail"]
+
     other = new_key(client)  # another tenant's endpoint model is as unknown as a missing one
     assert client.get(f"/v1/models/{model_id}", headers=other).status_code == 404

@@ -3,10 +3,12 @@ project's own fault-injecting endpoint (tests/fixtures/oip_server.py), over real
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
 
+import httpx
 import numpy as np
 import pytest
 
@@ -21,6 +23,7 @@ from workers.shared.inference_protocol import (
     EndpointUnavailable,
     InferenceClient,
     RetryPolicy,
+    _output,
     retry_after_seconds,
 )
 from workers.shared.query_ledger import QueryBudgetExhausted, QueryLedger, percentile
@@ -158,11 +161,12 @@ def test_exhausted_retries_fail_with_the_last_cause(server: OIPServer) -> None:
         (Fault.status_code(400), "answered 400"),
     ],
 )
+@pytest.mark.parametrize("binary", ["never", "always"])  # auto would take a 400 for a refusal
 def test_bad_answers_fail_the_query_without_retries(
-    server: OIPServer, fault: Fault, message: str
+    server: OIPServer, fault: Fault, message: str, binary: str
 ) -> None:
     server.fail(fault)
-    with client_for(server) as client:
+    with client_for(server, binary=binary) as client:
         client.metadata()
         with pytest.raises(EndpointAnswerInvalid, match=message):
             client.infer(batch(1))
@@ -274,3 +278,295 @@ def test_ledgers_merge_exactly() -> None:
     assert merged["latency_seconds"]["p50"] == pytest.approx(0.02)
     assert percentile([1.0, 2.0, 3.0, 4.0], 99) == pytest.approx(3.97)
     assert QueryLedger.merge([merged]) == {**merged, "budget": None}
+
+
+# -- the binary tensor data extension ---------------------------------------------------------
+
+
+def test_binary_answers_equal_json_answers_bit_for_bit(
+    server: OIPServer, model: LinearModel
+) -> None:
+    """The same inputs through binary and JSON tensors: the same float32 bits, the model's."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((5, *SHAPE)) * 10.0 ** rng.integers(-30, 30, (5, *SHAPE))
+    x = x.astype(np.float32)
+    answers = {}
+    for mode in ("never", "always", "auto"):
+        with client_for(server, binary=mode) as client:
+            answers[mode] = client.infer(x, expect=SHAPE)
+            assert client.encoding == ("json" if mode == "never" else "binary")
+    expected = model(x)
+    for out in answers.values():
+        assert out.dtype == np.float32 and out.tobytes() == expected.tobytes()
+    assert [seen.binary for seen in server.requests] == [False, True, True]
+    binary_headers = server.requests[1].headers
+    assert binary_headers["Content-Length"] == str(
+        int(binary_headers["Inference-Header-Content-Length"]) + x.nbytes
+    )
+
+
+def test_binary_requests_name_the_output_or_ask_for_every_output(server: OIPServer) -> None:
+    """An output named in the target is asked for as binary; the only one, by the request's
+    `binary_data_output`."""
+    target = EndpointTarget(
+        url=server.url, model_name=server.name, input_name="input", output_name="output"
+    )
+    with InferenceClient(target, allow=LOOPBACK, binary="always") as named:
+        named.infer(batch(1))
+    with client_for(server, binary="always") as only:
+        only.infer(batch(1))
+    assert [seen.binary for seen in server.requests] == [True, True]
+    assert named.encoding == only.encoding == "binary"
+
+
+def test_auto_falls_back_to_json_on_a_server_without_the_extension(model: LinearModel) -> None:
+    """The negotiation's refusal (400) is not an endpoint failure: a breaker that opens at the
+    first failure stays closed. It is a request whose inputs were sent, so the ledger charges
+    them; every later request is JSON."""
+    limits = EndpointLimits(max_batch=2, concurrency=3, requests_per_second=1000)
+    with OIPServer(model, SHAPE, SHAPE, binary=False) as plain:
+        with client_for(plain, limits=limits, breaker=BreakerPolicy(failures=1)) as client:
+            assert client.encoding is None
+            x = batch(7)
+            np.testing.assert_allclose(client.infer(x), model(x), rtol=1e-6, atol=1e-6)
+            assert client.encoding == "json" and client.breaker.state == "closed"
+            ledger = client.ledger.to_json()
+            # the metadata, the refused binary part (2 inputs), then 4 JSON parts: 2, 2, 2, 1
+            assert (ledger["requests"], ledger["sent"], ledger["answered"]) == (6, 9, 7)
+            assert (ledger["failures"], ledger["retries"], ledger["failures_by_cause"]) == (
+                0,
+                0,
+                {},
+            )
+            client.infer(batch(3))
+            assert client.ledger.to_json()["sent"] == 12  # no second negotiation
+        assert [seen.binary for seen in plain.requests] == [False] * 6  # the refused one unread
+
+
+@pytest.mark.parametrize("status", [415, 422])
+def test_auto_falls_back_on_415_and_422(server: OIPServer, status: int) -> None:
+    server.fail(Fault.status_code(status))
+    with client_for(server) as client:
+        client.infer(batch(1))
+        client.infer(batch(1))
+        assert client.encoding == "json"
+    assert [seen.binary for seen in server.requests] == [True, False, False]
+
+
+def test_other_failures_do_not_decide_the_negotiation(server: OIPServer) -> None:
+    """A 503 is retried in binary; a 401 fails the query and leaves the negotiation open."""
+    server.fail(Fault.status_code(503))
+    with client_for(server) as client:
+        client.infer(batch(1))  # 503, then a binary answer
+        assert client.encoding == "binary"
+    server.fail(Fault.status_code(401))
+    with client_for(server) as client:
+        with pytest.raises(EndpointAnswerInvalid, match="answered 401"):
+            client.infer(batch(1))
+        assert client.encoding is None
+        client.infer(batch(1))
+        assert client.encoding == "binary"
+    assert [seen.binary for seen in server.requests] == [True] * 4
+
+
+def test_a_json_answer_is_accepted_and_auto_then_sends_json(model: LinearModel) -> None:
+    """A server that reads binary requests but answers JSON: its answer is used (no second
+    request), later requests are JSON; `always` keeps sending binary and accepts JSON."""
+    with OIPServer(model, SHAPE, SHAPE, binary_answers=False) as ignoring:
+        x = batch(2)
+        with client_for(ignoring) as client:
+            np.testing.assert_allclose(client.infer(x), model(x), rtol=1e-6, atol=1e-6)
+            assert client.encoding == "json"
+            client.infer(x)
+            assert client.ledger.to_json()["sent"] == 4
+        with client_for(ignoring, binary="always") as client:
+            assert client.infer(x).tobytes() == model(x).tobytes()
+        assert [seen.binary for seen in ignoring.requests] == [True, False, True]
+
+
+def test_never_sends_json_only(server: OIPServer) -> None:
+    with client_for(server, binary="never") as client:
+        client.infer(batch(2))
+        client.infer(batch(2))
+    assert [seen.binary for seen in server.requests] == [False, False]
+    assert "Inference-Header-Content-Length" not in server.requests[0].headers
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [
+        (Fault.truncated(), "binary answer is truncated: its outputs declare 64 bytes"),
+        (Fault.oversized(), "binary answer is oversized: the body holds 68 bytes"),
+    ],
+)
+def test_a_truncated_or_oversized_binary_answer_is_refused(
+    server: OIPServer, fault: Fault, message: str
+) -> None:
+    server.fail(fault)
+    with client_for(server) as client:
+        client.metadata()
+        with pytest.raises(EndpointAnswerInvalid, match=message):
+            client.infer(batch(1))
+        assert client.ledger.to_json()["failures_by_cause"] == {"invalid answer": 1}
+    assert len(server.requests) == 1  # not retried
+
+
+def test_a_binary_answer_over_the_cap_is_refused(
+    server: OIPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with client_for(server, binary="always") as client:
+        client.metadata()
+        monkeypatch.setattr("workers.shared.inference_protocol.MAX_ANSWER_BYTES", 100)
+        with pytest.raises(EndpointAnswerInvalid, match=r"the answer has \d+ bytes, more than 100"):
+            client.infer(batch(2))
+
+
+def test_a_binary_data_size_that_does_not_fit_the_shape_is_refused(server: OIPServer) -> None:
+    server.fail(Fault.wrong_shape())  # one value too few, binary_data_size and body agreeing
+    with client_for(server, binary="always") as client:
+        client.metadata()
+        refused = pytest.raises(
+            EndpointAnswerInvalid,
+            match=r"wrong shape: .* shape \[1, 1, 4, 4\] of FP32 \(64 bytes\) but "
+            r"binary_data_size is 60",
+        )
+        with refused:
+            client.infer(batch(1))
+        assert client.ledger.to_json()["failures_by_cause"] == {"wrong shape": 1}
+
+
+def test_binary_answers_are_checked_like_json_ones(server: OIPServer) -> None:
+    server.fail(Fault.nan())
+    with client_for(server, binary="always") as client:
+        with pytest.raises(EndpointAnswerInvalid, match="non-finite output: 1 of 16"):
+            client.infer(batch(1))
+        with pytest.raises(EndpointAnswerInvalid, match=r"expected \[1, 2, 8, 8\]"):
+            client.infer(batch(1), expect=(2, 8, 8))
+        with pytest.raises(ValueError, match="finite inputs"):
+            client.infer(np.full((1, *SHAPE), np.inf, dtype=np.float32))
+
+
+def _binary_answer(header: bytes, tail: bytes, length: str | None = None) -> httpx.Response:
+    declared = str(len(header)) if length is None else length
+    return httpx.Response(
+        200, headers={"Inference-Header-Content-Length": declared}, content=header + tail
+    )
+
+
+def _redact(text: str) -> str:
+    return text.replace("s3cr3t", "[secret]")
+
+
+@pytest.mark.parametrize(
+    ("response", "message"),
+    [
+        (
+            _binary_answer(b'{"outputs": []}', b"", "999"),
+            "its Inference-Header-Content-Length is 999",
+        ),
+        (_binary_answer(b'{"outputs": []}', b"", "ten"), "is not a length"),
+        (
+            _binary_answer(b"<html>s3cr3t</html>", b"\0" * 8),
+            "header is not JSON: '<html>\\[secret\\]",
+        ),
+        (
+            _binary_answer(
+                b'{"outputs": [{"name": "o", "datatype": "FP32", "shape": [1, 2], '
+                b'"parameters": {"binary_data_size": -8}}]}',
+                b"",
+            ),
+            "binary_data_size -8 is not a byte count",
+        ),
+        (
+            httpx.Response(
+                200,
+                json={
+                    "outputs": [
+                        {
+                            "name": "o",
+                            "datatype": "FP32",
+                            "shape": [1, 2],
+                            "parameters": {"binary_data_size": 8},
+                        }
+                    ]
+                },
+            ),
+            "binary data \\(8 bytes\\) but the answer has no Inference-Header-Content-Length",
+        ),
+    ],
+)
+def test_malformed_binary_answers_are_refused(response: httpx.Response, message: str) -> None:
+    with pytest.raises(EndpointAnswerInvalid, match=message) as caught:
+        _output(response, None, 1, None, _redact)
+    assert "s3cr3t" not in str(caught.value)
+
+
+def test_binary_outputs_are_read_in_order_beside_json_ones() -> None:
+    """Several outputs: the bytes of the binary ones follow the JSON in the outputs' order."""
+    first = np.arange(6, dtype="<f8").reshape(2, 3)
+    wanted = np.array([[1.5, -2.0], [3.25, 4.0]], dtype="<f2")
+    header = json.dumps(
+        {
+            "outputs": [
+                {
+                    "name": "a",
+                    "datatype": "FP64",
+                    "shape": [2, 3],
+                    "parameters": {"binary_data_size": 48},
+                },
+                {"name": "j", "datatype": "INT32", "shape": [2, 1], "data": [1, 2]},
+                {
+                    "name": "b",
+                    "datatype": "FP16",
+                    "shape": [2, 2],
+                    "parameters": {"binary_data_size": 8},
+                },
+            ]
+        }
+    ).encode()
+    response = _binary_answer(header, first.tobytes() + wanted.tobytes())
+    values, binary = _output(response, "b", 2, (2,), _redact)
+    assert binary and values.tolist() == wanted.astype(np.float32).tolist()
+    values, binary = _output(response, "j", 2, None, _redact)
+    assert not binary and values.tolist() == [[1.0], [2.0]]
+
+
+@pytest.mark.parametrize("binary", ["auto", "always", "never"])
+def test_the_secret_never_appears_in_binary_errors(server: OIPServer, binary: str) -> None:
+    """Refusals that echo the secret, in every mode: auto takes the first 400 for a refusal of
+    the extension (never shown) and meets the second with its JSON request."""
+    server.fail(Fault.echo("X-Api-Key", status=400), Fault.echo("X-Api-Key", status=400))
+    messages = []
+    with client_for(server, auth=("X-Api-Key", "echo-me-42"), binary=binary) as client:
+        for _ in range(2):
+            try:
+                client.infer(batch(1))
+            except EndpointAnswerInvalid as exc:
+                messages.append(str(exc))
+        if client.encoding == "binary":
+            server.fail(Fault.truncated())
+            with pytest.raises(EndpointAnswerInvalid, match="truncated") as caught:
+                client.infer(batch(1))
+            messages.append(str(caught.value))
+        text = " ".join(messages) + repr(client) + str(client.ledger.to_json())
+    assert "echo-me-42" not in text
+    answered_400 = [m for m in messages if "answered 400" in m]
+    assert len(answered_400) == (1 if binary == "auto" else 2)
+    assert all("[secret]" in m for m in answered_400)
+
+
+def test_a_refused_negotiation_hands_a_half_open_trial_back(server: OIPServer) -> None:
+    """The circuit half-open, its one trial is the binary negotiation, refused: the JSON
+    request that follows is the trial, and its success closes the circuit."""
+    breaker = BreakerPolicy(failures=1, cooldown_seconds=0.2)
+    with client_for(server, breaker=breaker, retry=RetryPolicy(attempts=1)) as client:
+        client.metadata()
+        server.fail(Fault.status_code(502))
+        with pytest.raises(EndpointUnavailable, match="answered 502"):
+            client.infer(batch(1))
+        assert client.breaker.state == "open" and client.encoding is None
+        time.sleep(0.25)
+        server.fail(Fault.status_code(400))
+        client.infer(batch(1))
+        assert client.breaker.state == "closed" and client.encoding == "json"
+    assert [seen.binary for seen in server.requests] == [True, True, False]

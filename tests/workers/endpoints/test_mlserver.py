@@ -1,19 +1,17 @@
 """The endpoint client and the query-only search against a real third-party Open Inference
 Protocol server: MLServer (in its own venv, `make mlserver`: its FastAPI pin clashes with ours)
 on loopback, serving a custom runtime, a numpy linear map of known singular values. The failure
-cases are the project's own fault-injecting endpoint's (tests/fixtures/oip_server.py)."""
+cases are the project's own fault-injecting endpoint's (tests/fixtures/oip_server.py).
+
+MLServer 1.7.1 does not read the binary tensor data extension on REST (its server metadata
+lists no extension; a binary body declared as JSON gets a 422): the client's `binary="auto"`
+negotiates once and falls back to JSON (the last tests). The other tests send JSON only, so
+their counts are the queries' own."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import httpx
 import numpy as np
@@ -23,129 +21,40 @@ import torch
 from schemas.callback_targets import parse_allow_list
 from schemas.endpoints import EndpointLimits, EndpointTarget
 from schemas.operators import DenoisingOperator
-from tests.conftest import MLSERVER_BINARY
+from tests.fixtures.mlserver import Served, serve_linear
 from tests.fixtures.oip_server import LinearModel
 from workers.engine.attacks import ThreatModel, per_sample_norm
 from workers.engine.context import PassCounter, Subject
 from workers.engine.endpoint_model import EndpointModule
 from workers.engine.operators import build_operator
 from workers.engine.query_search import QuerySearchSettings, query_worst_case_search
-from workers.shared.inference_protocol import EndpointAnswerInvalid, InferenceClient, RetryPolicy
+from workers.shared.inference_protocol import (
+    Binary,
+    EndpointAnswerInvalid,
+    InferenceClient,
+    RetryPolicy,
+)
 
 pytestmark = pytest.mark.needs("mlserver")
 
 SHAPE = (1, 8, 8)
 SINGULAR_VALUES = [2.0, 1.0, 0.5, 0.25]
 
-# MLServer's custom runtime: W from weights.npy beside it, y = W x per input
-RUNTIME = """
-from pathlib import Path
-
-import numpy as np
-from mlserver import MLModel
-from mlserver.codecs import NumpyCodec
-from mlserver.types import InferenceRequest, InferenceResponse
-
-
-class LinearRuntime(MLModel):
-    async def load(self) -> bool:
-        self.matrix = np.load(Path(__file__).with_name("weights.npy"))
-        return True
-
-    async def predict(self, payload: InferenceRequest) -> InferenceResponse:
-        x = NumpyCodec.decode_input(payload.inputs[0])
-        flat = x.reshape(len(x), -1).astype(np.float64)
-        out = (flat @ self.matrix.T).reshape(x.shape).astype(np.float32)
-        output = NumpyCodec.encode_output("output", out)
-        return InferenceResponse(model_name=self.name, outputs=[output])
-"""
-
-
-@dataclass
-class Served:
-    url: str
-    linear: LinearModel
-    process: subprocess.Popen[bytes]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
 
 @pytest.fixture(scope="module")
 def mlserver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    root = tmp_path_factory.mktemp("mlserver")
-    model_dir = root / "linear"
-    model_dir.mkdir()
     linear = LinearModel(SHAPE, SHAPE, SINGULAR_VALUES, seed=11)
-    np.save(model_dir / "weights.npy", linear.matrix)
-    (model_dir / "linear_runtime.py").write_text(RUNTIME)
-    tensor = {"datatype": "FP32", "shape": [-1, *SHAPE]}
-    (model_dir / "model-settings.json").write_text(
-        json.dumps(
-            {
-                "name": "linear",
-                "implementation": "linear_runtime.LinearRuntime",
-                "inputs": [{"name": "input", **tensor}],
-                "outputs": [{"name": "output", **tensor}],
-            }
-        )
-    )
-    http_port = _free_port()
-    (root / "settings.json").write_text(
-        json.dumps(
-            {
-                "host": "127.0.0.1",
-                "http_port": http_port,
-                "grpc_port": _free_port(),
-                "metrics_port": _free_port(),
-                "metrics_endpoint": None,
-                "parallel_workers": 0,  # inference in the server's own process
-            }
-        )
-    )
-    log = (root / "mlserver.log").open("wb")
-    environment = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    process = subprocess.Popen(
-        [str(MLSERVER_BINARY), "start", str(root)],
-        cwd=root,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=environment,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{http_port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, (root / "mlserver.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/v2/models/linear/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, (root / "mlserver.log").read_text()[-3000:]
-            time.sleep(0.2)
-        yield Served(url, linear, process)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # it may have exited already
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=15)
-        log.close()
+    with serve_linear(tmp_path_factory.mktemp("mlserver"), linear) as served:
+        yield served
 
 
-def client(served: Served, **target: str) -> InferenceClient:
+def client(served: Served, binary: Binary = "never", **target: str) -> InferenceClient:
     return InferenceClient(
         EndpointTarget(url=served.url, model_name=target.get("model_name", "linear")),
         limits=EndpointLimits(max_batch=256, requests_per_second=1000),
         allow=parse_allow_list("127.0.0.1"),
         retry=RetryPolicy(attempts=2, backoff_seconds=0.01),
+        binary=binary,
     )
 
 
@@ -168,7 +77,8 @@ def test_metadata_and_answers_of_mlserver(mlserver: Served) -> None:
 def test_a_batch_over_max_batch_is_split_and_reassembled_in_order(mlserver: Served) -> None:
     target = EndpointTarget(url=mlserver.url, model_name="linear")
     small = EndpointLimits(max_batch=2, requests_per_second=1000, concurrency=3)
-    with InferenceClient(target, limits=small, allow=parse_allow_list("127.0.0.1")) as endpoint:
+    allow = parse_allow_list("127.0.0.1")
+    with InferenceClient(target, limits=small, allow=allow, binary="never") as endpoint:
         x = np.random.default_rng(1).random((7, *SHAPE), dtype=np.float32)
         np.testing.assert_allclose(
             endpoint.infer(x, expect=SHAPE), mlserver.linear(x), rtol=1e-5, atol=1e-6
@@ -215,3 +125,74 @@ def test_the_query_only_search_finds_the_known_worst_case_through_mlserver(
         assert reached >= 0.9, reached
         # the documented budget, every input sent once (no failures, no retries)
         assert endpoint.ledger.sent == 1 + settings.queries_per_level() == counter.forward
+
+
+def offers_binary(served: Served) -> bool:
+    """Whether the server says it reads the binary tensor data extension (Triton's name)."""
+    extensions = httpx.get(f"{served.url}/v2", timeout=10).json().get("extensions", [])
+    return "binary_tensor_data" in extensions
+
+
+def test_auto_mode_works_against_mlserver(mlserver: Served) -> None:
+    """Binary where MLServer offers it, else one refused binary request and JSON after it: the
+    same answers, bit for bit, as a JSON-only client's; the refusal is charged to the ledger as
+    a request whose inputs were sent, and to no failure count."""
+    x = np.random.default_rng(3).random((5, *SHAPE), dtype=np.float32)
+    with client(mlserver, binary="never") as plain:
+        expected = plain.infer(x, expect=SHAPE)
+    with client(mlserver, binary="auto") as endpoint:
+        assert endpoint.infer(x, expect=SHAPE).tobytes() == expected.tobytes()
+        supported = offers_binary(mlserver)
+        assert endpoint.encoding == ("binary" if supported else "json")
+        assert not supported  # MLServer 1.7.1: no binary tensor data on REST
+        ledger = endpoint.ledger.to_json()
+        # the metadata, the refused binary request (5 inputs), the JSON one
+        assert (ledger["requests"], ledger["sent"], ledger["answered"]) == (3, 10, 5)
+        assert (ledger["failures"], ledger["retries"]) == (0, 0)
+        assert endpoint.breaker.state == "closed"
+        assert endpoint.infer(x, expect=SHAPE).tobytes() == expected.tobytes()
+        assert endpoint.ledger.sent == 15  # JSON at once: no second negotiation
+
+
+def test_auto_negotiates_once_for_a_split_batch(mlserver: Served) -> None:
+    """The parts of a split batch wait for the first one's negotiation, then go as JSON."""
+    target = EndpointTarget(url=mlserver.url, model_name="linear")
+    small = EndpointLimits(max_batch=2, requests_per_second=1000, concurrency=3)
+    with InferenceClient(target, limits=small, allow=parse_allow_list("127.0.0.1")) as endpoint:
+        x = np.random.default_rng(4).random((7, *SHAPE), dtype=np.float32)
+        np.testing.assert_allclose(
+            endpoint.infer(x, expect=SHAPE), mlserver.linear(x), rtol=1e-5, atol=1e-6
+        )
+        ledger = endpoint.ledger.to_json()
+        # the metadata, the refused binary part of 2, then the parts of 2, 2, 2, 1 as JSON
+        assert (ledger["requests"], ledger["sent"], ledger["answered"]) == (6, 9, 7)
+
+
+def test_mlserver_refuses_a_binary_request_with_a_422(mlserver: Served) -> None:
+    """What the negotiation meets: MLServer reads the body as JSON, and fails (a 422, which the
+    client takes for a refusal of the extension)."""
+    x = np.zeros((1, *SHAPE), dtype=np.float32)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes},
+                }
+            ],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    answer = httpx.post(
+        f"{mlserver.url}/v2/models/linear/infer",
+        content=header + x.tobytes(),
+        headers={
+            "Content-Type": "application/json",
+            "Inference-Header-Content-Length": str(len(header)),
+        },
+        timeout=10,
+    )
+    assert answer.status_code == 422, answer.text
+    assert "json_invalid" in answer.text

@@ -4,6 +4,11 @@ An image counts as robust at ε when it is classified correctly and the attack f
 misclassified point within ‖δ‖ ≤ ε (inside the value range). The balls are nested, so an
 image broken at ε stays broken at every larger ε; the larger levels only attack the images
 still robust. Each shard returns per-image facts; `merge` builds the per-level table.
+
+A model that answers queries only (an endpoint model: `query_only`, no gradients) is attacked by
+AutoAttack's score-based Square instead of the configured attack (classifier_attacks.run_square),
+its queries charged to ("adversarial", ε); the result says so (`attack` and `attacks`: square,
+`query_only`: true).
 """
 
 from __future__ import annotations
@@ -19,15 +24,19 @@ from schemas.verdicts import compare, fmt, judge
 from workers.engine.checks.classifier_common import classifier_inputs
 from workers.engine.classifier_attacks import (
     BATCH_IMAGES,
+    SQUARE_P_INIT,
+    SQUARE_QUERIES,
     NormBall,
     is_adversarial,
     perturbation_norm,
     run_autoattack,
     run_ball_attack,
+    run_square,
     seeded,
 )
 from workers.engine.classifiers import ClassifierSubject
 from workers.engine.context import AuditContext, Subject
+from workers.engine.endpoint_model import is_query_only, query_scope
 from workers.engine.stats import clopper_pearson
 
 # Slack on the library's projection before a point counts as outside the ball (float32).
@@ -46,10 +55,14 @@ class Adversarial:
         seed: int,
     ) -> dict[str, Any]:
         classifier, u, labels = classifier_inputs(ctx, subject, indices, self.kind)
-        correct = classifier.predict(classifier.from_unit(u)) == labels
+        query_only = is_query_only(classifier.box_model.model)
+        with query_scope(classifier.box_model.model, self.kind):
+            correct = classifier.predict(classifier.from_unit(u)) == labels
         broken_at: list[float | None] = [None] * len(indices)
         broken_by: list[str | None] = [None] * len(indices)
         levels = _autoattack_levels if config.attack == "autoattack" else _ball_levels
+        if query_only:
+            levels = _square_levels
         warnings = levels(config, classifier, u, labels, correct, seed, broken_at, broken_by)
         images = [
             {
@@ -61,6 +74,8 @@ class Adversarial:
             }
             for row, index in enumerate(indices)
         ]
+        if query_only:
+            return {"images": images, "warnings": warnings, "query_only": True}
         return {"images": images, "warnings": warnings}
 
     def merge(self, config: AdversarialCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -96,6 +111,16 @@ class Adversarial:
             "per_image": images,
             "warnings": warnings,
         }
+        if any(shard.get("query_only") for shard in shards):
+            result["attack"] = "square"
+            result["attacks"] = ["square"]
+            result["query_only"] = True
+            result["square"] = {"queries_per_image": SQUARE_QUERIES, "p_init": SQUARE_P_INIT}
+            if {"attack", "steps", "restarts"} & config.model_fields_set:
+                warnings.append(
+                    "attack, steps and restarts choose the white-box attack: a query-only model "
+                    "is attacked by AutoAttack's Square with its own budget (square)"
+                )
         return judge(result, _comparisons(config, levels))
 
 
@@ -132,6 +157,41 @@ def _autoattack_levels(
                 broken_at[row] = eps
                 broken_by[row] = outcome.broken_by.get(position, "autoattack")
     return list(dict.fromkeys(warnings))
+
+
+def _square_levels(
+    config: AdversarialCheck,
+    classifier: ClassifierSubject,
+    u: torch.Tensor,
+    labels: torch.Tensor,
+    correct: torch.Tensor,
+    seed: int,
+    broken_at: list[float | None],
+    broken_by: list[str | None],
+) -> list[str]:
+    """Query-only: AutoAttack's Square at each ε on the images still robust, its queries
+    charged to ("adversarial", ε)."""
+    model = classifier.box_model
+    outside = 0
+    for eps in config.epsilons:
+        rows = [row for row in range(len(u)) if bool(correct[row]) and broken_at[row] is None]
+        if not rows:
+            break
+        with query_scope(model.model, "adversarial", eps):
+            outcome = run_square(
+                model, u[rows], labels[rows], config.norm, eps / classifier.scale, seed
+            )
+        outside += outcome.outside
+        for position, row in enumerate(rows):
+            if bool(outcome.broken[position]):
+                broken_at[row] = eps
+                broken_by[row] = "square"
+    if outside:
+        return [
+            f"{outside} adversarial point(s) of the square attack lay outside their ε-ball and "
+            "were not counted"
+        ]
+    return []
 
 
 def _ball_levels(

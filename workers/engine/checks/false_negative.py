@@ -18,6 +18,11 @@ recovery of the data-consistent reference A⁺ (the minimum-norm solution), ρ_A
 recovering more than the data holds would take the overperformance the theorem makes unstable,
 so ρ_A⁺, not 1, is the full score. Where ρ_A⁺ < min_visible_fraction the data essentially does
 not carry the lesion: the placement is `unrecoverable` and no trial.
+
+`random` and `noise` run forward passes only (under `torch.no_grad()`): an endpoint model
+(workers.engine.endpoint_model) runs them unchanged, its queries charged to (false_negative,
+None) by the audit; `adversarial` differentiates through the model, so the audit refuses it for
+an endpoint model (workers.engine.endpoint_model.check_query_only_config).
 """
 
 from __future__ import annotations

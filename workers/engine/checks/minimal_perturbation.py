@@ -6,6 +6,11 @@ accuracy-vs-ε curve it implies.
 A misclassified input has minimal norm 0. Where no attack of the chain finds an adversarial
 point the norm is null: it counts as +∞ in the quantiles and as robust at every ε in the curve,
 so both are upper bounds (an attack only ever over-estimates the minimal norm).
+
+A query-only model (an endpoint model: no gradients) is searched by the hard-label attack
+HopSkipJump instead (workers.engine.hard_label, its default budget; `attack` and `steps` do not
+apply): the result says so (`attack: "hopskipjump"`, `query_only: true`), and its norms are
+upper bounds in the same sense.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
+
+import torch
 
 from schemas.checks_classifier import MinimalPerturbationCheck
 from schemas.verdicts import compare, judge
@@ -26,7 +33,11 @@ from workers.engine.classifier_attacks import (
     perturbation_norm,
     seeded,
 )
+from workers.engine.classifiers import ClassifierSubject
 from workers.engine.context import AuditContext, Subject
+from workers.engine.endpoint_model import is_query_only, query_scope
+from workers.engine.hard_label import ATTACK as HARD_LABEL_ATTACK
+from workers.engine.hard_label import DEFAULT_BUDGET, hop_skip_jump
 
 _SUMMARY = ("median", "q10", "q90", "min", "max")
 
@@ -44,6 +55,8 @@ class MinimalPerturbation:
     ) -> dict[str, Any]:
         classifier, u, labels = classifier_inputs(ctx, subject, indices, self.kind)
         model = classifier.box_model
+        if is_query_only(model.model):
+            return _run_query_only(config, classifier, u, labels, indices, seed)
         correct = classifier.predict(classifier.from_unit(u)) == labels
         norms: list[float | None] = [None if bool(c) else 0.0 for c in correct]
         found_by: list[str | None] = [None] * len(u)
@@ -91,12 +104,18 @@ class MinimalPerturbation:
             }
             for eps in grid
         ]
-        chain = minimal_chain(config.attack, config.norm)
+        query_only = any(shard.get("query_only") for shard in shards)
+        chain = [HARD_LABEL_ATTACK] if query_only else minimal_chain(config.attack, config.norm)
+        budget = (
+            f"queries only, {DEFAULT_BUDGET.max_iter} iterations"
+            if query_only
+            else f"{config.steps} steps each"
+        )
         warnings = []
         if not_found:
             warnings.append(
                 f"{not_found} input(s): no adversarial point found by {', '.join(chain)} "
-                f"({config.steps} steps each); their norm is null, +∞ in the quantiles and "
+                f"({budget}); their norm is null, +∞ in the quantiles and "
                 "robust in the curve (upper bounds)"
             )
         if images and summary["median"] is None:
@@ -107,13 +126,23 @@ class MinimalPerturbation:
             )
             warnings.append(
                 "more than half of the inputs have no adversarial point found: the median is "
-                "+∞, not a measurement; a failed search is no evidence of robustness (raise "
-                f"steps, look for gradient masking){verdict}"
+                "+∞, not a measurement; a failed search is no evidence of robustness ("
+                + (
+                    "HopSkipJump at its fixed budget, by queries alone"
+                    if query_only
+                    else "raise steps, look for gradient masking"
+                )
+                + f"){verdict}"
+            )
+        if query_only and {"attack", "steps"} & config.model_fields_set:
+            warnings.append(
+                "attack and steps choose the white-box attacks: a query-only model is searched "
+                "by HopSkipJump with its own budget (hopskipjump)"
             )
         counts = Counter(image.get("found_by") for image in images if image["norm"])
         result: dict[str, Any] = {
             "norm": config.norm,
-            "attack": config.attack,
+            "attack": HARD_LABEL_ATTACK if query_only else config.attack,
             "attacks": chain,
             "images": len(images),
             "clean_accuracy": (
@@ -130,7 +159,58 @@ class MinimalPerturbation:
             "accuracy_curve": curve,
             "warnings": warnings,
         }
+        if query_only:
+            result["query_only"] = True
+            # hard-label queries find adversarial points: every norm bounds the minimal one from
+            # above (the minimal one may be smaller), as every attack's does
+            result["norms_bound"] = "upper"
+            result["hopskipjump"] = DEFAULT_BUDGET.settings()
         return judge(result, _comparisons(config, summary["median"], bool(images)))
+
+
+def _run_query_only(
+    config: MinimalPerturbationCheck,
+    classifier: ClassifierSubject,
+    u: torch.Tensor,
+    labels: torch.Tensor,
+    indices: Sequence[int],
+    seed: int,
+) -> dict[str, Any]:
+    """HopSkipJump on the predicted classes alone (workers.engine.hard_label): every query goes
+    through the unit-box model under no_grad, charged to the check."""
+    model = classifier.box_model
+    with query_scope(model.model, MinimalPerturbation.kind):
+        correct = classifier.predict(classifier.from_unit(u)) == labels
+        norms: list[float | None] = [None if bool(c) else 0.0 for c in correct]
+        found_by: list[str | None] = [None] * len(u)
+        attacked = [row for row in range(len(u)) if bool(correct[row])]
+        for start in range(0, len(attacked), BATCH_IMAGES):
+            rows = attacked[start : start + BATCH_IMAGES]
+            outcome = hop_skip_jump(
+                model,
+                u[rows],
+                labels[rows],
+                config.norm,
+                classifier.num_classes,
+                seed=seed + start,
+                budget=DEFAULT_BUDGET,
+            )
+            sizes = perturbation_norm(outcome.points - u[rows], config.norm) * classifier.scale
+            fooled = is_adversarial(model, outcome.points, labels[rows]).tolist()
+            for position, row in enumerate(rows):
+                if outcome.found[position] and fooled[position]:
+                    norms[row] = float(sizes[position])
+                    found_by[row] = HARD_LABEL_ATTACK
+    images = [
+        {
+            "index": int(index),
+            "label": int(labels[row]),
+            "norm": norms[row],
+            "found_by": found_by[row],
+        }
+        for row, index in enumerate(indices)
+    ]
+    return {"images": images, "query_only": True}
 
 
 def quantile(ascending: Sequence[float], q: float) -> float:

@@ -7,7 +7,10 @@ probability's Clopper–Pearson interval is over images × samples of the audite
 describes the noise on these images, not a population of images.
 
 A shard returns, per image and level, running sums of every metric over the samples (so shards
-of any size merge exactly); `merge` turns them into the per-level table of docs/reports.md."""
+of any size merge exactly); `merge` turns them into the per-level table of docs/reports.md.
+
+Forward passes only (under `torch.no_grad()`): an endpoint model runs it unchanged, each level's
+queries charged to (random_noise, level), the clean reconstructions to (random_noise, None)."""
 
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from workers.engine import metrics
 from workers.engine.checks import classifier_noise
 from workers.engine.classifiers import ClassifierSubject
 from workers.engine.context import AuditContext, Subject
+from workers.engine.endpoint_model import query_scope
 from workers.engine.noise import unit_noise
 from workers.engine.shards import derive_seed
 from workers.engine.stats import clopper_pearson
@@ -105,7 +109,8 @@ class RandomNoise:
                         samples = range(start, min(start + CHUNK, config.samples))
                         seeds = [derive_seed(seed, index, level, s) for s in samples]
                         e = unit_noise(ctx, y.shape[1:], seeds, y_norm, level)
-                        out = reconstruct(subject, y + e)
+                        with query_scope(subject.network, "random_noise", level):
+                            out = reconstruct(subject, y + e)
                         target = x.expand_as(out)
                         change = (out - clean).flatten(1).norm(dim=1)
                         e_norm = operator.norm(e)

@@ -4,7 +4,11 @@
 A shard returns, per image and level, the raw values of every metric, and for each level the
 shard's worst image's perturbation e and perturbed reconstruction Ψ(y+e) (base64 float32, so
 shard results stay JSON); `merge` builds the per-level table of docs/reports.md, the comparisons and
-the artifacts (one pair of .npy files per level: the worst image over all shards)."""
+the artifacts (one pair of .npy files per level: the worst image over all shards).
+
+An endpoint model (workers.engine.endpoint_model: no gradients) is searched by the query-only
+search (workers.engine.query_search) instead of the white-box one, its queries charged to
+(worst_case, level); the result says so (`search: "query-only"`, `query_search`)."""
 
 from __future__ import annotations
 
@@ -30,7 +34,9 @@ from workers.engine.attacks import (
 from workers.engine.batching import run_in_batches
 from workers.engine.checks.bracket import certify_shard, merge_bracket
 from workers.engine.context import ARTIFACT_FILES_KEY, AuditContext, Subject
+from workers.engine.endpoint_model import is_query_only, level_scopes, query_scope
 from workers.engine.noise import unit_noise
+from workers.engine.query_search import QuerySearchSettings, query_worst_case_search
 from workers.engine.sampling import (
     averaged_subject,
     compare_estimate,
@@ -60,6 +66,15 @@ SAMPLER_MEASURES = (
     "holds the replicates' mean and `standard_error` the standard error of each statistic (the "
     "mean's over images, the extreme image's for max and min)"
 )
+# The result's `search` for an endpoint model, searched by queries alone.
+QUERY_ONLY = "query-only"
+
+
+def query_settings(config: WorstCaseCheck) -> QuerySearchSettings:
+    """The query-only search's settings: QuerySearchSettings' defaults, with half the check's
+    restarts (rounded up), so the check's default of 4 gives the query-only default of 2 (each
+    query-only restart costs steps × (2·directions + 2) + 1 queries per image and level)."""
+    return QuerySearchSettings(restarts=max(1, math.ceil(config.restarts / 2)))
 
 
 class WorstCase:
@@ -93,6 +108,14 @@ class WorstCase:
             if level in done
         ]
         result: dict[str, Any] = {"images": images, "worst": worst, "warnings": warnings}
+        if is_query_only(subject.network):
+            settings_used = query_settings(config)
+            result["query_search"] = {
+                "steps": settings_used.steps,
+                "restarts": settings_used.restarts,
+                "directions": settings_used.directions,
+                "queries_per_level": settings_used.queries_per_level(),
+            }
         if subject.stochastic:
             settings = config.sampler or AveragingSettings()
             result["sampler"] = {"draws": settings.draws, "replicates": settings.replicates}
@@ -136,6 +159,12 @@ class WorstCase:
             "clean_relative_error": {"mean": math.fsum(clean) / len(clean), "max": max(clean)},
             "levels": table,
         }
+        query_search = shards[0].get("query_search") if shards else None
+        if query_search is not None:  # an endpoint model: the query-only search ran
+            result["search"] = QUERY_ONLY
+            result["optimizer"] = "query"
+            result["restarts"] = query_search["restarts"]
+            result["query_search"] = query_search
         sampler = shards[0].get("sampler") if shards else None
         replicates = None if sampler is None else int(sampler["replicates"])
         comparisons = _comparisons(config, table, replicates, warnings)
@@ -164,7 +193,7 @@ def _attack_images(
     x = ctx.images[list(indices)]
     if subject.stochastic:
         return _attack_average(config, ctx, subject, indices, seed, y, x)
-    outcomes = _search(config, ctx, subject, indices, seed, y, x)
+    outcomes = _search(config, ctx, subject, indices, seed, y, x, subject.network)
     per_level: list[dict[str, torch.Tensor]] = []
     worst: list[dict[str, Any]] = []
     with torch.no_grad():
@@ -172,8 +201,9 @@ def _attack_images(
         for outcome in outcomes:
             e = outcome.perturbation
             noise = _gaussian_like(ctx, seed, indices, outcome.level, y, e)
-            attacked = subject.reconstruct(y + e)
-            gaussian = subject.reconstruct(y + noise)
+            with query_scope(subject.network, "worst_case", outcome.level):
+                attacked = subject.reconstruct(y + e)
+                gaussian = subject.reconstruct(y + noise)
             values = _figures(ctx, x, y, e, clean, attacked, gaussian)
             per_level.append(values)
             worst.append(_worst_of(outcome.level, indices, values, e, x, clean, attacked))
@@ -201,7 +231,7 @@ def _attack_average(
         subject, settings.draws, derive_seed(seed, batch_key, "search"), ctx.device
     )
     averaged = averaged_subject(subject, settings.draws)
-    outcomes = _search(config, ctx, searched, indices, seed, y, x)
+    outcomes = _search(config, ctx, searched, indices, seed, y, x, subject.network)
     per_level: list[dict[str, torch.Tensor]] = []
     per_level_errors: list[dict[str, torch.Tensor]] = []
     worst: list[dict[str, Any]] = []
@@ -217,7 +247,8 @@ def _attack_average(
                 # the same draws at y, y + e and y + noise: their differences lose the noise
                 outputs = []
                 for shifted in (y, y + e, y + noise):
-                    with same_draws(draw, ctx.device):
+                    charged = query_scope(subject.network, "worst_case", outcome.level)
+                    with same_draws(draw, ctx.device), charged:
                         outputs.append(averaged.reconstruct(shifted))
                 clean, attacked, gaussian = outputs
                 if replicate == 0:
@@ -247,8 +278,25 @@ def _search(
     seed: int,
     y: torch.Tensor,
     x: torch.Tensor,
+    network: Any = None,
 ) -> list[Any]:
-    """The ascending-level search of the check's threat model, one seed per image."""
+    """The ascending-level search of the check's threat model, one seed per image: by queries
+    alone when `network` (the audited model) is an endpoint model, each level's queries charged
+    to it."""
+    seeds = [derive_seed(seed, index, "worst_case") for index in indices]
+    if is_query_only(network):
+        with level_scopes(network, "worst_case") as on_level:
+            return query_worst_case_search(
+                subject,
+                ctx.operator,
+                y,
+                x,
+                ThreatModel.from_check(config.threat_model()),
+                query_settings(config),
+                seeds=seeds,
+                should_stop=ctx.should_stop,
+                on_level=on_level,
+            )
     return worst_case_search(
         subject,
         ctx.operator,
@@ -256,7 +304,7 @@ def _search(
         x,
         ThreatModel.from_check(config.threat_model()),
         SearchSettings.from_check(config.search_settings()),
-        seeds=[derive_seed(seed, index, "worst_case") for index in indices],
+        seeds=seeds,
         should_stop=ctx.should_stop,
     )
 
