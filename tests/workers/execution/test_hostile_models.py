@@ -52,6 +52,9 @@ def _probe_limited(settings: Settings) -> Settings:
     return settings.model_copy(update={"admission_time_limit": PROBE_LIMIT})
 
 
+# Alone (serial): its admission must start a cold runner, import torch and load the model
+# within PROBE_LIMIT, which two loaded test processes on 2 cores once made it miss.
+@pytest.mark.serial
 def test_a_hung_measurement_model_costs_its_audit_one_probe_timeout(
     settings: Settings, session: Session, tmp_path: Path
 ) -> None:
