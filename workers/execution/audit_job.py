@@ -51,7 +51,7 @@ from workers.execution import job_dirs
 from workers.execution.finalise import finalise_report
 from workers.execution.heartbeat import set_current_work
 from workers.execution.leases import new_owner
-from workers.execution.query_relay import QueryRelay, endpoint_identity, relay_for, report_queries
+from workers.execution.query_relay import QueryRelay, endpoint_location, relay_for, report_queries
 from workers.execution.steps import (
     AfterBeat,
     Sends,
@@ -254,10 +254,10 @@ class _Attempt:
         audit = self.session.get(Audit, self.audit_id, populate_existing=True)
         assert audit is not None
         report["queries"] = report_queries(
-            self.settings, self.session, audit, self.model, self.request, self.relay.ledger
+            self.settings, self.session, audit, self.request, self.relay.ledger
         )
         if isinstance(report.get("model"), dict):
-            report["model"]["endpoint"] = endpoint_identity(self.model)
+            report["model"]["endpoint"] = endpoint_location(self.model)
 
     def wait_for_storage(self, exc: StorageUnavailable) -> None:
         """The object store is unreachable: the step is given back (queued, its attempt not

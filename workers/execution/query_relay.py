@@ -154,10 +154,6 @@ def _stored_shards(session: Session, audit_id: str) -> list[tuple[str, str, dict
     ]
 
 
-def stored_shard_ledgers(session: Session, audit_id: str) -> list[dict[str, Any]]:
-    return [result["queries"] for _, _, result in _stored_shards(session, audit_id)]
-
-
 def _shard_images(result: dict[str, Any]) -> list[int]:
     """The audited images a shard covers (its record's `start` and `stop`)."""
     start, stop = result.get("start"), result.get("stop")
@@ -166,19 +162,16 @@ def _shard_images(result: dict[str, Any]) -> list[int]:
     return []
 
 
-def shard_queries(session: Session, audit_id: str) -> list[dict[str, Any]]:
-    """Per stored shard: its check, the images it audited and what its queries cost (the
-    queries of one image are those of the shards that name it; with `images_per_shard` 1
-    each shard is one image's)."""
-    return [
-        {
-            "shard": shard_id,
-            "check": kind,
-            "images": _shard_images(result),
-            **{k: int(result["queries"].get(k, 0)) for k in ("sent", "answered", "failures")},
-        }
-        for shard_id, kind, result in _stored_shards(session, audit_id)
-    ]
+def _shard_queries(shard_id: str, kind: str, result: dict[str, Any]) -> dict[str, Any]:
+    """One stored shard's check, the images it audited and what its queries cost (the queries
+    of one image are those of the shards that name it; with `images_per_shard` 1 each shard is
+    one image's)."""
+    return {
+        "shard": shard_id,
+        "check": kind,
+        "images": _shard_images(result),
+        **{k: int(result["queries"].get(k, 0)) for k in ("sent", "answered", "failures")},
+    }
 
 
 def relay_for(
@@ -201,15 +194,15 @@ def report_queries(
     settings: Settings,
     session: Session,
     audit: Audit,
-    model: Model,
     request: AuditRequest,
     finalise: QueryLedger | None,
 ) -> dict[str, Any]:
     """The report's `queries` (docs/reports.md): the ledgers of the plan, the stored shards and
     the finalising step merged, with the audit's budget; every request's latency stays in the
     shards' results, not in the report."""
+    shards = _stored_shards(session, audit.id)
     parts = [audit.plan_queries] if audit.plan_queries else []
-    parts += stored_shard_ledgers(session, audit.id)
+    parts += [result["queries"] for _, _, result in shards]
     if finalise is not None:
         parts.append(finalise.to_json())
     merged = QueryLedger.merge(parts, budget=audit_query_budget(settings, request))
@@ -218,11 +211,11 @@ def report_queries(
         "query_only": True,
         **merged,
         "drawn": int(audit.queries_drawn or 0),
-        "by_shard": shard_queries(session, audit.id),
+        "by_shard": [_shard_queries(*shard) for shard in shards],
     }
 
 
-def endpoint_identity(model: Model) -> dict[str, Any]:
+def endpoint_location(model: Model) -> dict[str, Any]:
     """What the report says of the endpoint: where it answers, never the secret."""
     view = EndpointView.model_validate(model.endpoint)
     return {

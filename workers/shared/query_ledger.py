@@ -82,12 +82,11 @@ class BudgetSource(Protocol):
 @dataclass
 class QueryLedger:
     """Thread-safe: the client's threads charge it concurrently. `budget`: the most inputs
-    this ledger may send (None: no cap); `spent_before`: what earlier shards of the audit spent
-    of the same budget. With a `source`, the budget is shared: every input sent is drawn from
-    it first (`budget` then only names the shared budget in messages and the ledger)."""
+    this ledger may send (None: no cap). With a `source`, the budget is shared: every input
+    sent is drawn from it first (`budget` then only names the shared budget in messages and
+    the ledger)."""
 
     budget: int | None = None
-    spent_before: int = 0
     source: BudgetSource | None = None
     granted: int = 0  # drawn from the source and not yet sent (`unspent` at the end)
     _by_scope: dict[Scope, _Counts] = field(default_factory=dict)
@@ -108,7 +107,6 @@ class QueryLedger:
         """Count `inputs` about to be sent (one attempt of one request), or raise
         QueryBudgetExhausted, sending nothing, if that would exceed the budget."""
         with self._lock:
-            spent = self.spent_before + sum(c.sent for c in self._by_scope.values())
             if self.source is not None:
                 if self.granted < inputs:
                     self.granted += self.source.take(inputs - self.granted)
@@ -118,11 +116,13 @@ class QueryLedger:
                         f"drawn all of it; this request needs {inputs} more)"
                     )
                 self.granted -= inputs
-            elif self.budget is not None and spent + inputs > self.budget:
-                raise QueryBudgetExhausted(
-                    f"the query budget of {self.budget} is spent ({spent} sent; this request "
-                    f"needs {inputs} more)"
-                )
+            elif self.budget is not None:
+                spent = sum(c.sent for c in self._by_scope.values())
+                if spent + inputs > self.budget:
+                    raise QueryBudgetExhausted(
+                        f"the query budget of {self.budget} is spent ({spent} sent; this "
+                        f"request needs {inputs} more)"
+                    )
             counts = self._counts(scope)
             counts.sent += inputs
             counts.requests += 1
