@@ -22,8 +22,9 @@ Both searches' perturbations are scored on the local model: the error
   audit of an `adjoint` endpoint model does);
 - `classifier`: the reference classifier of examples/classifier (28×28 digits) and its own
   check, `adversarial` (robust accuracy per ε): the query-only attack an endpoint classifier
-  gets (AutoAttack's Square, workers.engine.classifier_attacks.run_square, default budget of
-  5000 queries per image and ε) through the real client and EndpointModule, against the
+  gets (workers.engine.classifier_attacks.run_query_only: AutoAttack's Square under ℓ∞, the
+  finite-difference Jacobian attack then Square under ℓ2; default budget of 5000 queries per
+  image and ε) through the real client and EndpointModule, against the
   white-box standard AutoAttack (`attack: autoattack`) in process, on the same digits
   (`--classifier-images`, seed 0), ε (CLASSIFIER_EPSILONS, per norm) and seed.
 

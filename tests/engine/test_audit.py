@@ -9,7 +9,8 @@ import torch
 
 from schemas.reports import Report
 from tests.engine.tiny_models import Identity, config, spec
-from workers.engine.audit import plan_audit, run_audit_with_model
+from workers.engine.audit import plan_audit, run_audit_with_model, stored_sampling
+from workers.engine.probe import DETECTION_CALLS
 from workers.engine.report import canonical_json
 from workers.engine.shards import plan_shards, shard_seed
 from workers.shared.errors import AuditCancelled, EngineInputError
@@ -172,3 +173,119 @@ def test_shards_run_one_at_a_time_then_merged_give_the_one_run_report(tmp_path: 
 def test_a_shard_outside_the_plan_is_a_bug_not_an_input_error(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="not in this audit's plan"):
         run(tmp_path, only_shards=["c00-random_noise-model-i00099-00100"])
+
+
+class CountingNet(TinyNet):
+    """TinyNet that counts its calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return super().forward(x)
+
+
+def _stored_shards(tmp_path: Path) -> dict[str, dict[str, Any]]:
+    """Every shard of the audit run alone, stored as the database stores it."""
+    stored: dict[str, dict[str, Any]] = {}
+    for shard in plan_audit(SPEC, CONFIG, None):
+        run(
+            tmp_path / shard.shard_id,
+            only_shards=[shard.shard_id],
+            on_shard=lambda shard_id, record: stored.update(
+                {shard_id: json.loads(json.dumps(record))}
+            ),
+        )
+    return stored
+
+
+def test_the_merge_takes_the_shards_measurement_of_a_deterministic_model(tmp_path: Path) -> None:
+    """Each shard's record carries the stochasticity its task measured; the merge of stored
+    shards that all found the model deterministic calls it no more, and reports the same."""
+    whole = run(tmp_path / "whole")
+    stored = _stored_shards(tmp_path)
+    assert {json.dumps(r["sampling"]) for r in stored.values()} == {
+        json.dumps({"model": {"stochastic": False, "output_spread": 0.0}})
+    }
+    model = CountingNet()
+    merged = run_audit_with_model(
+        model, SPEC, CONFIG, out_dir=tmp_path / "m", model_sha256="ab" * 32, completed_shards=stored
+    )
+    assert model.calls == 0
+    assert _without_run_fields(merged) == _without_run_fields(whole)
+    # shards stored by a version that did not record it: the merge measures, as before
+    older = {k: {f: v for f, v in r.items() if f != "sampling"} for k, r in stored.items()}
+    model = CountingNet()
+    remeasured = run_audit_with_model(
+        model, SPEC, CONFIG, out_dir=tmp_path / "o", model_sha256="ab" * 32, completed_shards=older
+    )
+    assert model.calls == DETECTION_CALLS
+    assert _without_run_fields(remeasured) == _without_run_fields(whole)
+
+
+def test_stored_sampling_is_taken_only_when_every_shard_says_deterministic() -> None:
+    shards = plan_shards(CONFIG, 2, ["model"])
+    deterministic = {"model": {"stochastic": False, "output_spread": 0.0}}
+
+    def records(*samplings: Any) -> dict[str, dict[str, Any]]:
+        return {
+            shard.shard_id: {"result": {}, **({} if s is None else {"sampling": s})}
+            for shard, s in zip(shards, samplings, strict=False)
+        }
+
+    n = len(shards)
+    assert stored_sampling(shards, records(*[deterministic] * n), False) == deterministic
+    assert stored_sampling(shards, records(*[deterministic] * (n - 1)), False) is None  # missing
+    assert stored_sampling(shards, records(*[deterministic] * (n - 1), None), False) is None
+    sampler = {"model": {"stochastic": True, "output_spread": 0.3}}
+    assert stored_sampling(shards, records(*[sampler] * n), False) is None
+    assert stored_sampling(shards, records(*[deterministic] * (n - 1), sampler), False) is None
+    assert stored_sampling(shards, records(*[{"model": None}] * n), False) is None
+    # with a reference model, both are needed
+    assert stored_sampling(shards, records(*[deterministic] * n), True) is None
+
+
+def test_the_finalising_entry_point_merges_stored_shards_without_loading_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from workers.engine import entry_points, model_loading
+
+    loads: list[Path] = []
+
+    def load_model(path: Path, *args: Any) -> torch.nn.Module:
+        loads.append(path)
+        return TinyNet()
+
+    monkeypatch.setattr(model_loading, "load_model", load_model)
+    fields: dict[str, Any] = {"model_sha256": "ab" * 32, "audit_id": "aud_1", "model_id": "mod_1"}
+
+    def audit(out: str, **kwargs: Any) -> dict[str, Any]:
+        return entry_points.run_audit(
+            tmp_path / "model.pt", "torchscript", SPEC, CONFIG, out_dir=tmp_path / out,
+            **fields, **kwargs,
+        )  # fmt: skip
+
+    whole = audit("whole")
+    stored: dict[str, dict[str, Any]] = {}
+    for shard in plan_audit(SPEC, CONFIG, None):
+        audit(
+            shard.shard_id,
+            only_shards=[shard.shard_id],
+            on_shard=lambda i, r: stored.update({i: json.loads(json.dumps(r))}),
+        )
+    loads.clear()
+    progress: list[float] = []
+    merged = audit(
+        "merged", completed_shards=stored, on_progress=lambda f, c, m: progress.append(f)
+    )
+    assert loads == []
+    assert _without_run_fields(merged) == _without_run_fields(whole)
+    assert (tmp_path / "merged" / "report.json").read_text() == canonical_json(merged)
+    assert progress[0] == 0.0 and progress[-1] == 1.0
+    # a shard not stored: the model is loaded and the shard run, as before
+    missing = sorted(stored)[0]
+    partial = audit("partial", completed_shards={k: v for k, v in stored.items() if k != missing})
+    assert len(loads) == 1
+    assert _without_run_fields(partial) == _without_run_fields(whole)

@@ -175,7 +175,8 @@ def test_a_query_only_audit_finds_the_known_worst_case(
     # the report says which search ran; the white-box report is as it always was
     worst_case = report["checks"][0]
     assert worst_case["search"] == "query-only" and worst_case["optimizer"] == "query"
-    assert worst_case["query_search"]["queries_per_level"] == 13_202
+    # 8×8 inputs: 64 differences a step (fewer entries than 2·65 + 1), and what was sent
+    assert worst_case["query_search"]["queries_per_level"] == 1 + 100 * (64 + 1)
     assert all(row["found_by"] == {"query": count} for row in worst_case["levels"])
     assert "search" not in white_report["checks"][0]
     assert white_report["checks"][0]["optimizer"] == "pgd"
@@ -193,7 +194,7 @@ def test_a_query_only_audit_finds_the_known_worst_case(
     assert report["model"]["format"] == "endpoint" and report["model"]["stochastic"] is False
 
     # every query charged to its check and level, the budget as documented
-    per_level = query_settings(config.checks[0]).queries_per_level()  # type: ignore[arg-type]
+    per_level = query_settings(config.checks[0]).queries_per_level(SIDE * SIDE)  # type: ignore[arg-type]
     queries = client.queries
     for level in WORST_CASE_LEVELS:  # the search, then Ψ(y + e) and the Gaussian comparison
         assert queries["worst_case", level] == count * (per_level + 2)

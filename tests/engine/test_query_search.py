@@ -12,7 +12,7 @@ import torch
 
 from schemas.callback_targets import parse_allow_list
 from schemas.endpoints import EndpointLimits, EndpointTarget
-from schemas.operators import DenoisingOperator
+from schemas.operators import DenoisingOperator, InpaintingOperator
 from tests.engine.tiny_models import config, spec
 from tests.fixtures.oip_server import LinearModel, OIPServer
 from workers.engine.attacks import ThreatModel
@@ -20,7 +20,11 @@ from workers.engine.audit import run_audit_with_model
 from workers.engine.context import PassCounter, Subject
 from workers.engine.endpoint_model import EndpointModule
 from workers.engine.operators import build_operator
-from workers.engine.query_search import QuerySearchSettings, query_worst_case_search
+from workers.engine.query_search import (
+    QuerySearchSettings,
+    _ball_maximiser,
+    query_worst_case_search,
+)
 from workers.shared.errors import EngineInputError
 from workers.shared.inference_protocol import InferenceClient
 
@@ -62,10 +66,91 @@ def test_the_query_only_search_reaches_nine_tenths_of_sigma_max(spectrum: str) -
         radius = outcome.level * x.flatten(1).norm(dim=1)
         assert (e.flatten(1).norm(dim=1) <= radius * (1 + 1e-5)).all()  # inside the ball
         reached = (e.flatten(1) @ weights.T).norm(dim=1) / (radius * linear.sigma_max)
-        assert (reached >= 0.9).all(), (spectrum, outcome.level, reached)
+        assert (reached >= 0.99).all(), (spectrum, outcome.level, reached)
         assert torch.allclose(outcome.objective, ((e.flatten(1) @ weights.T) ** 2).sum(1))
     # the documented budget, exactly: per image and level, plus the clean reconstruction
     assert counter.forward == 2 * (1 + 2 * settings.queries_per_level())
+
+
+@pytest.mark.parametrize(
+    ("side", "seed", "spectrum"), [(8, 11, "gap"), (12, 5, "near"), (20, 9, "decay")]
+)
+def test_the_default_search_finds_sigma_max_on_linear_maps_of_other_sizes(
+    side: int, seed: int, spectrum: str
+) -> None:
+    """Other sizes, seeds and spectra (a near-tie at the top, a slow decay over every
+    direction): the default search's worst case is σ_max·ε to within 1 % at every level."""
+    shape = (1, side, side)
+    values = {
+        "gap": [2.0, 0.7],
+        "near": [2.0, 1.97, 1.0],
+        "decay": list(np.geomspace(2.0, 0.1, side * side)),
+    }[spectrum]
+    linear = LinearModel(shape, shape, values, seed=seed)
+    subject = forward_only(linear.matrix, PassCounter())
+    operator = build_operator(DenoisingOperator(), shape)
+    x = torch.rand(1, *shape, generator=torch.Generator().manual_seed(seed))
+    threat = ThreatModel(levels=(0.01, 0.05), target="reconstruction")
+    outcomes = query_worst_case_search(
+        subject, operator, x, x, threat, QuerySearchSettings(), seeds=[seed]
+    )
+    weights = torch.tensor(linear.matrix, dtype=torch.float32)
+    for outcome in outcomes:
+        e = outcome.perturbation.flatten(1)
+        radius = outcome.level * x.flatten(1).norm(dim=1)
+        reached = (e @ weights.T).norm(dim=1) / (radius * linear.sigma_max)
+        assert (reached >= 0.99).all() and (reached <= 1 + 1e-4).all(), (spectrum, reached)
+
+
+def test_measurement_space_perturbations_stay_on_the_measured_entries() -> None:
+    """Inpainting (a mask): the worst error of Ψ = W over perturbations of the measured
+    entries alone is ε·σ_max(W P), P the mask's projection; the search reaches it and never
+    perturbs an unmeasured entry."""
+    shape = (1, 10, 10)
+    linear = LinearModel(shape, shape, [3.0, 1.0, 0.5], seed=2)
+    operator = build_operator(InpaintingOperator(fraction=0.5, seed=4), shape)
+    mask = operator.project(torch.ones(1, *shape)).flatten()
+    weights = torch.tensor(linear.matrix, dtype=torch.float32)
+    exact = float(torch.linalg.matrix_norm(weights * mask, ord=2))
+    subject = forward_only(linear.matrix, PassCounter())
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(1))
+    y = operator.A(x)
+    threat = ThreatModel(levels=(0.02,), target="reconstruction", space="measurement")
+    (outcome,) = query_worst_case_search(
+        subject, operator, y, x, threat, QuerySearchSettings(), seeds=[3, 4]
+    )
+    e = outcome.perturbation.flatten(1)
+    assert (e[:, mask == 0] == 0).all()
+    radius = 0.02 * operator.norm(y)
+    assert (e.norm(dim=1) <= radius * (1 + 1e-5)).all()
+    reached = (e @ weights.T).norm(dim=1) / (radius * exact)
+    assert (reached >= 0.99).all() and (reached <= 1 + 1e-4).all(), reached
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_trust_region_step_is_the_models_maximiser(seed: int) -> None:
+    """argmax ‖c + M w‖ over ‖w‖ ≤ r against a dense sample of the sphere (k = 2) and a
+    projected ascent (k = 6): never below either; on the sphere."""
+    generator = torch.Generator().manual_seed(seed)
+    for k in (2, 6):
+        model = torch.randn(9, k, generator=generator, dtype=torch.float64)
+        offset = torch.randn(9, generator=generator, dtype=torch.float64)
+        w = _ball_maximiser(model, offset, 0.7)
+        assert float(w.norm()) == pytest.approx(0.7, rel=1e-6)
+        best = float((offset + model @ w).norm())
+        if k == 2:
+            angles = torch.linspace(0, 2 * np.pi, 20001, dtype=torch.float64)
+            ring = 0.7 * torch.stack([angles.cos(), angles.sin()], 1)
+            assert best >= float((offset + ring @ model.T).norm(dim=1).max()) - 1e-9
+        point = torch.randn(k, generator=generator, dtype=torch.float64)
+        for _ in range(2000):
+            point = point + 0.01 * model.T @ (offset + model @ point)
+            point = point * min(1.0, 0.7 / float(point.norm()))
+        assert best >= float((offset + model @ point).norm()) - 1e-9
+    # the hard case: c orthogonal to the top direction's image
+    model = torch.diag(torch.tensor([2.0, 1.0], dtype=torch.float64))
+    w = _ball_maximiser(model, torch.tensor([0.0, 1.0], dtype=torch.float64), 1.0)
+    assert float((torch.tensor([0.0, 1.0], dtype=torch.float64) + model @ w).norm()) >= 2.0 - 1e-9
 
 
 def test_the_search_is_reproducible() -> None:

@@ -157,21 +157,32 @@ def run_audit_with_model(
             _enable_rebuilding(
                 ctx, config, base_dir, model, spec, subjects, baseline_builder, reference
             )
+        shards = plan_shards(config, ctx.images.shape[0], list(subjects))
         # Is the model a sampler? Measured before any shard (every task of a distributed audit
         # measures the same: torch's generator seeded with the audit's seed, in a forked state),
         # on the admission probe's input, outside the counted passes: a deterministic model's
         # figures and cost do not change (docs/models.md, "Stochastic models"). A sampler's
-        # checks then audit its average map (workers.engine.sampling).
-        sampling = _sampling(model, spec, ctx, config.seed)
-        reference_sampling = (
+        # checks then audit its average map (workers.engine.sampling). A merge of stored
+        # shards whose tasks all found the model(s) deterministic takes their measurement
+        # instead of calling the model DETECTION_CALLS times again; an endpoint's finalising
+        # run still measures, as its query ledger counts those calls.
+        queried = is_query_only(model) or (reference is not None and is_query_only(reference.model))
+        stored = (
             None
-            if reference is None
-            else _sampling(reference.model, reference.spec, ctx, config.seed)
+            if only_shards is not None or queried
+            else stored_sampling(shards, completed_shards or {}, reference is not None)
         )
+        sampling = stored["model"] if stored else _sampling(model, spec, ctx, config.seed)
+        reference_sampling = None
+        if reference is not None:
+            reference_sampling = (
+                stored["reference"]
+                if stored
+                else _sampling(reference.model, reference.spec, ctx, config.seed)
+            )
         if spec.task == "reconstruction":
             _mark_stochastic(subjects, "model", sampling)
             _mark_stochastic(subjects, "reference", reference_sampling)
-        shards = plan_shards(config, ctx.images.shape[0], list(subjects))
         if only_shards is not None:
             shards = _select_shards(shards, only_shards)
         modules = {"model": model, "reference": None if reference is None else reference.model}
@@ -186,53 +197,192 @@ def run_audit_with_model(
             stop,
             started,
             modules,
+            _sampling_record(sampling, reference_sampling, reference is not None),
         )
         if only_shards is not None:
             return {"shards": [shard.shard_id for shard in shards]}
-        stochastic = {name for name, subject in subjects.items() if subject.stochastic}
-        checks = _merge(config, shards, records, out_dir, stochastic)
-        _warn_if_stochastic(checks, "model", sampling, ctx.warnings)
-        if reference is not None:
-            _warn_if_stochastic(checks, "reference", reference_sampling, ctx.warnings)
-        floor = _noise_floor(subjects["model"], ctx, config.seed) if "model" in stochastic else None
-        # Compute time: each shard's own seconds (wherever it ran) plus this run's merge, so a
-        # report assembled from shards of many workers counts all of them, once.
-        ran_here = {shard_id for shard_id in records if shard_id not in (completed_shards or {})}
-        shard_seconds = sum(
-            float(r.get("wall_seconds", 0.0)) for k, r in records.items() if k not in ran_here
-        )
-        cost = {
-            "wall_seconds": round(time.perf_counter() - started + shard_seconds, 3),
-            "forward_passes": sum(r["forward_passes"] for r in records.values()),
-            "backward_passes": sum(r["backward_passes"] for r in records.values()),
-        }
-        if floor is not None:  # the noise floor's calls, made here
-            cost["forward_passes"] += floor.pop("forward_passes")
-        model_comparisons = _sampler_comparisons(config, "model" in stochastic, floor, ctx.warnings)
-        report = build_report(
+        report = _assemble_report(
+            config,
+            ctx,
+            shards,
+            records,
+            out_dir,
             audit_id=audit_id,
-            model={
+            identity={
                 "id": model_id,
                 "name": model_name or spec.name,
                 "sha256": model_sha256,
                 "format": format,
                 "spec": spec.model_dump(mode="json"),
-                **_identity_fields(sampling),
-                **({} if floor is None else {"noise_floor": floor}),
-                **({} if model_comparisons is None else {"comparisons": model_comparisons}),
             },
-            config=config,
-            device=device,
-            checks=checks,
-            cost=cost,
-            warnings=ctx.warnings,
-            comparison=None
-            if reference is None
-            else comparison_section(config.checks, checks, reference.identity),
+            stochastic={name for name, subject in subjects.items() if subject.stochastic},
+            sampling=sampling,
+            reference_sampling=reference_sampling,
+            reference_identity=None if reference is None else reference.identity,
+            noise_floor=lambda: _noise_floor(subjects["model"], ctx, config.seed),
+            completed=completed_shards or {},
+            started=started,
         )
     write_report(report, out_dir)
     progress(1.0, None, "report written")
     return report
+
+
+def merge_stored_shards(
+    spec: ModelSpec,
+    config: AuditConfig,
+    *,
+    out_dir: Path,
+    completed_shards: dict[str, dict[str, Any]],
+    identity: dict[str, Any],
+    audit_id: str | None = None,
+    base_dir: Path | None = None,
+    reference: tuple[ModelSpec, dict[str, Any]] | None = None,
+    on_progress: ProgressFn | None = None,
+) -> dict[str, Any] | None:
+    """The finalising run of a distributed audit without loading a model: when every planned
+    shard is stored with its task's stochasticity measurement, all deterministic
+    (`stored_sampling`), merge them, write out_dir/report.json and its artifacts and
+    return the report, the same as run_audit_with_model's merge of the same shards. Otherwise
+    None, having written nothing: the caller loads the model(s) and runs run_audit_with_model
+    (a sampler's noise floor needs calls of the model; a missing shard is run). `identity`:
+    the report's model {id, name, sha256, format, spec}; `reference`: (spec, identity) of the
+    model compared with."""
+    started = time.perf_counter()
+    progress = on_progress or (lambda fraction, check, message: None)
+    device = resolve_device(config.device)
+    with deterministic():
+        ctx = _context(spec, config, device, base_dir)
+        if reference is not None:
+            problems = spec_problems(spec, reference[0])
+            if problems:
+                raise EngineInputError("the reference model does not fit: " + "; ".join(problems))
+        shards = plan_shards(
+            config, ctx.images.shape[0], subject_names(config, reference is not None)
+        )
+        stored = stored_sampling(shards, completed_shards, reference is not None)
+        if stored is None:
+            return None
+        out_dir.mkdir(parents=True, exist_ok=True)
+        progress(0.0, None, "preparing operator and images")
+        report = _assemble_report(
+            config,
+            ctx,
+            shards,
+            {shard.shard_id: completed_shards[shard.shard_id] for shard in shards},
+            out_dir,
+            audit_id=audit_id,
+            identity=identity,
+            stochastic=set(),
+            sampling=stored["model"],
+            reference_sampling=stored.get("reference"),
+            reference_identity=None if reference is None else reference[1],
+            noise_floor=lambda: None,
+            completed=completed_shards,
+            started=started,
+        )
+    write_report(report, out_dir)
+    progress(1.0, None, "report written")
+    return report
+
+
+# A shard record's key for the stochasticity its task measured: {"model": ..., "reference":
+# ...} (the model subjects only), each as `_sampling` returned it.
+SAMPLING_KEY = "sampling"
+
+
+def _sampling_record(
+    sampling: dict[str, Any] | None, reference_sampling: dict[str, Any] | None, compare: bool
+) -> dict[str, Any]:
+    return {"model": sampling, **({"reference": reference_sampling} if compare else {})}
+
+
+def stored_sampling(
+    shards: list[Shard], completed: dict[str, dict[str, Any]], compare: bool
+) -> dict[str, dict[str, Any]] | None:
+    """The stochasticity of the model (and the reference) as the audit's shard tasks measured
+    it, when every one of `shards` is stored and their records say the same: deterministic,
+    for each model subject. None otherwise (shards stored by an older version, shards still
+    to run, a measurement that failed, a sampler, tasks that disagree): the finalising run
+    then measures it itself (a sampler's noise floor needs calls of the model anyway)."""
+    wanted = ["model", "reference"] if compare else ["model"]
+    found: Any = None
+    for shard in shards:
+        record = completed.get(shard.shard_id)
+        if not isinstance(record, dict) or "result" not in record:
+            return None
+        sampling = record.get(SAMPLING_KEY)
+        if not isinstance(sampling, dict) or sorted(sampling) != sorted(wanted):
+            return None
+        if found is None:
+            found = sampling
+        elif sampling != found:
+            return None
+    if not isinstance(found, dict):
+        return None
+    for name in wanted:
+        measured = found[name]
+        if not isinstance(measured, dict) or measured.get("stochastic") is not False:
+            return None
+    return {name: dict(found[name]) for name in wanted}
+
+
+def _assemble_report(
+    config: AuditConfig,
+    ctx: AuditContext,
+    shards: list[Shard],
+    records: dict[str, dict[str, Any]],
+    out_dir: Path,
+    *,
+    audit_id: str | None,
+    identity: dict[str, Any],
+    stochastic: set[str],
+    sampling: dict[str, Any] | None,
+    reference_sampling: dict[str, Any] | None,
+    reference_identity: dict[str, Any] | None,
+    noise_floor: Callable[[], dict[str, Any] | None],
+    completed: dict[str, dict[str, Any]],
+    started: float,
+) -> dict[str, Any]:
+    """Merge the shards' records into the report (its artifacts written to out_dir):
+    `stochastic`, the subjects audited as samplers (the model's `noise_floor` is called
+    only when it is one)."""
+    checks = _merge(config, shards, records, out_dir, stochastic)
+    _warn_if_stochastic(checks, "model", sampling, ctx.warnings)
+    if reference_identity is not None:
+        _warn_if_stochastic(checks, "reference", reference_sampling, ctx.warnings)
+    floor = noise_floor() if "model" in stochastic else None
+    # Compute time: each shard's own seconds (wherever it ran) plus this run's merge, so a
+    # report assembled from shards of many workers counts all of them, once.
+    ran_here = {shard_id for shard_id in records if shard_id not in completed}
+    shard_seconds = sum(
+        float(r.get("wall_seconds", 0.0)) for k, r in records.items() if k not in ran_here
+    )
+    cost = {
+        "wall_seconds": round(time.perf_counter() - started + shard_seconds, 3),
+        "forward_passes": sum(r["forward_passes"] for r in records.values()),
+        "backward_passes": sum(r["backward_passes"] for r in records.values()),
+    }
+    if floor is not None:  # the noise floor's calls, made here
+        cost["forward_passes"] += floor.pop("forward_passes")
+    model_comparisons = _sampler_comparisons(config, "model" in stochastic, floor, ctx.warnings)
+    return build_report(
+        audit_id=audit_id,
+        model={
+            **identity,
+            **_identity_fields(sampling),
+            **({} if floor is None else {"noise_floor": floor}),
+            **({} if model_comparisons is None else {"comparisons": model_comparisons}),
+        },
+        config=config,
+        device=ctx.device,
+        checks=checks,
+        cost=cost,
+        warnings=ctx.warnings,
+        comparison=None
+        if reference_identity is None
+        else comparison_section(config.checks, checks, reference_identity),
+    )
 
 
 def _spread_words(spread: float | None) -> str:
@@ -524,9 +674,11 @@ def _run_shards(
     should_stop: Callable[[], bool],
     started: float,
     modules: dict[str, Any] | None = None,
+    sampling: dict[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the shards not completed; an endpoint model's queries in a shard are charged to the
-    shard's check (`modules`: each subject's model, where it is one)."""
+    shard's check (`modules`: each subject's model, where it is one). Each record carries
+    `sampling` (SAMPLING_KEY), the stochasticity measured before the shards, for the merge."""
     records: dict[str, dict[str, Any]] = {}
     limit = config.budget.wall_seconds
     for position, shard in enumerate(shards, start=1):
@@ -558,6 +710,7 @@ def _run_shards(
             "backward_passes": subject.counter.backward - before[1],
             "wall_seconds": round(time.perf_counter() - shard_started, 3),
             "result": result,
+            **({} if sampling is None else {SAMPLING_KEY: sampling}),
         }
         records[shard.shard_id] = record
         if on_shard is not None:

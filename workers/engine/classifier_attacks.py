@@ -15,7 +15,8 @@
   one finds nothing (`minimal_adversarial`).
 - `square`: for a model that answers queries only (an endpoint model, `query_only`), AutoAttack's
   own score-based Square attack (pyautoattack.square) with the standard version's settings,
-  forward passes only (`run_square`).
+  forward passes only (`run_square`); under ℓ2 first the finite-difference Jacobian attack of
+  workers/engine/jacobian_attack.py, Square on what it leaves of the budget (`run_query_only`).
 
 Inputs and outputs are unit-box tensors; callers convert ε and norms with the subject's scale.
 As the worst-case search (attacks.py), an attack takes its threat model (`NormBall`: the norm
@@ -43,6 +44,7 @@ from schemas.checks_classifier import (
     MinimalPerturbationThreatModel,
 )
 from workers.engine.classifiers import UnitBoxClassifier
+from workers.engine.jacobian_attack import jacobians_within, run_jacobian_l2
 from workers.shared.errors import EngineInputError
 
 # Images per attack call: restarts × epsilons × images make one batch.
@@ -307,6 +309,61 @@ def run_square(
             fooled[moved] = is_adversarial(model, adversarial[moved], labels[moved])
     inside = perturbation_norm(adversarial - x, norm) <= eps * (1 + _NORM_SLACK)
     return SquareOutcome(broken=fooled & inside, outside=int((fooled & ~inside).sum()))
+
+
+# Square's queries per image beyond its iterations: the start's check, its first and last point,
+# and the verification of the point it reports (`run_square`).
+_SQUARE_OVERHEAD = 4
+
+
+@dataclass
+class QueryOnlyOutcome:
+    broken: torch.Tensor  # [B] bool: a verified adversarial point inside the ball was found
+    broken_by: list[str | None]  # per row: "jacobian" or "square" (None: not broken)
+    outside: int  # Square's adversarial points outside the ball (not counted)
+    attacks: list[str]  # the attacks that ran, in order
+    jacobians: int  # the Jacobian attack's iterations per image (0: it did not run)
+
+
+def run_query_only(
+    model: UnitBoxClassifier,
+    u: torch.Tensor,
+    labels: torch.Tensor,
+    norm: str,
+    eps: float,
+    seed: int,
+) -> QueryOnlyOutcome:
+    """The query-only attack at one ε (unit box) on a batch of correctly classified images, at
+    most SQUARE_QUERIES + 4 queries per image. ℓ∞: Square (`run_square`), as AutoAttack runs it.
+    ℓ2: the finite-difference Jacobian attack (jacobian_attack.run_jacobian_l2) with as many
+    iterations as `jacobians_within` allows, then Square on the images it did not break with the
+    queries left (SQUARE_QUERIES + 4 in all per image, Square's overhead included); Square
+    alone where the input is too large for two Jacobians within the budget."""
+    broken_by: list[str | None] = [None] * len(u)
+    budget = SQUARE_QUERIES + _SQUARE_OVERHEAD
+    jacobians = 0
+    if norm == "l2":
+        jacobians = jacobians_within(u[0].numel(), int(model.num_classes), budget)
+    if not jacobians:
+        outcome = run_square(model, u, labels, norm, eps, seed)
+        for row in outcome.broken.nonzero().flatten().tolist():
+            broken_by[row] = "square"
+        return QueryOnlyOutcome(outcome.broken, broken_by, outcome.outside, ["square"], 0)
+    first = run_jacobian_l2(model, u, labels, eps, jacobians)
+    broken = first.broken.clone()
+    for row in broken.nonzero().flatten().tolist():
+        broken_by[row] = "jacobian"
+    rows = (~broken).nonzero().flatten()
+    left = budget - int(first.spent[rows.cpu()].max()) - _SQUARE_OVERHEAD if len(rows) else 0
+    outside = 0
+    if len(rows) and left > 0:
+        second = run_square(model, u[rows], labels[rows], norm, eps, seed, queries=left)
+        outside = second.outside
+        for position, row in enumerate(rows.tolist()):
+            if bool(second.broken[position]):
+                broken[row] = True
+                broken_by[row] = "square"
+    return QueryOnlyOutcome(broken, broken_by, outside, ["jacobian", "square"], jacobians)
 
 
 @dataclass(frozen=True)

@@ -53,15 +53,58 @@ def run_audit(
     With `only_shards`, run only those shards (their results go to `on_shard`) and return
     `{"shards": [...]}` without merging. `loaded` (model key → model) keeps the loaded model
     between calls of one process. `reference` (`compare_with`): the model compared with, its
-    `file` relative to `base_dir` (or absolute), audited as a second subject.
+    `file` relative to `base_dir` (or absolute), audited as a second subject. A merge of
+    stored shards that says every model is deterministic loads no model
+    (workers.engine.audit.merge_stored_shards).
 
     Format `endpoint`: the model is queried through the process's query client
     (workers.engine.endpoint_model.install_query_client); only the checks of
     schemas.endpoints.QUERY_ONLY_CHECKS run (EngineInputError for the others).
     """
-    from workers.engine.audit import Reference, resolve_device, run_audit_with_model
+    from workers.engine.audit import (
+        Reference,
+        merge_stored_shards,
+        resolve_device,
+        run_audit_with_model,
+    )
     from workers.engine.model_loading import load_model
 
+    reference_identity = (
+        None
+        if reference is None
+        else {
+            "id": reference.model_id,
+            "name": reference.spec.name,
+            "sha256": reference.sha256,
+            "format": reference.format,
+            "spec": reference.spec.model_dump(mode="json"),
+        }
+    )
+    if only_shards is None and completed_shards and fmt != "endpoint":
+        # The finalising run of a distributed audit: when the stored shards hold all it
+        # needs, it merges them without loading the model (an endpoint's run is left as it
+        # was: its measurement's queries are counted in its ledger).
+        merged = merge_stored_shards(
+            spec,
+            config,
+            out_dir=out_dir,
+            completed_shards=completed_shards,
+            identity={
+                "id": model_id,
+                "name": spec.name,
+                "sha256": model_sha256,
+                "format": fmt,
+                "spec": spec.model_dump(mode="json"),
+            },
+            audit_id=audit_id,
+            base_dir=base_dir,
+            reference=None
+            if reference is None or reference_identity is None
+            else (reference.spec, reference_identity),
+            on_progress=on_progress,
+        )
+        if merged is not None:
+            return merged
     device = resolve_device(config.device)
     wanted = [(model_path, fmt, spec, model_sha256)]
     if reference is not None:
@@ -82,6 +125,9 @@ def run_audit(
                 loaded[key] = found
         models.append(found)
     model = models[0]
+    compared = None
+    if reference is not None and reference_identity is not None:
+        compared = Reference(model=models[1], spec=reference.spec, identity=reference_identity)
     return run_audit_with_model(
         model,
         spec,
@@ -98,19 +144,7 @@ def run_audit(
         on_shard=on_shard,
         should_stop=should_stop,
         only_shards=only_shards,
-        reference=None
-        if reference is None
-        else Reference(
-            model=models[1],
-            spec=reference.spec,
-            identity={
-                "id": reference.model_id,
-                "name": reference.spec.name,
-                "sha256": reference.sha256,
-                "format": reference.format,
-                "spec": reference.spec.model_dump(mode="json"),
-            },
-        ),
+        reference=compared,
     )
 
 

@@ -69,7 +69,7 @@ from workers.execution.steps import (
     wake_waiting_audits,
     wants_gpu,
 )
-from workers.execution.warm_runner import start_runner
+from workers.execution.warm_runner import replace_spare, start_runner
 from workers.sandbox.bubblewrap import SandboxUnavailable
 from workers.sandbox.child import RunnerChild
 
@@ -416,7 +416,13 @@ def execute_audit(
             # The plan step loads the model and probes it first: the probe's short budget.
             limit = float(settings.admission_time_limit)
             attempt.probe_bound = True
-        result = _supervise_child(attempt, request, audit.attempts, model.format, limit)
+        # The finalising step replaces the spare it took once it is done: the next job that
+        # needs one is another audit's, and a spare importing torch meanwhile would slow down
+        # signing and rendering this report (docs/benchmarks.md, "Where a small audit's
+        # time goes"). A plan step's shards need a spare at once.
+        result = _supervise_child(
+            attempt, request, audit.attempts, model.format, limit, replace_spare=kind == "plan"
+        )
         return "planned" if attempt.planned else result
     finally:
         set_current_work(None)
@@ -431,6 +437,11 @@ def execute_audit(
             time.monotonic() - step_started,
             phases,
         )
+        if kind == "audit":
+            try:
+                replace_spare(settings)
+            except OSError as exc:  # e.g. a full disk: the next job starts cold
+                log.warning("no warm runner after audit %s: %s", audit_id, exc)
 
 
 def _callback_url(session: Session, audit_id: str) -> str | None:
@@ -439,7 +450,13 @@ def _callback_url(session: Session, audit_id: str) -> str | None:
 
 
 def _supervise_child(
-    attempt: _Attempt, request: AuditRequest, attempts: int, model_format: str, limit: float
+    attempt: _Attempt,
+    request: AuditRequest,
+    attempts: int,
+    model_format: str,
+    limit: float,
+    *,
+    replace_spare: bool = True,
 ) -> str:
     settings = attempt.settings
     try:
@@ -450,6 +467,7 @@ def _supervise_child(
             time_limit=limit,
             use_gpu=wants_gpu(request),
             relay=attempt.relay,
+            replace_spare=replace_spare,
         )
         attempt.job_dir = child.job_dir  # a warm runner's own directory holds the job now
     except SandboxUnavailable as exc:
@@ -458,7 +476,9 @@ def _supervise_child(
         attempt.retry_or_give_up(None, f"the sandbox is unavailable: {exc}", attempts)
         return _final_status(attempt)
     try:
-        follow_child(child, _AuditEvents(attempt), heartbeat_seconds=settings.heartbeat_seconds)
+        follow_child(
+            child, _AuditEvents(attempt, child), heartbeat_seconds=settings.heartbeat_seconds
+        )
         child.wait_for_query()
     except SoftTimeLimitExceeded:
         child.kill()
@@ -488,9 +508,13 @@ def _supervise_child(
 class _AuditEvents:
     """The plan or finalise step's part of follow_child: each event into the audit's row
     (progress at most every PROGRESS_INTERVAL_SECONDS, the newest winning), its timings, and
-    the audit's lease renewed on every beat."""
+    the audit's lease renewed on every beat. The runner's `plan` or `report` is its last word,
+    its files written before it: the child is ended then, before the step stores its result,
+    since an interpreter with torch loaded takes a core for seconds to exit, and signing and
+    rendering the report would wait for it."""
 
     attempt: _Attempt
+    child: RunnerChild | None = None
     started: float = field(default_factory=time.monotonic)
     first_event: bool = True
     pending_progress: RunnerEvent | None = None
@@ -506,6 +530,8 @@ class _AuditEvents:
             self.first_event = False
         if event is not None and event.event in ("plan", "report"):
             attempt.timings["runner"] = now - self.started
+            if self.child is not None:
+                self.child.kill()
         if event is not None and event.event == "progress":
             self.pending_progress = event  # the newest wins; older ones are dropped
         elif event is not None:

@@ -90,6 +90,13 @@ def start_spare(settings: Settings) -> None:
     spares_started += 1
 
 
+def replace_spare(settings: Settings) -> None:
+    """Start the next spare after a job that took the last one with start_runner(...,
+    replace_spare=False); nothing in a process that keeps none (the tests, the CLI)."""
+    if _keeping:
+        start_spare(settings)
+
+
 def end_spare(*, stop_keeping: bool = False) -> None:
     """End the spare (the worker stops); with `stop_keeping`, start no other."""
     global _spare, _keeping
@@ -140,11 +147,14 @@ def start_runner(
     serve: bool = False,
     stall_limit: StallLimit | None = None,
     relay: QueryAnswerer | None = None,
+    replace_spare: bool = True,
 ) -> RunnerChild:
     """A runner child running the job in `job_dir`: the warm spare when it fits, else a child
     started now. With the spare, the job's files now live in the spare's directory: the caller
     reads and removes `child.job_dir`, not `job_dir`. Raises SandboxUnavailable as RunnerChild
-    does."""
+    does. A new spare is started at once, unless `replace_spare` is False: then the caller
+    calls replace_spare once its job is done (a spare importing torch takes a core for
+    seconds, which a short job's own work, such as rendering a report, would wait for)."""
     global _spare, spares_used
     child: RunnerChild | None = None
     spare = _spare
@@ -174,6 +184,6 @@ def start_runner(
             relay=relay,
         )
     child.relay = relay
-    if _keeping:
+    if _keeping and replace_spare:
         start_spare(settings)
     return child

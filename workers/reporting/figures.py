@@ -3,25 +3,32 @@ workers.shared.panels (the theorem checks draw theirs with it too).
 
 matplotlib's object API on the Agg canvas (no pyplot: no global state, safe in any thread, no
 display). Arrays come from the audit's .npy artifacts, read by the one array reader the engine
-uses too (workers.shared.arrays.load_array: no pickles) and size-capped.
+uses too (workers.shared.arrays.load_array: no pickles) and size-capped. Each figure is drawn
+once and cropped to what it shows (workers.shared.panels.tight_png), on a canvas with room
+for its labels.
 """
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from matplotlib import rcParams
 from matplotlib.figure import Figure
 
 from workers.shared.arrays import load_array
 from workers.shared.errors import EngineInputError
+from workers.shared.panels import tight_png
 
 MAX_ARRAY_ELEMENTS = 4 * 1024 * 1024  # a panel never needs more; bigger files are skipped
 DPI = 96
+# Room around a plot's axes for its tick labels, axis labels and title: the PNG is cropped to
+# what is drawn (tight_png), so it costs no space in the page, and what would reach past a
+# figure of the plot's own size is drawn on the canvas, once.
+MARGIN_INCHES = 0.75
 
 
 @dataclass(frozen=True)
@@ -33,10 +40,22 @@ class Curve:
     marker: str = "o"
 
 
+def _plot_figure(width: float, height: float) -> Figure:
+    """A figure with one axes where a width × height inch figure has it (matplotlib's default
+    subplot parameters), with MARGIN_INCHES more canvas on every side."""
+    margin = MARGIN_INCHES
+    fig = Figure(figsize=(width + 2 * margin, height + 2 * margin))
+    fig.subplots_adjust(
+        left=(rcParams["figure.subplot.left"] * width + margin) / (width + 2 * margin),
+        right=(rcParams["figure.subplot.right"] * width + margin) / (width + 2 * margin),
+        bottom=(rcParams["figure.subplot.bottom"] * height + margin) / (height + 2 * margin),
+        top=(rcParams["figure.subplot.top"] * height + margin) / (height + 2 * margin),
+    )
+    return fig
+
+
 def _png(fig: Figure) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=DPI, bbox_inches="tight")
-    return buffer.getvalue()
+    return tight_png(fig, DPI)
 
 
 @dataclass(frozen=True)
@@ -61,7 +80,7 @@ def curves_png(
     drawable = [c for c in curves if any(v is not None and math.isfinite(v) for v in c.values)]
     if not drawable:
         return None
-    fig = Figure(figsize=(6.0, 3.6))
+    fig = _plot_figure(6.0, 3.6)
     ax = fig.add_subplot()
     levels = [lv for c in drawable for lv in c.levels]
     for curve in drawable:
@@ -113,7 +132,7 @@ def budget_png(points: Sequence[BudgetPoint]) -> bytes | None:
     drawable = [p for p in points if math.isfinite(p.error)]
     if not drawable:
         return None
-    fig = Figure(figsize=(6.0, 3.6))
+    fig = _plot_figure(6.0, 3.6)
     ax = fig.add_subplot()
     xs = [p.queries for p in drawable]
     ys = [p.error for p in drawable]

@@ -18,6 +18,7 @@ queries).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 from collections.abc import Sequence
@@ -37,7 +38,7 @@ from workers.reporting.figures import (
     budget_png,
     curves_png,
 )
-from workers.shared.panels import Panel, panels_png
+from workers.shared.panels import Panel, panels_figure, tight_png
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 REPORT_HTML = "report.html"
@@ -208,6 +209,11 @@ def _panel_level(finding: Finding) -> tuple[int, float] | None:
     return len(rows) - 1, float(rows[-1].get("level", 0.0))
 
 
+def _panels_png(panels: list[Panel]) -> bytes | None:
+    figure = panels_figure(panels)
+    return None if figure is None else tight_png(figure)
+
+
 def _worst_case_panels(finding: Finding, directory: Path) -> Figure | None:
     chosen = _panel_level(finding)
     if chosen is None:
@@ -232,7 +238,7 @@ def _worst_case_panels(finding: Finding, directory: Path) -> Figure | None:
     if perturbation is not None:
         space = finding.result.get("space", "measurement")
         panels.append(Panel(f"perturbation e ({space} space)", perturbation, signed=True))
-    uri = _data_uri(panels_png(panels))
+    uri = _data_uri(_panels_png(panels))
     if uri is None:
         return None
     who = SUBJECT_LABEL.get(finding.subject, finding.subject)
@@ -263,7 +269,7 @@ def _side_by_side(group: list[Finding], directory: Path) -> Figure | None:
         if perturbed is not None:
             label = f"{SUBJECT_LABEL[subject]}: Ψ(y+e), image {worst}, level {fmt(level)}"
             panels.append(Panel(label, perturbed))
-    uri = _data_uri(panels_png(panels)) if len(panels) == 2 else None
+    uri = _data_uri(_panels_png(panels)) if len(panels) == 2 else None
     if uri is None:
         return None
     return Figure(
@@ -513,7 +519,10 @@ def queries_section(report: dict[str, Any]) -> QueriesSection | None:
     )
 
 
+@functools.cache
 def _environment() -> Environment:
+    """One environment per process: it keeps the compiled template (compiling it took about
+    as long as rendering the page's text)."""
     env = Environment(
         loader=FileSystemLoader(TEMPLATES),
         autoescape=select_autoescape(default=True, default_for_string=True),

@@ -240,3 +240,31 @@ def test_a_worker_without_its_sandbox_blames_itself_not_the_model(
     error = _reload(session, audit.id).error
     assert error is not None and error["type"].endswith("/attempts-exhausted")
     assert "sandbox is unavailable" in error["detail"]
+
+
+@pytest.mark.parametrize("last", ["plan", "report"])
+def test_the_runner_is_ended_at_its_last_word_before_the_step_stores_it(last: str) -> None:
+    """A runner's `plan` or `report` comes after its files are written: it is killed then, not
+    left exiting (seconds of a core, with torch loaded) beside the report's signing and
+    rendering."""
+    from schemas.runner import RunnerEvent
+    from workers.execution.audit_job import _AuditEvents
+
+    order: list[str] = []
+
+    class Child:
+        def kill(self) -> None:
+            order.append("kill")
+
+    class Attempt:
+        timings: dict[str, float] = {}
+        finished = False
+
+        def handle(self, event: RunnerEvent) -> None:
+            order.append(event.event)
+            self.finished = event.event == last
+
+    events = _AuditEvents(Attempt(), Child())  # type: ignore[arg-type]
+    assert not events.on_event(RunnerEvent(event="shard", shard_id="s", file="shards/s.json"))
+    assert events.on_event(RunnerEvent(event=last, file="out/x.json"))  # type: ignore[arg-type]
+    assert order == ["shard", "kill", last]

@@ -111,3 +111,34 @@ def test_no_spare_when_warm_runners_are_off_or_the_runner_is_not_the_real_one(
         settings.model_copy(update={"runner_module": "tests.workers.fakes.sleep"})
     )
     assert warm_runner._spare is None
+
+
+def test_a_step_that_replaces_its_spare_itself_gets_none_started_meanwhile(
+    settings: Settings, keeping: None
+) -> None:
+    """The finalising step (replace_spare=False) starts the next spare once it is done: none
+    imports torch beside its signing and rendering."""
+    warm_runner.start_spare(settings)
+    first = _spare_dir()
+    job_dir = settings.jobs_dir / "job"
+    job_dir.mkdir()
+    child = warm_runner.start_runner(
+        settings,
+        warm_runner.default_sandbox(settings),
+        job_dir,
+        time_limit=60,
+        use_gpu=False,
+        replace_spare=False,
+    )
+    try:
+        assert child.job_dir == first and warm_runner._spare is None
+    finally:
+        child.kill()
+        child.finish()
+    warm_runner.replace_spare(settings)
+    assert _spare_dir() != first
+
+
+def test_a_process_that_keeps_no_spare_starts_none_after_a_job(settings: Settings) -> None:
+    warm_runner.replace_spare(settings)
+    assert warm_runner._spare is None

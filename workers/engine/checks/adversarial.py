@@ -6,15 +6,18 @@ image broken at ε stays broken at every larger ε; the larger levels only attac
 still robust. Each shard returns per-image facts; `merge` builds the per-level table.
 
 A model that answers queries only (an endpoint model: `query_only`, no gradients) is attacked by
-AutoAttack's score-based Square instead of the configured attack (classifier_attacks.run_square),
-its queries charged to ("adversarial", ε); the result says so (`attack` and `attacks`: square,
-`query_only`: true).
+queries instead of the configured attack (classifier_attacks.run_query_only), its queries charged
+to ("adversarial", ε): under ℓ∞ AutoAttack's score-based Square; under ℓ2 first linearised steps
+on finite-difference Jacobians of the logits (workers.engine.jacobian_attack), then Square with
+the queries left. The result says so (`attack`: square or jacobian, `attacks`, `query_only`:
+true, `jacobian` with its settings where it ran).
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -31,12 +34,13 @@ from workers.engine.classifier_attacks import (
     perturbation_norm,
     run_autoattack,
     run_ball_attack,
-    run_square,
+    run_query_only,
     seeded,
 )
 from workers.engine.classifiers import ClassifierSubject
 from workers.engine.context import AuditContext, Subject
 from workers.engine.endpoint_model import is_query_only, query_scope
+from workers.engine.jacobian_attack import CANDIDATES, FD_STEP, OVERSHOOT
 from workers.engine.stats import clopper_pearson
 
 # Slack on the library's projection before a point counts as outside the ball (float32).
@@ -61,8 +65,9 @@ class Adversarial:
         broken_at: list[float | None] = [None] * len(indices)
         broken_by: list[str | None] = [None] * len(indices)
         levels = _autoattack_levels if config.attack == "autoattack" else _ball_levels
+        ran: dict[str, int] = {}
         if query_only:
-            levels = _square_levels
+            levels = partial(_query_only_levels, ran=ran)
         warnings = levels(config, classifier, u, labels, correct, seed, broken_at, broken_by)
         images = [
             {
@@ -75,7 +80,13 @@ class Adversarial:
             for row, index in enumerate(indices)
         ]
         if query_only:
-            return {"images": images, "warnings": warnings, "query_only": True}
+            return {
+                "images": images,
+                "warnings": warnings,
+                "query_only": True,
+                "attacks": list(ran) or ["square"],
+                "jacobians": ran.get("jacobian", 0),
+            }
         return {"images": images, "warnings": warnings}
 
     def merge(self, config: AdversarialCheck, shards: list[dict[str, Any]]) -> dict[str, Any]:
@@ -112,14 +123,27 @@ class Adversarial:
             "warnings": warnings,
         }
         if any(shard.get("query_only") for shard in shards):
-            result["attack"] = "square"
-            result["attacks"] = ["square"]
+            attacks = [
+                name
+                for name in ("jacobian", "square")
+                if any(name in shard.get("attacks", ["square"]) for shard in shards)
+            ]
+            result["attack"] = attacks[0]
+            result["attacks"] = attacks
             result["query_only"] = True
             result["square"] = {"queries_per_image": SQUARE_QUERIES, "p_init": SQUARE_P_INIT}
+            if "jacobian" in attacks:
+                result["jacobian"] = {
+                    "jacobians": max(shard.get("jacobians", 0) for shard in shards),
+                    "fd_step": FD_STEP,
+                    "candidates": CANDIDATES,
+                    "overshoot": OVERSHOOT,
+                    "queries_per_image": SQUARE_QUERIES + 4,
+                }
             if {"attack", "steps", "restarts"} & config.model_fields_set:
                 warnings.append(
                     "attack, steps and restarts choose the white-box attack: a query-only model "
-                    "is attacked by AutoAttack's Square with its own budget (square)"
+                    f"is attacked by queries with its own budget ({', '.join(attacks)})"
                 )
         return judge(result, _comparisons(config, levels))
 
@@ -159,7 +183,7 @@ def _autoattack_levels(
     return list(dict.fromkeys(warnings))
 
 
-def _square_levels(
+def _query_only_levels(
     config: AdversarialCheck,
     classifier: ClassifierSubject,
     u: torch.Tensor,
@@ -168,9 +192,11 @@ def _square_levels(
     seed: int,
     broken_at: list[float | None],
     broken_by: list[str | None],
+    ran: dict[str, int],
 ) -> list[str]:
-    """Query-only: AutoAttack's Square at each ε on the images still robust, its queries
-    charged to ("adversarial", ε)."""
+    """Query-only: `run_query_only` at each ε on the images still robust, its queries charged
+    to ("adversarial", ε); `ran` gets the attacks that ran (the Jacobian attack's iterations
+    per image as the value)."""
     model = classifier.box_model
     outside = 0
     for eps in config.epsilons:
@@ -178,14 +204,16 @@ def _square_levels(
         if not rows:
             break
         with query_scope(model.model, "adversarial", eps):
-            outcome = run_square(
+            outcome = run_query_only(
                 model, u[rows], labels[rows], config.norm, eps / classifier.scale, seed
             )
         outside += outcome.outside
+        for name in outcome.attacks:
+            ran[name] = max(ran.get(name, 0), outcome.jacobians if name == "jacobian" else 0)
         for position, row in enumerate(rows):
             if bool(outcome.broken[position]):
                 broken_at[row] = eps
-                broken_by[row] = "square"
+                broken_by[row] = outcome.broken_by[position]
     if outside:
         return [
             f"{outside} adversarial point(s) of the square attack lay outside their ε-ball and "
