@@ -23,6 +23,7 @@ from workers.engine.operators import build_operator
 from workers.engine.query_search import (
     QuerySearchSettings,
     _ball_maximiser,
+    _orthonormal_model,
     query_worst_case_search,
 )
 from workers.shared.errors import EngineInputError
@@ -224,3 +225,18 @@ def test_an_endpoint_gives_no_gradient(served: tuple[OIPServer, LinearModel]) ->
         with module.client, pytest.raises(EngineInputError, match="no gradients"):
             module(torch.zeros(1, *SHAPE, requires_grad=True))
         assert server.requests == []
+
+
+def test_the_model_is_orthonormalised_where_directions_repeat() -> None:
+    """A point unmoved for several steps is in each step's basis: exact and near repeats of
+    a direction. The basis stays orthonormal, spans the directions, and J on it is exact."""
+    generator = torch.Generator().manual_seed(3)
+    jacobian = torch.randn(12, 40, generator=generator, dtype=torch.float64)
+    first, _ = torch.linalg.qr(torch.randn(40, 6, generator=generator, dtype=torch.float64))
+    nudged = first[:, :2] + 1e-13 * torch.randn(40, 2, generator=generator, dtype=torch.float64)
+    measured = torch.cat([first, first[:, :3], nudged], 1)  # 11 columns, rank 6
+    basis, model = _orthonormal_model(measured, jacobian @ measured)
+    assert basis.shape == (40, 6)
+    assert torch.allclose(basis.T @ basis, torch.eye(6, dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(basis @ (basis.T @ first), first, atol=1e-8)  # the same span
+    assert torch.allclose(model, jacobian @ basis, atol=1e-8)

@@ -185,6 +185,20 @@ def _ball_maximiser(model: torch.Tensor, offset: torch.Tensor, radius: float) ->
     return w
 
 
+def _orthonormal_model(
+    measured: torch.Tensor, model: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """From directions D [n, k] (unit columns, possibly repeated: the point itself is in every
+    step's basis) and their differences J D [m, k]: an orthonormal basis U of span D and J U.
+    Through the eigendecomposition of DᵀD, which stays exact where D has repeated or nearly
+    repeated columns (an SVD of D may fail to converge there): D V = U S, so U = D V S⁻¹ and
+    J U = (J D) V S⁻¹, keeping the directions with S² above 1e-10 of the largest."""
+    values, vectors = torch.linalg.eigh(measured.T @ measured)
+    keep = values > 1e-10 * float(values[-1])
+    scale = values[keep].sqrt()
+    return measured @ vectors[:, keep] / scale, model @ vectors[:, keep] / scale
+
+
 def _ascend_in_subspaces(
     guide: _GuidedSubspace,
     subject: Subject,
@@ -249,10 +263,7 @@ def _ascend_in_subspaces(
                 measured = torch.cat([earlier[0], measured], 1)[:, -settings.kept_directions :]
                 model = torch.cat([earlier[1], model], 1)[:, -settings.kept_directions :]
             kept[row] = (measured, model)
-            left, singular, right = torch.linalg.svd(measured, full_matrices=False)
-            keep = singular > 1e-6 * singular[0]
-            orthonormal = left[:, keep]
-            model = model @ (right[keep].T / singular[keep])  # J on the orthonormal basis
+            orthonormal, model = _orthonormal_model(measured, model)
             estimates.append(orthonormal @ (2 * model.T @ best_residual[row]))
             region = float(reach[row]) * float(radius[row]) * settings.region_size
             moves.append(orthonormal @ _ball_maximiser(model, best_residual[row], region))
