@@ -37,8 +37,8 @@ for a misclassification (a margin or a label), not for the largest ℓ2 reconstr
 regression model within a ball, and neither takes our measurement-space constraints (the
 measured entries, operator.norm). Measured against NES gradient estimates driving projected
 ascent with Square-style proposals (the first version of this search) on the reference U-Net
-at δ 5 %: 0.57 of the white-box worst case before, 0.87 with this one at the same budget
-(0.97 and 0.95 at δ 1 % and 2 %; docs/benchmarks.md).
+at δ 5 %: 0.57 of the white-box worst case before, 0.78–0.87 per image with this one at the
+same budget (0.93–1.01 and 0.94–0.98 at δ 1 % and 2 %; docs/benchmarks.md).
 """
 
 from __future__ import annotations
