@@ -49,7 +49,13 @@ from dataclasses import dataclass
 
 import torch
 
-from workers.engine.attacks import LevelOutcome, ThreatModel, _SearchSpace, per_sample_norm
+from workers.engine.attacks import (
+    LevelOutcome,
+    ThreatModel,
+    _per_sample,
+    _SearchSpace,
+    per_sample_norm,
+)
 from workers.engine.context import Operator, Subject
 
 _TINY = 1e-12
@@ -135,11 +141,6 @@ class _GuidedSubspace:
         self.history = self.history[:, : self.size]
 
 
-def _per_row(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """[rows] → broadcastable against `like` ([rows, *shape])."""
-    return t.view(-1, *([1] * (like.dim() - 1)))
-
-
 def _residuals_at(
     subject: Subject,
     space: _SearchSpace,
@@ -214,8 +215,8 @@ def _ascend_in_subspaces(
     """One level's ascent by subspace trust regions (the module's docstring, steps 1 and 2).
     Per step and row: the last candidate's query, then 2·`directions` + 1 forward differences
     at the row's best point along the guide's basis Q; the differences kept at that point are
-    orthonormalised with them (an SVD: a direction in two bases counts once), and the model
-    Ψ(v + Q a) ≈ Ψ(v) + (J Q) a gives the next candidate, its maximiser over ‖a‖ ≤ Δ
+    orthonormalised with them (_orthonormal_model: a direction in two bases counts once), and
+    the model Ψ(v + Q a) ≈ Ψ(v) + (J Q) a gives the next candidate, its maximiser over ‖a‖ ≤ Δ
     (_ball_maximiser) projected onto the ball. Returns every row's best point, its objective
     and the steps run."""
     rows, dtype = v.shape[0], v.dtype
@@ -237,7 +238,7 @@ def _ascend_in_subspaces(
             f = residual.pow(2).sum(1)
             better = f > best_f
             reach = torch.where(better, (reach * 2).clamp(max=1.0), reach / 2)
-            best_v = torch.where(_per_row(better, v), candidate, best_v)
+            best_v = torch.where(_per_sample(better, v), candidate, best_v)
             best_residual = torch.where(better.unsqueeze(1), residual, best_residual)
             best_f = torch.where(better, f, best_f)
             kept = [
@@ -249,7 +250,7 @@ def _ascend_in_subspaces(
             space,
             y_all,
             t_all,
-            (best_v.unsqueeze(0) + _per_row(h, v).unsqueeze(0) * u).flatten(0, 1),
+            (best_v.unsqueeze(0) + _per_sample(h, v).unsqueeze(0) * u).flatten(0, 1),
         )
         changes = shifted.view(differences, rows, -1) - best_residual
         changes = changes / h.double().view(1, -1, 1)  # [k, rows, m]: J q
@@ -276,7 +277,7 @@ def _ascend_in_subspaces(
     if candidate is not None:  # the restart's extra query: the last candidate
         f = _residuals_at(subject, space, y_all, t_all, candidate).pow(2).sum(1)
         better = f > best_f
-        best_v = torch.where(_per_row(better, v), candidate, best_v)
+        best_v = torch.where(_per_sample(better, v), candidate, best_v)
         best_f = torch.where(better, f, best_f)
     return best_v, best_f, steps_run
 
